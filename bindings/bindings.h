@@ -1,0 +1,20 @@
+/* The Lua modules implemented in C. The host registers each in
+ * package.preload under its name, so `require "segue.json"` works in the
+ * host, in `segue exec` scripts and in busted specs alike. */
+#ifndef SEGUE_BINDINGS_H
+#define SEGUE_BINDINGS_H
+#include <lua.h>
+
+typedef struct {
+  const char *name;
+  lua_CFunction open;
+} sg_binding;
+
+/* Terminated by {NULL, NULL}. */
+extern const sg_binding sg__bindings[];
+
+int luaopen_segue_core(lua_State *L);     /* bindings/lua_core.c */
+int luaopen_segue_json(lua_State *L);     /* bindings/lua_json.c */
+int luaopen_segue_harmony(lua_State *L);  /* bindings/lua_harmony.c */
+
+#endif

@@ -1,0 +1,170 @@
+/* segue.h: the public embedding API of segue, a Lua-scriptable chat bridge host.
+ *
+ * Contract, after libuv's:
+ * - Every function returning int returns 0 or a negative error code: one of
+ *   the SG_E* codes below, or a libuv code (UV_E*) passed through unchanged.
+ *   sg_err_name() and sg_strerror() describe either kind.
+ * - When a function that takes a callback returns an error, the callback is
+ *   never called.
+ * - segue runs on the caller's uv_loop_t: it never runs, stops or closes
+ *   that loop and never walks handles it did not create. Closing a host is
+ *   asynchronous; its memory is released before the close callback runs.
+ * - Strings passed in are copied unless stated; strings and JSON texts passed
+ *   to callbacks are borrowed and valid only during the callback.
+ * - Every JSON text is one value of the flubber backend protocol, the same
+ *   shape as on the wire and in Lua (see spec/backend-protocol.md).
+ */
+#ifndef SEGUE_H
+#define SEGUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SEGUE_VERSION_MAJOR 0
+#define SEGUE_VERSION_MINOR 1
+#define SEGUE_VERSION_PATCH 0
+
+/* Our own error codes live far below libuv's (which are -errno and -3000..-4095). */
+#define SG_ERRNO_MAP(XX)                                                       \
+  XX(EINVAL, "invalid argument")                                               \
+  XX(ENOMEM, "out of memory")                                                  \
+  XX(EPROTO, "protocol violation")                                             \
+  XX(ETIMEDOUT, "request timed out")                                           \
+  XX(EBACKEND, "backend answered with an error")                               \
+  XX(EDEAD, "backend is not running")                                          \
+  XX(ENOBACKEND, "no such backend")                                            \
+  XX(EEXIST, "name already in use")                                            \
+  XX(ECONFIG, "invalid configuration")                                         \
+  XX(ELUA, "Lua error")                                                        \
+  XX(EAUTH, "authentication failed")                                           \
+  XX(ECLOSING, "host is closing")                                              \
+  XX(ELIMIT, "limit exceeded")                                                 \
+  XX(ECANCELED, "request canceled")                                            \
+  XX(EDECODE, "cannot decode input")                                           \
+  XX(EKEY, "bad key file")                                                     \
+  XX(EHTTP, "HTTP or hRPC error")                                              \
+  XX(ESTORE, "store error")
+
+#define SG__ERRNO_BASE (-30000)
+typedef enum {
+  SG__ERR_FIRST = SG__ERRNO_BASE,
+#define XX(code, _) SG_##code,
+  SG_ERRNO_MAP(XX)
+#undef XX
+  SG__ERR_LAST
+} sg_errno_t;
+
+/* Short name ("EPROTO", or libuv's "ECONNREFUSED"); never NULL. */
+const char *sg_err_name(int err);
+/* One-line description; never NULL. */
+const char *sg_strerror(int err);
+/* "0.1.0" */
+const char *sg_version_string(void);
+
+/* ---- logging ------------------------------------------------------------ */
+
+typedef enum {
+  SG_LOG_ERROR = 0,
+  SG_LOG_WARN = 1,
+  SG_LOG_INFO = 2,
+  SG_LOG_DEBUG = 3
+} sg_log_level;
+
+/* A log event: `line` is the whole logfmt line without the newline
+ * ("level=warn backend=irc msg=\"...\""). Borrowed for the call. */
+typedef void (*sg_log_cb)(void *data, sg_log_level level, const char *line);
+
+/* ---- the host ----------------------------------------------------------- */
+
+typedef struct sg_host sg_host;
+
+typedef struct sg_host_options {
+  size_t size;               /* sizeof(sg_host_options): lets the struct grow */
+  const char *data_dir;      /* NULL: the config's, else "./segue-data" */
+  int log_level;             /* -1: the config's (default info) */
+  sg_log_cb log_cb;          /* NULL: logfmt lines on stderr */
+  void *log_data;
+  /* Called for an error no Lua caller can receive (an uncaught error in a
+   * Lua callback, a handler that raised). The host goes on. NULL: logged. */
+  void (*error_cb)(void *data, int err, const char *message);
+  void *error_data;
+} sg_host_options;
+
+/* Creates a host on `loop` (not owned). `opts` may be NULL. */
+int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out);
+
+/* Loads and validates a config file (Lua), then creates its backends (not yet
+ * started). On failure every problem is logged as "file:line: message" and
+ * the host is unchanged. */
+int sg_host_load_config_file(sg_host *host, const char *path);
+/* Same, with the config given as Lua source text; `chunkname` names it in
+ * errors ("embed.lua"). */
+int sg_host_load_config_string(sg_host *host, const char *chunkname,
+                               const char *source, size_t len);
+/* Runs a Lua script with the `segue` API (like the config's `scripts`). */
+int sg_host_load_script(sg_host *host, const char *path);
+/* Starts every configured backend and runs the configured scripts. */
+int sg_host_start(sg_host *host);
+/* Reloads what is reloadable (rules, scripts); on failure the previous
+ * version keeps running and the error is returned and logged. */
+int sg_host_reload(sg_host *host);
+/* Stops every backend gracefully; `cb` (may be NULL) runs when all stopped. */
+int sg_host_stop(sg_host *host, void (*cb)(sg_host *host));
+/* Closes the host: stops backends, closes its handles and Lua state. The
+ * host's memory is freed before `cb` runs; `cb` may be NULL. */
+void sg_host_close(sg_host *host, void (*cb)(void *data), void *data);
+
+/* The embedder's pointer; segue never touches it. */
+void *sg_host_get_data(const sg_host *host);
+void sg_host_set_data(sg_host *host, void *data);
+uv_loop_t *sg_host_loop(const sg_host *host);
+
+/* ---- requests to any backend -------------------------------------------- */
+
+/* Response callback. On success err == 0 and `body_json` is the backend's
+ * ResponseBody ({"type":"RoomID","value":"#a"}). On failure err < 0:
+ * SG_EBACKEND (the backend's Error, after retries; body_json is that Error
+ * body), SG_ETIMEDOUT, SG_EDEAD, SG_ECLOSING; `message` says which. */
+typedef void (*sg_response_cb)(void *data, int err, const char *body_json,
+                               const char *message);
+
+/* Sends RequestBody `body_json` to backend `name`. */
+int sg_host_request(sg_host *host, const char *name, const char *body_json,
+                    sg_response_cb cb, void *data);
+
+/* ---- backends implemented in C ------------------------------------------ */
+
+typedef struct sg_cbackend sg_cbackend;
+
+typedef struct sg_backend_vtable {
+  size_t size;  /* sizeof(sg_backend_vtable) */
+  /* The backend starts: it may emit updates from now on. Return 0 or an error. */
+  int (*start)(sg_cbackend *b);
+  /* A request: answer now or later with sg_cbackend_respond(b, seq, ...).
+   * `body_json` is a validated RequestBody, borrowed for the call. */
+  void (*request)(sg_cbackend *b, uint32_t seq, const char *body_json);
+  /* The backend stops: release what `start` took. May be NULL. */
+  void (*stop)(sg_cbackend *b);
+} sg_backend_vtable;
+
+/* Registers a C backend named `name`; the vtable must outlive the host.
+ * `data` is the backend's own pointer (sg_cbackend_data). */
+int sg_host_add_cbackend(sg_host *host, const char *name,
+                         const sg_backend_vtable *vt, void *data,
+                         sg_cbackend **out);
+void *sg_cbackend_data(const sg_cbackend *b);
+const char *sg_cbackend_name(const sg_cbackend *b);
+/* Answers request `seq` with a ResponseBody; validated like any backend's. */
+int sg_cbackend_respond(sg_cbackend *b, uint32_t seq, const char *body_json);
+/* Emits an Update ({"type":"MessageUpsert","value":{...}}). */
+int sg_cbackend_update(sg_cbackend *b, const char *update_json);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
