@@ -15,6 +15,8 @@ extern const sg_binding sg__bindings[];
 
 int luaopen_segue_core(lua_State *L);     /* bindings/lua_core.c */
 int luaopen_segue_json(lua_State *L);     /* bindings/lua_json.c */
+int luaopen_segue_loop(lua_State *L);     /* bindings/lua_loop.c */
+int luaopen_segue_fs(lua_State *L);       /* bindings/lua_fs.c */
 int luaopen_segue_harmony(lua_State *L);  /* bindings/lua_harmony.c */
 
 #endif

@@ -1,0 +1,10 @@
+/* The C Lua modules, registered in package.preload by the host. */
+#include "bindings.h"
+
+const sg_binding sg__bindings[] = {
+    {"segue.core", luaopen_segue_core},
+    {"segue.json", luaopen_segue_json},
+    {"segue.loop", luaopen_segue_loop},
+    {"segue.fs", luaopen_segue_fs},
+    {NULL, NULL},
+};

@@ -1,0 +1,257 @@
+/* segue.json: JSON text <-> Lua values, and the converters the other
+ * bindings use to hand protocol values to Lua (see lua_json.h). */
+#include "lua_json.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bindings.h"
+
+/* The null sentinel and the "encode me as an object" metatable live in the
+ * registry under these addresses. */
+static const char null_key = 'n';
+static const char object_mt_key = 'o';
+
+static void push_null(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &null_key);
+}
+
+static void push_json_at(lua_State *L, const cJSON *v, int depth);
+
+static void push_container(lua_State *L, const cJSON *v, int depth) {
+  int is_array = cJSON_IsArray(v);
+  lua_createtable(L, is_array ? cJSON_GetArraySize(v) : 0, is_array ? 0 : 4);
+  if (!is_array) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key);
+    lua_setmetatable(L, -2);
+  }
+  lua_Integer i = 1;
+  for (const cJSON *c = v->child; c; c = c->next) {
+    if (is_array) {
+      push_json_at(L, c, depth + 1);
+      lua_rawseti(L, -2, i++);
+    } else if (!cJSON_IsNull(c)) {
+      push_json_at(L, c, depth + 1);
+      lua_setfield(L, -2, c->string);
+    }
+  }
+}
+
+static void push_json_at(lua_State *L, const cJSON *v, int depth) {
+  if (depth > SG_LUA_JSON_MAX_DEPTH) luaL_error(L, "JSON nested deeper than %d", SG_LUA_JSON_MAX_DEPTH);
+  luaL_checkstack(L, 3, "JSON value");
+  if (cJSON_IsString(v)) {
+    lua_pushstring(L, v->valuestring);
+  } else if (cJSON_IsNumber(v)) {
+    double d = v->valuedouble;
+    /* Integral numbers within the exact range of doubles become integers,
+     * so ids and sequence numbers stay integers in Lua. */
+    if (d == floor(d) && fabs(d) <= 9007199254740992.0) lua_pushinteger(L, (lua_Integer)d);
+    else lua_pushnumber(L, d);
+  } else if (cJSON_IsBool(v)) {
+    lua_pushboolean(L, cJSON_IsTrue(v));
+  } else if (cJSON_IsArray(v) || cJSON_IsObject(v)) {
+    push_container(L, v, depth);
+  } else {
+    push_null(L);
+  }
+}
+
+void sg__lua_push_json(lua_State *L, const cJSON *v) { push_json_at(L, v, 0); }
+
+/* ---- Lua -> JSON --------------------------------------------------------- */
+
+typedef struct {
+  lua_State *L;
+  char *err;
+  size_t errlen;
+  char path[256];
+} to_json;
+
+static cJSON *convert(to_json *t, int idx, int depth);
+
+static cJSON *fail(to_json *t, const char *fmt, const char *what) {
+  char msg[160];
+  snprintf(msg, sizeof msg, fmt, what);
+  snprintf(t->err, t->errlen, "%s: %s", t->path[0] ? t->path : "value", msg);
+  return NULL;
+}
+
+/* Returns n > 0 for a sequence 1..n, 0 for an object, -1 for a mix. */
+static lua_Integer array_length(lua_State *L, int idx) {
+  lua_Integer n = 0, max = 0;
+  int strings = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0) {
+      n++;
+      if (lua_tointeger(L, -1) > max) max = lua_tointeger(L, -1);
+    } else {
+      strings++;
+    }
+  }
+  if (n == 0) return 0;
+  return strings == 0 && max == n ? n : -1;
+}
+
+static int table_empty(lua_State *L, int idx) {
+  lua_pushnil(L);
+  if (!lua_next(L, idx)) return 1;
+  lua_pop(L, 2);
+  return 0;
+}
+
+static int is_object_marked(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key);
+  int same = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  return same;
+}
+
+static cJSON *convert_table(to_json *t, int idx, int depth) {
+  lua_State *L = t->L;
+  lua_Integer n = array_length(L, idx);
+  if (n < 0) return fail(t, "%s", "table mixes array and object keys");
+  size_t plen = strlen(t->path);
+  if (n > 0 || (table_empty(L, idx) && !is_object_marked(L, idx))) {
+    cJSON *arr = cJSON_CreateArray();
+    for (lua_Integer i = 1; arr && i <= n; i++) {
+      snprintf(t->path + plen, sizeof t->path - plen, "[%lld]", (long long)(i - 1));
+      lua_rawgeti(L, idx, i);
+      cJSON *item = convert(t, lua_gettop(L), depth + 1);
+      lua_pop(L, 1);
+      if (!item) { cJSON_Delete(arr); return NULL; }
+      cJSON_AddItemToArray(arr, item);
+    }
+    t->path[plen] = '\0';
+    return arr;
+  }
+  cJSON *obj = cJSON_CreateObject();
+  lua_pushnil(L);
+  while (obj && lua_next(L, idx)) {
+    if (lua_type(L, -2) != LUA_TSTRING) {
+      const char *tn = luaL_typename(L, -2);
+      lua_pop(L, 2);
+      cJSON_Delete(obj);
+      return fail(t, "object key of type %s (keys must be strings)", tn);
+    }
+    const char *key = lua_tostring(L, -2);
+    snprintf(t->path + plen, sizeof t->path - plen, "%s%s", plen ? "." : "", key);
+    cJSON *item = convert(t, lua_gettop(L), depth + 1);
+    lua_pop(L, 1);
+    if (!item) { lua_pop(L, 1); cJSON_Delete(obj); return NULL; }
+    cJSON_AddItemToObject(obj, key, item);
+  }
+  t->path[plen] = '\0';
+  return obj;
+}
+
+static cJSON *convert(to_json *t, int idx, int depth) {
+  lua_State *L = t->L;
+  if (depth > SG_LUA_JSON_MAX_DEPTH) return fail(t, "nested deeper than %s levels (a cycle?)", "128");
+  luaL_checkstack(L, 4, "JSON conversion");
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL: return cJSON_CreateNull();
+  case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
+  case LUA_TSTRING: {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    if (strlen(s) != len) return fail(t, "%s", "string contains a NUL byte");
+    return cJSON_CreateString(s);
+  }
+  case LUA_TNUMBER: {
+    if (lua_isinteger(L, idx)) return cJSON_CreateNumber((double)lua_tointeger(L, idx));
+    double d = lua_tonumber(L, idx);
+    if (!isfinite(d)) return fail(t, "%s", "number is not finite (NaN or inf)");
+    return cJSON_CreateNumber(d);
+  }
+  case LUA_TTABLE: return convert_table(t, idx, depth);
+  case LUA_TLIGHTUSERDATA: {
+    push_null(L);
+    int is_null = lua_rawequal(L, -1, idx);
+    lua_pop(L, 1);
+    if (is_null) return cJSON_CreateNull();
+  } /* fall through */
+  default: return fail(t, "cannot encode a %s as JSON", luaL_typename(L, idx));
+  }
+}
+
+cJSON *sg__lua_to_json(lua_State *L, int idx, char *err, size_t errlen) {
+  to_json t = {L, err, errlen, {0}};
+  int top = lua_gettop(L);
+  idx = lua_absindex(L, idx);
+  cJSON *v = convert(&t, idx, 0);
+  lua_settop(L, top);
+  return v;
+}
+
+/* ---- the module ------------------------------------------------------------ */
+
+static int l_encode(lua_State *L) {
+  luaL_checkany(L, 1);
+  char err[512];
+  cJSON *v = sg__lua_to_json(L, 1, err, sizeof err);
+  if (!v) {
+    luaL_pushfail(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  char *s = cJSON_PrintUnformatted(v);
+  cJSON_Delete(v);
+  if (!s) return luaL_error(L, "out of memory");
+  lua_pushstring(L, s);
+  cJSON_free(s);
+  return 1;
+}
+
+static int l_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *end = NULL;
+  cJSON *v = cJSON_ParseWithLengthOpts(s, len, &end, 0);
+  if (v) {
+    /* Only whitespace may follow the value. */
+    while (end && end < s + len && strchr(" \t\r\n", *end)) end++;
+    if (end != s + len) {
+      cJSON_Delete(v);
+      v = NULL;
+    }
+  }
+  if (!v) {
+    size_t off = end && end >= s ? (size_t)(end - s) : 0;
+    luaL_pushfail(L);
+    lua_pushfstring(L, "invalid JSON at byte offset %d", (int)off);
+    return 2;
+  }
+  sg__lua_push_json(L, v);
+  cJSON_Delete(v);
+  return 1;
+}
+
+static int l_object(lua_State *L) {
+  if (lua_isnoneornil(L, 1)) lua_newtable(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &object_mt_key);
+  lua_setmetatable(L, 1);
+  return 1;
+}
+
+int luaopen_segue_json(lua_State *L) {
+  static const luaL_Reg fns[] = {
+      {"encode", l_encode}, {"decode", l_decode}, {"object", l_object}, {NULL, NULL}};
+  lua_pushlightuserdata(L, (void *)&null_key);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &null_key);
+  lua_newtable(L);
+  lua_pushliteral(L, "object");
+  lua_setfield(L, -2, "__name");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &object_mt_key);
+  luaL_newlib(L, fns);
+  push_null(L);
+  lua_setfield(L, -2, "null");
+  return 1;
+}

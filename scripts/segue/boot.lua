@@ -1,0 +1,174 @@
+-- The Lua half of the host: what the C host and the CLI call. Each public
+-- function returns true, or nil, message [, code].
+local core = require "segue.core"
+local fs = require "segue.fs"
+local config = require "segue.config"
+local sdk = require "segue.backend_sdk"
+local segue = require "segue"
+
+local M = {}
+
+local overrides = {}      -- set by the embedder in C (data_dir, log_level)
+local current             -- the running config
+local source              -- how to load it again: { file = } or { name =, text = }
+local started = false
+
+function M.set_overrides(t) overrides = t end
+
+local function report(errors)
+  for _, e in ipairs(errors) do core.log("error", e) end
+  return nil, table.concat(errors, "\n")
+end
+
+local function load_config(src)
+  if src.file then return config.load_file(src.file) end
+  return config.load_string(src.text, src.name)
+end
+
+local function same(a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
+  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
+
+function M.add_backend(b)
+  if b.kind == "lua" then
+    return sdk.in_process(b.name, { source = b.source, chunkname = b.chunkname, options = b.options }, b.limits)
+  end
+  return core.add_process_backend(b.name, { cmd = b.cmd, args = b.args, env = b.env, cwd = b.cwd }, b.limits)
+end
+
+-- Makes the backends those of `cfg`: new ones added, changed ones replaced,
+-- dropped ones removed. Started ones are started when the host runs.
+local function apply(cfg, old)
+  core.log_level(overrides.log_level or cfg.log_level or "info")
+  cfg.data_dir = overrides.data_dir or cfg.data_dir
+  local old_by_name = {}
+  for _, b in ipairs(old and old.backends or {}) do old_by_name[b.name] = b end
+  for _, b in ipairs(cfg.backends) do
+    local prev = old_by_name[b.name]
+    old_by_name[b.name] = nil
+    if not same(prev, b) then
+      if prev then core.remove_backend(b.name) end
+      local ok, err = M.add_backend(b)
+      if not ok then return nil, ("backend %s: %s"):format(b.name, err) end
+      if started then core.start_backend(b.name) end
+    end
+  end
+  for name in pairs(old_by_name) do core.remove_backend(name) end
+  current = cfg
+  return true
+end
+
+local function load_and_apply(src)
+  if current then return nil, "a config is already loaded; use reload" end
+  local cfg, errors = load_config(src)
+  if not cfg then return report(errors) end
+  source = src
+  return apply(cfg)
+end
+
+function M.load_config_file(path) return load_and_apply { file = path } end
+
+function M.load_config_string(name, text) return load_and_apply { name = name, text = text } end
+
+--- The embedded default config's text (`segue config --default`).
+function M.default_config_text() return core.embedded_source("segue.default_config") end
+
+function M.load_default_config()
+  return M.load_config_string("(default config)", M.default_config_text())
+end
+
+local function run_script(path)
+  local chunk, err = loadfile(path, "t")
+  if not chunk then return nil, err end
+  local ok, e = xpcall(chunk, debug.traceback)
+  if not ok then return nil, e end
+  return true
+end
+
+function M.load_script(path)
+  local ok, err = run_script(path)
+  if not ok then core.log("error", err) end
+  return ok, err
+end
+
+function M.start()
+  if not current then
+    local ok, err = M.load_default_config()
+    if not ok then return nil, err end
+  end
+  local ok, err = fs.mkdir_p(current.data_dir, tonumber("700", 8))
+  if not ok then return report { err } end
+  for _, path in ipairs(current.scripts) do
+    ok, err = M.load_script(path)
+    if not ok then return nil, err end
+  end
+  started = true
+  for _, b in ipairs(current.backends) do core.start_backend(b.name) end
+  core.log("info", ("running with %d backend(s), data in %s"):format(#current.backends, current.data_dir))
+  return true
+end
+
+--- reload: reads the config again; on any error the running one stays.
+function M.reload()
+  if not source then return nil, "nothing to reload" end
+  local cfg, errors = load_config(source)
+  if not cfg then
+    core.log("error", "reload failed; the previous config keeps running")
+    return report(errors)
+  end
+  local ok, err = apply(cfg, current)
+  if not ok then return report { err } end
+  core.log("info", "reloaded " .. (source.file or source.name))
+  segue.emit("reload")
+  return true
+end
+
+--- check(path): validates a config without starting anything.
+function M.check(path)
+  local cfg, errors = config.load_file(path)
+  if not cfg then
+    for _, e in ipairs(errors) do io.stderr:write(e, "\n") end
+    return nil, #errors .. " problem(s)"
+  end
+  io.stdout:write(("%s: ok (%d backend(s))\n"):format(path, #cfg.backends))
+  return true
+end
+
+--- standalone(file, "key=value"...): `segue backend FILE.lua k=v...`
+function M.standalone(file, ...)
+  local options = {}
+  for i = 1, select("#", ...) do
+    local kv = select(i, ...)
+    local k, v = kv:match("^([^=]+)=(.*)$")
+    if not k then return nil, ("option %q: expected KEY=VALUE"):format(kv) end
+    options[k] = tonumber(v) or (v == "true" and true) or (v == "false" and false) or v
+  end
+  local f, err = io.open(file, "r")
+  if not f then return nil, err end
+  local text = f:read("a")
+  f:close()
+  local name = file:match("([^/]+)%.lua$") or file
+  local ok, e = pcall(sdk.standalone, name, { source = text, chunkname = "@" .. file, options = options }, {},
+    function(why)
+      if why then core.log("error", why, "backend", name) end
+      M.exit_code = why and 1 or 0
+    end)
+  if not ok then return nil, tostring(e) end
+  return true
+end
+
+--- exec(file, args...): runs a script with the segue API at the top level;
+--- the CLI then runs the loop until nothing is left to do.
+function M.exec(file, ...)
+  arg = { [0] = file, ... }
+  local chunk, err = loadfile(file, "t")
+  if not chunk then return nil, err end
+  local ok, e = xpcall(chunk, debug.traceback, ...)
+  if not ok then return nil, e end
+  return true
+end
+
+return M

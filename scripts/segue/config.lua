@@ -1,0 +1,368 @@
+-- The config loader: a config is a Lua file evaluated in a sandbox (no io,
+-- no require, no load); it sets globals (`data_dir = "..."`) or returns a
+-- table. Defaults come from a metatable. Every problem is collected and
+-- reported as "file:line: key.path: message", so `segue check` shows all of
+-- them at once.
+local fs = require "segue.fs"
+
+local M = {}
+
+M.defaults = {
+  data_dir = "./segue-data",
+  log_level = "info",
+  backends = {},
+  scripts = {},
+  limits = {},
+}
+
+-- Limits and time-outs, allowed in `limits` (for every backend) and in each
+-- backend (for that one). All positive integers.
+M.limit_keys = {
+  init_timeout_ms = "InitInfo must arrive within this time (default 10000)",
+  request_timeout_ms = "each try of a request times out after this (default 30000)",
+  stop_grace_ms = "graceful stop: stdin closed, then SIGTERM, then SIGKILL, this far apart (default 5000)",
+  restart_backoff_ms = "first restart delay, doubling (default 100)",
+  restart_max_doublings = "restarts before giving up, 100 ms doubling (default 11: up to 102.4 s)",
+  retry_max_tries = "tries of a request answered with retry = true (default 10)",
+  retry_backoff_ms = "first retry delay, doubling (default 100)",
+  max_line_bytes = "largest JSON value a backend may send (default 67108864)",
+  max_depth = "deepest JSON nesting, MessageContent included (default 64)",
+  max_attachment_bytes = "largest decoded attachment (default 16777216)",
+}
+
+local top_keys = {
+  data_dir = "string", log_level = "string", backends = "table",
+  scripts = "table", limits = "table",
+}
+local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
+local lua_keys = { script = true, options = true }
+local log_levels = { error = true, warn = true, info = true, debug = true }
+
+-- Where keys are: a scan of the source for `name =` and `["name"] =` with
+-- comments and strings skipped, so an error can name the line of the key.
+local function scan_keys(src)
+  local keys, i, line, n = {}, 1, 1, #src
+  local function newlines(a, b)
+    local _, c = src:sub(a, b):gsub("\n", "")
+    line = line + c
+  end
+  while i <= n do
+    local c = src:sub(i, i)
+    if c == "\n" then line = line + 1; i = i + 1
+    elseif src:match("^%-%-%[=*%[", i) then
+      local eq = src:match("^%-%-%[(=*)%[", i)
+      local _, e = src:find("]" .. eq .. "]", i, true)
+      e = e or n
+      newlines(i, e); i = e + 1
+    elseif src:match("^%-%-", i) then
+      i = (src:find("\n", i, true) or n + 1)
+    elseif c == '"' or c == "'" then
+      local j = i + 1
+      while j <= n and src:sub(j, j) ~= c do
+        if src:sub(j, j) == "\\" then j = j + 1 end
+        j = j + 1
+      end
+      local key = src:match("^%[%s*$", math.max(1, i - 1)) and src:sub(i + 1, j - 1)
+      if key and src:match("^%s*%]%s*=[^=]", j + 1) then keys[#keys + 1] = { key, line } end
+      newlines(i, j); i = j + 1
+    elseif src:match("^%[=*%[", i) then
+      local eq = src:match("^%[(=*)%[", i)
+      local _, e = src:find("]" .. eq .. "]", i, true)
+      e = e or n
+      newlines(i, e); i = e + 1
+    elseif c:match("[%a_]") then
+      local word, j = src:match("^([%w_]+)()", i)
+      if src:match("^%s*=[^=]", j) then keys[#keys + 1] = { word, line } end
+      i = j
+    else
+      i = i + 1
+    end
+  end
+  return keys
+end
+
+-- The line of key path {"backends", "irc", "cmd"}: each key searched after
+-- the previous one; the deepest found wins.
+local function line_of(keys, path)
+  local line, from = nil, 1
+  for _, name in ipairs(path) do
+    for k = from, #keys do
+      if keys[k][1] == name then line, from = keys[k][2], k + 1; break end
+    end
+  end
+  return line or 1
+end
+
+local Checker = {}
+Checker.__index = Checker
+
+function Checker:error(path, fmt, ...)
+  local where = self.file .. ":" .. line_of(self.keys, path)
+  self.errors[#self.errors + 1] = where .. ": " .. table.concat(path, ".") .. ": " .. fmt:format(...)
+end
+
+local function describe(v)
+  if type(v) == "string" then return ("string %q"):format(v) end
+  return type(v) .. (type(v) == "number" and (" " .. tostring(v)) or "")
+end
+
+function Checker:type(path, v, want)
+  if type(v) ~= want then
+    self:error(path, "expected a %s, found %s", want, describe(v))
+    return false
+  end
+  return true
+end
+
+function Checker:path(p)
+  if p:sub(1, 1) == "/" then return p end
+  return (self.dir .. "/" .. p):gsub("/%./", "/"):gsub("/%.$", "")
+end
+
+local function push(path, key)
+  local p = { table.unpack(path) }
+  p[#p + 1] = key
+  return p
+end
+
+function Checker:string_list(path, v)
+  if not self:type(path, v, "table") then return {} end
+  local out = {}
+  for k, item in pairs(v) do
+    if math.type(k) ~= "integer" then
+      self:error(push(path, tostring(k)), "expected a list of strings, found key %s", describe(k))
+    elseif self:type(push(path, "[" .. k .. "]"), item, "string") then
+      out[k] = item
+    end
+  end
+  return out
+end
+
+function Checker:limits(path, v, into)
+  for k, n in pairs(v) do
+    local p = push(path, tostring(k))
+    if not M.limit_keys[k] then
+      -- caller reports unknown keys in backends; here only limits live
+      if path[#path] == "limits" then self:error(p, "unknown limit") end
+    elseif math.type(n) ~= "integer" or n <= 0 then
+      self:error(p, "expected a positive integer, found %s", describe(n))
+    else
+      into[k] = n
+    end
+  end
+  return into
+end
+
+-- KEY=VALUE lines, `#` comments, optional `export ` and quotes.
+function Checker:env_file(path, file, into)
+  local f, err = io.open(file, "r")
+  if not f then return self:error(path, "cannot read env file: %s", err) end
+  local n = 0
+  for line in f:lines() do
+    n = n + 1
+    local s = line:gsub("^%s+", ""):gsub("%s+$", "")
+    if s ~= "" and s:sub(1, 1) ~= "#" then
+      local k, val = s:gsub("^export%s+", ""):match("^([%a_][%w_]*)%s*=%s*(.*)$")
+      if not k then
+        self.errors[#self.errors + 1] = ("%s:%d: expected KEY=VALUE"):format(file, n)
+      else
+        into[#into + 1] = k .. "=" .. (val:match('^"(.*)"$') or val:match("^'(.*)'$") or val)
+      end
+    end
+  end
+  f:close()
+end
+
+local function find_in_path(cmd)
+  for dir in (os.getenv("PATH") or "/usr/bin:/bin"):gmatch("[^:]+") do
+    if fs.executable(dir .. "/" .. cmd) then return dir .. "/" .. cmd end
+  end
+end
+
+function Checker:process_backend(path, b, out)
+  out.kind = "process"
+  if self:type(push(path, "cmd"), b.cmd, "string") then
+    if b.cmd:find("/", 1, true) then
+      out.cmd = self:path(b.cmd)
+      if not fs.executable(out.cmd) then
+        self:error(push(path, "cmd"), "%s is not an executable file", out.cmd)
+      end
+    else
+      out.cmd = find_in_path(b.cmd)
+      if not out.cmd then self:error(push(path, "cmd"), "program %q not found in PATH", b.cmd) end
+    end
+  end
+  out.args = b.args == nil and {} or self:string_list(push(path, "args"), b.args)
+  out.env = {}
+  if b.env_file ~= nil and self:type(push(path, "env_file"), b.env_file, "string") then
+    self:env_file(push(path, "env_file"), self:path(b.env_file), out.env)
+  end
+  if b.env ~= nil and self:type(push(path, "env"), b.env, "table") then
+    for k, v in pairs(b.env) do
+      local p = push(push(path, "env"), tostring(k))
+      if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then
+        self:error(push(path, "env"), "bad variable name %s", describe(k))
+      elseif type(v) ~= "string" and type(v) ~= "number" and type(v) ~= "boolean" then
+        self:error(p, "expected a string, found %s", describe(v))
+      else
+        out.env[#out.env + 1] = k .. "=" .. tostring(v)
+      end
+    end
+  end
+  if b.cwd ~= nil and self:type(push(path, "cwd"), b.cwd, "string") then
+    out.cwd = self:path(b.cwd)
+    if fs.stat(out.cwd) ~= "directory" then
+      self:error(push(path, "cwd"), "%s is not a directory", out.cwd)
+    end
+  end
+end
+
+function Checker:lua_backend(path, b, out)
+  out.kind = "lua"
+  if not self:type(push(path, "script"), b.script, "string") then return end
+  if b.options ~= nil and self:type(push(path, "options"), b.options, "table") then
+    out.options = b.options
+  end
+  out.options = out.options or {}
+  if not b.script:find("[/.]") then
+    out.source, out.chunkname = require("segue.core").builtin_backend(b.script)
+    if not out.source then
+      self:error(push(path, "script"), "no built-in backend named %q (a file path needs a / or .lua)", b.script)
+    end
+    out.chunkname = out.chunkname and ("@" .. out.chunkname)
+  else
+    out.script = self:path(b.script)
+    local f, err = io.open(out.script, "r")
+    if not f then return self:error(push(path, "script"), "cannot read %s", err) end
+    out.source = f:read("a")
+    f:close()
+    out.chunkname = "@" .. out.script
+  end
+  if out.source then
+    local _, err = load(out.source, out.chunkname, "t")
+    if err then self.errors[#self.errors + 1] = err end
+  end
+end
+
+function Checker:backend(name, b)
+  local path = { "backends", tostring(name) }
+  if type(name) ~= "string" or not name:match("^[%w_%-%.]+$") then
+    return self:error(path, "a backend name is letters, digits, '_', '-' or '.'")
+  end
+  if not self:type(path, b, "table") then return end
+  local out = { name = name, limits = {} }
+  for k, v in pairs(self.config_limits) do out.limits[k] = v end
+  for k in pairs(b) do
+    if not (process_keys[k] or lua_keys[k] or M.limit_keys[k]) then
+      self:error(push(path, tostring(k)), "unknown key (a backend has cmd, args, env, env_file, cwd, or script, options, and limits)")
+    end
+  end
+  self:limits(path, b, out.limits)
+  if b.cmd ~= nil and b.script ~= nil then
+    self:error(path, "has both cmd and script: a backend is a program or a Lua script")
+  elseif b.script ~= nil then
+    self:lua_backend(path, b, out)
+  elseif b.cmd ~= nil then
+    self:process_backend(path, b, out)
+  else
+    self:error(path, "needs cmd (a program) or script (a Lua backend)")
+  end
+  for k in pairs(lua_keys) do
+    if out.kind == "process" and b[k] ~= nil then self:error(push(path, k), "only for Lua backends (script)") end
+  end
+  for k in pairs(process_keys) do
+    if out.kind == "lua" and b[k] ~= nil then self:error(push(path, k), "only for program backends (cmd)") end
+  end
+  return out
+end
+
+function Checker:check(raw)
+  local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
+  for k, v in pairs(raw) do
+    if not top_keys[k] then
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits)")
+    else
+      self:type({ k }, v, top_keys[k])
+    end
+  end
+  setmetatable(raw, { __index = M.defaults })
+  if type(raw.data_dir) == "string" then cfg.data_dir = self:path(raw.data_dir) end
+  if type(raw.log_level) == "string" then
+    if not log_levels[raw.log_level] then
+      self:error({ "log_level" }, "expected error, warn, info or debug, found %s", describe(raw.log_level))
+    end
+    cfg.log_level = raw.log_level
+  end
+  if type(raw.limits) == "table" then self.config_limits = self:limits({ "limits" }, raw.limits, cfg.limits) end
+  if type(raw.backends) == "table" then
+    for name, b in pairs(raw.backends) do
+      cfg.backends[#cfg.backends + 1] = self:backend(name, b)
+    end
+    table.sort(cfg.backends, function(a, b) return a.name < b.name end)
+  end
+  if type(raw.scripts) == "table" then
+    for i, s in ipairs(self:string_list({ "scripts" }, raw.scripts)) do
+      local p = self:path(s)
+      local _, err = loadfile(p, "t")
+      if err then self:error({ "scripts", "[" .. i .. "]" }, "%s", err) end
+      cfg.scripts[i] = p
+    end
+  end
+  return cfg
+end
+
+local function sandbox()
+  local safe = {
+    string = string, table = table, math = math, utf8 = utf8,
+    pairs = pairs, ipairs = ipairs, next = next, select = select,
+    tostring = tostring, tonumber = tonumber, type = type,
+    error = error, assert = assert, pcall = pcall,
+    os = { getenv = os.getenv, time = os.time, date = os.date },
+  }
+  return setmetatable({}, { __index = safe })
+end
+
+--- load_string(source, chunkname, dir) -> config | nil, { "file:line: message", ... }
+--- `dir` is where relative paths start (the config file's directory).
+function M.load_string(source, chunkname, dir)
+  local file = chunkname:gsub("^[@=]", "")
+  local env = sandbox()
+  local chunk, err = load(source, "@" .. file, "t", env)
+  if not chunk then return nil, { err } end
+  local ok, ret = pcall(chunk)
+  if not ok then return nil, { tostring(ret) } end
+  local raw = {}
+  for k, v in next, env do raw[k] = v end
+  if ret ~= nil then
+    if type(ret) ~= "table" then return nil, { file .. ":1: the config returned a " .. type(ret) .. ", expected a table" } end
+    if next(raw) then return nil, { file .. ":1: the config both sets globals and returns a table; do one" } end
+    raw = ret
+  end
+  local c = setmetatable({ file = file, dir = dir or fs.cwd(), keys = scan_keys(source), errors = {}, config_limits = {} }, Checker)
+  local cfg = c:check(raw)
+  if #c.errors > 0 then return nil, c.errors end
+  return cfg
+end
+
+--- check_backend(name, def [, dir]) -> normalized backend | nil, errors:
+--- one backend entry as in `backends`, for segue.add_backend.
+function M.check_backend(name, def, dir)
+  local c = setmetatable({ file = "(backend " .. tostring(name) .. ")", dir = dir or fs.cwd(), keys = {},
+    errors = {}, config_limits = {} }, Checker)
+  local b = c:backend(name, def)
+  if #c.errors > 0 then return nil, c.errors end
+  return b
+end
+
+--- load_file(path) -> config | nil, errors
+function M.load_file(path)
+  local f, err = io.open(path, "r")
+  if not f then return nil, { ("%s:1: cannot read the config: %s"):format(path, err) } end
+  local source = f:read("a")
+  f:close()
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  local abs = fs.realpath(dir) or dir
+  return M.load_string(source, path, abs)
+end
+
+return M

@@ -1,0 +1,209 @@
+-- The `segue` module: the API scripts, rules and backends use.
+--
+-- One shape everywhere: a request, response or update is the same table in
+-- Lua as its JSON on the wire, e.g. { type = "RoomLookup", value = "#general" },
+-- so spec/backend-protocol.md is also this API's reference.
+local core = require "segue.core"
+local loop = require "segue.loop"
+local json = require "segue.json"
+
+local segue = {
+  version = core.version,
+  json = json,
+  null = json.null,
+}
+
+-- Logging -------------------------------------------------------------------
+
+local function where(level)
+  local info = debug.getinfo(level, "Sl")
+  if not info or info.currentline < 0 then return nil end
+  return info.short_src .. ":" .. info.currentline
+end
+
+local function render(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  return table.concat(parts, " ")
+end
+
+segue.log = {}
+for _, level in ipairs { "error", "warn", "info", "debug" } do
+  -- segue.log.info(...): arguments joined like print; src= names the caller.
+  segue.log[level] = function(...)
+    local src = where(3)
+    if src then core.log(level, render(...), "src", src)
+    else core.log(level, render(...)) end
+  end
+end
+
+-- Coroutines ----------------------------------------------------------------
+
+local function report(err)
+  core.log("error", tostring(err))
+end
+
+-- Resumes `co`, reporting an error that escapes it.
+local function resume(co, ...)
+  local ok, err = coroutine.resume(co, ...)
+  if not ok then report(debug.traceback(co, err)) end
+end
+
+--- Runs fn(...) in a new coroutine, so it may call blocking-style APIs
+--- (request without a callback, segue.sleep). Errors are logged with a
+--- traceback; the host goes on.
+function segue.spawn(fn, ...)
+  local co = coroutine.create(function(...)
+    local ok, err = xpcall(fn, debug.traceback, ...)
+    if not ok then report(err) end
+  end)
+  resume(co, ...)
+  return co
+end
+
+local function current_coroutine(what)
+  local co, main = coroutine.running()
+  if main then
+    error(what .. " without a callback must run inside a coroutine (see segue.spawn)", 3)
+  end
+  return co
+end
+
+-- Timers --------------------------------------------------------------------
+
+--- segue.timer(ms, fn): calls fn once after ms milliseconds; returns a timer
+--- with :stop().
+function segue.timer(ms, fn)
+  return loop.timer(ms, 0, function() segue.spawn(fn) end)
+end
+
+--- segue.every(ms, fn): calls fn every ms milliseconds until :stop().
+function segue.every(ms, fn)
+  return loop.timer(ms, ms, function() segue.spawn(fn) end)
+end
+
+--- segue.sleep(ms): suspends the calling coroutine.
+function segue.sleep(ms)
+  local co = current_coroutine("segue.sleep")
+  loop.timer(ms, 0, function() resume(co) end)
+  coroutine.yield()
+end
+
+segue.now = loop.now
+
+-- Backends ------------------------------------------------------------------
+
+local Backend = {}
+Backend.__index = Backend
+
+local handles = setmetatable({}, { __mode = "v" })
+
+--- segue.backend(name) -> a handle (the backend need not exist yet).
+function segue.backend(name)
+  assert(type(name) == "string", "backend name must be a string")
+  local b = handles[name]
+  if not b then
+    b = setmetatable({ name = name }, Backend)
+    handles[name] = b
+  end
+  return b
+end
+
+--- backend:request(body [, callback]): with a callback, it is called with
+--- (response_body) or (nil, err, code, error_body); returns true, or
+--- nil, err, code when the request could not be made (then the callback is
+--- never called). Without a callback, inside a coroutine, it waits and
+--- returns the same values. err is "ETIMEDOUT: ...", "EBACKEND: ...",
+--- "EDEAD: ...", "EPROTO: ..."; code is that name.
+function Backend:request(body, callback)
+  if callback then return core.request(self.name, body, callback) end
+  local co = current_coroutine("request")
+  local ok, err, code = core.request(self.name, body, function(...) resume(co, ...) end)
+  if not ok then return nil, err, code end
+  return coroutine.yield()
+end
+
+--- backend:info() -> { name, kind, state, restarts, pid } or nil
+function Backend:info()
+  for _, b in ipairs(core.backends()) do
+    if b.name == self.name then return b end
+  end
+end
+
+--- segue.add_backend(name, def) -> true | nil, err: adds and starts a
+--- backend at run time; `def` is a `backends` entry of the config
+--- ({ script = "memory", options = {...} } or { cmd = "...", args = {...} }).
+function segue.add_backend(name, def)
+  local b, errors = require("segue.config").check_backend(name, def)
+  if not b then return nil, table.concat(errors, "\n") end
+  local ok, err = require("segue.boot").add_backend(b)
+  if not ok then return nil, err end
+  return core.start_backend(name)
+end
+
+--- segue.remove_backend(name): stops it and forgets it.
+function segue.remove_backend(name) core.remove_backend(name) end
+
+--- segue.backends() -> list of { name, kind, state, restarts, pid, inflight }
+function segue.backends() return core.backends() end
+
+-- Events --------------------------------------------------------------------
+
+local handlers = {}
+
+--- segue.on(event, fn) -> a function that removes the handler.
+--- Events: "update" (backend_name, update), "backend" (name, state, reason),
+--- "reload" (), "stopping" (). Each handler runs in its own coroutine; an
+--- error in one is logged and does not stop the others.
+function segue.on(event, fn)
+  assert(type(event) == "string", "event name must be a string")
+  assert(type(fn) == "function", "handler must be a function")
+  local list = handlers[event] or {}
+  handlers[event] = list
+  list[#list + 1] = fn
+  return function()
+    for i, f in ipairs(list) do
+      if f == fn then table.remove(list, i) return true end
+    end
+    return false
+  end
+end
+
+--- segue.emit(event, ...): runs the handlers of `event` (for scripts' own events).
+function segue.emit(event, ...)
+  local list = handlers[event]
+  if not list then return end
+  -- A copy: a handler may add or remove handlers.
+  for _, fn in ipairs({ table.unpack(list) }) do segue.spawn(fn, ...) end
+end
+
+core.set_handler(function(event, ...) segue.emit(event, ...) end)
+
+-- For `segue exec` scripts and specs: drive the loop from the top level ---------
+
+--- segue.await(fn [, timeout_ms]): runs fn in a coroutine and the event loop
+--- until fn returns; returns fn's results or raises its error. Only from the
+--- top level of a `segue exec` script (not from a callback).
+function segue.await(fn, timeout_ms)
+  local done, results, failure = false, nil, nil
+  segue.spawn(function()
+    local r = table.pack(xpcall(fn, debug.traceback))
+    if r[1] then results = r else failure = r[2] end
+    done = true
+  end)
+  local deadline = loop.now() + (timeout_ms or 10000)
+  local wake = loop.timer(50, 50, function() end)
+  while not done and loop.now() < deadline do loop.run("once") end
+  wake:stop()
+  if failure then error(failure, 2) end
+  if not done then error("segue.await: timed out after " .. (timeout_ms or 10000) .. " ms", 2) end
+  return table.unpack(results, 2, results.n)
+end
+
+--- segue.wait(ms): runs the loop for ms milliseconds (top level only).
+function segue.wait(ms)
+  return segue.await(function() segue.sleep(ms) end, ms + 1000)
+end
+
+return segue
