@@ -1,0 +1,331 @@
+/* Harmony tokens and the server key file: create/check round trips, every
+ * refusal with its identifier and status, every accepted header form, and
+ * a key file that is created once and never replaced. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "harmony_keys.h"
+#include "harmony_token.h"
+#include "protocol/harmonytypes/v1/types.pb-c.h"
+#include "protocol/sync/v1/sync.pb-c.h"
+#include "segue.h"
+#include "tap.h"
+
+#define ID "chat.example.org:2289"
+#define T0 1700000000u
+
+static sg_keypair *kp, *other;
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* A Token with any signature and data, as `variant` base64 or raw (-1). */
+static char *token_bytes(const uint8_t *sig, size_t sig_len, const uint8_t *data,
+                         size_t data_len, int variant, size_t *len) {
+  Protocol__Harmonytypes__V1__Token t = PROTOCOL__HARMONYTYPES__V1__TOKEN__INIT;
+  t.sig = (ProtobufCBinaryData){sig_len, (uint8_t *)sig};
+  t.data = (ProtobufCBinaryData){data_len, (uint8_t *)data};
+  size_t raw_len = protocol__harmonytypes__v1__token__get_packed_size(&t);
+  uint8_t *raw = malloc(raw_len + 1);
+  protocol__harmonytypes__v1__token__pack(&t, raw);
+  if (variant < 0) {
+    *len = raw_len;
+    return (char *)raw;
+  }
+  size_t size = sodium_base64_ENCODED_LEN(raw_len, variant);
+  char *b64 = malloc(size);
+  sodium_bin2base64(b64, size, raw, raw_len, variant);
+  free(raw);
+  *len = strlen(b64);
+  return b64;
+}
+
+/* AuthData{server_id, time} packed into buf; returns its length. */
+static size_t auth_data(const char *server_id, uint64_t time, uint8_t *buf) {
+  Protocol__Sync__V1__AuthData ad = PROTOCOL__SYNC__V1__AUTH_DATA__INIT;
+  ad.server_id = (char *)server_id;
+  ad.time = time;
+  return protocol__sync__v1__auth_data__pack(&ad, buf);
+}
+
+/* Checks `header` and expects `want`, its identifier and status, and `text`
+ * in the log text. */
+static void expect(const char *header, size_t len, const sg_token_policy *pol,
+                   uint64_t now, const sg_keypair *key, sg_token_reason want,
+                   const char *identifier, int status, const char *text) {
+  sg_token tok;
+  char why[SG_TOKEN_WHY_SIZE] = "";
+  sg_token_reason r = sg_token_check(header, len, pol, now, sg_keys_public(key), &tok,
+                                     why, sizeof why);
+  CHECK_STR(sg_token_reason_name(r), sg_token_reason_name(want));
+  CHECK_STR(sg_token_reason_identifier(r), identifier);
+  CHECK(sg_token_reason_status(r) == status);
+  CHECK(strstr(why, text) != NULL);
+  if (!strstr(why, text)) fprintf(stderr, "  wanted \"%s\" in \"%s\"\n", text, why);
+  if (r == SG_TOKEN_OK) {
+    CHECK_STR(tok.server_id, ID);
+    sg_token_clear(&tok);
+  } else {
+    CHECK(tok.server_id == NULL && tok.data == NULL);
+  }
+}
+
+static void expect_str(const char *header, const sg_token_policy *pol, uint64_t now,
+                       sg_token_reason want, const char *identifier, int status,
+                       const char *text) {
+  expect(header, header ? strlen(header) : 0, pol, now, kp, want, identifier, status, text);
+}
+
+/* ---- tokens ------------------------------------------------------------- */
+
+static void test_round_trip(void) {
+  char *header;
+  sg_token tok;
+  CHECK(sg_token_create(kp, ID, T0, &header) == 0);
+  CHECK(strlen(header) % 4 == 0 && strspn(header, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        "abcdefghijklmnopqrstuvwxyz0123456789+/=") == strlen(header));
+  CHECK(sg_token_check(header, strlen(header), NULL, T0, sg_keys_public(kp), &tok,
+                       NULL, 0) == SG_TOKEN_OK);
+  CHECK_STR(tok.server_id, ID);
+  CHECK(tok.time == T0);
+  sg_token_clear(&tok);
+  sg_token_clear(&tok);  /* safe to repeat */
+  free(header);
+  CHECK(sg_token_create(kp, "", T0, &header) == SG_EINVAL);
+  CHECK(sg_token_create(kp, NULL, T0, &header) == SG_EINVAL);
+}
+
+/* Parse first to learn the server id, then verify once the key is known;
+ * a failed verify leaves the token usable for a retry with a fresh key. */
+static void test_split_flow(void) {
+  char *header;
+  sg_token tok;
+  sg_token_policy pol;
+  char why[SG_TOKEN_WHY_SIZE];
+  sg_token_policy_init(&pol);
+  sg_token_create(kp, ID, T0, &header);
+  CHECK(sg_token_parse(header, strlen(header), &tok, why, sizeof why) == SG_TOKEN_OK);
+  CHECK_STR(tok.server_id, ID);
+  CHECK(sg_token_admit(&tok, &pol, T0 + 5, why, sizeof why) == SG_TOKEN_OK);
+  CHECK(sg_token_verify(&tok, sg_keys_public(other), why, sizeof why) ==
+        SG_TOKEN_BAD_SIGNATURE);
+  CHECK(sg_token_verify(&tok, sg_keys_public(kp), why, sizeof why) == SG_TOKEN_OK);
+  sg_token_clear(&tok);
+  free(header);
+}
+
+static void test_header_forms(void) {
+  uint8_t data[128], sig[64];
+  size_t data_len = auth_data(ID, T0, data), len;
+  const int forms[] = {sodium_base64_VARIANT_ORIGINAL,
+                       sodium_base64_VARIANT_ORIGINAL_NO_PADDING,
+                       sodium_base64_VARIANT_URLSAFE,
+                       sodium_base64_VARIANT_URLSAFE_NO_PADDING, -1};
+  sg_keys_sign(kp, data, data_len, sig);
+  for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++) {
+    char *h = token_bytes(sig, sizeof sig, data, data_len, forms[i], &len);
+    expect(h, len, NULL, T0, kp, SG_TOKEN_OK, "", 200, "");
+    free(h);
+  }
+}
+
+static void test_refusals(void) {
+  uint8_t data[128], sig[64];
+  size_t data_len = auth_data(ID, T0, data), len;
+  char *header, *h;
+  sg_token_policy pol;
+  const char *allow[] = {"friend.example:443"}, *block[] = {ID};
+  sg_keys_sign(kp, data, data_len, sig);
+  sg_token_create(kp, ID, T0, &header);
+
+  expect_str(NULL, NULL, T0, SG_TOKEN_MISSING, "h.bad-auth", 400, "no Authorization header");
+  expect_str("", NULL, T0, SG_TOKEN_MISSING, "h.bad-auth", 400, "no Authorization header");
+  expect_str("%%% garbage %%%", NULL, T0, SG_TOKEN_GARBAGE, "h.bad-token", 400,
+             "is not a Token");
+  expect_str(header, NULL, T0 + 3600, SG_TOKEN_STALE, "h.bad-token-data", 400,
+             "token time 1700000000 from " ID " is 3600 s behind our clock 1700003600, "
+             "window 60 s");
+  expect_str(header, NULL, T0 - 61, SG_TOKEN_FUTURE, "h.bad-token-data", 400,
+             "is 61 s ahead of our clock");
+  expect(header, strlen(header), NULL, T0, other, SG_TOKEN_BAD_SIGNATURE,
+         "h.token-verify-failure", 400, "does not verify with key");
+
+  sg_token_policy_init(&pol);
+  pol.allow = allow;
+  pol.n_allow = 1;
+  expect_str(header, &pol, T0, SG_TOKEN_HOST_NOT_ALLOWED, "h.host-not-allowed", 403,
+             "server " ID " is not on the allow list");
+  sg_token_policy_init(&pol);
+  pol.block = block;
+  pol.n_block = 1;
+  expect_str(header, &pol, T0, SG_TOKEN_HOST_BLOCKED, "h.host-not-allowed", 403,
+             "server " ID " is on the block list");
+  sg_token_policy_init(&pol);
+  pol.disabled = 1;
+  expect_str(header, &pol, T0, SG_TOKEN_FEDERATION_DISABLED, "h.federation-disabled",
+             403, "federation is disabled");
+  sg_token_policy_init(&pol);
+  pol.window = 7200;
+  expect_str(header, &pol, T0 + 3600, SG_TOKEN_OK, "", 200, "");
+
+  h = token_bytes(sig, 63, data, data_len, sodium_base64_VARIANT_ORIGINAL, &len);
+  expect(h, len, NULL, T0, kp, SG_TOKEN_SIG_LENGTH, "h.bad-token-signature", 400,
+         "token signature from " ID " is 63 bytes, expected 64");
+  free(h);
+  sig[10] ^= 1;
+  h = token_bytes(sig, 64, data, data_len, sodium_base64_VARIANT_ORIGINAL, &len);
+  expect(h, len, NULL, T0, kp, SG_TOKEN_BAD_SIGNATURE, "h.token-verify-failure", 400,
+         "does not verify");
+  free(h);
+  h = token_bytes(sig, 64, (const uint8_t *)"\xff\x01", 2, -1, &len);
+  expect(h, len, NULL, T0, kp, SG_TOKEN_BAD_DATA, "h.bad-token-data", 400,
+         "token data (2 bytes) is not an AuthData");
+  free(h);
+  data_len = auth_data("", T0, data);
+  h = token_bytes(sig, 64, data, data_len, sodium_base64_VARIANT_URLSAFE, &len);
+  expect(h, len, NULL, T0, kp, SG_TOKEN_NO_SERVER_ID, "h.bad-token-data", 400,
+         "no server_id");
+  free(h);
+  free(header);
+}
+
+static void test_reason_table(void) {
+  CHECK_STR(sg_token_reason_name(SG_TOKEN_STALE), "STALE");
+  CHECK_STR(sg_token_reason_summary(SG_TOKEN_BAD_SIGNATURE), "signature does not verify");
+  CHECK_STR(sg_token_reason_identifier((sg_token_reason)999), "h.bad-token");
+  for (int r = 1; r < SG_TOKEN__REASON_COUNT; r++) {
+    int st = sg_token_reason_status((sg_token_reason)r);
+    CHECK(st == 400 || st == 403);
+    CHECK(strncmp(sg_token_reason_identifier((sg_token_reason)r), "h.", 2) == 0);
+  }
+}
+
+/* ---- keys --------------------------------------------------------------- */
+
+static int read_file(const char *path, uint8_t *buf, size_t cap, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return -1;
+  *len = fread(buf, 1, cap, f);
+  fclose(f);
+  return 0;
+}
+
+static void write_file(const char *path, const uint8_t *buf, size_t len, mode_t mode) {
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
+  CHECK(fd >= 0 && write(fd, buf, len) == (ssize_t)len);
+  close(fd);
+  chmod(path, mode);
+}
+
+/* Writes `content` as the key file, expects SG_EKEY naming the path and
+ * `what`, and the file unchanged afterwards. */
+static void expect_bad_key_file(const char *dir, const uint8_t *content, size_t len,
+                                mode_t mode, const char *what) {
+  char path[4096], err[512] = "";
+  uint8_t after[256];
+  size_t after_len = 0;
+  sg_keypair *k = NULL;
+  snprintf(path, sizeof path, "%s/harmony.key", dir);
+  write_file(path, content, len, mode);
+  CHECK(sg_keys_load_or_create(dir, &k, err, sizeof err) == SG_EKEY);
+  CHECK(k == NULL);
+  CHECK(strstr(err, path) != NULL && strstr(err, what) != NULL);
+  if (!strstr(err, what)) fprintf(stderr, "  wanted \"%s\" in \"%s\"\n", what, err);
+  CHECK(read_file(path, after, sizeof after, &after_len) == 0);
+  CHECK(after_len == len && memcmp(after, content, len) == 0);
+  struct stat st;
+  CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == mode);
+  unlink(path);
+}
+
+static void test_key_file(void) {
+  char base[] = "/tmp/segue-harmony-XXXXXX", dir[2048], path[4096], err[512];
+  uint8_t first[128] = {0}, again[128], bad[64];
+  size_t first_len = 0, again_len = 0;
+  sg_keypair *a = NULL, *b = NULL;
+  struct stat st;
+  CHECK(mkdtemp(base) != NULL);
+  snprintf(dir, sizeof dir, "%s/data", base);  /* does not exist yet */
+  snprintf(path, sizeof path, "%s/harmony.key", dir);
+
+  CHECK(sg_keys_load_or_create(dir, &a, err, sizeof err) == 0);
+  CHECK(stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && (st.st_mode & 0777) == 0700);
+  CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600 && st.st_size == 64);
+  CHECK(read_file(path, first, sizeof first, &first_len) == 0 && first_len == 64);
+  CHECK(memcmp(first + 32, sg_keys_public(a), 32) == 0);
+
+  CHECK(sg_keys_load_or_create(dir, &b, err, sizeof err) == 0);
+  CHECK(memcmp(sg_keys_public(a), sg_keys_public(b), 32) == 0);
+  CHECK(read_file(path, again, sizeof again, &again_len) == 0);
+  CHECK(again_len == 64 && memcmp(first, again, 64) == 0);
+  sg_keys_free(b);
+  unlink(path);
+
+  expect_bad_key_file(dir, first, 63, 0600, "63 bytes, expected 64");
+  expect_bad_key_file(dir, first, 65, 0600, "65 bytes, expected 64");
+  expect_bad_key_file(dir, first, 64, 0644, "mode 0644");
+  expect_bad_key_file(dir, first, 64, 0640, "mode 0640");
+  memcpy(bad, first, 64);
+  bad[40] ^= 0x80;
+  expect_bad_key_file(dir, bad, 64, 0600, "public half does not match the seed");
+
+  /* a file in place of the directory */
+  write_file(path, first, 64, 0600);
+  CHECK(sg_keys_load_or_create(path, &b, err, sizeof err) == -ENOTDIR);
+  CHECK(strstr(err, "is not a directory") != NULL);
+  unlink(path);
+  rmdir(dir);
+  rmdir(base);
+  sg_keys_free(a);
+}
+
+static void test_key_helpers(void) {
+  unsigned char secret[64], sig[64];
+  char b64[SG_KEYS_PUBLIC_B64_SIZE], err[256];
+  unsigned char pk[32];
+  size_t pk_len;
+  sg_keypair *k = NULL;
+  CHECK(sg_keys_public_b64(kp, b64, sizeof b64) == 0 && strlen(b64) == 44);
+  CHECK(sg_keys_public_b64(kp, b64, sizeof b64 - 1) == SG_EINVAL);
+  CHECK(sodium_base642bin(pk, sizeof pk, b64, strlen(b64), NULL, &pk_len, NULL,
+                          sodium_base64_VARIANT_ORIGINAL) == 0);
+  CHECK(pk_len == 32 && memcmp(pk, sg_keys_public(kp), 32) == 0);
+
+  CHECK(sg_keys_sign(kp, (const unsigned char *)"hello", 5, sig) == 0);
+  CHECK(crypto_sign_verify_detached(sig, (const unsigned char *)"hello", 5,
+                                    sg_keys_public(kp)) == 0);
+
+  sg_keys_export_secret(kp, secret);
+  CHECK(sg_keys_from_secret(secret, 32, &k, err, sizeof err) == 0);
+  CHECK(memcmp(sg_keys_public(k), sg_keys_public(kp), 32) == 0);
+  sg_keys_free(k);
+  CHECK(sg_keys_from_secret(secret, 64, &k, err, sizeof err) == 0);
+  sg_keys_free(k);
+  k = NULL;
+  CHECK(sg_keys_from_secret(secret, 31, &k, err, sizeof err) == SG_EINVAL && !k);
+  secret[63] ^= 1;
+  CHECK(sg_keys_from_secret(secret, 64, &k, err, sizeof err) == SG_EKEY && !k);
+  CHECK(strstr(err, "public half does not match") != NULL);
+  sodium_memzero(secret, sizeof secret);
+  sg_keys_free(NULL);
+}
+
+int main(void) {
+  CHECK(sg_keys_generate(&kp) == 0 && sg_keys_generate(&other) == 0);
+  test_round_trip();
+  test_split_flow();
+  test_header_forms();
+  test_refusals();
+  test_reason_table();
+  test_key_file();
+  test_key_helpers();
+  sg_keys_free(kp);
+  sg_keys_free(other);
+  return tap_done();
+}
