@@ -6,5 +6,6 @@ const sg_binding sg__bindings[] = {
     {"segue.json", luaopen_segue_json},
     {"segue.loop", luaopen_segue_loop},
     {"segue.fs", luaopen_segue_fs},
+    {"segue.harmony", luaopen_segue_harmony},
     {NULL, NULL},
 };

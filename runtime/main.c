@@ -15,7 +15,7 @@ static const char usage[] =
     "  run [CONFIG]              run the host (without CONFIG: the embedded default)\n"
     "  check CONFIG              validate CONFIG and the scripts it names; start nothing\n"
     "  backend FILE.lua [K=V...] run one Lua backend on stdin/stdout (the backend protocol)\n"
-    "  exec FILE.lua [ARGS...]   run a Lua script with the segue API, then the loop\n"
+    "  exec FILE.lua [ARGS...]   run a Lua script with the segue API, then stop\n"
     "  config --default          print the embedded default config\n"
     "  --version, --help\n"
     "\n"
@@ -116,12 +116,14 @@ static int cmd_exec(app *a, int argc, char **argv) {
     fputs(usage, stderr);
     return finish(a, 2);
   }
-  if (sg__host_call_boot(a->host, "exec", (const char *const *)argv, argc) != 0) {
-    fprintf(stderr, "%s\n", a->host->last_error);
-    return finish(a, 1);
-  }
+  int rc = sg__host_call_boot(a->host, "exec", (const char *const *)argv, argc);
+  if (rc != 0) fprintf(stderr, "%s\n", a->host->last_error);
+  /* The script drove the loop itself (segue.await); what it started ends
+   * with it: backends stop gracefully, then the host closes. */
+  sg_host_stop(a->host, host_stopped);
   uv_run(a->loop, UV_RUN_DEFAULT);
-  return finish(a, 0);
+  uv_loop_close(a->loop);
+  return rc == 0 ? 0 : 1;
 }
 
 static int cmd_config(app *a, int argc, char **argv) {

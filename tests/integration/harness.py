@@ -1,0 +1,76 @@
+"""Helpers for the integration tests: they run the real `segue` binary (path
+in $SEGUE, set by ctest) over real pipes and sockets."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SEGUE = os.environ.get("SEGUE") or os.path.join(
+    os.environ.get("SEGUE_BINARY_DIR", "build"), "segue")
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE = os.path.join(HERE, "fake_backend.py")
+PYTHON = sys.executable
+
+# Lua prelude for scripts: a fake backend definition and a JSON printer.
+PRELUDE = """
+local segue = require "segue"
+local json = require "segue.json"
+local function out(v) io.stdout:write(json.encode(v), "\\n") io.stdout:flush() end
+local function fake(name, args, extra)
+  local def = { cmd = %s, args = { %s } }
+  for _, a in ipairs(args or {}) do def.args[#def.args + 1] = a end
+  for k, v in pairs(extra or {}) do def[k] = v end
+  assert(segue.add_backend(name, def))
+end
+local function lookup(name, room)
+  return segue.await(function()
+    local r, err, code = segue.backend(name):request { type = "RoomLookup", value = room }
+    return { body = r, err = err, code = code }
+  end, 60000)
+end
+""" % (json.dumps(PYTHON), json.dumps(FAKE))
+
+
+class Run:
+    def __init__(self, proc, stdout, stderr):
+        self.code = proc.returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def values(self):
+        """Every stdout line that is JSON, decoded."""
+        vals = []
+        for line in self.stdout.splitlines():
+            try:
+                vals.append(json.loads(line))
+            except ValueError:
+                pass
+        return vals
+
+
+def tmpdir():
+    return tempfile.mkdtemp(prefix="segue-it-")
+
+
+def run(args, input=None, timeout=120, cwd=None, env=None):
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    p = subprocess.run([SEGUE] + args, input=input, capture_output=True, timeout=timeout,
+                       cwd=cwd, env=e)
+    return Run(p, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+
+
+def run_lua(code, timeout=120, cwd=None, env=None, args=()):
+    d = tmpdir()
+    path = os.path.join(d, "script.lua")
+    with open(path, "w") as f:
+        f.write(PRELUDE + code)
+    return run(["exec", path] + list(args), timeout=timeout, cwd=cwd or d, env=env)
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
