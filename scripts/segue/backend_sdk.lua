@@ -153,12 +153,14 @@ function M.standalone(name, spec, limits, on_end)
     return ok, err
   end
   local d = M.driver(name, spec, emit)
-  d.start()
+  -- Open first: InitInfo goes out through the channel. Requests are read on
+  -- later loop turns, after start.
   assert(core.stdio_open(function(request, err)
     if request then return d.deliver(request) end
     d.stop()
     on_end(err)
   end, limits))
+  d.start()
 end
 
 return M

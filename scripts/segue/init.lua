@@ -115,8 +115,15 @@ end
 --- nil, err, code when the request could not be made (then the callback is
 --- never called). Without a callback, inside a coroutine, it waits and
 --- returns the same values. err is "ETIMEDOUT: ...", "EBACKEND: ...",
---- "EDEAD: ...", "EPROTO: ..."; code is that name.
+--- "EDEAD: ...", "EPROTO: ..."; code is that name. A MessageSend whose value
+--- has no `attachments` gets an empty list.
 function Backend:request(body, callback)
+  -- Convenience: a NewMessage without attachments has none (the wire
+  -- requires the field; Lua callers should not have to write it).
+  if type(body) == "table" and body.type == "MessageSend" and type(body.value) == "table"
+      and body.value.attachments == nil then
+    body.value.attachments = {}
+  end
   if callback then return core.request(self.name, body, callback) end
   local co = current_coroutine("request")
   local ok, err, code = core.request(self.name, body, function(...) resume(co, ...) end)

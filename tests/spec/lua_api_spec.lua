@@ -1,0 +1,194 @@
+-- The `segue` Lua API in the real host: events, timers, requests and errors,
+-- JSON, and backends written in Lua.
+local segue = require "segue"
+local json = require "segue.json"
+
+local src = os.getenv("SEGUE_SOURCE_DIR") or "."
+local scripted = src .. "/tests/fixtures/backends/scripted.lua"
+local n = 0
+local function add_scripted(extra)
+  n = n + 1
+  local name = "scripted" .. n
+  local def = { script = scripted, options = { greeting = "hello" }, restart_backoff_ms = 10 }
+  for k, v in pairs(extra or {}) do def[k] = v end
+  assert(segue.add_backend(name, def))
+  return segue.backend(name), name
+end
+
+local function lookup(b, room)
+  return segue.await(function() return b:request { type = "RoomLookup", value = room } end)
+end
+
+describe("segue.on", function()
+  it("runs every handler of an event and returns a remover", function()
+    local got = {}
+    local off1 = segue.on("ping", function(x) got[#got + 1] = "a" .. x end)
+    segue.on("ping", function(x) got[#got + 1] = "b" .. x end)
+    segue.emit("ping", 1)
+    assert.is_true(off1())
+    segue.emit("ping", 2)
+    assert.are.same({ "a1", "b1", "b2" }, got)
+  end)
+
+  it("contains an error in one handler and still runs the others", function()
+    local ran = false
+    segue.on("oops", function() error("handler failure") end)
+    segue.on("oops", function() ran = true end)
+    segue.emit("oops")
+    assert.is_true(ran)
+  end)
+
+  it("tells about backend state changes", function()
+    local states = {}
+    segue.on("backend", function(name, state) states[#states + 1] = state end)
+    add_scripted()
+    segue.wait(30)
+    assert.are.same({ "starting", "running" }, { states[1], states[2] })
+  end)
+end)
+
+describe("timers", function()
+  it("fires a one-shot timer once and a repeating one until stopped", function()
+    local once, every = 0, 0
+    segue.timer(5, function() once = once + 1 end)
+    local t = segue.every(5, function() every = every + 1 end)
+    segue.wait(60)
+    t:stop()
+    local seen = every
+    segue.wait(30)
+    assert.are.equal(1, once)
+    assert.is_true(seen >= 3)
+    assert.are.equal(seen, every)
+  end)
+
+  it("sleeps inside a coroutine", function()
+    local t0 = segue.now()
+    segue.await(function() segue.sleep(30) end)
+    assert.is_true(segue.now() - t0 >= 25)
+  end)
+end)
+
+describe("backend:request", function()
+  it("needs a coroutine when it has no callback", function()
+    assert.has_error(function() segue.backend("x"):request { type = "RoomLookup", value = "#a" } end,
+      "request without a callback must run inside a coroutine (see segue.spawn)")
+  end)
+
+  it("refuses an unknown backend at once, never calling the callback", function()
+    local called = false
+    local ok, err, code = segue.backend("nobody"):request({ type = "RoomLookup", value = "#a" },
+      function() called = true end)
+    segue.wait(10)
+    assert.is_nil(ok)
+    assert.are.equal("ENOBACKEND", code)
+    assert.are.equal("ENOBACKEND: no backend named 'nobody'", err)
+    assert.is_false(called)
+  end)
+
+  it("refuses an invalid body naming the field", function()
+    local b = add_scripted()
+    local ok, err, code = b:request({ type = "MessageSend", value = { recipient = "#a",
+      content = { type = "Concat", value = { { type = "Text", value = "a" }, { type = "Text", value = "b" },
+        { type = "Blink", value = "c" } } } } }, function() end)
+    assert.is_nil(ok)
+    assert.are.equal("EPROTO", code)
+    assert.are.equal('EPROTO: MessageSend.value.content.value[2].type: unknown variant "Blink"', err)
+  end)
+
+  it("calls back with the response body", function()
+    local b = add_scripted()
+    local got
+    assert.is_true(b:request({ type = "RoomLookup", value = "#cb" }, function(r) got = r end))
+    segue.wait(20)
+    assert.are.same({ type = "RoomID", value = "!cb" }, got)
+  end)
+end)
+
+describe("a Lua backend", function()
+  it("sends InitInfo from its info table and gets its options", function()
+    local b = add_scripted()
+    assert.are.same({ type = "RoomID", value = "hello" }, lookup(b, "#option"))
+    assert.are.equal("lua", b:info().kind)
+  end)
+
+  it("answers later with reply, or after sleeping", function()
+    local b = add_scripted()
+    assert.are.equal("!later", lookup(b, "#later").value)
+    assert.are.equal("!slept", lookup(b, "#sleep").value)
+  end)
+
+  it("answers Success for a true return", function()
+    local b = add_scripted()
+    assert.are.same({ type = "Success" }, segue.await(function()
+      return b:request { type = "RoomJoin", value = "!a" } end))
+  end)
+
+  it("turns a raised error and nil, err into Error responses", function()
+    local b = add_scripted()
+    local r, err, code, body = lookup(b, "#raise")
+    assert.is_nil(r)
+    assert.are.equal("EBACKEND", code)
+    assert.matches("RoomLookup failed: .*boom in handler", err)
+    assert.are.equal("Error", body.type)
+    r, err = lookup(b, "#nil-err")
+    assert.matches("not today", err, 1, true)
+  end)
+
+  it("is retried on a retryable error", function()
+    local b = add_scripted { retry_backoff_ms = 5 }
+    assert.are.equal("!third", lookup(b, "#retry").value)
+  end)
+
+  it("is restarted when it answers with the wrong variant", function()
+    local b = add_scripted()
+    local r, err, code = lookup(b, "#wrong")
+    assert.is_nil(r)
+    assert.are.equal("EPROTO", code)
+    assert.matches("with Room, expected RoomID", err, 1, true)
+    segue.wait(50)
+    assert.are.equal("running", b:info().state)
+    assert.are.equal(1, b:info().restarts)
+    assert.are.equal("!ok", lookup(b, "#ok").value)
+  end)
+
+  it("cannot emit an invalid update", function()
+    local b = add_scripted()
+    local r, err = lookup(b, "#bad-update")
+    -- the violation restarts the backend, failing the request in flight
+    assert.is_nil(r)
+    assert.matches("MessageUpsert.value.id: expected a string, found number 5", err, 1, true)
+  end)
+
+  it("answers unknown request types with an Error", function()
+    local b = add_scripted()
+    local r, err = segue.await(function() return b:request { type = "RoomLeave", value = "!a" } end)
+    assert.is_nil(r)
+    assert.matches("does not implement RoomLeave", err, 1, true)
+  end)
+end)
+
+describe("segue.json", function()
+  it("round-trips objects, arrays, null and empty tables", function()
+    local v = json.decode('{"a":[1,null,"x"],"b":{},"c":[],"d":1.5}')
+    assert.are.equal(json.null, v.a[2])
+    assert.are.equal('[1,null,"x"]', json.encode(v.a))
+    assert.are.equal('{}', json.encode(v.b))
+    assert.are.equal('[]', json.encode(v.c))
+    assert.are.same(v, json.decode(json.encode(v)))
+    assert.are.equal('{}', json.encode(json.object {}))
+  end)
+
+  it("reports where invalid JSON is", function()
+    local v, err = json.decode('{"a": tru}')
+    assert.is_nil(v)
+    assert.matches("invalid JSON at byte offset %d+", err)
+  end)
+
+  it("refuses what JSON cannot hold", function()
+    local v, err = json.encode { f = print }
+    assert.is_nil(v)
+    assert.are.equal("f: cannot encode a function as JSON", err)
+    v, err = json.encode { 1, 2, x = 3 }
+    assert.matches("mixes array and object keys", err)
+  end)
+end)
