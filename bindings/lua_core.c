@@ -65,6 +65,14 @@ static int l_log_level(lua_State *L) {
   return 1;
 }
 
+/* report(message): an error no Lua caller can receive (one escaping a
+ * coroutine, a handler or a timer callback) goes to the embedder's
+ * error_cb as SG_ELUA, and to the log. */
+static int l_report(lua_State *L) {
+  sg__host_report(host_of(L), SG_ELUA, luaL_checkstring(L, 1));
+  return 0;
+}
+
 static int l_set_handler(lua_State *L) {
   sg_host *h = host_of(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -437,6 +445,7 @@ int luaopen_segue_core(lua_State *L) {
       {"log", l_log},
       {"log_level", l_log_level},
       {"set_handler", l_set_handler},
+      {"report", l_report},
       {"add_process_backend", l_add_process_backend},
       {"add_lua_backend", l_add_lua_backend},
       {"start_backend", l_start_backend},

@@ -197,7 +197,18 @@ int sg_host_load_script(sg_host *h, const char *path) {
   return boot_call(h, "load_script", 1);
 }
 
-int sg_host_start(sg_host *h) { return boot_call(h, "start", 0); }
+/* C backends are not in the config, so segue.boot does not know them: they
+ * start here, after the scripts that will receive their updates. */
+int sg_host_start(sg_host *h) {
+  int rc = boot_call(h, "start", 0);
+  if (rc != 0) return rc;
+  h->started = 1;
+  for (sg_host_backend *hb = h->backends; hb; hb = hb->next)
+    if (hb->cbackend && hb->b.state == SG_BACKEND_STOPPED && !hb->b.stop_for_good)
+      sg__backend_start(&hb->b);
+  return 0;
+}
+
 int sg_host_reload(sg_host *h) { return boot_call(h, "reload", 0); }
 
 static void backend_stopped(sg_backend *b) {

@@ -27,6 +27,7 @@ struct sg_host {
   int handler_ref;          /* Lua function(event, ...) receiving host events */
   sg_host_backend *backends;
   int closing;
+  int started;              /* sg_host_start succeeded: new C backends start at once */
   unsigned backends_open;
   void (*close_cb)(void *data);
   void *close_data;

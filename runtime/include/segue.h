@@ -148,20 +148,44 @@ typedef struct sg_backend_vtable {
   /* A request: answer now or later with sg_cbackend_respond(b, seq, ...).
    * `body_json` is a validated RequestBody, borrowed for the call. */
   void (*request)(sg_cbackend *b, uint32_t seq, const char *body_json);
-  /* The backend stops: release what `start` took. May be NULL. */
+  /* The backend stops: release what `start` took. May be NULL. Requests not
+   * answered yet fail for their callers; answering them later is harmless
+   * (SG_EDEAD). start/stop pairs repeat when the backend is restarted after a
+   * protocol violation. */
   void (*stop)(sg_cbackend *b);
+  /* Since 0.1 (present if `size` covers it; may be NULL): `b` is about to be
+   * freed (the host is closing, or Lua removed the backend). `b` and its name
+   * are invalid once this returns; `data` is yours to free here. */
+  void (*closed)(sg_cbackend *b);
 } sg_backend_vtable;
 
-/* Registers a C backend named `name`; the vtable must outlive the host.
- * `data` is the backend's own pointer (sg_cbackend_data). */
+/* Registers a C backend named `name` (copied) alongside the configured ones:
+ * Lua sees it as any backend (segue.backend(name), kind "c" in
+ * segue.backends()). It starts with sg_host_start(), or at once if the host
+ * already started; its InitInfo is made for it (backend_name `name`, version
+ * [0,0,0], protocol [0,1,0]). `vt` is borrowed and must outlive the backend;
+ * `data` is the embedder's (sg_cbackend_data). `*out` (may be NULL) is owned
+ * by the host and valid until vt->closed, or until the host's close callback.
+ * Errors: SG_EINVAL (NULL or empty name, NULL vt, start or request, or a
+ * vt->size too small), SG_EEXIST, SG_ECLOSING, SG_ENOMEM. */
 int sg_host_add_cbackend(sg_host *host, const char *name,
                          const sg_backend_vtable *vt, void *data,
                          sg_cbackend **out);
 void *sg_cbackend_data(const sg_cbackend *b);
+/* Borrowed; valid as long as `b`. */
 const char *sg_cbackend_name(const sg_cbackend *b);
-/* Answers request `seq` with a ResponseBody; validated like any backend's. */
+/* Answers request `seq` with a ResponseBody (borrowed text), now or later,
+ * from inside vt->request or from any loop callback. Validated like any
+ * backend's value: invalid JSON or shape, or the wrong variant for the
+ * request, is a protocol violation: the requests in flight fail with
+ * SG_EPROTO, vt->stop is called (before this returns) and the backend is
+ * restarted with backoff; then SG_EPROTO is returned. SG_EDEAD: the backend is
+ * not running (the answer is dropped). An unknown `seq` is logged and
+ * ignored (0), as the protocol says. */
 int sg_cbackend_respond(sg_cbackend *b, uint32_t seq, const char *body_json);
-/* Emits an Update ({"type":"MessageUpsert","value":{...}}). */
+/* Emits an Update ({"type":"MessageUpsert","value":{...}}, borrowed text) to
+ * Lua's "update" handlers. Allowed from inside vt->start (delivered right
+ * after the InitInfo) and while running; errors as sg_cbackend_respond. */
 int sg_cbackend_update(sg_cbackend *b, const char *update_json);
 
 #ifdef __cplusplus

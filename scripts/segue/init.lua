@@ -40,8 +40,9 @@ end
 
 -- Coroutines ----------------------------------------------------------------
 
+-- An error nobody can catch: logged, and handed to the embedder's error_cb.
 local function report(err)
-  core.log("error", tostring(err))
+  core.report(tostring(err))
 end
 
 -- Resumes `co`, reporting an error that escapes it.
