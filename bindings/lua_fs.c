@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -77,10 +78,30 @@ static int l_cwd(lua_State *L) {
   return 1;
 }
 
+/* kill(pid, signum) -> true | nil, err: for `segue reload` */
+static int l_kill(lua_State *L) {
+  lua_Integer pid = luaL_checkinteger(L, 1);
+  lua_Integer sig = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, pid > 0, 1, "must be a process id");
+  if (kill((pid_t)pid, (int)sig) != 0) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "process %d: %s", (int)pid, strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_getpid(lua_State *L) {
+  lua_pushinteger(L, getpid());
+  return 1;
+}
+
 int luaopen_segue_fs(lua_State *L) {
   static const luaL_Reg fns[] = {{"stat", l_stat}, {"executable", l_executable},
                                  {"mkdir_p", l_mkdir_p}, {"realpath", l_realpath},
-                                 {"cwd", l_cwd}, {NULL, NULL}};
+                                 {"cwd", l_cwd}, {"kill", l_kill}, {"getpid", l_getpid},
+                                 {NULL, NULL}};
   luaL_newlib(L, fns);
   return 1;
 }

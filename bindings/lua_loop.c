@@ -133,11 +133,103 @@ static int l_run(lua_State *L) {
   return 1;
 }
 
+/* ---- file watching: watch(dir, fn(filename, events)) -> watcher ---------- */
+
+#define WATCH_MT "segue.watcher"
+
+typedef struct lwatch {
+  uv_fs_event_t handle;
+  sg_host *h;
+  int cb_ref;
+  int closed, handle_gone, userdata_gone;
+} lwatch;
+
+static void watch_freed(uv_handle_t *handle) {
+  lwatch *w = handle->data;
+  w->handle_gone = 1;
+  if (w->userdata_gone) free(w);
+}
+
+static void watch_close(lua_State *L, lwatch *w, int unref) {
+  if (w->closed) return;
+  w->closed = 1;
+  if (unref) luaL_unref(L, LUA_REGISTRYINDEX, w->cb_ref);
+  uv_close((uv_handle_t *)&w->handle, watch_freed);
+}
+
+static void watch_fired(uv_fs_event_t *handle, const char *filename, int events, int status) {
+  lwatch *w = handle->data;
+  lua_State *L = w->h->L;
+  if (!L || w->closed) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->cb_ref);
+  if (filename) lua_pushstring(L, filename);
+  else lua_pushnil(L);
+  lua_pushinteger(L, status < 0 ? status : events);
+  sg__host_pcall(w->h, 2, 0, "watch callback");
+}
+
+/* watch(path, fn): fn(filename, events) on each change in path (a directory
+ * or a file); events < 0 is an error code. Editors replace files by rename,
+ * so watch the directory to keep seeing a file. */
+static int l_watch(lua_State *L) {
+  sg_host *h = sg__host_from_lua(L);
+  const char *path = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (!h) return luaL_error(L, "segue.loop needs the segue host");
+  lwatch **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = NULL;
+  luaL_setmetatable(L, WATCH_MT);
+  lwatch *w = calloc(1, sizeof *w);
+  if (!w) return luaL_error(L, "out of memory");
+  w->h = h;
+  uv_fs_event_init(h->loop, &w->handle);
+  w->handle.data = w;
+  int rc = uv_fs_event_start(&w->handle, watch_fired, path, 0);
+  if (rc != 0) {
+    w->userdata_gone = 1;
+    w->closed = 1;
+    uv_close((uv_handle_t *)&w->handle, watch_freed);
+    luaL_pushfail(L);
+    lua_pushfstring(L, "%s: cannot watch %s: %s", uv_err_name(rc), path, uv_strerror(rc));
+    return 2;
+  }
+  *ud = w;
+  lua_pushvalue(L, 2);
+  w->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  uv_unref((uv_handle_t *)&w->handle);  /* watching alone does not keep the loop alive */
+  return 1;
+}
+
+static int l_watch_stop(lua_State *L) {
+  lwatch **ud = luaL_checkudata(L, 1, WATCH_MT);
+  if (*ud) watch_close(L, *ud, 1);
+  return 0;
+}
+
+static int l_watch_gc(lua_State *L) {
+  lwatch **ud = luaL_checkudata(L, 1, WATCH_MT);
+  lwatch *w = *ud;
+  *ud = NULL;
+  if (!w) return 0;
+  watch_close(L, w, 0);
+  w->userdata_gone = 1;
+  if (w->handle_gone) free(w);
+  return 0;
+}
+
 int luaopen_segue_loop(lua_State *L) {
   static const luaL_Reg timer_methods[] = {
       {"stop", l_timer_stop}, {"close", l_timer_stop}, {"active", l_timer_active}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"timer", l_timer}, {"now", l_now}, {"hrtime", l_hrtime},
-                                 {"run", l_run}, {NULL, NULL}};
+                                 {"run", l_run}, {"watch", l_watch}, {NULL, NULL}};
+  static const luaL_Reg watch_methods[] = {{"stop", l_watch_stop}, {NULL, NULL}};
+  if (luaL_newmetatable(L, WATCH_MT)) {
+    luaL_newlib(L, watch_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_watch_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
   if (luaL_newmetatable(L, TIMER_MT)) {
     luaL_newlib(L, timer_methods);
     lua_setfield(L, -2, "__index");

@@ -16,6 +16,7 @@ static const char usage[] =
     "  check CONFIG              validate CONFIG and the scripts it names; start nothing\n"
     "  backend FILE.lua [K=V...] run one Lua backend on stdin/stdout (the backend protocol)\n"
     "  exec FILE.lua [ARGS...]   run a Lua script with the segue API, then stop\n"
+    "  reload [CONFIG]           make the segue running with CONFIG's data_dir reload\n"
     "  config --default          print the embedded default config\n"
     "  --version, --help\n"
     "\n"
@@ -126,6 +127,12 @@ static int cmd_exec(app *a, int argc, char **argv) {
   return rc == 0 ? 0 : 1;
 }
 
+static int cmd_reload(app *a, int argc, char **argv) {
+  int rc = sg__host_call_boot(a->host, "signal_reload", (const char *const *)argv, argc > 0 ? 1 : 0);
+  if (rc != 0) return fail(a, "reload");
+  return finish(a, 0);
+}
+
 static int cmd_config(app *a, int argc, char **argv) {
   if (argc < 1 || strcmp(argv[0], "--default") != 0) {
     fputs("usage: segue config --default\n", stderr);
@@ -168,6 +175,7 @@ int main(int argc, char **argv) {
   else if (strcmp(cmd, "backend") == 0) fn = cmd_backend;
   else if (strcmp(cmd, "exec") == 0) fn = cmd_exec;
   else if (strcmp(cmd, "config") == 0) fn = cmd_config;
+  else if (strcmp(cmd, "reload") == 0) fn = cmd_reload;
   else if (strcmp(cmd, "check") != 0) {
     fprintf(stderr, "segue: unknown command %s\n\n%s", cmd, usage);
     return 2;

@@ -26,6 +26,12 @@ local segue = require "segue"
 
 local M = {}
 
+local apis = {}  -- backend name -> the running `backend` object
+
+--- api(name) -> the `backend` object of a running in-process backend, so a
+--- script can call what the backend exposes (memory's backend.post).
+function M.api(name) return apis[name] end
+
 local function to_body(request_type, ...)
   local v, err = ...
   if v == nil then
@@ -84,6 +90,7 @@ function M.driver(name, spec, emit)
   function d.start()
     generation = generation + 1
     api = new_api(name, spec.options or {}, emit)
+    apis[name] = api
     local chunk, err = load(spec.source, spec.chunkname, "t")
     if not chunk then error(err, 0) end
     handlers = chunk(api, api.options)

@@ -5,6 +5,8 @@ local fs = require "segue.fs"
 local config = require "segue.config"
 local sdk = require "segue.backend_sdk"
 local segue = require "segue"
+local loop = require "segue.loop"
+local router = require "segue.router"
 
 local M = {}
 
@@ -94,6 +96,53 @@ function M.load_script(path)
   return ok, err
 end
 
+local function backend_names(cfg)
+  local names = {}
+  for _, b in ipairs(cfg.backends) do names[b.name] = true end
+  return names
+end
+
+local watchers = {}
+
+-- Rules files are watched through their directories (editors replace files
+-- by rename); changes are debounced, then the rules reload.
+local function watch_rules()
+  for _, w in ipairs(watchers) do w:stop() end
+  watchers = {}
+  local dirs, debounce = {}, nil
+  for _, path in ipairs(router.files()) do
+    local dir, file = path:match("^(.*)/([^/]*)$")
+    dirs[dir] = dirs[dir] or {}
+    dirs[dir][file] = true
+  end
+  for dir, files in pairs(dirs) do
+    local w, err = loop.watch(dir, function(name)
+      if name and not files[name] then return end
+      if debounce then debounce:stop() end
+      debounce = segue.timer(200, function()
+        debounce = nil
+        if router.load(current.rules, backend_names(current)) then watch_rules() end
+      end)
+    end)
+    if w then watchers[#watchers + 1] = w else core.log("warn", "rules will not reload on change: " .. err) end
+  end
+end
+
+local function open_store(dir)
+  local ok, store = pcall(require, "segue.store")
+  if not ok then return end
+  local db, err = store.open(dir .. "/segue.db")
+  if not db then core.log("error", "store: " .. tostring(err)) return end
+  M.store = db
+  router.set_store(db)
+end
+
+local function write_pidfile(dir)
+  local f = io.open(dir .. "/segue.pid", "w")
+  if f then f:write(fs.getpid(), "\n") f:close() end
+  segue.on("stopping", function() os.remove(dir .. "/segue.pid") end)
+end
+
 function M.start()
   if not current then
     local ok, err = M.load_default_config()
@@ -101,6 +150,14 @@ function M.start()
   end
   local ok, err = fs.mkdir_p(current.data_dir, tonumber("700", 8))
   if not ok then return report { err } end
+  open_store(current.data_dir)
+  router.install()
+  if current.rules then
+    ok, err = router.load(current.rules, backend_names(current))
+    if not ok then return nil, err end
+    watch_rules()
+  end
+  write_pidfile(current.data_dir)
   for _, path in ipairs(current.scripts) do
     ok, err = M.load_script(path)
     if not ok then return nil, err end
@@ -122,6 +179,10 @@ function M.reload()
   local ok, err = apply(cfg, current)
   if not ok then return report { err } end
   core.log("info", "reloaded " .. (source.file or source.name))
+  if cfg.rules and started then
+    ok, err = router.load(cfg.rules, backend_names(cfg))
+    if ok then watch_rules() end
+  end
   segue.emit("reload")
   return true
 end
@@ -133,9 +194,37 @@ function M.check(path)
     for _, e in ipairs(errors) do io.stderr:write(e, "\n") end
     return nil, #errors .. " problem(s)"
   end
+  if cfg.rules then
+    local ok, errs = require("segue.rules").load(cfg.rules, { backends = backend_names(cfg) })
+    if not ok then
+      for _, e in ipairs(errs) do io.stderr:write(e, "\n") end
+      return nil, #errs .. " problem(s)"
+    end
+  end
   io.stdout:write(("%s: ok (%d backend(s))\n"):format(path, #cfg.backends))
   return true
 end
+
+--- signal_reload(config_path): `segue reload [CONFIG]` asks the segue
+--- running with that config's data_dir to reload (SIGHUP).
+function M.signal_reload(path)
+  local cfg, errors
+  if path then cfg, errors = config.load_file(path)
+  else cfg, errors = config.load_string(M.default_config_text(), "(default config)") end
+  if not cfg then return report(errors) end
+  local pidfile = cfg.data_dir .. "/segue.pid"
+  local f = io.open(pidfile, "r")
+  if not f then return nil, "no running segue found (" .. pidfile .. " is missing)" end
+  local pid = tonumber(f:read("l"))
+  f:close()
+  local ok, err = fs.kill(pid or 0, 1)
+  if not ok then return nil, err end
+  io.stdout:write("asked segue (pid ", pid, ") to reload\n")
+  return true
+end
+
+--- status(): the router's state, for `segue status` and tests.
+function M.router_status() return router.status end
 
 --- standalone(file, "key=value"...): `segue backend FILE.lua k=v...`
 function M.standalone(file, ...)

@@ -32,7 +32,7 @@ M.limit_keys = {
 
 local top_keys = {
   data_dir = "string", log_level = "string", backends = "table",
-  scripts = "table", limits = "table",
+  scripts = "table", limits = "table", rules = "string",
 }
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
@@ -280,7 +280,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -299,6 +299,11 @@ function Checker:check(raw)
       cfg.backends[#cfg.backends + 1] = self:backend(name, b)
     end
     table.sort(cfg.backends, function(a, b) return a.name < b.name end)
+  end
+  if type(raw.rules) == "string" then
+    cfg.rules = self:path(raw.rules)
+    local _, err = loadfile(cfg.rules, "t")
+    if err then self:error({ "rules" }, "%s", err) end
   end
   if type(raw.scripts) == "table" then
     for i, s in ipairs(self:string_list({ "scripts" }, raw.scripts)) do
