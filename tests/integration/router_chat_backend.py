@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""A chat service as a subprocess backend for the router tests: rooms are
+their names, MessageSend stores the message and announces it as a
+MessageUpsert (as a real service echoes), and users "speak" by appending
+JSON lines {"room", "sender", "text"} or {"edit": id, "text"} or
+{"delete": id} to the file given as argv[1]. Messages survive a restart
+(kept in argv[1] + ".state"), as a real service keeps them."""
+import json
+import os
+import select
+import sys
+import time
+
+msgs = {}
+counter = [0]
+
+
+def send(v):
+    sys.stdout.write(json.dumps(v) + "\n")
+    sys.stdout.flush()
+
+
+def now():
+    return int(time.time() * 1000)
+
+
+def save(path):
+    with open(path + ".state", "w") as f:
+        json.dump({"counter": counter[0], "msgs": msgs}, f)
+
+
+def load(path):
+    try:
+        with open(path + ".state") as f:
+            st = json.load(f)
+    except FileNotFoundError:
+        return
+    counter[0] = st["counter"]
+    msgs.update(st["msgs"])
+
+
+def upsert(m):
+    send({"type": "MessageUpsert", "value": m})
+    save(sys.argv[1])
+
+
+def new_message(room, sender, content, extra=None):
+    counter[0] += 1
+    t = now()
+    m = {"id": "c%d" % counter[0], "sender": sender, "recipient": room, "attachments": [],
+         "content": content, "create_time": t, "edit_time": t, "extra": extra}
+    msgs[m["id"]] = m
+    return m
+
+
+def handle(req):
+    seq, body = req["sequence_number"], req["body"]
+    kind, value = body["type"], body.get("value")
+    if kind == "RoomLookup":
+        out = {"type": "RoomID", "value": value}
+    elif kind == "RoomJoin":
+        out = {"type": "Success", "value": None}
+    elif kind == "MessageSend":
+        m = new_message(value["recipient"], "bridge", value["content"], value.get("extra"))
+        upsert(m)  # announced before the answer, as some services do
+        out = {"type": "MessageID", "value": m["id"]}
+    else:
+        out = {"type": "Error", "value": {"message": "unsupported " + kind}}
+    send({"sequence_number": seq, "body": out})
+
+
+def inject(line):
+    cmd = json.loads(line)
+    if "edit" in cmd:
+        m = msgs[cmd["edit"]]
+        m["content"] = {"type": "Text", "value": cmd["text"]}
+        m["edit_time"] = now() + 1
+        upsert(m)
+    elif "delete" in cmd:
+        send({"type": "MessageDelete", "value": cmd["delete"]})
+    else:
+        upsert(new_message(cmd["room"], cmd["sender"], {"type": "Text", "value": cmd["text"]}))
+
+
+def main():
+    path = sys.argv[1]
+    open(path, "a").close()
+    load(path)
+    f = open(path)
+    send({"backend_name": "chat", "backend_version": [0, 1, 0], "protocol_version": [0, 1, 0]})
+    dec, buf = json.JSONDecoder(), ""
+    while True:
+        r, _, _ = select.select([0], [], [], 0.02)
+        if r:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                return
+            buf += chunk.decode()
+            while buf.strip():
+                try:
+                    v, end = dec.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                handle(v)
+        for line in f.readlines():
+            if line.strip():
+                inject(line)
+
+
+main()
