@@ -125,9 +125,13 @@ local function resolve(backend, room)
   if not ok then segue.log.warn(("cannot join %s:%s: %s"):format(backend, room, jerr)) end
 end
 
--- Resolves and joins every room of `backend` named by the rules.
-function M.resolve_backend(backend)
-  for room in pairs(index[backend] or {}) do segue.spawn(resolve, backend, room) end
+-- Resolves and joins the rooms of `backend` named by the rules: all of them
+-- after the backend (re)started, else only those not resolved yet.
+function M.resolve_backend(backend, all)
+  local known = room_ids[backend] or {}
+  for room in pairs(index[backend] or {}) do
+    if all or not known[room] then segue.spawn(resolve, backend, room) end
+  end
 end
 
 -- Sending -----------------------------------------------------------------
@@ -326,7 +330,7 @@ function M.files() return current and current.files or {} end
 --- install(): routes updates and federation events through the rules.
 function M.install()
   segue.on("update", function(backend, update) process(backend, update) end)
-  segue.on("backend", function(name, st) if st == "running" then M.resolve_backend(name) end end)
+  segue.on("backend", function(name, st) if st == "running" then M.resolve_backend(name, true) end end)
   segue.on("federation", function(server_id, event)
     local set = current
     if set and set.on_federation then
