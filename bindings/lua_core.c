@@ -339,29 +339,27 @@ static int l_emit(lua_State *L) {
   return 1;
 }
 
+static const sg_embedded_script *find_embedded(int kind, const char *name) {
+  for (const sg_embedded_script *s = sg__embedded_scripts; s->name; s++)
+    if (s->kind == kind && strcmp(s->name, name) == 0) return s;
+  return NULL;
+}
+
 /* builtin_backend(name) -> source, path | nil */
 static int l_builtin_backend(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
-  for (const sg_embedded_script *s = sg__embedded_scripts; s->name; s++) {
-    if (s->kind == SG_EMBED_backend && strcmp(s->name, name) == 0) {
-      lua_pushlstring(L, s->source, s->length);
-      lua_pushstring(L, s->path);
-      return 2;
-    }
-  }
-  return 0;
+  const sg_embedded_script *s = find_embedded(SG_EMBED_backend, luaL_checkstring(L, 1));
+  if (!s) return 0;
+  lua_pushlstring(L, s->source, s->length);
+  lua_pushstring(L, s->path);
+  return 2;
 }
 
 /* embedded_source(module) -> source | nil: for `segue config --default`. */
 static int l_embedded_source(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
-  for (const sg_embedded_script *s = sg__embedded_scripts; s->name; s++) {
-    if (s->kind == SG_EMBED_module && strcmp(s->name, name) == 0) {
-      lua_pushlstring(L, s->source, s->length);
-      return 1;
-    }
-  }
-  return 0;
+  const sg_embedded_script *s = find_embedded(SG_EMBED_module, luaL_checkstring(L, 1));
+  if (!s) return 0;
+  lua_pushlstring(L, s->source, s->length);
+  return 1;
 }
 
 static int l_expected_response(lua_State *L) {

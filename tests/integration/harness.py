@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 SEGUE = os.environ.get("SEGUE") or os.path.join(
     os.environ.get("SEGUE_BINARY_DIR", "build"), "segue")
@@ -74,3 +75,13 @@ def write(path, text):
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def wait_for(pred, timeout=10.0):
+    """Polls pred until it is true (returns True) or the time is up (False)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False

@@ -7,16 +7,7 @@ import subprocess
 import time
 import unittest
 
-from harness import SEGUE, PYTHON, FAKE, run, tmpdir, write
-
-
-def wait_for(pred, timeout=10.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+from harness import SEGUE, PYTHON, FAKE, run, tmpdir, write, wait_for
 
 
 def read(path):

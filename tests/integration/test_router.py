@@ -9,7 +9,7 @@ import subprocess
 import time
 import unittest
 
-from harness import SEGUE, PYTHON, HERE, tmpdir, write, run
+from harness import SEGUE, PYTHON, HERE, tmpdir, write, run, wait_for
 
 CHAT = os.path.join(HERE, "router_chat_backend.py")
 
@@ -92,12 +92,7 @@ class Bridge:
         return [s["text"] for s in self.seen() if s["backend"] == backend]
 
     def wait_for(self, pred, timeout=10):
-        end = time.time() + timeout
-        while time.time() < end:
-            if pred():
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_for(pred, timeout)
 
 
 class Routing(unittest.TestCase):
