@@ -1,0 +1,309 @@
+/* The postbox's delivery rules with a scripted transport on a real uv loop:
+ * Pushes in order, spilling to the durable queue, the bound, Pulls that
+ * leave the queue only once written, held Pushes, redelivery and dead
+ * letters, renames. Outcomes are read from the store's tables. */
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "postbox.h"
+#include "segue.h"
+#include "tap.h"
+
+static uv_loop_t loop;
+static sg_store *store;
+static sg_postbox *pb;
+static char path[300];
+
+/* The fake peer: answers each Push after a loop turn with `push_result`. */
+static int push_result;
+static char pushed[1024];      /* "a;b;" in the order the peer accepted them */
+static char delivered[1024];   /* what deliver saw */
+static int deliver_fail;       /* deliver fails while > 0 (counts down) */
+static char acks[1024];        /* what push callbacks said */
+
+typedef struct {
+  uv_timer_t t;
+  void *call;
+  char ev[64];
+} fake_call;
+
+static void fake_closed(uv_handle_t *h) { free(h->data); }
+
+static void fake_answer(uv_timer_t *t) {
+  fake_call *c = t->data;
+  if (push_result == 0) strncat(pushed, c->ev, sizeof pushed - strlen(pushed) - 1);
+  sg_postbox_push_done(pb, c->call, push_result, push_result ? "peer down" : NULL);
+  uv_close((uv_handle_t *)t, fake_closed);
+}
+
+static int fake_push(void *ud, const char *peer, const uint8_t *ev, size_t len, void *call) {
+  (void)ud;
+  (void)peer;
+  fake_call *c = calloc(1, sizeof *c);
+  snprintf(c->ev, sizeof c->ev, "%.*s;", (int)len, (const char *)ev);
+  c->call = call;
+  uv_timer_init(&loop, &c->t);
+  c->t.data = c;
+  uv_timer_start(&c->t, fake_answer, 1, 0);
+  return 0;
+}
+
+static int fake_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len, char *err,
+                        size_t errlen) {
+  (void)ud;
+  if (deliver_fail > 0) {
+    deliver_fail--;
+    snprintf(err, errlen, "handler raised");
+    return SG_ELUA;
+  }
+  size_t n = strlen(delivered);
+  snprintf(delivered + n, sizeof delivered - n, "%s:%.*s;", peer, (int)len, (const char *)ev);
+  return 0;
+}
+
+static void on_ack(void *ud, int err, int how, const char *message) {
+  (void)message;
+  size_t n = strlen(acks);
+  snprintf(acks + n, sizeof acks - n, "%s=%s;", (const char *)ud,
+           err ? "ERR" : how == SG_POSTBOX_PUSHED ? "pushed" : "queued");
+}
+
+static long long q(const char *sql) {
+  sqlite3_stmt *st;
+  long long v = -1;
+  if (sqlite3_prepare_v2(sg__store_db(store), sql, -1, &st, NULL) == SQLITE_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+  }
+  return v;
+}
+
+static const char *q_text(const char *sql) {
+  static char out[1024];
+  sqlite3_stmt *st;
+  out[0] = '\0';
+  if (sqlite3_prepare_v2(sg__store_db(store), sql, -1, &st, NULL) == SQLITE_OK) {
+    while (sqlite3_step(st) == SQLITE_ROW) {
+      size_t n = strlen(out);
+      snprintf(out + n, sizeof out - n, "%s;", (const char *)sqlite3_column_text(st, 0));
+    }
+    sqlite3_finalize(st);
+  }
+  return out;
+}
+
+static void run_for(uint64_t ms) {
+  uint64_t end = uv_now(&loop) + ms;
+  while (uv_now(&loop) < end) {
+    uv_run(&loop, UV_RUN_NOWAIT);
+    usleep(1000);
+    uv_update_time(&loop);
+  }
+}
+
+static int push(const char *peer, const char *ev) {
+  return sg_postbox_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_ack, (void *)ev);
+}
+
+static void open_postbox(unsigned limit) {
+  char err[600];
+  if (!store) CHECK(sg_store_open(path, &store, err, sizeof err) == 0);
+  sg_postbox_transport tp = {fake_push, fake_deliver, NULL};
+  sg_postbox_options o;
+  sg_postbox_options_default(&o);
+  o.push_backoff_ms = 2;
+  o.deliver_backoff_ms = 2;
+  o.deliver_tries = 3;
+  o.queue_limit = limit;
+  CHECK(sg_postbox_new(&loop, store, &tp, &o, &pb) == 0);
+}
+
+static void close_all(void) {
+  sg_postbox_close(pb, NULL, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  pb = NULL;
+  sg_store_close(store);
+  store = NULL;
+}
+
+static void reset(void) {
+  pushed[0] = delivered[0] = acks[0] = '\0';
+  push_result = 0;
+  deliver_fail = 0;
+}
+
+static void test_push_in_order(void) {
+  reset();
+  CHECK(push("b:1", "e1") == 0);
+  CHECK(push("b:1", "e2") == 0);
+  CHECK(push("b:1", "e3") == 0);
+  run_for(50);
+  CHECK_STR(pushed, "e1;e2;e3;");
+  CHECK_STR(acks, "e1=pushed;e2=pushed;e3=pushed;");
+  CHECK(q("SELECT count(*) FROM outbox") == 0);
+  CHECK(q("SELECT last_push > 0 FROM peers WHERE server_id = 'b:1'") == 1);
+}
+
+static void test_spill_then_queue(void) {
+  reset();
+  push_result = SG_EHTTP;
+  CHECK(push("c:1", "f1") == 0);
+  CHECK(push("c:1", "f2") == 0);
+  run_for(200);
+  CHECK_STR(acks, "f1=queued;f2=queued;");
+  CHECK_STR(q_text("SELECT CAST(event AS TEXT) FROM outbox WHERE peer = 'c:1' ORDER BY seq"),
+            "f1;f2;");
+  CHECK_STR(q_text("SELECT last_error FROM peers WHERE server_id = 'c:1'"), "peer down;");
+  /* The queue is not empty: the peer is up again, but nothing is Pushed. */
+  push_result = 0;
+  CHECK(push("c:1", "f3") == SG_POSTBOX_QUEUED);
+  run_for(20);
+  CHECK_STR(pushed, "");
+  CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 3);
+}
+
+static void test_limit(void) {
+  /* c:1 holds 3 events; the limit is 4. */
+  CHECK(push("c:1", "f4") == SG_POSTBOX_QUEUED);
+  CHECK(push("c:1", "f5") == SG_ELIMIT);
+  CHECK(strstr(sg_postbox_errmsg(pb), "queue full") != NULL);
+  CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
+}
+
+static void test_pull(void) {
+  sg_postbox_batch *b, *second;
+  /* At most ~4 bytes: two events of 2 bytes. */
+  CHECK(sg_postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  CHECK(b->n == 2);
+  CHECK(memcmp(b->events[0], "f1", 2) == 0 && memcmp(b->events[1], "f2", 2) == 0);
+  /* A concurrent Pull gets nothing rather than the same events twice. */
+  CHECK(sg_postbox_pull_begin(pb, "c:1", 1000, &second) == 0);
+  CHECK(second->n == 0);
+  CHECK(sg_postbox_pull_end(pb, second, 0) == 0);
+  /* The write failed: everything stays. */
+  CHECK(sg_postbox_pull_end(pb, b, SG_ECANCELED) == 0);
+  CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
+  /* Written: those events leave, the rest stays in order. */
+  CHECK(sg_postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  CHECK(b->n == 2);
+  CHECK(sg_postbox_pull_end(pb, b, 0) == 0);
+  CHECK_STR(q_text("SELECT CAST(event AS TEXT) FROM outbox WHERE peer = 'c:1' ORDER BY seq"),
+            "f3;f4;");
+  CHECK(sg_postbox_pull_begin(pb, "c:1", 1 << 20, &b) == 0);
+  CHECK(b->n == 2);
+  CHECK(sg_postbox_pull_end(pb, b, 0) == 0);
+  CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 0);
+  CHECK(q("SELECT last_served > 0 FROM peers WHERE server_id = 'c:1'") == 1);
+  /* Drained: Pushes again. */
+  reset();
+  CHECK(push("c:1", "f6") == 0);
+  run_for(20);
+  CHECK_STR(pushed, "f6;");
+}
+
+static int stored_calls;
+static void on_stored(void *ud, int err) {
+  (void)ud;
+  CHECK(err == 0);
+  stored_calls++;
+}
+
+static void test_inbound_hold(void) {
+  reset();
+  CHECK(sg_postbox_hold(pb, "d:1") == 0);
+  const char *ev = "pushed-late";
+  size_t len = strlen(ev);
+  CHECK(sg_postbox_receive_push(pb, "d:1", (const uint8_t *)ev, len, on_stored, NULL) == 0);
+  run_for(10);
+  CHECK(q("SELECT count(*) FROM inbox") == 0);  /* held, unanswered */
+  const uint8_t *pulled[2] = {(const uint8_t *)"p1", (const uint8_t *)"p2"};
+  size_t lens[2] = {2, 2};
+  CHECK(sg_postbox_receive(pb, "d:1", pulled, lens, 2) == 0);
+  run_for(10);
+  CHECK_STR(delivered, "");  /* still held */
+  CHECK(sg_postbox_release(pb, "d:1") == 0);
+  CHECK(stored_calls == 1);
+  run_for(20);
+  CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  /* Not held: stored at once. */
+  CHECK(sg_postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 1);
+  run_for(10);
+  CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
+}
+
+static void test_redelivery_and_dead_letters(void) {
+  reset();
+  deliver_fail = 2;  /* fails twice, then succeeds (deliver_tries is 3) */
+  const uint8_t *ev[1] = {(const uint8_t *)"r1"};
+  size_t len[1] = {2};
+  CHECK(sg_postbox_receive(pb, "e:1", ev, len, 1) == 0);
+  run_for(100);
+  CHECK_STR(delivered, "e:1:r1;");
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  reset();
+  deliver_fail = 3;  /* every try fails: dead letter, and the next one goes on */
+  const uint8_t *two[2] = {(const uint8_t *)"bad", (const uint8_t *)"good"};
+  size_t lens[2] = {3, 4};
+  CHECK(sg_postbox_receive(pb, "e:1", two, lens, 2) == 0);
+  run_for(100);
+  CHECK_STR(delivered, "e:1:good;");
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  CHECK_STR(q_text("SELECT CAST(event AS TEXT) || '/' || direction || '/' || error || '/'"
+                   " || attempts FROM dead_letters"),
+            "bad/in/handler raised/3;");
+}
+
+static void test_rename(void) {
+  uint8_t key[32], got[32];
+  memset(key, 7, sizeof key);
+  CHECK(sg_postbox_key_set(pb, "old:1", key) == 0);
+  push_result = SG_EHTTP;
+  CHECK(push("old:1", "o1") == 0);
+  run_for(200);
+  CHECK(sg_store_map_put(store, "old:1", "m1", "irc", "i1", NULL) == 0);
+  CHECK(sg_postbox_rename_peer(pb, "old:1", "new:1") == 0);
+  CHECK(q("SELECT count(*) FROM peers WHERE server_id = 'old:1'") == 0);
+  CHECK_STR(q_text("SELECT peer FROM outbox WHERE CAST(event AS TEXT) = 'o1'"), "new:1;");
+  CHECK(sg_postbox_key_get(pb, "new:1", got) == 0 && memcmp(got, key, 32) == 0);
+  CHECK_STR(q_text("SELECT origin_backend FROM msg_map WHERE copy_id = 'i1'"), "new:1;");
+  CHECK(sg_postbox_rename_peer(pb, "nobody:1", "x:1") == SG_STORE_NOTFOUND);
+}
+
+static void test_survives_reopen(void) {
+  /* Queue and inbox are durable: a new postbox delivers what was left. */
+  reset();
+  deliver_fail = 1000;
+  const uint8_t *ev[1] = {(const uint8_t *)"left"};
+  size_t len[1] = {4};
+  CHECK(sg_postbox_receive(pb, "f:1", ev, len, 1) == 0);
+  close_all();
+  reset();
+  open_postbox(4);
+  run_for(30);
+  CHECK_STR(delivered, "f:1:left;");
+  CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'new:1'") == 1);
+}
+
+int main(void) {
+  char dir[] = "/tmp/segue-test-postbox-XXXXXX";
+  if (!mkdtemp(dir)) return 2;
+  snprintf(path, sizeof path, "%s/segue.db", dir);
+  uv_loop_init(&loop);
+  open_postbox(4);
+  test_push_in_order();
+  test_spill_then_queue();
+  test_limit();
+  test_pull();
+  test_inbound_hold();
+  test_redelivery_and_dead_letters();
+  test_rename();
+  test_survives_reopen();
+  close_all();
+  CHECK(uv_loop_close(&loop) == 0);
+  char cmd[400];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
+  return tap_done();
+}
