@@ -521,7 +521,9 @@ void sg__backend_close(sg_backend *b) {
   b->closing = 1;
   if (first && b->state != SG_BACKEND_STOPPED && b->state != SG_BACKEND_FAILED) {
     sg__backend_stop(b, NULL);
-    return;  /* the exit re-enters */
+    /* A running backend's exit re-enters; one waiting to restart (backoff)
+     * stopped at once, with no exit to come, so it goes on from here. */
+    if (b->state != SG_BACKEND_STOPPED && b->state != SG_BACKEND_FAILED) return;
   }
   if (b->state == SG_BACKEND_STOPPING) return;
   if (first) {

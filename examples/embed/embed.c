@@ -11,6 +11,8 @@
  *
  *   embed RULES.lua      exit 0: the message went through and all was closed
  */
+#define _XOPEN_SOURCE 700  /* nftw, realpath */
+#include <ftw.h>
 #include <limits.h>
 #include <segue.h>
 #include <stdio.h>
@@ -128,6 +130,17 @@ static void give_up(uv_timer_t *t) {
   finish(t->data);
 }
 
+/* ---- the data directory: a fresh one per run, removed at the end ---------------- */
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+  (void)st;
+  (void)flag;
+  (void)ftw;
+  return remove(path);
+}
+
+static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
 /* ---- the host ------------------------------------------------------------------ */
 
 static void on_lua_error(void *data, int err, const char *message) {
@@ -189,7 +202,7 @@ int main(int argc, char **argv) {
   uv_run(&a.loop, UV_RUN_DEFAULT);
   /* UV_EBUSY here would mean segue left a handle open on our loop. */
   int closed = uv_loop_close(&a.loop);
-  rmdir(a.data_dir);
+  remove_tree(a.data_dir);
   if (closed != 0) fprintf(stderr, "embed: uv_loop_close: %s\n", uv_strerror(closed));
   fprintf(stderr, "embed: %s\n", a.arrived && closed == 0 && a.lua_errors == 0 ? "ok" : "FAILED");
   return a.arrived && closed == 0 && a.lua_errors == 0 ? 0 : 1;
