@@ -70,7 +70,12 @@ local function render(format, ctx)
   return (format:gsub("{(%w+)}", function(k) return tostring(ctx[k] or "") end))
 end
 
-local function attachment_size(a) return math.floor(#(a.data or "") * 3 / 4) end
+-- The decoded size of standard base64 with padding (validated by the codec).
+local function attachment_size(a)
+  local data = a.data or ""
+  local pad = #(data:match("=*$"))
+  return #data // 4 * 3 - pad
+end
 
 -- Attachments pass within the limit; over it, a notice takes their place.
 local function carry_attachments(msg, limit, notices)

@@ -5,6 +5,7 @@ MessageUpsert (as a real service echoes), and users "speak" by appending
 JSON lines {"room", "sender", "text"} or {"edit": id, "text"} or
 {"delete": id} to the file given as argv[1]. Messages survive a restart
 (kept in argv[1] + ".state"), as a real service keeps them."""
+import base64
 import json
 import os
 import select
@@ -62,6 +63,7 @@ def handle(req):
         out = {"type": "Success", "value": None}
     elif kind == "MessageSend":
         m = new_message(value["recipient"], "bridge", value["content"], value.get("extra"))
+        m["attachments"] = value.get("attachments", [])
         upsert(m)  # announced before the answer, as some services do
         out = {"type": "MessageID", "value": m["id"]}
     else:
@@ -79,7 +81,11 @@ def inject(line):
     elif "delete" in cmd:
         send({"type": "MessageDelete", "value": cmd["delete"]})
     else:
-        upsert(new_message(cmd["room"], cmd["sender"], {"type": "Text", "value": cmd["text"]}))
+        m = new_message(cmd["room"], cmd["sender"], {"type": "Text", "value": cmd["text"]})
+        if cmd.get("attach"):
+            m["attachments"] = [{"mime": "image/png",
+                                 "data": base64.b64encode(b"x" * cmd["attach"]).decode()}]
+        upsert(m)
 
 
 def main():

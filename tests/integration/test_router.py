@@ -23,7 +23,8 @@ out:setvbuf("line")
 segue.on("update", function(name, u)
   if u.type == "MessageUpsert" then
     out:write(segue.json.encode { backend = name, id = u.value.id, sender = u.value.sender,
-      room = u.value.recipient, text = require("segue.router").plain(u.value.content) }, "\n")
+      room = u.value.recipient, text = require("segue.router").plain(u.value.content),
+      attachments = #u.value.attachments, extra = u.value.extra }, "\n")
   end
 end)
 local done = 0
@@ -159,6 +160,19 @@ class Routing(unittest.TestCase):
         self.assertTrue(br.wait_for(lambda: "(a bridged message was deleted)" in br.texts("a")))
         time.sleep(0.3)
         self.assertEqual(br.texts("b"), ["<carol@chat> other"])
+        br.stop()
+
+
+    def test_attachments_pass_within_the_limit_and_become_a_notice_over_it(self):
+        br = Bridge(self, 'return { bridge { "chat:#att", "a:#att", max_attachment_bytes = 100 } }')
+        br.chat(room="#att", sender="carol", text="small", attach=60)
+        br.chat(room="#att", sender="carol", text="big", attach=500)
+        self.assertTrue(br.wait_for(lambda: len(br.texts("a")) == 2))
+        copies = [s for s in br.seen() if s["backend"] == "a"]
+        self.assertEqual([c["attachments"] for c in copies], [1, 0])
+        self.assertEqual(copies[1]["text"],
+                         "<carol@chat> big [attachment image/png of 500 bytes not bridged: over the limit of 100]")
+        self.assertEqual(copies[0]["extra"]["segue_origin"]["backend"], "chat")
         br.stop()
 
 
