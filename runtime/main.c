@@ -17,6 +17,7 @@ static const char usage[] =
     "  backend FILE.lua [K=V...] run one Lua backend on stdin/stdout (the backend protocol)\n"
     "  exec FILE.lua [ARGS...]   run a Lua script with the segue API, then stop\n"
     "  reload [CONFIG]           make the segue running with CONFIG's data_dir reload\n"
+    "  key [CONFIG]              print the server id and federation public key (creates the key)\n"
     "  config --default          print the embedded default config\n"
     "  --version, --help\n"
     "\n"
@@ -133,6 +134,24 @@ static int cmd_reload(app *a, int argc, char **argv) {
   return finish(a, 0);
 }
 
+/* segue.harmony.key_command(CONFIG) does the work: it is policy (which
+ * config, which data_dir), so it lives in Lua. */
+static int cmd_key(app *a, int argc, char **argv) {
+  lua_State *L = a->host->L;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "segue.harmony_api");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "key_command");
+  lua_remove(L, -2);
+  if (argc > 0) lua_pushstring(L, argv[0]);
+  else lua_pushnil(L);
+  if (sg__host_pcall(a->host, 1, 2, "segue key") != 0) return finish(a, 1);
+  int ok = lua_toboolean(L, -2);
+  if (!ok) fprintf(stderr, "segue: key: %s\n", luaL_optstring(L, -1, "failed"));
+  lua_pop(L, 2);
+  return finish(a, ok ? 0 : 1);
+}
+
 static int cmd_config(app *a, int argc, char **argv) {
   if (argc < 1 || strcmp(argv[0], "--default") != 0) {
     fputs("usage: segue config --default\n", stderr);
@@ -175,6 +194,7 @@ int main(int argc, char **argv) {
   else if (strcmp(cmd, "backend") == 0) fn = cmd_backend;
   else if (strcmp(cmd, "exec") == 0) fn = cmd_exec;
   else if (strcmp(cmd, "config") == 0) fn = cmd_config;
+  else if (strcmp(cmd, "key") == 0) fn = cmd_key;
   else if (strcmp(cmd, "reload") == 0) fn = cmd_reload;
   else if (strcmp(cmd, "check") != 0) {
     fprintf(stderr, "segue: unknown command %s\n\n%s", cmd, usage);

@@ -158,6 +158,12 @@ function M.start()
     watch_rules()
   end
   write_pidfile(current.data_dir)
+  -- Federation before the scripts, so they can call peers; it stops itself
+  -- when the host stops (segue.on "stopping").
+  if current.listen or current.server_id then
+    ok, err = segue.harmony.start(current)
+    if not ok then return report { "federation: " .. err } end
+  end
   for _, path in ipairs(current.scripts) do
     ok, err = M.load_script(path)
     if not ok then return nil, err end

@@ -33,6 +33,7 @@ M.limit_keys = {
 local top_keys = {
   data_dir = "string", log_level = "string", backends = "table",
   scripts = "table", limits = "table", rules = "string",
+  server_id = "string", listen = "string", federation = "table",
 }
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
@@ -280,7 +281,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -305,6 +306,7 @@ function Checker:check(raw)
     local _, err = loadfile(cfg.rules, "t")
     if err then self:error({ "rules" }, "%s", err) end
   end
+  self:federation(raw, cfg)
   if type(raw.scripts) == "table" then
     for i, s in ipairs(self:string_list({ "scripts" }, raw.scripts)) do
       local p = self:path(s)
@@ -314,6 +316,103 @@ function Checker:check(raw)
     end
   end
   return cfg
+end
+
+-- Federation (docs/federation.md) ------------------------------------------
+
+-- `federation` keys: what each holds.
+local federation_keys = {
+  peers = "table", allow = "table", block = "table", limits = "table",
+  token_window = "integer", request_timeout_ms = "integer", key_refetch_ms = "integer",
+}
+M.federation_limit_keys = {
+  max_body_bytes = "largest request body (default 1048576)",
+  max_header_bytes = "largest request head (default 16384)",
+  header_timeout_ms = "a request's head must arrive within this (default 10000)",
+  body_timeout_ms = "a request's body must arrive within this (default 30000)",
+  idle_timeout_ms = "a kept-alive connection may idle this long (default 60000)",
+  max_connections = "connections at once (default 1024)",
+}
+
+-- "domain:port" (or "[v6]:port"): the port is not optional.
+local function valid_server_id(s)
+  local host, port = s:match("^(.+):(%d+)$")
+  host = host and (host:match("^%[[%x:%.]+%]$") or host:match("^[%w][%w%.%-]*$"))
+  port = tonumber(port)
+  return host ~= nil and port ~= nil and port >= 1 and port <= 65535
+end
+
+-- An IP literal and a port: "127.0.0.1:2289", "[::1]:2289".
+local function valid_listen(s)
+  local port = s:match("^%d+%.%d+%.%d+%.%d+:(%d+)$") or s:match("^%[[%x:%.]+%]:(%d+)$")
+  port = tonumber(port)
+  return port ~= nil and port <= 65535
+end
+
+function Checker:server_ids(path, list)
+  local out = self:string_list(path, list)
+  for i, id in pairs(out) do
+    if not valid_server_id(id) then
+      self:error(push(path, "[" .. i .. "]"), "expected a server id domain:port, found %s", describe(id))
+    end
+  end
+  return out
+end
+
+function Checker:federation_value(path, k, v)
+  if federation_keys[k] == "integer" then
+    if math.type(v) == "integer" and v > 0 then return v end
+    return self:error(path, "expected a positive integer, found %s", describe(v))
+  end
+  if not self:type(path, v, "table") then return end
+  if k == "allow" or k == "block" then return self:server_ids(path, v) end
+  local out = {}
+  for key, val in pairs(v) do
+    local p = push(path, tostring(key))
+    if k == "peers" then
+      if type(key) ~= "string" or not valid_server_id(key) then
+        self:error(p, "expected a server id domain:port as the key")
+      elseif type(val) ~= "string" or not val:match("^https?://[^/]") then
+        self:error(p, "expected a base URL (http:// or https://), found %s", describe(val))
+      else
+        out[key] = val
+      end
+    elseif not M.federation_limit_keys[key] then
+      self:error(p, "unknown limit")
+    elseif math.type(val) ~= "integer" or val <= 0 then
+      self:error(p, "expected a positive integer, found %s", describe(val))
+    else
+      out[key] = val
+    end
+  end
+  return out
+end
+
+-- server_id, listen and federation = { ... } into cfg.
+function Checker:federation(raw, cfg)
+  if type(raw.server_id) == "string" then
+    if not valid_server_id(raw.server_id) then
+      self:error({ "server_id" }, "expected domain:port (the port is required), found %s", describe(raw.server_id))
+    end
+    cfg.server_id = raw.server_id
+  end
+  if type(raw.listen) == "string" then
+    if not valid_listen(raw.listen) then
+      self:error({ "listen" }, "expected an IP address and port (\"127.0.0.1:2289\", \"[::1]:2289\"), found %s",
+        describe(raw.listen))
+    end
+    cfg.listen = raw.listen
+  end
+  cfg.federation = {}
+  if type(raw.federation) ~= "table" then return end
+  for k, v in pairs(raw.federation) do
+    local p = { "federation", tostring(k) }
+    if not federation_keys[k] then
+      self:error(p, "unknown key (expected one of peers, allow, block, token_window, limits, request_timeout_ms, key_refetch_ms)")
+    else
+      cfg.federation[k] = self:federation_value(p, k, v)
+    end
+  end
 end
 
 local function sandbox()

@@ -6,10 +6,12 @@
 local core = require "segue.core"
 local loop = require "segue.loop"
 local json = require "segue.json"
+local harmony = require "segue.harmony_api"  -- requires no "segue": no cycle
 
 local segue = {
   version = core.version,
   json = json,
+  harmony = harmony,
   null = json.null,
 }
 

@@ -1,0 +1,440 @@
+/* segue.federation: runtime/federation.h for Lua. Bytes in, bytes out: the
+ * messages are encoded and decoded by segue.harmony in Lua
+ * (scripts/segue/harmony_api.lua), which also decides what a request means.
+ *
+ *   start(opts) -> fed | nil, err, code
+ *       opts = { data_dir =, server_id =, listen =, peers = { [id] = url },
+ *                allow = {...}, block = {...}, token_window =, limits = {...},
+ *                request_timeout_ms =, key_refetch_ms = }
+ *   load_key(data_dir) -> public_key_base64 | nil, err, code  (creates it)
+ *   fed:on_request(fn(method, server_id, body, req))   "Push", "Pull", "NotifyNewId"
+ *   req:respond(bytes) / req:error(status, identifier [, message]) -> true | nil, err, code
+ *   req:alive() -> boolean
+ *   fed:call(server_id, path, body, cb) -> true | nil, err, code
+ *       cb(body) or cb(nil, "EHTTP: h.bad-token: ...", "EHTTP", http_status, identifier)
+ *   fed:on_key(fn(server_id, public_key))  a peer's key was fetched (new or changed)
+ *   fed:key_get(server_id) -> public_key | nil;  fed:key_put(server_id, public_key)
+ *   fed:port(), fed:public_key(), fed:server_id(), fed:close()
+ *
+ * The userdata holds a pointer to C memory (luv's model). An open federation
+ * stays referenced from the registry until fed:close(), so a listening
+ * server is not collected; lua_close's __gc closes what is left without
+ * calling into Lua again.
+ */
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "federation.h"
+#include "host.h"
+
+#define FED_MT "segue.federation"
+#define REQ_MT "segue.federation.request"
+
+typedef struct lfed {
+  sg_federation f;
+  sg_host *h;
+  int handler_ref, key_ref, self_ref;
+  int closed;                       /* close was asked */
+  int lua_gone;                     /* the state is closing: never call into it */
+  int handle_gone, userdata_gone;   /* freed when both are true */
+} lfed;
+
+typedef struct lcall {
+  lfed *lf;
+  int cb_ref;
+} lcall;
+
+static int push_fail(lua_State *L, int err, const char *msg) {
+  luaL_pushfail(L);
+  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && *msg ? msg : sg_strerror(err));
+  lua_pushstring(L, sg_err_name(err));
+  return 3;
+}
+
+static int push_result(lua_State *L, int rc) {
+  if (rc) return push_fail(L, rc, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static lfed *check_fed(lua_State *L) {
+  lfed *lf = *(lfed **)luaL_checkudata(L, 1, FED_MT);
+  if (!lf || lf->closed) luaL_argerror(L, 1, "the federation is closed");
+  return lf;
+}
+
+/* ---- inbound requests ------------------------------------------------------ */
+
+static sg_hrpc_request **check_req(lua_State *L) {
+  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+  if (!*r) luaL_argerror(L, 1, "the request was answered already");
+  return r;
+}
+
+static int l_req_respond(lua_State *L) {
+  sg_hrpc_request **r = check_req(L);
+  size_t len;
+  const char *body = luaL_checklstring(L, 2, &len);
+  int rc = sg_hrpc_respond(*r, (const uint8_t *)body, len);
+  *r = NULL;
+  return push_result(L, rc);
+}
+
+static int l_req_error(lua_State *L) {
+  sg_hrpc_request **r = check_req(L);
+  lua_Integer status = luaL_checkinteger(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *msg = luaL_optstring(L, 4, NULL);
+  luaL_argcheck(L, status >= 200 && status <= 599, 2, "an HTTP status 200..599 expected");
+  int rc = sg_hrpc_respond_error(*r, (int)status, id, msg, NULL, 0);
+  *r = NULL;
+  return push_result(L, rc);
+}
+
+static int l_req_alive(lua_State *L) {
+  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+  lua_pushboolean(L, *r && sg_hrpc_request_alive(*r));
+  return 1;
+}
+
+/* A request Lua dropped unanswered is answered 500 (and freed). */
+static int l_req_gc(lua_State *L) {
+  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+  if (*r) sg_hrpc_request_release(*r);
+  *r = NULL;
+  return 0;
+}
+
+static void on_request(sg_federation *f, sg_fed_method m, const char *server_id,
+                       sg_hrpc_request *req, void *ud) {
+  lfed *lf = ud;
+  lua_State *L = lf->h->L;
+  if (lf->lua_gone || !L || lf->handler_ref == LUA_NOREF) {
+    sg_hrpc_respond_error(req, 501, "hrpc.not-implemented", "no handler for this method", NULL, 0);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lf->handler_ref);
+  lua_pushstring(L, sg_fed_method_name(m));
+  lua_pushstring(L, server_id);
+  lua_pushlstring(L, req->body ? (const char *)req->body : "", req->body_len);
+  sg_hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
+  *r = req;
+  luaL_setmetatable(L, REQ_MT);
+  sg__host_pcall(lf->h, 4, 0, "federation request handler");
+}
+
+static void set_ref(lua_State *L, int *ref) {
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+  *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static int l_on_request(lua_State *L) {
+  set_ref(L, &check_fed(L)->handler_ref);
+  return 0;
+}
+
+/* ---- keys ------------------------------------------------------------------ */
+
+static void on_key(sg_federation *f, const char *server_id,
+                   const unsigned char pk[SG_KEYS_PUBLIC_BYTES], void *ud) {
+  lfed *lf = ud;
+  lua_State *L = lf->h->L;
+  if (lf->lua_gone || !L || lf->key_ref == LUA_NOREF) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lf->key_ref);
+  lua_pushstring(L, server_id);
+  lua_pushlstring(L, (const char *)pk, SG_KEYS_PUBLIC_BYTES);
+  sg__host_pcall(lf->h, 2, 0, "federation key handler");
+}
+
+static int l_on_key(lua_State *L) {
+  set_ref(L, &check_fed(L)->key_ref);
+  return 0;
+}
+
+static int l_key_get(lua_State *L) {
+  lfed *lf = check_fed(L);
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
+  if (sg_federation_key_get(&lf->f, luaL_checkstring(L, 2), pk) != 0) return 0;
+  lua_pushlstring(L, (const char *)pk, sizeof pk);
+  return 1;
+}
+
+static int l_key_put(lua_State *L) {
+  lfed *lf = check_fed(L);
+  const char *id = luaL_checkstring(L, 2);
+  size_t len;
+  const char *pk = luaL_checklstring(L, 3, &len);
+  luaL_argcheck(L, len == SG_KEYS_PUBLIC_BYTES, 3, "a 32-byte public key expected");
+  return push_result(L, sg_federation_key_put(&lf->f, id, (const unsigned char *)pk));
+}
+
+static int l_load_key(lua_State *L) {
+  const char *dir = luaL_checkstring(L, 1);
+  char err[512], b64[SG_KEYS_PUBLIC_B64_SIZE];
+  sg_keypair *kp;
+  int rc = sg_keys_load_or_create(dir, &kp, err, sizeof err);
+  if (rc) return push_fail(L, rc, err);
+  sg_keys_public_b64(kp, b64, sizeof b64);
+  sg_keys_free(kp);
+  lua_pushstring(L, b64);
+  return 1;
+}
+
+/* ---- outbound calls -------------------------------------------------------- */
+
+static void push_call_result(lua_State *L, int err, int status, const uint8_t *body, size_t len,
+                             const char *identifier, const char *message) {
+  if (err == 0) {
+    lua_pushlstring(L, body ? (const char *)body : "", len);
+    return;
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s%s%s", sg_err_name(err), identifier ? identifier : "",
+                  identifier ? ": " : "", message ? message : sg_strerror(err));
+  lua_pushstring(L, sg_err_name(err));
+  lua_pushinteger(L, status);
+  if (identifier) lua_pushstring(L, identifier);
+  else lua_pushnil(L);
+}
+
+static void on_call(void *ud, int err, int status, const uint8_t *body, size_t len,
+                    const char *identifier, const char *message) {
+  lcall *c = ud;
+  lfed *lf = c->lf;
+  lua_State *L = lf->h->L;
+  if (!lf->lua_gone && L) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
+    push_call_result(L, err, status, body, len, identifier, message);
+    sg__host_pcall(lf->h, err ? 5 : 1, 0, "federation call callback");
+  }
+  free(c);
+}
+
+static int l_call(lua_State *L) {
+  lfed *lf = check_fed(L);
+  const char *id = luaL_checkstring(L, 2);
+  const char *path = luaL_checkstring(L, 3);
+  size_t len;
+  const char *body = luaL_checklstring(L, 4, &len);
+  luaL_checktype(L, 5, LUA_TFUNCTION);
+  lcall *c = malloc(sizeof *c);
+  if (!c) return luaL_error(L, "out of memory");
+  c->lf = lf;
+  lua_pushvalue(L, 5);
+  c->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  int rc = sg_federation_call(&lf->f, id, path, (const uint8_t *)body, len, on_call, c);
+  if (rc) {
+    luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
+    free(c);
+  }
+  return push_result(L, rc);
+}
+
+/* ---- options --------------------------------------------------------------- */
+
+static uint64_t opt_uint(lua_State *L, int t, const char *key, uint64_t dflt) {
+  lua_getfield(L, t, key);
+  uint64_t v = dflt;
+  if (!lua_isnil(L, -1)) {
+    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 0)
+      luaL_error(L, "federation option %s: a non-negative integer expected", key);
+    v = (uint64_t)lua_tointeger(L, -1);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *key) {
+  lua_getfield(L, t, key);
+  const char *s = lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
+  if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+    luaL_error(L, "federation option %s: a string expected", key);
+  lua_pop(L, 1);  /* the string stays alive in the options table */
+  return s;
+}
+
+/* opts[key] as a C array of the list's strings (kept on the stack). */
+static const char *const *opt_list(lua_State *L, int t, const char *key, size_t *n) {
+  *n = 0;
+  lua_getfield(L, t, key);
+  if (lua_isnil(L, -1)) return NULL;
+  luaL_argexpected(L, lua_istable(L, -1), t, "a list of server ids");
+  *n = lua_rawlen(L, -1);
+  const char **v = lua_newuserdatauv(L, (*n + 1) * sizeof *v, 0);
+  for (size_t i = 0; i < *n; i++) {
+    if (lua_rawgeti(L, -2, (lua_Integer)i + 1) != LUA_TSTRING)
+      luaL_error(L, "federation option %s[%d]: a string expected", key, (int)i + 1);
+    v[i] = lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
+  return v;
+}
+
+/* opts.peers { [id] = url } as two arrays (kept on the stack). */
+static void opt_peers(lua_State *L, int t, sg_fed_options *o) {
+  lua_getfield(L, t, "peers");
+  if (lua_isnil(L, -1)) return;
+  int peers = lua_gettop(L);
+  luaL_argexpected(L, lua_istable(L, peers), t, "peers: a table of server id = base URL");
+  size_t n = 0;
+  for (lua_pushnil(L); lua_next(L, peers); lua_pop(L, 1)) n++;
+  const char **ids = lua_newuserdatauv(L, (n + 1) * sizeof *ids, 0);
+  const char **urls = lua_newuserdatauv(L, (n + 1) * sizeof *urls, 0);
+  size_t i = 0;
+  for (lua_pushnil(L); lua_next(L, peers); lua_pop(L, 1)) {
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "federation option peers: server id = base URL strings expected");
+    ids[i] = lua_tostring(L, -2);
+    urls[i++] = lua_tostring(L, -1);
+  }
+  o->peer_ids = ids;
+  o->peer_urls = urls;
+  o->n_peers = n;
+}
+
+static void opt_limits(lua_State *L, int t, sg_hrpc_limits *l) {
+  sg_hrpc_limits_default(l);
+  lua_getfield(L, t, "limits");
+  if (lua_isnil(L, -1)) return;
+  int lim = lua_gettop(L);
+  l->max_body_bytes = opt_uint(L, lim, "max_body_bytes", l->max_body_bytes);
+  l->max_header_bytes = opt_uint(L, lim, "max_header_bytes", l->max_header_bytes);
+  l->header_timeout_ms = opt_uint(L, lim, "header_timeout_ms", l->header_timeout_ms);
+  l->body_timeout_ms = opt_uint(L, lim, "body_timeout_ms", l->body_timeout_ms);
+  l->idle_timeout_ms = opt_uint(L, lim, "idle_timeout_ms", l->idle_timeout_ms);
+  l->max_connections = (unsigned)opt_uint(L, lim, "max_connections", l->max_connections);
+}
+
+static void check_options(lua_State *L, sg_fed_options *o, sg_hrpc_limits *limits) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  memset(o, 0, sizeof *o);
+  o->data_dir = opt_string(L, 1, "data_dir");
+  luaL_argcheck(L, o->data_dir != NULL, 1, "data_dir is required");
+  o->server_id = opt_string(L, 1, "server_id");
+  o->listen = opt_string(L, 1, "listen");
+  sg_token_policy_init(&o->policy);
+  o->policy.window = opt_uint(L, 1, "token_window", o->policy.window);
+  o->policy.allow = opt_list(L, 1, "allow", &o->policy.n_allow);
+  o->policy.block = opt_list(L, 1, "block", &o->policy.n_block);
+  o->request_timeout_ms = opt_uint(L, 1, "request_timeout_ms", 0);
+  o->key_refetch_ms = opt_uint(L, 1, "key_refetch_ms", 0);
+  opt_peers(L, 1, o);
+  opt_limits(L, 1, limits);
+  o->limits = limits;
+}
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+static void fed_closed(sg_federation *f) {
+  lfed *lf = (lfed *)f;
+  lf->handle_gone = 1;
+  if (lf->userdata_gone) free(lf);
+}
+
+static void fed_close(lua_State *L, lfed *lf) {
+  if (lf->closed) return;
+  lf->closed = 1;
+  if (!lf->lua_gone) {
+    luaL_unref(L, LUA_REGISTRYINDEX, lf->handler_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, lf->key_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, lf->self_ref);
+    lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
+  }
+  sg_federation_close(&lf->f, fed_closed);
+}
+
+static int l_close(lua_State *L) {
+  lfed *lf = *(lfed **)luaL_checkudata(L, 1, FED_MT);
+  if (lf) fed_close(L, lf);
+  return 0;
+}
+
+static int l_gc(lua_State *L) {
+  lfed **ud = luaL_checkudata(L, 1, FED_MT);
+  lfed *lf = *ud;
+  *ud = NULL;
+  if (!lf) return 0;
+  lf->lua_gone = 1;
+  fed_close(L, lf);
+  lf->userdata_gone = 1;
+  if (lf->handle_gone) free(lf);
+  return 0;
+}
+
+static int l_start(lua_State *L) {
+  sg_host *h = sg__host_from_lua(L);
+  if (!h) return luaL_error(L, "segue.federation needs the segue host");
+  if (h->closing) return push_fail(L, SG_ECLOSING, NULL);
+  sg_fed_options o;
+  sg_hrpc_limits limits;
+  check_options(L, &o, &limits);
+  lfed **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = NULL;
+  luaL_setmetatable(L, FED_MT);
+  lfed *lf = calloc(1, sizeof *lf);
+  if (!lf) return luaL_error(L, "out of memory");
+  *ud = lf;
+  lf->h = h;
+  lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
+  char err[512];
+  int rc = sg_federation_init(h->loop, &lf->f, &o, &h->log, err, sizeof err);
+  if (rc) {
+    fed_close(L, lf);
+    return push_fail(L, rc, err);
+  }
+  sg_federation_set_handler(&lf->f, on_request, lf);
+  sg_federation_set_key_cb(&lf->f, on_key, lf);
+  lua_pushvalue(L, -1);
+  lf->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+static int l_port(lua_State *L) {
+  int port = sg_federation_port(&check_fed(L)->f);
+  if (port < 0) return 0;
+  lua_pushinteger(L, port);
+  return 1;
+}
+
+static int l_public_key(lua_State *L) {
+  lua_pushlstring(L, (const char *)sg_federation_public_key(&check_fed(L)->f),
+                  SG_KEYS_PUBLIC_BYTES);
+  return 1;
+}
+
+static int l_server_id(lua_State *L) {
+  lua_pushstring(L, sg_federation_server_id(&check_fed(L)->f));
+  return 1;
+}
+
+static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods,
+                          lua_CFunction gc) {
+  if (luaL_newmetatable(L, name)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+}
+
+int luaopen_segue_federation(lua_State *L) {
+  static const luaL_Reg fed_methods[] = {
+      {"on_request", l_on_request}, {"on_key", l_on_key}, {"call", l_call},
+      {"key_get", l_key_get},       {"key_put", l_key_put}, {"port", l_port},
+      {"public_key", l_public_key}, {"server_id", l_server_id}, {"close", l_close},
+      {NULL, NULL}};
+  static const luaL_Reg req_methods[] = {
+      {"respond", l_req_respond}, {"error", l_req_error}, {"alive", l_req_alive}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"start", l_start}, {"load_key", l_load_key}, {NULL, NULL}};
+  new_metatable(L, FED_MT, fed_methods, l_gc);
+  new_metatable(L, REQ_MT, req_methods, l_req_gc);
+  luaL_newlib(L, fns);
+  return 1;
+}
