@@ -1,0 +1,374 @@
+/* segue.net: client connections (TCP, TLS) and stdin for Lua backends, on
+ * the host's loop. Translation only; the connection logic is in
+ * runtime/net_tcp.c. luv's model: the userdata holds a pointer to C memory;
+ * the registry keeps a conn alive until its close callback; the memory goes
+ * when both that callback ran and the userdata was collected.
+ *
+ * Every call that waits takes an optional callback; without one, inside a
+ * coroutine, it yields and returns the same values (like backend:request).
+ * World failures are nil, "ENAME: message", "ENAME". */
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "host.h"
+#include "net_tcp.h"
+
+#define CONN_MT "segue.net.conn"
+
+/* Who waits for an outcome: a callback or a suspended coroutine. */
+typedef struct {
+  int ref;  /* LUA_NOREF: nobody */
+  int is_thread;
+} waiter;
+
+typedef struct lconn {
+  sg_net_conn c;
+  sg_host *h;
+  int self_ref;           /* keeps the userdata alive until closed */
+  waiter connect_w, read_w, drain_w;
+  int read_lines;         /* what read_w waits for: a line (1) or bytes (0) */
+  int closed;
+  int handle_gone, userdata_gone;  /* freed when both are true */
+} lconn;
+
+static int push_fail(lua_State *L, int err, const char *msg) {
+  luaL_pushfail(L);
+  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && msg[0] ? msg : sg_strerror(err));
+  lua_pushstring(L, sg_err_name(err));
+  return 3;
+}
+
+/* ---- waiters ------------------------------------------------------------- */
+
+/* Arms w with the callback at idx, or with the running coroutine when there
+ * is none there. Raises (a programmer error) when neither can wait. */
+static void waiter_arm(lua_State *L, waiter *w, int idx, const char *what) {
+  if (w->ref != LUA_NOREF) luaL_error(L, "%s: another %s is already waiting on this connection", what, what);
+  if (lua_isfunction(L, idx)) {
+    lua_pushvalue(L, idx);
+    w->is_thread = 0;
+  } else {
+    if (!lua_isnoneornil(L, idx)) luaL_typeerror(L, idx, "function or nil");
+    if (!lua_isyieldable(L))
+      luaL_error(L, "%s without a callback must run inside a coroutine (see segue.spawn)", what);
+    lua_pushthread(L);
+    w->is_thread = 1;
+  }
+  w->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* What the armed call returns now: true for a callback; for a coroutine,
+ * whatever resumes it. */
+static int waiter_wait(lua_State *L, const waiter *w) {
+  if (w->is_thread) return lua_yield(L, 0);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Resumes `co` (on L's stack below its nargs arguments) and reports an error
+ * that escapes it, as segue.spawn's coroutines would. */
+static void resume_thread(sg_host *h, int nargs) {
+  lua_State *L = h->L;
+  lua_State *co = lua_tothread(L, -1 - nargs);
+  lua_xmove(L, co, nargs);
+  int nres = 0;
+  int rc = lua_resume(co, L, nargs, &nres);
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    lua_pop(co, nres);
+  } else {
+    luaL_traceback(L, co, lua_tostring(co, -1), 0);
+    sg__host_report(h, SG_ELUA, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);  /* the thread, anchored on L while it ran */
+}
+
+/* Hands the nargs values on top of the host's stack to whoever waits on w. */
+static void waiter_fire(sg_host *h, waiter *w, int nargs) {
+  lua_State *L = h->L;
+  waiter armed = *w;
+  w->ref = LUA_NOREF;  /* first: the callee may wait again */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, armed.ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, armed.ref);
+  lua_insert(L, -1 - nargs);
+  if (armed.is_thread) resume_thread(h, nargs);
+  else sg__host_pcall(h, nargs, 0, "segue.net callback");
+}
+
+static void waiter_cancel(sg_host *h, waiter *w) {
+  if (w->ref == LUA_NOREF) return;
+  push_fail(h->L, SG_ECANCELED, "the connection was closed");
+  waiter_fire(h, w, 3);
+}
+
+/* ---- events from the runtime --------------------------------------------- */
+
+/* Pushes the outcome of one read: 1 value, or 3 for a failure, or nothing
+ * (0) while there is no outcome yet. */
+static int push_read(lua_State *L, lconn *lc) {
+  const char *p;
+  size_t n;
+  int rc = lc->read_lines ? sg_net_read_line(&lc->c, &p, &n) : sg_net_read_bytes(&lc->c, &p, &n);
+  if (rc == 0) return 0;
+  if (rc == 1) {
+    lua_pushlstring(L, p, n);
+    return 1;
+  }
+  return push_fail(L, rc, rc == UV_EOF ? "end of stream" : sg_net_error(&lc->c));
+}
+
+/* Answers the read and drain waiters that can be answered now. */
+static void deliver(sg_net_conn *c) {
+  lconn *lc = c->data;
+  lua_State *L = lc->h->L;
+  if (!L || lc->closed) return;
+  int n;
+  if (lc->read_w.ref != LUA_NOREF && (n = push_read(L, lc)) > 0) waiter_fire(lc->h, &lc->read_w, n);
+  if (lc->drain_w.ref != LUA_NOREF && !lc->closed && sg_net_write_queue_size(&lc->c) == 0) {
+    lua_pushboolean(L, 1);
+    waiter_fire(lc->h, &lc->drain_w, 1);
+  }
+}
+
+static void conn_closed(sg_net_conn *c) {
+  lconn *lc = c->data;
+  if (!lc->userdata_gone && lc->h->L) {
+    waiter_cancel(lc->h, &lc->connect_w);
+    waiter_cancel(lc->h, &lc->read_w);
+    waiter_cancel(lc->h, &lc->drain_w);
+    luaL_unref(lc->h->L, LUA_REGISTRYINDEX, lc->self_ref);
+  }
+  lc->handle_gone = 1;
+  if (lc->userdata_gone) free(lc);
+}
+
+static void conn_close(lconn *lc) {
+  if (lc->closed) return;
+  lc->closed = 1;
+  sg_net_close(&lc->c, conn_closed);
+}
+
+static void connected(sg_net_conn *c, int status) {
+  lconn *lc = c->data;
+  lua_State *L = lc->h->L;
+  if (!L) return;
+  if (status == 0) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lc->self_ref);
+    waiter_fire(lc->h, &lc->connect_w, 1);
+    return;
+  }
+  int n = push_fail(L, status, sg_net_error(c));
+  conn_close(lc);
+  waiter_fire(lc->h, &lc->connect_w, n);
+}
+
+static const sg_net_events events = {connected, deliver, deliver};
+
+/* ---- constructors ---------------------------------------------------------- */
+
+/* A new conn object on the stack, registered so it lives until closed. */
+static lconn *new_conn(lua_State *L, sg_host *h) {
+  lconn **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = NULL;
+  luaL_setmetatable(L, CONN_MT);
+  lconn *lc = calloc(1, sizeof *lc);
+  if (!lc) luaL_error(L, "out of memory");
+  lc->h = h;
+  lc->c.data = lc;
+  lc->connect_w.ref = lc->read_w.ref = lc->drain_w.ref = LUA_NOREF;
+  lc->self_ref = LUA_NOREF;
+  *ud = lc;
+  return lc;
+}
+
+/* Registered only once the runtime accepted the conn: a refused one has no
+ * close callback to release it, so __gc frees it. */
+static void anchor(lua_State *L, lconn *lc) {
+  lc->handle_gone = 0;
+  lua_pushvalue(L, -1);
+  lc->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static sg_host *live_host(lua_State *L) {
+  sg_host *h = sg__host_from_lua(L);
+  if (!h) luaL_error(L, "segue.net needs the segue host");
+  if (h->closing) luaL_error(L, "the host is closing");
+  return h;
+}
+
+static size_t opt_size(lua_State *L, int idx, const char *key, size_t dflt) {
+  if (lua_getfield(L, idx, key) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  lua_Integer v = lua_tointeger(L, -1);
+  if (v <= 0) luaL_error(L, "option %s must be a positive integer", key);
+  lua_pop(L, 1);
+  return (size_t)v;
+}
+
+static int opt_bool(lua_State *L, int idx, const char *key, int dflt) {
+  int t = lua_getfield(L, idx, key);
+  int v = t == LUA_TNIL ? dflt : lua_toboolean(L, -1);
+  if (t != LUA_TNIL && t != LUA_TBOOLEAN) luaL_error(L, "option %s must be a boolean", key);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Reads connect options from the table at idx (strings stay on the stack). */
+static void check_options(lua_State *L, int idx, sg_net_options *o) {
+  memset(o, 0, sizeof *o);
+  o->verify = 1;
+  if (idx == 0 || lua_isnoneornil(L, idx)) return;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  o->timeout_ms = opt_size(L, idx, "timeout_ms", 0);
+  o->max_line = opt_size(L, idx, "max_line", 0);
+  o->tls = opt_bool(L, idx, "tls", 0);
+  o->verify = opt_bool(L, idx, "verify", 1);
+  lua_getfield(L, idx, "servername");
+  o->servername = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
+}
+
+/* connect(host, port [, options] [, callback]) -> conn | nil, err, code */
+static int l_connect(lua_State *L) {
+  sg_host *h = live_host(L);
+  const char *host = luaL_checkstring(L, 1);
+  lua_Integer port = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, port > 0 && port < 65536, 2, "a port is 1 to 65535");
+  int cb = lua_isfunction(L, 3) ? 3 : 4;
+  sg_net_options o;
+  check_options(L, cb == 3 ? 0 : 3, &o);
+  lconn *lc = new_conn(L, h);
+  lc->handle_gone = 1;
+  int rc = sg_net_connect(h->loop, &lc->c, host, (int)port, &o, &events);
+  lc->closed = rc != 0;  /* refused: nothing to close, __gc frees it */
+  if (rc != 0) return push_fail(L, rc, lc->c.error[0] ? lc->c.error : NULL);
+  anchor(L, lc);
+  waiter_arm(L, &lc->connect_w, cb, "connect");
+  return waiter_wait(L, &lc->connect_w);
+}
+
+/* stdin([max_line]) -> conn | nil, err, code: the terminal or pipe on fd 0. */
+static int l_stdin(lua_State *L) {
+  sg_host *h = live_host(L);
+  lua_Integer max_line = luaL_optinteger(L, 1, 0);
+  luaL_argcheck(L, max_line >= 0, 1, "must not be negative");
+  lconn *lc = new_conn(L, h);
+  lc->handle_gone = 1;
+  int rc = sg_net_open_fd(h->loop, &lc->c, 0, (size_t)max_line, &events);
+  lc->closed = rc != 0;
+  if (rc == SG_EINVAL) return push_fail(L, rc, "stdin is not a terminal or a pipe");
+  if (rc != 0) return push_fail(L, rc, NULL);
+  anchor(L, lc);
+  return 1;
+}
+
+/* ---- methods --------------------------------------------------------------- */
+
+static lconn *check_conn(lua_State *L) {
+  lconn **ud = luaL_checkudata(L, 1, CONN_MT);
+  if (!*ud) luaL_argerror(L, 1, "connection already collected");
+  return *ud;
+}
+
+static int do_read(lua_State *L, int lines) {
+  lconn *lc = check_conn(L);
+  if (lc->closed) return push_fail(L, SG_ECANCELED, "the connection was closed");
+  int has_cb = lua_isfunction(L, 2);
+  if (lc->read_w.ref == LUA_NOREF) lc->read_lines = lines;
+  if (!has_cb && lc->read_w.ref == LUA_NOREF) {
+    int n = push_read(L, lc);
+    if (n > 0) return n;
+  }
+  waiter_arm(L, &lc->read_w, 2, lines ? "read_line" : "read");
+  if (has_cb) sg_net_notify(&lc->c);  /* input may be buffered already */
+  return waiter_wait(L, &lc->read_w);
+}
+
+/* conn:read_line([cb]) -> line | nil, err, code ("EOF" at the end) */
+static int l_read_line(lua_State *L) { return do_read(L, 1); }
+
+/* conn:read([cb]) -> the buffered bytes (a chunk) | nil, err, code */
+static int l_read(lua_State *L) { return do_read(L, 0); }
+
+/* conn:write(data) -> true, queued_bytes | nil, err, code. Returns once
+ * queued; conn:drain() waits for the queue to empty. */
+static int l_write(lua_State *L) {
+  lconn *lc = check_conn(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  int rc = sg_net_write(&lc->c, data, len);
+  if (rc != 0) return push_fail(L, rc, rc == UV_ENOTCONN ? "the connection is not open" : sg_net_error(&lc->c));
+  lua_pushboolean(L, 1);
+  lua_pushinteger(L, (lua_Integer)sg_net_write_queue_size(&lc->c));
+  return 2;
+}
+
+/* conn:drain([cb]) -> true once every queued byte went to the kernel. */
+static int l_drain(lua_State *L) {
+  lconn *lc = check_conn(L);
+  if (lc->closed) return push_fail(L, SG_ECANCELED, "the connection was closed");
+  int has_cb = lua_isfunction(L, 2);
+  if (!has_cb && lc->drain_w.ref == LUA_NOREF && sg_net_write_queue_size(&lc->c) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  waiter_arm(L, &lc->drain_w, 2, "drain");
+  if (has_cb) sg_net_notify(&lc->c);
+  return waiter_wait(L, &lc->drain_w);
+}
+
+static int l_write_queue_size(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)sg_net_write_queue_size(&check_conn(L)->c));
+  return 1;
+}
+
+/* conn:close(): waiting reads and drains get ECANCELED (later). */
+static int l_close(lua_State *L) {
+  conn_close(check_conn(L));
+  return 0;
+}
+
+static int l_is_closed(lua_State *L) {
+  lua_pushboolean(L, check_conn(L)->closed);
+  return 1;
+}
+
+static int l_tostring(lua_State *L) {
+  lconn **ud = luaL_checkudata(L, 1, CONN_MT);
+  lua_pushfstring(L, "segue.net.conn (%s)", *ud ? (*ud)->c.where : "collected");
+  return 1;
+}
+
+/* Collected: open only when the state is closing (the registry held it). */
+static int l_gc(lua_State *L) {
+  lconn **ud = luaL_checkudata(L, 1, CONN_MT);
+  lconn *lc = *ud;
+  *ud = NULL;
+  if (!lc) return 0;
+  lc->userdata_gone = 1;
+  conn_close(lc);
+  if (lc->handle_gone) free(lc);
+  return 0;
+}
+
+int luaopen_segue_net(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"read_line", l_read_line}, {"read", l_read}, {"write", l_write},
+      {"drain", l_drain}, {"write_queue_size", l_write_queue_size}, {"close", l_close},
+      {"is_closed", l_is_closed}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"connect", l_connect}, {"stdin", l_stdin}, {NULL, NULL}};
+  if (luaL_newmetatable(L, CONN_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, fns);
+  return 1;
+}
