@@ -7,6 +7,7 @@ const sg_binding sg__bindings[] = {
     {"segue.loop", luaopen_segue_loop},
     {"segue.fs", luaopen_segue_fs},
     {"segue.harmony", luaopen_segue_harmony},
+    {"segue.federation", luaopen_segue_federation},
     {"segue.store", luaopen_segue_store},
     {"segue.net", luaopen_segue_net},
     {NULL, NULL},

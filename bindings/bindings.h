@@ -18,6 +18,7 @@ int luaopen_segue_json(lua_State *L);     /* bindings/lua_json.c */
 int luaopen_segue_loop(lua_State *L);     /* bindings/lua_loop.c */
 int luaopen_segue_fs(lua_State *L);       /* bindings/lua_fs.c */
 int luaopen_segue_harmony(lua_State *L);  /* bindings/lua_harmony.c */
+int luaopen_segue_federation(lua_State *L);  /* bindings/lua_federation.c */
 int luaopen_segue_store(lua_State *L);    /* bindings/lua_store.c */
 int luaopen_segue_net(lua_State *L);      /* bindings/lua_net.c */
 
