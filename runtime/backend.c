@@ -450,7 +450,7 @@ void sg__backend_violation(sg_backend *b, const char *reason) {
 
 static void schedule_restart(sg_backend *b, const char *reason) {
   if (b->doublings > b->cfg.backoff_max_doublings) {
-    char msg[512];
+    char msg[1024];
     snprintf(msg, sizeof msg, "backend %s gave up after %llu restarts: %s", b->name,
              (unsigned long long)b->restarts, reason);
     sg__backend_log(b, SG_LOG_ERROR, "giving up after %llu restarts", (unsigned long long)b->restarts);

@@ -35,6 +35,8 @@ struct child_run {
   int64_t exit_status;
   int term_signal;
   char reason[256];          /* why the run ended, for the log */
+  char rbuf[65536];          /* one read buffer for stdout and stderr: both
+                                consume what they read before returning */
 };
 
 static child *child_of(const sg_backend *b) { return b->transport_data; }
@@ -154,9 +156,9 @@ static void on_proc_exit(uv_process_t *p, int64_t status, int sig) {
 /* ---- reading ------------------------------------------------------------- */
 
 static void alloc_buf(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)h;
-  buf->base = malloc(suggested);
-  buf->len = buf->base ? suggested : 0;
+  (void)suggested;
+  child_run *r = h->data;
+  *buf = uv_buf_init(r->rbuf, sizeof r->rbuf);
 }
 
 static int on_framed(void *ud, const char *json, size_t len, uint64_t offset) {
@@ -189,7 +191,6 @@ static void on_stdout(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     if (n != UV_EOF) snprintf(r->reason, sizeof r->reason, "stdout: %s", uv_strerror((int)n));
     if (r->exited) run_finish(r);
   }
-  free(buf->base);
 }
 
 static void log_stderr_line(child_run *r, const char *line, size_t len) {
@@ -216,7 +217,6 @@ static void on_stderr(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     r->errlen = 0;
     uv_read_stop(s);
   }
-  free(buf->base);
 }
 
 /* ---- start, send, stop --------------------------------------------------- */

@@ -29,9 +29,9 @@ static int on_framed(void *ud, const char *json, size_t len, uint64_t offset) {
 }
 
 static void alloc_buf(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)h;
-  buf->base = malloc(suggested);
-  buf->len = buf->base ? suggested : 0;
+  (void)suggested;
+  sg_stdio_channel *ch = h->data;
+  *buf = uv_buf_init(ch->rbuf, sizeof ch->rbuf);
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
@@ -45,7 +45,6 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     else
       end(ch, n == UV_EOF ? NULL : uv_strerror((int)n));
   }
-  free(buf->base);
 }
 
 int sg_stdio_channel_start(uv_loop_t *loop, sg_stdio_channel *ch, int in_fd, int out_fd,

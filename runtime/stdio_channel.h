@@ -23,6 +23,7 @@ struct sg_stdio_channel {
   sg_fl_limits limits;
   sg_stdio_cb cb;
   int sent_init, ended, out_fd;
+  char rbuf[65536];  /* the read buffer: the framer copies what it keeps */
 };
 
 /* Starts reading fd `in_fd` (a pipe or a terminal) and writing to `out_fd`. */
