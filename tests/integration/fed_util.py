@@ -1,0 +1,203 @@
+"""Helpers for the federation tests: segue processes listening for hRPC,
+requests with curl and raw sockets, hrpc.v1.Error decoding with protoc."""
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+
+from harness import SEGUE, run, tmpdir, write, wait_for
+
+SRC = os.environ.get("SEGUE_SOURCE_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", ".."))
+PROTO = os.path.join(SRC, "proto")
+
+PUSH = "/protocol.sync.v1.PostboxService/Push"
+PULL = "/protocol.sync.v1.PostboxService/Pull"
+KEY = "/protocol.auth.v1.AuthService/Key"
+U64_MAX = 2**64 - 1
+
+# Lua: unsigned decimal of a uint64 held in a (wrapped) Lua integer.
+LUA_U64 = """
+local function u64(x)
+  if x >= 0 then return tostring(x) end
+  local q = (x >> 1) // 5
+  return tostring(q) .. tostring(x - q * 10)
+end
+"""
+
+# A segue.on("federation") handler writing each event as a JSON line.
+HANDLER = LUA_U64 + """
+local segue = require "segue"
+local json = require "segue.json"
+local path = assert(os.getenv("FED_EVENTS"))
+local function plain(t)
+  local out = {}
+  for k, v in pairs(t) do
+    out[k] = type(v) == "table" and plain(v) or (math.type(v) == "integer" and u64(v)) or v
+  end
+  return out
+end
+segue.on("federation", function(server_id, event)
+  local f = assert(io.open(path, "a"))
+  f:write(json.encode { from = server_id, event = plain(event) }, "\\n")
+  f:close()
+end)
+"""
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def lua_value(v):
+    """A Python value as Lua source (dicts, lists, strings, ints)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join("[%s] = %s" % (lua_value(k), lua_value(x)) for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "{" + ", ".join(lua_value(x) for x in v) + "}"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return str(v)
+
+
+class Node:
+    """`segue run` with server_id, listen and federation set."""
+
+    def __init__(self, server_id, federation=None, scripts=(), env=None, port=None):
+        self.dir = tmpdir()
+        self.port = port or free_port()
+        self.server_id = server_id
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.events = os.path.join(self.dir, "events.jsonl")
+        self.config = write(os.path.join(self.dir, "segue.lua"), "\n".join([
+            'data_dir = "./data"',
+            'server_id = %s' % json.dumps(server_id),
+            'listen = "127.0.0.1:%d"' % self.port,
+            'federation = %s' % lua_value(federation or {}),
+            'scripts = %s' % lua_value(list(scripts)),
+        ]) + "\n")
+        self.env = dict(os.environ, FED_EVENTS=self.events, **(env or {}))
+        self.proc = None
+
+    def key_file(self):
+        return os.path.join(self.dir, "data", "harmony.key")
+
+    def start(self):
+        self.log = open(os.path.join(self.dir, "stderr.log"), "wb")
+        self.proc = subprocess.Popen([SEGUE, "run", self.config], cwd=self.dir, env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        if not wait_for(lambda: self.healthy() or self.proc.poll() is not None, 20):
+            raise AssertionError("segue did not come up")
+        if self.proc.poll() is not None:
+            raise AssertionError("segue exited: " + self.stderr())
+        return self
+
+    def healthy(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                return s.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def stop(self):
+        """SIGTERM; returns the exit code."""
+        if not self.proc:
+            return None
+        self.proc.terminate()
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.close()
+        self.proc = None
+        return code
+
+    def stderr(self):
+        with open(os.path.join(self.dir, "stderr.log"), errors="replace") as f:
+            return f.read()
+
+    def read_events(self):
+        if not os.path.exists(self.events):
+            return []
+        with open(self.events) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def curl(url, body=b"", headers=(), method="POST", content_type="application/hrpc"):
+    """(status, headers text, body bytes) of one request made by curl."""
+    d = tmpdir()
+    bodyf, outf, hdrf = (os.path.join(d, n) for n in ("in", "out", "hdr"))
+    with open(bodyf, "wb") as f:
+        f.write(body)
+    args = ["curl", "-s", "-o", outf, "-D", hdrf, "-w", "%{http_code}", "-X", method]
+    if content_type:
+        args += ["-H", "Content-Type: " + content_type]
+    for h in headers:
+        args += ["-H", h]
+    if method == "POST":
+        args += ["--data-binary", "@" + bodyf]
+    p = subprocess.run(args + [url], capture_output=True, timeout=60)
+    with open(outf, "rb") as f:
+        out = f.read()
+    with open(hdrf, errors="replace") as f:
+        hdr = f.read()
+    return int(p.stdout.decode() or 0), hdr, out
+
+
+def decode(type_name, data, proto="hrpc/v1/hrpc.proto"):
+    """protoc --decode: the message as protobuf text format (an independent decoder)."""
+    p = subprocess.run(["protoc", "--decode=" + type_name, "-I", PROTO, proto], input=data,
+                       capture_output=True, timeout=60)
+    if p.returncode != 0:
+        raise AssertionError("protoc: " + p.stderr.decode())
+    return p.stdout.decode()
+
+
+def error_fields(data):
+    """identifier and human_message of an hrpc.v1.Error body."""
+    fields = {}
+    for line in decode("hrpc.v1.Error", data).splitlines():
+        k, _, v = line.partition(": ")
+        fields[k.strip()] = json.loads(v)
+    return fields
+
+
+def raw_exchange(port, data, wait=10.0):
+    """Sends raw bytes; returns (everything read, closed): closed is True when
+    the server closed the connection, False when `wait` seconds passed
+    without data."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return got, True
+                got += chunk
+        except socket.timeout:
+            return got, False
+        except ConnectionResetError:
+            return got, True
+
+
+def lua_json(code, timeout=60):
+    """Runs a `segue exec` script that prints one JSON value; returns it."""
+    d = tmpdir()
+    path = write(os.path.join(d, "s.lua"), 'local json = require "segue.json"\n' + code)
+    r = run(["exec", path], cwd=d, timeout=timeout)
+    if r.code != 0:
+        raise AssertionError("segue exec failed (%d): %s" % (r.code, r.stderr))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
