@@ -1,0 +1,39 @@
+/* Shared by the fuzz targets. A broken property aborts with a message, so
+ * that libFuzzer keeps the input as a crash like any sanitizer report. Logs
+ * are formatted (that code runs too) and dropped, unless SEGUE_FUZZ_LOG is
+ * set, for reproducing one input by hand. */
+#ifndef SEGUE_FUZZ_COMMON_H
+#define SEGUE_FUZZ_COMMON_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "log.h"
+
+/* libFuzzer's entry points (Initialize is optional). */
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define FUZZ_REQUIRE(cond, ...)                                       \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      fprintf(stderr, "fuzz property broken: %s: ", #cond);           \
+      fprintf(stderr, __VA_ARGS__);                                   \
+      fputc('\n', stderr);                                            \
+      abort();                                                        \
+    }                                                                 \
+  } while (0)
+
+static inline void fuzz_log_line(void *data, sg_log_level lvl, const char *line) {
+  (void)data;
+  (void)lvl;
+  static int show = -1;
+  if (show < 0) show = getenv("SEGUE_FUZZ_LOG") != NULL;
+  if (show) fprintf(stderr, "%s\n", line);
+}
+
+/* Debug level: every log statement on the fuzzed path is exercised. */
+static const sg_logger fuzz_log = {SG_LOG_DEBUG, fuzz_log_line, NULL};
+
+#endif

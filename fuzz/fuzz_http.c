@@ -1,0 +1,201 @@
+/* Fuzz target: the hRPC server's request path, driven for real. One server
+ * listens on 127.0.0.1 on a uv loop for the whole run; each input is sent
+ * over a fresh loopback TCP connection, and the loop runs until the server
+ * has answered what it will and closed the connection after the client's
+ * end of stream. The handlers do what the postbox's will: parse the token
+ * in the Authorization header, decode the body, answer now, answer on a
+ * later loop turn, or give no answer at all.
+ *
+ * Input: byte 0 is the mode (bit 0: send in two halves with the loop run in
+ * between; bit 1: half-close right after sending, without waiting for the
+ * answers); the rest are the bytes on the wire.
+ *
+ * Besides the sanitizers, it aborts if the server does not close a
+ * connection whose peer has closed its side, or leaves a request's done
+ * callback uncalled. */
+#include <errno.h>
+#include <poll.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "fuzz_common.h"
+#include "harmony_token.h"
+#include "hrpc_server.h"
+#include "protocol/sync/v1/sync.pb-c.h"
+#include "segue.h"
+
+#define P_PUSH "/protocol.sync.v1.PostboxService/Push"
+#define P_PULL "/protocol.sync.v1.PostboxService/Pull"
+#define P_KEY "/protocol.auth.v1.AuthService/Key"
+#define MAX_LATER 256
+#define MAX_ROUNDS 100000
+
+static uv_loop_t loop;
+static sg_hrpc_server server;
+static struct sockaddr_in server_addr;
+static uv_timer_t later_timer;
+static sg_hrpc_request *later[MAX_LATER];
+static size_t n_later;
+static unsigned done_pending;
+
+static void on_done(sg_hrpc_request *req, void *ud, int status) {
+  (void)req;
+  (void)ud;
+  FUZZ_REQUIRE(status <= 0, "done status %d", status);
+  done_pending--;
+}
+
+/* Push: what the postbox does first, token and body, then an answer. */
+static void handle_push(sg_hrpc_request *req, void *ud) {
+  (void)ud;
+  char why[SG_TOKEN_WHY_SIZE];
+  sg_token tok;
+  const char *auth = req->authorization;
+  sg_token_reason r = sg_token_parse(auth, auth ? strlen(auth) : 0, &tok, why, sizeof why);
+  if (r != SG_TOKEN_OK) {
+    sg_hrpc_respond_error(req, sg_token_reason_status(r), sg_token_reason_identifier(r),
+                          why, NULL, 0);
+    return;
+  }
+  sg_token_clear(&tok);
+  Protocol__Sync__V1__PushRequest *push =
+      protocol__sync__v1__push_request__unpack(NULL, req->body_len, req->body);
+  if (!push) {
+    sg_hrpc_respond_error(req, 400, "h.bad-request", "not a PushRequest", req->body,
+                          req->body_len);
+    return;
+  }
+  protocol__sync__v1__push_request__free_unpacked(push, NULL);
+  sg_hrpc_respond(req, NULL, 0);
+}
+
+static void answer_later(uv_timer_t *t) {
+  (void)t;
+  for (size_t i = 0; i < n_later; i++) {
+    if (sg_hrpc_request_alive(later[i])) sg_hrpc_respond(later[i], later[i]->body, later[i]->body_len);
+    else sg_hrpc_request_release(later[i]);
+  }
+  n_later = 0;
+}
+
+/* Pull: answered on a later loop turn (as after a store read), watched
+ * with a done callback; the peer may be gone by then. */
+static void handle_pull(sg_hrpc_request *req, void *ud) {
+  (void)ud;
+  if (n_later == MAX_LATER) {
+    sg_hrpc_respond_error(req, 503, "hrpc.unavailable", "busy", NULL, 0);
+    return;
+  }
+  if (sg_hrpc_request_on_done(req, on_done, NULL) == 0) done_pending++;
+  later[n_later++] = req;
+  uv_timer_start(&later_timer, answer_later, 0, 0);
+}
+
+/* Key: a handler that gives no answer (the server answers 500). */
+static void handle_key(sg_hrpc_request *req, void *ud) {
+  (void)ud;
+  sg_hrpc_request_release(req);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+  (void)argc;
+  (void)argv;
+  signal(SIGPIPE, SIG_IGN);
+  /* Small limits, so that inputs of a few KiB reach the 413 and 431 paths. */
+  sg_hrpc_limits lim = {.max_header_bytes = 2048, .max_body_bytes = 1024};
+  FUZZ_REQUIRE(uv_loop_init(&loop) == 0, "loop");
+  FUZZ_REQUIRE(sg_hrpc_server_init(&loop, &server, &lim, &fuzz_log) == 0, "init");
+  FUZZ_REQUIRE(sg_hrpc_server_listen(&server, "127.0.0.1:0") == 0, "listen");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PUSH, handle_push, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PULL, handle_pull, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_KEY, handle_key, NULL) == 0, "route");
+  uv_timer_init(&loop, &later_timer);
+  memset(&server_addr, 0, sizeof server_addr);
+  server_addr.sin_family = AF_INET;
+  server_addr.sin_port = htons((uint16_t)sg_hrpc_server_port(&server));
+  server_addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  return 0;
+}
+
+/* Reads and drops whatever the server sent; returns the byte count, or
+ * -1 once the server closed its side. */
+static ssize_t drain(int fd) {
+  char buf[4096];
+  ssize_t total = 0, n;
+  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) total += n;
+  return n == 0 ? -1 : total;
+}
+
+/* One loop turn that does not block, then a drain. */
+static ssize_t turn(int fd) {
+  uv_run(&loop, UV_RUN_NOWAIT);
+  return drain(fd);
+}
+
+static void send_all(int fd, const uint8_t *p, size_t n) {
+  while (n > 0) {
+    ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+    if (k < 0 && errno != EAGAIN && errno != EINTR) return;  /* the server closed on us */
+    if (k < 0) {
+      turn(fd);
+      continue;
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+}
+
+/* Runs the loop until three turns in a row change nothing. */
+static void settle(int fd) {
+  for (int quiet = 0, round = 0; quiet < 3 && round < 1000; round++) {
+    uint64_t before = server.stats.requests;
+    ssize_t got = turn(fd);
+    quiet = got == 0 && server.stats.requests == before ? quiet + 1 : 0;
+    if (got < 0) return;
+  }
+}
+
+/* Non-blocking from the start: libFuzzer's timers interrupt system calls,
+ * and the loopback handshake needs no help from the server's loop. */
+static int connect_client(void) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), err = 0;
+  socklen_t len = sizeof err;
+  FUZZ_REQUIRE(fd >= 0, "socket: %s", strerror(errno));
+  if (connect(fd, (struct sockaddr *)&server_addr, sizeof server_addr) != 0) {
+    FUZZ_REQUIRE(errno == EINPROGRESS || errno == EINTR, "connect: %s", strerror(errno));
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    while (poll(&p, 1, -1) < 0) FUZZ_REQUIRE(errno == EINTR, "poll: %s", strerror(errno));
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    FUZZ_REQUIRE(err == 0, "connect: %s", strerror(err));
+  }
+  return fd;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  if (size < 1) return 0;
+  unsigned mode = data[0];
+  const uint8_t *wire = data + 1;
+  size_t n = size - 1, first = mode & 1 ? n / 2 : n;
+  uint64_t accepted = server.stats.accepted;
+  int fd = connect_client();
+  send_all(fd, wire, first);
+  if (first < n) {
+    settle(fd);
+    send_all(fd, wire + first, n - first);
+  }
+  if (!(mode & 2)) settle(fd);
+  shutdown(fd, SHUT_WR);
+  int rounds = 0;
+  while ((server.stats.accepted == accepted || server.stats.active > 0) && rounds++ < MAX_ROUNDS)
+    turn(fd);
+  FUZZ_REQUIRE(server.stats.accepted > accepted && server.stats.active == 0,
+               "the server kept a connection open after the peer closed");
+  close(fd);
+  while (n_later > 0 && rounds++ < MAX_ROUNDS) uv_run(&loop, UV_RUN_NOWAIT);
+  FUZZ_REQUIRE(n_later == 0 && done_pending == 0, "a request was never finished");
+  return 0;
+}
