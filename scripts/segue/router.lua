@@ -122,12 +122,13 @@ local function resolve(backend, room)
   local b = segue.backend(backend)
   local r, err = b:request { type = "RoomLookup", value = room }
   if not r then return segue.log.warn(("cannot resolve %s:%s: %s"):format(backend, room, err)) end
-  room_ids[backend] = room_ids[backend] or {}
   room_names[backend] = room_names[backend] or {}
-  room_ids[backend][room] = r.value
   room_names[backend][r.value] = room
   local ok, jerr = b:request { type = "RoomJoin", value = r.value }
   if not ok then segue.log.warn(("cannot join %s:%s: %s"):format(backend, room, jerr)) end
+  -- A target once joined (or refused: some services need no join).
+  room_ids[backend] = room_ids[backend] or {}
+  room_ids[backend][room] = r.value
 end
 
 -- Resolves and joins the rooms of `backend` named by the rules: all of them
@@ -331,6 +332,17 @@ function M.load(path, backends)
 end
 
 function M.files() return current and current.files or {} end
+
+--- ready() -> true once every room the rules name is resolved and joined.
+function M.ready()
+  if not current then return false end
+  for backend, rooms in pairs(index) do
+    for room in pairs(rooms) do
+      if not (room_ids[backend] or {})[room] then return false end
+    end
+  end
+  return true
+end
 
 --- install(): routes updates and federation events through the rules.
 function M.install()

@@ -27,6 +27,11 @@ segue.on("update", function(name, u)
       attachments = #u.value.attachments, extra = u.value.extra }, "\n")
   end
 end)
+segue.every(20, function()
+  if require("segue.router").ready() then
+    local r = io.open("ready", "w") r:write("1") r:close()
+  end
+end)
 local done = 0
 segue.every(20, function()
   local f = io.open("inject.jsonl")
@@ -66,7 +71,11 @@ class Bridge:
         self.p = subprocess.Popen([SEGUE, "run", "cfg.lua"], cwd=self.d, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         self.test.addCleanup(lambda: self.p.poll() is None and self.p.kill())
-        time.sleep(0.6)  # backends start, rooms resolve
+        ready = os.path.join(self.d, "ready")
+        if os.path.exists(ready):
+            os.remove(ready)
+        # backends start, rooms resolve and are joined
+        self.test.assertTrue(wait_for(lambda: os.path.exists(ready), 30), "the router never got ready")
 
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
