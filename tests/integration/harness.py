@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 SEGUE = os.environ.get("SEGUE") or os.path.join(
@@ -85,3 +86,23 @@ def wait_for(pred, timeout=10.0):
             return True
         time.sleep(0.05)
     return False
+
+
+class LogTail:
+    """Collects a process's stderr in the background, so a test can wait for
+    a log line while the process runs (stderr must be a text pipe)."""
+
+    def __init__(self, proc):
+        self.lines = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self):
+        return "".join(self.lines)
+
+    def wait_for(self, needle, timeout=20.0):
+        return wait_for(lambda: needle in self.text(), timeout)

@@ -7,7 +7,7 @@ import subprocess
 import time
 import unittest
 
-from harness import SEGUE, PYTHON, FAKE, run, tmpdir, write, wait_for
+from harness import SEGUE, PYTHON, FAKE, run, tmpdir, write, wait_for, LogTail
 
 
 def read(path):
@@ -177,22 +177,22 @@ class Run(unittest.TestCase):
         cfg = os.path.join(d, "cfg.lua")
         write(cfg, 'backends = { m = { script = "memory" } }\n')
         p = self.start(["run", cfg], d)
-        self.assertTrue(wait_for(lambda: os.path.isdir(os.path.join(d, "segue-data"))))
-        time.sleep(0.3)
+        log = LogTail(p)
+        self.assertTrue(log.wait_for("running with 1 backend(s)"))
         write(cfg, 'backends = { m = { script = "memory" }, n = { script = "memory" } }\n')
         p.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        self.assertTrue(log.wait_for('backend=n msg="started: memory'))
         write(cfg, 'backends = { m = { script = "memory" }, n = { bogus = 1 } }\n')
         p.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        self.assertTrue(log.wait_for("reload failed; the previous config keeps running"))
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=15)
+        p.wait(timeout=15)
+        log.thread.join(5)
+        err = log.text()
         self.assertEqual(p.returncode, 0, err)
-        self.assertIn("backend=n msg=\"started: memory", err)
-        self.assertIn("reload failed; the previous config keeps running", err)
         self.assertIn("cfg.lua:1: backends.n.bogus: unknown key", err)
         # n kept running after the failed reload: it is stopped only at the end
-        self.assertEqual(err.count("backend=n msg=\"stopped"), 1)
+        self.assertEqual(err.count('backend=n msg="stopped'), 1)
 
     def test_log_level_flags(self):
         d = tmpdir()
