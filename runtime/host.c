@@ -144,6 +144,7 @@ int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out) {
 void *sg_host_get_data(const sg_host *h) { return h->data; }
 void sg_host_set_data(sg_host *h, void *data) { h->data = data; }
 uv_loop_t *sg_host_loop(const sg_host *h) { return h->loop; }
+const char *sg_host_last_error(const sg_host *h) { return h->last_error; }
 
 /* Calls segue.boot.<fn>(args...) which returns true or nil, err. */
 static int boot_call(sg_host *h, const char *fn, int nargs) {

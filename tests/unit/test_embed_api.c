@@ -228,10 +228,12 @@ static void test_host_on_caller_loop(void) {
   const char *bad = "backends = { x = { script = 42 } }\n";
   CHECK(sg_host_load_config_string(fx.host, "bad.lua", bad, strlen(bad)) == SG_ECONFIG);
   CHECK(logged(&fx, "level=error", "bad.lua:1: backends.x.script: expected a string"));
+  CHECK(strstr(sg_host_last_error(fx.host), "bad.lua:1: backends.x.script: expected") != NULL);
   CHECK(sg_host_reload(fx.host) == SG_ECONFIG);  /* nothing loaded yet */
   CHECK(sg_host_load_script(fx.host, "/nonexistent/rules.lua") < 0);
   load_and_start(&fx, "backends = {}\n");
   CHECK(sg_host_reload(fx.host) == 0);
+  CHECK_STR(sg_host_last_error(fx.host), "");
   CHECK(logged(&fx, "level=info", "reloaded test-config"));
   teardown(&fx);
 }
