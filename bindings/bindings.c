@@ -9,6 +9,7 @@ const sg_binding sg__bindings[] = {
     {"segue.harmony", luaopen_segue_harmony},
     {"segue.federation", luaopen_segue_federation},
     {"segue.store", luaopen_segue_store},
+    {"segue.postbox_core", luaopen_segue_postbox_core},
     {"segue.net", luaopen_segue_net},
     {NULL, NULL},
 };

@@ -20,6 +20,7 @@ int luaopen_segue_fs(lua_State *L);       /* bindings/lua_fs.c */
 int luaopen_segue_harmony(lua_State *L);  /* bindings/lua_harmony.c */
 int luaopen_segue_federation(lua_State *L);  /* bindings/lua_federation.c */
 int luaopen_segue_store(lua_State *L);    /* bindings/lua_store.c */
+int luaopen_segue_postbox_core(lua_State *L);  /* bindings/lua_postbox.c */
 int luaopen_segue_net(lua_State *L);      /* bindings/lua_net.c */
 
 #endif

@@ -163,6 +163,10 @@ function M.start()
   if current.listen or current.server_id then
     ok, err = segue.harmony.start(current)
     if not ok then return report { "federation: " .. err } end
+    if M.store then  -- the postbox needs the store: durable queues
+      ok, err = require("segue.postbox").start(current, M.store)
+      if not ok then return report { "postbox: " .. err } end
+    end
   end
   for _, path in ipairs(current.scripts) do
     ok, err = M.load_script(path)

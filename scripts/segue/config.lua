@@ -324,6 +324,10 @@ end
 local federation_keys = {
   peers = "table", allow = "table", block = "table", limits = "table",
   token_window = "integer", request_timeout_ms = "integer", key_refetch_ms = "integer",
+  -- the postbox (docs/postbox.md)
+  push_tries = "integer", push_backoff_ms = "integer", queue_limit = "integer",
+  deliver_tries = "integer", deliver_backoff_ms = "integer", pull_interval_ms = "integer",
+  pull_backoff_ms = "integer", pull_max_bytes = "integer",
 }
 M.federation_limit_keys = {
   max_body_bytes = "largest request body (default 1048576)",
@@ -408,7 +412,9 @@ function Checker:federation(raw, cfg)
   for k, v in pairs(raw.federation) do
     local p = { "federation", tostring(k) }
     if not federation_keys[k] then
-      self:error(p, "unknown key (expected one of peers, allow, block, token_window, limits, request_timeout_ms, key_refetch_ms)")
+      self:error(p, "unknown key (expected one of peers, allow, block, token_window, limits, request_timeout_ms, key_refetch_ms, "
+        .. "push_tries, push_backoff_ms, queue_limit, deliver_tries, deliver_backoff_ms, pull_interval_ms, "
+        .. "pull_backoff_ms, pull_max_bytes)")
     else
       cfg.federation[k] = self:federation_value(p, k, v)
     end

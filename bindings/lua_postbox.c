@@ -1,0 +1,474 @@
+/* segue.postbox_core: runtime/postbox.h for Lua (scripts/segue/postbox.lua
+ * is segue.postbox, the policy on top). The transport is two Lua
+ * functions (scripts/segue/postbox.lua wires them to segue.federation):
+ *
+ *   new(db, opts, { push = fn(server_id, event, done), deliver = fn(server_id, event) })
+ *       -> pb | nil, err, code
+ *       opts = { push_tries, push_backoff_ms, queue_limit, deliver_tries,
+ *                deliver_backoff_ms }; push calls done(nil) when the peer
+ *       accepted the event, done("why") when not; deliver returns true, or
+ *       nil, err / raises (the event stays in the inbox and is retried).
+ *   pb:push(server_id, event, cb) -> "queued" | "pending" | nil, err, code
+ *       "pending": cb(true, "pushed" | "queued") or cb(nil, err) later.
+ *   pb:pull_begin(server_id [, max_bytes]) -> { event, ... }, batch
+ *   pb:pull_end(batch, written)       written: the response went out whole
+ *   pb:receive(server_id, { event, ... }) -> true | nil, err, code
+ *   pb:receive_push(server_id, event, cb) -> "stored" | "held" | nil, err, code
+ *   pb:hold(server_id), pb:release(server_id)
+ *   pb:note(server_id, "pulled" | "push_in" | "error" [, message])
+ *   pb:peers() -> { { server_id, queued, inbox, waiting, last_push, ... }, ... }
+ *   pb:key_get(server_id) -> 32 bytes | nil;  pb:key_set(server_id, key)
+ *   pb:rename(old_id, new_id) -> true | false (unknown) | nil, err, code
+ *   pb:close()
+ *
+ * The userdata holds a pointer to C memory (luv's model); the postbox keeps
+ * its store's Lua value referenced and held, so the store outlives it. */
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "host.h"
+#include "lua_store.h"
+#include "postbox.h"
+
+#define PB_MT "segue.postbox"
+#define BATCH_MT "segue.postbox.batch"
+#define DONE_MT "segue.postbox.done"
+
+typedef struct lpostbox {
+  sg_postbox *pb;
+  sg_host *h;
+  int store_ref, push_ref, deliver_ref;
+  int self_ref;  /* the userdata, referenced until close (done closures use it) */
+  int lua_gone;  /* the state is closing: never call into it again */
+} lpostbox;
+
+/* What a push callback needs: the Lua callback and who to tell. */
+typedef struct lcb {
+  lpostbox *lp;
+  int ref;
+} lcb;
+
+static int push_fail(lua_State *L, int err, const char *msg) {
+  luaL_pushfail(L);
+  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && *msg ? msg : sg_strerror(err));
+  lua_pushstring(L, sg_err_name(err));
+  return 3;
+}
+
+static lpostbox *check_pb(lua_State *L) {
+  lpostbox *lp = *(lpostbox **)luaL_checkudata(L, 1, PB_MT);
+  if (!lp || !lp->pb) luaL_argerror(L, 1, "the postbox is closed");
+  return lp;
+}
+
+static lcb *lcb_new(lua_State *L, lpostbox *lp, int idx) {
+  luaL_checktype(L, idx, LUA_TFUNCTION);
+  lcb *c = malloc(sizeof *c);
+  if (!c) luaL_error(L, "out of memory");
+  c->lp = lp;
+  lua_pushvalue(L, idx);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return c;
+}
+
+/* Pushes the callback of `c` on the host's state and frees `c`; returns the
+ * host, or NULL (nothing pushed) if Lua is gone. */
+static sg_host *lcb_take(lcb *c) {
+  lpostbox *lp = c->lp;
+  sg_host *h = lp->lua_gone || !lp->h->L ? NULL : lp->h;
+  if (h) {
+    lua_rawgeti(h->L, LUA_REGISTRYINDEX, c->ref);
+    luaL_unref(h->L, LUA_REGISTRYINDEX, c->ref);
+  }
+  free(c);
+  return h;
+}
+
+/* ---- the transport, in Lua ---------------------------------------------- */
+
+/* done(nil) / done("why"): the answer to one transport push; once only. */
+static int l_done(lua_State *L) {
+  void **call = lua_touserdata(L, lua_upvalueindex(1));
+  lpostbox *lp = *(lpostbox **)lua_touserdata(L, lua_upvalueindex(2));
+  if (!call[0]) return 0;  /* twice, or after a raise: the first word counted */
+  const char *why = luaL_optstring(L, 1, NULL);
+  void *c = call[0];
+  call[0] = NULL;
+  if (lp && lp->pb) sg_postbox_push_done(lp->pb, c, why ? SG_EHTTP : 0, why);
+  return 0;
+}
+
+static int tp_push(void *ud, const char *peer, const uint8_t *ev, size_t len, void *call) {
+  lpostbox *lp = ud;
+  lua_State *L = lp->h->L;
+  if (lp->lua_gone || !L) return SG_ECLOSING;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->push_ref);
+  lua_pushstring(L, peer);
+  lua_pushlstring(L, (const char *)ev, len);
+  void **slot = lua_newuserdatauv(L, sizeof *slot, 0);
+  *slot = call;
+  /* The postbox's userdata, not lp: after close it holds NULL, so a late
+   * done() finds out instead of touching freed memory. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->self_ref);
+  lua_pushcclosure(L, l_done, 2);
+  int err = sg__host_pcall(lp->h, 3, 0, "postbox push");
+  /* A transport that raised counts as a failed try, and its done() as nothing. */
+  if (err) *slot = NULL;
+  return err;
+}
+
+static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len, char *err,
+                      size_t errlen) {
+  lpostbox *lp = ud;
+  lua_State *L = lp->h->L;
+  if (lp->lua_gone || !L) return SG_ECLOSING;
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->deliver_ref);
+  lua_pushstring(L, peer);
+  lua_pushlstring(L, (const char *)ev, len);
+  int rc = lua_pcall(L, 2, 2, 0);
+  int ok = rc == LUA_OK && lua_toboolean(L, -2);
+  if (!ok) {
+    const char *msg = lua_tostring(L, -1);
+    snprintf(err, errlen, "%s", msg ? msg : "handler failed");
+  }
+  lua_settop(L, top);
+  return ok ? 0 : SG_ELUA;
+}
+
+/* ---- outbound ---------------------------------------------------------------- */
+
+static void push_answered(void *ud, int err, int how, const char *message) {
+  sg_host *h = lcb_take(ud);
+  if (!h) return;
+  lua_State *L = h->L;
+  if (err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err), message);
+  } else {
+    lua_pushboolean(L, 1);
+    lua_pushstring(L, how == SG_POSTBOX_PUSHED ? "pushed" : "queued");
+  }
+  sg__host_pcall(h, 2, 0, "postbox push callback");
+}
+
+static int l_push(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  size_t len;
+  const char *ev = luaL_checklstring(L, 3, &len);
+  lcb *c = lcb_new(L, lp, 4);
+  int rc = sg_postbox_push(lp->pb, peer, (const uint8_t *)ev, len, push_answered, c);
+  if (rc != 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
+  }
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushstring(L, rc == SG_POSTBOX_QUEUED ? "queued" : "pending");
+  return 1;
+}
+
+static int l_pull_begin(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  lua_Integer max = luaL_optinteger(L, 3, 512 * 1024);
+  luaL_argcheck(L, max > 0, 3, "must be positive");
+  sg_postbox_batch **ud = lua_newuserdatauv(L, sizeof *ud, 1);
+  *ud = NULL;
+  luaL_setmetatable(L, BATCH_MT);
+  lua_pushvalue(L, 1);  /* the postbox, so __gc can end a forgotten batch */
+  lua_setiuservalue(L, -2, 1);
+  int rc = sg_postbox_pull_begin(lp->pb, peer, (size_t)max, ud);
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_createtable(L, (int)(*ud)->n, 0);
+  for (size_t i = 0; i < (*ud)->n; i++) {
+    lua_pushlstring(L, (const char *)(*ud)->events[i], (*ud)->lens[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  lua_insert(L, -2);
+  return 2;
+}
+
+static int l_pull_end(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  sg_postbox_batch **ud = luaL_checkudata(L, 2, BATCH_MT);
+  luaL_argcheck(L, *ud != NULL, 2, "the batch was ended already");
+  int rc = sg_postbox_pull_end(lp->pb, *ud, lua_toboolean(L, 3) ? 0 : SG_ECANCELED);
+  *ud = NULL;
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- inbound ------------------------------------------------------------------ */
+
+static int l_receive(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  size_t n = (size_t)lua_rawlen(L, 3);
+  const uint8_t **evs = lua_newuserdatauv(L, (n + 1) * (sizeof *evs + sizeof(size_t)), 0);
+  size_t *lens = (size_t *)(evs + n + 1);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 3, (lua_Integer)i + 1);
+    evs[i] = (const uint8_t *)luaL_checklstring(L, -1, &lens[i]);
+    lua_pop(L, 1);  /* still referenced by the table */
+  }
+  int rc = sg_postbox_receive(lp->pb, peer, evs, lens, n);
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void push_stored(void *ud, int err) {
+  sg_host *h = lcb_take(ud);
+  if (!h) return;
+  lua_State *L = h->L;
+  if (err) {
+    lua_pushnil(L);
+    lua_pushstring(L, sg_err_name(err));
+  } else {
+    lua_pushboolean(L, 1);
+    lua_pushnil(L);
+  }
+  sg__host_pcall(h, 2, 0, "postbox stored callback");
+}
+
+static int l_receive_push(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  size_t len;
+  const char *ev = luaL_checklstring(L, 3, &len);
+  lcb *c = lcb_new(L, lp, 4);
+  int rc = sg_postbox_receive_push(lp->pb, peer, (const uint8_t *)ev, len, push_stored, c);
+  if (rc != 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
+  }
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushstring(L, rc == 1 ? "stored" : "held");
+  return 1;
+}
+
+static int l_hold(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  int rc = sg_postbox_hold(lp->pb, luaL_checkstring(L, 2));
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_release(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  sg_postbox_release(lp->pb, luaL_checkstring(L, 2));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- peers ---------------------------------------------------------------------- */
+
+static int l_note(lua_State *L) {
+  static const char *const kinds[] = {"pulled", "push_in", "error", NULL};
+  static const sg_postbox_note_kind map[] = {SG_POSTBOX_NOTE_PULLED, SG_POSTBOX_NOTE_PUSH_IN,
+                                             SG_POSTBOX_NOTE_ERROR};
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  int kind = luaL_checkoption(L, 3, NULL, kinds);
+  int rc = sg_postbox_note(lp->pb, peer, map[kind], luaL_optstring(L, 4, NULL));
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void set_int(lua_State *L, const char *k, int64_t v) {
+  if (!v) return;  /* never happened */
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static int push_peer(void *ud, const sg_postbox_peer_status *s) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 12);
+  lua_pushstring(L, s->server_id);
+  lua_setfield(L, -2, "server_id");
+  lua_pushinteger(L, s->queued);
+  lua_setfield(L, -2, "queued");
+  lua_pushinteger(L, s->inbox);
+  lua_setfield(L, -2, "inbox");
+  lua_pushinteger(L, s->waiting);
+  lua_setfield(L, -2, "waiting");
+  set_int(L, "first_seen", s->first_seen);
+  set_int(L, "last_push", s->last_push);
+  set_int(L, "last_push_in", s->last_push_in);
+  set_int(L, "last_pull", s->last_pull);
+  set_int(L, "last_served", s->last_served);
+  set_int(L, "last_error_time", s->last_error_time);
+  if (s->last_error) {
+    lua_pushstring(L, s->last_error);
+    lua_setfield(L, -2, "last_error");
+  }
+  lua_pushboolean(L, s->held);
+  lua_setfield(L, -2, "held");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+static int l_peers(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  lua_newtable(L);
+  int rc = sg_postbox_peers(lp->pb, push_peer, L);
+  return rc < 0 ? push_fail(L, rc, sg_postbox_errmsg(lp->pb)) : 1;
+}
+
+static int l_key_get(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  uint8_t key[32];
+  int rc = sg_postbox_key_get(lp->pb, luaL_checkstring(L, 2), key);
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  if (rc == SG_STORE_NOTFOUND) lua_pushnil(L);
+  else lua_pushlstring(L, (const char *)key, sizeof key);
+  return 1;
+}
+
+static int l_key_set(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  size_t len;
+  const char *peer = luaL_checkstring(L, 2);
+  const char *key = luaL_checklstring(L, 3, &len);
+  luaL_argcheck(L, len == 32, 3, "a 32-byte Ed25519 public key expected");
+  int rc = sg_postbox_key_set(lp->pb, peer, (const uint8_t *)key);
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_rename(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  int rc = sg_postbox_rename_peer(lp->pb, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
+  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  lua_pushboolean(L, rc == 0);
+  return 1;
+}
+
+/* ---- life cycle ------------------------------------------------------------------ */
+
+/* Lua references go first: when the postbox has nothing to close, lp is
+ * freed inside sg_postbox_close. */
+static void pb_close(lua_State *L, lpostbox *lp) {
+  if (!lp->pb) return;
+  sg_postbox *pb = lp->pb;
+  lp->pb = NULL;
+  if (!lp->lua_gone) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->store_ref);
+    sg__lua_store_hold(L, -1, -1);
+    lua_pop(L, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, lp->store_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, lp->push_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, lp->deliver_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, lp->self_ref);
+  }
+  sg_postbox_close(pb, free, lp);  /* lp is freed once the postbox is */
+}
+
+static int l_close(lua_State *L) {
+  lpostbox **ud = luaL_checkudata(L, 1, PB_MT);
+  if (*ud) pb_close(L, *ud);
+  *ud = NULL;
+  return 0;
+}
+
+static int l_gc(lua_State *L) {
+  lpostbox **ud = luaL_checkudata(L, 1, PB_MT);
+  if (*ud) {
+    (*ud)->lua_gone = 1;  /* collected: the state is going, or nobody can call us */
+    pb_close(L, *ud);
+  }
+  *ud = NULL;
+  return 0;
+}
+
+/* A batch Lua forgot to end was not acknowledged: its events stay queued. */
+static int l_batch_gc(lua_State *L) {
+  sg_postbox_batch **ud = luaL_checkudata(L, 1, BATCH_MT);
+  lua_getiuservalue(L, 1, 1);
+  lpostbox **owner = lua_touserdata(L, -1);
+  if (*ud && owner && *owner && (*owner)->pb) sg_postbox_pull_end((*owner)->pb, *ud, SG_ECANCELED);
+  *ud = NULL;
+  return 0;
+}
+
+static unsigned opt_uint(lua_State *L, int idx, const char *key, unsigned dflt) {
+  lua_getfield(L, idx, key);
+  lua_Integer v = luaL_optinteger(L, -1, dflt);
+  lua_pop(L, 1);
+  if (v < 0 || v > 0x7fffffff) luaL_error(L, "option %s: out of range", key);
+  return (unsigned)v;
+}
+
+static int l_new(lua_State *L) {
+  sg_host *h = sg__host_from_lua(L);
+  if (!h) return luaL_error(L, "segue.postbox needs the segue host");
+  sg_store *store = sg__lua_check_store(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  sg_postbox_options o;
+  sg_postbox_options_default(&o);
+  o.push_tries = opt_uint(L, 2, "push_tries", o.push_tries);
+  o.push_backoff_ms = opt_uint(L, 2, "push_backoff_ms", (unsigned)o.push_backoff_ms);
+  o.queue_limit = opt_uint(L, 2, "queue_limit", o.queue_limit);
+  o.deliver_tries = opt_uint(L, 2, "deliver_tries", o.deliver_tries);
+  o.deliver_backoff_ms = opt_uint(L, 2, "deliver_backoff_ms", (unsigned)o.deliver_backoff_ms);
+  lua_getfield(L, 3, "push");
+  lua_getfield(L, 3, "deliver");
+  luaL_argcheck(L, lua_isfunction(L, -2) && lua_isfunction(L, -1), 3,
+                "push and deliver functions expected");
+  lpostbox **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = NULL;
+  luaL_setmetatable(L, PB_MT);
+  lpostbox *lp = calloc(1, sizeof *lp);
+  if (!lp) return luaL_error(L, "out of memory");
+  lp->h = h;
+  sg_postbox_transport tp = {tp_push, tp_deliver, lp};
+  int rc = sg_postbox_new(h->loop, store, &tp, &o, &lp->pb);
+  if (rc < 0) {
+    free(lp);
+    return push_fail(L, rc, "cannot open the postbox");
+  }
+  *ud = lp;
+  lua_pushvalue(L, -3);
+  lp->push_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -2);
+  lp->deliver_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, 1);
+  lp->store_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lua_store_hold(L, 1, 1);
+  lua_pushvalue(L, -1);
+  lp->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+int luaopen_segue_postbox_core(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"push", l_push},           {"pull_begin", l_pull_begin}, {"pull_end", l_pull_end},
+      {"receive", l_receive},     {"receive_push", l_receive_push}, {"hold", l_hold},
+      {"release", l_release},     {"note", l_note},             {"peers", l_peers},
+      {"key_get", l_key_get},     {"key_set", l_key_set},       {"rename", l_rename},
+      {"close", l_close},         {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"new", l_new}, {NULL, NULL}};
+  if (luaL_newmetatable(L, PB_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, BATCH_MT)) {
+    lua_pushcfunction(L, l_batch_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, fns);
+  return 1;
+}

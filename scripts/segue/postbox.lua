@@ -1,0 +1,261 @@
+-- segue.postbox: Harmony federation's delivery rules for scripts
+-- (docs/postbox.md). The rules themselves (one Push at a time, the durable
+-- queue, the bound, Pull batches, held Pushes, redelivery) are in C
+-- (segue.postbox_core); this file is the policy around them: which peers to
+-- Pull and when, what an inbound event means (segue.emit "federation"), and
+-- the wiring to segue.harmony.
+--
+--   segue.postbox.push(server_id, event [, cb]) -> "pushed" | "queued" | nil, err, code
+--       event: a protocol.sync.v1.Event table. With cb: cb(how) or
+--       cb(nil, err) later, and push returns true | nil, err, code. Without
+--       cb, inside a coroutine: waits for the outcome. ELIMIT past queue_limit.
+--   segue.postbox.peers() -> per peer queue length, inbox, times, last error
+--   segue.postbox.pull(server_id) -> true | nil, err   (one Pull, now)
+local core = require "segue.core"
+local pbc = require "segue.postbox_core"
+local harmony = require "segue.harmony_api"
+local loop = require "segue.loop"
+
+local M = {}
+
+local EVENT = "protocol.sync.v1.Event"
+local SERVER_ID_KEY = "federation.server_id"
+
+M.defaults = {
+  push_tries = 5, push_backoff_ms = 200, queue_limit = 10000,
+  deliver_tries = 5, deliver_backoff_ms = 1000,
+  pull_interval_ms = 60000,     -- after the last Push from a peer
+  pull_backoff_ms = 1000,       -- first retry against a peer that is down, doubled
+  pull_max_bytes = 512 * 1024,  -- events per Pull response we serve
+}
+
+local pb          -- the segue.postbox_core object while started
+local opts        -- M.defaults overlaid with the config's federation keys
+local timers = {} -- server_id -> the timer of its next Pull
+local failures = {} -- server_id -> consecutive failed Pulls
+
+local function segue() return require "segue" end
+
+local function resume(co, ...)
+  local ok, err = coroutine.resume(co, ...)
+  if not ok then core.log("error", debug.traceback(co, err)) end
+end
+
+-- Runs fn(cb) and, without a callback of the caller's, waits in the calling
+-- coroutine for what cb receives.
+-- cb may run at once (the outcome is known without waiting).
+local function wait_for(fn)
+  local co, main = coroutine.running()
+  if main then error("without a callback this must run inside a coroutine (see segue.spawn)", 3) end
+  local result, waiting
+  local started, err, code = fn(function(...)
+    if waiting then resume(co, ...) else result = table.pack(...) end
+  end)
+  if not started then return nil, err, code end
+  if result then return table.unpack(result, 1, result.n) end
+  waiting = true
+  return coroutine.yield()
+end
+
+-- The transport -----------------------------------------------------------------
+
+local function transport_push(server_id, bytes, done)
+  local event, err = harmony.decode(EVENT, bytes)
+  if not event then return done(err) end
+  local ok, cerr = harmony.call(server_id, "Push", { event = event }, function(resp, e)
+    if resp then done() else done(tostring(e)) end
+  end)
+  if not ok then done(tostring(cerr)) end
+end
+
+-- segue.emit runs each handler in its own coroutine and only logs its errors;
+-- when the host offers a checked emit, a failing handler keeps the event in
+-- the inbox to be delivered again.
+local function transport_deliver(server_id, bytes)
+  local event, err = harmony.decode(EVENT, bytes)
+  if not event then return nil, err end
+  local s = segue()
+  if s.emit_checked then return s.emit_checked("federation", server_id, event) end
+  s.emit("federation", server_id, event)
+  return true
+end
+
+-- Pulls ---------------------------------------------------------------------------------
+
+local schedule_pull
+
+-- One Pull, repeated while the peer returns events (a queue longer than one
+-- response); the events are in the inbox before the next Pull asks for more.
+local function pull_now(server_id)
+  for _ = 1, 1000 do
+    local resp, err = harmony.call(server_id, "Pull", {})
+    if not resp then return nil, err end
+    local events = resp.event_queue or {}
+    if #events == 0 then return true end
+    local list = {}
+    for i, e in ipairs(events) do list[i] = assert(harmony.encode(EVENT, e)) end
+    local ok, serr = pb:receive(server_id, list)
+    if not ok then return nil, serr end
+  end
+  return true
+end
+
+local function pull_and_schedule(server_id)
+  if not pb then return nil, "ECLOSING: the postbox is closed" end
+  local ok, err = pull_now(server_id)
+  if not pb then return ok, err end
+  pb:release(server_id)
+  if ok then
+    pb:note(server_id, "pulled")
+    failures[server_id] = nil
+    schedule_pull(server_id, opts.pull_interval_ms)
+  else
+    pb:note(server_id, "error", "pull: " .. tostring(err))
+    local n = (failures[server_id] or 0) + 1
+    failures[server_id] = n
+    local delay = math.min(opts.pull_interval_ms, opts.pull_backoff_ms * 2 ^ math.min(n - 1, 20))
+    schedule_pull(server_id, math.floor(delay))
+  end
+  return ok, err
+end
+
+function schedule_pull(server_id, ms)
+  if timers[server_id] then timers[server_id]:stop() end
+  timers[server_id] = loop.timer(ms, 0, function()
+    timers[server_id] = nil
+    segue().spawn(pull_and_schedule, server_id)
+  end)
+end
+
+function M.pull(server_id) return pull_and_schedule(server_id) end
+
+-- Inbound requests -----------------------------------------------------------------------
+
+local function on_push(server_id, req)
+  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  local bytes, err = harmony.encode(EVENT, req.event or {})
+  if not bytes then return nil, err, "hrpc.http.bad-unary-request", 400 end
+  local ok, serr = wait_for(function(cb)
+    local r, e, c = pb:receive_push(server_id, bytes, cb)
+    if r == "stored" then cb(true) end
+    return r, e, c
+  end)
+  if not ok then return nil, tostring(serr), "hrpc.internal-server-error", 500 end
+  schedule_pull(server_id, opts.pull_interval_ms)
+  return {}
+end
+
+local function on_pull(server_id)
+  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  local events, batch = pb:pull_begin(server_id, opts.pull_max_bytes)
+  if not events then return nil, tostring(batch), "hrpc.internal-server-error", 500 end
+  local list = {}
+  for i, bytes in ipairs(events) do list[i] = assert(harmony.decode(EVENT, bytes)) end
+  local function written(ok) if pb then pb:pull_end(batch, ok) end end
+  if harmony.write_completion then
+    -- segue.harmony calls it once the response went out whole (or not).
+    return { event_queue = list }, written
+  end
+  -- Without write completion from segue.harmony the batch counts as written
+  -- when it is handed over: see docs/postbox.md, "Known gaps".
+  written(true)
+  return { event_queue = list }
+end
+
+local function on_new_id(server_id, req)
+  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  local new_id = req.new_server_id
+  if type(new_id) ~= "string" or new_id == "" then
+    return nil, "new_server_id is empty", "hrpc.http.bad-unary-request", 400
+  end
+  local ok, err = pb:rename(server_id, new_id)
+  if ok == nil then return nil, tostring(err), "hrpc.unavailable", 503 end
+  local key = pb:key_get(new_id)
+  local fed = harmony.running()
+  if key and fed then fed:key_put(new_id, key) end
+  core.log("info", "peer moved to a new server id", "peer", server_id, "new_id", new_id)
+  segue().emit("federation_new_id", server_id, new_id)
+  return {}
+end
+
+-- Our own id changed since the last run: tell every peer (NotifyNewId).
+local function announce_new_id(db, server_id)
+  local old = db:kv_get(SERVER_ID_KEY)
+  if old and old ~= server_id then
+    for _, p in ipairs(pb:peers()) do
+      local ok, err = harmony.call(p.server_id, "NotifyNewId", { new_server_id = server_id })
+      if not ok then pb:note(p.server_id, "error", "NotifyNewId: " .. tostring(err)) end
+    end
+  end
+  db:kv_set(SERVER_ID_KEY, server_id)
+end
+
+-- Life cycle ---------------------------------------------------------------------------------
+
+local function options(cfg)
+  local o = {}
+  for k, v in pairs(M.defaults) do o[k] = (cfg.federation or {})[k] or v end
+  return o
+end
+
+--- start(cfg, db): opens the postbox on the store `db`, takes over the
+--- federation's Push, Pull and NotifyNewId handlers and Pulls from every
+--- known peer, holding its Pushes until that Pull finished.
+function M.start(cfg, db)
+  if pb then return nil, "EEXIST: the postbox is already running", "EEXIST" end
+  opts = options(cfg)
+  local p, err, code = pbc.new(db, opts, { push = transport_push, deliver = transport_deliver })
+  if not p then return nil, err, code end
+  pb = p
+  harmony.handle("Push", on_push)
+  harmony.handle("Pull", on_pull)
+  harmony.handle("NotifyNewId", on_new_id)
+  local s = segue()
+  s.on("federation_key", function(id, key) if pb then pb:key_set(id, key) end end)
+  s.on("stopping", M.stop)
+  s.postbox = M
+  local fed = harmony.running()
+  for _, peer in ipairs(pb:peers()) do
+    local key = pb:key_get(peer.server_id)
+    if key and fed then fed:key_put(peer.server_id, key) end
+    pb:hold(peer.server_id)
+    schedule_pull(peer.server_id, 0)
+  end
+  if cfg.server_id and fed then s.spawn(announce_new_id, db, cfg.server_id) end
+  return true
+end
+
+function M.stop()
+  if not pb then return end
+  for id, t in pairs(timers) do t:stop() timers[id] = nil end
+  local p = pb
+  pb = nil
+  p:close()
+end
+
+function M.running() return pb ~= nil end
+
+function M.push(server_id, event, cb)
+  assert(type(server_id) == "string", "server_id must be a string")
+  assert(type(event) == "table", "event must be a protocol.sync.v1.Event table")
+  if not pb then return nil, "ECLOSING: the postbox is not running", "ECLOSING" end
+  local bytes, err, code = harmony.encode(EVENT, event)
+  if not bytes then return nil, err, code end
+  local function start(done)
+    local r, e, c = pb:push(server_id, bytes, function(ok, how)
+      if ok then done(how) else done(nil, how) end
+    end)
+    if r == "queued" then done("queued") end
+    if not r then return nil, e, c end
+    return true
+  end
+  if cb then return start(cb) end
+  return wait_for(start)
+end
+
+function M.peers()
+  if not pb then return {} end
+  return pb:peers()
+end
+
+return M

@@ -1,0 +1,109 @@
+"""The postbox between two segue processes over loopback: Pushes in order,
+a durable queue while the receiver is down, Pull on its return, kill -9 of
+the sender, and refused tokens that change nothing in the store."""
+import os
+import signal
+import unittest
+
+from fed_util import free_port, curl, PUSH
+from harness import wait_for
+from postbox_util import PostboxNode
+
+A, B = "a.example:2289", "b.example:2289"
+FAST = {"push_tries": 2, "push_backoff_ms": 20, "pull_interval_ms": 500, "pull_backoff_ms": 100}
+
+
+def pair():
+    """A (the sender) and B, each knowing the other's URL."""
+    a_port, b_port = free_port(), free_port()
+    a = PostboxNode(A, sender=True, port=a_port,
+                    federation=dict(FAST, peers={B: "http://127.0.0.1:%d" % b_port}))
+    b = PostboxNode(B, port=b_port,
+                    federation=dict(FAST, peers={A: "http://127.0.0.1:%d" % a_port}))
+    return a, b
+
+
+class Delivery(unittest.TestCase):
+    def test_in_order_then_queued_while_down_then_pulled_exactly_once(self):
+        a, b = pair()
+        b.start()
+        a.start()
+        try:
+            a.push(B, range(1, 6))
+            self.assertTrue(a.wait_acks(5), a.stderr())
+            self.assertEqual([x["how"] for x in a.read_acks()], ["pushed"] * 5)
+            self.assertTrue(wait_for(lambda: b.received_ids() == [1, 2, 3, 4, 5]), b.received_ids())
+
+            self.assertEqual(b.stop(), 0)
+            a.push(B, range(6, 16))
+            self.assertTrue(a.wait_acks(15), a.stderr())
+            self.assertEqual([x.get("how") for x in a.read_acks()[5:]], ["queued"] * 10)
+            self.assertEqual(a.queued(B), 10)  # rows in A's store
+            self.assertEqual([r[0] for r in a.db("SELECT last_error IS NOT NULL FROM peers"
+                                                  " WHERE server_id = ?", (B,))], [1])
+
+            b.start()  # pulls from A at start-up
+            self.assertTrue(wait_for(lambda: len(b.received_ids()) >= 15, 30), b.stderr())
+            self.assertTrue(wait_for(lambda: a.queued(B) == 0, 10))
+            self.assertEqual(b.received_ids(), list(range(1, 16)))
+            # Queue drained: Pushes again, still in order and once.
+            a.push(B, [16, 17])
+            self.assertTrue(wait_for(lambda: len(b.received_ids()) >= 17, 30))
+            self.assertEqual(b.received_ids(), list(range(1, 18)))
+        finally:
+            a.stop()
+            b.stop()
+
+    def test_kill_9_of_the_sender_loses_and_duplicates_nothing_acknowledged(self):
+        a, b = pair()
+        b.start()
+        a.start()
+        try:
+            a.push(B, [1])
+            self.assertTrue(a.wait_acks(1))
+            self.assertEqual(b.stop(), 0)
+            a.push(B, range(2, 41))
+            # Kill A while it is still queueing.
+            wait_for(lambda: len(a.read_acks()) >= 10, 30)
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait()
+            a.proc = None
+            a.log.close()
+            acked = {x["id"] for x in a.read_acks() if x.get("how") in ("pushed", "queued")}
+            queued_rows = a.queued(B)
+            self.assertGreaterEqual(queued_rows, len(acked) - 1)
+            os.remove(a.cmds)  # do not push again after the restart
+            a.start()
+            b.start()
+            self.assertTrue(wait_for(lambda: a.queued(B) == 0, 30), a.stderr())
+            got = b.received_ids()
+            self.assertEqual(len(got), len(set(got)), "duplicates: %r" % got)
+            self.assertTrue(acked <= set(got), "lost: %r" % (acked - set(got)))
+            self.assertEqual(got, sorted(got))
+        finally:
+            a.stop()
+            b.stop()
+
+
+class Refusals(unittest.TestCase):
+    def test_bad_tokens_change_nothing_in_the_store(self):
+        a, b = pair()
+        b.start()
+        try:
+            before = b.db("SELECT (SELECT count(*) FROM peers), (SELECT count(*) FROM inbox),"
+                          " (SELECT count(*) FROM outbox)")
+            for token in (None, "garbage", "AAAA"):
+                headers = ["Authorization: " + token] if token else []
+                status, _, _ = curl(b.url + PUSH, body=b"\x0a\x04\x12\x02\x08\x01",
+                                    headers=headers)
+                self.assertIn(status, (400, 401, 403))
+            after = b.db("SELECT (SELECT count(*) FROM peers), (SELECT count(*) FROM inbox),"
+                         " (SELECT count(*) FROM outbox)")
+            self.assertEqual(before, after)
+            self.assertEqual(b.received_ids(), [])
+        finally:
+            b.stop()
+
+
+if __name__ == "__main__":
+    unittest.main()
