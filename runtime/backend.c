@@ -514,6 +514,15 @@ static void backend_timer_closed(uv_handle_t *h) {
   if (b->ev && b->ev->on_closed) b->ev->on_closed(b);
 }
 
+/* The timer is closed only once the kick is: libuv gives no order among
+ * close callbacks (it runs them last-closed first), and freeing `b` while
+ * the kick inside it is still on the loop's closing list is a use after
+ * free. */
+static void backend_kick_closed(uv_handle_t *h) {
+  sg_backend *b = h->data;
+  uv_close((uv_handle_t *)&b->timer, backend_timer_closed);
+}
+
 /* Re-entered from each closing request timer and from the stop; frees once
  * nothing is left open. */
 void sg__backend_close(sg_backend *b) {
@@ -530,7 +539,6 @@ void sg__backend_close(sg_backend *b) {
     fail_waiting(b, SG_ECLOSING, "backend closed");
     fail_inflight(b, SG_ECLOSING, "backend closed");
   }
-  if (b->pending_timers > 0 || uv_is_closing((uv_handle_t *)&b->timer)) return;
-  uv_close((uv_handle_t *)&b->kick, NULL);
-  uv_close((uv_handle_t *)&b->timer, backend_timer_closed);
+  if (b->pending_timers > 0 || uv_is_closing((uv_handle_t *)&b->kick)) return;
+  uv_close((uv_handle_t *)&b->kick, backend_kick_closed);
 }
