@@ -37,6 +37,7 @@ typedef struct peer {
   uv_timer_t deliver_timer;
   int delivering;       /* guards against a handler re-entering delivery */
   int timers_closed;    /* freed when both timers closed */
+  int64_t queued;       /* rows in the outbox, cached: -1 until counted */
 } peer;
 
 struct sg_postbox {
@@ -55,7 +56,7 @@ struct sg_postbox {
 struct batch {
   sg_postbox_batch pub;
   peer *p;
-  int64_t last_seq;
+  int64_t last_seq, dropped;
   uint8_t **events;
   size_t *lens;
 };
@@ -247,6 +248,7 @@ static peer *get_peer(sg_postbox *pb, const char *id) {
     return NULL;
   }
   p->pb = pb;
+  p->queued = -1;
   uv_timer_init(pb->loop, &p->push_timer);
   uv_timer_init(pb->loop, &p->deliver_timer);
   p->push_timer.data = p->deliver_timer.data = p;
@@ -258,9 +260,14 @@ static peer *get_peer(sg_postbox *pb, const char *id) {
 
 /* ---- outbound ---------------------------------------------------------------- */
 
+/* Counted once, then kept up to date by every change to the peer's rows:
+ * a count per push would cost a scan of the queue. */
 static int64_t queue_len(sg_postbox *pb, peer *p) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_QUEUE_LEN, p->id);
-  return st ? run_int(pb, st) : -1;
+  if (p->queued < 0) {
+    sqlite3_stmt *st = stmt_for(pb, SQL_QUEUE_LEN, p->id);
+    p->queued = st ? run_int(pb, st) : -1;
+  }
+  return p->queued;
 }
 
 static void start_push(peer *p);
@@ -281,6 +288,7 @@ static void spill(peer *p, const char *why) {
   sg_postbox *pb = p->pb;
   int err = sg_store_atomic(pb->store, spill_tx, p);
   const char *msg = err ? pb->errmsg : why;
+  if (!err && p->queued >= 0) p->queued += p->out.count;
   record_error(pb, p->id, why);
   item *it;
   while ((it = item_shift(&p->out))) {
@@ -344,7 +352,9 @@ int sg_postbox_push(sg_postbox *pb, const char *id, const uint8_t *event, size_t
   /* Order: while anything is queued, nothing is Pushed. */
   if (queued > 0) {
     int err = append(pb, SQL_QUEUE_ADD, id, event, len);
-    return err ? err : SG_POSTBOX_QUEUED;
+    if (err) return err;
+    p->queued++;
+    return SG_POSTBOX_QUEUED;
   }
   item *it = item_new(event, len, (void (*)(void))cb, ud);
   if (!it) return fail(pb, SG_ENOMEM, NULL);
@@ -426,6 +436,7 @@ static int drop_served(sg_postbox *pb, struct batch *b) {
   if (!st) return SG_ESTORE;
   sqlite3_bind_int64(st, 2, b->last_seq);
   int err = run(pb, st);
+  b->dropped = sqlite3_changes(sg__store_db(pb->store));
   return err ? err : stamp(pb, b->p->id, STAMP_SERVED);
 }
 
@@ -441,6 +452,7 @@ int sg_postbox_pull_end(sg_postbox *pb, sg_postbox_batch *batch, int status) {
   if (b->pub.n) {
     b->p->serving = 0;
     if (status == 0) err = sg_store_atomic(pb->store, drop_served_tx, b);
+    if (status == 0 && !err && b->p->queued >= 0) b->p->queued -= b->dropped;
   }
   batch_free(b);
   return err;
@@ -708,6 +720,7 @@ int sg_postbox_rename_peer(sg_postbox *pb, const char *old_id, const char *new_i
   int err = sg_store_atomic(pb->store, rename_tx, &a);
   if (err) return err;
   if (p) forget_peer(pb, p);
+  np->queued = -1;  /* the old id's rows joined */
   schedule_delivery(np, 0);
   return 0;
 }

@@ -1,0 +1,108 @@
+/* Queue append+drain rate of the postbox on SQLite, against raw SQLite
+ * INSERTs (one transaction each, same pragmas) in the same run.
+ *   postbox_queue DIR SECONDS -> "postbox_rate baseline_rate" (events/s) */
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "postbox.h"
+#include "segue.h"
+
+/* A typical serialized Event: UserAddedToGuild{user_id, guild_id}. */
+static const uint8_t EVENT[] = {0x12, 0x10, 0x08, 0xb9, 0x60, 0x10, 0xc8, 0xd3, 0x9a,
+                                0x07, 0x08, 0x01, 0x10, 0x02, 0x08, 0x03, 0x10, 0x04};
+
+static double now_s(void) { return (double)uv_hrtime() / 1e9; }
+
+static int refuse(void *ud, const char *peer, const uint8_t *ev, size_t len, void *call) {
+  (void)ud, (void)peer, (void)ev, (void)len, (void)call;
+  return SG_EHTTP;  /* the peer is down: everything goes to the queue */
+}
+static int ignore(void *ud, const char *peer, const uint8_t *ev, size_t len, char *e, size_t n) {
+  (void)ud, (void)peer, (void)ev, (void)len, (void)e, (void)n;
+  return 0;
+}
+static void acked(void *ud, int err, int how, const char *msg) {
+  (void)how, (void)msg;
+  if (err) *(int *)ud = err;
+}
+
+static double postbox_rate(const char *dir, double secs) {
+  char path[512], err[600];
+  snprintf(path, sizeof path, "%s/postbox.db", dir);
+  sg_store *s;
+  uv_loop_t loop;
+  sg_postbox *pb;
+  uv_loop_init(&loop);
+  if (sg_store_open(path, &s, err, sizeof err)) {
+    fprintf(stderr, "%s\n", err);
+    exit(1);
+  }
+  sg_postbox_transport tp = {refuse, ignore, NULL};
+  sg_postbox_options o;
+  sg_postbox_options_default(&o);
+  o.push_tries = 1;
+  o.queue_limit = 1u << 30;
+  sg_postbox_new(&loop, s, &tp, &o, &pb);
+  long n = 0;
+  int failed = 0;
+  double t0 = now_s();
+  while (now_s() - t0 < secs) {
+    for (int i = 0; i < 1000; i++) {
+      int rc = sg_postbox_push(pb, "peer.example:2289", EVENT, sizeof EVENT, acked, &failed);
+      if (rc < 0 || failed) {
+        fprintf(stderr, "push: %s\n", sg_postbox_errmsg(pb));
+        exit(1);
+      }
+    }
+    sg_postbox_batch *b;
+    do {  /* drain as a peer's Pulls would */
+      sg_postbox_pull_begin(pb, "peer.example:2289", 512 * 1024, &b);
+      size_t got = b->n;
+      sg_postbox_pull_end(pb, b, 0);
+      if (!got) break;
+    } while (1);
+    n += 1000;
+  }
+  double rate = (double)n / (now_s() - t0);
+  sg_postbox_close(pb, NULL, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  sg_store_close(s);
+  return rate;
+}
+
+static double baseline_rate(const char *dir, double secs) {
+  char path[512];
+  snprintf(path, sizeof path, "%s/baseline.db", dir);
+  sqlite3 *db;
+  sqlite3_stmt *st;
+  sqlite3_open(path, &db);
+  sqlite3_exec(db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+               "CREATE TABLE q(seq INTEGER PRIMARY KEY, peer TEXT, event BLOB, created INTEGER)",
+               NULL, NULL, NULL);
+  sqlite3_prepare_v2(db, "INSERT INTO q(peer, event, created) VALUES (?1, ?2, ?3)", -1, &st, NULL);
+  long n = 0;
+  double t0 = now_s();
+  while (now_s() - t0 < secs) {
+    for (int i = 0; i < 1000; i++, n++) {
+      sqlite3_bind_text(st, 1, "peer.example:2289", -1, SQLITE_STATIC);
+      sqlite3_bind_blob(st, 2, EVENT, sizeof EVENT, SQLITE_STATIC);
+      sqlite3_bind_int64(st, 3, n);
+      if (sqlite3_step(st) != SQLITE_DONE) exit(1);
+      sqlite3_reset(st);
+    }
+  }
+  double rate = (double)n / (now_s() - t0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return rate;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) return 2;
+  double secs = atof(argv[2]);
+  printf("%.0f %.0f\n", postbox_rate(argv[1], secs), baseline_rate(argv[1], secs));
+  return 0;
+}
