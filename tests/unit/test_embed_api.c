@@ -185,6 +185,13 @@ static const sg_backend_vtable tb_vt = {sizeof tb_vt, tb_start, tb_request, tb_s
 #define ROOM_LOOKUP(v) "{\"type\":\"RoomLookup\",\"value\":\"" v "\"}"
 #define ROOM_ID(v) "{\"type\":\"RoomID\",\"value\":\"" v "\"}"
 
+/* A running host with one C backend, `name`, and no configured backend. */
+static void setup_running(fixture *fx, tb *t, const char *name) {
+  setup(fx);
+  CHECK(sg_host_add_cbackend(fx->host, name, &tb_vt, t, NULL) == 0);
+  load_and_start(fx, "backends = {}\n");
+}
+
 /* Sends `body` to `name` and runs the loop until the answer is in `r`. */
 static void request_and_wait(fixture *fx, const char *name, const char *body, reply *r) {
   memset(r, 0, sizeof *r);
@@ -192,6 +199,14 @@ static void request_and_wait(fixture *fx, const char *name, const char *body, re
   CHECK(r->calls == 0);  /* never from inside sg_host_request */
   CHECK(run_until(fx, &r->calls, 1, 3000));
   CHECK(r->calls == 1);
+}
+
+/* Sends `body` to C backend `t` and runs the loop until it got it (it leaves
+ * the answer to the test). */
+static void request_pending(fixture *fx, tb *t, const char *name, const char *body, reply *r) {
+  memset(r, 0, sizeof *r);
+  CHECK(sg_host_request(fx->host, name, body, on_reply, r) == 0);
+  CHECK(run_until(fx, &t->requests, t->requests + 1, 3000));
 }
 
 /* ---- the tests ------------------------------------------------------------------- */
@@ -313,13 +328,10 @@ static void test_cbackend_round_trip(void) {
 /* The backend answers later, outside vt->request. */
 static void test_cbackend_answers_later(void) {
   fixture fx;
-  setup(&fx);
   tb t = {0};
-  CHECK(sg_host_add_cbackend(fx.host, "slow", &tb_vt, &t, NULL) == 0);
-  load_and_start(&fx, "backends = {}\n");
-  reply r = {0};
-  CHECK(sg_host_request(fx.host, "slow", ROOM_LOOKUP("#later"), on_reply, &r) == 0);
-  CHECK(run_until(&fx, &t.requests, 1, 3000));
+  setup_running(&fx, &t, "slow");
+  reply r;
+  request_pending(&fx, &t, "slow", ROOM_LOOKUP("#later"), &r);
   CHECK_STR(t.seen, ROOM_LOOKUP("#later") "\n");
   CHECK(r.calls == 0);
   CHECK(sg_cbackend_respond(t.b, t.last_seq, ROOM_ID("!later")) == 0);
@@ -340,10 +352,8 @@ static void wait_restart(fixture *fx, tb *t, int starts) {
 
 static void test_cbackend_invalid_values(void) {
   fixture fx;
-  setup(&fx);
   tb t = {.answer = "{\"type\":\"RoomID\""};
-  CHECK(sg_host_add_cbackend(fx.host, "bad", &tb_vt, &t, NULL) == 0);
-  load_and_start(&fx, "backends = {}\n");
+  setup_running(&fx, &t, "bad");
 
   /* Invalid JSON: the requester gets EPROTO, the backend is restarted. */
   reply r;
@@ -396,10 +406,8 @@ static const char raising_script[] =
 
 static void test_error_cb(void) {
   fixture fx;
-  setup(&fx);
   tb t = {.answer = ROOM_ID("!fine")};
-  CHECK(sg_host_add_cbackend(fx.host, "c1", &tb_vt, &t, NULL) == 0);
-  load_and_start(&fx, "backends = {}\n");
+  setup_running(&fx, &t, "c1");
   CHECK(sg_host_load_script(fx.host, write_script(&fx, raising_script)) == 0);
   CHECK(run_until(&fx, &fx.errors, 2, 3000));
   CHECK(fx.last_err == SG_ELUA);
@@ -420,13 +428,10 @@ static void test_error_cb(void) {
  * host's close callback, and the backend's own closed callback runs too. */
 static void test_close_with_request_in_flight(void) {
   fixture fx;
-  setup(&fx);
   tb t = {0};
-  CHECK(sg_host_add_cbackend(fx.host, "mute", &tb_vt, &t, NULL) == 0);
-  load_and_start(&fx, "backends = {}\n");
-  reply r = {0};
-  CHECK(sg_host_request(fx.host, "mute", ROOM_LOOKUP("#void"), on_reply, &r) == 0);
-  CHECK(run_until(&fx, &t.requests, 1, 3000));
+  setup_running(&fx, &t, "mute");
+  reply r;
+  request_pending(&fx, &t, "mute", ROOM_LOOKUP("#void"), &r);
   teardown(&fx);
   CHECK(r.calls == 1 && r.err == SG_ECLOSING);
   CHECK(t.stops == 1 && t.closed == 1);
@@ -436,10 +441,8 @@ static void test_close_with_request_in_flight(void) {
  * exit to come) still frees everything and calls back. */
 static void test_close_during_backoff(void) {
   fixture fx;
-  setup(&fx);
   tb t = {0};
-  CHECK(sg_host_add_cbackend(fx.host, "flaky", &tb_vt, &t, NULL) == 0);
-  load_and_start(&fx, "backends = {}\n");
+  setup_running(&fx, &t, "flaky");
   CHECK(sg_cbackend_update(t.b, "not json") == SG_EPROTO);
   CHECK(logged(&fx, "backend=flaky", "restarting in 100 ms"));
   teardown(&fx);
