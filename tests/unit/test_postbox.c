@@ -102,6 +102,13 @@ static void run_for(uint64_t ms) {
   }
 }
 
+/* Runs the loop until `buf` reads `want`, or 5 s passed (then the CHECK_STR
+ * after it reports the difference): slack for loaded machines. */
+static void run_until(const char *buf, const char *want) {
+  uint64_t end = uv_now(&loop) + 5000;
+  while (strcmp(buf, want) != 0 && uv_now(&loop) < end) run_for(1);
+}
+
 static int push(const char *peer, const char *ev) {
   return sg_postbox_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_ack, (void *)ev);
 }
@@ -138,7 +145,7 @@ static void test_push_in_order(void) {
   CHECK(push("b:1", "e1") == 0);
   CHECK(push("b:1", "e2") == 0);
   CHECK(push("b:1", "e3") == 0);
-  run_for(50);
+  run_until(acks, "e1=pushed;e2=pushed;e3=pushed;");
   CHECK_STR(pushed, "e1;e2;e3;");
   CHECK_STR(acks, "e1=pushed;e2=pushed;e3=pushed;");
   CHECK(q("SELECT count(*) FROM outbox") == 0);
@@ -150,7 +157,7 @@ static void test_spill_then_queue(void) {
   push_result = SG_EHTTP;
   CHECK(push("c:1", "f1") == 0);
   CHECK(push("c:1", "f2") == 0);
-  run_for(200);
+  run_until(acks, "f1=queued;f2=queued;");
   CHECK_STR(acks, "f1=queued;f2=queued;");
   CHECK_STR(q_text("SELECT CAST(event AS TEXT) FROM outbox WHERE peer = 'c:1' ORDER BY seq"),
             "f1;f2;");
@@ -198,7 +205,7 @@ static void test_pull(void) {
   /* Drained: Pushes again. */
   reset();
   CHECK(push("c:1", "f6") == 0);
-  run_for(20);
+  run_until(pushed, "f6;");
   CHECK_STR(pushed, "f6;");
 }
 
@@ -224,12 +231,12 @@ static void test_inbound_hold(void) {
   CHECK_STR(delivered, "");  /* still held */
   CHECK(sg_postbox_release(pb, "d:1") == 0);
   CHECK(stored_calls == 1);
-  run_for(20);
+  run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
   /* Not held: stored at once. */
   CHECK(sg_postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 1);
-  run_for(10);
+  run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
 }
 
@@ -239,7 +246,7 @@ static void test_redelivery_and_dead_letters(void) {
   const uint8_t *ev[1] = {(const uint8_t *)"r1"};
   size_t len[1] = {2};
   CHECK(sg_postbox_receive(pb, "e:1", ev, len, 1) == 0);
-  run_for(100);
+  run_until(delivered, "e:1:r1;");
   CHECK_STR(delivered, "e:1:r1;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
   reset();
@@ -247,7 +254,7 @@ static void test_redelivery_and_dead_letters(void) {
   const uint8_t *two[2] = {(const uint8_t *)"bad", (const uint8_t *)"good"};
   size_t lens[2] = {3, 4};
   CHECK(sg_postbox_receive(pb, "e:1", two, lens, 2) == 0);
-  run_for(100);
+  run_until(delivered, "e:1:good;");
   CHECK_STR(delivered, "e:1:good;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
   CHECK_STR(q_text("SELECT CAST(event AS TEXT) || '/' || direction || '/' || error || '/'"
@@ -256,12 +263,13 @@ static void test_redelivery_and_dead_letters(void) {
 }
 
 static void test_rename(void) {
+  reset();
   uint8_t key[32], got[32];
   memset(key, 7, sizeof key);
   CHECK(sg_postbox_key_set(pb, "old:1", key) == 0);
   push_result = SG_EHTTP;
   CHECK(push("old:1", "o1") == 0);
-  run_for(200);
+  run_until(acks, "o1=queued;");
   CHECK(sg_store_map_put(store, "old:1", "m1", "irc", "i1", NULL) == 0);
   CHECK(sg_postbox_rename_peer(pb, "old:1", "new:1") == 0);
   CHECK(q("SELECT count(*) FROM peers WHERE server_id = 'old:1'") == 0);
@@ -281,7 +289,7 @@ static void test_survives_reopen(void) {
   close_all();
   reset();
   open_postbox(4);
-  run_for(30);
+  run_until(delivered, "f:1:left;");
   CHECK_STR(delivered, "f:1:left;");
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'new:1'") == 1);
 }
