@@ -10,6 +10,8 @@
  *   fed:on_request(fn(method, server_id, body, req))   "Push", "Pull", "NotifyNewId"
  *   req:respond(bytes) / req:error(status, identifier [, message]) -> true | nil, err, code
  *   req:alive() -> boolean
+ *   req:on_done(fn(ok, err)) -> true | nil, err, code: once the response was
+ *       written whole (ok) or never will be (before answering)
  *   fed:call(server_id, path, body, cb) -> true | nil, err, code
  *       cb(body) or cb(nil, "EHTTP: h.bad-token: ...", "EHTTP", http_status, identifier)
  *   fed:on_key(fn(server_id, public_key))  a peer's key was fetched (new or changed)
@@ -93,6 +95,43 @@ static int l_req_error(lua_State *L) {
   return push_result(L, rc);
 }
 
+typedef struct ldone {
+  lfed *lf;
+  int cb_ref;
+} ldone;
+
+static void on_done(sg_hrpc_request *req, void *ud, int status) {
+  ldone *d = ud;
+  lua_State *L = d->lf->h->L;
+  if (!d->lf->lua_gone && L) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, d->cb_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, d->cb_ref);
+    lua_pushboolean(L, status == 0);
+    if (status) lua_pushfstring(L, "%s: %s", sg_err_name(status), sg_strerror(status));
+    else lua_pushnil(L);
+    sg__host_pcall(d->lf->h, 2, 0, "federation write completion");
+  }
+  free(d);
+}
+
+/* req:on_done(fn(ok, err)): fn runs once the response was written whole
+ * (ok true) or never will be. Call before answering. */
+static int l_req_on_done(lua_State *L) {
+  sg_hrpc_request **r = check_req(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  ldone *d = malloc(sizeof *d);
+  if (!d) return luaL_error(L, "out of memory");
+  d->lf = (*r)->data;
+  lua_pushvalue(L, 2);
+  d->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  int rc = sg_hrpc_request_on_done(*r, on_done, d);
+  if (rc) {
+    luaL_unref(L, LUA_REGISTRYINDEX, d->cb_ref);
+    free(d);
+  }
+  return push_result(L, rc);
+}
+
 static int l_req_alive(lua_State *L) {
   sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
   lua_pushboolean(L, *r && sg_hrpc_request_alive(*r));
@@ -119,6 +158,7 @@ static void on_request(sg_federation *f, sg_fed_method m, const char *server_id,
   lua_pushstring(L, sg_fed_method_name(m));
   lua_pushstring(L, server_id);
   lua_pushlstring(L, req->body ? (const char *)req->body : "", req->body_len);
+  req->data = lf;  /* for req:on_done */
   sg_hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
   *r = req;
   luaL_setmetatable(L, REQ_MT);
@@ -431,7 +471,8 @@ int luaopen_segue_federation(lua_State *L) {
       {"public_key", l_public_key}, {"server_id", l_server_id}, {"close", l_close},
       {NULL, NULL}};
   static const luaL_Reg req_methods[] = {
-      {"respond", l_req_respond}, {"error", l_req_error}, {"alive", l_req_alive}, {NULL, NULL}};
+      {"respond", l_req_respond}, {"error", l_req_error}, {"alive", l_req_alive},
+      {"on_done", l_req_on_done}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"start", l_start}, {"load_key", l_load_key}, {NULL, NULL}};
   new_metatable(L, FED_MT, fed_methods, l_gc);
   new_metatable(L, REQ_MT, req_methods, l_req_gc);

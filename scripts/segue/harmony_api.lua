@@ -15,8 +15,10 @@
 --       (then cb is never called). Without cb, inside a coroutine: waits and
 --       returns the same values.
 --   segue.harmony.handle(method, fn) -> previous fn
---       fn(server_id, request) -> response | nil, message [, identifier, status]
+--       fn(server_id, request) -> response [, written] | nil, message [, identifier, status]
 --       answers an authenticated request; runs in its own coroutine.
+--       written(ok, err), when given, runs once the response was written
+--       to the socket whole (ok = true) or never will be (M.write_completion).
 --   segue.harmony.stop(), .port(), .public_key(), .server_id(), .running()
 --
 -- Until the postbox gives them their delivery semantics, the handlers are:
@@ -29,6 +31,9 @@ local core = require "segue.core"
 
 local M = {}
 for k, v in pairs(codec) do M[k] = v end
+
+--- Handlers may return (response, written): see handle().
+M.write_completion = true
 
 local SYNC, AUTH = "protocol.sync.v1.", "protocol.auth.v1."
 
@@ -83,10 +88,17 @@ local function answer(method, server_id, msg, req)
   end
   local resp, err, identifier, status = r[2], r[3], r[4], r[5]
   if resp == nil then return req:error(status or 500, identifier or INTERNAL, err) end
+  -- resp, written: written(ok, err) learns whether the response left whole
+  local written = type(err) == "function" and err or nil
   local bytes, e = codec.encode(M.methods[short[method]][2], resp)
   if not bytes then
     core.log("error", "federation handler answered badly: " .. e, "peer", server_id, "method", method)
+    if written then written(false, e) end
     return req:error(500, INTERNAL, "the handler's answer does not encode")
+  end
+  if written then
+    local ok, derr = req:on_done(written)
+    if not ok then written(false, derr) end
   end
   return req:respond(bytes)
 end

@@ -216,6 +216,23 @@ describe("segue.harmony handlers", function()
     assert.are.same({ me, "new.example:1" }, moved)
   end)
 
+  it("tells a handler when its response was written out whole", function()
+    local outcome
+    local prev = h.handle("Pull", function()
+      return { event_queue = { { user_added_to_guild = { user_id = 5, guild_id = 6 } } } },
+        function(ok, err) outcome = { ok, err } end
+    end)
+    local r = segue.await(function()
+      local resp = h.call(me, "Pull", {})
+      while not outcome do segue.sleep(5) end
+      return resp
+    end)
+    h.handle("Pull", prev)
+    assert.is_true(h.write_completion)
+    assert.are.same({ user_added_to_guild = { user_id = 5, guild_id = 6 } }, r.event_queue[1])
+    assert.are.same({ true }, outcome)
+  end)
+
   it("answers with the error a replaced handler returns", function()
     local prev = h.handle("Pull", function() return nil, "queue is busy", "hrpc.unavailable", 503 end)
     local r, err, code, status, identifier = segue.await(function() return h.call(me, "Pull", {}) end)

@@ -1,0 +1,90 @@
+#!/bin/sh
+# Push requests per second through segue's whole inbound path (HTTP parse,
+# token parse + admit + Ed25519 verify, protobuf decode, Lua handler and
+# segue.emit, PushResponse), with keep-alive connections from a small C load
+# generator, reported against two ceilings measured in the same run:
+#   - a trivial libuv HTTP responder (bench/uv_http_baseline.c) under the
+#     same load: what the network stack and the loop allow;
+#   - libsodium's single-core verify rate (bench/push_verify.c): what the
+#     signature check alone allows.
+#
+#   bench/push.sh [SECONDS] [CONNECTIONS]     (default 3 s, 8 connections)
+# Uses $SEGUE, else build/RelWithDebInfo/segue (built with ./build.sh).
+# BENCH_ROWS=1 prints rows for bench/run instead of the table.
+set -eu
+cd "$(dirname "$0")/.."
+secs=${1:-${BENCH_SECONDS:-3}}
+conns=${2:-8}
+SEGUE=$(realpath -m "${SEGUE:-build/RelWithDebInfo/segue}")
+[ -x "$SEGUE" ] || { ./build.sh build >/dev/null; SEGUE=$(realpath build/RelWithDebInfo/segue); }
+tmp=$(mktemp -d)
+pids=""
+cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT INT TERM
+
+cc -O2 -o "$tmp/push_load" bench/push_load.c
+cc -O2 -o "$tmp/uv_http_baseline" bench/uv_http_baseline.c $(pkg-config --cflags --libs libuv)
+cc -O2 -o "$tmp/push_verify" bench/push_verify.c $(pkg-config --cflags --libs libsodium)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_up() { # port
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "push.sh: nothing answers on port $1" >&2; cat "$tmp/segue.log" >&2; exit 1
+}
+
+# segue signs its own tokens: its peers entry points at itself, so the one
+# key fetch goes to its own Key endpoint.
+sport=$(free_port)
+id="bench.example:2289"
+cat > "$tmp/segue.lua" <<CFG
+data_dir = "$tmp/data"
+server_id = "$id"
+listen = "127.0.0.1:$sport"
+log_level = "warn"
+federation = { peers = { ["$id"] = "http://127.0.0.1:$sport" } }
+CFG
+"$SEGUE" key "$tmp/segue.lua" >/dev/null
+cat > "$tmp/token.lua" <<LUA
+local h = require("segue").harmony
+local secret = assert(io.open("$tmp/data/harmony.key", "rb")):read("a")
+local body = h.encode("protocol.sync.v1.PushRequest", { event = { user_invited =
+  { user_id = -1, inviter_id = 42, invite_id = "bench-invite" } } })
+print(h.token_create(secret, "$id", os.time()))
+print((body:gsub(".", function(c) return ("%02x"):format(c:byte()) end)))
+LUA
+"$SEGUE" exec "$tmp/token.lua" > "$tmp/token"
+token=$(sed -n 1p "$tmp/token")
+body=$(sed -n 2p "$tmp/token")
+path=/protocol.sync.v1.PostboxService/Push
+
+"$SEGUE" run "$tmp/segue.lua" 2>"$tmp/segue.log" &
+pids="$pids $!"
+wait_up "$sport"
+# one request first: the key fetch is not part of the steady state
+"$tmp/push_load" "$sport" 0.2 1 "$path" "$token" "$body" >/dev/null
+push=$("$tmp/push_load" "$sport" "$secs" "$conns" "$path" "$token" "$body")
+
+bport=$(free_port)
+"$tmp/uv_http_baseline" "$bport" &
+pids="$pids $!"
+wait_up "$bport"
+base=$("$tmp/push_load" "$bport" "$secs" "$conns" "$path" "$token" "$body")
+
+verify=$("$tmp/push_verify" "$secs")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
+if [ "${BENCH_ROWS:-}" = 1 ]; then
+  echo "Push requests, $conns keep-alive connections|$push|$base|trivial libuv HTTP responder|/s"
+  echo "Push requests vs signature checks|$push|$verify|libsodium Ed25519 verify, 1 core|/s"
+  exit 0
+fi
+echo "Push over hRPC: $secs s per measurement, $conns keep-alive connections, $(nproc) cores"
+echo
+echo "| measurement | per second | segue Push is |"
+echo "|---|---|---|"
+echo "| segue Push (token verified, Lua handler) | $push | 1.000 |"
+echo "| trivial libuv HTTP responder | $base | $(ratio "$push" "$base") of it |"
+echo "| libsodium Ed25519 verify, 1 core | $verify | $(ratio "$push" "$verify") of it |"
