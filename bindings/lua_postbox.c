@@ -20,6 +20,7 @@
  *   pb:key_get(server_id) -> 32 bytes | nil;  pb:key_set(server_id, key)
  *   pb:rename(old_id, new_id) -> true | false (unknown) | nil, err, code
  *   pb:close()
+ *   peers_of(db) -> pb:peers()'s rows from the store alone (segue status)
  *
  * The userdata holds a pointer to C memory (luv's model); the postbox keeps
  * its store's Lua value referenced and held, so the store outlives it. */
@@ -322,6 +323,14 @@ static int l_peers(lua_State *L) {
   return rc < 0 ? push_fail(L, rc, sg_postbox_errmsg(lp->pb)) : 1;
 }
 
+/* peers_of(db) -> the peers' rows of a store, without a postbox (segue status) */
+static int l_peers_of(lua_State *L) {
+  sg_store *s = sg__lua_check_store(L, 1);
+  lua_newtable(L);
+  int rc = sg_postbox_store_peers(s, push_peer, L);
+  return rc < 0 ? push_fail(L, rc, sg_store_errmsg(s)) : 1;
+}
+
 static int l_key_get(lua_State *L) {
   lpostbox *lp = check_pb(L);
   uint8_t key[32];
@@ -456,7 +465,7 @@ int luaopen_segue_postbox_core(lua_State *L) {
       {"release", l_release},     {"note", l_note},             {"peers", l_peers},
       {"key_get", l_key_get},     {"key_set", l_key_set},       {"rename", l_rename},
       {"close", l_close},         {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"new", l_new}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"new", l_new}, {"peers_of", l_peers_of}, {NULL, NULL}};
   if (luaL_newmetatable(L, PB_MT)) {
     luaL_newlib(L, methods);
     lua_setfield(L, -2, "__index");

@@ -18,6 +18,7 @@ static const char usage[] =
     "  exec FILE.lua [ARGS...]   run a Lua script with the segue API, then stop\n"
     "  reload [CONFIG]           make the segue running with CONFIG's data_dir reload\n"
     "  key [CONFIG]              print the server id and federation public key (creates the key)\n"
+    "  status [CONFIG]           print peers' queues and backends' states of the segue using CONFIG (JSON)\n"
     "  config --default          print the embedded default config\n"
     "  --version, --help\n"
     "\n"
@@ -134,6 +135,12 @@ static int cmd_reload(app *a, int argc, char **argv) {
   return finish(a, 0);
 }
 
+static int cmd_status(app *a, int argc, char **argv) {
+  int rc = sg__host_call_boot(a->host, "status", (const char *const *)argv, argc > 0 ? 1 : 0);
+  if (rc != 0) return fail(a, "status");
+  return finish(a, 0);
+}
+
 /* segue.harmony.key_command(CONFIG) does the work: it is policy (which
  * config, which data_dir), so it lives in Lua. */
 static int cmd_key(app *a, int argc, char **argv) {
@@ -196,6 +203,7 @@ int main(int argc, char **argv) {
   else if (strcmp(cmd, "config") == 0) fn = cmd_config;
   else if (strcmp(cmd, "key") == 0) fn = cmd_key;
   else if (strcmp(cmd, "reload") == 0) fn = cmd_reload;
+  else if (strcmp(cmd, "status") == 0) fn = cmd_status;
   else if (strcmp(cmd, "check") != 0) {
     fprintf(stderr, "segue: unknown command %s\n\n%s", cmd, usage);
     return 2;

@@ -621,14 +621,15 @@ int sg_postbox_note(sg_postbox *pb, const char *id, sg_postbox_note_kind kind,
   return stamp(pb, id, kind == SG_POSTBOX_NOTE_PULLED ? STAMP_PULL : STAMP_PUSH_IN);
 }
 
-int sg_postbox_peers(sg_postbox *pb, int (*cb)(void *ud, const sg_postbox_peer_status *st),
-                     void *ud) {
-  sqlite3_stmt *st = sg__store_stmt(pb->store, SQL_PEERS);
-  if (!st) return store_fail(pb, SG_ESTORE);
+/* The peers' rows, with what only a running postbox knows (pb may be NULL). */
+static int walk_peers(sg_store *store, sg_postbox *pb,
+                      int (*cb)(void *ud, const sg_postbox_peer_status *st), void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(store, SQL_PEERS);
+  if (!st) return SG_ESTORE;
   int rc, err = 0;
   while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
     const char *id = (const char *)sqlite3_column_text(st, 0);
-    peer *p = find_peer(pb, id);
+    peer *p = pb ? find_peer(pb, id) : NULL;
     sg_postbox_peer_status s = {
         id, sqlite3_column_int64(st, 8), sqlite3_column_int64(st, 9),
         p ? p->out.count : 0, sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
@@ -637,9 +638,20 @@ int sg_postbox_peers(sg_postbox *pb, int (*cb)(void *ud, const sg_postbox_peer_s
         p ? p->held : 0};
     err = cb(ud, &s);
   }
-  if (!err && rc != SQLITE_DONE) err = store_fail(pb, sg__store_fail(pb->store));
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(store);
   sqlite3_reset(st);
   return err;
+}
+
+int sg_postbox_peers(sg_postbox *pb, int (*cb)(void *ud, const sg_postbox_peer_status *st),
+                     void *ud) {
+  int err = walk_peers(pb->store, pb, cb, ud);
+  return err == SG_ESTORE ? store_fail(pb, err) : err;
+}
+
+int sg_postbox_store_peers(sg_store *store,
+                           int (*cb)(void *ud, const sg_postbox_peer_status *st), void *ud) {
+  return walk_peers(store, NULL, cb, ud);
 }
 
 int sg_postbox_key_get(sg_postbox *pb, const char *id, uint8_t key[32]) {

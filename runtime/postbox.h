@@ -146,6 +146,10 @@ typedef struct sg_postbox_peer_status {
 /* Calls cb for every peer known to the store, by server id; borrowed. */
 int sg_postbox_peers(sg_postbox *pb,
                      int (*cb)(void *ud, const sg_postbox_peer_status *st), void *ud);
+/* The same from the store alone (no running postbox: waiting 0, held 0),
+ * for `segue status` beside a running segue; errors in sg_store_errmsg. */
+int sg_postbox_store_peers(sg_store *store,
+                           int (*cb)(void *ud, const sg_postbox_peer_status *st), void *ud);
 
 /* The peer's persisted Ed25519 public key (32 bytes): 0, or
  * SG_STORE_NOTFOUND. Setting creates the peer's row if needed. */

@@ -151,6 +151,7 @@ function M.start()
   local ok, err = fs.mkdir_p(current.data_dir, tonumber("700", 8))
   if not ok then return report { err } end
   open_store(current.data_dir)
+  if M.store then require("segue.postbox").publish_status(M.store) end  -- for `segue status`
   router.install()
   if current.rules then
     ok, err = router.load(current.rules, backend_names(current))
@@ -232,6 +233,9 @@ function M.signal_reload(path)
   io.stdout:write("asked segue (pid ", pid, ") to reload\n")
   return true
 end
+
+--- status(config_path): `segue status [CONFIG]` (scripts/segue/postbox.lua).
+function M.status(path) return require("segue.postbox").status_command(path) end
 
 --- status(): the router's state, for `segue status` and tests.
 function M.router_status() return router.status end

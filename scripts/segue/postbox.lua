@@ -258,4 +258,48 @@ function M.peers()
   return pb:peers()
 end
 
+-- Status ---------------------------------------------------------------------------------
+-- `segue status` runs in another process: the running host publishes its
+-- backends' state in the store (kv), beside the peers' rows the postbox keeps.
+
+local STATUS_KEY = "status.host"
+
+--- publish_status(db [, every_ms]): writes { time, pid, backends } now,
+--- every every_ms (default 5000) and whenever a backend changes state.
+function M.publish_status(db, every_ms)
+  local json = require "segue.json"
+  local fs = require "segue.fs"
+  local s = segue()
+  local function write()
+    db:kv_set(STATUS_KEY, json.encode { time = os.time() * 1000, pid = fs.getpid(), backends = s.backends() })
+  end
+  write()
+  local t = loop.timer(every_ms or 5000, every_ms or 5000, write)
+  local off = s.on("backend", write)
+  s.on("stopping", function() t:stop() off() end)
+end
+
+--- status_command(config_path): prints the status of the segue using that
+--- config's data_dir as one JSON object: peers (queue length, inbox,
+--- last push/pull times in ms since the epoch, last error) and backends.
+function M.status_command(path)
+  local config = require "segue.config"
+  local json = require "segue.json"
+  local store = require "segue.store"
+  local cfg, errors
+  if path then cfg, errors = config.load_file(path)
+  else cfg, errors = config.load_string(core.embedded_source("segue.default_config"), "(default config)") end
+  if not cfg then return nil, table.concat(errors, "\n"), "ECONFIG" end
+  local db, err, code = store.open(cfg.data_dir .. "/segue.db")
+  if not db then return nil, err, code end
+  local peers, perr, pcode = pbc.peers_of(db)
+  local host = db:kv_get(STATUS_KEY)
+  db:close()
+  if not peers then return nil, perr, pcode end
+  local out = host and json.decode(host) or { backends = {} }
+  out.peers = peers
+  io.stdout:write(json.encode(out), "\n")
+  return true
+end
+
 return M

@@ -6,7 +6,7 @@ import signal
 import unittest
 
 from fed_util import free_port, curl, PUSH
-from harness import wait_for
+from harness import run, wait_for
 from postbox_util import PostboxNode
 
 A, B = "a.example:2289", "b.example:2289"
@@ -39,8 +39,12 @@ class Delivery(unittest.TestCase):
             self.assertTrue(a.wait_acks(15), a.stderr())
             self.assertEqual([x.get("how") for x in a.read_acks()[5:]], ["queued"] * 10)
             self.assertEqual(a.queued(B), 10)  # rows in A's store
-            self.assertEqual([r[0] for r in a.db("SELECT last_error IS NOT NULL FROM peers"
-                                                  " WHERE server_id = ?", (B,))], [1])
+            status = run(["status", a.config], cwd=a.dir)
+            self.assertEqual(status.code, 0, status.stderr)
+            peer = [p for p in status.values()[0]["peers"] if p["server_id"] == B][0]
+            self.assertEqual(peer["queued"], 10)
+            self.assertIn("last_error", peer)
+            self.assertGreater(peer["last_push"], 0)
 
             b.start()  # pulls from A at start-up
             self.assertTrue(wait_for(lambda: len(b.received_ids()) >= 15, 30), b.stderr())
