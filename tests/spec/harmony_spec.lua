@@ -33,6 +33,13 @@ local samples = {
   ["hrpc.v1.RetryInfo"] = function() return { retry_after = 4294967295 } end,
 }
 
+-- Stops federation and removes the data directory a spec gave it.
+local function stop_and_clean(dir)
+  h.stop()
+  os.remove(dir .. "/harmony.key")
+  os.remove(dir)
+end
+
 local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
 
 describe("segue.harmony encode and decode", function()
@@ -132,11 +139,7 @@ describe("segue.harmony.call", function()
       assert(h.start { server_id = "spec.example:1", data_dir = dir,
                        federation = { peers = { ["closed.example:1"] = "http://" .. closed } } })
     end)
-    teardown(function()
-      h.stop()
-      os.remove(dir .. "/harmony.key")
-      os.remove(dir)
-    end)
+    teardown(function() stop_and_clean(dir) end)
 
     it("has a 32-byte public key and our server id", function()
       assert.are.equal(32, #h.public_key())
@@ -187,11 +190,7 @@ describe("segue.harmony handlers", function()
     assert(h.start { server_id = me, data_dir = dir, listen = "127.0.0.1:" .. port,
                      federation = { peers = { [me] = "http://127.0.0.1:" .. port } } })
   end)
-  teardown(function()
-    h.stop()
-    os.remove(dir .. "/harmony.key")
-    os.remove(dir)
-  end)
+  teardown(function() stop_and_clean(dir) end)
 
   it("delivers a signed Push to segue.on('federation') with the exact ids", function()
     local got
