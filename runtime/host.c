@@ -293,8 +293,9 @@ int sg__host_add_backend(sg_host *h, const char *name, const sg_transport *tp,
   }
   if (attach && (rc = attach(&hb->b, attach_arg)) != 0) {
     free(hb->b.name);
-    uv_close((uv_handle_t *)&hb->b.kick, NULL);
+    /* uv finishes closes last-asked first: the one that frees goes first. */
     uv_close((uv_handle_t *)&hb->b.timer, free_unattached);
+    uv_close((uv_handle_t *)&hb->b.kick, NULL);
     return rc;
   }
   hb->next = h->backends;
@@ -365,15 +366,24 @@ static void reaper_closed(uv_handle_t *handle) {
   if (cb) cb(data);
 }
 
+/* One loop turn after the last close was asked: uv runs the close callbacks
+ * of a turn at its end, so by now every handle of ours finished closing and
+ * the embedder's callback may close its loop. */
+static void reap(uv_idle_t *idle) {
+  uv_idle_stop(idle);
+  uv_close((uv_handle_t *)idle, reaper_closed);
+}
+
 static void maybe_free_host(sg_host *h) {
-  if (h->backends_open > 0 || uv_is_closing((uv_handle_t *)&h->reaper)) return;
+  if (h->backends_open > 0 || uv_is_active((uv_handle_t *)&h->reaper) ||
+      uv_is_closing((uv_handle_t *)&h->reaper))
+    return;
   if (h->L) {
-    /* Lua objects (timers, ...) close their handles from __gc; the reaper
-     * closes last, after them, because uv runs close callbacks in order. */
+    /* Lua objects (timers, watchers) close their handles from __gc. */
     lua_close(h->L);
     h->L = NULL;
   }
-  uv_close((uv_handle_t *)&h->reaper, reaper_closed);
+  uv_idle_start(&h->reaper, reap);
 }
 
 void sg_host_close(sg_host *h, void (*cb)(void *data), void *data) {

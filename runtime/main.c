@@ -79,8 +79,8 @@ static int finish(app *a, int code) {
 }
 
 static int fail(app *a, const char *what) {
-  if (a->host && a->host->last_error[0])
-    fprintf(stderr, "segue: %s: %s\n", what, a->host->last_error);
+  const char *err = a->host ? sg_host_last_error(a->host) : NULL;
+  if (err && err[0]) fprintf(stderr, "segue: %s: %s\n", what, err);
   return finish(a, 1);
 }
 
@@ -120,7 +120,7 @@ static int cmd_exec(app *a, int argc, char **argv) {
     return finish(a, 2);
   }
   int rc = sg__host_call_boot(a->host, "exec", (const char *const *)argv, argc);
-  if (rc != 0) fprintf(stderr, "%s\n", a->host->last_error);
+  if (rc != 0) fprintf(stderr, "%s\n", sg_host_last_error(a->host));
   /* The script drove the loop itself (segue.await); what it started ends
    * with it: backends stop gracefully, then the host closes. */
   sg_host_stop(a->host, host_stopped);
