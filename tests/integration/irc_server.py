@@ -1,0 +1,168 @@
+"""A real IRC server (Debian's ngircd) on a loopback port, and a raw IRC
+client over a plain socket, for the IRC backend's integration tests."""
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+from harness import tmpdir, write
+
+NGIRCD = shutil.which("ngircd") or "/usr/sbin/ngircd"
+OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_cert(d, name="localhost"):
+    """A self-signed certificate for `name`: (cert path, key path)."""
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:" + name,
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    os.chmod(key, 0o644)  # ngircd drops to nobody
+    return cert, key
+
+
+class NgIRCd:
+    """ngircd in the foreground (-n) with a generated config in a temp dir."""
+
+    def __init__(self, password=None, tls=False):
+        self.dir = tmpdir()
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.proc = None
+        ssl_section = ""
+        if tls:
+            cert, key = make_cert(self.dir)
+            ssl_section = "[SSL]\nCertFile = %s\nKeyFile = %s\nPorts = %d\n" % (cert, key, self.tls_port)
+        self.conf = write(os.path.join(self.dir, "ngircd.conf"), """
+[Global]
+Name = irc.test
+Info = segue test server
+AdminInfo1 = segue tests
+AdminInfo2 = loopback
+AdminEMail = nobody@example.org
+Listen = 127.0.0.1
+Ports = %d
+MotdPhrase = segue test
+ServerUID = 65534
+ServerGID = 65534
+%s
+[Limits]
+MaxNickLength = 30
+PingTimeout = 120
+PongTimeout = 20
+MaxConnectionsIP = 50
+[Options]
+PAM = no
+Ident = no
+DNS = no
+%s""" % (self.port, "Password = %s" % password if password else "", ssl_section))
+
+    @staticmethod
+    def available():
+        return os.path.exists(NGIRCD)
+
+    def start(self):
+        self.log = open(os.path.join(self.dir, "ngircd.log"), "ab")
+        self.proc = subprocess.Popen([NGIRCD, "-n", "-f", self.conf], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("ngircd exited: " + self.output())
+                time.sleep(0.05)
+        raise RuntimeError("ngircd did not listen: " + self.output())
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc:
+            self.log.close()
+        self.proc = None
+
+    def output(self):
+        with open(os.path.join(self.dir, "ngircd.log"), "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+class RawClient:
+    """An IRC user typed by hand: lines in and out, PINGs answered."""
+
+    def __init__(self, port, nick, host="127.0.0.1", password=None):
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.buf = b""
+        self.nick = nick
+        self.seen = []
+        if password:
+            self.send("PASS " + password)
+        self.send("NICK " + nick)
+        self.send("USER %s 0 * :raw client" % nick)
+        self.expect(r"^:\S+ 001 ")
+
+    def send(self, line):
+        self.sock.sendall(line.encode() + b"\r\n")
+
+    def join(self, *channels):
+        for ch in channels:
+            self.send("JOIN " + ch)
+            self.expect(r"^:\S+ 366 \S+ %s " % re.escape(ch))
+
+    def say(self, target, text):
+        self.send("PRIVMSG %s :%s" % (target, text))
+
+    def lines(self, timeout):
+        """Yields lines until `timeout` seconds have passed."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            while b"\r\n" in self.buf:
+                line, self.buf = self.buf.split(b"\r\n", 1)
+                text = line.decode(errors="replace")
+                self.seen.append(text)
+                if text.startswith("PING "):
+                    self.send("PONG " + text[5:])
+                    continue
+                yield text
+            self.sock.settimeout(max(0.05, deadline - time.time()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                return
+            self.buf += data
+
+    def expect(self, pattern, timeout=20):
+        """The first line matching the regular expression, or AssertionError."""
+        for line in self.lines(timeout):
+            if re.search(pattern, line):
+                return line
+        raise AssertionError("no line matching %r in %d s; last lines:\n%s"
+                             % (pattern, timeout, "\n".join(self.seen[-20:])))
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def tls_wrap_server(sock, cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx.wrap_socket(sock, server_side=True)
