@@ -155,21 +155,33 @@ static void push_answered(void *ud, int err, int how, const char *message) {
   sg__host_pcall(h, 2, 0, "postbox push callback");
 }
 
-static int l_push(lua_State *L) {
+/* The calls taking (server_id, event, cb): rc 0 means cb runs later; any
+ * other rc means it never will, so its reference goes now. Returns `later`
+ * or `now` (rc > 0), or the failure. */
+typedef int (*event_call)(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len,
+                          lcb *c);
+
+static int call_with_event(lua_State *L, event_call call, const char *now, const char *later) {
   lpostbox *lp = check_pb(L);
   const char *peer = luaL_checkstring(L, 2);
   size_t len;
   const char *ev = luaL_checklstring(L, 3, &len);
   lcb *c = lcb_new(L, lp, 4);
-  int rc = sg_postbox_push(lp->pb, peer, (const uint8_t *)ev, len, push_answered, c);
+  int rc = call(lp->pb, peer, (const uint8_t *)ev, len, c);
   if (rc != 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
     free(c);
   }
   if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
-  lua_pushstring(L, rc == SG_POSTBOX_QUEUED ? "queued" : "pending");
+  lua_pushstring(L, rc ? now : later);
   return 1;
 }
+
+static int do_push(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len, lcb *c) {
+  return sg_postbox_push(pb, peer, ev, len, push_answered, c);
+}
+
+static int l_push(lua_State *L) { return call_with_event(L, do_push, "queued", "pending"); }
 
 static int l_pull_begin(lua_State *L) {
   lpostbox *lp = check_pb(L);
@@ -237,20 +249,13 @@ static void push_stored(void *ud, int err) {
   sg__host_pcall(h, 2, 0, "postbox stored callback");
 }
 
+static int do_receive_push(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len,
+                           lcb *c) {
+  return sg_postbox_receive_push(pb, peer, ev, len, push_stored, c);
+}
+
 static int l_receive_push(lua_State *L) {
-  lpostbox *lp = check_pb(L);
-  const char *peer = luaL_checkstring(L, 2);
-  size_t len;
-  const char *ev = luaL_checklstring(L, 3, &len);
-  lcb *c = lcb_new(L, lp, 4);
-  int rc = sg_postbox_receive_push(lp->pb, peer, (const uint8_t *)ev, len, push_stored, c);
-  if (rc != 0) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
-    free(c);
-  }
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
-  lua_pushstring(L, rc == 1 ? "stored" : "held");
-  return 1;
+  return call_with_event(L, do_receive_push, "stored", "held");
 }
 
 static int l_hold(lua_State *L) {
