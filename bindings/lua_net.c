@@ -238,6 +238,7 @@ static int l_connect(lua_State *L) {
   lua_Integer port = luaL_checkinteger(L, 2);
   luaL_argcheck(L, port > 0 && port < 65536, 2, "a port is 1 to 65535");
   int cb = lua_isfunction(L, 3) ? 3 : 4;
+  lua_settop(L, 4);  /* fixed slots: check_options pushes above them */
   sg_net_options o;
   check_options(L, cb == 3 ? 0 : 3, &o);
   lconn *lc = new_conn(L, h);
