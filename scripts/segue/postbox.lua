@@ -131,8 +131,18 @@ function M.pull(server_id) return pull_and_schedule(server_id) end
 
 -- Inbound requests -----------------------------------------------------------------------
 
+-- The key that verified an accepted request is persisted, so the next start
+-- needs no fetch. Only here: a refused token (which may have made the
+-- federation fetch a key) leaves nothing in the store.
+local function remember_key(server_id)
+  local fed = harmony.running()
+  local key = fed and fed:key_get(server_id)
+  if key and key ~= pb:key_get(server_id) then pb:key_set(server_id, key) end
+end
+
 local function on_push(server_id, req)
   if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  remember_key(server_id)
   local bytes, err = harmony.encode(EVENT, req.event or {})
   if not bytes then return nil, err, "hrpc.http.bad-unary-request", 400 end
   local ok, serr = wait_for(function(cb)
@@ -147,6 +157,7 @@ end
 
 local function on_pull(server_id)
   if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  remember_key(server_id)
   local events, batch = pb:pull_begin(server_id, opts.pull_max_bytes)
   if not events then return nil, tostring(batch), "hrpc.internal-server-error", 500 end
   local list = {}
@@ -211,7 +222,6 @@ function M.start(cfg, db)
   harmony.handle("Pull", on_pull)
   harmony.handle("NotifyNewId", on_new_id)
   local s = segue()
-  s.on("federation_key", function(id, key) if pb then pb:key_set(id, key) end end)
   s.on("stopping", M.stop)
   s.postbox = M
   local fed = harmony.running()

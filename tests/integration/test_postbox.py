@@ -5,7 +5,9 @@ import os
 import signal
 import unittest
 
-from fed_util import free_port, curl, PUSH
+import json
+
+from fed_util import free_port, curl, lua_json, PUSH
 from harness import run, wait_for
 from postbox_util import PostboxNode
 
@@ -19,7 +21,8 @@ def pair():
     a = PostboxNode(A, sender=True, port=a_port,
                     federation=dict(FAST, peers={B: "http://127.0.0.1:%d" % b_port}))
     b = PostboxNode(B, port=b_port,
-                    federation=dict(FAST, peers={A: "http://127.0.0.1:%d" % a_port}))
+                    federation=dict(FAST, peers={A: "http://127.0.0.1:%d" % a_port},
+                                    allow=[A], block=["blocked.example:1"]))
     return a, b
 
 
@@ -89,23 +92,55 @@ class Delivery(unittest.TestCase):
             b.stop()
 
 
+# Tokens claiming to be A: stale, future, signed with another key; naming a
+# host B does not allow, a blocked host; garbage; and a valid one, to show
+# that the path works.
+TOKENS = """
+local h = require("segue").harmony
+local secret = assert(io.open(%s, "rb")):read("a")
+local now = os.time()
+local function hex(s) return (s:gsub(".", function(c) return ("%%02x"):format(c:byte()) end)) end
+print(json.encode {
+  bad = {
+    h.token_create(secret, %s, now - 3600), h.token_create(secret, %s, now + 3600),
+    h.token_create(h.keygen(), %s, now), h.token_create(secret, "other.example:1", now),
+    h.token_create(secret, "blocked.example:1", now),
+    "garbage", "AAAA",
+  },
+  valid = h.token_create(secret, %s, now),
+  body = hex(h.encode("protocol.sync.v1.PushRequest",
+    { event = { user_added_to_guild = { user_id = 99, guild_id = 1 } } })),
+})
+"""
+
+
 class Refusals(unittest.TestCase):
     def test_bad_tokens_change_nothing_in_the_store(self):
         a, b = pair()
+        a.start()
         b.start()
         try:
-            before = b.db("SELECT (SELECT count(*) FROM peers), (SELECT count(*) FROM inbox),"
-                          " (SELECT count(*) FROM outbox)")
-            for token in (None, "garbage", "AAAA"):
+            q = json.dumps
+            t = lua_json(TOKENS % (q(a.key_file()), q(A), q(A), q(A), q(A)))
+            body = bytes.fromhex(t["body"])
+            counts = ("SELECT (SELECT count(*) FROM peers), (SELECT count(*) FROM inbox),"
+                      " (SELECT count(*) FROM outbox), (SELECT count(*) FROM dead_letters)")
+            before = b.db(counts)
+            for token in [None] + t["bad"]:
                 headers = ["Authorization: " + token] if token else []
-                status, _, _ = curl(b.url + PUSH, body=b"\x0a\x04\x12\x02\x08\x01",
-                                    headers=headers)
-                self.assertIn(status, (400, 401, 403))
-            after = b.db("SELECT (SELECT count(*) FROM peers), (SELECT count(*) FROM inbox),"
-                         " (SELECT count(*) FROM outbox)")
-            self.assertEqual(before, after)
+                status, _, _ = curl(b.url + PUSH, body=body, headers=headers)
+                self.assertIn(status, (400, 401, 403), token)
+            self.assertEqual(b.db(counts), before)
             self.assertEqual(b.received_ids(), [])
+            # The same request with a valid token is stored and delivered.
+            status, _, _ = curl(b.url + PUSH, body=body, headers=["Authorization: " + t["valid"]])
+            self.assertEqual(status, 200)
+            self.assertTrue(wait_for(lambda: b.received_ids() == [99]))
+            # ... and the key that verified it is persisted for the next start.
+            self.assertEqual(b.db("SELECT length(public_key) FROM peers WHERE server_id = ?",
+                                  (A,)), [(32,)])
         finally:
+            a.stop()
             b.stop()
 
 
