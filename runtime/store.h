@@ -38,8 +38,9 @@ const char *sg_store_errmsg(const sg_store *s);
 /* For the store's own modules (runtime/postbox.c) and tests only; callers of
  * the interface never need these. sg__store_stmt returns the cached prepared
  * statement for `sql` (a string constant: the cache is keyed by its address),
- * reset and unbound, or NULL with the error in sg_store_errmsg(). The caller
- * resets it after use, so no read transaction stays open. */
+ * reset, or NULL with the error in sg_store_errmsg(). The caller binds every
+ * parameter (bindings persist between uses) and resets it after use, so no
+ * read transaction stays open. */
 struct sqlite3;
 struct sqlite3_stmt;
 struct sqlite3 *sg__store_db(sg_store *s);
