@@ -5,11 +5,12 @@ certificate verification."""
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 import unittest
 
-from harness import run_lua, tmpdir
+from harness import SEGUE, run_lua, tmpdir
 from irc_server import make_cert, tls_wrap_server
 
 NET = 'local net = require "segue.net"\n'
@@ -252,6 +253,40 @@ class Tls(unittest.TestCase):
         v = wrong.values()[0]
         self.assertEqual(v["code"], "EAUTH", wrong.stderr)
         self.assertIn("hostname mismatch", v["err"])
+
+
+class Console(unittest.TestCase):
+    """segue.net.stdin under the console backend, in the default demo."""
+
+    def test_the_default_demo_sends_typed_lines_to_memory_and_prints_them(self):
+        d = tmpdir()
+        p = subprocess.Popen([SEGUE, "run"], cwd=d, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        p.stdin.write("hello there\n/me waves\n".encode())
+        p.stdin.flush()
+        seen, echoed = [], []
+        while len(echoed) < 2:
+            line = p.stdout.readline().decode()
+            self.assertNotEqual(line, "", "stdout ended: %r" % seen)
+            seen.append(line)
+            if line.startswith("[memory "):
+                echoed.append(line.rstrip("\n"))
+        self.assertIn("segue demo", seen[0])
+        self.assertIn('host = "irc.libera.chat"', "".join(seen))  # how to add IRC
+        self.assertRegex(echoed[0], r"^\[memory !console:\d+\] segue: hello there$")
+        self.assertRegex(echoed[1], r"^\[memory !console:\d+\] segue: \* waves$")
+        p.terminate()
+        _, err = p.communicate(timeout=15)
+        self.assertEqual(p.returncode, 0, err.decode())
+
+    def test_the_console_refuses_standalone_mode(self):
+        source = os.environ.get("SEGUE_SOURCE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..")
+        p = subprocess.run([SEGUE, "backend", os.path.join(source, "backends", "console.lua")],
+                           input=b"", capture_output=True, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("in standalone mode (`segue backend`) stdin and stdout carry the backend protocol",
+                      p.stderr.decode())
 
 
 if __name__ == "__main__":
