@@ -53,6 +53,7 @@ local nick = opt.nick
 local source_len           -- length of "nick!user@host" as others see us
 local channels = {}        -- id -> display name: where we want to be (rejoined on reconnect)
 local joined = {}          -- id -> true: where we are on this connection
+local joining = {}         -- id -> true: JOIN sent on this connection, no answer yet
 local waiting = {}         -- key -> { coroutines }: see wait_for
 
 -- Timers: ours stop when the backend stops. (backend.timer keeps every
@@ -210,7 +211,10 @@ handlers["001"] = function(m)
   local ids = {}
   for id in pairs(channels) do ids[#ids + 1] = id end
   table.sort(ids)
-  for i = #ids, 1, -1 do table.insert(queue, 1, fmt.line("JOIN", ids[i])) end
+  for i = #ids, 1, -1 do
+    table.insert(queue, 1, fmt.line("JOIN", ids[i]))
+    joining[ids[i]] = true
+  end
   wake("registered", true)
   if not pump_timer then pump() end
 end
@@ -235,7 +239,7 @@ handlers.NICK = function(m) if me(m) then nick = m.params[1] end end
 handlers.JOIN = function(m)
   if not me(m) then return end
   local id = lower(m.params[1])
-  joined[id] = true
+  joined[id], joining[id] = true, nil
   channels[id] = channels[id] or m.params[1]
   source_len = #m.source
   backend:emit { type = "RoomUpsert", value = { id = id, parent = segue.null, name = m.params[1], sendable = true } }
@@ -253,6 +257,7 @@ end
 
 local function join_failed(m)
   local id = lower(m.params[2] or "")
+  joining[id] = nil
   log.warn(("cannot join %s: %s"):format(id, tostring(m.params[3])))
   wake("join " .. id, nil, ("cannot join %s: %s"):format(id, tostring(m.params[3])))
 end
@@ -321,7 +326,7 @@ local function run()
       register()
       err = session(c)
       if registered then delay = opt.reconnect_ms end
-      conn, registered, joined = nil, false, {}
+      conn, registered, joined, joining = nil, false, {}, {}
       c:close()
     end
     if stopped then break end
@@ -351,9 +356,15 @@ local function join(id)
   local ok, err = wait_registered()
   if not ok then return backend.error(err, true) end
   if joined[id] then return true end
-  send(fmt.line("JOIN", id))
+  if not joining[id] then  -- the rejoin after registering may have sent it
+    joining[id] = true
+    send(fmt.line("JOIN", id))
+  end
   ok, err = wait_for("join " .. id, opt.timeout_ms)
-  if not ok then channels[id] = nil; return nil, err end
+  if not ok then
+    channels[id], joining[id] = nil, nil
+    return nil, err
+  end
   return true
 end
 

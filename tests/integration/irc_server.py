@@ -166,3 +166,58 @@ def tls_wrap_server(sock, cert, key):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx.wrap_socket(sock, server_side=True)
+
+
+class FakeIrc:
+    """A scripted IRC server for what ngircd lacks (SASL) or hides (timing):
+    one client; every line it sends is kept with its arrival time."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.lines = []  # (time, line)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _reply(self, conn, line):
+        conn.sendall(line.encode() + b"\r\n")
+
+    def _answer(self, conn, line, state):
+        cmd = line.split(" ")[0]
+        if line == "CAP REQ :sasl":
+            self._reply(conn, ":fake CAP * ACK :sasl")
+        elif line == "AUTHENTICATE PLAIN":
+            self._reply(conn, "AUTHENTICATE +")
+        elif cmd == "AUTHENTICATE":
+            self._reply(conn, ":fake 903 * :SASL authentication successful")
+        elif cmd == "NICK":
+            state["nick"] = line.split(" ")[1]
+        elif cmd == "JOIN":
+            self._reply(conn, ":%s!u@h JOIN %s" % (state["nick"], line.split(" ")[1]))
+        if cmd in ("USER", "CAP") and "nick" in state and (line == "CAP END" or not state.get("cap")):
+            self._reply(conn, ":fake 001 %s :Welcome" % state["nick"])
+        if line.startswith("CAP REQ"):
+            state["cap"] = True
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        buf, state = b"", {}
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n" in buf:
+                    raw, buf = buf.split(b"\r\n", 1)
+                    line = raw.decode(errors="replace")
+                    self.lines.append((time.time(), line))
+                    self._answer(conn, line, state)
+
+    def sent(self, prefix):
+        return [(t, l) for t, l in self.lines if l.startswith(prefix)]
+
+    def close(self):
+        self.sock.close()

@@ -10,8 +10,8 @@ import threading
 import time
 import unittest
 
-from harness import SEGUE, tmpdir, write
-from irc_server import NgIRCd, RawClient
+from harness import SEGUE, run_lua, tmpdir, write
+from irc_server import FakeIrc, NgIRCd, RawClient
 
 SOURCE = os.environ.get("SEGUE_SOURCE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -291,6 +291,49 @@ class IrcStandalone(unittest.TestCase):
         self.assertEqual(v["value"]["content"], {"type": "Text", "value": "back"})
         p.stdin.close()
         self.assertEqual(p.wait(15), 0, p.stderr.read().decode())
+
+
+class IrcScripted(unittest.TestCase):
+    """Against a scripted server: SASL, which ngircd lacks, and timing."""
+
+    def run_irc(self, options, body):
+        server = FakeIrc()
+        self.addCleanup(server.close)
+        opts = {"host": "127.0.0.1", "port": server.port, "nick": "bot"}
+        opts.update(options)
+        r = run_lua("""
+            assert(segue.add_backend("irc", { script = "irc", options = %s }))
+            local irc = segue.backend("irc")
+            out(segue.await(function() %s end, 20000))
+        """ % (lua(opts), body))
+        return server, r
+
+    def test_sasl_plain_logs_in_before_registration_ends(self):
+        server, r = self.run_irc({"sasl_user": "bob", "sasl_password": "hunter2"}, """
+            local ok, err = irc:request { type = "RoomJoin", value = "#x" }
+            return { ok = ok and ok.type, err = err }
+        """)
+        self.assertEqual(r.values(), [{"ok": "Success"}], r.stderr)
+        order = [l for _, l in server.lines if l.split(" ")[0] in ("CAP", "AUTHENTICATE", "NICK", "USER", "JOIN")]
+        self.assertEqual(order, ["CAP REQ :sasl", "NICK bot", "USER bot 0 * :segue bridge", "AUTHENTICATE PLAIN",
+                                 "AUTHENTICATE Ym9iAGJvYgBodW50ZXIy", "CAP END", "JOIN #x"])
+        self.assertIn("SASL login succeeded", r.stderr)
+
+    def test_flood_control_spaces_messages_after_the_burst(self):
+        server, r = self.run_irc({"flood_rate": 5, "flood_burst": 2}, """
+            for i = 1, 6 do
+              assert(irc:request { type = "MessageSend", value = { recipient = "someone",
+                content = { type = "Text", value = "m" .. i } } })
+            end
+            segue.sleep(1500)
+            return true
+        """)
+        self.assertEqual(r.values(), [True], r.stderr)
+        times = [t for t, _ in server.sent("PRIVMSG someone ")]
+        self.assertEqual(len(times), 6)
+        self.assertLess(times[1] - times[0], 0.1)  # the burst
+        gaps = [b - a for a, b in zip(times[1:], times[2:])]
+        self.assertTrue(all(g >= 0.15 for g in gaps), gaps)  # 5 per second after it
 
 
 if __name__ == "__main__":
