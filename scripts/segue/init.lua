@@ -56,12 +56,15 @@ end
 --- Runs fn(...) in a new coroutine, so it may call blocking-style APIs
 --- (request without a callback, segue.sleep). Errors are logged with a
 --- traceback; the host goes on.
+local function body(fn, ...)
+  local ok, err = xpcall(fn, debug.traceback, ...)
+  if not ok then report(err) end
+  return ok, err
+end
+
 function segue.spawn(fn, ...)
-  local co = coroutine.create(function(...)
-    local ok, err = xpcall(fn, debug.traceback, ...)
-    if not ok then report(err) end
-  end)
-  resume(co, ...)
+  local co = coroutine.create(body)
+  resume(co, fn, ...)
   return co
 end
 
@@ -186,6 +189,23 @@ function segue.emit(event, ...)
   if not list then return end
   -- A copy: a handler may add or remove handlers.
   for _, fn in ipairs({ table.unpack(list) }) do segue.spawn(fn, ...) end
+end
+
+--- segue.emit_checked(event, ...) -> true | nil, err: like segue.emit, but
+--- tells whether every handler succeeded, for callers that must not lose
+--- what they hand over (the postbox keeps an event whose handler failed, and
+--- delivers it again). A handler that waits (yields) has taken the event
+--- over: it counts as a success; its later errors are only logged.
+function segue.emit_checked(event, ...)
+  local errors = {}
+  for _, fn in ipairs({ table.unpack(handlers[event] or {}) }) do
+    local co = coroutine.create(body)
+    local resumed, ok, err = coroutine.resume(co, fn, ...)
+    if not resumed then errors[#errors + 1] = tostring(ok)
+    elseif coroutine.status(co) == "dead" and not ok then errors[#errors + 1] = tostring(err) end
+  end
+  if #errors > 0 then return nil, table.concat(errors, "\n") end
+  return true
 end
 
 core.set_handler(function(event, ...) segue.emit(event, ...) end)
