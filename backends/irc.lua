@@ -164,17 +164,13 @@ local function now_ms() return os.time() * 1000 end
 
 -- Incoming ------------------------------------------------------------------------
 
-local function plain(text)  -- for Emote, which is a string
-  return (text:gsub("[\2\15\17\22\29-\31]", ""):gsub("\3%d?%d?,?%d?%d?", ""))
-end
-
 local function on_message(m)
   local target, text = m.params[1], m.params[2]
   if not target or not text or not m.user or m.user == "" then return end  -- server notices
   local ctcp, arg = fmt.ctcp(text)
   local content
   if ctcp == "ACTION" then
-    content = { type = "Emote", value = plain(arg) }
+    content = { type = "Emote", value = fmt.strip(arg) }
   elseif ctcp then
     if ctcp == "VERSION" and m.command == "PRIVMSG" then
       send(fmt.line("NOTICE", m.nick, "\1VERSION segue " .. segue.version .. "\1"))

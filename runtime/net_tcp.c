@@ -48,8 +48,9 @@ void sg_net_close(sg_net_conn *c, sg_net_close_cb close_cb) {
   if (c->phase == CLOSING) return;
   c->phase = CLOSING;
   c->close_cb = close_cb;
-  /* A lookup in flight cannot be abandoned: its callback is counted. */
-  if (c->gai.loop && uv_cancel((uv_req_t *)&c->gai) != 0) { /* runs; callback ignores it */ }
+  /* A lookup in flight is counted in `pending`; cancelled or not (a running
+   * one cannot be), its callback comes and finds us CLOSING. */
+  if (c->gai.loop) uv_cancel((uv_req_t *)&c->gai);
   close_stream(c, handle_closed);
   c->pending++;
   uv_close((uv_handle_t *)&c->timer, handle_closed);

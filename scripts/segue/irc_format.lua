@@ -158,6 +158,22 @@ local function color_code_end(text, i)
   return select(2, text:find("^\4%x%x%x%x%x%x,%x%x%x%x%x%x", i)) or select(2, text:find("^\4%x?%x?%x?%x?%x?%x?", i))
 end
 
+--- strip(text) -> text without any formatting or colour code (for Emote,
+--- which is a plain string).
+function M.strip(text)
+  local out, i = {}, 1
+  while true do
+    local a = text:find("[\2\3\4\15\17\22\29\30\31]", i)
+    if not a then
+      out[#out + 1] = text:sub(i)
+      return table.concat(out)
+    end
+    out[#out + 1] = text:sub(i, a - 1)
+    local c = text:byte(a)
+    i = (c == 3 or c == 4) and color_code_end(text, a) + 1 or a + 1
+  end
+end
+
 --- from_irc(text) -> MessageContent: bold, italic, underline and
 --- strikethrough codes become the matching nodes; colours, reverse and
 --- monospace are dropped (MessageContent has none); URLs become UrlLink.

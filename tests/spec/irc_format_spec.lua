@@ -95,6 +95,10 @@ describe("IRC to MessageContent", function()
     assert.are.same(text("hello"), f.from_irc("hello"))
   end)
 
+  it("strips every code for plain text such as an Emote", function()
+    assert.are.equal("waves red hand", f.strip("\2waves\2 \0034,12red\3 \29hand"))
+  end)
+
   it("resets every style at \\x0f", function()
     assert.are.same({ type = "Concat", value = { { type = "Bold", value = { type = "Italic", value = text("x") } }, text("y") } },
       f.from_irc("\2\29x\15y"))
