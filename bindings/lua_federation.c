@@ -267,7 +267,8 @@ static int l_call(lua_State *L) {
   c->lf = lf;
   lua_pushvalue(L, 5);
   c->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  int rc = sg_federation_call(&lf->f, id, path, (const uint8_t *)body, len, on_call, c);
+  const char *sign_as = luaL_optstring(L, 6, sg_federation_server_id(&lf->f));
+  int rc = sg_federation_call_as(&lf->f, sign_as, id, path, (const uint8_t *)body, len, on_call, c);
   if (rc) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
     free(c);

@@ -385,14 +385,20 @@ const char *sg_federation_server_id(const sg_federation *f) { return f->server_i
 
 int sg_federation_call(sg_federation *f, const char *server_id, const char *path,
                        const uint8_t *body, size_t len, sg_hrpc_call_cb cb, void *ud) {
-  if (!server_id || !*server_id || !path || !*path || !cb) return SG_EINVAL;
+  return sg_federation_call_as(f, f->server_id, server_id, path, body, len, cb, ud);
+}
+
+int sg_federation_call_as(sg_federation *f, const char *sign_as, const char *server_id,
+                          const char *path, const uint8_t *body, size_t len,
+                          sg_hrpc_call_cb cb, void *ud) {
+  if (!sign_as || !server_id || !*server_id || !path || !*path || !cb) return SG_EINVAL;
   if (f->closing) return SG_ECLOSING;
   char buf[300];
   const char *base = sg_federation_base_url(f, server_id, buf, sizeof buf);
   if (!base) return SG_EINVAL;
   char *auth = NULL;
-  if (f->server_id[0]) {
-    int rc = sg_token_create(f->keys, f->server_id, (uint64_t)time(NULL), &auth);
+  if (sign_as[0]) {
+    int rc = sg_token_create(f->keys, sign_as, (uint64_t)time(NULL), &auth);
     if (rc) return rc;
   }
   int rc = sg_hrpc_client_call(&f->client, base, path, body, len, auth, f->request_timeout_ms,

@@ -139,6 +139,11 @@ const char *sg_federation_base_url(const sg_federation *f, const char *server_id
  * SG_EINVAL (empty id or path), SG_ECLOSING, SG_ENOMEM, SG_EHTTP. */
 int sg_federation_call(sg_federation *f, const char *server_id, const char *path,
                        const uint8_t *body, size_t len, sg_hrpc_call_cb cb, void *ud);
+/* The same with a token naming `sign_as` (our key, another id): NotifyNewId
+ * is signed with the old id, which the peer still knows. */
+int sg_federation_call_as(sg_federation *f, const char *sign_as, const char *server_id,
+                          const char *path, const uint8_t *body, size_t len,
+                          sg_hrpc_call_cb cb, void *ud);
 
 /* Stops listening, cancels outbound calls (their callbacks run with
  * SG_ECANCELED before this returns) and answers requests still waiting for a

@@ -7,7 +7,7 @@
 --       federation = { peers =, allow =, block =, token_window =, limits =,
 --       request_timeout_ms = } }; boot calls it when the config sets
 --       server_id or listen. Stopped when the host stops.
---   segue.harmony.call(server_id, method, msg [, cb])
+--   segue.harmony.call(server_id, method, msg [, cb] [, { sign_as = id }])
 --       method: "protocol.sync.v1.PostboxService/Push" (or "Push", "Pull",
 --       "NotifyNewId", "Key"); msg: a table of the method's request type.
 --       With cb: cb(response) or cb(nil, err, code, http_status, identifier);
@@ -151,7 +151,7 @@ local function resume(co, ...)
   if not ok then core.log("error", debug.traceback(co, err)) end
 end
 
-local function call_with(server_id, path, msg, cb)
+local function call_with(server_id, path, msg, cb, sign_as)
   local types = M.methods[path]
   local body, err, code = codec.encode(types[1], msg)
   if not body then return nil, err, code end
@@ -163,19 +163,21 @@ local function call_with(server_id, path, msg, cb)
     local resp, derr, dcode = codec.decode(types[2], bytes)
     if not resp then return cb(nil, derr, dcode, 200) end
     cb(resp)
-  end)
+  end, sign_as)
 end
 
-function M.call(server_id, method, msg, cb)
+function M.call(server_id, method, msg, cb, opts)
+  if type(cb) == "table" then cb, opts = nil, cb end
+  local sign_as = opts and opts.sign_as
   assert(type(server_id) == "string", "server_id must be a string")
   assert(type(method) == "string", "method must be a string")
   assert(type(msg) == "table", "message must be a table")
   local path = short[method] or method:gsub("^/", "")
   if not M.methods[path] then error("unknown hRPC method '" .. method .. "'", 2) end
-  if cb then return call_with(server_id, path, msg, cb) end
+  if cb then return call_with(server_id, path, msg, cb, sign_as) end
   local co, main = coroutine.running()
   if main then error("segue.harmony.call without a callback must run inside a coroutine (see segue.spawn)", 2) end
-  local ok, err, code = call_with(server_id, path, msg, function(...) resume(co, ...) end)
+  local ok, err, code = call_with(server_id, path, msg, function(...) resume(co, ...) end, sign_as)
   if not ok then return nil, err, code end
   return coroutine.yield()
 end

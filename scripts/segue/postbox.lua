@@ -194,7 +194,9 @@ local function announce_new_id(db, server_id)
   local old = db:kv_get(SERVER_ID_KEY)
   if old and old ~= server_id then
     for _, p in ipairs(pb:peers()) do
-      local ok, err = harmony.call(p.server_id, "NotifyNewId", { new_server_id = server_id })
+      -- signed as the old id: the peer knows that one (spec: NotifyNewId)
+      local ok, err = harmony.call(p.server_id, "NotifyNewId", { new_server_id = server_id },
+        { sign_as = old })
       if not ok then pb:note(p.server_id, "error", "NotifyNewId: " .. tostring(err)) end
     end
   end

@@ -61,6 +61,32 @@ class Delivery(unittest.TestCase):
             a.stop()
             b.stop()
 
+    def test_a_new_server_id_is_announced_and_moves_what_the_peer_holds(self):
+        A2 = "a2.example:2289"
+        a_port, b_port = free_port(), free_port()
+        a_url = "http://127.0.0.1:%d" % a_port
+        a = PostboxNode(A, sender=True, port=a_port,
+                        federation=dict(FAST, peers={B: "http://127.0.0.1:%d" % b_port}))
+        b = PostboxNode(B, port=b_port, federation=dict(FAST, peers={A: a_url, A2: a_url}, allow=[A, A2]))
+        b.start()
+        a.start()
+        try:
+            a.push(B, [1])
+            self.assertTrue(wait_for(lambda: b.received_ids() == [1]), b.stderr())
+            self.assertEqual([r[0] for r in b.db("SELECT server_id FROM peers")], [A])
+            self.assertEqual(a.stop(), 0)
+            with open(a.config) as f:
+                text = f.read()
+            with open(a.config, "w") as f:
+                f.write(text.replace(json.dumps(A), json.dumps(A2)))
+            a.start()  # same key, new id: NotifyNewId to B, signed as the old id
+            self.assertTrue(wait_for(lambda: [r[0] for r in b.db("SELECT server_id FROM peers")] == [A2], 20),
+                            b.stderr())
+            self.assertIn("peer moved to a new server id", b.stderr())
+        finally:
+            a.stop()
+            b.stop()
+
     def test_kill_9_of_the_sender_loses_and_duplicates_nothing_acknowledged(self):
         a, b = pair()
         b.start()
