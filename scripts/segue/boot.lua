@@ -151,12 +151,18 @@ function M.start()
   local ok, err = fs.mkdir_p(current.data_dir, tonumber("700", 8))
   if not ok then return report { err } end
   open_store(current.data_dir)
-  if M.store then require("segue.postbox").publish_status(M.store) end  -- for `segue status`
   router.install()
   if current.rules then
     ok, err = router.load(current.rules, backend_names(current))
     if not ok then return nil, err end
     watch_rules()
+  end
+  if M.store then -- for `segue status`: backends, peers, and the rules' last load
+    require("segue.postbox").publish_status(M.store, nil, function()
+      local r = router.status
+      return { rules = current.rules and { file = current.rules, loads = r.loads, failures = r.failures,
+        loaded_at = r.loaded_at, last_error = r.last_error } or nil }
+    end)
   end
   write_pidfile(current.data_dir)
   -- Federation before the scripts, so they can call peers; it stops itself

@@ -276,19 +276,24 @@ end
 
 local STATUS_KEY = "status.host"
 
---- publish_status(db [, every_ms]): writes { time, pid, backends } now,
---- every every_ms (default 5000) and whenever a backend changes state.
-function M.publish_status(db, every_ms)
+--- publish_status(db [, every_ms [, extra]]): writes { time, pid, backends }
+--- (plus the fields extra() returns) now, every every_ms (default 5000), and
+--- whenever a backend changes state or the config reloads.
+function M.publish_status(db, every_ms, extra)
   local json = require "segue.json"
   local fs = require "segue.fs"
   local s = segue()
   local function write()
-    db:kv_set(STATUS_KEY, json.encode { time = os.time() * 1000, pid = fs.getpid(), backends = s.backends() })
+    local st = extra and extra() or {}
+    st.time, st.pid, st.backends = os.time() * 1000, fs.getpid(), s.backends()
+    db:kv_set(STATUS_KEY, json.encode(st))
   end
   write()
   local t = loop.timer(every_ms or 5000, every_ms or 5000, write)
   local off = s.on("backend", write)
-  s.on("stopping", function() t:stop() off() end)
+  local off_reload = s.on("reload", write)
+  local off_rules = s.on("rules", write)
+  s.on("stopping", function() t:stop() off() off_reload() off_rules() end)
 end
 
 --- status_command(config_path): prints the status of the segue using that

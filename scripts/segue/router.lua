@@ -317,6 +317,7 @@ function M.load(path, backends)
     status.failures = status.failures + 1
     status.last_error = table.concat(errors, "\n")
     for _, e in ipairs(errors) do segue.log.error(e) end
+    segue.emit("rules", false, status.last_error)
     return nil, status.last_error
   end
   local first = current == nil
@@ -324,6 +325,7 @@ function M.load(path, backends)
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
   segue.log.info(("rules %s: %d bridge(s)"):format(first and "loaded" or "reloaded", #set))
+  segue.emit("rules", true)
   for backend in pairs(index) do
     local info = segue.backend(backend):info()
     if info and info.state == "running" then M.resolve_backend(backend) end

@@ -226,6 +226,17 @@ class Lifecycle(unittest.TestCase):
         self.assertTrue(br.wait_for(lambda: len(br.texts("b")) >= sent, timeout=30), br.texts("b")[-3:])
         time.sleep(0.5)
         self.assertEqual(br.texts("b"), expect)  # in order, none lost, none twice
+
+        # `segue status` shows the last failed load, and the running rules.
+        write(rules, broken[0])
+        br.p.send_signal(signal.SIGHUP)
+
+        def status():
+            r = run(["status", "cfg.lua"], cwd=br.d)
+            return r.values()[0].get("rules", {}) if r.code == 0 and r.values() else {}
+        self.assertTrue(br.wait_for(lambda: "no backend named nobody" in (status().get("last_error") or "")))
+        self.assertGreaterEqual(status()["failures"], 50)
+        self.assertGreaterEqual(status()["loads"], 50)
         err = br.stop()
         self.assertIn("no backend named nobody", err)
         self.assertIn("self-test failed", err)
