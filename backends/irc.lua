@@ -7,7 +7,9 @@
 -- against a self-signed server), nick ("segue"), user (the nick), realname,
 -- password (server password, PASS), sasl_user and sasl_password (SASL
 -- PLAIN), flood_rate (messages per second, 1) and flood_burst (5),
--- reconnect_ms (first reconnect delay, 1000, doubling up to 300000).
+-- reconnect_ms (first reconnect delay, 1000, doubling up to 300000),
+-- idle_ms (after this long without a line from the server we PING it, and
+-- reconnect when that PING stays unanswered as long again; 120000).
 --
 -- The protocol's pure half (parsing, formatting codes, splitting at the
 -- 512-byte limit) is segue.irc_format; this file is the session.
@@ -34,6 +36,7 @@ local opt = {
   flood_burst = tonumber(options.flood_burst) or 5,
   reconnect_ms = math.tointeger(tonumber(options.reconnect_ms)) or 1000,
   reconnect_max_ms = 300000,
+  idle_ms = math.tointeger(tonumber(options.idle_ms)) or 120000,
   timeout_ms = 20000,   -- connecting, registering, joining
 }
 opt.port = math.tointeger(tonumber(options.port)) or (opt.tls and 6697 or 6667)
@@ -298,11 +301,38 @@ local function register()
   send_now(fmt.line("USER", opt.user, "0", "*", opt.realname))
 end
 
+-- A server that vanished without closing the socket is only noticed by
+-- asking: PING after idle_ms of silence, give up after as long again.
+local function watch_idle(c)
+  local last, pinged = segue.now(), nil
+  local timer
+  local function check()
+    local now = segue.now()
+    if c:is_closed() then return end
+    if pinged and now - pinged >= opt.idle_ms then
+      log.warn(("no answer to PING in %d ms; reconnecting"):format(opt.idle_ms))
+      return c:close()
+    end
+    if not pinged and now - last >= opt.idle_ms then
+      pinged = now
+      c:write("PING :segue\r\n")
+    end
+    timer = after(math.max(opt.idle_ms // 4, 10), check)
+  end
+  timer = after(math.max(opt.idle_ms // 4, 10), check)
+  return function() last, pinged = segue.now(), nil end, function() cancel(timer) end
+end
+
 -- Reads until the connection ends; returns why.
 local function session(c)
+  local heard, unwatch = watch_idle(c)
   while true do
     local line, err = c:read_line()
-    if not line then return err end
+    if not line then
+      unwatch()
+      return err
+    end
+    heard()
     log.debug("<< " .. line)
     local m = fmt.parse(line)
     local h = m and handlers[m.command]

@@ -319,6 +319,16 @@ class IrcScripted(unittest.TestCase):
                                  "AUTHENTICATE Ym9iAGJvYgBodW50ZXIy", "CAP END", "JOIN #x"])
         self.assertIn("SASL login succeeded", r.stderr)
 
+    def test_a_silent_server_is_pinged_and_then_left(self):
+        server, r = self.run_irc({"idle_ms": 300}, """
+            assert(irc:request { type = "RoomJoin", value = "#x" })
+            segue.sleep(1500)
+            return true
+        """)
+        self.assertEqual(r.values(), [True], r.stderr)
+        self.assertEqual(len(server.sent("PING :segue")), 1)
+        self.assertIn("no answer to PING in 300 ms; reconnecting", r.stderr)
+
     def test_flood_control_spaces_messages_after_the_burst(self):
         server, r = self.run_irc({"flood_rate": 5, "flood_burst": 2}, """
             for i = 1, 6 do
