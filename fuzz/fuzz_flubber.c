@@ -1,7 +1,7 @@
 /* Fuzz target: the backend protocol's read path, as a child's stdout meets
  * it: the JSON framer, fed in arbitrary splits, then the codec.
  *
- * Input: byte 0 picks the split pattern (bits 0-6) and small limits (bit 7);
+ * Input: byte 0 picks the split pattern (bits 0-5) and small limits (bit 7);
  * the rest is the stream. Besides the sanitizers, two properties abort:
  * - splitting does not matter: fed in pieces, the framer frames the same
  *   values at the same offsets and fails with the same message as when fed
