@@ -24,7 +24,6 @@
 #include "harmony_token.h"
 #include "segue.h"
 
-/* The seed of the key that signed the seed tokens: 32 bytes 0x01..0x20. */
 static unsigned char fuzz_seed[SG_KEYS_SEED_BYTES];
 static sg_keypair *fuzz_key;
 static lua_State *L;
@@ -61,7 +60,7 @@ static const char round_trip_lua[] =
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argc;
   (void)argv;
-  for (size_t i = 0; i < sizeof fuzz_seed; i++) fuzz_seed[i] = (unsigned char)(i + 1);
+  fuzz_key_seed(fuzz_seed);
   FUZZ_REQUIRE(sg_keys_from_secret(fuzz_seed, sizeof fuzz_seed, &fuzz_key, NULL, 0) == 0,
                "cannot make the key");
   L = luaL_newstate();

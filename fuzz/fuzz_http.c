@@ -1,18 +1,25 @@
-/* Fuzz target: the hRPC server's request path, driven for real. One server
- * listens on 127.0.0.1 on a uv loop for the whole run; each input is sent
- * over a fresh loopback TCP connection, and the loop runs until the server
- * has answered what it will and closed the connection after the client's
- * end of stream. The handlers do what the postbox's will: parse the token
- * in the Authorization header, decode the body, answer now, answer on a
- * later loop turn, or give no answer at all.
+/* Fuzz target: the hRPC request path, driven for real. Two servers listen on
+ * 127.0.0.1 on one uv loop for the whole run:
+ * - a bare hRPC server (runtime/hrpc_server.c) whose handlers parse the
+ *   token, decode a PushRequest, answer now, answer on a later loop turn
+ *   with a done callback, or give no answer at all;
+ * - the federation's (runtime/federation.c), with its real AuthService and
+ *   PostboxService routes: token admitted (allow list: FUZZ_PEER only, whose
+ *   key is cached), body decoded, signature verified (a bad one refetches
+ *   the key, from a peer URL that refuses connections), then a handler.
+ * Each input goes over a fresh loopback TCP connection, and the loop runs
+ * until the server has answered what it will and closed the connection
+ * after the client's end of stream.
  *
  * Input: byte 0 is the mode (bit 0: send in two halves with the loop run in
  * between; bit 1: half-close right after sending, without waiting for the
- * answers); the rest are the bytes on the wire.
+ * answers; bit 2: the federation's server); the rest are the bytes on the
+ * wire.
  *
- * Besides the sanitizers, it aborts if the server does not close a
- * connection whose peer has closed its side, or leaves a request's done
- * callback uncalled. */
+ * Besides the sanitizers, it aborts if a server does not close a connection
+ * whose peer has closed its side, leaves a request's done callback uncalled,
+ * or hands the federation's handler a request that is not FUZZ_PEER's with
+ * a valid signature. */
 #include <errno.h>
 #include <poll.h>
 #include <netinet/in.h>
@@ -22,6 +29,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "federation.h"
 #include "fuzz_common.h"
 #include "harmony_token.h"
 #include "hrpc_server.h"
@@ -34,9 +42,17 @@
 #define MAX_LATER 256
 #define MAX_ROUNDS 100000
 
+/* A server under test and where to reach it. */
+typedef struct target {
+  sg_hrpc_server *srv;
+  struct sockaddr_in addr;
+} target;
+
 static uv_loop_t loop;
 static sg_hrpc_server server;
-static struct sockaddr_in server_addr;
+static sg_federation fed;
+static target bare, federation;
+static sg_keypair *peer_key;
 static uv_timer_t later_timer;
 static sg_hrpc_request *later[MAX_LATER];
 static size_t n_later;
@@ -101,6 +117,69 @@ static void handle_key(sg_hrpc_request *req, void *ud) {
   sg_hrpc_request_release(req);
 }
 
+/* Only FUZZ_PEER's requests, signed with its key, may get here. */
+static void handle_federated(sg_federation *f, sg_fed_method m, const char *server_id,
+                             sg_hrpc_request *req, void *ud) {
+  (void)f;
+  (void)ud;
+  char why[SG_TOKEN_WHY_SIZE];
+  sg_token tok;
+  sg_token_policy pol;
+  sg_token_policy_init(&pol);
+  pol.window = UINT64_MAX;
+  const char *auth = req->authorization;
+  FUZZ_REQUIRE(sg_fed_method_name(m) != NULL && strcmp(server_id, FUZZ_PEER) == 0,
+               "method %d from %s reached the handler", (int)m, server_id);
+  FUZZ_REQUIRE(sg_token_check(auth, auth ? strlen(auth) : 0, &pol, 0, sg_keys_public(peer_key),
+                              &tok, why, sizeof why) == SG_TOKEN_OK,
+               "a request that does not verify reached the handler: %s", why);
+  sg_token_clear(&tok);
+  sg_hrpc_respond(req, NULL, 0);
+}
+
+static void target_init(target *t, sg_hrpc_server *srv) {
+  t->srv = srv;
+  memset(&t->addr, 0, sizeof t->addr);
+  t->addr.sin_family = AF_INET;
+  t->addr.sin_port = htons((uint16_t)sg_hrpc_server_port(srv));
+  t->addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+}
+
+static void bare_init(const sg_hrpc_limits *lim) {
+  FUZZ_REQUIRE(sg_hrpc_server_init(&loop, &server, lim, &fuzz_log) == 0, "init");
+  FUZZ_REQUIRE(sg_hrpc_server_listen(&server, "127.0.0.1:0") == 0, "listen");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PUSH, handle_push, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PULL, handle_pull, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_KEY, handle_key, NULL) == 0, "route");
+  uv_timer_init(&loop, &later_timer);
+  target_init(&bare, &server);
+}
+
+/* The seed tokens are from 2023: the window admits any time, so that
+ * mutations get past the clock to the decoding and the signature. */
+static void federation_init(const sg_hrpc_limits *lim) {
+  static char dir[64];
+  static const char *const allow[] = {FUZZ_PEER};
+  static const char *const peer_urls[] = {"http://127.0.0.1:1"};  /* refuses */
+  unsigned char seed[SG_KEYS_SEED_BYTES];
+  char err[256];
+  snprintf(dir, sizeof dir, "/tmp/segue-fuzz-http-%d", (int)getpid());
+  fuzz_key_seed(seed);
+  FUZZ_REQUIRE(sg_keys_from_secret(seed, sizeof seed, &peer_key, NULL, 0) == 0, "key");
+  sg_fed_options o = {.server_id = "segue.fuzz:2289", .data_dir = dir,
+                      .listen = "127.0.0.1:0", .limits = lim,
+                      .peer_ids = allow, .peer_urls = peer_urls, .n_peers = 1,
+                      .request_timeout_ms = 1000};
+  sg_token_policy_init(&o.policy);
+  o.policy.window = UINT64_MAX;
+  o.policy.allow = allow;
+  o.policy.n_allow = 1;
+  FUZZ_REQUIRE(sg_federation_init(&loop, &fed, &o, &fuzz_log, err, sizeof err) == 0, "%s", err);
+  sg_federation_set_handler(&fed, handle_federated, NULL);
+  FUZZ_REQUIRE(sg_federation_key_put(&fed, FUZZ_PEER, sg_keys_public(peer_key)) == 0, "key");
+  target_init(&federation, &fed.server);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argc;
   (void)argv;
@@ -108,16 +187,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   /* Small limits, so that inputs of a few KiB reach the 413 and 431 paths. */
   sg_hrpc_limits lim = {.max_header_bytes = 2048, .max_body_bytes = 1024};
   FUZZ_REQUIRE(uv_loop_init(&loop) == 0, "loop");
-  FUZZ_REQUIRE(sg_hrpc_server_init(&loop, &server, &lim, &fuzz_log) == 0, "init");
-  FUZZ_REQUIRE(sg_hrpc_server_listen(&server, "127.0.0.1:0") == 0, "listen");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PUSH, handle_push, NULL) == 0, "route");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PULL, handle_pull, NULL) == 0, "route");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_KEY, handle_key, NULL) == 0, "route");
-  uv_timer_init(&loop, &later_timer);
-  memset(&server_addr, 0, sizeof server_addr);
-  server_addr.sin_family = AF_INET;
-  server_addr.sin_port = htons((uint16_t)sg_hrpc_server_port(&server));
-  server_addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bare_init(&lim);
+  federation_init(&lim);
   return 0;
 }
 
@@ -150,22 +221,22 @@ static void send_all(int fd, const uint8_t *p, size_t n) {
 }
 
 /* Runs the loop until three turns in a row change nothing. */
-static void settle(int fd) {
+static void settle(const target *t, int fd) {
   for (int quiet = 0, round = 0; quiet < 3 && round < 1000; round++) {
-    uint64_t before = server.stats.requests;
+    uint64_t before = t->srv->stats.requests;
     ssize_t got = turn(fd);
-    quiet = got == 0 && server.stats.requests == before ? quiet + 1 : 0;
+    quiet = got == 0 && t->srv->stats.requests == before ? quiet + 1 : 0;
     if (got < 0) return;
   }
 }
 
 /* Non-blocking from the start: libFuzzer's timers interrupt system calls,
  * and the loopback handshake needs no help from the server's loop. */
-static int connect_client(void) {
+static int connect_client(const target *t) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), err = 0;
   socklen_t len = sizeof err;
   FUZZ_REQUIRE(fd >= 0, "socket: %s", strerror(errno));
-  if (connect(fd, (struct sockaddr *)&server_addr, sizeof server_addr) != 0) {
+  if (connect(fd, (const struct sockaddr *)&t->addr, sizeof t->addr) != 0) {
     FUZZ_REQUIRE(errno == EINPROGRESS || errno == EINTR, "connect: %s", strerror(errno));
     struct pollfd p = {.fd = fd, .events = POLLOUT};
     while (poll(&p, 1, -1) < 0) FUZZ_REQUIRE(errno == EINTR, "poll: %s", strerror(errno));
@@ -178,21 +249,22 @@ static int connect_client(void) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 1) return 0;
   unsigned mode = data[0];
+  const target *t = mode & 4 ? &federation : &bare;
   const uint8_t *wire = data + 1;
   size_t n = size - 1, first = mode & 1 ? n / 2 : n;
-  uint64_t accepted = server.stats.accepted;
-  int fd = connect_client();
+  uint64_t accepted = t->srv->stats.accepted;
+  int fd = connect_client(t);
   send_all(fd, wire, first);
   if (first < n) {
-    settle(fd);
+    settle(t, fd);
     send_all(fd, wire + first, n - first);
   }
-  if (!(mode & 2)) settle(fd);
+  if (!(mode & 2)) settle(t, fd);
   shutdown(fd, SHUT_WR);
   int rounds = 0;
-  while ((server.stats.accepted == accepted || server.stats.active > 0) && rounds++ < MAX_ROUNDS)
+  while ((t->srv->stats.accepted == accepted || t->srv->stats.active > 0) && rounds++ < MAX_ROUNDS)
     turn(fd);
-  FUZZ_REQUIRE(server.stats.accepted > accepted && server.stats.active == 0,
+  FUZZ_REQUIRE(t->srv->stats.accepted > accepted && t->srv->stats.active == 0,
                "the server kept a connection open after the peer closed");
   close(fd);
   while (n_later > 0 && rounds++ < MAX_ROUNDS) uv_run(&loop, UV_RUN_NOWAIT);

@@ -52,7 +52,8 @@ put("flubber", "errors-small-limits", "\129" ..
   'true 12 -3.5e2 "bare" null\n')
 
 -- harmony: one message of every kind, and tokens signed with the fuzz key
--- (seed bytes 1..32, see fuzz/fuzz_harmony.c) in each accepted encoding.
+-- (seed bytes 1..32, fuzz_key_seed in fuzz/fuzz_common.h) in each accepted
+-- encoding.
 local messages = {
   { "protocol.sync.v1.PushRequest", { event = { user_added_to_guild = { user_id = 77, guild_id = 88 } } } },
   { "protocol.sync.v1.PushRequest", { event = { user_invited = { user_id = -1, inviter_id = 2, invite_id = "inv-\u{e9}" } } } },
@@ -95,6 +96,21 @@ put("http", "refusals", "\2" ..
   "POST /nowhere HTTP/1.0\r\nConnection: keep-alive\r\nContent-Type: application/hrpc\r\nContent-Length: 0\r\n\r\n" ..
   "POST /protocol.sync.v1.PostboxService/Push HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
 put("http", "too-large", "\0" .. post("/protocol.sync.v1.PostboxService/Push", "", "Content-Length: 99999999\r\n"))
+-- Mode bit 2: the federation's server, which admits FUZZ_PEER only.
+local auth = "Authorization: " .. token .. "\r\n"
+put("http", "federation-push-pull", "\4" ..
+  post("/protocol.sync.v1.PostboxService/Push", push, auth) ..
+  post("/protocol.sync.v1.PostboxService/Pull", "", auth) ..
+  post("/protocol.sync.v1.PostboxService/NotifyNewId",
+    assert(h.encode("protocol.sync.v1.NotifyNewIdRequest", { new_server_id = "new.example.org:1" })), auth) ..
+  post("/protocol.auth.v1.AuthService/Key", ""))
+local forged = assert(h.token_create(string.rep("\9", 32), "chat.example.org:2289", 1700000000))
+put("http", "federation-refusals", "\6" ..
+  post("/protocol.sync.v1.PostboxService/Push", push, "Authorization: " .. forged .. "\r\n") ..
+  post("/protocol.sync.v1.PostboxService/Push", push, "Authorization: " ..
+    assert(h.token_create(seed, "old.example.org:1", 5)) .. "\r\n") ..
+  post("/protocol.sync.v1.PostboxService/Push", "\255\255", auth) ..
+  post("/protocol.sync.v1.PostboxService/Push", push))
 
 -- config: the shapes a config takes.
 put("config", "default", require("segue.boot").default_config_text())
