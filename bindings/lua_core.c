@@ -387,8 +387,8 @@ static void stdio_freed(uv_handle_t *handle) {
 
 static void stdio_event(sg_stdio_channel *ch, const cJSON *request, const char *err) {
   stdio_state *st = (stdio_state *)ch;
+  if (!st->h || !st->h->L) return;  /* the host is gone (see stdio_gc) */
   lua_State *L = st->h->L;
-  if (!L) return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, st->cb_ref);
   if (request) sg__lua_push_json(L, request);
   else lua_pushnil(L);
@@ -402,21 +402,41 @@ static void stdio_event(sg_stdio_channel *ch, const cJSON *request, const char *
   }
 }
 
+/* When the Lua state closes (the host closes) with stdin still open, the
+ * channel closes without calling back: its callback would find no host. */
+static int stdio_gc(lua_State *L) {
+  (void)L;
+  stdio_state *st = the_stdio;
+  if (!st) return 0;
+  the_stdio = NULL;
+  st->h = NULL;
+  sg_stdio_channel_close(&st->ch, stdio_freed);
+  return 0;
+}
+
 /* stdio_open(fn(request | nil, err)): reads Requests from stdin. */
 static int l_stdio_open(lua_State *L) {
   sg_host *h = host_of(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
   if (the_stdio) return luaL_error(L, "stdin is already open");
-  stdio_state *st = calloc(1, sizeof *st);
-  if (!st) return luaL_error(L, "out of memory");
   sg_backend_config cfg;
   check_backend_config(L, 2, &cfg);
+  stdio_state *st = calloc(1, sizeof *st);
+  if (!st) return luaL_error(L, "out of memory");
   int rc = sg_stdio_channel_start(h->loop, &st->ch, 0, 1, cfg.max_value_bytes, &cfg.limits,
                                   stdio_event);
   if (rc != 0) {
-    free(st);
+    if (st->ch.in) sg_stdio_channel_close(&st->ch, stdio_freed);
+    else free(st);
     return push_fail(L, rc, "stdin must be a pipe or a terminal");
   }
+  /* A sentinel kept in the registry until the state closes. */
+  lua_newuserdatauv(L, 1, 0);
+  lua_newtable(L);
+  lua_pushcfunction(L, stdio_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  luaL_ref(L, LUA_REGISTRYINDEX);
   st->h = h;
   lua_pushvalue(L, 1);
   st->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -51,18 +51,21 @@ int sg_stdio_channel_start(uv_loop_t *loop, sg_stdio_channel *ch, int in_fd, int
                            size_t max_value_bytes, const sg_fl_limits *lim, sg_stdio_cb cb) {
   int rc;
   uv_handle_type type = uv_guess_handle(in_fd);
+  ch->in = NULL;
   if (type == UV_TTY) {
     rc = uv_tty_init(loop, &ch->in_tty, in_fd, 1);
-    ch->in = (uv_stream_t *)&ch->in_tty;
+    if (rc == 0) ch->in = (uv_stream_t *)&ch->in_tty;
   } else if (type == UV_NAMED_PIPE) {
     rc = uv_pipe_init(loop, &ch->in_pipe, 0);
-    if (rc == 0) rc = uv_pipe_open(&ch->in_pipe, in_fd);
-    ch->in = (uv_stream_t *)&ch->in_pipe;
+    if (rc == 0) {
+      ch->in = (uv_stream_t *)&ch->in_pipe;  /* initialized: closes from now on */
+      rc = uv_pipe_open(&ch->in_pipe, in_fd);
+    }
   } else {
     return UV_EINVAL;  /* a regular file or a socket: not what hosts give us */
   }
+  if (ch->in) ch->in->data = ch;
   if (rc != 0) return rc;
-  ch->in->data = ch;
   ch->cb = cb;
   ch->out_fd = out_fd;
   ch->limits = *lim;

@@ -26,7 +26,9 @@ struct sg_stdio_channel {
   char rbuf[65536];  /* the read buffer: the framer copies what it keeps */
 };
 
-/* Starts reading fd `in_fd` (a pipe or a terminal) and writing to `out_fd`. */
+/* Starts reading fd `in_fd` (a pipe or a terminal) and writing to `out_fd`.
+ * On failure ch->in, when not NULL, is an initialized handle to close with
+ * sg_stdio_channel_close. */
 int sg_stdio_channel_start(uv_loop_t *loop, sg_stdio_channel *ch, int in_fd, int out_fd,
                            size_t max_value_bytes, const sg_fl_limits *lim, sg_stdio_cb cb);
 /* Validates `v` (the first value must be an InitInfo, then Responses and

@@ -235,8 +235,10 @@ class Lifecycle(unittest.TestCase):
             r = run(["status", "cfg.lua"], cwd=br.d)
             return r.values()[0].get("rules", {}) if r.code == 0 and r.values() else {}
         self.assertTrue(br.wait_for(lambda: "no backend named nobody" in (status().get("last_error") or "")))
-        self.assertGreaterEqual(status()["failures"], 50)
-        self.assertGreaterEqual(status()["loads"], 50)
+        # triggers close together coalesce (the watcher debounces), so fewer
+        # loads than triggers; broken and good versions both loaded
+        self.assertGreaterEqual(status()["failures"], 2)
+        self.assertGreaterEqual(status()["loads"], 2)
         err = br.stop()
         self.assertIn("no backend named nobody", err)
         self.assertIn("self-test failed", err)
