@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from harness import SEGUE, run, tmpdir, write, wait_for
+from harness import SEGUE, run, tmpdir, write, wait_for, free_port  # noqa: F401 (re-exported)
 
 SRC = os.environ.get("SEGUE_SOURCE_DIR") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -46,13 +46,6 @@ segue.on("federation", function(server_id, event)
 end)
 """
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def lua_value(v):

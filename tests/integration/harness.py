@@ -2,6 +2,7 @@
 in $SEGUE, set by ctest) over real pipes and sockets."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,3 +107,12 @@ class LogTail:
 
     def wait_for(self, needle, timeout=20.0):
         return wait_for(lambda: needle in self.text(), timeout)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -8,18 +8,11 @@ import ssl
 import subprocess
 import time
 
-from harness import tmpdir, write
+from harness import tmpdir, write, free_port
 
 NGIRCD = shutil.which("ngircd") or "/usr/sbin/ngircd"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_cert(d, name="localhost"):
