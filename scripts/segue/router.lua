@@ -17,8 +17,9 @@ local current          -- the active rule set
 local index = {}       -- backend -> room name -> { {bridge, endpoint}, ... }
 local room_ids = {}    -- backend -> room name -> room id
 local room_names = {}  -- backend -> room id -> room name
-local pending = {}     -- backend -> sends in flight to it
-local held = {}        -- backend -> updates waiting for those sends
+local sends = {}       -- backend -> { [send number] = true } in flight to it
+local send_count = 0   -- numbers every send
+local held = {}        -- backend -> { {update, set, after}, ... } waiting for sends
 local last_edit = {}   -- "backend\0id" -> edit_time already handled
 local status = { loads = 0, failures = 0 }
 local db               -- the store (segue.store), or nil
@@ -142,14 +143,28 @@ end
 
 -- Sending -----------------------------------------------------------------
 
-local process
+local handle
 
-local function release(backend)
-  pending[backend] = pending[backend] - 1
-  if pending[backend] > 0 then return end
+-- The oldest send to `backend` still in flight, or nil.
+local function oldest_send(backend)
+  local min
+  for n in pairs(sends[backend] or {}) do
+    if not min or n < min then min = n end
+  end
+  return min
+end
+
+-- An update waits only for the sends that were in flight when it arrived,
+-- not for later ones: a busy bridge never starves a backend's updates.
+local function release(backend, n)
+  sends[backend][n] = nil
   local q = held[backend]
-  held[backend] = nil
-  for _, u in ipairs(q or {}) do process(backend, u) end
+  local oldest = oldest_send(backend)
+  while q and q[1] and (not oldest or q[1].after < oldest) do
+    local h = table.remove(q, 1)
+    handle(h.set, backend, h.update)
+  end
+  if q and not q[1] then held[backend] = nil end
 end
 
 local function send_copy(origin_backend, msg, target, content, attachments)
@@ -158,7 +173,10 @@ local function send_copy(origin_backend, msg, target, content, attachments)
   if not room_id then
     return segue.log.warn(("%s:%s is not resolved yet; message %s not bridged there"):format(e.backend, e.room, msg.id))
   end
-  pending[e.backend] = (pending[e.backend] or 0) + 1
+  send_count = send_count + 1
+  local n = send_count
+  sends[e.backend] = sends[e.backend] or {}
+  sends[e.backend][n] = true
   local ok, err = segue.backend(e.backend):request({ type = "MessageSend", value = {
     recipient = room_id, content = content, attachments = attachments,
     extra = { segue_origin = { backend = origin_backend, id = msg.id } } } },
@@ -169,11 +187,11 @@ local function send_copy(origin_backend, msg, target, content, attachments)
       elseif not r then
         segue.log.warn(("bridging %s:%s to %s failed: %s"):format(origin_backend, msg.id, e.key, rerr))
       end
-      release(e.backend)
+      release(e.backend, n)
     end)
   if not ok then
     segue.log.warn(("bridging to %s failed: %s"):format(e.key, err))
-    release(e.backend)
+    release(e.backend, n)
   end
 end
 
@@ -265,22 +283,26 @@ local function on_delete(set, backend, id)
   end
 end
 
-process = function(backend, update)
-  if (pending[backend] or 0) > 0 then
-    -- Our own sends to this backend are in flight: their echoes may arrive
-    -- before the ids we need to recognise them; wait for the ids.
-    held[backend] = held[backend] or {}
-    table.insert(held[backend], update)
-    return
-  end
-  local set = current  -- messages in flight finish on the rules they started with
-  if not set then return end
+handle = function(set, backend, update)
   if update.type == "MessageUpsert" then on_upsert(set, backend, update.value)
   elseif update.type == "MessageDelete" then on_delete(set, backend, update.value)
   elseif set.on_room then
     local ok, err = rules.run(set.on_room, backend, update)
     if not ok then segue.log.error("on_room failed: " .. tostring(err)) end
   end
+end
+
+local function process(backend, update)
+  local set = current  -- messages in flight finish on the rules they started with
+  if not set then return end
+  if held[backend] or oldest_send(backend) then
+    -- Our own sends to this backend are in flight: their echoes may arrive
+    -- before the ids we need to recognise them; wait for those ids.
+    held[backend] = held[backend] or {}
+    table.insert(held[backend], { update = update, set = set, after = send_count })
+    return
+  end
+  handle(set, backend, update)
 end
 
 -- Loading -----------------------------------------------------------------
