@@ -20,13 +20,13 @@ FAULT = os.path.join(HERE, "fault_backend.py")
 MIB = 1 << 20
 DEFAULT_MAX_LINE = 64 * MIB
 
-# fault(name, args, extra): like the harness's fake(), with fault_backend.py.
+# fault(name, args, extra): the harness's fake() running fault_backend.py
+# (fake() copies `extra` over the definition, args included).
 FAULT_PRELUDE = PRELUDE + """
 local function fault(name, args, extra)
-  local def = { cmd = %s, args = { %s } }
-  for _, a in ipairs(args or {}) do def.args[#def.args + 1] = a end
-  for k, v in pairs(extra or {}) do def[k] = v end
-  assert(segue.add_backend(name, def))
+  extra = extra or {}
+  extra.args = { %s, table.unpack(args or {}) }
+  fake(name, {}, extra)
 end
 -- Runs the loop until done() is true (top level only).
 local function wait_until(done, ms)
@@ -38,7 +38,7 @@ local function peak_rss_kib()
     if kib then return tonumber(kib) end
   end
 end
-""" % (json.dumps(PYTHON), json.dumps(FAULT))
+""" % json.dumps(FAULT)
 
 
 def wait_for(what, predicate, timeout=60):
