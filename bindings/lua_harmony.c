@@ -325,7 +325,7 @@ static int table_to_message(conv *c, int idx, const ProtobufCMessageDescriptor *
 static int set_value(conv *c, const ProtobufCFieldDescriptor *f, char *member, int idx) {
   lua_Integer i;
   uint64_t u;
-  const char *s;
+  const char *s = NULL;
   size_t len;
   ProtobufCMessage *sub;
   switch (kind_of(f->type)) {
