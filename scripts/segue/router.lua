@@ -20,6 +20,8 @@ local room_names = {}  -- backend -> room id -> room name
 local sends = {}       -- backend -> { [send number] = true } in flight to it
 local send_count = 0   -- numbers every send
 local held = {}        -- backend -> { {update, set, after}, ... } waiting for sends
+local unresolved = {}  -- "backend\0room" -> copies waiting for that room to resolve
+M.MAX_WAITING = 1000   -- copies kept per room that is not resolved yet
 local last_edit = {}   -- "backend\0id" -> edit_time already handled
 local status = { loads = 0, failures = 0 }
 local db               -- the store (segue.store), or nil
@@ -130,6 +132,9 @@ local function resolve(backend, room)
   -- A target once joined (or refused: some services need no join).
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value
+  local waiting = unresolved[backend .. "\0" .. room]
+  unresolved[backend .. "\0" .. room] = nil
+  for _, send in ipairs(waiting or {}) do send() end
 end
 
 -- Resolves and joins the rooms of `backend` named by the rules: all of them
@@ -167,12 +172,25 @@ local function release(backend, n)
   if q and not q[1] then held[backend] = nil end
 end
 
-local function send_copy(origin_backend, msg, target, content, attachments)
+local send_copy
+
+-- A copy for a room not resolved yet waits for it (in order, bounded).
+local function wait_for_room(origin_backend, msg, target, content, attachments)
+  local e = target.endpoint
+  local key = e.backend .. "\0" .. e.room
+  local list = unresolved[key] or {}
+  unresolved[key] = list
+  if #list >= M.MAX_WAITING then
+    return segue.log.warn(("%s is not resolved yet and %d copies wait for it; message %s not bridged there")
+      :format(e.key, #list, msg.id))
+  end
+  list[#list + 1] = function() send_copy(origin_backend, msg, target, content, attachments) end
+end
+
+send_copy = function(origin_backend, msg, target, content, attachments)
   local e = target.endpoint
   local room_id = (room_ids[e.backend] or {})[e.room]
-  if not room_id then
-    return segue.log.warn(("%s:%s is not resolved yet; message %s not bridged there"):format(e.backend, e.room, msg.id))
-  end
+  if not room_id then return wait_for_room(origin_backend, msg, target, content, attachments) end
   send_count = send_count + 1
   local n = send_count
   sends[e.backend] = sends[e.backend] or {}
