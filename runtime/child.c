@@ -180,6 +180,18 @@ static int on_framed(void *ud, const char *json, size_t len, uint64_t offset) {
 
 static void stop_run(child_run *r, int graceful);
 
+/* stdout ended a while ago and the process still runs: it can never answer
+ * again, so it is treated as dead (and restarted). */
+static void stop_run(child_run *r, int graceful);
+
+static void eof_but_alive(uv_timer_t *t) {
+  child_run *r = t->data;
+  if (r->exited || r->stopping) return;
+  snprintf(r->reason, sizeof r->reason, "closed its stdout but kept running");
+  sg__backend_log(r->b, SG_LOG_ERROR, "%s: stopping it", r->reason);
+  stop_run(r, 0);
+}
+
 static void on_stdout(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   child_run *r = s->data;
   if (n > 0 && !r->stopping) {
@@ -190,6 +202,8 @@ static void on_stdout(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     uv_read_stop(s);
     if (n != UV_EOF) snprintf(r->reason, sizeof r->reason, "stdout: %s", uv_strerror((int)n));
     if (r->exited) run_finish(r);
+    /* An exiting process closes stdout just before its exit is reported. */
+    else if (!r->stopping) uv_timer_start(&r->timer, eof_but_alive, 1000, 0);
   }
 }
 
