@@ -421,9 +421,16 @@ function Checker:federation(raw, cfg)
   end
 end
 
+-- Copies, so a config that assigns string.upper changes nothing outside it.
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
 local function sandbox()
   local safe = {
-    string = string, table = table, math = math, utf8 = utf8,
+    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select,
     tostring = tostring, tonumber = tonumber, type = type,
     error = error, assert = assert, pcall = pcall,
@@ -439,8 +446,10 @@ function M.load_string(source, chunkname, dir)
   local env = sandbox()
   local chunk, err = load(source, "@" .. file, "t", env)
   if not chunk then return nil, { err } end
-  local ok, ret = pcall(chunk)
-  if not ok then return nil, { tostring(ret) } end
+  -- A config that loops for ever would hang `segue check` and the start,
+  -- where no signal is handled yet: stop it (the rules' instruction limit).
+  local ok, ret = require("segue.rules").run_as("the config", chunk)
+  if not ok then return nil, { (tostring(ret):match("^[^\n]*")) } end
   local raw = {}
   for k, v in next, env do raw[k] = v end
   if ret ~= nil then

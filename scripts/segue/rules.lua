@@ -36,19 +36,23 @@ local choices = {
   mode = { both = true, ["in"] = true, out = true },
 }
 
---- run(fn, ...) -> true, results... | false, err: calls fn with an
---- instruction-count limit, so a rule that loops for ever is stopped.
-function M.run(fn, ...)
+--- run_as(what, fn, ...) -> true, results... | false, err: calls fn with an
+--- instruction-count limit, so code that loops for ever is stopped
+--- ("<what> stopped after N instructions").
+function M.run_as(what, fn, ...)
   local count = 0
   local limit = M.MAX_INSTRUCTIONS // 1000
   debug.sethook(function()
     count = count + 1
-    if count > limit then error("rule stopped after " .. M.MAX_INSTRUCTIONS .. " instructions", 2) end
+    if count > limit then error(what .. " stopped after " .. M.MAX_INSTRUCTIONS .. " instructions", 2) end
   end, "", 1000)
   local r = table.pack(xpcall(fn, debug.traceback, ...))
   debug.sethook()
   return table.unpack(r, 1, r.n)
 end
+
+--- run(fn, ...): run_as for rules.
+function M.run(fn, ...) return M.run_as("rule", fn, ...) end
 
 local function parse_endpoint(spec, where)
   local t = type(spec) == "table" and spec or { spec }

@@ -103,6 +103,26 @@ class Check(unittest.TestCase):
         self.assertEqual(r.code, 1)
         self.assertIn("evil.lua:1: attempt to index a nil value (global 'io')", r.stderr)
 
+    def test_a_config_that_never_ends_is_stopped(self):
+        d = tmpdir()
+        path = write(os.path.join(d, "loop.lua"), 'data_dir = "x"\nwhile true do end\n')
+        r = run(["check", path], timeout=60)
+        self.assertEqual(r.code, 1)
+        self.assertIn("loop.lua:2: the config stopped after 1000000 instructions", r.stderr)
+
+    def test_a_config_cannot_change_the_string_library_of_scripts(self):
+        d = tmpdir()
+        write(os.path.join(d, "s.lua"), 'io.stdout:write(("abc"):upper(), string.upper("x"), "\\n")\n')
+        cfg = write(os.path.join(d, "cfg.lua"),
+                    'string.upper = function() return "config was here" end\nscripts = { "s.lua" }\n')
+        p = subprocess.Popen([SEGUE, "run", cfg], cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        self.assertTrue(wait_for(lambda: os.path.isdir(os.path.join(d, "segue-data"))))
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+        self.assertEqual(out, "ABCX\n", err)
+
     def test_a_good_config_with_a_returned_table_passes(self):
         d = tmpdir()
         write(os.path.join(d, "my.env"), "A=1\n")
