@@ -486,10 +486,15 @@ static int push_value(conv *c, const ProtobufCFieldDescriptor *f, const char *me
       lua_pushinteger(L, (lua_Integer) * (const uint64_t *)(const void *)member);
       return 0;
     case K_BOOL: lua_pushboolean(L, *(const protobuf_c_boolean *)(const void *)member); return 0;
-    case K_STRING:
+    case K_STRING: {
+      /* proto3 strings are UTF-8; a peer that sends other bytes is refused
+       * here, as encode would refuse them on the way back. */
       s = load_ptr(member);
+      size_t n = s ? strlen(s) : 0, bad = s ? utf8_bad_at((const unsigned char *)s, n) : 0;
+      if (s && bad < n) return conv_fail(c, "invalid UTF-8 at byte %zu", bad + 1);
       lua_pushstring(L, s ? s : "");
       return 0;
+    }
     case K_BYTES:
       lua_pushlstring(L, b->len ? (const char *)b->data : "", b->len);
       return 0;

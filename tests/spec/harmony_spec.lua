@@ -241,3 +241,13 @@ describe("segue.harmony handlers", function()
     assert.matches("queue is busy", err, 1, true)
   end)
 end)
+
+describe("segue.harmony.decode of untrusted strings", function()
+  it("refuses a string field that is not UTF-8, naming the field", function()
+    local h = require "segue.harmony"
+    local v, err, code = h.decode("protocol.sync.v1.AuthData", "\10\4\255abc\16\1")
+    assert.is_nil(v)
+    assert.are.equal("EDECODE", code)
+    assert.are.equal("EDECODE: AuthData.server_id: invalid UTF-8 at byte 1", err)
+  end)
+end)
