@@ -109,6 +109,8 @@ class Delivery(unittest.TestCase):
             a.start()
             b.start()
             self.assertTrue(wait_for(lambda: a.queued(B) == 0, 30), a.stderr())
+            # B hands events to its handler after storing them: wait for that too.
+            wait_for(lambda: acked <= set(b.received_ids()), 30)
             got = b.received_ids()
             self.assertEqual(len(got), len(set(got)), "duplicates: %r" % got)
             self.assertTrue(acked <= set(got), "lost: %r" % (acked - set(got)))
