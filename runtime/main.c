@@ -210,6 +210,9 @@ int main(int argc, char **argv) {
   }
   /* A backend that dies must not kill us with SIGPIPE: writes just fail. */
   signal(SIGPIPE, SIG_IGN);
+  /* Past a file size limit a write should fail (and the store say so),
+   * not kill us. */
+  signal(SIGXFSZ, SIG_IGN);
   app a = {0};
   a.loop = uv_default_loop();
   /* The standalone backend's stdout is the protocol: logs stay on stderr,
