@@ -146,11 +146,6 @@ function M.server_id() return running and running:server_id() end
 
 -- Calls ---------------------------------------------------------------------------
 
-local function resume(co, ...)
-  local ok, err = coroutine.resume(co, ...)
-  if not ok then core.log("error", debug.traceback(co, err)) end
-end
-
 local function call_with(server_id, path, msg, cb, sign_as)
   local types = M.methods[path]
   local body, err, code = codec.encode(types[1], msg)
@@ -174,12 +169,9 @@ function M.call(server_id, method, msg, cb, opts)
   assert(type(msg) == "table", "message must be a table")
   local path = short[method] or method:gsub("^/", "")
   if not M.methods[path] then error("unknown hRPC method '" .. method .. "'", 2) end
-  if cb then return call_with(server_id, path, msg, cb, sign_as) end
-  local co, main = coroutine.running()
-  if main then error("segue.harmony.call without a callback must run inside a coroutine (see segue.spawn)", 2) end
-  local ok, err, code = call_with(server_id, path, msg, function(...) resume(co, ...) end, sign_as)
-  if not ok then return nil, err, code end
-  return coroutine.yield()
+  -- "segue" is required here, not at load: it requires this module.
+  return require("segue").call("segue.harmony.call",
+    function(done) return call_with(server_id, path, msg, done, sign_as) end, cb)
 end
 
 -- `segue key [CONFIG]` --------------------------------------------------------------

@@ -76,6 +76,24 @@ local function current_coroutine(what)
   return co
 end
 
+--- segue.call(what, start [, callback]): the callback-or-coroutine form of
+--- an operation. start(cb) begins it and returns true (cb will run once,
+--- possibly at once) or nil, err, code (cb never runs). With `callback`,
+--- that is cb and start's result is returned; without, the calling coroutine
+--- waits and gets what cb receives (an error names `what` outside one).
+function segue.call(what, start, callback)
+  if callback then return start(callback) end
+  local co = current_coroutine(what)
+  local result, waiting
+  local started, err, code = start(function(...)
+    if waiting then resume(co, ...) else result = table.pack(...) end
+  end)
+  if not started then return nil, err, code end
+  if result then return table.unpack(result, 1, result.n) end
+  waiting = true
+  return coroutine.yield()
+end
+
 -- Timers --------------------------------------------------------------------
 
 --- segue.timer(ms, fn): calls fn once after ms milliseconds; returns a timer
@@ -130,11 +148,7 @@ function Backend:request(body, callback)
       and body.value.attachments == nil then
     body.value.attachments = {}
   end
-  if callback then return core.request(self.name, body, callback) end
-  local co = current_coroutine("request")
-  local ok, err, code = core.request(self.name, body, function(...) resume(co, ...) end)
-  if not ok then return nil, err, code end
-  return coroutine.yield()
+  return segue.call("request", function(cb) return core.request(self.name, body, cb) end, callback)
 end
 
 --- backend:info() -> { name, kind, state, restarts, pid } or nil

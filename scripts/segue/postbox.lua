@@ -36,26 +36,9 @@ local failures = {} -- server_id -> consecutive failed Pulls
 
 local function segue() return require "segue" end
 
-local function resume(co, ...)
-  local ok, err = coroutine.resume(co, ...)
-  if not ok then core.log("error", debug.traceback(co, err)) end
-end
-
--- Runs fn(cb) and, without a callback of the caller's, waits in the calling
--- coroutine for what cb receives.
--- cb may run at once (the outcome is known without waiting).
-local function wait_for(fn)
-  local co, main = coroutine.running()
-  if main then error("without a callback this must run inside a coroutine (see segue.spawn)", 3) end
-  local result, waiting
-  local started, err, code = fn(function(...)
-    if waiting then resume(co, ...) else result = table.pack(...) end
-  end)
-  if not started then return nil, err, code end
-  if result then return table.unpack(result, 1, result.n) end
-  waiting = true
-  return coroutine.yield()
-end
+-- Runs fn(cb) and waits in the calling coroutine for what cb receives (cb
+-- may run at once: the outcome is known without waiting).
+local function wait_for(fn) return segue().call("segue.postbox", fn) end
 
 -- The transport -----------------------------------------------------------------
 

@@ -204,3 +204,22 @@ describe("segue.emit_checked", function()
     assert.is_true(segue.emit_checked("nobody-listens"))
   end)
 end)
+
+describe("segue.call", function()
+  it("gives a callback the outcome, or waits in the coroutine for it", function()
+    local later = function(cb) segue.timer(5, function() cb("late", 2) end) return true end
+    local now = function(cb) cb("now") return true end
+    local refused = function() return nil, "EDEAD: no", "EDEAD" end
+    local seen
+    assert.is_true(segue.call("op", later, function(...) seen = { ... } end))
+    segue.wait(30)
+    assert.are.same({ "late", 2 }, seen)
+    assert.are.same({ "late", 2, "now" }, { segue.await(function()
+      local a, b = segue.call("op", later)
+      return a, b, (segue.call("op", now))
+    end) })
+    assert.are.same({ nil, "EDEAD: no", "EDEAD" }, { segue.await(function() return segue.call("op", refused) end) })
+    assert.has_error(function() segue.call("op", later) end,
+      "op without a callback must run inside a coroutine (see segue.spawn)")
+  end)
+end)
