@@ -40,15 +40,23 @@ def load(path):
     msgs.update(st["msgs"])
 
 
-def upsert(m):
+SHARED = sys.argv[2] if len(sys.argv) > 2 else None  # a room log shared by processes
+
+
+def upsert(m, share=True):
     send({"type": "MessageUpsert", "value": m})
     save(sys.argv[1])
+    if SHARED and share:
+        with open(SHARED, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "m": m}) + "\n")
 
 
 def new_message(room, sender, content, extra=None):
     counter[0] += 1
     t = now()
-    m = {"id": "c%d" % counter[0], "sender": sender, "recipient": room, "attachments": [],
+    # ids stay unique across the processes sharing a room
+    mid = "c%d-%d" % (os.getpid(), counter[0]) if SHARED else "c%d" % counter[0]
+    m = {"id": mid, "sender": sender, "recipient": room, "attachments": [],
          "content": content, "create_time": t, "edit_time": t, "extra": extra}
     msgs[m["id"]] = m
     return m
@@ -93,6 +101,10 @@ def main():
     open(path, "a").close()
     load(path)
     f = open(path)
+    shared = None
+    if SHARED:
+        open(SHARED, "a").close()
+        shared = open(SHARED)
     send({"backend_name": "chat", "backend_version": [0, 1, 0], "protocol_version": [0, 1, 0]})
     dec, buf = json.JSONDecoder(), ""
     while True:
@@ -112,6 +124,11 @@ def main():
         for line in f.readlines():
             if line.strip():
                 inject(line)
+        for line in (shared.readlines() if shared else []):
+            other = json.loads(line)
+            if other["pid"] != os.getpid():  # said through another process
+                msgs[other["m"]["id"]] = other["m"]
+                upsert(other["m"], share=False)
 
 
 main()

@@ -185,6 +185,34 @@ class Routing(unittest.TestCase):
         br.stop()
 
 
+    def test_two_segue_instances_bridging_the_same_rooms_make_no_loop(self):
+        # Two chat services shared by two segue instances (each runs its own
+        # process of each service; the processes share each room through a
+        # log file). Both instances bridge the same two rooms.
+        d = tmpdir()
+        shared = [os.path.join(d, "room1.log"), os.path.join(d, "room2.log")]
+        instances = []
+        for i in range(2):
+            sub = os.path.join(d, "i%d" % i)
+            os.makedirs(sub)
+            backends = ", ".join('chat%d = { cmd = %s, args = { %s, %s, %s } }' % (
+                n + 1, json.dumps(PYTHON), json.dumps(CHAT), json.dumps(os.path.join(sub, "in%d" % n)),
+                json.dumps(shared[n])) for n in range(2))
+            instances.append(Bridge(self, 'return { bridge { "chat1:#x", "chat2:#x" } }', backends=backends, d=sub))
+        with open(os.path.join(instances[0].d, "in0"), "a") as f:
+            f.write(json.dumps({"room": "#x", "sender": "carol", "text": "once"}) + "\n")
+
+        def lines(path):
+            with open(path) as f:
+                return [json.loads(x)["m"]["content"] for x in f if x.strip()]
+        self.assertTrue(wait_for(lambda: len(lines(shared[1])) >= 2))
+        time.sleep(1.5)  # a loop would keep both logs growing
+        self.assertEqual(len(lines(shared[0])), 1, "room 1 keeps growing: a loop")
+        self.assertEqual(len(lines(shared[1])), 2, "room 2: one copy per instance, no more")
+        for br in instances:
+            br.stop()
+
+
 class Lifecycle(unittest.TestCase):
     def test_a_restart_keeps_the_id_map(self):
         br = Bridge(self, 'return { bridge { "chat:#r", "a:#r" } }')
