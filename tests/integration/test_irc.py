@@ -163,6 +163,9 @@ class IrcBridge(unittest.TestCase):
         alice.expect(r"^:bridge!\S+ JOIN :?#[aA]$")
         alice.expect(r"^:bridge!\S+ JOIN :?#b$")
         self.assertEqual(alice.expect(r"PRIVMSG #b "), ":bridge!~bridge@127.0.0.1 PRIVMSG #b :\x1dhello from memory\x1d")
+        # the script prints a join once its RoomJoin answered, which may be
+        # after the server announced it to alice
+        s.value(lambda v: v.get("joined") == "#b", what="the script's join of #b")
         self.assertEqual([v["joined"] for v in s.values() if "joined" in v], ["#a", "#b"])
 
         alice.say("#a", "\x02bold\x02 and plain")
