@@ -3,6 +3,7 @@ a durable queue while the receiver is down, Pull on its return, kill -9 of
 the sender, and refused tokens that change nothing in the store."""
 import os
 import signal
+import threading
 import unittest
 
 import json
@@ -114,6 +115,43 @@ class Delivery(unittest.TestCase):
             got = b.received_ids()
             self.assertEqual(len(got), len(set(got)), "duplicates: %r" % got)
             self.assertTrue(acked <= set(got), "lost: %r" % (acked - set(got)))
+            self.assertEqual(got, sorted(got))
+        finally:
+            a.stop()
+            b.stop()
+
+    def test_kill_9_of_the_sender_while_it_serves_pulls(self):
+        a_port, b_port = free_port(), free_port()
+        small = dict(FAST, pull_max_bytes=120)  # many small Pull batches
+        a = PostboxNode(A, sender=True, port=a_port,
+                        federation=dict(small, peers={B: "http://127.0.0.1:%d" % b_port}))
+        b = PostboxNode(B, port=b_port, federation=dict(small, peers={A: "http://127.0.0.1:%d" % a_port}))
+        b.start()
+        a.start()
+        try:
+            a.push(B, [1])  # B learns of A: it pulls from A at its next start
+            self.assertTrue(wait_for(lambda: b.received_ids() == [1]), b.stderr())
+            self.assertEqual(b.stop(), 0)
+            a.push(B, range(2, 1001))  # B is down: these queue on A
+            self.assertTrue(a.wait_acks(1000, 60), a.stderr())
+            acked = {x["id"] for x in a.read_acks() if x.get("how") in ("pushed", "queued")}
+            self.assertEqual(len(acked), 1000)
+            # B pulls from A at start-up, batch after batch; A is killed while
+            # B starts, at points that vary from run to run.
+            killer = threading.Timer(0.15, a.proc.send_signal, (signal.SIGKILL,))
+            killer.start()
+            b.start()
+            killer.join()
+            a.proc.wait()
+            a.proc = None
+            a.log.close()
+            os.remove(a.cmds)
+            a.start()
+            self.assertTrue(wait_for(lambda: a.queued(B) == 0, 60), a.stderr())
+            wait_for(lambda: acked <= set(b.received_ids()), 30)
+            got = b.received_ids()
+            self.assertTrue(acked <= set(got), "lost: %r" % sorted(acked - set(got)))
+            self.assertEqual(len(got), len(set(got)), "duplicates")
             self.assertEqual(got, sorted(got))
         finally:
             a.stop()
