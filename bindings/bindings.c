@@ -1,6 +1,19 @@
 /* The C Lua modules, registered in package.preload by the host. */
 #include "bindings.h"
 
+void sg__lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   const luaL_Reg *meta) {
+  if (luaL_newmetatable(L, name)) {
+    if (methods) {
+      lua_newtable(L);
+      luaL_setfuncs(L, methods, 0);
+      lua_setfield(L, -2, "__index");
+    }
+    luaL_setfuncs(L, meta, 0);
+  }
+  lua_pop(L, 1);
+}
+
 const sg_binding sg__bindings[] = {
     {"segue.core", luaopen_segue_core},
     {"segue.json", luaopen_segue_json},

@@ -4,6 +4,7 @@
 #ifndef SEGUE_BINDINGS_H
 #define SEGUE_BINDINGS_H
 #include <lua.h>
+#include <lauxlib.h>
 
 typedef struct {
   const char *name;
@@ -12,6 +13,12 @@ typedef struct {
 
 /* Terminated by {NULL, NULL}. */
 extern const sg_binding sg__bindings[];
+
+/* Registers the metatable `name` (once): `methods` (may be NULL) become its
+ * __index table, `meta` its metamethods ({"__gc", fn}, ...). Leaves the
+ * stack as it was. */
+void sg__lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   const luaL_Reg *meta);
 
 int luaopen_segue_core(lua_State *L);     /* bindings/lua_core.c */
 int luaopen_segue_json(lua_State *L);     /* bindings/lua_json.c */

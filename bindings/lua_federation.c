@@ -453,18 +453,6 @@ static int l_server_id(lua_State *L) {
   return 1;
 }
 
-static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods,
-                          lua_CFunction gc) {
-  if (luaL_newmetatable(L, name)) {
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
-}
-
 int luaopen_segue_federation(lua_State *L) {
   static const luaL_Reg fed_methods[] = {
       {"on_request", l_on_request}, {"on_key", l_on_key}, {"call", l_call},
@@ -475,8 +463,10 @@ int luaopen_segue_federation(lua_State *L) {
       {"respond", l_req_respond}, {"error", l_req_error}, {"alive", l_req_alive},
       {"on_done", l_req_on_done}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"start", l_start}, {"load_key", l_load_key}, {NULL, NULL}};
-  new_metatable(L, FED_MT, fed_methods, l_gc);
-  new_metatable(L, REQ_MT, req_methods, l_req_gc);
+  static const luaL_Reg fed_meta[] = {{"__gc", l_gc}, {NULL, NULL}};
+  static const luaL_Reg req_meta[] = {{"__gc", l_req_gc}, {NULL, NULL}};
+  sg__lua_class(L, FED_MT, fed_methods, fed_meta);
+  sg__lua_class(L, REQ_MT, req_methods, req_meta);
   luaL_newlib(L, fns);
   return 1;
 }

@@ -199,13 +199,8 @@ static int l_run(lua_State *L) {
 static void new_handle_metatable(lua_State *L, const char *name) {
   static const luaL_Reg methods[] = {
       {"stop", l_handle_stop}, {"close", l_handle_stop}, {"active", l_handle_active}, {NULL, NULL}};
-  if (luaL_newmetatable(L, name)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_handle_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__gc", l_handle_gc}, {NULL, NULL}};
+  sg__lua_class(L, name, methods, meta);
 }
 
 int luaopen_segue_loop(lua_State *L) {

@@ -361,15 +361,8 @@ int luaopen_segue_net(lua_State *L) {
       {"drain", l_drain}, {"write_queue_size", l_write_queue_size}, {"close", l_close},
       {"is_closed", l_is_closed}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"connect", l_connect}, {"stdin", l_stdin}, {NULL, NULL}};
-  if (luaL_newmetatable(L, CONN_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__gc", l_gc}, {"__tostring", l_tostring}, {NULL, NULL}};
+  sg__lua_class(L, CONN_MT, methods, meta);
   luaL_newlib(L, fns);
   return 1;
 }

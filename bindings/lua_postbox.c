@@ -471,18 +471,10 @@ int luaopen_segue_postbox_core(lua_State *L) {
       {"key_get", l_key_get},     {"key_set", l_key_set},       {"rename", l_rename},
       {"close", l_close},         {NULL, NULL}};
   static const luaL_Reg fns[] = {{"new", l_new}, {"peers_of", l_peers_of}, {NULL, NULL}};
-  if (luaL_newmetatable(L, PB_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, BATCH_MT)) {
-    lua_pushcfunction(L, l_batch_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
+  static const luaL_Reg pb_meta[] = {{"__gc", l_gc}, {NULL, NULL}};
+  static const luaL_Reg batch_meta[] = {{"__gc", l_batch_gc}, {NULL, NULL}};
+  sg__lua_class(L, PB_MT, methods, pb_meta);
+  sg__lua_class(L, BATCH_MT, NULL, batch_meta);
   luaL_newlib(L, fns);
   return 1;
 }

@@ -259,17 +259,9 @@ int luaopen_segue_store(lua_State *L) {
       {"close", l_close},             {NULL, NULL},
   };
   static const luaL_Reg fns[] = {{"open", l_open}, {NULL, NULL}};
-  if (luaL_newmetatable(L, STORE_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, l_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {
+      {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};
+  sg__lua_class(L, STORE_MT, methods, meta);
   luaL_newlib(L, fns);
   return 1;
 }
