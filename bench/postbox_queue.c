@@ -31,45 +31,45 @@ static void acked(void *ud, int err, int how, const char *msg) {
 static double postbox_rate(const char *dir, double secs) {
   char path[512], err[600];
   snprintf(path, sizeof path, "%s/postbox.db", dir);
-  sg_store *s;
+  sg__store *s;
   uv_loop_t loop;
-  sg_postbox *pb;
+  sg__postbox *pb;
   uv_loop_init(&loop);
-  if (sg_store_open(path, &s, err, sizeof err)) {
+  if (sg__store_open(path, &s, err, sizeof err)) {
     fprintf(stderr, "%s\n", err);
     exit(1);
   }
-  sg_postbox_transport tp = {refuse, ignore, NULL};
-  sg_postbox_options o;
-  sg_postbox_options_default(&o);
+  sg__postbox_transport tp = {refuse, ignore, NULL};
+  sg__postbox_options o;
+  sg__postbox_options_default(&o);
   o.push_tries = 1;
   o.queue_limit = 1u << 30;
-  sg_postbox_new(&loop, s, &tp, &o, &pb);
+  sg__postbox_new(&loop, s, &tp, &o, &pb);
   long n = 0;
   int failed = 0;
   double t0 = now_s();
   while (now_s() - t0 < secs) {
     for (int i = 0; i < 1000; i++) {
-      int rc = sg_postbox_push(pb, "peer.example:2289", EVENT, sizeof EVENT, acked, &failed);
+      int rc = sg__postbox_push(pb, "peer.example:2289", EVENT, sizeof EVENT, acked, &failed);
       if (rc < 0 || failed) {
-        fprintf(stderr, "push: %s\n", sg_postbox_errmsg(pb));
+        fprintf(stderr, "push: %s\n", sg__postbox_errmsg(pb));
         exit(1);
       }
     }
-    sg_postbox_batch *b;
+    sg__postbox_batch *b;
     do {  /* drain as a peer's Pulls would */
-      sg_postbox_pull_begin(pb, "peer.example:2289", 512 * 1024, &b);
+      sg__postbox_pull_begin(pb, "peer.example:2289", 512 * 1024, &b);
       size_t got = b->n;
-      sg_postbox_pull_end(pb, b, 0);
+      sg__postbox_pull_end(pb, b, 0);
       if (!got) break;
     } while (1);
     n += 1000;
   }
   double rate = (double)n / (now_s() - t0);
-  sg_postbox_close(pb, NULL, NULL);
+  sg__postbox_close(pb, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
-  sg_store_close(s);
+  sg__store_close(s);
   return rate;
 }
 

@@ -1,6 +1,80 @@
 /* The C Lua modules, registered in package.preload by the host. */
 #include "bindings.h"
 
+#include <stdio.h>
+#include <string.h>
+
+/* ---- the owner's environment ---------------------------------------------- */
+
+static const char lenv_key = 'e';
+
+void sg__lenv_set(lua_State *L, sg__lenv *e) {
+  lua_pushlightuserdata(L, e);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &lenv_key);
+}
+
+sg__lenv *sg__lenv_of(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &lenv_key);
+  sg__lenv *e = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return e;
+}
+
+sg__lenv *sg__lenv_check(lua_State *L) {
+  sg__lenv *e = sg__lenv_of(L);
+  if (!e) luaL_error(L, "this needs the segue host (run under `segue`)");
+  if (e->closing) luaL_error(L, "the host is closing");
+  return e;
+}
+
+sg__backend *sg__lenv_find_backend(sg__lenv *e, const char *name) {
+  for (sg__backend *b = e->backends; b; b = b->next)
+    if (strcmp(b->name, name) == 0) return b;
+  return NULL;
+}
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+void sg__lenv_report(sg__lenv *e, int err, const char *message) {
+  sg__log(&e->log, SG_LOG_ERROR, NULL, NULL, "%s", message);
+  if (e->on_error) e->on_error(e, err, message);
+}
+
+int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
+  lua_State *L = e->L;
+  int base = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, base);
+  int rc = lua_pcall(L, nargs, nres, base);
+  lua_remove(L, base);
+  if (rc == LUA_OK) return 0;
+  char buf[4096];
+  snprintf(buf, sizeof buf, "%s: %s", what, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  sg__lenv_report(e, SG_ELUA, buf);
+  return SG_ELUA;
+}
+
+/* ---- the failure convention ----------------------------------------------- */
+
+int sg__lua_fail(lua_State *L, int err, const char *msg) {
+  luaL_pushfail(L);
+  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && *msg ? msg : sg_strerror(err));
+  lua_pushstring(L, sg_err_name(err));
+  return 3;
+}
+
+int sg__lua_result(lua_State *L, int err) {
+  if (err) return sg__lua_fail(L, err, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 void sg__lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
                    const luaL_Reg *meta) {
   if (luaL_newmetatable(L, name)) {
@@ -14,13 +88,13 @@ void sg__lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
   lua_pop(L, 1);
 }
 
-const sg_binding sg__bindings[] = {
+const sg__binding sg__bindings[] = {
     {"segue.core", luaopen_segue_core},
     {"segue.json", luaopen_segue_json},
     {"segue.loop", luaopen_segue_loop},
     {"segue.fs", luaopen_segue_fs},
-    {"segue.harmony", luaopen_segue_harmony},
-    {"segue.federation", luaopen_segue_federation},
+    {"segue.harmony_core", luaopen_segue_harmony_core},
+    {"segue.federation_core", luaopen_segue_federation_core},
     {"segue.store", luaopen_segue_store},
     {"segue.postbox_core", luaopen_segue_postbox_core},
     {"segue.net", luaopen_segue_net},

@@ -29,14 +29,13 @@
 
 #include "bindings.h"
 #include "federation.h"
-#include "host.h"
 
 #define FED_MT "segue.federation"
 #define REQ_MT "segue.federation.request"
 
 typedef struct lfed {
-  sg_federation f;
-  sg_host *h;
+  sg__federation f;
+  sg__lenv *h;
   int handler_ref, key_ref, self_ref;
   int closed;                       /* close was asked */
   int lua_gone;                     /* the state is closing: never call into it */
@@ -48,19 +47,6 @@ typedef struct lcall {
   int cb_ref;
 } lcall;
 
-static int push_fail(lua_State *L, int err, const char *msg) {
-  luaL_pushfail(L);
-  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && *msg ? msg : sg_strerror(err));
-  lua_pushstring(L, sg_err_name(err));
-  return 3;
-}
-
-static int push_result(lua_State *L, int rc) {
-  if (rc) return push_fail(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
 static lfed *check_fed(lua_State *L) {
   lfed *lf = *(lfed **)luaL_checkudata(L, 1, FED_MT);
   if (!lf || lf->closed) luaL_argerror(L, 1, "the federation is closed");
@@ -69,30 +55,30 @@ static lfed *check_fed(lua_State *L) {
 
 /* ---- inbound requests ------------------------------------------------------ */
 
-static sg_hrpc_request **check_req(lua_State *L) {
-  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+static sg__hrpc_request **check_req(lua_State *L) {
+  sg__hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
   if (!*r) luaL_argerror(L, 1, "the request was answered already");
   return r;
 }
 
 static int l_req_respond(lua_State *L) {
-  sg_hrpc_request **r = check_req(L);
+  sg__hrpc_request **r = check_req(L);
   size_t len;
   const char *body = luaL_checklstring(L, 2, &len);
-  int rc = sg_hrpc_respond(*r, (const uint8_t *)body, len);
+  int rc = sg__hrpc_respond(*r, (const uint8_t *)body, len);
   *r = NULL;
-  return push_result(L, rc);
+  return sg__lua_result(L, rc);
 }
 
 static int l_req_error(lua_State *L) {
-  sg_hrpc_request **r = check_req(L);
+  sg__hrpc_request **r = check_req(L);
   lua_Integer status = luaL_checkinteger(L, 2);
   const char *id = luaL_checkstring(L, 3);
   const char *msg = luaL_optstring(L, 4, NULL);
   luaL_argcheck(L, status >= 200 && status <= 599, 2, "an HTTP status 200..599 expected");
-  int rc = sg_hrpc_respond_error(*r, (int)status, id, msg, NULL, 0);
+  int rc = sg__hrpc_respond_error(*r, (int)status, id, msg, NULL, 0);
   *r = NULL;
-  return push_result(L, rc);
+  return sg__lua_result(L, rc);
 }
 
 typedef struct ldone {
@@ -100,7 +86,7 @@ typedef struct ldone {
   int cb_ref;
 } ldone;
 
-static void on_done(sg_hrpc_request *req, void *ud, int status) {
+static void on_done(sg__hrpc_request *req, void *ud, int status) {
   ldone *d = ud;
   lua_State *L = d->lf->h->L;
   if (!d->lf->lua_gone && L) {
@@ -109,7 +95,7 @@ static void on_done(sg_hrpc_request *req, void *ud, int status) {
     lua_pushboolean(L, status == 0);
     if (status) lua_pushfstring(L, "%s: %s", sg_err_name(status), sg_strerror(status));
     else lua_pushnil(L);
-    sg__host_pcall(d->lf->h, 2, 0, "federation write completion");
+    sg__lenv_pcall(d->lf->h, 2, 0, "federation write completion");
   }
   free(d);
 }
@@ -117,52 +103,52 @@ static void on_done(sg_hrpc_request *req, void *ud, int status) {
 /* req:on_done(fn(ok, err)): fn runs once the response was written whole
  * (ok true) or never will be. Call before answering. */
 static int l_req_on_done(lua_State *L) {
-  sg_hrpc_request **r = check_req(L);
+  sg__hrpc_request **r = check_req(L);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   ldone *d = malloc(sizeof *d);
   if (!d) return luaL_error(L, "out of memory");
   d->lf = (*r)->data;
   lua_pushvalue(L, 2);
   d->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  int rc = sg_hrpc_request_on_done(*r, on_done, d);
+  int rc = sg__hrpc_request_on_done(*r, on_done, d);
   if (rc) {
     luaL_unref(L, LUA_REGISTRYINDEX, d->cb_ref);
     free(d);
   }
-  return push_result(L, rc);
+  return sg__lua_result(L, rc);
 }
 
 static int l_req_alive(lua_State *L) {
-  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
-  lua_pushboolean(L, *r && sg_hrpc_request_alive(*r));
+  sg__hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+  lua_pushboolean(L, *r && sg__hrpc_request_alive(*r));
   return 1;
 }
 
 /* A request Lua dropped unanswered is answered 500 (and freed). */
 static int l_req_gc(lua_State *L) {
-  sg_hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
-  if (*r) sg_hrpc_request_release(*r);
+  sg__hrpc_request **r = luaL_checkudata(L, 1, REQ_MT);
+  if (*r) sg__hrpc_request_release(*r);
   *r = NULL;
   return 0;
 }
 
-static void on_request(sg_federation *f, sg_fed_method m, const char *server_id,
-                       sg_hrpc_request *req, void *ud) {
+static void on_request(sg__federation *f, sg__fed_method m, const char *server_id,
+                       sg__hrpc_request *req, void *ud) {
   lfed *lf = ud;
   lua_State *L = lf->h->L;
   if (lf->lua_gone || !L || lf->handler_ref == LUA_NOREF) {
-    sg_hrpc_respond_error(req, 501, "hrpc.not-implemented", "no handler for this method", NULL, 0);
+    sg__hrpc_respond_error(req, 501, "hrpc.not-implemented", "no handler for this method", NULL, 0);
     return;
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, lf->handler_ref);
-  lua_pushstring(L, sg_fed_method_name(m));
+  lua_pushstring(L, sg__fed_method_name(m));
   lua_pushstring(L, server_id);
   lua_pushlstring(L, req->body ? (const char *)req->body : "", req->body_len);
   req->data = lf;  /* for req:on_done */
-  sg_hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
+  sg__hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
   *r = req;
   luaL_setmetatable(L, REQ_MT);
-  sg__host_pcall(lf->h, 4, 0, "federation request handler");
+  sg__lenv_pcall(lf->h, 4, 0, "federation request handler");
 }
 
 static void set_ref(lua_State *L, int *ref) {
@@ -179,7 +165,7 @@ static int l_on_request(lua_State *L) {
 
 /* ---- keys ------------------------------------------------------------------ */
 
-static void on_key(sg_federation *f, const char *server_id,
+static void on_key(sg__federation *f, const char *server_id,
                    const unsigned char pk[SG_KEYS_PUBLIC_BYTES], void *ud) {
   lfed *lf = ud;
   lua_State *L = lf->h->L;
@@ -187,7 +173,7 @@ static void on_key(sg_federation *f, const char *server_id,
   lua_rawgeti(L, LUA_REGISTRYINDEX, lf->key_ref);
   lua_pushstring(L, server_id);
   lua_pushlstring(L, (const char *)pk, SG_KEYS_PUBLIC_BYTES);
-  sg__host_pcall(lf->h, 2, 0, "federation key handler");
+  sg__lenv_pcall(lf->h, 2, 0, "federation key handler");
 }
 
 static int l_on_key(lua_State *L) {
@@ -198,7 +184,7 @@ static int l_on_key(lua_State *L) {
 static int l_key_get(lua_State *L) {
   lfed *lf = check_fed(L);
   unsigned char pk[SG_KEYS_PUBLIC_BYTES];
-  if (sg_federation_key_get(&lf->f, luaL_checkstring(L, 2), pk) != 0) return 0;
+  if (sg__federation_key_get(&lf->f, luaL_checkstring(L, 2), pk) != 0) return 0;
   lua_pushlstring(L, (const char *)pk, sizeof pk);
   return 1;
 }
@@ -209,17 +195,17 @@ static int l_key_put(lua_State *L) {
   size_t len;
   const char *pk = luaL_checklstring(L, 3, &len);
   luaL_argcheck(L, len == SG_KEYS_PUBLIC_BYTES, 3, "a 32-byte public key expected");
-  return push_result(L, sg_federation_key_put(&lf->f, id, (const unsigned char *)pk));
+  return sg__lua_result(L, sg__federation_key_put(&lf->f, id, (const unsigned char *)pk));
 }
 
 static int l_load_key(lua_State *L) {
   const char *dir = luaL_checkstring(L, 1);
   char err[512], b64[SG_KEYS_PUBLIC_B64_SIZE];
-  sg_keypair *kp;
-  int rc = sg_keys_load_or_create(dir, &kp, err, sizeof err);
-  if (rc) return push_fail(L, rc, err);
-  sg_keys_public_b64(kp, b64, sizeof b64);
-  sg_keys_free(kp);
+  sg__keypair *kp;
+  int rc = sg__keys_load_or_create(dir, &kp, err, sizeof err);
+  if (rc) return sg__lua_fail(L, rc, err);
+  sg__keys_public_b64(kp, b64, sizeof b64);
+  sg__keys_free(kp);
   lua_pushstring(L, b64);
   return 1;
 }
@@ -250,7 +236,7 @@ static void on_call(void *ud, int err, int status, const uint8_t *body, size_t l
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
     push_call_result(L, err, status, body, len, identifier, message);
-    sg__host_pcall(lf->h, err ? 5 : 1, 0, "federation call callback");
+    sg__lenv_pcall(lf->h, err ? 5 : 1, 0, "federation call callback");
   }
   free(c);
 }
@@ -267,13 +253,13 @@ static int l_call(lua_State *L) {
   c->lf = lf;
   lua_pushvalue(L, 5);
   c->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  const char *sign_as = luaL_optstring(L, 6, sg_federation_server_id(&lf->f));
-  int rc = sg_federation_call_as(&lf->f, sign_as, id, path, (const uint8_t *)body, len, on_call, c);
+  const char *sign_as = luaL_optstring(L, 6, sg__federation_server_id(&lf->f));
+  int rc = sg__federation_call_as(&lf->f, sign_as, id, path, (const uint8_t *)body, len, on_call, c);
   if (rc) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
     free(c);
   }
-  return push_result(L, rc);
+  return sg__lua_result(L, rc);
 }
 
 /* ---- options --------------------------------------------------------------- */
@@ -317,7 +303,7 @@ static const char *const *opt_list(lua_State *L, int t, const char *key, size_t 
 }
 
 /* opts.peers { [id] = url } as two arrays (kept on the stack). */
-static void opt_peers(lua_State *L, int t, sg_fed_options *o) {
+static void opt_peers(lua_State *L, int t, sg__fed_options *o) {
   lua_getfield(L, t, "peers");
   if (lua_isnil(L, -1)) return;
   int peers = lua_gettop(L);
@@ -338,8 +324,8 @@ static void opt_peers(lua_State *L, int t, sg_fed_options *o) {
   o->n_peers = n;
 }
 
-static void opt_limits(lua_State *L, int t, sg_hrpc_limits *l) {
-  sg_hrpc_limits_default(l);
+static void opt_limits(lua_State *L, int t, sg__hrpc_limits *l) {
+  sg__hrpc_limits_default(l);
   lua_getfield(L, t, "limits");
   if (lua_isnil(L, -1)) return;
   int lim = lua_gettop(L);
@@ -351,14 +337,14 @@ static void opt_limits(lua_State *L, int t, sg_hrpc_limits *l) {
   l->max_connections = (unsigned)opt_uint(L, lim, "max_connections", l->max_connections);
 }
 
-static void check_options(lua_State *L, sg_fed_options *o, sg_hrpc_limits *limits) {
+static void check_options(lua_State *L, sg__fed_options *o, sg__hrpc_limits *limits) {
   luaL_checktype(L, 1, LUA_TTABLE);
   memset(o, 0, sizeof *o);
   o->data_dir = opt_string(L, 1, "data_dir");
   luaL_argcheck(L, o->data_dir != NULL, 1, "data_dir is required");
   o->server_id = opt_string(L, 1, "server_id");
   o->listen = opt_string(L, 1, "listen");
-  sg_token_policy_init(&o->policy);
+  sg__token_policy_init(&o->policy);
   o->policy.window = opt_uint(L, 1, "token_window", o->policy.window);
   o->policy.allow = opt_list(L, 1, "allow", &o->policy.n_allow);
   o->policy.block = opt_list(L, 1, "block", &o->policy.n_block);
@@ -371,7 +357,7 @@ static void check_options(lua_State *L, sg_fed_options *o, sg_hrpc_limits *limit
 
 /* ---- life cycle ------------------------------------------------------------ */
 
-static void fed_closed(sg_federation *f) {
+static void fed_closed(sg__federation *f) {
   lfed *lf = (lfed *)f;
   lf->handle_gone = 1;
   if (lf->userdata_gone) free(lf);
@@ -386,7 +372,7 @@ static void fed_close(lua_State *L, lfed *lf) {
     luaL_unref(L, LUA_REGISTRYINDEX, lf->self_ref);
     lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
   }
-  sg_federation_close(&lf->f, fed_closed);
+  sg__federation_close(&lf->f, fed_closed);
 }
 
 static int l_close(lua_State *L) {
@@ -408,11 +394,11 @@ static int l_gc(lua_State *L) {
 }
 
 static int l_start(lua_State *L) {
-  sg_host *h = sg__host_from_lua(L);
+  sg__lenv *h = sg__lenv_of(L);
   if (!h) return luaL_error(L, "segue.federation needs the segue host");
-  if (h->closing) return push_fail(L, SG_ECLOSING, NULL);
-  sg_fed_options o;
-  sg_hrpc_limits limits;
+  if (h->closing) return sg__lua_fail(L, SG_ECLOSING, NULL);
+  sg__fed_options o;
+  sg__hrpc_limits limits;
   check_options(L, &o, &limits);
   lfed **ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
@@ -423,37 +409,37 @@ static int l_start(lua_State *L) {
   lf->h = h;
   lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
   char err[512];
-  int rc = sg_federation_init(h->loop, &lf->f, &o, &h->log, err, sizeof err);
+  int rc = sg__federation_init(h->loop, &lf->f, &o, &h->log, err, sizeof err);
   if (rc) {
     fed_close(L, lf);
-    return push_fail(L, rc, err);
+    return sg__lua_fail(L, rc, err);
   }
-  sg_federation_set_handler(&lf->f, on_request, lf);
-  sg_federation_set_key_cb(&lf->f, on_key, lf);
+  sg__federation_set_handler(&lf->f, on_request, lf);
+  sg__federation_set_key_cb(&lf->f, on_key, lf);
   lua_pushvalue(L, -1);
   lf->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
 }
 
 static int l_port(lua_State *L) {
-  int port = sg_federation_port(&check_fed(L)->f);
+  int port = sg__federation_port(&check_fed(L)->f);
   if (port < 0) return 0;
   lua_pushinteger(L, port);
   return 1;
 }
 
 static int l_public_key(lua_State *L) {
-  lua_pushlstring(L, (const char *)sg_federation_public_key(&check_fed(L)->f),
+  lua_pushlstring(L, (const char *)sg__federation_public_key(&check_fed(L)->f),
                   SG_KEYS_PUBLIC_BYTES);
   return 1;
 }
 
 static int l_server_id(lua_State *L) {
-  lua_pushstring(L, sg_federation_server_id(&check_fed(L)->f));
+  lua_pushstring(L, sg__federation_server_id(&check_fed(L)->f));
   return 1;
 }
 
-int luaopen_segue_federation(lua_State *L) {
+int luaopen_segue_federation_core(lua_State *L) {
   static const luaL_Reg fed_methods[] = {
       {"on_request", l_on_request}, {"on_key", l_on_key}, {"call", l_call},
       {"key_get", l_key_get},       {"key_put", l_key_put}, {"port", l_port},

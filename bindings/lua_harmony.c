@@ -104,8 +104,8 @@ static guard *push_guard(lua_State *L, void (*release)(void *)) {
 }
 
 static void release_message(void *m) { protobuf_c_message_free_unpacked(m, NULL); }
-static void release_keypair(void *kp) { sg_keys_free(kp); }
-static void release_token(void *tok) { sg_token_clear(tok); }
+static void release_keypair(void *kp) { sg__keys_free(kp); }
+static void release_token(void *tok) { sg__token_clear(tok); }
 
 /* Encoding allocates message structs and arrays from a list of blocks that
  * is freed at once. */
@@ -182,13 +182,6 @@ static void *arena_alloc(conv *c, size_t size) {
 
 /* nil, "CODE: message", "CODE": the luv convention for failures that depend
  * on the input rather than on the caller's code. */
-static int push_failure(lua_State *L, int code, const char *msg) {
-  lua_pushnil(L);
-  lua_pushfstring(L, "%s: %s", sg_err_name(code), msg);
-  lua_pushstring(L, sg_err_name(code));
-  return 3;
-}
-
 /* ---- field kinds -------------------------------------------------------- */
 
 typedef enum { K_I32, K_U32, K_I64, K_U64, K_BOOL, K_STRING, K_BYTES, K_MESSAGE, K_NONE } kind;
@@ -573,7 +566,7 @@ static int l_encode(lua_State *L) {
   c.arena = g->ptr = calloc(1, sizeof *c.arena);
   if (!c.arena) return luaL_error(L, "segue.harmony: out of memory");
   ProtobufCMessage *m;
-  if (table_to_message(&c, 2, d, &m)) return push_failure(L, SG_EINVAL, c.err);
+  if (table_to_message(&c, 2, d, &m)) return sg__lua_fail(L, SG_EINVAL, c.err);
   size_t n = protobuf_c_message_get_packed_size(m);
   luaL_Buffer b;
   protobuf_c_message_pack(m, (uint8_t *)luaL_buffinitsize(L, &b, n));
@@ -600,18 +593,18 @@ static int l_decode(lua_State *L) {
   if (len > max) {
     snprintf(msg, sizeof msg, "%s is %zu bytes, more than max_bytes %zu", d->name,
              len, max);
-    return push_failure(L, SG_ELIMIT, msg);
+    return sg__lua_fail(L, SG_ELIMIT, msg);
   }
   lua_settop(L, 3);
   guard *g = push_guard(L, release_message);
   g->ptr = protobuf_c_message_unpack(d, NULL, len, (const uint8_t *)bytes);
   if (!g->ptr) {
     snprintf(msg, sizeof msg, "cannot decode %s (%zu bytes)", d->name, len);
-    return push_failure(L, SG_EDECODE, msg);
+    return sg__lua_fail(L, SG_EDECODE, msg);
   }
   conv c;
   conv_init(&c, L, d->short_name);
-  if (message_to_table(&c, g->ptr)) return push_failure(L, SG_EDECODE, c.err);
+  if (message_to_table(&c, g->ptr)) return sg__lua_fail(L, SG_EDECODE, c.err);
   return 1;
 }
 
@@ -637,14 +630,14 @@ static uint64_t check_uint64(lua_State *L, int arg, const char *name) {
 static int l_keygen(lua_State *L) {
   unsigned char secret[SG_KEYS_SECRET_BYTES];
   guard *g = push_guard(L, release_keypair);
-  sg_keypair *kp;
-  int rc = sg_keys_generate(&kp);
-  if (rc) return push_failure(L, rc, "cannot generate a key pair");
+  sg__keypair *kp;
+  int rc = sg__keys_generate(&kp);
+  if (rc) return sg__lua_fail(L, rc, "cannot generate a key pair");
   g->ptr = kp;
-  sg_keys_export_secret(kp, secret);
+  sg__keys_export_secret(kp, secret);
   lua_pushlstring(L, (const char *)secret, sizeof secret);
   sodium_memzero(secret, sizeof secret);
-  lua_pushlstring(L, (const char *)sg_keys_public(kp), SG_KEYS_PUBLIC_BYTES);
+  lua_pushlstring(L, (const char *)sg__keys_public(kp), SG_KEYS_PUBLIC_BYTES);
   return 2;
 }
 
@@ -657,14 +650,14 @@ static int l_token_create(lua_State *L) {
   guard *kg = push_guard(L, release_keypair);
   guard *hg = push_guard(L, free);
   char err[256];
-  sg_keypair *kp;
-  int rc = sg_keys_from_secret((const unsigned char *)secret, secret_len, &kp, err,
+  sg__keypair *kp;
+  int rc = sg__keys_from_secret((const unsigned char *)secret, secret_len, &kp, err,
                                sizeof err);
-  if (rc) return push_failure(L, rc, err);
+  if (rc) return sg__lua_fail(L, rc, err);
   kg->ptr = kp;
   char *header;
-  rc = sg_token_create(kp, server_id, t, &header);
-  if (rc) return push_failure(L, rc, "cannot create a token");
+  rc = sg__token_create(kp, server_id, t, &header);
+  if (rc) return sg__lua_fail(L, rc, "cannot create a token");
   hg->ptr = header;
   lua_pushstring(L, header);
   return 1;
@@ -688,9 +681,9 @@ static const char *const *opt_list(lua_State *L, int opts, const char *name, siz
   return arr;
 }
 
-static void opt_policy(lua_State *L, int opts, sg_token_policy *pol, uint64_t *now) {
+static void opt_policy(lua_State *L, int opts, sg__token_policy *pol, uint64_t *now) {
   luaL_checkstack(L, 12, "segue.harmony: token options");
-  sg_token_policy_init(pol);
+  sg__token_policy_init(pol);
   *now = (uint64_t)time(NULL);
   if (lua_isnoneornil(L, opts)) return;
   luaL_checktype(L, opts, LUA_TTABLE);
@@ -711,20 +704,20 @@ static int l_token_check(lua_State *L) {
   const char *header = luaL_optlstring(L, 1, NULL, &len);
   const char *pk = luaL_checklstring(L, 2, &pk_len);
   luaL_argcheck(L, pk_len == SG_KEYS_PUBLIC_BYTES, 2, "public key must be 32 bytes");
-  sg_token_policy pol;
+  sg__token_policy pol;
   uint64_t now;
   opt_policy(L, 3, &pol, &now);
-  sg_token *tok = lua_newuserdatauv(L, sizeof *tok, 0);
+  sg__token *tok = lua_newuserdatauv(L, sizeof *tok, 0);
   memset(tok, 0, sizeof *tok);
   push_guard(L, release_token)->ptr = tok;
   char why[SG_TOKEN_WHY_SIZE];
-  sg_token_reason r = sg_token_check(header, len, &pol, now,
+  sg__token_reason r = sg__token_check(header, len, &pol, now,
                                      (const unsigned char *)pk, tok, why, sizeof why);
   if (r != SG_TOKEN_OK) {
     lua_pushnil(L);
     lua_pushstring(L, why);
-    lua_pushstring(L, sg_token_reason_identifier(r));
-    lua_pushinteger(L, sg_token_reason_status(r));
+    lua_pushstring(L, sg__token_reason_identifier(r));
+    lua_pushinteger(L, sg__token_reason_status(r));
     return 4;
   }
   lua_pushstring(L, tok->server_id);
@@ -742,7 +735,7 @@ static const luaL_Reg harmony_funcs[] = {
     {NULL, NULL},
 };
 
-int luaopen_segue_harmony(lua_State *L) {
+int luaopen_segue_harmony_core(lua_State *L) {
   if (luaL_newmetatable(L, GUARD_MT)) {
     lua_pushcfunction(L, guard_close);
     lua_setfield(L, -2, "__close");

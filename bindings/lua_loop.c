@@ -6,7 +6,6 @@
 #include <stdlib.h>
 
 #include "bindings.h"
-#include "host.h"
 
 #define TIMER_MT "segue.timer"
 #define WATCH_MT "segue.watcher"
@@ -19,7 +18,7 @@ typedef struct lhandle {
     uv_timer_t timer;
     uv_fs_event_t fs_event;
   } u;
-  sg_host *h;
+  sg__lenv *h;
   int cb_ref;     /* the callback */
   int self_ref;   /* keeps the userdata alive while the handle is active */
   int closed, handle_gone, userdata_gone;
@@ -47,7 +46,7 @@ static void handle_close(lua_State *L, lhandle *lh, int unref) {
  * callback is the function at `fn_idx`; the caller initializes the handle
  * and then calls handle_ready. */
 static lhandle *handle_new(lua_State *L, const char *mt, int fn_idx) {
-  sg_host *h = sg__host_from_lua(L);
+  sg__lenv *h = sg__lenv_of(L);
   if (!h) luaL_error(L, "segue.loop needs the segue host");
   if (h->closing) luaL_error(L, "the host is closing");
   lhandle **ud = lua_newuserdatauv(L, sizeof *ud, 0);
@@ -115,7 +114,7 @@ static void timer_fired(uv_timer_t *handle) {
     handle_close(L, t, 1);
     lua_pop(L, 1);
   }
-  sg__host_pcall(t->h, 0, 0, "timer callback");
+  sg__lenv_pcall(t->h, 0, 0, "timer callback");
 }
 
 /* timer(ms, repeat_ms, fn) -> timer */
@@ -142,7 +141,7 @@ static void watch_fired(uv_fs_event_t *handle, const char *filename, int events,
   if (filename) lua_pushstring(L, filename);
   else lua_pushnil(L);
   lua_pushinteger(L, status < 0 ? status : events);
-  sg__host_pcall(w->h, 2, 0, "watch callback");
+  sg__lenv_pcall(w->h, 2, 0, "watch callback");
 }
 
 /* watch(path, fn) -> watcher | nil, err: fn(filename, events) on each change
@@ -169,7 +168,7 @@ static int l_watch(lua_State *L) {
 /* ---- the clock and the loop ------------------------------------------------- */
 
 static int l_now(lua_State *L) {
-  sg_host *h = sg__host_from_lua(L);
+  sg__lenv *h = sg__lenv_of(L);
   lua_pushinteger(L, h ? (lua_Integer)uv_now(h->loop) : 0);
   return 1;
 }
@@ -185,7 +184,7 @@ static int l_run(lua_State *L) {
   static int running;
   static const char *const modes[] = {"default", "once", "nowait", NULL};
   static const uv_run_mode uv_modes[] = {UV_RUN_DEFAULT, UV_RUN_ONCE, UV_RUN_NOWAIT};
-  sg_host *h = sg__host_from_lua(L);
+  sg__lenv *h = sg__lenv_of(L);
   int mode = luaL_checkoption(L, 1, "default", modes);
   if (!h) return luaL_error(L, "segue.loop needs the segue host");
   if (running) return luaL_error(L, "segue.loop.run cannot be called from a loop callback");

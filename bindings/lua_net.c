@@ -12,7 +12,6 @@
 #include <string.h>
 
 #include "bindings.h"
-#include "host.h"
 #include "net_tcp.h"
 
 #define CONN_MT "segue.net.conn"
@@ -24,21 +23,14 @@ typedef struct {
 } waiter;
 
 typedef struct lconn {
-  sg_net_conn c;
-  sg_host *h;
+  sg__net_conn c;
+  sg__lenv *h;
   int self_ref;           /* keeps the userdata alive until closed */
   waiter connect_w, read_w, drain_w;
   int read_lines;         /* what read_w waits for: a line (1) or bytes (0) */
   int closed;
   int handle_gone, userdata_gone;  /* freed when both are true */
 } lconn;
-
-static int push_fail(lua_State *L, int err, const char *msg) {
-  luaL_pushfail(L);
-  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && msg[0] ? msg : sg_strerror(err));
-  lua_pushstring(L, sg_err_name(err));
-  return 3;
-}
 
 /* ---- waiters ------------------------------------------------------------- */
 
@@ -69,7 +61,7 @@ static int waiter_wait(lua_State *L, const waiter *w) {
 
 /* Resumes `co` (on L's stack below its nargs arguments) and reports an error
  * that escapes it, as segue.spawn's coroutines would. */
-static void resume_thread(sg_host *h, int nargs) {
+static void resume_thread(sg__lenv *h, int nargs) {
   lua_State *L = h->L;
   lua_State *co = lua_tothread(L, -1 - nargs);
   lua_xmove(L, co, nargs);
@@ -79,14 +71,14 @@ static void resume_thread(sg_host *h, int nargs) {
     lua_pop(co, nres);
   } else {
     luaL_traceback(L, co, lua_tostring(co, -1), 0);
-    sg__host_report(h, SG_ELUA, lua_tostring(L, -1));
+    sg__lenv_report(h, SG_ELUA, lua_tostring(L, -1));
     lua_pop(L, 1);
   }
   lua_pop(L, 1);  /* the thread, anchored on L while it ran */
 }
 
 /* Hands the nargs values on top of the host's stack to whoever waits on w. */
-static void waiter_fire(sg_host *h, waiter *w, int nargs) {
+static void waiter_fire(sg__lenv *h, waiter *w, int nargs) {
   lua_State *L = h->L;
   waiter armed = *w;
   w->ref = LUA_NOREF;  /* first: the callee may wait again */
@@ -94,12 +86,12 @@ static void waiter_fire(sg_host *h, waiter *w, int nargs) {
   luaL_unref(L, LUA_REGISTRYINDEX, armed.ref);
   lua_insert(L, -1 - nargs);
   if (armed.is_thread) resume_thread(h, nargs);
-  else sg__host_pcall(h, nargs, 0, "segue.net callback");
+  else sg__lenv_pcall(h, nargs, 0, "segue.net callback");
 }
 
-static void waiter_cancel(sg_host *h, waiter *w) {
+static void waiter_cancel(sg__lenv *h, waiter *w) {
   if (w->ref == LUA_NOREF) return;
-  push_fail(h->L, SG_ECANCELED, "the connection was closed");
+  sg__lua_fail(h->L, SG_ECANCELED, "the connection was closed");
   waiter_fire(h, w, 3);
 }
 
@@ -110,29 +102,29 @@ static void waiter_cancel(sg_host *h, waiter *w) {
 static int push_read(lua_State *L, lconn *lc) {
   const char *p;
   size_t n;
-  int rc = lc->read_lines ? sg_net_read_line(&lc->c, &p, &n) : sg_net_read_bytes(&lc->c, &p, &n);
+  int rc = lc->read_lines ? sg__net_read_line(&lc->c, &p, &n) : sg__net_read_bytes(&lc->c, &p, &n);
   if (rc == 0) return 0;
   if (rc == 1) {
     lua_pushlstring(L, p, n);
     return 1;
   }
-  return push_fail(L, rc, rc == UV_EOF ? "end of stream" : sg_net_error(&lc->c));
+  return sg__lua_fail(L, rc, rc == UV_EOF ? "end of stream" : sg__net_error(&lc->c));
 }
 
 /* Answers the read and drain waiters that can be answered now. */
-static void deliver(sg_net_conn *c) {
+static void deliver(sg__net_conn *c) {
   lconn *lc = c->data;
   lua_State *L = lc->h->L;
   if (!L || lc->closed) return;
   int n;
   if (lc->read_w.ref != LUA_NOREF && (n = push_read(L, lc)) > 0) waiter_fire(lc->h, &lc->read_w, n);
-  if (lc->drain_w.ref != LUA_NOREF && !lc->closed && sg_net_write_queue_size(&lc->c) == 0) {
+  if (lc->drain_w.ref != LUA_NOREF && !lc->closed && sg__net_write_queue_size(&lc->c) == 0) {
     lua_pushboolean(L, 1);
     waiter_fire(lc->h, &lc->drain_w, 1);
   }
 }
 
-static void conn_closed(sg_net_conn *c) {
+static void conn_closed(sg__net_conn *c) {
   lconn *lc = c->data;
   if (!lc->userdata_gone && lc->h->L) {
     waiter_cancel(lc->h, &lc->connect_w);
@@ -147,10 +139,10 @@ static void conn_closed(sg_net_conn *c) {
 static void conn_close(lconn *lc) {
   if (lc->closed) return;
   lc->closed = 1;
-  sg_net_close(&lc->c, conn_closed);
+  sg__net_close(&lc->c, conn_closed);
 }
 
-static void connected(sg_net_conn *c, int status) {
+static void connected(sg__net_conn *c, int status) {
   lconn *lc = c->data;
   lua_State *L = lc->h->L;
   if (!L) return;
@@ -159,17 +151,17 @@ static void connected(sg_net_conn *c, int status) {
     waiter_fire(lc->h, &lc->connect_w, 1);
     return;
   }
-  int n = push_fail(L, status, sg_net_error(c));
+  int n = sg__lua_fail(L, status, sg__net_error(c));
   conn_close(lc);
   waiter_fire(lc->h, &lc->connect_w, n);
 }
 
-static const sg_net_events events = {connected, deliver, deliver};
+static const sg__net_events events = {connected, deliver, deliver};
 
 /* ---- constructors ---------------------------------------------------------- */
 
 /* A new conn object on the stack, registered so it lives until closed. */
-static lconn *new_conn(lua_State *L, sg_host *h) {
+static lconn *new_conn(lua_State *L, sg__lenv *h) {
   lconn **ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, CONN_MT);
@@ -191,8 +183,8 @@ static void anchor(lua_State *L, lconn *lc) {
   lc->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
-static sg_host *live_host(lua_State *L) {
-  sg_host *h = sg__host_from_lua(L);
+static sg__lenv *live_host(lua_State *L) {
+  sg__lenv *h = sg__lenv_of(L);
   if (!h) luaL_error(L, "segue.net needs the segue host");
   if (h->closing) luaL_error(L, "the host is closing");
   return h;
@@ -218,7 +210,7 @@ static int opt_bool(lua_State *L, int idx, const char *key, int dflt) {
 }
 
 /* Reads connect options from the table at idx (strings stay on the stack). */
-static void check_options(lua_State *L, int idx, sg_net_options *o) {
+static void check_options(lua_State *L, int idx, sg__net_options *o) {
   memset(o, 0, sizeof *o);
   o->verify = 1;
   if (idx == 0 || lua_isnoneornil(L, idx)) return;
@@ -233,19 +225,19 @@ static void check_options(lua_State *L, int idx, sg_net_options *o) {
 
 /* connect(host, port [, options] [, callback]) -> conn | nil, err, code */
 static int l_connect(lua_State *L) {
-  sg_host *h = live_host(L);
+  sg__lenv *h = live_host(L);
   const char *host = luaL_checkstring(L, 1);
   lua_Integer port = luaL_checkinteger(L, 2);
   luaL_argcheck(L, port > 0 && port < 65536, 2, "a port is 1 to 65535");
   int cb = lua_isfunction(L, 3) ? 3 : 4;
   lua_settop(L, 4);  /* fixed slots: check_options pushes above them */
-  sg_net_options o;
+  sg__net_options o;
   check_options(L, cb == 3 ? 0 : 3, &o);
   lconn *lc = new_conn(L, h);
   lc->handle_gone = 1;
-  int rc = sg_net_connect(h->loop, &lc->c, host, (int)port, &o, &events);
+  int rc = sg__net_connect(h->loop, &lc->c, host, (int)port, &o, &events);
   lc->closed = rc != 0;  /* refused: nothing to close, __gc frees it */
-  if (rc != 0) return push_fail(L, rc, lc->c.error[0] ? lc->c.error : NULL);
+  if (rc != 0) return sg__lua_fail(L, rc, lc->c.error[0] ? lc->c.error : NULL);
   anchor(L, lc);
   waiter_arm(L, &lc->connect_w, cb, "connect");
   return waiter_wait(L, &lc->connect_w);
@@ -253,15 +245,15 @@ static int l_connect(lua_State *L) {
 
 /* stdin([max_line]) -> conn | nil, err, code: the terminal or pipe on fd 0. */
 static int l_stdin(lua_State *L) {
-  sg_host *h = live_host(L);
+  sg__lenv *h = live_host(L);
   lua_Integer max_line = luaL_optinteger(L, 1, 0);
   luaL_argcheck(L, max_line >= 0, 1, "must not be negative");
   lconn *lc = new_conn(L, h);
   lc->handle_gone = 1;
-  int rc = sg_net_open_fd(h->loop, &lc->c, 0, (size_t)max_line, &events);
+  int rc = sg__net_open_fd(h->loop, &lc->c, 0, (size_t)max_line, &events);
   lc->closed = rc != 0;
-  if (rc == SG_EINVAL) return push_fail(L, rc, "stdin is not a terminal or a pipe");
-  if (rc != 0) return push_fail(L, rc, NULL);
+  if (rc == SG_EINVAL) return sg__lua_fail(L, rc, "stdin is not a terminal or a pipe");
+  if (rc != 0) return sg__lua_fail(L, rc, NULL);
   anchor(L, lc);
   return 1;
 }
@@ -276,7 +268,7 @@ static lconn *check_conn(lua_State *L) {
 
 static int do_read(lua_State *L, int lines) {
   lconn *lc = check_conn(L);
-  if (lc->closed) return push_fail(L, SG_ECANCELED, "the connection was closed");
+  if (lc->closed) return sg__lua_fail(L, SG_ECANCELED, "the connection was closed");
   int has_cb = lua_isfunction(L, 2);
   if (lc->read_w.ref == LUA_NOREF) lc->read_lines = lines;
   if (!has_cb && lc->read_w.ref == LUA_NOREF) {
@@ -284,7 +276,7 @@ static int do_read(lua_State *L, int lines) {
     if (n > 0) return n;
   }
   waiter_arm(L, &lc->read_w, 2, lines ? "read_line" : "read");
-  if (has_cb) sg_net_notify(&lc->c);  /* input may be buffered already */
+  if (has_cb) sg__net_notify(&lc->c);  /* input may be buffered already */
   return waiter_wait(L, &lc->read_w);
 }
 
@@ -300,29 +292,29 @@ static int l_write(lua_State *L) {
   lconn *lc = check_conn(L);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
-  int rc = sg_net_write(&lc->c, data, len);
-  if (rc != 0) return push_fail(L, rc, rc == UV_ENOTCONN ? "the connection is not open" : sg_net_error(&lc->c));
+  int rc = sg__net_write(&lc->c, data, len);
+  if (rc != 0) return sg__lua_fail(L, rc, rc == UV_ENOTCONN ? "the connection is not open" : sg__net_error(&lc->c));
   lua_pushboolean(L, 1);
-  lua_pushinteger(L, (lua_Integer)sg_net_write_queue_size(&lc->c));
+  lua_pushinteger(L, (lua_Integer)sg__net_write_queue_size(&lc->c));
   return 2;
 }
 
 /* conn:drain([cb]) -> true once every queued byte went to the kernel. */
 static int l_drain(lua_State *L) {
   lconn *lc = check_conn(L);
-  if (lc->closed) return push_fail(L, SG_ECANCELED, "the connection was closed");
+  if (lc->closed) return sg__lua_fail(L, SG_ECANCELED, "the connection was closed");
   int has_cb = lua_isfunction(L, 2);
-  if (!has_cb && lc->drain_w.ref == LUA_NOREF && sg_net_write_queue_size(&lc->c) == 0) {
+  if (!has_cb && lc->drain_w.ref == LUA_NOREF && sg__net_write_queue_size(&lc->c) == 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
   waiter_arm(L, &lc->drain_w, 2, "drain");
-  if (has_cb) sg_net_notify(&lc->c);
+  if (has_cb) sg__net_notify(&lc->c);
   return waiter_wait(L, &lc->drain_w);
 }
 
 static int l_write_queue_size(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)sg_net_write_queue_size(&check_conn(L)->c));
+  lua_pushinteger(L, (lua_Integer)sg__net_write_queue_size(&check_conn(L)->c));
   return 1;
 }
 

@@ -29,7 +29,6 @@
 #include <string.h>
 
 #include "bindings.h"
-#include "host.h"
 #include "lua_store.h"
 #include "postbox.h"
 
@@ -38,8 +37,8 @@
 #define DONE_MT "segue.postbox.done"
 
 typedef struct lpostbox {
-  sg_postbox *pb;
-  sg_host *h;
+  sg__postbox *pb;
+  sg__lenv *h;
   int store_ref, push_ref, deliver_ref;
   int self_ref;  /* the userdata, referenced until close (done closures use it) */
   int lua_gone;  /* the state is closing: never call into it again */
@@ -50,13 +49,6 @@ typedef struct lcb {
   lpostbox *lp;
   int ref;
 } lcb;
-
-static int push_fail(lua_State *L, int err, const char *msg) {
-  luaL_pushfail(L);
-  lua_pushfstring(L, "%s: %s", sg_err_name(err), msg && *msg ? msg : sg_strerror(err));
-  lua_pushstring(L, sg_err_name(err));
-  return 3;
-}
 
 static lpostbox *check_pb(lua_State *L) {
   lpostbox *lp = *(lpostbox **)luaL_checkudata(L, 1, PB_MT);
@@ -76,9 +68,9 @@ static lcb *lcb_new(lua_State *L, lpostbox *lp, int idx) {
 
 /* Pushes the callback of `c` on the host's state and frees `c`; returns the
  * host, or NULL (nothing pushed) if Lua is gone. */
-static sg_host *lcb_take(lcb *c) {
+static sg__lenv *lcb_take(lcb *c) {
   lpostbox *lp = c->lp;
-  sg_host *h = lp->lua_gone || !lp->h->L ? NULL : lp->h;
+  sg__lenv *h = lp->lua_gone || !lp->h->L ? NULL : lp->h;
   if (h) {
     lua_rawgeti(h->L, LUA_REGISTRYINDEX, c->ref);
     luaL_unref(h->L, LUA_REGISTRYINDEX, c->ref);
@@ -97,7 +89,7 @@ static int l_done(lua_State *L) {
   const char *why = luaL_optstring(L, 1, NULL);
   void *c = call[0];
   call[0] = NULL;
-  if (lp && lp->pb) sg_postbox_push_done(lp->pb, c, why ? SG_EHTTP : 0, why);
+  if (lp && lp->pb) sg__postbox_push_done(lp->pb, c, why ? SG_EHTTP : 0, why);
   return 0;
 }
 
@@ -114,7 +106,7 @@ static int tp_push(void *ud, const char *peer, const uint8_t *ev, size_t len, vo
    * done() finds out instead of touching freed memory. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, lp->self_ref);
   lua_pushcclosure(L, l_done, 2);
-  int err = sg__host_pcall(lp->h, 3, 0, "postbox push");
+  int err = sg__lenv_pcall(lp->h, 3, 0, "postbox push");
   /* A transport that raised counts as a failed try, and its done() as nothing. */
   if (err) *slot = NULL;
   return err;
@@ -142,7 +134,7 @@ static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len,
 /* ---- outbound ---------------------------------------------------------------- */
 
 static void push_answered(void *ud, int err, int how, const char *message) {
-  sg_host *h = lcb_take(ud);
+  sg__lenv *h = lcb_take(ud);
   if (!h) return;
   lua_State *L = h->L;
   if (err) {
@@ -152,13 +144,13 @@ static void push_answered(void *ud, int err, int how, const char *message) {
     lua_pushboolean(L, 1);
     lua_pushstring(L, how == SG_POSTBOX_PUSHED ? "pushed" : "queued");
   }
-  sg__host_pcall(h, 2, 0, "postbox push callback");
+  sg__lenv_pcall(h, 2, 0, "postbox push callback");
 }
 
 /* The calls taking (server_id, event, cb): rc 0 means cb runs later; any
  * other rc means it never will, so its reference goes now. Returns `later`
  * or `now` (rc > 0), or the failure. */
-typedef int (*event_call)(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len,
+typedef int (*event_call)(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len,
                           lcb *c);
 
 static int call_with_event(lua_State *L, event_call call, const char *now, const char *later) {
@@ -172,13 +164,13 @@ static int call_with_event(lua_State *L, event_call call, const char *now, const
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
     free(c);
   }
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushstring(L, rc ? now : later);
   return 1;
 }
 
-static int do_push(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len, lcb *c) {
-  return sg_postbox_push(pb, peer, ev, len, push_answered, c);
+static int do_push(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len, lcb *c) {
+  return sg__postbox_push(pb, peer, ev, len, push_answered, c);
 }
 
 static int l_push(lua_State *L) { return call_with_event(L, do_push, "queued", "pending"); }
@@ -188,13 +180,13 @@ static int l_pull_begin(lua_State *L) {
   const char *peer = luaL_checkstring(L, 2);
   lua_Integer max = luaL_optinteger(L, 3, 512 * 1024);
   luaL_argcheck(L, max > 0, 3, "must be positive");
-  sg_postbox_batch **ud = lua_newuserdatauv(L, sizeof *ud, 1);
+  sg__postbox_batch **ud = lua_newuserdatauv(L, sizeof *ud, 1);
   *ud = NULL;
   luaL_setmetatable(L, BATCH_MT);
   lua_pushvalue(L, 1);  /* the postbox, so __gc can end a forgotten batch */
   lua_setiuservalue(L, -2, 1);
-  int rc = sg_postbox_pull_begin(lp->pb, peer, (size_t)max, ud);
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_pull_begin(lp->pb, peer, (size_t)max, ud);
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_createtable(L, (int)(*ud)->n, 0);
   for (size_t i = 0; i < (*ud)->n; i++) {
     lua_pushlstring(L, (const char *)(*ud)->events[i], (*ud)->lens[i]);
@@ -206,11 +198,11 @@ static int l_pull_begin(lua_State *L) {
 
 static int l_pull_end(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  sg_postbox_batch **ud = luaL_checkudata(L, 2, BATCH_MT);
+  sg__postbox_batch **ud = luaL_checkudata(L, 2, BATCH_MT);
   luaL_argcheck(L, *ud != NULL, 2, "the batch was ended already");
-  int rc = sg_postbox_pull_end(lp->pb, *ud, lua_toboolean(L, 3) ? 0 : SG_ECANCELED);
+  int rc = sg__postbox_pull_end(lp->pb, *ud, lua_toboolean(L, 3) ? 0 : SG_ECANCELED);
   *ud = NULL;
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -229,14 +221,14 @@ static int l_receive(lua_State *L) {
     evs[i] = (const uint8_t *)luaL_checklstring(L, -1, &lens[i]);
     lua_pop(L, 1);  /* still referenced by the table */
   }
-  int rc = sg_postbox_receive(lp->pb, peer, evs, lens, n);
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_receive(lp->pb, peer, evs, lens, n);
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static void push_stored(void *ud, int err) {
-  sg_host *h = lcb_take(ud);
+  sg__lenv *h = lcb_take(ud);
   if (!h) return;
   lua_State *L = h->L;
   if (err) {
@@ -246,12 +238,12 @@ static void push_stored(void *ud, int err) {
     lua_pushboolean(L, 1);
     lua_pushnil(L);
   }
-  sg__host_pcall(h, 2, 0, "postbox stored callback");
+  sg__lenv_pcall(h, 2, 0, "postbox stored callback");
 }
 
-static int do_receive_push(sg_postbox *pb, const char *peer, const uint8_t *ev, size_t len,
+static int do_receive_push(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len,
                            lcb *c) {
-  return sg_postbox_receive_push(pb, peer, ev, len, push_stored, c);
+  return sg__postbox_receive_push(pb, peer, ev, len, push_stored, c);
 }
 
 static int l_receive_push(lua_State *L) {
@@ -260,15 +252,15 @@ static int l_receive_push(lua_State *L) {
 
 static int l_hold(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  int rc = sg_postbox_hold(lp->pb, luaL_checkstring(L, 2));
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_hold(lp->pb, luaL_checkstring(L, 2));
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int l_release(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  sg_postbox_release(lp->pb, luaL_checkstring(L, 2));
+  sg__postbox_release(lp->pb, luaL_checkstring(L, 2));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -277,13 +269,13 @@ static int l_release(lua_State *L) {
 
 static int l_note(lua_State *L) {
   static const char *const kinds[] = {"pulled", "push_in", "error", NULL};
-  static const sg_postbox_note_kind map[] = {SG_POSTBOX_NOTE_PULLED, SG_POSTBOX_NOTE_PUSH_IN,
+  static const sg__postbox_note_kind map[] = {SG_POSTBOX_NOTE_PULLED, SG_POSTBOX_NOTE_PUSH_IN,
                                              SG_POSTBOX_NOTE_ERROR};
   lpostbox *lp = check_pb(L);
   const char *peer = luaL_checkstring(L, 2);
   int kind = luaL_checkoption(L, 3, NULL, kinds);
-  int rc = sg_postbox_note(lp->pb, peer, map[kind], luaL_optstring(L, 4, NULL));
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_note(lp->pb, peer, map[kind], luaL_optstring(L, 4, NULL));
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -294,7 +286,7 @@ static void set_int(lua_State *L, const char *k, int64_t v) {
   lua_setfield(L, -2, k);
 }
 
-static int push_peer(void *ud, const sg_postbox_peer_status *s) {
+static int push_peer(void *ud, const sg__postbox_peer_status *s) {
   lua_State *L = ud;
   lua_createtable(L, 0, 12);
   lua_pushstring(L, s->server_id);
@@ -324,23 +316,23 @@ static int push_peer(void *ud, const sg_postbox_peer_status *s) {
 static int l_peers(lua_State *L) {
   lpostbox *lp = check_pb(L);
   lua_newtable(L);
-  int rc = sg_postbox_peers(lp->pb, push_peer, L);
-  return rc < 0 ? push_fail(L, rc, sg_postbox_errmsg(lp->pb)) : 1;
+  int rc = sg__postbox_peers(lp->pb, push_peer, L);
+  return rc < 0 ? sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb)) : 1;
 }
 
 /* peers_of(db) -> the peers' rows of a store, without a postbox (segue status) */
 static int l_peers_of(lua_State *L) {
-  sg_store *s = sg__lua_check_store(L, 1);
+  sg__store *s = sg__lua_check_store(L, 1);
   lua_newtable(L);
-  int rc = sg_postbox_store_peers(s, push_peer, L);
-  return rc < 0 ? push_fail(L, rc, sg_store_errmsg(s)) : 1;
+  int rc = sg__postbox_store_peers(s, push_peer, L);
+  return rc < 0 ? sg__lua_fail(L, rc, sg__store_errmsg(s)) : 1;
 }
 
 static int l_key_get(lua_State *L) {
   lpostbox *lp = check_pb(L);
   uint8_t key[32];
-  int rc = sg_postbox_key_get(lp->pb, luaL_checkstring(L, 2), key);
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_key_get(lp->pb, luaL_checkstring(L, 2), key);
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   if (rc == SG_STORE_NOTFOUND) lua_pushnil(L);
   else lua_pushlstring(L, (const char *)key, sizeof key);
   return 1;
@@ -352,16 +344,16 @@ static int l_key_set(lua_State *L) {
   const char *peer = luaL_checkstring(L, 2);
   const char *key = luaL_checklstring(L, 3, &len);
   luaL_argcheck(L, len == 32, 3, "a 32-byte Ed25519 public key expected");
-  int rc = sg_postbox_key_set(lp->pb, peer, (const uint8_t *)key);
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_key_set(lp->pb, peer, (const uint8_t *)key);
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int l_rename(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  int rc = sg_postbox_rename_peer(lp->pb, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
-  if (rc < 0) return push_fail(L, rc, sg_postbox_errmsg(lp->pb));
+  int rc = sg__postbox_rename_peer(lp->pb, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
+  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, rc == 0);
   return 1;
 }
@@ -369,10 +361,10 @@ static int l_rename(lua_State *L) {
 /* ---- life cycle ------------------------------------------------------------------ */
 
 /* Lua references go first: when the postbox has nothing to close, lp is
- * freed inside sg_postbox_close. */
+ * freed inside sg__postbox_close. */
 static void pb_close(lua_State *L, lpostbox *lp) {
   if (!lp->pb) return;
-  sg_postbox *pb = lp->pb;
+  sg__postbox *pb = lp->pb;
   lp->pb = NULL;
   if (!lp->lua_gone) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lp->store_ref);
@@ -383,7 +375,7 @@ static void pb_close(lua_State *L, lpostbox *lp) {
     luaL_unref(L, LUA_REGISTRYINDEX, lp->deliver_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, lp->self_ref);
   }
-  sg_postbox_close(pb, free, lp);  /* lp is freed once the postbox is */
+  sg__postbox_close(pb, free, lp);  /* lp is freed once the postbox is */
 }
 
 static int l_close(lua_State *L) {
@@ -405,10 +397,10 @@ static int l_gc(lua_State *L) {
 
 /* A batch Lua forgot to end was not acknowledged: its events stay queued. */
 static int l_batch_gc(lua_State *L) {
-  sg_postbox_batch **ud = luaL_checkudata(L, 1, BATCH_MT);
+  sg__postbox_batch **ud = luaL_checkudata(L, 1, BATCH_MT);
   lua_getiuservalue(L, 1, 1);
   lpostbox **owner = lua_touserdata(L, -1);
-  if (*ud && owner && *owner && (*owner)->pb) sg_postbox_pull_end((*owner)->pb, *ud, SG_ECANCELED);
+  if (*ud && owner && *owner && (*owner)->pb) sg__postbox_pull_end((*owner)->pb, *ud, SG_ECANCELED);
   *ud = NULL;
   return 0;
 }
@@ -422,13 +414,13 @@ static unsigned opt_uint(lua_State *L, int idx, const char *key, unsigned dflt) 
 }
 
 static int l_new(lua_State *L) {
-  sg_host *h = sg__host_from_lua(L);
+  sg__lenv *h = sg__lenv_of(L);
   if (!h) return luaL_error(L, "segue.postbox needs the segue host");
-  sg_store *store = sg__lua_check_store(L, 1);
+  sg__store *store = sg__lua_check_store(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
-  sg_postbox_options o;
-  sg_postbox_options_default(&o);
+  sg__postbox_options o;
+  sg__postbox_options_default(&o);
   o.push_tries = opt_uint(L, 2, "push_tries", o.push_tries);
   o.push_backoff_ms = opt_uint(L, 2, "push_backoff_ms", (unsigned)o.push_backoff_ms);
   o.queue_limit = opt_uint(L, 2, "queue_limit", o.queue_limit);
@@ -444,11 +436,11 @@ static int l_new(lua_State *L) {
   lpostbox *lp = calloc(1, sizeof *lp);
   if (!lp) return luaL_error(L, "out of memory");
   lp->h = h;
-  sg_postbox_transport tp = {tp_push, tp_deliver, lp};
-  int rc = sg_postbox_new(h->loop, store, &tp, &o, &lp->pb);
+  sg__postbox_transport tp = {tp_push, tp_deliver, lp};
+  int rc = sg__postbox_new(h->loop, store, &tp, &o, &lp->pb);
   if (rc < 0) {
     free(lp);
-    return push_fail(L, rc, "cannot open the postbox");
+    return sg__lua_fail(L, rc, "cannot open the postbox");
   }
   *ud = lp;
   lua_pushvalue(L, -3);

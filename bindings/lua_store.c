@@ -13,7 +13,7 @@
 #define STORE_MT "segue.store.db"
 
 typedef struct lstore {
-  sg_store *s;   /* NULL once closed */
+  sg__store *s;   /* NULL once closed */
   int holds;     /* users in C (postboxes) that forbid an explicit close */
 } lstore;
 
@@ -23,7 +23,7 @@ static lstore *check_lstore(lua_State *L, int idx) {
   return ls;
 }
 
-sg_store *sg__lua_check_store(lua_State *L, int idx) { return check_lstore(L, idx)->s; }
+sg__store *sg__lua_check_store(lua_State *L, int idx) { return check_lstore(L, idx)->s; }
 
 void sg__lua_store_hold(lua_State *L, int idx, int delta) {
   lstore *ls = *(lstore **)luaL_checkudata(L, idx, STORE_MT);
@@ -31,15 +31,8 @@ void sg__lua_store_hold(lua_State *L, int idx, int delta) {
 }
 
 /* nil, "ESTORE: <SQLite's message>", "ESTORE" (luv's convention). */
-static int push_failure(lua_State *L, int code, const char *msg) {
-  luaL_pushfail(L);
-  lua_pushfstring(L, "%s: %s", sg_err_name(code), msg && *msg ? msg : sg_strerror(code));
-  lua_pushstring(L, sg_err_name(code));
-  return 3;
-}
-
-static int push_result(lua_State *L, sg_store *s, int err) {
-  if (err < 0) return push_failure(L, err, sg_store_errmsg(s));
+static int push_result(lua_State *L, sg__store *s, int err) {
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -54,8 +47,8 @@ static int l_open(lua_State *L) {
   if (!ls) return luaL_error(L, "out of memory");
   *ud = ls;
   char err[600];
-  int rc = sg_store_open(path, &ls->s, err, sizeof err);
-  if (rc < 0) return push_failure(L, rc, err);
+  int rc = sg__store_open(path, &ls->s, err, sizeof err);
+  if (rc < 0) return sg__lua_fail(L, rc, err);
   return 1;
 }
 
@@ -63,7 +56,7 @@ static int l_close(lua_State *L) {
   lstore *ls = *(lstore **)luaL_checkudata(L, 1, STORE_MT);
   if (ls && ls->holds) return luaL_error(L, "the store is in use by a postbox");
   if (ls) {
-    sg_store_close(ls->s);
+    sg__store_close(ls->s);
     ls->s = NULL;
   }
   return 0;
@@ -72,7 +65,7 @@ static int l_close(lua_State *L) {
 static int l_gc(lua_State *L) {
   lstore **ud = luaL_checkudata(L, 1, STORE_MT);
   if (*ud) {
-    sg_store_close((*ud)->s);
+    sg__store_close((*ud)->s);
     free(*ud);
     *ud = NULL;
   }
@@ -81,8 +74,8 @@ static int l_gc(lua_State *L) {
 
 /* db:map_put(origin_backend, origin_id, copy_backend, copy_id [, room]) */
 static int l_map_put(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
-  int err = sg_store_map_put(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_map_put(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
                              luaL_checkstring(L, 4), luaL_checkstring(L, 5),
                              luaL_optstring(L, 6, NULL));
   return push_result(L, s, err);
@@ -90,10 +83,10 @@ static int l_map_put(lua_State *L) {
 
 /* db:map_origin(backend, id) -> origin_backend, origin_id | nil */
 static int l_map_origin(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
+  sg__store *s = check_lstore(L, 1)->s;
   char *ob, *oi;
-  int err = sg_store_map_origin(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3), &ob, &oi);
-  if (err < 0) return push_failure(L, err, sg_store_errmsg(s));
+  int err = sg__store_map_origin(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3), &ob, &oi);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
   if (err == SG_STORE_NOTFOUND) {
     lua_pushnil(L);
     return 1;
@@ -124,11 +117,11 @@ static int push_copy(void *ud, const char *backend, const char *id, const char *
 
 /* db:map_copies(origin_backend, origin_id) -> { {backend=, id=, room=}, ... } */
 static int l_map_copies(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
+  sg__store *s = check_lstore(L, 1)->s;
   const char *ob = luaL_checkstring(L, 2), *oi = luaL_checkstring(L, 3);
   lua_newtable(L);
-  int err = sg_store_map_copies(s, ob, oi, push_copy, L);
-  return err < 0 ? push_failure(L, err, sg_store_errmsg(s)) : 1;
+  int err = sg__store_map_copies(s, ob, oi, push_copy, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
 }
 
 static lua_Integer opt_int_field(lua_State *L, int idx, const char *key) {
@@ -162,7 +155,7 @@ static char *content_json(lua_State *L, int msg) {
  * Message as on the wire (id, sender, recipient, content, create_time,
  * edit_time); logging a known id again is an edit. */
 static int l_log_message(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
+  sg__store *s = check_lstore(L, 1)->s;
   const char *backend = luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_getfield(L, 3, "id");
@@ -173,16 +166,16 @@ static int l_log_message(lua_State *L) {
   lua_Integer created = opt_int_field(L, 3, "create_time");
   lua_Integer edited = opt_int_field(L, 3, "edit_time");
   char *content = content_json(L, 3);
-  int err = sg_store_log_message(s, backend, id, room, sender, content, created, edited);
+  int err = sg__store_log_message(s, backend, id, room, sender, content, created, edited);
   cJSON_free(content);
   return push_result(L, s, err);
 }
 
 /* db:log_delete(backend, id) -> true (marked) | false (unknown) | nil, err, code */
 static int l_log_delete(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
-  int err = sg_store_log_delete(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
-  if (err < 0) return push_failure(L, err, sg_store_errmsg(s));
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_log_delete(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
   lua_pushboolean(L, err == 0);
   return 1;
 }
@@ -195,7 +188,7 @@ static void push_content(lua_State *L, const char *text) {
   lua_setfield(L, -2, "content");
 }
 
-static int push_message(void *ud, const sg_store_message *m) {
+static int push_message(void *ud, const sg__store_message *m) {
   lua_State *L = ud;
   luaL_checkstack(L, 4, "messages");
   lua_createtable(L, 0, 7);
@@ -217,21 +210,21 @@ static int push_message(void *ud, const sg_store_message *m) {
 
 /* db:messages(backend, room [, limit]) -> list, oldest first */
 static int l_messages(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
+  sg__store *s = check_lstore(L, 1)->s;
   const char *backend = luaL_checkstring(L, 2), *room = luaL_checkstring(L, 3);
   lua_Integer limit = luaL_optinteger(L, 4, 0);
   luaL_argcheck(L, limit >= 0 && limit <= 0x7fffffff, 4, "out of range");
   lua_newtable(L);
-  int err = sg_store_messages(s, backend, room, (int)limit, push_message, L);
-  return err < 0 ? push_failure(L, err, sg_store_errmsg(s)) : 1;
+  int err = sg__store_messages(s, backend, room, (int)limit, push_message, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
 }
 
 /* db:kv_get(key) -> value | nil [, err, code] */
 static int l_kv_get(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
+  sg__store *s = check_lstore(L, 1)->s;
   char *v;
-  int err = sg_store_kv_get(s, luaL_checkstring(L, 2), &v);
-  if (err < 0) return push_failure(L, err, sg_store_errmsg(s));
+  int err = sg__store_kv_get(s, luaL_checkstring(L, 2), &v);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
   lua_pushstring(L, v);  /* NULL pushes nil */
   free(v);
   return 1;
@@ -239,8 +232,8 @@ static int l_kv_get(lua_State *L) {
 
 /* db:kv_set(key, value|nil) -> true | nil, err, code */
 static int l_kv_set(lua_State *L) {
-  sg_store *s = check_lstore(L, 1)->s;
-  int err = sg_store_kv_set(s, luaL_checkstring(L, 2), luaL_optstring(L, 3, NULL));
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_kv_set(s, luaL_checkstring(L, 2), luaL_optstring(L, 3, NULL));
   return push_result(L, s, err);
 }
 

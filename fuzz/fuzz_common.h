@@ -41,6 +41,6 @@ static inline void fuzz_key_seed(unsigned char seed[32]) {
 }
 
 /* Debug level: every log statement on the fuzzed path is exercised. */
-static const sg_logger fuzz_log = {SG_LOG_DEBUG, fuzz_log_line, NULL};
+static const sg__logger fuzz_log = {SG_LOG_DEBUG, fuzz_log_line, NULL};
 
 #endif

@@ -7,7 +7,7 @@
  *   values at the same offsets and fails with the same message as when fed
  *   the whole stream at once;
  * - decoding is canonical: a value that decodes (as a backend's value, an
- *   InitInfo, a Request, or any kind through sg_fl_validate) encodes to a
+ *   InitInfo, a Request, or any kind through sg__fl_validate) encodes to a
  *   line that decodes again as the same kind and encodes to the same bytes. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,7 +46,7 @@ static int record_value(void *ud, const char *value, size_t len, uint64_t offset
   return 0;
 }
 
-static void record_end(trace *t, const sg_framer *f, int rc) {
+static void record_end(trace *t, const sg__framer *f, int rc) {
   t->values_len = t->len;
   trace_add(t, &rc, sizeof rc);
   trace_add(t, f->err, strlen(f->err));
@@ -54,7 +54,7 @@ static void record_end(trace *t, const sg_framer *f, int rc) {
 
 typedef struct limits {
   size_t max_value;
-  sg_fl_limits fl;
+  sg__fl_limits fl;
 } limits;
 
 /* A tiny xorshift: the split pattern must be a function of the input. */
@@ -67,35 +67,35 @@ static uint32_t next_rand(uint32_t *s) {
 
 /* Feeds the stream in pieces of 1..max_piece bytes (0: all at once). */
 static void frame(const char *s, size_t n, const limits *lim, unsigned max_piece, trace *t) {
-  sg_framer f;
+  sg__framer f;
   uint32_t seed = max_piece * 2654435761u + 1;
   int rc = 0;
-  sg_framer_init(&f, lim->max_value, lim->fl.max_depth);
+  sg__framer_init(&f, lim->max_value, lim->fl.max_depth);
   for (size_t at = 0; at < n && rc == 0;) {
     size_t piece = max_piece ? 1 + next_rand(&seed) % max_piece : n;
     if (piece > n - at) piece = n - at;
-    rc = sg_framer_feed(&f, s + at, piece, record_value, t);
+    rc = sg__framer_feed(&f, s + at, piece, record_value, t);
     at += piece;
   }
-  if (rc == 0) rc = sg_framer_finish(&f, record_value, t);
+  if (rc == 0) rc = sg__framer_finish(&f, record_value, t);
   record_end(t, &f, rc);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
 }
 
 /* The ways a value is decoded: as a backend's value (classified, or the
  * first one: InitInfo), as a Request, or parsed and validated as a kind. */
 enum { AS_BACKEND, AS_INIT, AS_REQUEST, AS_KIND };
 
-static cJSON *decode_as(int how, sg_fl_kind *kind, const char *s, size_t n,
+static cJSON *decode_as(int how, sg__fl_kind *kind, const char *s, size_t n,
                         const limits *lim, char *err, size_t errlen) {
   switch (how) {
-    case AS_BACKEND: return sg_fl_decode_backend(s, n, 0, 0, &lim->fl, kind, err, errlen);
-    case AS_INIT: return sg_fl_decode_backend(s, n, 0, 1, &lim->fl, kind, err, errlen);
-    case AS_REQUEST: *kind = SG_FL_REQUEST; return sg_fl_decode_request(s, n, 0, &lim->fl, err, errlen);
+    case AS_BACKEND: return sg__fl_decode_backend(s, n, 0, 0, &lim->fl, kind, err, errlen);
+    case AS_INIT: return sg__fl_decode_backend(s, n, 0, 1, &lim->fl, kind, err, errlen);
+    case AS_REQUEST: *kind = SG_FL_REQUEST; return sg__fl_decode_request(s, n, 0, &lim->fl, err, errlen);
     default: break;
   }
   cJSON *v = cJSON_ParseWithLength(s, n);
-  if (v && sg_fl_validate(v, *kind, &lim->fl, err, errlen) != 0) {
+  if (v && sg__fl_validate(v, *kind, &lim->fl, err, errlen) != 0) {
     cJSON_Delete(v);
     v = NULL;
   }
@@ -103,16 +103,16 @@ static cJSON *decode_as(int how, sg_fl_kind *kind, const char *s, size_t n,
 }
 
 /* encode(v) decodes again as the same kind, and encodes to the same line. */
-static void check_canonical(int how, sg_fl_kind kind, const cJSON *v, const limits *lim) {
+static void check_canonical(int how, sg__fl_kind kind, const cJSON *v, const limits *lim) {
   char err[512];
   size_t n1, n2;
-  char *line1 = sg_fl_encode_line(v, &n1);
+  char *line1 = sg__fl_encode_line(v, &n1);
   FUZZ_REQUIRE(line1 != NULL, "encode failed");
-  sg_fl_kind again = kind;
+  sg__fl_kind again = kind;
   cJSON *v2 = decode_as(how, &again, line1, n1, lim, err, sizeof err);
   FUZZ_REQUIRE(v2 != NULL, "the encoding of a valid value is refused: %s\nline: %s", err, line1);
   FUZZ_REQUIRE(again == kind, "kind %d became %d: %s", (int)kind, (int)again, line1);
-  char *line2 = sg_fl_encode_line(v2, &n2);
+  char *line2 = sg__fl_encode_line(v2, &n2);
   FUZZ_REQUIRE(line2 && n1 == n2 && memcmp(line1, line2, n1) == 0,
                "not canonical:\n%s%s", line1, line2 ? line2 : "(null)\n");
   free(line1);
@@ -120,7 +120,7 @@ static void check_canonical(int how, sg_fl_kind kind, const cJSON *v, const limi
   cJSON_Delete(v2);
 }
 
-static void decode_one(int how, sg_fl_kind kind, const char *s, size_t n, const limits *lim) {
+static void decode_one(int how, sg__fl_kind kind, const char *s, size_t n, const limits *lim) {
   char err[512];
   cJSON *v = decode_as(how, &kind, s, n, lim, err, sizeof err);
   if (!v) {
@@ -129,13 +129,13 @@ static void decode_one(int how, sg_fl_kind kind, const char *s, size_t n, const 
   }
   check_canonical(how, kind, v, lim);
   const cJSON *type = cJSON_GetObjectItemCaseSensitive(v, "type");
-  if (cJSON_IsString(type)) (void)sg_fl_expected_response(type->valuestring);
+  if (cJSON_IsString(type)) (void)sg__fl_expected_response(type->valuestring);
   cJSON_Delete(v);
 }
 
 /* Walks a trace's values and decodes each in every way. */
 static void decode_all(const trace *t, const limits *lim) {
-  static const sg_fl_kind kinds[] = {SG_FL_UPDATE, SG_FL_REQUEST_BODY, SG_FL_RESPONSE_BODY,
+  static const sg__fl_kind kinds[] = {SG_FL_UPDATE, SG_FL_REQUEST_BODY, SG_FL_RESPONSE_BODY,
                                      SG_FL_MESSAGE_CONTENT, SG_FL_RESPONSE};
   size_t at = 0;
   while (at < t->values_len) {

@@ -5,10 +5,10 @@
  *   table (protobuf-c unpack + the descriptor walk of bindings/lua_harmony.c),
  *   and when that works, encode the table and decode it again: the two
  *   tables must be equal;
- * - an Authorization header value: sg_token_parse, then admit under a few
+ * - an Authorization header value: sg__token_parse, then admit under a few
  *   policies and verify against the key that signed the seed tokens
  *   (fuzz/corpus/harmony/token-*); a parsed token also goes through
- *   sg_token_check;
+ *   sg__token_check;
  * - a server id: a token created for it parses back to the same id and
  *   time and verifies.
  * Besides the sanitizers, a broken property or a Lua error aborts. */
@@ -25,7 +25,7 @@
 #include "segue.h"
 
 static unsigned char fuzz_seed[SG_KEYS_SEED_BYTES];
-static sg_keypair *fuzz_key;
+static sg__keypair *fuzz_key;
 static lua_State *L;
 static int round_trip_ref;
 
@@ -61,11 +61,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argc;
   (void)argv;
   fuzz_key_seed(fuzz_seed);
-  FUZZ_REQUIRE(sg_keys_from_secret(fuzz_seed, sizeof fuzz_seed, &fuzz_key, NULL, 0) == 0,
+  FUZZ_REQUIRE(sg__keys_from_secret(fuzz_seed, sizeof fuzz_seed, &fuzz_key, NULL, 0) == 0,
                "cannot make the key");
   L = luaL_newstate();
   luaL_openlibs(L);
-  luaL_requiref(L, "segue.harmony", luaopen_segue_harmony, 0);
+  luaL_requiref(L, "segue.harmony_core", luaopen_segue_harmony_core, 0);
   FUZZ_REQUIRE(luaL_loadstring(L, round_trip_lua) == LUA_OK, "%s", lua_tostring(L, -1));
   lua_insert(L, -2);
   FUZZ_REQUIRE(lua_pcall(L, 1, 1, 0) == LUA_OK, "%s", lua_tostring(L, -1));
@@ -82,34 +82,34 @@ static void fuzz_messages(const uint8_t *data, size_t size) {
 
 /* Policies around the token's own claims: in and out of the window, on and
  * off the lists; the reason must be one of the map's. */
-static void admit_all(const sg_token *tok) {
+static void admit_all(const sg__token *tok) {
   char why[SG_TOKEN_WHY_SIZE];
   const char *ids[] = {tok->server_id, "other.example:2289"};
-  sg_token_policy pol;
-  sg_token_policy_init(&pol);
+  sg__token_policy pol;
+  sg__token_policy_init(&pol);
   uint64_t nows[] = {tok->time, tok->time + 61, tok->time - 61, 0, UINT64_MAX};
   for (size_t i = 0; i < sizeof nows / sizeof nows[0]; i++) {
-    sg_token_reason r = sg_token_admit(tok, &pol, nows[i], why, sizeof why);
+    sg__token_reason r = sg__token_admit(tok, &pol, nows[i], why, sizeof why);
     FUZZ_REQUIRE(r < SG_TOKEN__REASON_COUNT, "reason %d", (int)r);
   }
   pol.allow = ids + 1;
   pol.n_allow = 1;
-  FUZZ_REQUIRE(sg_token_admit(tok, &pol, tok->time, why, sizeof why) ==
+  FUZZ_REQUIRE(sg__token_admit(tok, &pol, tok->time, why, sizeof why) ==
                    (strcmp(tok->server_id, ids[1]) ? SG_TOKEN_HOST_NOT_ALLOWED : SG_TOKEN_OK),
                "allow list");
   pol.n_allow = 0;
   pol.block = ids;
   pol.n_block = 1;
-  FUZZ_REQUIRE(sg_token_admit(tok, &pol, tok->time, why, sizeof why) == SG_TOKEN_HOST_BLOCKED,
+  FUZZ_REQUIRE(sg__token_admit(tok, &pol, tok->time, why, sizeof why) == SG_TOKEN_HOST_BLOCKED,
                "block list");
-  FUZZ_REQUIRE(sg_token_admit(tok, NULL, tok->time, why, sizeof why) == SG_TOKEN_OK, "defaults");
+  FUZZ_REQUIRE(sg__token_admit(tok, NULL, tok->time, why, sizeof why) == SG_TOKEN_OK, "defaults");
 }
 
 static void fuzz_token(const uint8_t *data, size_t size) {
   char why[SG_TOKEN_WHY_SIZE] = "";
-  sg_token tok;
-  const unsigned char *pk = sg_keys_public(fuzz_key);
-  sg_token_reason r = sg_token_parse((const char *)data, size, &tok, why, sizeof why);
+  sg__token tok;
+  const unsigned char *pk = sg__keys_public(fuzz_key);
+  sg__token_reason r = sg__token_parse((const char *)data, size, &tok, why, sizeof why);
   FUZZ_REQUIRE(r < SG_TOKEN__REASON_COUNT && (r == SG_TOKEN_OK || why[0]),
                "reason %d without a text", (int)r);
   if (r != SG_TOKEN_OK) {
@@ -117,17 +117,17 @@ static void fuzz_token(const uint8_t *data, size_t size) {
     return;
   }
   admit_all(&tok);
-  r = sg_token_verify(&tok, pk, why, sizeof why);
+  r = sg__token_verify(&tok, pk, why, sizeof why);
   FUZZ_REQUIRE(r == SG_TOKEN_OK || r == SG_TOKEN_BAD_SIGNATURE, "verify: %s", why);
-  sg_token_policy pol;
-  sg_token_policy_init(&pol);
-  sg_token checked;
-  sg_token_reason c = sg_token_check((const char *)data, size, &pol, tok.time, pk, &checked,
+  sg__token_policy pol;
+  sg__token_policy_init(&pol);
+  sg__token checked;
+  sg__token_reason c = sg__token_check((const char *)data, size, &pol, tok.time, pk, &checked,
                                      why, sizeof why);
-  FUZZ_REQUIRE(c == r, "check says %s, parse+admit+verify %s", sg_token_reason_name(c),
-               sg_token_reason_name(r));
-  sg_token_clear(&checked);
-  sg_token_clear(&tok);
+  FUZZ_REQUIRE(c == r, "check says %s, parse+admit+verify %s", sg__token_reason_name(c),
+               sg__token_reason_name(r));
+  sg__token_clear(&checked);
+  sg__token_clear(&tok);
 }
 
 /* A token created for the input as a server id comes back intact. */
@@ -137,18 +137,18 @@ static void fuzz_create(const uint8_t *data, size_t size) {
   memcpy(id, data, n);
   id[n] = '\0';
   uint64_t time = size >= 8 ? ((uint64_t)data[0] << 56 | (uint64_t)data[size - 1]) : n;
-  int rc = sg_token_create(fuzz_key, id, time, &header);
+  int rc = sg__token_create(fuzz_key, id, time, &header);
   if (id[0] == '\0') {
     FUZZ_REQUIRE(rc == SG_EINVAL, "an empty server id was accepted");
     return;
   }
   FUZZ_REQUIRE(rc == 0 && header, "create failed: %d", rc);
-  sg_token tok;
-  sg_token_reason r = sg_token_check(header, strlen(header), NULL, time,
-                                     sg_keys_public(fuzz_key), &tok, why, sizeof why);
+  sg__token tok;
+  sg__token_reason r = sg__token_check(header, strlen(header), NULL, time,
+                                     sg__keys_public(fuzz_key), &tok, why, sizeof why);
   FUZZ_REQUIRE(r == SG_TOKEN_OK, "our own token for \"%s\" is refused: %s", id, why);
   FUZZ_REQUIRE(strcmp(tok.server_id, id) == 0 && tok.time == time, "claims changed");
-  sg_token_clear(&tok);
+  sg__token_clear(&tok);
   free(header);
 }
 

@@ -44,21 +44,21 @@
 
 /* A server under test and where to reach it. */
 typedef struct target {
-  sg_hrpc_server *srv;
+  sg__hrpc_server *srv;
   struct sockaddr_in addr;
 } target;
 
 static uv_loop_t loop;
-static sg_hrpc_server server;
-static sg_federation fed;
+static sg__hrpc_server server;
+static sg__federation fed;
 static target bare, federation;
-static sg_keypair *peer_key;
+static sg__keypair *peer_key;
 static uv_timer_t later_timer;
-static sg_hrpc_request *later[MAX_LATER];
+static sg__hrpc_request *later[MAX_LATER];
 static size_t n_later;
 static unsigned done_pending;
 
-static void on_done(sg_hrpc_request *req, void *ud, int status) {
+static void on_done(sg__hrpc_request *req, void *ud, int status) {
   (void)req;
   (void)ud;
   FUZZ_REQUIRE(status <= 0, "done status %d", status);
@@ -66,98 +66,98 @@ static void on_done(sg_hrpc_request *req, void *ud, int status) {
 }
 
 /* Push: what the postbox does first, token and body, then an answer. */
-static void handle_push(sg_hrpc_request *req, void *ud) {
+static void handle_push(sg__hrpc_request *req, void *ud) {
   (void)ud;
   char why[SG_TOKEN_WHY_SIZE];
-  sg_token tok;
+  sg__token tok;
   const char *auth = req->authorization;
-  sg_token_reason r = sg_token_parse(auth, auth ? strlen(auth) : 0, &tok, why, sizeof why);
+  sg__token_reason r = sg__token_parse(auth, auth ? strlen(auth) : 0, &tok, why, sizeof why);
   if (r != SG_TOKEN_OK) {
-    sg_hrpc_respond_error(req, sg_token_reason_status(r), sg_token_reason_identifier(r),
+    sg__hrpc_respond_error(req, sg__token_reason_status(r), sg__token_reason_identifier(r),
                           why, NULL, 0);
     return;
   }
-  sg_token_clear(&tok);
+  sg__token_clear(&tok);
   Protocol__Sync__V1__PushRequest *push =
       protocol__sync__v1__push_request__unpack(NULL, req->body_len, req->body);
   if (!push) {
-    sg_hrpc_respond_error(req, 400, "h.bad-request", "not a PushRequest", req->body,
+    sg__hrpc_respond_error(req, 400, "h.bad-request", "not a PushRequest", req->body,
                           req->body_len);
     return;
   }
   protocol__sync__v1__push_request__free_unpacked(push, NULL);
-  sg_hrpc_respond(req, NULL, 0);
+  sg__hrpc_respond(req, NULL, 0);
 }
 
 static void answer_later(uv_timer_t *t) {
   (void)t;
   for (size_t i = 0; i < n_later; i++) {
-    if (sg_hrpc_request_alive(later[i])) sg_hrpc_respond(later[i], later[i]->body, later[i]->body_len);
-    else sg_hrpc_request_release(later[i]);
+    if (sg__hrpc_request_alive(later[i])) sg__hrpc_respond(later[i], later[i]->body, later[i]->body_len);
+    else sg__hrpc_request_release(later[i]);
   }
   n_later = 0;
 }
 
 /* Pull: answered on a later loop turn (as after a store read), watched
  * with a done callback; the peer may be gone by then. */
-static void handle_pull(sg_hrpc_request *req, void *ud) {
+static void handle_pull(sg__hrpc_request *req, void *ud) {
   (void)ud;
   if (n_later == MAX_LATER) {
-    sg_hrpc_respond_error(req, 503, "hrpc.unavailable", "busy", NULL, 0);
+    sg__hrpc_respond_error(req, 503, "hrpc.unavailable", "busy", NULL, 0);
     return;
   }
-  if (sg_hrpc_request_on_done(req, on_done, NULL) == 0) done_pending++;
+  if (sg__hrpc_request_on_done(req, on_done, NULL) == 0) done_pending++;
   later[n_later++] = req;
   uv_timer_start(&later_timer, answer_later, 0, 0);
 }
 
 /* Key: a handler that gives no answer (the server answers 500). */
-static void handle_key(sg_hrpc_request *req, void *ud) {
+static void handle_key(sg__hrpc_request *req, void *ud) {
   (void)ud;
-  sg_hrpc_request_release(req);
+  sg__hrpc_request_release(req);
 }
 
 /* Only FUZZ_PEER's requests, signed with its key, may get here. */
-static void handle_federated(sg_federation *f, sg_fed_method m, const char *server_id,
-                             sg_hrpc_request *req, void *ud) {
+static void handle_federated(sg__federation *f, sg__fed_method m, const char *server_id,
+                             sg__hrpc_request *req, void *ud) {
   (void)f;
   (void)ud;
   char why[SG_TOKEN_WHY_SIZE];
-  sg_token tok;
-  sg_token_policy pol;
-  sg_token_policy_init(&pol);
+  sg__token tok;
+  sg__token_policy pol;
+  sg__token_policy_init(&pol);
   pol.window = UINT64_MAX;
   const char *auth = req->authorization;
-  FUZZ_REQUIRE(sg_fed_method_name(m) != NULL && strcmp(server_id, FUZZ_PEER) == 0,
+  FUZZ_REQUIRE(sg__fed_method_name(m) != NULL && strcmp(server_id, FUZZ_PEER) == 0,
                "method %d from %s reached the handler", (int)m, server_id);
-  FUZZ_REQUIRE(sg_token_check(auth, auth ? strlen(auth) : 0, &pol, 0, sg_keys_public(peer_key),
+  FUZZ_REQUIRE(sg__token_check(auth, auth ? strlen(auth) : 0, &pol, 0, sg__keys_public(peer_key),
                               &tok, why, sizeof why) == SG_TOKEN_OK,
                "a request that does not verify reached the handler: %s", why);
-  sg_token_clear(&tok);
-  sg_hrpc_respond(req, NULL, 0);
+  sg__token_clear(&tok);
+  sg__hrpc_respond(req, NULL, 0);
 }
 
-static void target_init(target *t, sg_hrpc_server *srv) {
+static void target_init(target *t, sg__hrpc_server *srv) {
   t->srv = srv;
   memset(&t->addr, 0, sizeof t->addr);
   t->addr.sin_family = AF_INET;
-  t->addr.sin_port = htons((uint16_t)sg_hrpc_server_port(srv));
+  t->addr.sin_port = htons((uint16_t)sg__hrpc_server_port(srv));
   t->addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 }
 
-static void bare_init(const sg_hrpc_limits *lim) {
-  FUZZ_REQUIRE(sg_hrpc_server_init(&loop, &server, lim, &fuzz_log) == 0, "init");
-  FUZZ_REQUIRE(sg_hrpc_server_listen(&server, "127.0.0.1:0") == 0, "listen");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PUSH, handle_push, NULL) == 0, "route");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_PULL, handle_pull, NULL) == 0, "route");
-  FUZZ_REQUIRE(sg_hrpc_server_route(&server, P_KEY, handle_key, NULL) == 0, "route");
+static void bare_init(const sg__hrpc_limits *lim) {
+  FUZZ_REQUIRE(sg__hrpc_server_init(&loop, &server, lim, &fuzz_log) == 0, "init");
+  FUZZ_REQUIRE(sg__hrpc_server_listen(&server, "127.0.0.1:0") == 0, "listen");
+  FUZZ_REQUIRE(sg__hrpc_server_route(&server, P_PUSH, handle_push, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg__hrpc_server_route(&server, P_PULL, handle_pull, NULL) == 0, "route");
+  FUZZ_REQUIRE(sg__hrpc_server_route(&server, P_KEY, handle_key, NULL) == 0, "route");
   uv_timer_init(&loop, &later_timer);
   target_init(&bare, &server);
 }
 
 /* The seed tokens are from 2023: the window admits any time, so that
  * mutations get past the clock to the decoding and the signature. */
-static void federation_init(const sg_hrpc_limits *lim) {
+static void federation_init(const sg__hrpc_limits *lim) {
   static char dir[64];
   static const char *const allow[] = {FUZZ_PEER};
   static const char *const peer_urls[] = {"http://127.0.0.1:1"};  /* refuses */
@@ -165,18 +165,18 @@ static void federation_init(const sg_hrpc_limits *lim) {
   char err[256];
   snprintf(dir, sizeof dir, "/tmp/segue-fuzz-http-%d", (int)getpid());
   fuzz_key_seed(seed);
-  FUZZ_REQUIRE(sg_keys_from_secret(seed, sizeof seed, &peer_key, NULL, 0) == 0, "key");
-  sg_fed_options o = {.server_id = "segue.fuzz:2289", .data_dir = dir,
+  FUZZ_REQUIRE(sg__keys_from_secret(seed, sizeof seed, &peer_key, NULL, 0) == 0, "key");
+  sg__fed_options o = {.server_id = "segue.fuzz:2289", .data_dir = dir,
                       .listen = "127.0.0.1:0", .limits = lim,
                       .peer_ids = allow, .peer_urls = peer_urls, .n_peers = 1,
                       .request_timeout_ms = 1000};
-  sg_token_policy_init(&o.policy);
+  sg__token_policy_init(&o.policy);
   o.policy.window = UINT64_MAX;
   o.policy.allow = allow;
   o.policy.n_allow = 1;
-  FUZZ_REQUIRE(sg_federation_init(&loop, &fed, &o, &fuzz_log, err, sizeof err) == 0, "%s", err);
-  sg_federation_set_handler(&fed, handle_federated, NULL);
-  FUZZ_REQUIRE(sg_federation_key_put(&fed, FUZZ_PEER, sg_keys_public(peer_key)) == 0, "key");
+  FUZZ_REQUIRE(sg__federation_init(&loop, &fed, &o, &fuzz_log, err, sizeof err) == 0, "%s", err);
+  sg__federation_set_handler(&fed, handle_federated, NULL);
+  FUZZ_REQUIRE(sg__federation_key_put(&fed, FUZZ_PEER, sg__keys_public(peer_key)) == 0, "key");
   target_init(&federation, &fed.server);
 }
 
@@ -185,7 +185,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argv;
   signal(SIGPIPE, SIG_IGN);
   /* Small limits, so that inputs of a few KiB reach the 413 and 431 paths. */
-  sg_hrpc_limits lim = {.max_header_bytes = 2048, .max_body_bytes = 1024};
+  sg__hrpc_limits lim = {.max_header_bytes = 2048, .max_body_bytes = 1024};
   FUZZ_REQUIRE(uv_loop_init(&loop) == 0, "loop");
   bare_init(&lim);
   federation_init(&lim);

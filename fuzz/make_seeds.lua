@@ -2,7 +2,7 @@
 -- committed ones are in fuzz/corpus/): segue exec fuzz/make_seeds.lua fuzz/corpus
 -- Seeds are few and small on purpose: libFuzzer mutates from them, and each
 -- one shows a target a different valid shape of its input.
-local h = require "segue.harmony"
+local h = require "segue.harmony_core"
 local dir = assert(arg[1], "usage: segue exec fuzz/make_seeds.lua DIR")
 
 local function put(target, name, bytes)

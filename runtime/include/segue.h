@@ -30,6 +30,14 @@
 extern "C" {
 #endif
 
+/* The public API: exported from libsegue.so (everything else is hidden,
+ * and internal names start with sg__, as libuv's uv__). */
+#if defined(SG_BUILDING) && defined(__GNUC__)
+#define SG_EXTERN __attribute__((visibility("default")))
+#else
+#define SG_EXTERN /* nothing */
+#endif
+
 #define SEGUE_VERSION_MAJOR 0
 #define SEGUE_VERSION_MINOR 1
 #define SEGUE_VERSION_PATCH 0
@@ -65,11 +73,11 @@ typedef enum {
 } sg_errno_t;
 
 /* Short name ("EPROTO", or libuv's "ECONNREFUSED"); never NULL. */
-const char *sg_err_name(int err);
+SG_EXTERN const char *sg_err_name(int err);
 /* One-line description; never NULL. */
-const char *sg_strerror(int err);
+SG_EXTERN const char *sg_strerror(int err);
 /* "0.1.0" */
-const char *sg_version_string(void);
+SG_EXTERN const char *sg_version_string(void);
 
 /* ---- logging ------------------------------------------------------------ */
 
@@ -111,40 +119,40 @@ typedef struct sg_host_options {
  * until sg_host_close. On failure (SG_EINVAL, SG_ENOMEM, SG_ELUA) *out is
  * untouched; what was made is released on the loop's next turn, so run the
  * loop before uv_loop_close, as after any uv_close. */
-int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out);
+SG_EXTERN int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out);
 
 /* Loads and validates a config file (Lua), then creates its backends (not yet
  * started). On failure every problem is logged as "file:line: message" and
  * the host is unchanged. Once per host (then sg_host_reload). `path` is
  * borrowed for the call. Errors: SG_EINVAL, SG_ECONFIG (the problems are
  * also in sg_host_last_error), SG_ECLOSING. */
-int sg_host_load_config_file(sg_host *host, const char *path);
+SG_EXTERN int sg_host_load_config_file(sg_host *host, const char *path);
 /* Same, with the config given as Lua source text (borrowed for the call,
  * `len` bytes, no NUL needed); `chunkname` (may be NULL) names it in
  * errors ("embed.lua"). Relative paths in it start at the current directory.
  * sg_host_reload evaluates the same text again. */
-int sg_host_load_config_string(sg_host *host, const char *chunkname,
+SG_EXTERN int sg_host_load_config_string(sg_host *host, const char *chunkname,
                                const char *source, size_t len);
 /* Runs a Lua script with the `segue` API now (like the config's `scripts`,
  * which run at sg_host_start); what it registers (segue.on handlers,
  * timers) stays until the host closes. `path` is borrowed. Errors:
  * SG_EINVAL, SG_ECONFIG (cannot read it, or it raised: logged, and in
  * sg_host_last_error), SG_ECLOSING. */
-int sg_host_load_script(sg_host *host, const char *path);
+SG_EXTERN int sg_host_load_script(sg_host *host, const char *path);
 /* Runs the configured scripts, then starts every configured backend and
  * every C backend. Without a loaded config, the embedded default config is
  * used. Errors: SG_ECONFIG (a script failed, the data directory cannot be
  * made), SG_ECLOSING. */
-int sg_host_start(sg_host *host);
+SG_EXTERN int sg_host_start(sg_host *host);
 /* Reloads what is reloadable (rules, scripts); on failure the previous
  * version keeps running and the error is returned and logged.
  * Backends whose definition changed are replaced; C backends are not part
  * of the config and stay. Errors: SG_ECONFIG, SG_ECLOSING. */
-int sg_host_reload(sg_host *host);
+SG_EXTERN int sg_host_reload(sg_host *host);
 /* Stops every backend gracefully; `cb` (may be NULL) runs when all stopped.
  * Requests still in flight fail with SG_ECLOSING. SG_EINVAL if a stop is
  * already under way (then `cb` is never called). */
-int sg_host_stop(sg_host *host, void (*cb)(sg_host *host));
+SG_EXTERN int sg_host_stop(sg_host *host, void (*cb)(sg_host *host));
 /* Closes the host: stops backends, closes its handles and Lua state. The
  * host's memory is freed before `cb` runs; `cb` may be NULL.
  * Asynchronous, like uv_close: returns at once; requests in flight fail
@@ -152,17 +160,17 @@ int sg_host_stop(sg_host *host, void (*cb)(sg_host *host));
  * runs on a later loop turn, after which nothing of segue's is left on the
  * loop. `host` must not be used after this call. Callable from any
  * callback, segue's own included. */
-void sg_host_close(sg_host *host, void (*cb)(void *data), void *data);
+SG_EXTERN void sg_host_close(sg_host *host, void (*cb)(void *data), void *data);
 
 /* The embedder's pointer; segue never touches it. */
-void *sg_host_get_data(const sg_host *host);
-void sg_host_set_data(sg_host *host, void *data);
+SG_EXTERN void *sg_host_get_data(const sg_host *host);
+SG_EXTERN void sg_host_set_data(sg_host *host, void *data);
 /* The loop given to sg_host_new. */
-uv_loop_t *sg_host_loop(const sg_host *host);
+SG_EXTERN uv_loop_t *sg_host_loop(const sg_host *host);
 /* Why the last sg_host_load_*, sg_host_start or sg_host_reload call failed
  * ("" if it did not): every problem, one per line. Borrowed; valid until the
  * next call on the host. */
-const char *sg_host_last_error(const sg_host *host);
+SG_EXTERN const char *sg_host_last_error(const sg_host *host);
 
 /* ---- requests to any backend -------------------------------------------- */
 
@@ -183,7 +191,7 @@ typedef void (*sg_response_cb)(void *data, int err, const char *body_json,
  * never called): SG_EINVAL (a NULL argument), SG_ENOBACKEND, SG_EPROTO (not
  * a valid RequestBody; the reason is logged), SG_EDEAD (the backend gave up
  * or was stopped), SG_ECLOSING, SG_ENOMEM. */
-int sg_host_request(sg_host *host, const char *name, const char *body_json,
+SG_EXTERN int sg_host_request(sg_host *host, const char *name, const char *body_json,
                     sg_response_cb cb, void *data);
 
 /* ---- backends implemented in C ------------------------------------------ */
@@ -219,12 +227,12 @@ typedef struct sg_backend_vtable {
  * by the host and valid until vt->closed, or until the host's close callback.
  * Errors: SG_EINVAL (NULL or empty name, NULL vt, start or request, or a
  * vt->size too small), SG_EEXIST, SG_ECLOSING, SG_ENOMEM. */
-int sg_host_add_cbackend(sg_host *host, const char *name,
+SG_EXTERN int sg_host_add_cbackend(sg_host *host, const char *name,
                          const sg_backend_vtable *vt, void *data,
                          sg_cbackend **out);
-void *sg_cbackend_data(const sg_cbackend *b);
+SG_EXTERN void *sg_cbackend_data(const sg_cbackend *b);
 /* Borrowed; valid as long as `b`. */
-const char *sg_cbackend_name(const sg_cbackend *b);
+SG_EXTERN const char *sg_cbackend_name(const sg_cbackend *b);
 /* Answers request `seq` with a ResponseBody (borrowed text), now or later,
  * from inside vt->request or from any loop callback. Validated like any
  * backend's value: invalid JSON or shape, or the wrong variant for the
@@ -233,11 +241,11 @@ const char *sg_cbackend_name(const sg_cbackend *b);
  * restarted with backoff; then SG_EPROTO is returned. SG_EDEAD: the backend is
  * not running (the answer is dropped). An unknown `seq` is logged and
  * ignored (0), as the protocol says. */
-int sg_cbackend_respond(sg_cbackend *b, uint32_t seq, const char *body_json);
+SG_EXTERN int sg_cbackend_respond(sg_cbackend *b, uint32_t seq, const char *body_json);
 /* Emits an Update ({"type":"MessageUpsert","value":{...}}, borrowed text) to
  * Lua's "update" handlers. Allowed from inside vt->start (delivered right
  * after the InitInfo) and while running; errors as sg_cbackend_respond. */
-int sg_cbackend_update(sg_cbackend *b, const char *update_json);
+SG_EXTERN int sg_cbackend_update(sg_cbackend *b, const char *update_json);
 
 #ifdef __cplusplus
 }

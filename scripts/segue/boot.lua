@@ -15,7 +15,13 @@ local current             -- the running config
 local source              -- how to load it again: { file = } or { name =, text = }
 local started = false
 
-function M.set_overrides(t) overrides = t end
+--- set_overrides(data_dir, log_level): options given in C (sg_host_new)
+--- win over the config's; "" means not given.
+function M.set_overrides(data_dir, log_level)
+  overrides = { data_dir = data_dir ~= "" and data_dir or nil,
+                log_level = log_level ~= "" and log_level or nil }
+  return true
+end
 
 local function report(errors)
   for _, e in ipairs(errors) do core.log("error", e) end
@@ -158,7 +164,7 @@ function M.start()
     watch_rules()
   end
   if M.store then -- for `segue status`: backends, peers, and the rules' last load
-    require("segue.postbox").publish_status(M.store, nil, function()
+    require("segue.status").publish(M.store, nil, function()
       local r = router.status
       return { rules = current.rules and { file = current.rules, loads = r.loads, failures = r.failures,
         loaded_at = r.loaded_at, last_error = r.last_error } or nil }
@@ -225,9 +231,7 @@ end
 --- signal_reload(config_path): `segue reload [CONFIG]` asks the segue
 --- running with that config's data_dir to reload (SIGHUP).
 function M.signal_reload(path)
-  local cfg, errors
-  if path then cfg, errors = config.load_file(path)
-  else cfg, errors = config.load_string(M.default_config_text(), "(default config)") end
+  local cfg, errors = require("segue.cli").load_config(path)
   if not cfg then return report(errors) end
   local pidfile = cfg.data_dir .. "/segue.pid"
   local f = io.open(pidfile, "r")
@@ -239,9 +243,6 @@ function M.signal_reload(path)
   io.stdout:write("asked segue (pid ", pid, ") to reload\n")
   return true
 end
-
---- status(config_path): `segue status [CONFIG]` (scripts/segue/postbox.lua).
-function M.status(path) return require("segue.postbox").status_command(path) end
 
 --- status(): the router's state, for `segue status` and tests.
 function M.router_status() return router.status end

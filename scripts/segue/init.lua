@@ -6,7 +6,7 @@
 local core = require "segue.core"
 local loop = require "segue.loop"
 local json = require "segue.json"
-local harmony = require "segue.harmony_api"  -- requires no "segue": no cycle
+local harmony = require "segue.harmony"  -- requires no "segue": no cycle
 
 local segue = {
   version = core.version,

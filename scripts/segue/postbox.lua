@@ -13,7 +13,7 @@
 --   segue.postbox.pull(server_id) -> true | nil, err   (one Pull, now)
 local core = require "segue.core"
 local pbc = require "segue.postbox_core"
-local harmony = require "segue.harmony_api"
+local harmony = require "segue.harmony"
 local loop = require "segue.loop"
 
 local M = {}
@@ -251,55 +251,6 @@ end
 function M.peers()
   if not pb then return {} end
   return pb:peers()
-end
-
--- Status ---------------------------------------------------------------------------------
--- `segue status` runs in another process: the running host publishes its
--- backends' state in the store (kv), beside the peers' rows the postbox keeps.
-
-local STATUS_KEY = "status.host"
-
---- publish_status(db [, every_ms [, extra]]): writes { time, pid, backends }
---- (plus the fields extra() returns) now, every every_ms (default 5000), and
---- whenever a backend changes state or the config reloads.
-function M.publish_status(db, every_ms, extra)
-  local json = require "segue.json"
-  local fs = require "segue.fs"
-  local s = segue()
-  local function write()
-    local st = extra and extra() or {}
-    st.time, st.pid, st.backends = os.time() * 1000, fs.getpid(), s.backends()
-    db:kv_set(STATUS_KEY, json.encode(st))
-  end
-  write()
-  local t = loop.timer(every_ms or 5000, every_ms or 5000, write)
-  local off = s.on("backend", write)
-  local off_reload = s.on("reload", write)
-  local off_rules = s.on("rules", write)
-  s.on("stopping", function() t:stop() off() off_reload() off_rules() end)
-end
-
---- status_command(config_path): prints the status of the segue using that
---- config's data_dir as one JSON object: peers (queue length, inbox,
---- last push/pull times in ms since the epoch, last error) and backends.
-function M.status_command(path)
-  local config = require "segue.config"
-  local json = require "segue.json"
-  local store = require "segue.store"
-  local cfg, errors
-  if path then cfg, errors = config.load_file(path)
-  else cfg, errors = config.load_string(core.embedded_source("segue.default_config"), "(default config)") end
-  if not cfg then return nil, table.concat(errors, "\n"), "ECONFIG" end
-  local db, err, code = store.open(cfg.data_dir .. "/segue.db")
-  if not db then return nil, err, code end
-  local peers, perr, pcode = pbc.peers_of(db)
-  local host = db:kv_get(STATUS_KEY)
-  db:close()
-  if not peers then return nil, perr, pcode end
-  local out = host and json.decode(host) or { backends = {} }
-  out.peers = peers
-  io.stdout:write(json.encode(out), "\n")
-  return true
 end
 
 return M

@@ -244,7 +244,7 @@ end)
 
 describe("segue.harmony.decode of untrusted strings", function()
   it("refuses a string field that is not UTF-8, naming the field", function()
-    local h = require "segue.harmony"
+    local h = require "segue.harmony_core"
     local v, err, code = h.decode("protocol.sync.v1.AuthData", "\10\4\255abc\16\1")
     assert.is_nil(v)
     assert.are.equal("EDECODE", code)

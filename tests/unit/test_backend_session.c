@@ -15,7 +15,7 @@ typedef struct {
 
 static fake F;
 
-static int fake_start(sg_backend *b) {
+static int fake_start(sg__backend *b) {
   F.starts++;
   cJSON *init = cJSON_Parse("{\"backend_name\":\"t\",\"backend_version\":[1,0,0],"
                             "\"protocol_version\":[0,1,0]}");
@@ -23,7 +23,7 @@ static int fake_start(sg_backend *b) {
   return 0;
 }
 
-static int fake_send(sg_backend *b, const cJSON *req) {
+static int fake_send(sg__backend *b, const cJSON *req) {
   (void)b;
   F.seqs[F.sent] = (uint32_t)cJSON_GetNumberValue(cJSON_GetObjectItem(req, "sequence_number"));
   const cJSON *body = cJSON_GetObjectItem(req, "body");
@@ -32,13 +32,13 @@ static int fake_send(sg_backend *b, const cJSON *req) {
   return 0;
 }
 
-static void fake_stop(sg_backend *b, int graceful) {
+static void fake_stop(sg__backend *b, int graceful) {
   (void)graceful;
   F.stops++;
   sg__backend_on_exit(b, "stopped by the test");
 }
 
-static const sg_transport fake_tp = {"fake", fake_start, fake_send, fake_stop, NULL};
+static const sg__transport fake_tp = {"fake", fake_start, fake_send, fake_stop, NULL};
 
 typedef struct {
   int calls, err;
@@ -55,13 +55,13 @@ static void done(void *ud, int err, const cJSON *body, const char *msg) {
   free(s);
 }
 
-static void respond(sg_backend *b, uint32_t seq, const char *body) {
+static void respond(sg__backend *b, uint32_t seq, const char *body) {
   char text[512];
   snprintf(text, sizeof text, "{\"sequence_number\":%u,\"body\":%s}", seq, body);
   sg__backend_on_value(b, SG_FL_RESPONSE, cJSON_Parse(text));
 }
 
-static int request(sg_backend *b, const char *json, outcome *o) {
+static int request(sg__backend *b, const char *json, outcome *o) {
   char err[256];
   cJSON *body = cJSON_Parse(json);
   int rc = sg__backend_request(b, body, done, o, err, sizeof err);
@@ -70,9 +70,9 @@ static int request(sg_backend *b, const char *json, outcome *o) {
 }
 
 static int closed;
-static void on_closed(sg_backend *b) { (void)b; closed = 1; }
-static const sg_backend_events events = {NULL, NULL, on_closed};
-static const sg_logger quiet = {SG_LOG_ERROR, NULL, NULL};
+static void on_closed(sg__backend *b) { (void)b; closed = 1; }
+static const sg__backend_events events = {NULL, NULL, on_closed};
+static const sg__logger quiet = {SG_LOG_ERROR, NULL, NULL};
 
 static const char *lookup = "{\"type\":\"RoomLookup\",\"value\":\"#a\"}";
 
@@ -88,7 +88,7 @@ static const char *lookup = "{\"type\":\"RoomLookup\",\"value\":\"#a\"}";
     CHECK(!(cond));                                                        \
   } while (0)
 
-static void test_sequence_numbers(uv_loop_t *loop, sg_backend *b) {
+static void test_sequence_numbers(uv_loop_t *loop, sg__backend *b) {
   outcome o[4] = {{0}};
   b->next_seq = 0xFFFFFFFEu;
   for (int i = 0; i < 3; i++) CHECK(request(b, lookup, &o[i]) == 0);
@@ -112,7 +112,7 @@ static void test_sequence_numbers(uv_loop_t *loop, sg_backend *b) {
   for (int i = 0; i < 4; i++) CHECK(o[i].calls == 1 && o[i].err == 0);
 }
 
-static void test_invalid_body_refused(sg_backend *b) {
+static void test_invalid_body_refused(sg__backend *b) {
   outcome o = {0};
   char err[256];
   cJSON *body = cJSON_Parse("{\"type\":\"RoomLookup\",\"value\":3}");
@@ -122,7 +122,7 @@ static void test_invalid_body_refused(sg_backend *b) {
   CHECK(o.calls == 0);
 }
 
-static void test_retry_then_success(uv_loop_t *loop, sg_backend *b) {
+static void test_retry_then_success(uv_loop_t *loop, sg__backend *b) {
   outcome o = {0};
   int before = F.sent;
   CHECK(request(b, lookup, &o) == 0);
@@ -138,7 +138,7 @@ static void test_retry_then_success(uv_loop_t *loop, sg_backend *b) {
   CHECK(o.calls == 1 && o.err == 0);
 }
 
-static void test_wrong_variant_restarts(uv_loop_t *loop, sg_backend *b) {
+static void test_wrong_variant_restarts(uv_loop_t *loop, sg__backend *b) {
   outcome o = {0}, later = {0};
   int starts = F.starts;
   CHECK(request(b, lookup, &o) == 0);
@@ -155,7 +155,7 @@ static void test_wrong_variant_restarts(uv_loop_t *loop, sg_backend *b) {
   CHECK(later.calls == 1 && later.err == 0);
 }
 
-static void test_timeout(uv_loop_t *loop, sg_backend *b) {
+static void test_timeout(uv_loop_t *loop, sg__backend *b) {
   outcome o = {0};
   b->cfg.request_timeout_ms = 50;
   CHECK(request(b, lookup, &o) == 0);
@@ -170,8 +170,8 @@ static void test_timeout(uv_loop_t *loop, sg_backend *b) {
 int main(void) {
   uv_loop_t loop;
   uv_loop_init(&loop);
-  sg_backend *b = calloc(1, sizeof *b);
-  sg_backend_config cfg;
+  sg__backend *b = calloc(1, sizeof *b);
+  sg__backend_config cfg;
   sg__backend_config_defaults(&cfg);
   cfg.retry_initial_ms = 1;
   cfg.backoff_initial_ms = 1;

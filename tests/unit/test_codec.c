@@ -18,13 +18,13 @@ static char err[512];
 
 /* validate + encode of `in` as `kind`; the line without its '\n' (static
  * buffer), or "error: <message>". */
-static const char *normalized(const char *in, sg_fl_kind kind, const sg_fl_limits *lim) {
+static const char *normalized(const char *in, sg__fl_kind kind, const sg__fl_limits *lim) {
   static char out[8192];
   cJSON *v = cJSON_Parse(in);
   if (!v) return "error: test input is not JSON";
-  int rc = sg_fl_validate(v, kind, lim, err, sizeof err);
+  int rc = sg__fl_validate(v, kind, lim, err, sizeof err);
   size_t len = 0;
-  char *line = rc == 0 ? sg_fl_encode_line(v, &len) : NULL;
+  char *line = rc == 0 ? sg__fl_encode_line(v, &len) : NULL;
   if (rc != 0) snprintf(out, sizeof out, "error: %s", err);
   else if (!line || len != strlen(line) || line[len - 1] != '\n') snprintf(out, sizeof out, "bad line");
   else snprintf(out, sizeof out, "%.*s", (int)len - 1, line);
@@ -34,13 +34,13 @@ static const char *normalized(const char *in, sg_fl_kind kind, const sg_fl_limit
 }
 
 /* The validation error for `in`, or "ok". */
-static const char *refusal(const char *in, sg_fl_kind kind, const sg_fl_limits *lim) {
+static const char *refusal(const char *in, sg__fl_kind kind, const sg__fl_limits *lim) {
   const char *r = normalized(in, kind, lim);
   return strncmp(r, "error: ", 7) == 0 ? r + 7 : "ok";
 }
 
 /* Canonical text goes through unchanged. */
-static int round_trips(const char *canonical, sg_fl_kind kind) {
+static int round_trips(const char *canonical, sg__fl_kind kind) {
   const char *got = normalized(canonical, kind, NULL);
   if (strcmp(got, canonical) == 0) return 1;
   fprintf(stderr, "  in:  %s\n  out: %s\n", canonical, got);
@@ -106,12 +106,12 @@ static void every_variant_round_trips(void) {
 }
 
 typedef struct codec_case {
-  sg_fl_kind kind;
+  sg__fl_kind kind;
   const char *in, *want;
 } codec_case;
 
 static void check_cases(const codec_case *cs, size_t n,
-                        const char *(*run)(const char *, sg_fl_kind, const sg_fl_limits *)) {
+                        const char *(*run)(const char *, sg__fl_kind, const sg__fl_limits *)) {
   for (size_t i = 0; i < n; i++) CHECK_STR(run(cs[i].in, cs[i].kind, NULL), cs[i].want);
 }
 
@@ -147,16 +147,16 @@ static void normalization_fills_defaults_and_drops_unknown_fields(void) {
 }
 
 static void expected_responses(void) {
-  CHECK_STR(sg_fl_expected_response("MessageGetBefore"), "Success");
-  CHECK_STR(sg_fl_expected_response("MessageGet"), "Message");
-  CHECK_STR(sg_fl_expected_response("MessageSend"), "MessageID");
-  CHECK_STR(sg_fl_expected_response("RoomGet"), "Room");
-  CHECK_STR(sg_fl_expected_response("RoomCreate"), "RoomID");
-  CHECK_STR(sg_fl_expected_response("RoomLookup"), "RoomID");
-  CHECK_STR(sg_fl_expected_response("RoomJoin"), "Success");
-  CHECK_STR(sg_fl_expected_response("RoomLeave"), "Success");
-  CHECK(sg_fl_expected_response("Blink") == NULL);
-  CHECK(sg_fl_expected_response(NULL) == NULL);
+  CHECK_STR(sg__fl_expected_response("MessageGetBefore"), "Success");
+  CHECK_STR(sg__fl_expected_response("MessageGet"), "Message");
+  CHECK_STR(sg__fl_expected_response("MessageSend"), "MessageID");
+  CHECK_STR(sg__fl_expected_response("RoomGet"), "Room");
+  CHECK_STR(sg__fl_expected_response("RoomCreate"), "RoomID");
+  CHECK_STR(sg__fl_expected_response("RoomLookup"), "RoomID");
+  CHECK_STR(sg__fl_expected_response("RoomJoin"), "Success");
+  CHECK_STR(sg__fl_expected_response("RoomLeave"), "Success");
+  CHECK(sg__fl_expected_response("Blink") == NULL);
+  CHECK(sg__fl_expected_response(NULL) == NULL);
 }
 
 static void init_info_versions(void) {
@@ -281,9 +281,9 @@ static const char *request_with_seq(const char *seq) {
   static char s[256];
   snprintf(s, sizeof s, "{\"sequence_number\":%s,\"body\":{\"type\":\"RoomJoin\",\"value\":\"#r\"}}",
            seq);
-  cJSON *v = sg_fl_decode_request(s, strlen(s), 0, NULL, err, sizeof err);
+  cJSON *v = sg__fl_decode_request(s, strlen(s), 0, NULL, err, sizeof err);
   if (!v) return err;
-  char *line = sg_fl_encode_line(v, NULL);
+  char *line = sg__fl_encode_line(v, NULL);
   snprintf(s, sizeof s, "%s", line);
   free(line);
   cJSON_Delete(v);
@@ -307,7 +307,7 @@ static void sequence_numbers(void) {
 
 static const char *attachment(const char *mime, const char *data, size_t limit) {
   static char s[16384];
-  sg_fl_limits lim = {0, limit};
+  sg__fl_limits lim = {0, limit};
   snprintf(s, sizeof s,
            "{\"type\":\"MessageSend\",\"value\":{\"recipient\":\"#g\",\"attachments\":[{\"mime\":"
            "\"%s\",\"data\":\"%s\"}],\"content\":{\"type\":\"Text\",\"value\":\"x\"}}}",
@@ -366,7 +366,7 @@ static char *bold_chain(int n) {
 }
 
 static void depth_limits(void) {
-  sg_fl_limits lim = {4, 0};
+  sg__fl_limits lim = {4, 0};
   char *ok = bold_chain(3), *deep = bold_chain(4), *deeper = bold_chain(100);
   CHECK_STR(refusal(ok, SG_FL_MESSAGE_CONTENT, &lim), "ok");
   CHECK_STR(refusal(deep, SG_FL_MESSAGE_CONTENT, &lim),
@@ -383,7 +383,7 @@ static void depth_limits(void) {
   char want[128];
   snprintf(want, sizeof want, "invalid JSON at byte offset %zu: nested deeper than 64 levels",
            (size_t)(brace - 1 - req) + 1000);
-  CHECK(sg_fl_decode_request(req, strlen(req), 1000, NULL, err, sizeof err) == NULL);
+  CHECK(sg__fl_decode_request(req, strlen(req), 1000, NULL, err, sizeof err) == NULL);
   CHECK_STR(err, want);
   /* Free-form JSON is bounded too. */
   CHECK_STR(refusal("{\"type\":\"Error\",\"value\":{\"message\":\"m\",\"debug_info\":"
@@ -416,17 +416,17 @@ static void utf8_and_control_bytes(void) {
   cJSON *v = cJSON_CreateObject();
   cJSON_AddStringToObject(v, "type", "RoomGet");
   cJSON_AddStringToObject(v, "value", "a\xff");
-  CHECK(sg_fl_validate(v, SG_FL_REQUEST_BODY, NULL, err, sizeof err) == SG_EPROTO);
+  CHECK(sg__fl_validate(v, SG_FL_REQUEST_BODY, NULL, err, sizeof err) == SG_EPROTO);
   CHECK_STR(err, "RoomGet.value: invalid UTF-8 in a string at byte 1");
   cJSON_Delete(v);
   const char *ctl = "{\"type\":\"RoomDelete\",\"value\":\"a\nb\"}";
-  CHECK(sg_fl_decode_backend(ctl, strlen(ctl), 100, 0, NULL, NULL, err, sizeof err) == NULL);
+  CHECK(sg__fl_decode_backend(ctl, strlen(ctl), 100, 0, NULL, NULL, err, sizeof err) == NULL);
   CHECK_STR(err, "invalid JSON at byte offset 131: unexpected control byte 0x0a");
   const char *nul = "{\"type\":\"RoomDelete\",\"value\":\"a\\u0000b\"}";
-  CHECK(sg_fl_decode_backend(nul, strlen(nul), 0, 0, NULL, NULL, err, sizeof err) == NULL);
+  CHECK(sg__fl_decode_backend(nul, strlen(nul), 0, 0, NULL, NULL, err, sizeof err) == NULL);
   CHECK_STR(err, "invalid JSON at byte offset 31: \\u0000 in a string is not supported");
   const char *trailing = "{} x";
-  CHECK(sg_fl_decode_backend(trailing, 4, 0, 0, NULL, NULL, err, sizeof err) == NULL);
+  CHECK(sg__fl_decode_backend(trailing, 4, 0, 0, NULL, NULL, err, sizeof err) == NULL);
   CHECK_STR(err, "invalid JSON at byte offset 3 (near \"{} x\")");
 }
 
@@ -435,13 +435,13 @@ static void utf8_and_control_bytes(void) {
 static void decodes_exactly_len_bytes(void) {
   const char *texts[] = {"{\"sequence_number\":3,\"body\":{\"type\":\"RoomID\",\"value\":\"#r\"}} ",
                          "{\"type\":\"RoomDelete\",\"value\":\"#r\"}", "42"};
-  sg_fl_kind kinds[] = {SG_FL_RESPONSE, SG_FL_UPDATE, SG_FL_UPDATE};
+  sg__fl_kind kinds[] = {SG_FL_RESPONSE, SG_FL_UPDATE, SG_FL_UPDATE};
   for (int i = 0; i < 3; i++) {
     size_t len = strlen(texts[i]);
     char *exact = malloc(len);
     memcpy(exact, texts[i], len);
-    sg_fl_kind kind = SG_FL_INIT_INFO;
-    cJSON *v = sg_fl_decode_backend(exact, len, 0, 0, NULL, &kind, err, sizeof err);
+    sg__fl_kind kind = SG_FL_INIT_INFO;
+    cJSON *v = sg__fl_decode_backend(exact, len, 0, 0, NULL, &kind, err, sizeof err);
     CHECK((v != NULL) == (i < 2));
     CHECK(i == 2 || kind == kinds[i]);
     cJSON_Delete(v);
@@ -504,10 +504,10 @@ static void session_lines_decode(const char *text, const session_line *lines, in
   int refused = 0;
   for (int i = 0; i < n; i++) {
     const char *line = text + lines[i].at;
-    sg_fl_kind kind = SG_FL_MESSAGE_CONTENT;
+    sg__fl_kind kind = SG_FL_MESSAGE_CONTENT;
     cJSON *v = lines[i].who == 'S'
-                   ? sg_fl_decode_request(line, lines[i].len, lines[i].at, NULL, err, sizeof err)
-                   : sg_fl_decode_backend(line, lines[i].len, lines[i].at, i == 0, NULL, &kind,
+                   ? sg__fl_decode_request(line, lines[i].len, lines[i].at, NULL, err, sizeof err)
+                   : sg__fl_decode_backend(line, lines[i].len, lines[i].at, i == 0, NULL, &kind,
                                           err, sizeof err);
     const char *bad = strstr(line, "\"value: \"Hello");
     if (bad && bad < line + lines[i].len) {
@@ -527,7 +527,7 @@ static void session_lines_decode(const char *text, const session_line *lines, in
     CHECK(v != NULL);
     const char *type =
         cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(v, "body"), "type"));
-    if (lines[i].who == 'S') expect = sg_fl_expected_response(type);
+    if (lines[i].who == 'S') expect = sg__fl_expected_response(type);
     else if (i == 0) CHECK(kind == SG_FL_INIT_INFO);
     else CHECK(kind == SG_FL_RESPONSE && type && expect && strcmp(type, expect) == 0);
     cJSON_Delete(v);
@@ -545,17 +545,17 @@ static void example_session(void) {
   session_lines_decode(text, lines, n);
   /* Through the framer as one stream: five values, then the bad line's odd
    * quote count swallows the rest, and the stream ends inside a value. */
-  sg_framer f;
+  sg__framer f;
   int framed = 0;
   char want[128];
-  sg_framer_init(&f, 0, 0);
-  CHECK(sg_framer_feed(&f, text, strlen(text), count_framed, &framed) == 0);
+  sg__framer_init(&f, 0, 0);
+  CHECK(sg__framer_feed(&f, text, strlen(text), count_framed, &framed) == 0);
   CHECK(framed == 5);
-  CHECK(sg_framer_finish(&f, count_framed, &framed) == SG_EPROTO);
+  CHECK(sg__framer_finish(&f, count_framed, &framed) == SG_EPROTO);
   snprintf(want, sizeof want, "stream ended inside a value that started at byte offset %zu",
            n > 5 ? lines[5].at : 0);
   CHECK_STR(f.err, want);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   free(text);
 }
 

@@ -43,27 +43,27 @@ static void collected_free(collected *c) {
 }
 
 /* Feeds the whole string in one call and finishes the stream. */
-static int frame_all(sg_framer *f, const char *s, collected *c) {
-  int rc = sg_framer_feed(f, s, strlen(s), collect, c);
-  return rc ? rc : sg_framer_finish(f, collect, c);
+static int frame_all(sg__framer *f, const char *s, collected *c) {
+  int rc = sg__framer_feed(f, s, strlen(s), collect, c);
+  return rc ? rc : sg__framer_finish(f, collect, c);
 }
 
 /* Frames `stream` fed in `chunk`-byte pieces (0: all at once) and finishes;
  * true if exactly the n values `want` arrived, each at the stream offset
  * where it next occurs, NUL-terminated. `before_finish` values must have
- * arrived before sg_framer_finish (the rest wait for the end of stream). */
+ * arrived before sg__framer_finish (the rest wait for the end of stream). */
 static int frames_to(const char *stream, size_t chunk, const char *const *want, int n,
                      int before_finish) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   size_t len = strlen(stream);
   int ok = 1;
   collected_init(&c);
-  sg_framer_init(&f, 0, 0);
+  sg__framer_init(&f, 0, 0);
   if (chunk == 0) chunk = len;
   for (size_t at = 0; at < len && ok; at += chunk)
-    ok = sg_framer_feed(&f, stream + at, len - at < chunk ? len - at : chunk, collect, &c) == 0;
-  ok = ok && c.n == before_finish && sg_framer_finish(&f, collect, &c) == 0 && c.n == n;
+    ok = sg__framer_feed(&f, stream + at, len - at < chunk ? len - at : chunk, collect, &c) == 0;
+  ok = ok && c.n == before_finish && sg__framer_finish(&f, collect, &c) == 0 && c.n == n;
   const char *from = stream;
   for (int i = 0; ok && i < n; i++) {
     const char *where = strstr(from, want[i]);
@@ -75,7 +75,7 @@ static int frames_to(const char *stream, size_t chunk, const char *const *want, 
       fprintf(stderr, "  value %d at %llu: %s\n", i, (unsigned long long)c.offset[i], c.text[i]);
   ok = ok && c.nul_terminated;
   collected_free(&c);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   return ok;
 }
 
@@ -118,14 +118,14 @@ static void strings_with_braces_quotes_and_backslashes(void) {
 }
 
 /* Feeds s to a fresh framer; returns feed's result and leaves f->err set. */
-static int feed_fresh(sg_framer *f, size_t max_value, int max_depth, const char *s,
+static int feed_fresh(sg__framer *f, size_t max_value, int max_depth, const char *s,
                       collected *c) {
-  sg_framer_init(f, max_value, max_depth);
-  return sg_framer_feed(f, s, strlen(s), collect, c);
+  sg__framer_init(f, max_value, max_depth);
+  return sg__framer_feed(f, s, strlen(s), collect, c);
 }
 
 static void garbage_bytes(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   CHECK(feed_fresh(&f, 0, 0, "{\"a\":1}  x{}", &c) == SG_EPROTO);
@@ -133,46 +133,46 @@ static void garbage_bytes(void) {
   CHECK(f.err_offset == 9);
   CHECK(c.n == 1);
   /* Sticky until reset; then offsets restart at 0. */
-  CHECK(sg_framer_feed(&f, "{}", 2, collect, &c) == SG_EPROTO);
-  CHECK(sg_framer_finish(&f, collect, &c) == SG_EPROTO);
+  CHECK(sg__framer_feed(&f, "{}", 2, collect, &c) == SG_EPROTO);
+  CHECK(sg__framer_finish(&f, collect, &c) == SG_EPROTO);
   CHECK(c.n == 1);
-  sg_framer_reset(&f);
+  sg__framer_reset(&f);
   CHECK(f.err[0] == '\0');
-  CHECK(sg_framer_feed(&f, " []", 3, collect, &c) == 0);
+  CHECK(sg__framer_feed(&f, " []", 3, collect, &c) == 0);
   CHECK(c.n == 2 && c.offset[1] == 1);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
 
   CHECK(feed_fresh(&f, 0, 0, "}", &c) == SG_EPROTO);
   CHECK_STR(f.err, "unexpected byte '}' (0x7d) where a JSON value must start at byte offset 0");
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   CHECK(feed_fresh(&f, 0, 0, "1,2", &c) == SG_EPROTO);
   CHECK_STR(f.err, "unexpected byte ',' (0x2c) where a JSON value must start at byte offset 1");
   CHECK(c.n == 3 && strcmp(c.text[2], "1") == 0);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   CHECK(feed_fresh(&f, 0, 0, "\xef\xbb\xbf{}", &c) == SG_EPROTO);
   CHECK_STR(f.err, "unexpected byte 0xef where a JSON value must start at byte offset 0");
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
 static void overlong_value(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   /* 16 bytes fit a 16-byte limit; the 17-byte value after it does not. */
   const char *fits = "[\"0123456789ab\"]", *too_long = "[\"0123456789abc\"]";
-  sg_framer_init(&f, 16, 0);
-  CHECK(sg_framer_feed(&f, fits, strlen(fits), collect, &c) == 0);
+  sg__framer_init(&f, 16, 0);
+  CHECK(sg__framer_feed(&f, fits, strlen(fits), collect, &c) == 0);
   CHECK(c.n == 1);
   int rc = 0;
   for (size_t i = 0; i < strlen(too_long) && rc == 0; i++)
-    rc = sg_framer_feed(&f, too_long + i, 1, collect, &c);
+    rc = sg__framer_feed(&f, too_long + i, 1, collect, &c);
   CHECK(rc == SG_EPROTO);
   CHECK_STR(f.err, "value starting at byte offset 16 exceeds the limit of 16 bytes");
   CHECK(f.err_offset == 32);
   CHECK(c.n == 1);
   CHECK(f.cap <= 17);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
 
   /* A megabyte in one chunk is refused without buffering it. */
   size_t big = 1 << 20;
@@ -184,70 +184,70 @@ static void overlong_value(void) {
   CHECK_STR(f.err, "value starting at byte offset 0 exceeds the limit of 1000 bytes");
   CHECK(f.cap <= 1001);
   free(s);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
 static void too_deep(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   CHECK(feed_fresh(&f, 0, 3, "[[[1]]] {\"a\":{\"b\":[[2]]}}", &c) == SG_EPROTO);
   CHECK_STR(f.err, "value starting at byte offset 8 nests deeper than 3 levels at byte offset 19");
   CHECK(f.err_offset == 19);
   CHECK(c.n == 1 && strcmp(c.text[0], "[[[1]]]") == 0);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
 static void stream_ends_inside_a_value(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   CHECK(feed_fresh(&f, 0, 0, "{} {\"a\":", &c) == 0);
-  CHECK(sg_framer_finish(&f, collect, &c) == SG_EPROTO);
+  CHECK(sg__framer_finish(&f, collect, &c) == SG_EPROTO);
   CHECK_STR(f.err, "stream ended inside a value that started at byte offset 3");
   CHECK(f.err_offset == 8);
   CHECK(c.n == 1);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   CHECK(feed_fresh(&f, 0, 0, "\"abc\\", &c) == 0);
-  CHECK(sg_framer_finish(&f, collect, &c) == SG_EPROTO);
+  CHECK(sg__framer_finish(&f, collect, &c) == SG_EPROTO);
   CHECK_STR(f.err, "stream ended inside a value that started at byte offset 0");
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
 static void bare_scalar_at_finish(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   CHECK(feed_fresh(&f, 0, 0, "4", &c) == 0);
-  CHECK(sg_framer_feed(&f, "2", 1, collect, &c) == 0);
+  CHECK(sg__framer_feed(&f, "2", 1, collect, &c) == 0);
   CHECK(c.n == 0); /* "42" might still go on */
-  CHECK(sg_framer_finish(&f, collect, &c) == 0);
+  CHECK(sg__framer_finish(&f, collect, &c) == 0);
   CHECK(c.n == 1);
   CHECK_STR(c.text[0], "42");
   CHECK(c.nul_terminated);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   CHECK(feed_fresh(&f, 0, 0, "1 -1.5e+3", &c) == 0);
   CHECK(c.n == 2);
-  CHECK(sg_framer_finish(&f, collect, &c) == 0);
+  CHECK(sg__framer_finish(&f, collect, &c) == 0);
   CHECK(c.n == 3);
   CHECK_STR(c.text[2], "-1.5e+3");
   CHECK(c.offset[2] == 2);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
 static void callback_stops_the_feed(void) {
-  sg_framer f;
+  sg__framer f;
   collected c;
   collected_init(&c);
   c.stop_at = 1;
   CHECK(feed_fresh(&f, 0, 0, "{}[]{}", &c) == 7);
   CHECK(c.n == 2);
   CHECK(f.offset == 4); /* the third value was not consumed */
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   collected_free(&c);
 }
 
@@ -292,8 +292,8 @@ static void random_splits_give_the_same_values(void) {
   size_t len = strlen(s);
   collected ref, got;
   collected_init(&ref);
-  sg_framer f;
-  sg_framer_init(&f, 0, 0);
+  sg__framer f;
+  sg__framer_init(&f, 0, 0);
   CHECK(frame_all(&f, s, &ref) == 0);
   CHECK(ref.n == 400);
   int ok = ref.n == 400;
@@ -301,15 +301,15 @@ static void random_splits_give_the_same_values(void) {
   CHECK(ok);
   for (int round = 0; round < 50; round++) {
     collected_init(&got);
-    sg_framer_reset(&f);
+    sg__framer_reset(&f);
     int rc = 0;
     for (size_t at = 0; at < len && rc == 0;) {
       size_t n = 1 + rng() % (round % 2 ? 7 : 300);
       if (n > len - at) n = len - at;
-      rc = sg_framer_feed(&f, s + at, n, collect, &got);
+      rc = sg__framer_feed(&f, s + at, n, collect, &got);
       at += n;
     }
-    if (rc == 0) rc = sg_framer_finish(&f, collect, &got);
+    if (rc == 0) rc = sg__framer_finish(&f, collect, &got);
     int same = rc == 0 && got.n == ref.n;
     for (int i = 0; same && i < ref.n; i++)
       same = strcmp(got.text[i], ref.text[i]) == 0 && got.offset[i] == ref.offset[i];
@@ -318,7 +318,7 @@ static void random_splits_give_the_same_values(void) {
     collected_free(&got);
   }
   collected_free(&ref);
-  sg_framer_free(&f);
+  sg__framer_free(&f);
   free(s);
 }
 

@@ -484,7 +484,7 @@ static void test_fuzz(lua_State *L) {
 /* ---- the Lua binding ---------------------------------------------------- */
 
 static const char lua_helpers[] =
-    "local h = require 'segue.harmony'\n"
+    "local h = require 'segue.harmony_core'\n"
     "function roundtrip(type, bytes)\n"
     "  local t, err = h.decode(type, bytes)\n"
     "  if not t then return nil, err end\n"
@@ -505,7 +505,7 @@ static const char lua_helpers[] =
 static lua_State *new_lua(lua_Alloc alloc, void *ud) {
   lua_State *L = alloc ? lua_newstate(alloc, ud) : luaL_newstate();
   luaL_openlibs(L);
-  luaL_requiref(L, "segue.harmony", luaopen_segue_harmony, 0);
+  luaL_requiref(L, "segue.harmony_core", luaopen_segue_harmony_core, 0);
   lua_pop(L, 1);
   if (luaL_dostring(L, lua_helpers) != LUA_OK) {
     fprintf(stderr, "helpers: %s\n", lua_tostring(L, -1));
@@ -558,7 +558,7 @@ static void test_memory_errors(void) {
   long countdown = -1;
   lua_State *L = new_lua(failing_alloc, &countdown);
   int rc = luaL_loadstring(L,
-      "local h = require 'segue.harmony'\n"
+      "local h = require 'segue.harmony_core'\n"
       "local T = 'protocol.sync.v1.PullResponse'\n"
       "local b = assert(h.encode(T, { event_queue = {\n"
       "  { user_invited = { user_id = 1, inviter_id = '2', invite_id = 'abc' } },\n"

@@ -21,7 +21,7 @@
 #define ID "chat.example.org:2289"
 #define T0 1700000000u
 
-static sg_keypair *kp, *other;
+static sg__keypair *kp, *other;
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -56,28 +56,28 @@ static size_t auth_data(const char *server_id, uint64_t time, uint8_t *buf) {
 
 /* Checks `header` and expects `want`, its identifier and status, and `text`
  * in the log text. */
-static void expect(const char *header, size_t len, const sg_token_policy *pol,
-                   uint64_t now, const sg_keypair *key, sg_token_reason want,
+static void expect(const char *header, size_t len, const sg__token_policy *pol,
+                   uint64_t now, const sg__keypair *key, sg__token_reason want,
                    const char *identifier, int status, const char *text) {
-  sg_token tok;
+  sg__token tok;
   char why[SG_TOKEN_WHY_SIZE] = "";
-  sg_token_reason r = sg_token_check(header, len, pol, now, sg_keys_public(key), &tok,
+  sg__token_reason r = sg__token_check(header, len, pol, now, sg__keys_public(key), &tok,
                                      why, sizeof why);
-  CHECK_STR(sg_token_reason_name(r), sg_token_reason_name(want));
-  CHECK_STR(sg_token_reason_identifier(r), identifier);
-  CHECK(sg_token_reason_status(r) == status);
+  CHECK_STR(sg__token_reason_name(r), sg__token_reason_name(want));
+  CHECK_STR(sg__token_reason_identifier(r), identifier);
+  CHECK(sg__token_reason_status(r) == status);
   CHECK(strstr(why, text) != NULL);
   if (!strstr(why, text)) fprintf(stderr, "  wanted \"%s\" in \"%s\"\n", text, why);
   if (r == SG_TOKEN_OK) {
     CHECK_STR(tok.server_id, ID);
-    sg_token_clear(&tok);
+    sg__token_clear(&tok);
   } else {
     CHECK(tok.server_id == NULL && tok.data == NULL);
   }
 }
 
-static void expect_str(const char *header, const sg_token_policy *pol, uint64_t now,
-                       sg_token_reason want, const char *identifier, int status,
+static void expect_str(const char *header, const sg__token_policy *pol, uint64_t now,
+                       sg__token_reason want, const char *identifier, int status,
                        const char *text) {
   expect(header, header ? strlen(header) : 0, pol, now, kp, want, identifier, status, text);
 }
@@ -86,37 +86,37 @@ static void expect_str(const char *header, const sg_token_policy *pol, uint64_t 
 
 static void test_round_trip(void) {
   char *header;
-  sg_token tok;
-  CHECK(sg_token_create(kp, ID, T0, &header) == 0);
+  sg__token tok;
+  CHECK(sg__token_create(kp, ID, T0, &header) == 0);
   CHECK(strlen(header) % 4 == 0 && strspn(header, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
         "abcdefghijklmnopqrstuvwxyz0123456789+/=") == strlen(header));
-  CHECK(sg_token_check(header, strlen(header), NULL, T0, sg_keys_public(kp), &tok,
+  CHECK(sg__token_check(header, strlen(header), NULL, T0, sg__keys_public(kp), &tok,
                        NULL, 0) == SG_TOKEN_OK);
   CHECK_STR(tok.server_id, ID);
   CHECK(tok.time == T0);
-  sg_token_clear(&tok);
-  sg_token_clear(&tok);  /* safe to repeat */
+  sg__token_clear(&tok);
+  sg__token_clear(&tok);  /* safe to repeat */
   free(header);
-  CHECK(sg_token_create(kp, "", T0, &header) == SG_EINVAL);
-  CHECK(sg_token_create(kp, NULL, T0, &header) == SG_EINVAL);
+  CHECK(sg__token_create(kp, "", T0, &header) == SG_EINVAL);
+  CHECK(sg__token_create(kp, NULL, T0, &header) == SG_EINVAL);
 }
 
 /* Parse first to learn the server id, then verify once the key is known;
  * a failed verify leaves the token usable for a retry with a fresh key. */
 static void test_split_flow(void) {
   char *header;
-  sg_token tok;
-  sg_token_policy pol;
+  sg__token tok;
+  sg__token_policy pol;
   char why[SG_TOKEN_WHY_SIZE];
-  sg_token_policy_init(&pol);
-  sg_token_create(kp, ID, T0, &header);
-  CHECK(sg_token_parse(header, strlen(header), &tok, why, sizeof why) == SG_TOKEN_OK);
+  sg__token_policy_init(&pol);
+  sg__token_create(kp, ID, T0, &header);
+  CHECK(sg__token_parse(header, strlen(header), &tok, why, sizeof why) == SG_TOKEN_OK);
   CHECK_STR(tok.server_id, ID);
-  CHECK(sg_token_admit(&tok, &pol, T0 + 5, why, sizeof why) == SG_TOKEN_OK);
-  CHECK(sg_token_verify(&tok, sg_keys_public(other), why, sizeof why) ==
+  CHECK(sg__token_admit(&tok, &pol, T0 + 5, why, sizeof why) == SG_TOKEN_OK);
+  CHECK(sg__token_verify(&tok, sg__keys_public(other), why, sizeof why) ==
         SG_TOKEN_BAD_SIGNATURE);
-  CHECK(sg_token_verify(&tok, sg_keys_public(kp), why, sizeof why) == SG_TOKEN_OK);
-  sg_token_clear(&tok);
+  CHECK(sg__token_verify(&tok, sg__keys_public(kp), why, sizeof why) == SG_TOKEN_OK);
+  sg__token_clear(&tok);
   free(header);
 }
 
@@ -127,7 +127,7 @@ static void test_header_forms(void) {
                        sodium_base64_VARIANT_ORIGINAL_NO_PADDING,
                        sodium_base64_VARIANT_URLSAFE,
                        sodium_base64_VARIANT_URLSAFE_NO_PADDING, -1};
-  sg_keys_sign(kp, data, data_len, sig);
+  sg__keys_sign(kp, data, data_len, sig);
   for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++) {
     char *h = token_bytes(sig, sizeof sig, data, data_len, forms[i], &len);
     expect(h, len, NULL, T0, kp, SG_TOKEN_OK, "", 200, "");
@@ -139,10 +139,10 @@ static void test_refusals(void) {
   uint8_t data[128], sig[64];
   size_t data_len = auth_data(ID, T0, data), len;
   char *header, *h;
-  sg_token_policy pol;
+  sg__token_policy pol;
   const char *allow[] = {"friend.example:443"}, *block[] = {ID};
-  sg_keys_sign(kp, data, data_len, sig);
-  sg_token_create(kp, ID, T0, &header);
+  sg__keys_sign(kp, data, data_len, sig);
+  sg__token_create(kp, ID, T0, &header);
 
   expect_str(NULL, NULL, T0, SG_TOKEN_MISSING, "h.bad-auth", 400, "no Authorization header");
   expect_str("", NULL, T0, SG_TOKEN_MISSING, "h.bad-auth", 400, "no Authorization header");
@@ -156,21 +156,21 @@ static void test_refusals(void) {
   expect(header, strlen(header), NULL, T0, other, SG_TOKEN_BAD_SIGNATURE,
          "h.token-verify-failure", 400, "does not verify with key");
 
-  sg_token_policy_init(&pol);
+  sg__token_policy_init(&pol);
   pol.allow = allow;
   pol.n_allow = 1;
   expect_str(header, &pol, T0, SG_TOKEN_HOST_NOT_ALLOWED, "h.host-not-allowed", 403,
              "server " ID " is not on the allow list");
-  sg_token_policy_init(&pol);
+  sg__token_policy_init(&pol);
   pol.block = block;
   pol.n_block = 1;
   expect_str(header, &pol, T0, SG_TOKEN_HOST_BLOCKED, "h.host-not-allowed", 403,
              "server " ID " is on the block list");
-  sg_token_policy_init(&pol);
+  sg__token_policy_init(&pol);
   pol.disabled = 1;
   expect_str(header, &pol, T0, SG_TOKEN_FEDERATION_DISABLED, "h.federation-disabled",
              403, "federation is disabled");
-  sg_token_policy_init(&pol);
+  sg__token_policy_init(&pol);
   pol.window = 7200;
   expect_str(header, &pol, T0 + 3600, SG_TOKEN_OK, "", 200, "");
 
@@ -196,13 +196,13 @@ static void test_refusals(void) {
 }
 
 static void test_reason_table(void) {
-  CHECK_STR(sg_token_reason_name(SG_TOKEN_STALE), "STALE");
-  CHECK_STR(sg_token_reason_summary(SG_TOKEN_BAD_SIGNATURE), "signature does not verify");
-  CHECK_STR(sg_token_reason_identifier((sg_token_reason)999), "h.bad-token");
+  CHECK_STR(sg__token_reason_name(SG_TOKEN_STALE), "STALE");
+  CHECK_STR(sg__token_reason_summary(SG_TOKEN_BAD_SIGNATURE), "signature does not verify");
+  CHECK_STR(sg__token_reason_identifier((sg__token_reason)999), "h.bad-token");
   for (int r = 1; r < SG_TOKEN__REASON_COUNT; r++) {
-    int st = sg_token_reason_status((sg_token_reason)r);
+    int st = sg__token_reason_status((sg__token_reason)r);
     CHECK(st == 400 || st == 403);
-    CHECK(strncmp(sg_token_reason_identifier((sg_token_reason)r), "h.", 2) == 0);
+    CHECK(strncmp(sg__token_reason_identifier((sg__token_reason)r), "h.", 2) == 0);
   }
 }
 
@@ -230,10 +230,10 @@ static void expect_bad_key_file(const char *dir, const uint8_t *content, size_t 
   char path[4096], err[512] = "";
   uint8_t after[256];
   size_t after_len = 0;
-  sg_keypair *k = NULL;
+  sg__keypair *k = NULL;
   snprintf(path, sizeof path, "%s/harmony.key", dir);
   write_file(path, content, len, mode);
-  CHECK(sg_keys_load_or_create(dir, &k, err, sizeof err) == SG_EKEY);
+  CHECK(sg__keys_load_or_create(dir, &k, err, sizeof err) == SG_EKEY);
   CHECK(k == NULL);
   CHECK(strstr(err, path) != NULL && strstr(err, what) != NULL);
   if (!strstr(err, what)) fprintf(stderr, "  wanted \"%s\" in \"%s\"\n", what, err);
@@ -248,23 +248,23 @@ static void test_key_file(void) {
   char base[] = "/tmp/segue-harmony-XXXXXX", dir[2048], path[4096], err[512];
   uint8_t first[128] = {0}, again[128], bad[64];
   size_t first_len = 0, again_len = 0;
-  sg_keypair *a = NULL, *b = NULL;
+  sg__keypair *a = NULL, *b = NULL;
   struct stat st;
   CHECK(mkdtemp(base) != NULL);
   snprintf(dir, sizeof dir, "%s/data", base);  /* does not exist yet */
   snprintf(path, sizeof path, "%s/harmony.key", dir);
 
-  CHECK(sg_keys_load_or_create(dir, &a, err, sizeof err) == 0);
+  CHECK(sg__keys_load_or_create(dir, &a, err, sizeof err) == 0);
   CHECK(stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && (st.st_mode & 0777) == 0700);
   CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600 && st.st_size == 64);
   CHECK(read_file(path, first, sizeof first, &first_len) == 0 && first_len == 64);
-  CHECK(memcmp(first + 32, sg_keys_public(a), 32) == 0);
+  CHECK(memcmp(first + 32, sg__keys_public(a), 32) == 0);
 
-  CHECK(sg_keys_load_or_create(dir, &b, err, sizeof err) == 0);
-  CHECK(memcmp(sg_keys_public(a), sg_keys_public(b), 32) == 0);
+  CHECK(sg__keys_load_or_create(dir, &b, err, sizeof err) == 0);
+  CHECK(memcmp(sg__keys_public(a), sg__keys_public(b), 32) == 0);
   CHECK(read_file(path, again, sizeof again, &again_len) == 0);
   CHECK(again_len == 64 && memcmp(first, again, 64) == 0);
-  sg_keys_free(b);
+  sg__keys_free(b);
   unlink(path);
 
   expect_bad_key_file(dir, first, 63, 0600, "63 bytes, expected 64");
@@ -277,12 +277,12 @@ static void test_key_file(void) {
 
   /* a file in place of the directory */
   write_file(path, first, 64, 0600);
-  CHECK(sg_keys_load_or_create(path, &b, err, sizeof err) == -ENOTDIR);
+  CHECK(sg__keys_load_or_create(path, &b, err, sizeof err) == -ENOTDIR);
   CHECK(strstr(err, "is not a directory") != NULL);
   unlink(path);
   rmdir(dir);
   rmdir(base);
-  sg_keys_free(a);
+  sg__keys_free(a);
 }
 
 static void test_key_helpers(void) {
@@ -290,34 +290,34 @@ static void test_key_helpers(void) {
   char b64[SG_KEYS_PUBLIC_B64_SIZE], err[256];
   unsigned char pk[32];
   size_t pk_len;
-  sg_keypair *k = NULL;
-  CHECK(sg_keys_public_b64(kp, b64, sizeof b64) == 0 && strlen(b64) == 44);
-  CHECK(sg_keys_public_b64(kp, b64, sizeof b64 - 1) == SG_EINVAL);
+  sg__keypair *k = NULL;
+  CHECK(sg__keys_public_b64(kp, b64, sizeof b64) == 0 && strlen(b64) == 44);
+  CHECK(sg__keys_public_b64(kp, b64, sizeof b64 - 1) == SG_EINVAL);
   CHECK(sodium_base642bin(pk, sizeof pk, b64, strlen(b64), NULL, &pk_len, NULL,
                           sodium_base64_VARIANT_ORIGINAL) == 0);
-  CHECK(pk_len == 32 && memcmp(pk, sg_keys_public(kp), 32) == 0);
+  CHECK(pk_len == 32 && memcmp(pk, sg__keys_public(kp), 32) == 0);
 
-  CHECK(sg_keys_sign(kp, (const unsigned char *)"hello", 5, sig) == 0);
+  CHECK(sg__keys_sign(kp, (const unsigned char *)"hello", 5, sig) == 0);
   CHECK(crypto_sign_verify_detached(sig, (const unsigned char *)"hello", 5,
-                                    sg_keys_public(kp)) == 0);
+                                    sg__keys_public(kp)) == 0);
 
-  sg_keys_export_secret(kp, secret);
-  CHECK(sg_keys_from_secret(secret, 32, &k, err, sizeof err) == 0);
-  CHECK(memcmp(sg_keys_public(k), sg_keys_public(kp), 32) == 0);
-  sg_keys_free(k);
-  CHECK(sg_keys_from_secret(secret, 64, &k, err, sizeof err) == 0);
-  sg_keys_free(k);
+  sg__keys_export_secret(kp, secret);
+  CHECK(sg__keys_from_secret(secret, 32, &k, err, sizeof err) == 0);
+  CHECK(memcmp(sg__keys_public(k), sg__keys_public(kp), 32) == 0);
+  sg__keys_free(k);
+  CHECK(sg__keys_from_secret(secret, 64, &k, err, sizeof err) == 0);
+  sg__keys_free(k);
   k = NULL;
-  CHECK(sg_keys_from_secret(secret, 31, &k, err, sizeof err) == SG_EINVAL && !k);
+  CHECK(sg__keys_from_secret(secret, 31, &k, err, sizeof err) == SG_EINVAL && !k);
   secret[63] ^= 1;
-  CHECK(sg_keys_from_secret(secret, 64, &k, err, sizeof err) == SG_EKEY && !k);
+  CHECK(sg__keys_from_secret(secret, 64, &k, err, sizeof err) == SG_EKEY && !k);
   CHECK(strstr(err, "public half does not match") != NULL);
   sodium_memzero(secret, sizeof secret);
-  sg_keys_free(NULL);
+  sg__keys_free(NULL);
 }
 
 int main(void) {
-  CHECK(sg_keys_generate(&kp) == 0 && sg_keys_generate(&other) == 0);
+  CHECK(sg__keys_generate(&kp) == 0 && sg__keys_generate(&other) == 0);
   test_round_trip();
   test_split_flow();
   test_header_forms();
@@ -325,7 +325,7 @@ int main(void) {
   test_reason_table();
   test_key_file();
   test_key_helpers();
-  sg_keys_free(kp);
-  sg_keys_free(other);
+  sg__keys_free(kp);
+  sg__keys_free(other);
   return tap_done();
 }

@@ -23,8 +23,8 @@
 #define IDLE_TIMEOUT_MS 800
 
 static uv_loop_t loop;
-static sg_hrpc_server server;
-static sg_hrpc_client client;
+static sg__hrpc_server server;
+static sg__hrpc_client client;
 static int port;
 static char base_url[64];
 
@@ -43,7 +43,7 @@ static void capture_log(void *data, sg_log_level lvl, const char *line) {
   logbuf[loglen] = '\0';
 }
 
-static const sg_logger test_log = {SG_LOG_DEBUG, capture_log, NULL};
+static const sg__logger test_log = {SG_LOG_DEBUG, capture_log, NULL};
 
 /* A warn line naming `what` and a local peer was logged. */
 static int logged_warn(const char *what) {
@@ -80,28 +80,28 @@ static int run_until(const int *flag, uint64_t ms) {
 
 static char seen_auth[128];
 
-static void echo(sg_hrpc_request *req, void *ud) {
+static void echo(sg__hrpc_request *req, void *ud) {
   snprintf(seen_auth, sizeof seen_auth, "%s", req->authorization ? req->authorization : "");
-  CHECK(sg_hrpc_respond(req, req->body, req->body_len) == 0);
+  CHECK(sg__hrpc_respond(req, req->body, req->body_len) == 0);
 }
 
-static void limited(sg_hrpc_request *req, void *ud) {
+static void limited(sg__hrpc_request *req, void *ud) {
   Hrpc__V1__RetryInfo ri = HRPC__V1__RETRY_INFO__INIT;
   uint8_t details[16];
   ri.retry_after = 7;
   size_t n = hrpc__v1__retry_info__pack(&ri, details);
-  CHECK(sg_hrpc_respond_error(req, 429, "hrpc.resource-exhausted", "slow down", details, n) == 0);
+  CHECK(sg__hrpc_respond_error(req, 429, "hrpc.resource-exhausted", "slow down", details, n) == 0);
 }
 
 /* Answers "delayed:" + body 150 ms later, and records how the write ended. */
 typedef struct delayed {
   uv_timer_t timer;
-  sg_hrpc_request *req;
+  sg__hrpc_request *req;
 } delayed;
 
 static int delay_done_count, delay_done_status = 1;
 
-static void on_delay_done(sg_hrpc_request *req, void *ud, int status) {
+static void on_delay_done(sg__hrpc_request *req, void *ud, int status) {
   delay_done_count++;
   delay_done_status = status;
 }
@@ -112,33 +112,33 @@ static void on_delay_timer(uv_timer_t *t) {
   delayed *d = t->data;
   char out[256];
   int n = snprintf(out, sizeof out, "delayed:%.*s", (int)d->req->body_len, d->req->body);
-  CHECK(sg_hrpc_respond(d->req, (const uint8_t *)out, (size_t)n) == 0);
+  CHECK(sg__hrpc_respond(d->req, (const uint8_t *)out, (size_t)n) == 0);
   uv_close((uv_handle_t *)t, on_delay_closed);
 }
 
-static void delay(sg_hrpc_request *req, void *ud) {
+static void delay(sg__hrpc_request *req, void *ud) {
   delayed *d = calloc(1, sizeof *d);
   d->req = req;
-  CHECK(sg_hrpc_request_on_done(req, on_delay_done, NULL) == 0);
-  CHECK(sg_hrpc_request_on_done(req, on_delay_done, NULL) == SG_EINVAL);
+  CHECK(sg__hrpc_request_on_done(req, on_delay_done, NULL) == 0);
+  CHECK(sg__hrpc_request_on_done(req, on_delay_done, NULL) == SG_EINVAL);
   uv_timer_init(&loop, &d->timer);
   d->timer.data = d;
   uv_timer_start(&d->timer, on_delay_timer, 150, 0);
 }
 
 /* Never answers by itself: the test answers (late) once it was cancelled. */
-static sg_hrpc_request *held;
+static sg__hrpc_request *held;
 static int held_done, held_status = 1;
 
-static void on_held_done(sg_hrpc_request *req, void *ud, int status) {
+static void on_held_done(sg__hrpc_request *req, void *ud, int status) {
   held_done = 1;
   held_status = status;
 }
 
-static void hold(sg_hrpc_request *req, void *ud) {
+static void hold(sg__hrpc_request *req, void *ud) {
   held = req;
   held_done = 0;
-  CHECK(sg_hrpc_request_on_done(req, on_held_done, NULL) == 0);
+  CHECK(sg__hrpc_request_on_done(req, on_held_done, NULL) == 0);
 }
 
 /* ---- client calls ---------------------------------------------------------- */
@@ -161,14 +161,14 @@ static void on_call(void *ud, int err, int status, const uint8_t *body, size_t l
   snprintf(r->body, sizeof r->body, "%.*s", (int)len, body ? (const char *)body : "");
   snprintf(r->id, sizeof r->id, "%s", id ? id : "(null)");
   snprintf(r->msg, sizeof r->msg, "%s", msg ? msg : "(null)");
-  if (body && sg_hrpc_error_retry_after(body, len, &r->retry_after) != 0) r->retry_after = 0;
+  if (body && sg__hrpc_error_retry_after(body, len, &r->retry_after) != 0) r->retry_after = 0;
 }
 
 /* One call, run to its end. */
 static result call(const char *url, const char *path, const char *body, const char *auth,
                    uint64_t timeout_ms) {
   result r = {0};
-  int rc = sg_hrpc_client_call(&client, url, path, (const uint8_t *)body, strlen(body), auth,
+  int rc = sg__hrpc_client_call(&client, url, path, (const uint8_t *)body, strlen(body), auth,
                                timeout_ms, on_call, &r);
   CHECK(rc == 0);
   if (rc == 0) CHECK(run_until(&r.done, 10000) == 0);
@@ -176,8 +176,8 @@ static result call(const char *url, const char *path, const char *body, const ch
 }
 
 static void test_client(void) {
-  sg_hrpc_server_stats before, after;
-  sg_hrpc_server_stats_get(&server, &before);
+  sg__hrpc_server_stats before, after;
+  sg__hrpc_server_stats_get(&server, &before);
   result a = call(base_url, P_ECHO, "hello", "dGVzdA==", 0);
   CHECK(a.err == 0 && a.status == 200);
   CHECK_STR(a.body, "hello");
@@ -186,7 +186,7 @@ static void test_client(void) {
   CHECK(b.err == 0 && b.status == 200);
   CHECK_STR(b.body, "again");
   CHECK_STR(seen_auth, "");
-  sg_hrpc_server_stats_get(&server, &after);
+  sg__hrpc_server_stats_get(&server, &after);
   CHECK(after.accepted - before.accepted == 1);  /* keep-alive: one connection */
 
   result nf = call(base_url, "/test.Echo/Nope", "x", NULL, 0);
@@ -208,7 +208,7 @@ static void test_client(void) {
   CHECK(refused.err == SG_EHTTP && refused.status == 0);
   CHECK(strlen(refused.msg) > 0);
 
-  int rc = sg_hrpc_client_call(&client, base_url, P_ECHO, (const uint8_t *)"x", 1, "a\r\nb: c", 0,
+  int rc = sg__hrpc_client_call(&client, base_url, P_ECHO, (const uint8_t *)"x", 1, "a\r\nb: c", 0,
                                on_call, NULL);
   CHECK(rc == SG_EINVAL);
 }
@@ -220,8 +220,8 @@ static void test_client_timeout_cancels_request(void) {
   CHECK(r.err == SG_ETIMEDOUT && r.status == 0);
   CHECK(run_until(&held_done, 5000) == 0);
   CHECK(held_status == SG_ECANCELED);
-  CHECK(held && !sg_hrpc_request_alive(held));
-  CHECK(held && sg_hrpc_respond(held, (const uint8_t *)"late", 4) == SG_ECANCELED);
+  CHECK(held && !sg__hrpc_request_alive(held));
+  CHECK(held && sg__hrpc_respond(held, (const uint8_t *)"late", 4) == SG_ECANCELED);
   held = NULL;
 }
 
@@ -539,32 +539,32 @@ static void test_timeouts(void) {
   }
 }
 
-static void on_flag_server_closed(sg_hrpc_server *s) { *(int *)s->data = 1; }
+static void on_flag_server_closed(sg__hrpc_server *s) { *(int *)s->data = 1; }
 
 /* Closes a server of one test and waits until its memory is released. */
-static void close_and_wait(sg_hrpc_server *s) {
+static void close_and_wait(sg__hrpc_server *s) {
   int closed = 0;
   s->data = &closed;
-  sg_hrpc_server_close(s, on_flag_server_closed);
+  sg__hrpc_server_close(s, on_flag_server_closed);
   CHECK(run_until(&closed, 5000) == 0);
 }
 
 /* Over max_connections: the extra connection is accepted and closed at once. */
 static void test_max_connections(void) {
-  sg_hrpc_server small;
-  sg_hrpc_limits lim = {.max_connections = 1};
+  sg__hrpc_server small;
+  sg__hrpc_limits lim = {.max_connections = 1};
   static const char idle_req[] = "";
   int closed = 0;
-  CHECK(sg_hrpc_server_init(&loop, &small, &lim, &test_log) == 0);
-  CHECK(sg_hrpc_server_listen(&small, "127.0.0.1:0") == 0);
+  CHECK(sg__hrpc_server_init(&loop, &small, &lim, &test_log) == 0);
+  CHECK(sg__hrpc_server_listen(&small, "127.0.0.1:0") == 0);
   raw first, second;
-  raw_start(&first, sg_hrpc_server_port(&small), idle_req, 0, 0);
-  sg_hrpc_server_stats st = {0};
-  while (st.active < 1 && run_until(&closed, 20) != 0) sg_hrpc_server_stats_get(&small, &st);
-  raw_start(&second, sg_hrpc_server_port(&small), idle_req, 0, 0);
+  raw_start(&first, sg__hrpc_server_port(&small), idle_req, 0, 0);
+  sg__hrpc_server_stats st = {0};
+  while (st.active < 1 && run_until(&closed, 20) != 0) sg__hrpc_server_stats_get(&small, &st);
+  raw_start(&second, sg__hrpc_server_port(&small), idle_req, 0, 0);
   CHECK(run_until(&second.done, 5000) == 0);
   CHECK(second.eof && second.n == 0 && !first.done);
-  sg_hrpc_server_stats_get(&small, &st);
+  sg__hrpc_server_stats_get(&small, &st);
   CHECK(st.accepted == 1 && st.rejected == 1);
   CHECK(logged_warn("refusing another"));
   close_and_wait(&small);
@@ -575,19 +575,19 @@ static void test_listen_addresses(void) {
   static const char *const bad[] = {"127.0.0.1", "127.0.0.1:", "127.0.0.1:99999",
                                     "[::1]2289", "nohost:80", ":80", "1.2.3.4:8x"};
   for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-    sg_hrpc_server s;
-    CHECK(sg_hrpc_server_init(&loop, &s, NULL, &test_log) == 0);
-    CHECK(sg_hrpc_server_listen(&s, bad[i]) == SG_EINVAL);
+    sg__hrpc_server s;
+    CHECK(sg__hrpc_server_init(&loop, &s, NULL, &test_log) == 0);
+    CHECK(sg__hrpc_server_listen(&s, bad[i]) == SG_EINVAL);
     close_and_wait(&s);
   }
   static const char *const good[] = {"[::1]:0", "::1:0", "127.0.0.1:0"};
   for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
-    sg_hrpc_server s;
-    CHECK(sg_hrpc_server_init(&loop, &s, NULL, &test_log) == 0);
-    int rc = sg_hrpc_server_listen(&s, good[i]);
+    sg__hrpc_server s;
+    CHECK(sg__hrpc_server_init(&loop, &s, NULL, &test_log) == 0);
+    int rc = sg__hrpc_server_listen(&s, good[i]);
     /* A host without IPv6 cannot bind ::1; only the parse is ours. */
     CHECK(rc == 0 || (rc != SG_EINVAL && i < 2));
-    if (rc == 0) CHECK(sg_hrpc_server_port(&s) > 0);
+    if (rc == 0) CHECK(sg__hrpc_server_port(&s) > 0);
     close_and_wait(&s);
   }
 }
@@ -595,14 +595,14 @@ static void test_listen_addresses(void) {
 /* ---- closing ------------------------------------------------------------- */
 
 static int server_closed, client_closed;
-static void on_server_closed(sg_hrpc_server *s) { server_closed = 1; }
-static void on_client_closed(sg_hrpc_client *c) { client_closed = 1; }
+static void on_server_closed(sg__hrpc_server *s) { server_closed = 1; }
+static void on_client_closed(sg__hrpc_client *c) { client_closed = 1; }
 
 /* Closing the client completes its outstanding call with SG_ECANCELED before
  * close returns; closing the server cancels the request a handler holds. */
 static void test_close(void) {
   result r = {0};
-  CHECK(sg_hrpc_client_call(&client, base_url, P_HOLD, (const uint8_t *)"x", 1, NULL, 0, on_call,
+  CHECK(sg__hrpc_client_call(&client, base_url, P_HOLD, (const uint8_t *)"x", 1, NULL, 0, on_call,
                             &r) == 0);
   held = NULL;
   while (!held && run_until(&server_closed, 20) != 0) {}
@@ -610,19 +610,19 @@ static void test_close(void) {
   /* The server goes first, so that the held request is cancelled by the
    * server closing and not by the client's connection going away. */
   held_done = 0;
-  sg_hrpc_server_close(&server, on_server_closed);
+  sg__hrpc_server_close(&server, on_server_closed);
   CHECK(held_done && held_status == SG_ECANCELED);  /* before close returned */
-  if (held) CHECK(sg_hrpc_respond(held, (const uint8_t *)"late", 4) == SG_ECANCELED);
-  sg_hrpc_client_close(&client, on_client_closed);
+  if (held) CHECK(sg__hrpc_respond(held, (const uint8_t *)"late", 4) == SG_ECANCELED);
+  sg__hrpc_client_close(&client, on_client_closed);
   CHECK(r.done && r.err == SG_ECANCELED);
-  CHECK(sg_hrpc_client_call(&client, base_url, P_ECHO, NULL, 0, NULL, 0, on_call, &r) ==
+  CHECK(sg__hrpc_client_call(&client, base_url, P_ECHO, NULL, 0, NULL, 0, on_call, &r) ==
         SG_ECLOSING);
   CHECK(run_until(&server_closed, 5000) == 0);
   CHECK(run_until(&client_closed, 5000) == 0);
 }
 
 int main(void) {
-  sg_hrpc_limits lim = {
+  sg__hrpc_limits lim = {
       .max_header_bytes = 4096,
       .max_body_bytes = 65536,
       .header_timeout_ms = HEADER_TIMEOUT_MS,
@@ -631,17 +631,17 @@ int main(void) {
       .linger_ms = 500,
   };
   uv_loop_init(&loop);
-  CHECK(sg_hrpc_server_init(&loop, &server, &lim, &test_log) == 0);
-  CHECK(sg_hrpc_server_route(&server, P_ECHO, echo, NULL) == 0);
-  CHECK(sg_hrpc_server_route(&server, P_DELAY, delay, NULL) == 0);
-  CHECK(sg_hrpc_server_route(&server, P_LIMITED, limited, NULL) == 0);
-  CHECK(sg_hrpc_server_route(&server, P_HOLD, hold, NULL) == 0);
-  CHECK(sg_hrpc_server_route(&server, P_ECHO, echo, NULL) == SG_EEXIST);
-  CHECK(sg_hrpc_server_listen(&server, "127.0.0.1:0") == 0);
-  port = sg_hrpc_server_port(&server);
+  CHECK(sg__hrpc_server_init(&loop, &server, &lim, &test_log) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_ECHO, echo, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_DELAY, delay, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_LIMITED, limited, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_HOLD, hold, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_ECHO, echo, NULL) == SG_EEXIST);
+  CHECK(sg__hrpc_server_listen(&server, "127.0.0.1:0") == 0);
+  port = sg__hrpc_server_port(&server);
   CHECK(port > 0);
   snprintf(base_url, sizeof base_url, "http://127.0.0.1:%d/", port);
-  CHECK(sg_hrpc_client_init(&loop, &client, &test_log) == 0);
+  CHECK(sg__hrpc_client_init(&loop, &client, &test_log) == 0);
 
   test_client();
   test_client_timeout_cancels_request();

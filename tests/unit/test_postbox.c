@@ -11,8 +11,8 @@
 #include "tap.h"
 
 static uv_loop_t loop;
-static sg_store *store;
-static sg_postbox *pb;
+static sg__store *store;
+static sg__postbox *pb;
 static char path[300];
 
 /* The fake peer: answers each Push after a loop turn with `push_result`. */
@@ -33,7 +33,7 @@ static void fake_closed(uv_handle_t *h) { free(h->data); }
 static void fake_answer(uv_timer_t *t) {
   fake_call *c = t->data;
   if (push_result == 0) strncat(pushed, c->ev, sizeof pushed - strlen(pushed) - 1);
-  sg_postbox_push_done(pb, c->call, push_result, push_result ? "peer down" : NULL);
+  sg__postbox_push_done(pb, c->call, push_result, push_result ? "peer down" : NULL);
   uv_close((uv_handle_t *)t, fake_closed);
 }
 
@@ -110,27 +110,27 @@ static void run_until(const char *buf, const char *want) {
 }
 
 static int push(const char *peer, const char *ev) {
-  return sg_postbox_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_ack, (void *)ev);
+  return sg__postbox_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_ack, (void *)ev);
 }
 
 static void open_postbox(unsigned limit) {
   char err[600];
-  if (!store) CHECK(sg_store_open(path, &store, err, sizeof err) == 0);
-  sg_postbox_transport tp = {fake_push, fake_deliver, NULL};
-  sg_postbox_options o;
-  sg_postbox_options_default(&o);
+  if (!store) CHECK(sg__store_open(path, &store, err, sizeof err) == 0);
+  sg__postbox_transport tp = {fake_push, fake_deliver, NULL};
+  sg__postbox_options o;
+  sg__postbox_options_default(&o);
   o.push_backoff_ms = 2;
   o.deliver_backoff_ms = 2;
   o.deliver_tries = 3;
   o.queue_limit = limit;
-  CHECK(sg_postbox_new(&loop, store, &tp, &o, &pb) == 0);
+  CHECK(sg__postbox_new(&loop, store, &tp, &o, &pb) == 0);
 }
 
 static void close_all(void) {
-  sg_postbox_close(pb, NULL, NULL);
+  sg__postbox_close(pb, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   pb = NULL;
-  sg_store_close(store);
+  sg__store_close(store);
   store = NULL;
 }
 
@@ -174,32 +174,32 @@ static void test_limit(void) {
   /* c:1 holds 3 events; the limit is 4. */
   CHECK(push("c:1", "f4") == SG_POSTBOX_QUEUED);
   CHECK(push("c:1", "f5") == SG_ELIMIT);
-  CHECK(strstr(sg_postbox_errmsg(pb), "queue full") != NULL);
+  CHECK(strstr(sg__postbox_errmsg(pb), "queue full") != NULL);
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
 }
 
 static void test_pull(void) {
-  sg_postbox_batch *b, *second;
+  sg__postbox_batch *b, *second;
   /* At most ~4 bytes: two events of 2 bytes. */
-  CHECK(sg_postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  CHECK(sg__postbox_pull_begin(pb, "c:1", 4, &b) == 0);
   CHECK(b->n == 2);
   CHECK(memcmp(b->events[0], "f1", 2) == 0 && memcmp(b->events[1], "f2", 2) == 0);
   /* A concurrent Pull gets nothing rather than the same events twice. */
-  CHECK(sg_postbox_pull_begin(pb, "c:1", 1000, &second) == 0);
+  CHECK(sg__postbox_pull_begin(pb, "c:1", 1000, &second) == 0);
   CHECK(second->n == 0);
-  CHECK(sg_postbox_pull_end(pb, second, 0) == 0);
+  CHECK(sg__postbox_pull_end(pb, second, 0) == 0);
   /* The write failed: everything stays. */
-  CHECK(sg_postbox_pull_end(pb, b, SG_ECANCELED) == 0);
+  CHECK(sg__postbox_pull_end(pb, b, SG_ECANCELED) == 0);
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
   /* Written: those events leave, the rest stays in order. */
-  CHECK(sg_postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  CHECK(sg__postbox_pull_begin(pb, "c:1", 4, &b) == 0);
   CHECK(b->n == 2);
-  CHECK(sg_postbox_pull_end(pb, b, 0) == 0);
+  CHECK(sg__postbox_pull_end(pb, b, 0) == 0);
   CHECK_STR(q_text("SELECT CAST(event AS TEXT) FROM outbox WHERE peer = 'c:1' ORDER BY seq"),
             "f3;f4;");
-  CHECK(sg_postbox_pull_begin(pb, "c:1", 1 << 20, &b) == 0);
+  CHECK(sg__postbox_pull_begin(pb, "c:1", 1 << 20, &b) == 0);
   CHECK(b->n == 2);
-  CHECK(sg_postbox_pull_end(pb, b, 0) == 0);
+  CHECK(sg__postbox_pull_end(pb, b, 0) == 0);
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 0);
   CHECK(q("SELECT last_served > 0 FROM peers WHERE server_id = 'c:1'") == 1);
   /* Drained: Pushes again. */
@@ -218,24 +218,24 @@ static void on_stored(void *ud, int err) {
 
 static void test_inbound_hold(void) {
   reset();
-  CHECK(sg_postbox_hold(pb, "d:1") == 0);
+  CHECK(sg__postbox_hold(pb, "d:1") == 0);
   const char *ev = "pushed-late";
   size_t len = strlen(ev);
-  CHECK(sg_postbox_receive_push(pb, "d:1", (const uint8_t *)ev, len, on_stored, NULL) == 0);
+  CHECK(sg__postbox_receive_push(pb, "d:1", (const uint8_t *)ev, len, on_stored, NULL) == 0);
   run_for(10);
   CHECK(q("SELECT count(*) FROM inbox") == 0);  /* held, unanswered */
   const uint8_t *pulled[2] = {(const uint8_t *)"p1", (const uint8_t *)"p2"};
   size_t lens[2] = {2, 2};
-  CHECK(sg_postbox_receive(pb, "d:1", pulled, lens, 2) == 0);
+  CHECK(sg__postbox_receive(pb, "d:1", pulled, lens, 2) == 0);
   run_for(10);
   CHECK_STR(delivered, "");  /* still held */
-  CHECK(sg_postbox_release(pb, "d:1") == 0);
+  CHECK(sg__postbox_release(pb, "d:1") == 0);
   CHECK(stored_calls == 1);
   run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
   /* Not held: stored at once. */
-  CHECK(sg_postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 1);
+  CHECK(sg__postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 1);
   run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
 }
@@ -245,7 +245,7 @@ static void test_redelivery_and_dead_letters(void) {
   deliver_fail = 2;  /* fails twice, then succeeds (deliver_tries is 3) */
   const uint8_t *ev[1] = {(const uint8_t *)"r1"};
   size_t len[1] = {2};
-  CHECK(sg_postbox_receive(pb, "e:1", ev, len, 1) == 0);
+  CHECK(sg__postbox_receive(pb, "e:1", ev, len, 1) == 0);
   run_until(delivered, "e:1:r1;");
   CHECK_STR(delivered, "e:1:r1;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
@@ -253,7 +253,7 @@ static void test_redelivery_and_dead_letters(void) {
   deliver_fail = 3;  /* every try fails: dead letter, and the next one goes on */
   const uint8_t *two[2] = {(const uint8_t *)"bad", (const uint8_t *)"good"};
   size_t lens[2] = {3, 4};
-  CHECK(sg_postbox_receive(pb, "e:1", two, lens, 2) == 0);
+  CHECK(sg__postbox_receive(pb, "e:1", two, lens, 2) == 0);
   run_until(delivered, "e:1:good;");
   CHECK_STR(delivered, "e:1:good;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
@@ -266,17 +266,17 @@ static void test_rename(void) {
   reset();
   uint8_t key[32], got[32];
   memset(key, 7, sizeof key);
-  CHECK(sg_postbox_key_set(pb, "old:1", key) == 0);
+  CHECK(sg__postbox_key_set(pb, "old:1", key) == 0);
   push_result = SG_EHTTP;
   CHECK(push("old:1", "o1") == 0);
   run_until(acks, "o1=queued;");
-  CHECK(sg_store_map_put(store, "old:1", "m1", "irc", "i1", NULL) == 0);
-  CHECK(sg_postbox_rename_peer(pb, "old:1", "new:1") == 0);
+  CHECK(sg__store_map_put(store, "old:1", "m1", "irc", "i1", NULL) == 0);
+  CHECK(sg__postbox_rename_peer(pb, "old:1", "new:1") == 0);
   CHECK(q("SELECT count(*) FROM peers WHERE server_id = 'old:1'") == 0);
   CHECK_STR(q_text("SELECT peer FROM outbox WHERE CAST(event AS TEXT) = 'o1'"), "new:1;");
-  CHECK(sg_postbox_key_get(pb, "new:1", got) == 0 && memcmp(got, key, 32) == 0);
+  CHECK(sg__postbox_key_get(pb, "new:1", got) == 0 && memcmp(got, key, 32) == 0);
   CHECK_STR(q_text("SELECT origin_backend FROM msg_map WHERE copy_id = 'i1'"), "new:1;");
-  CHECK(sg_postbox_rename_peer(pb, "nobody:1", "x:1") == SG_STORE_NOTFOUND);
+  CHECK(sg__postbox_rename_peer(pb, "nobody:1", "x:1") == SG_STORE_NOTFOUND);
 }
 
 static void test_survives_reopen(void) {
@@ -285,7 +285,7 @@ static void test_survives_reopen(void) {
   deliver_fail = 1000;
   const uint8_t *ev[1] = {(const uint8_t *)"left"};
   size_t len[1] = {4};
-  CHECK(sg_postbox_receive(pb, "f:1", ev, len, 1) == 0);
+  CHECK(sg__postbox_receive(pb, "f:1", ev, len, 1) == 0);
   close_all();
   reset();
   open_postbox(4);

@@ -12,10 +12,10 @@
 static char dir[] = "/tmp/segue-test-store-XXXXXX";
 static char path[256];
 
-static sg_store *open_ok(void) {
-  sg_store *s = NULL;
+static sg__store *open_ok(void) {
+  sg__store *s = NULL;
   char err[600] = "";
-  int rc = sg_store_open(path, &s, err, sizeof err);
+  int rc = sg__store_open(path, &s, err, sizeof err);
   if (rc != 0) fprintf(stderr, "open: %s\n", err);
   CHECK(rc == 0 && s != NULL);
   return s;
@@ -36,12 +36,12 @@ static long long query_int(const char *sql) {
 }
 
 static void test_schema(void) {
-  sg_store *s = open_ok();
+  sg__store *s = open_ok();
   CHECK(query_int("PRAGMA user_version") == SG_STORE_SCHEMA_VERSION);
   CHECK(query_int("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN"
                   " ('msg_map','messages','kv','peers','outbox','inbox','dead_letters')") == 7);
-  CHECK(sg_store_kv_set(s, "marker", "kept") == 0);
-  sg_store_close(s);
+  CHECK(sg__store_kv_set(s, "marker", "kept") == 0);
+  sg__store_close(s);
   /* WAL is a property of the file: a fresh connection sees it. */
   sqlite3 *db;
   sqlite3_stmt *st;
@@ -55,14 +55,14 @@ static void test_schema(void) {
   /* Reopening migrates nothing again and keeps the data. */
   s = open_ok();
   char *v = NULL;
-  CHECK(sg_store_kv_get(s, "marker", &v) == 0);
+  CHECK(sg__store_kv_get(s, "marker", &v) == 0);
   CHECK_STR(v, "kept");
   free(v);
   CHECK(query_int("PRAGMA user_version") == SG_STORE_SCHEMA_VERSION);
   /* foreign_keys is per connection: check ours through the store's handle. */
   CHECK(sqlite3_exec(sg__store_db(s), "INSERT INTO outbox(peer, event, created)"
                      " VALUES ('nobody:1', x'00', 0)", NULL, NULL, NULL) != SQLITE_OK);
-  sg_store_close(s);
+  sg__store_close(s);
   CHECK(query_int("SELECT count(*) FROM outbox") == 0);
 }
 
@@ -73,9 +73,9 @@ static void test_newer_schema_refused(void) {
   CHECK(sqlite3_open(newer, &db) == SQLITE_OK);
   CHECK(sqlite3_exec(db, "PRAGMA user_version = 99", NULL, NULL, NULL) == SQLITE_OK);
   sqlite3_close(db);
-  sg_store *s = (sg_store *)1;
+  sg__store *s = (sg__store *)1;
   char err[600] = "";
-  CHECK(sg_store_open(newer, &s, err, sizeof err) == SG_ESTORE);
+  CHECK(sg__store_open(newer, &s, err, sizeof err) == SG_ESTORE);
   CHECK(s == NULL);
   CHECK(strstr(err, "newer") != NULL);
 }
@@ -88,31 +88,31 @@ static int collect(void *ud, const char *backend, const char *id, const char *ro
 }
 
 static void test_maps(void) {
-  sg_store *s = open_ok();
-  CHECK(sg_store_map_put(s, "irc", "m1", "harmony", "h1", "#a") == 0);
-  CHECK(sg_store_map_put(s, "irc", "m1", "notes", "n1", NULL) == 0);
+  sg__store *s = open_ok();
+  CHECK(sg__store_map_put(s, "irc", "m1", "harmony", "h1", "#a") == 0);
+  CHECK(sg__store_map_put(s, "irc", "m1", "notes", "n1", NULL) == 0);
   /* The same pair again (a retried send) is fine; another origin is not. */
-  CHECK(sg_store_map_put(s, "irc", "m1", "harmony", "h1", "#a") == 0);
-  CHECK(sg_store_map_put(s, "irc", "m2", "harmony", "h1", "#a") == SG_EEXIST);
-  CHECK(strstr(sg_store_errmsg(s), "already a copy") != NULL);
+  CHECK(sg__store_map_put(s, "irc", "m1", "harmony", "h1", "#a") == 0);
+  CHECK(sg__store_map_put(s, "irc", "m2", "harmony", "h1", "#a") == SG_EEXIST);
+  CHECK(strstr(sg__store_errmsg(s), "already a copy") != NULL);
   CHECK(query_int("SELECT count(*) FROM msg_map") == 2);
 
   char *ob, *oi;
-  CHECK(sg_store_map_origin(s, "harmony", "h1", &ob, &oi) == 0);
+  CHECK(sg__store_map_origin(s, "harmony", "h1", &ob, &oi) == 0);
   CHECK_STR(ob, "irc");
   CHECK_STR(oi, "m1");
   free(ob);
   free(oi);
-  CHECK(sg_store_map_origin(s, "irc", "m1", &ob, &oi) == SG_STORE_NOTFOUND);
+  CHECK(sg__store_map_origin(s, "irc", "m1", &ob, &oi) == SG_STORE_NOTFOUND);
   CHECK(ob == NULL && oi == NULL);
 
   char copies[256] = "";
-  CHECK(sg_store_map_copies(s, "irc", "m1", collect, copies) == 0);
+  CHECK(sg__store_map_copies(s, "irc", "m1", collect, copies) == 0);
   CHECK_STR(copies, "harmony/h1@#a;notes/n1@-;");
-  sg_store_close(s);
+  sg__store_close(s);
 }
 
-static int collect_msg(void *ud, const sg_store_message *m) {
+static int collect_msg(void *ud, const sg__store_message *m) {
   char *out = ud;
   size_t n = strlen(out);
   snprintf(out + n, 512 - n, "%s|%s|%s|%lld|%lld|%d;", m->id, m->sender,
@@ -122,71 +122,71 @@ static int collect_msg(void *ud, const sg_store_message *m) {
 }
 
 static void test_log(void) {
-  sg_store *s = open_ok();
-  CHECK(sg_store_log_message(s, "irc", "m1", "#a", "ann", "\"hi\"", 1000, 0) == 0);
-  CHECK(sg_store_log_message(s, "irc", "m2", "#a", "bob", "\"yo\"", 2000, 0) == 0);
-  CHECK(sg_store_log_message(s, "irc", "m3", "#b", "bob", "\"elsewhere\"", 1500, 0) == 0);
+  sg__store *s = open_ok();
+  CHECK(sg__store_log_message(s, "irc", "m1", "#a", "ann", "\"hi\"", 1000, 0) == 0);
+  CHECK(sg__store_log_message(s, "irc", "m2", "#a", "bob", "\"yo\"", 2000, 0) == 0);
+  CHECK(sg__store_log_message(s, "irc", "m3", "#b", "bob", "\"elsewhere\"", 1500, 0) == 0);
   /* An edit: new content and edit time, the first version's create time. */
-  CHECK(sg_store_log_message(s, "irc", "m1", "#a", "ann", "\"hi!\"", 9999, 3000) == 0);
+  CHECK(sg__store_log_message(s, "irc", "m1", "#a", "ann", "\"hi!\"", 9999, 3000) == 0);
   CHECK(query_int("SELECT count(*) FROM messages") == 3);
   CHECK(query_int("SELECT create_time FROM messages WHERE id = 'm1'") == 1000);
   CHECK(query_int("SELECT edit_time FROM messages WHERE id = 'm1'") == 3000);
 
-  CHECK(sg_store_log_delete(s, "irc", "m2") == 0);
-  CHECK(sg_store_log_delete(s, "irc", "nope") == SG_STORE_NOTFOUND);
+  CHECK(sg__store_log_delete(s, "irc", "m2") == 0);
+  CHECK(sg__store_log_delete(s, "irc", "nope") == SG_STORE_NOTFOUND);
   CHECK(query_int("SELECT deleted FROM messages WHERE id = 'm2'") == 1);
   CHECK(query_int("SELECT content_json IS NULL FROM messages WHERE id = 'm2'") == 1);
 
   char out[512] = "";
-  CHECK(sg_store_messages(s, "irc", "#a", 0, collect_msg, out) == 0);
+  CHECK(sg__store_messages(s, "irc", "#a", 0, collect_msg, out) == 0);
   CHECK_STR(out, "m1|ann|\"hi!\"|1000|3000|0;m2|bob|-|2000|0|1;");
   out[0] = '\0';
-  CHECK(sg_store_messages(s, "irc", "#a", 1, collect_msg, out) == 0);
+  CHECK(sg__store_messages(s, "irc", "#a", 1, collect_msg, out) == 0);
   CHECK_STR(out, "m2|bob|-|2000|0|1;");
 
   /* A copy logged before or after its map entry learns its origin. */
-  CHECK(sg_store_map_put(s, "irc", "m1", "harmony", "h9", "#a") == 0);
-  CHECK(sg_store_log_message(s, "harmony", "h9", "#a", "ann", "\"hi\"", 1001, 0) == 0);
-  CHECK(sg_store_log_message(s, "harmony", "h8", "#a", "ann", "\"x\"", 1002, 0) == 0);
-  CHECK(sg_store_map_put(s, "irc", "m3", "harmony", "h8", "#a") == 0);
+  CHECK(sg__store_map_put(s, "irc", "m1", "harmony", "h9", "#a") == 0);
+  CHECK(sg__store_log_message(s, "harmony", "h9", "#a", "ann", "\"hi\"", 1001, 0) == 0);
+  CHECK(sg__store_log_message(s, "harmony", "h8", "#a", "ann", "\"x\"", 1002, 0) == 0);
+  CHECK(sg__store_map_put(s, "irc", "m3", "harmony", "h8", "#a") == 0);
   CHECK(query_int("SELECT count(*) FROM messages WHERE backend = 'harmony'"
                   " AND origin_backend = 'irc' AND origin_id IN ('m1', 'm3')") == 2);
-  sg_store_close(s);
+  sg__store_close(s);
 }
 
 static void test_kv(void) {
-  sg_store *s = open_ok();
+  sg__store *s = open_ok();
   char *v = (char *)"x";
-  CHECK(sg_store_kv_get(s, "server_id", &v) == SG_STORE_NOTFOUND);
+  CHECK(sg__store_kv_get(s, "server_id", &v) == SG_STORE_NOTFOUND);
   CHECK(v == NULL);
-  CHECK(sg_store_kv_set(s, "server_id", "a.example:2289") == 0);
-  CHECK(sg_store_kv_set(s, "server_id", "b.example:2289") == 0);
-  CHECK(sg_store_kv_get(s, "server_id", &v) == 0);
+  CHECK(sg__store_kv_set(s, "server_id", "a.example:2289") == 0);
+  CHECK(sg__store_kv_set(s, "server_id", "b.example:2289") == 0);
+  CHECK(sg__store_kv_get(s, "server_id", &v) == 0);
   CHECK_STR(v, "b.example:2289");
   free(v);
-  CHECK(sg_store_kv_set(s, "server_id", NULL) == 0);
+  CHECK(sg__store_kv_set(s, "server_id", NULL) == 0);
   CHECK(query_int("SELECT count(*) FROM kv WHERE key = 'server_id'") == 0);
-  sg_store_close(s);
+  sg__store_close(s);
 }
 
-static int fail_after_write(sg_store *s, void *ud) {
+static int fail_after_write(sg__store *s, void *ud) {
   (void)ud;
-  CHECK(sg_store_kv_set(s, "half", "done") == 0);
+  CHECK(sg__store_kv_set(s, "half", "done") == 0);
   return SG_ELIMIT;
 }
 
 static void test_atomic_rollback(void) {
-  sg_store *s = open_ok();
-  CHECK(sg_store_atomic(s, fail_after_write, NULL) == SG_ELIMIT);
+  sg__store *s = open_ok();
+  CHECK(sg__store_atomic(s, fail_after_write, NULL) == SG_ELIMIT);
   CHECK(query_int("SELECT count(*) FROM kv WHERE key = 'half'") == 0);
-  sg_store_close(s);
+  sg__store_close(s);
 }
 
 static void test_unwritable(void) {
   char bad[300], err[600] = "";
   snprintf(bad, sizeof bad, "%s/no/such/dir/segue.db", dir);
-  sg_store *s = (sg_store *)1;
-  CHECK(sg_store_open(bad, &s, err, sizeof err) == SG_ESTORE);
+  sg__store *s = (sg__store *)1;
+  CHECK(sg__store_open(bad, &s, err, sizeof err) == SG_ESTORE);
   CHECK(s == NULL);
   CHECK(strstr(err, bad) != NULL);
   CHECK(strstr(err, "unable to open") != NULL);

@@ -1,0 +1,403 @@
+/* The store on SQLite. See store.h for the contract and docs/postbox.md for
+ * the schema. */
+#include "store.h"
+
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "segue.h"
+
+#define STMT_CACHE 64
+#define BUSY_TIMEOUT_MS 5000
+
+struct sg__store {
+  sqlite3 *db;
+  struct {
+    const char *sql;
+    sqlite3_stmt *st;
+  } stmts[STMT_CACHE];
+  int nstmts;
+  char errmsg[512];
+};
+
+/* Forward migrations: entry i takes the schema from version i to i + 1.
+ * Never edit a released entry; append a new one (and bump
+ * SG_STORE_SCHEMA_VERSION). The postbox tables are here from the start so
+ * the federation work needs no migration of its own. */
+static const char *const migrations[SG_STORE_SCHEMA_VERSION] = {
+    /* 0 -> 1 */
+    "CREATE TABLE msg_map("
+    "  origin_backend TEXT NOT NULL, origin_id TEXT NOT NULL,"
+    "  copy_backend TEXT NOT NULL, copy_id TEXT NOT NULL,"
+    "  room TEXT, created INTEGER NOT NULL,"
+    "  UNIQUE (copy_backend, copy_id));"
+    "CREATE INDEX msg_map_origin ON msg_map(origin_backend, origin_id);"
+    "CREATE TABLE messages("
+    "  backend TEXT NOT NULL, id TEXT NOT NULL, room TEXT, sender TEXT,"
+    "  content_json TEXT, create_time INTEGER, edit_time INTEGER,"
+    "  deleted INTEGER NOT NULL DEFAULT 0,"
+    "  origin_backend TEXT, origin_id TEXT,"
+    "  PRIMARY KEY (backend, id));"
+    "CREATE INDEX messages_room ON messages(backend, room, create_time);"
+    "CREATE TABLE kv(key TEXT PRIMARY KEY, value TEXT);"
+    "CREATE TABLE peers("
+    "  server_id TEXT PRIMARY KEY, public_key BLOB, first_seen INTEGER NOT NULL,"
+    "  last_push INTEGER, last_push_in INTEGER, last_pull INTEGER,"
+    "  last_served INTEGER, last_error TEXT, last_error_time INTEGER);"
+    /* AUTOINCREMENT: a seq is never reused, even after the queue emptied, so
+     * a Pull response can be acknowledged by its last seq without ambiguity. */
+    "CREATE TABLE outbox("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  peer TEXT NOT NULL REFERENCES peers(server_id) ON UPDATE CASCADE,"
+    "  event BLOB NOT NULL, created INTEGER NOT NULL);"
+    "CREATE INDEX outbox_peer ON outbox(peer, seq);"
+    "CREATE TABLE inbox("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  peer TEXT NOT NULL REFERENCES peers(server_id) ON UPDATE CASCADE,"
+    "  event BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    "  last_error TEXT, received INTEGER NOT NULL);"
+    "CREATE TABLE dead_letters("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT NOT NULL,"
+    "  direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),"
+    "  event BLOB NOT NULL, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+    "  created INTEGER NOT NULL, died INTEGER NOT NULL);",
+};
+
+int64_t sg__store_now_ms(void) {
+  uv_timeval64_t tv;
+  if (uv_gettimeofday(&tv) != 0) return 0;
+  return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+const char *sg__store_errmsg(const sg__store *s) { return s ? s->errmsg : ""; }
+struct sqlite3 *sg__store_db(sg__store *s) { return s->db; }
+
+int sg__store_fail(sg__store *s) {
+  snprintf(s->errmsg, sizeof s->errmsg, "%s", sqlite3_errmsg(s->db));
+  return SG_ESTORE;
+}
+
+sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
+  for (int i = 0; i < s->nstmts; i++)
+    if (s->stmts[i].sql == sql) return s->stmts[i].st;
+  if (s->nstmts == STMT_CACHE) {
+    snprintf(s->errmsg, sizeof s->errmsg, "statement cache full (%d)", STMT_CACHE);
+    return NULL;
+  }
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK) {
+    sg__store_fail(s);
+    return NULL;
+  }
+  s->stmts[s->nstmts].sql = sql;
+  s->stmts[s->nstmts++].st = st;
+  return st;
+}
+
+/* Binds strings to ?1..?n; NULL binds SQL NULL. */
+static void bind_texts(sqlite3_stmt *st, const char *const *v, int n) {
+  for (int i = 0; i < n; i++) {
+    if (v[i]) sqlite3_bind_text(st, i + 1, v[i], -1, SQLITE_TRANSIENT);
+    else sqlite3_bind_null(st, i + 1);
+  }
+}
+
+/* Steps a statement that returns no rows, then resets it. */
+static int run(sg__store *s, sqlite3_stmt *st) {
+  int rc = sqlite3_step(st);
+  int err = rc == SQLITE_DONE ? 0 : sg__store_fail(s);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return err;
+}
+
+static char *dup_column(sqlite3_stmt *st, int col) {
+  const unsigned char *t = sqlite3_column_text(st, col);
+  return t ? strdup((const char *)t) : NULL;
+}
+
+static int exec(sg__store *s, const char *sql) {
+  return sqlite3_exec(s->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : sg__store_fail(s);
+}
+
+int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud) {
+  int err = exec(s, "SAVEPOINT sg__atomic");
+  if (err) return err;
+  err = fn(s, ud);
+  if (err == 0) return exec(s, "RELEASE sg__atomic");
+  /* Keep fn's error and message; the rollback of a savepoint cannot fail in a
+   * way we could do anything about. */
+  sqlite3_exec(s->db, "ROLLBACK TO sg__atomic; RELEASE sg__atomic", NULL, NULL, NULL);
+  return err;
+}
+
+/* ---- opening and migrations ---------------------------------------------- */
+
+static int pragma_int(sg__store *s, const char *sql, int *out) {
+  sqlite3_stmt *st;
+  if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK) return sg__store_fail(s);
+  int rc = sqlite3_step(st);
+  *out = rc == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+  sqlite3_finalize(st);
+  return rc == SQLITE_ROW ? 0 : sg__store_fail(s);
+}
+
+static int migrate_one(sg__store *s, int to) {
+  char bump[64];
+  snprintf(bump, sizeof bump, "PRAGMA user_version = %d", to);
+  int err = exec(s, "BEGIN IMMEDIATE");
+  if (err) return err;
+  /* user_version is in the database header, so it commits (or rolls back)
+   * with the migration's own statements. */
+  if ((err = exec(s, migrations[to - 1])) || (err = exec(s, bump))
+      || (err = exec(s, "COMMIT"))) {
+    char keep[sizeof s->errmsg + 32];
+    snprintf(keep, sizeof keep, "migration %d: %s", to, s->errmsg);
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    memcpy(s->errmsg, keep, sizeof s->errmsg - 1);  /* may cut the message's end */
+    s->errmsg[sizeof s->errmsg - 1] = '\0';
+  }
+  return err;
+}
+
+static int migrate(sg__store *s) {
+  int version, err = pragma_int(s, "PRAGMA user_version", &version);
+  if (err) return err;
+  if (version > SG_STORE_SCHEMA_VERSION) {
+    snprintf(s->errmsg, sizeof s->errmsg,
+             "schema version %d is newer than this segue's (%d)", version,
+             SG_STORE_SCHEMA_VERSION);
+    return SG_ESTORE;
+  }
+  for (int v = version + 1; v <= SG_STORE_SCHEMA_VERSION && !err; v++) err = migrate_one(s, v);
+  return err;
+}
+
+static int configure(sg__store *s) {
+  int err, fk;
+  sqlite3_busy_timeout(s->db, BUSY_TIMEOUT_MS);
+  /* WAL: readers never block the writer; synchronous=NORMAL keeps every
+   * committed transaction across a crash or kill -9 of the process (only a
+   * power loss may lose the last ones). */
+  if ((err = exec(s, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+                     "PRAGMA foreign_keys = ON")))
+    return err;
+  if ((err = pragma_int(s, "PRAGMA foreign_keys", &fk))) return err;
+  if (!fk) {
+    snprintf(s->errmsg, sizeof s->errmsg, "this SQLite has no foreign key support");
+    return SG_ESTORE;
+  }
+  return migrate(s);
+}
+
+int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) {
+  *out = NULL;
+  sg__store *s = calloc(1, sizeof *s);
+  if (!s) {
+    snprintf(err, errlen, "out of memory");
+    return SG_ENOMEM;
+  }
+  int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
+  int rc = sqlite3_open_v2(path, &s->db, flags, NULL);
+  if (rc != SQLITE_OK || configure(s) != 0) {
+    if (rc != SQLITE_OK) sg__store_fail(s);
+    snprintf(err, errlen, "%s: %s", path, s->errmsg);
+    sg__store_close(s);
+    return SG_ESTORE;
+  }
+  *out = s;
+  return 0;
+}
+
+void sg__store_close(sg__store *s) {
+  if (!s) return;
+  for (int i = 0; i < s->nstmts; i++) sqlite3_finalize(s->stmts[i].st);
+  sqlite3_close(s->db);  /* db may be NULL after a failed malloc: a no-op */
+  free(s);
+}
+
+/* ---- message id maps ----------------------------------------------------- */
+
+static const char SQL_MAP_PUT[] =
+    "INSERT INTO msg_map(origin_backend, origin_id, copy_backend, copy_id, room, created)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    " ON CONFLICT (copy_backend, copy_id) DO NOTHING";
+/* The log row of the copy learns its origin in the same transaction. */
+static const char SQL_MAP_LOG_ORIGIN[] =
+    "UPDATE messages SET origin_backend = ?1, origin_id = ?2"
+    " WHERE backend = ?3 AND id = ?4";
+static const char SQL_MAP_ORIGIN[] =
+    "SELECT origin_backend, origin_id FROM msg_map WHERE copy_backend = ?1 AND copy_id = ?2";
+static const char SQL_MAP_COPIES[] =
+    "SELECT copy_backend, copy_id, room FROM msg_map"
+    " WHERE origin_backend = ?1 AND origin_id = ?2 ORDER BY rowid";
+
+typedef struct {
+  const char *v[5];
+} map_args;
+
+/* A repeated put of the same pair is fine (a retried send); a copy claimed
+ * by another origin is a caller bug worth reporting. */
+static int map_check_same(sg__store *s, const map_args *a) {
+  char *ob, *oi;
+  int err = sg__store_map_origin(s, a->v[2], a->v[3], &ob, &oi);
+  if (err == 0 && (strcmp(ob, a->v[0]) != 0 || strcmp(oi, a->v[1]) != 0)) {
+    snprintf(s->errmsg, sizeof s->errmsg, "%s/%s is already a copy of %s/%s", a->v[2],
+             a->v[3], ob, oi);
+    err = SG_EEXIST;
+  }
+  free(ob);
+  free(oi);
+  return err;
+}
+
+static int map_put_tx(sg__store *s, void *ud) {
+  const map_args *a = ud;
+  sqlite3_stmt *put = sg__store_stmt(s, SQL_MAP_PUT);
+  sqlite3_stmt *log = sg__store_stmt(s, SQL_MAP_LOG_ORIGIN);
+  if (!put || !log) return SG_ESTORE;
+  bind_texts(put, a->v, 5);
+  sqlite3_bind_int64(put, 6, sg__store_now_ms());
+  int err = run(s, put);
+  if (err) return err;
+  if (sqlite3_changes(s->db) == 0) return map_check_same(s, a);
+  bind_texts(log, a->v, 4);
+  return run(s, log);
+}
+
+int sg__store_map_put(sg__store *s, const char *origin_backend, const char *origin_id,
+                     const char *copy_backend, const char *copy_id, const char *room) {
+  map_args a = {{origin_backend, origin_id, copy_backend, copy_id, room}};
+  return sg__store_atomic(s, map_put_tx, &a);
+}
+
+int sg__store_map_origin(sg__store *s, const char *backend, const char *id,
+                        char **origin_backend, char **origin_id) {
+  *origin_backend = *origin_id = NULL;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_MAP_ORIGIN);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, id}, 2);
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW) {
+    *origin_backend = dup_column(st, 0);
+    *origin_id = dup_column(st, 1);
+    err = *origin_backend && *origin_id ? 0 : SG_ENOMEM;
+  } else if (rc != SQLITE_DONE) {
+    err = sg__store_fail(s);
+  }
+  sqlite3_reset(st);
+  if (err < 0) {
+    free(*origin_backend);
+    free(*origin_id);
+    *origin_backend = *origin_id = NULL;
+  }
+  return err;
+}
+
+int sg__store_map_copies(sg__store *s, const char *origin_backend, const char *origin_id,
+                        sg__store_copy_cb cb, void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_MAP_COPIES);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){origin_backend, origin_id}, 2);
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW)
+    err = cb(ud, (const char *)sqlite3_column_text(st, 0),
+             (const char *)sqlite3_column_text(st, 1), (const char *)sqlite3_column_text(st, 2));
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+/* ---- the room and message log --------------------------------------------- */
+
+static const char SQL_LOG_UPSERT[] =
+    "INSERT INTO messages(backend, id, room, sender, content_json, create_time, edit_time,"
+    "  origin_backend, origin_id)"
+    " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, m.origin_backend, m.origin_id"
+    " FROM (SELECT 1) LEFT JOIN msg_map m ON m.copy_backend = ?1 AND m.copy_id = ?2"
+    " WHERE true"  /* disambiguates ON CONFLICT after a SELECT (SQLite's grammar) */
+    " ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
+    "  edit_time = excluded.edit_time";
+static const char SQL_LOG_DELETE[] =
+    "UPDATE messages SET deleted = 1, content_json = NULL WHERE backend = ?1 AND id = ?2";
+static const char SQL_LOG_ROOM[] =
+    "SELECT backend, id, room, sender, content_json, create_time, edit_time, deleted FROM"
+    " (SELECT rowid AS r, * FROM messages WHERE backend = ?1 AND room IS ?2"
+    "  ORDER BY create_time DESC, rowid DESC LIMIT ?3)"
+    " ORDER BY create_time, r";
+
+int sg__store_log_message(sg__store *s, const char *backend, const char *id,
+                         const char *room, const char *sender, const char *content_json,
+                         int64_t create_time, int64_t edit_time) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_UPSERT);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, id, room, sender, content_json}, 5);
+  sqlite3_bind_int64(st, 6, create_time);
+  if (edit_time) sqlite3_bind_int64(st, 7, edit_time);
+  else sqlite3_bind_null(st, 7);
+  return run(s, st);
+}
+
+int sg__store_log_delete(sg__store *s, const char *backend, const char *id) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_DELETE);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, id}, 2);
+  int err = run(s, st);
+  return err ? err : sqlite3_changes(s->db) ? 0 : SG_STORE_NOTFOUND;
+}
+
+static const char *col_text(sqlite3_stmt *st, int col) {
+  return (const char *)sqlite3_column_text(st, col);
+}
+
+int sg__store_messages(sg__store *s, const char *backend, const char *room, int limit,
+                      sg__store_message_cb cb, void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_ROOM);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, room}, 2);
+  sqlite3_bind_int(st, 3, limit > 0 ? limit : -1);
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    sg__store_message m = {col_text(st, 0), col_text(st, 1), col_text(st, 2),
+                          col_text(st, 3), col_text(st, 4), sqlite3_column_int64(st, 5),
+                          sqlite3_column_int64(st, 6), sqlite3_column_int(st, 7)};
+    err = cb(ud, &m);
+  }
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+/* ---- key/value settings ------------------------------------------------------ */
+
+static const char SQL_KV_GET[] = "SELECT value FROM kv WHERE key = ?1";
+static const char SQL_KV_SET[] =
+    "INSERT INTO kv(key, value) VALUES (?1, ?2)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+static const char SQL_KV_DEL[] = "DELETE FROM kv WHERE key = ?1";
+
+int sg__store_kv_get(sg__store *s, const char *key, char **value) {
+  *value = NULL;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_KV_GET);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, &key, 1);
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW) {
+    *value = dup_column(st, 0);
+    err = *value ? 0 : SG_STORE_NOTFOUND;  /* a NULL value reads as unset */
+  } else if (rc != SQLITE_DONE) {
+    err = sg__store_fail(s);
+  }
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_kv_set(sg__store *s, const char *key, const char *value) {
+  sqlite3_stmt *st = sg__store_stmt(s, value ? SQL_KV_SET : SQL_KV_DEL);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){key, value}, value ? 2 : 1);
+  return run(s, st);
+}

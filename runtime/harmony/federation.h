@@ -1,0 +1,154 @@
+/* Harmony federation on the wire: this server's key pair, the inbound hRPC
+ * server with the AuthService and PostboxService routes, token checks against
+ * peer keys fetched with the Key RPC, and signed outbound calls
+ * (spec/harmony-federation.md). No Lua: what an accepted request means is the
+ * handler's business.
+ *
+ * Contract (libuv's): the caller allocates the federation; sg__federation_init
+ * pairs with sg__federation_close, which is asynchronous and releases every
+ * byte the federation allocated before its close_cb runs. Functions return 0
+ * or a negative SG_E* / UV_E* code; when a function taking a callback fails,
+ * the callback is never called.
+ *
+ * Inbound PostboxService requests, in order:
+ *   token parsed and admitted (allow/block lists, time window)
+ *   -> body decoded as the method's request message (else 400)
+ *   -> the claimed server's key from the cache, or fetched with
+ *      POST <base URL>/protocol.auth.v1.AuthService/Key (several requests
+ *      from one server wait for one fetch)
+ *   -> signature verified; on a bad signature the key is fetched once more
+ *      (at most once per key_refetch_ms per server: the peer may have
+ *      rotated its key) and the check repeated
+ *   -> the handler.
+ * A refusal is answered with the reason's hRPC identifier and status
+ * (runtime/harmony_token.h) and a generic human_message; the reason's text
+ * goes to the log only (warn, peer=<server id or address>). A key that cannot
+ * be fetched is 503 hrpc.unavailable: the peer should retry.
+ */
+#ifndef SEGUE_FEDERATION_H
+#define SEGUE_FEDERATION_H
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "harmony_keys.h"
+#include "harmony_token.h"
+#include "hrpc_client.h"
+#include "hrpc_server.h"
+#include "log.h"
+
+#define SG_FED_DEFAULT_KEY_REFETCH_MS 60000
+#define SG_FED_PATH_KEY "/protocol.auth.v1.AuthService/Key"
+
+/* The PostboxService methods routed to the handler. */
+typedef enum { SG_FED_PUSH, SG_FED_PULL, SG_FED_NOTIFY_NEW_ID, SG_FED__METHODS } sg__fed_method;
+
+/* "Push", "Pull", "NotifyNewId"; NULL when out of range. */
+const char *sg__fed_method_name(sg__fed_method m);
+
+typedef struct sg__federation sg__federation;
+
+/* An accepted request from `server_id` (authenticated; borrowed for the
+ * call). The handler owns `req` as an sg__hrpc_handler does: it finishes it
+ * exactly once, now or later, with sg__hrpc_respond / sg__hrpc_respond_error /
+ * sg__hrpc_request_release. req->body holds the request message's bytes,
+ * already known to decode as that method's request type. */
+typedef void (*sg__fed_handler)(sg__federation *f, sg__fed_method m, const char *server_id,
+                               sg__hrpc_request *req, void *ud);
+
+/* Called when a peer's key was fetched and differs from what the cache held
+ * (or the cache held none), so a store can persist it. May be NULL. */
+typedef void (*sg__fed_key_cb)(sg__federation *f, const char *server_id,
+                              const unsigned char pk[SG_KEYS_PUBLIC_BYTES], void *ud);
+
+/* Everything is copied by sg__federation_init. */
+typedef struct sg__fed_options {
+  const char *server_id;           /* ours, "domain:port"; NULL: calls are unsigned */
+  const char *data_dir;            /* harmony.key lives here (created when missing) */
+  const char *listen;              /* "127.0.0.1:2289"; NULL: no server (calls only) */
+  const sg__hrpc_limits *limits;    /* NULL: defaults */
+  sg__token_policy policy;          /* lists copied; window 0 means the default */
+  const char *const *peer_ids;     /* server id -> base URL, instead of https://<id> */
+  const char *const *peer_urls;
+  size_t n_peers;
+  uint64_t request_timeout_ms;     /* outbound calls and key fetches; 0: 30 s */
+  uint64_t key_refetch_ms;         /* 0: SG_FED_DEFAULT_KEY_REFETCH_MS */
+} sg__fed_options;
+
+typedef struct sg__fed_peer sg__fed_peer;
+typedef struct sg__fed_route sg__fed_route;
+
+struct sg__federation {
+  void *data;  /* the embedder's; never touched */
+  /* private */
+  uv_loop_t *loop;
+  const sg__logger *log;
+  sg__keypair *keys;
+  char *server_id;
+  sg__hrpc_server server;
+  sg__hrpc_client client;
+  uv_timer_t closer;               /* only closed: makes close_cb asynchronous */
+  int serving, closing, parts_open;
+  sg__token_policy policy;          /* owns its lists */
+  char **peer_ids, **peer_urls;
+  size_t n_peers;
+  uint64_t request_timeout_ms, key_refetch_ms;
+  sg__fed_peer *peers;             /* the key cache */
+  sg__fed_route *routes;           /* one per PostboxService method */
+  sg__fed_handler handler;
+  void *handler_ud;
+  sg__fed_key_cb key_cb;
+  void *key_ud;
+  void (*close_cb)(sg__federation *f);
+};
+
+/* Loads or creates the key pair, prepares the client and, with opts->listen,
+ * listens. `log` is borrowed and must outlive the federation. Whatever it
+ * returns, the federation is then closed with sg__federation_close (which
+ * also undoes a half-made one); on failure `err` (may be NULL) says what
+ * failed (the key file, the address). */
+int sg__federation_init(uv_loop_t *loop, sg__federation *f, const sg__fed_options *opts,
+                       const sg__logger *log, char *err, size_t errlen);
+
+/* Sets the handler of accepted PostboxService requests (NULL: they are
+ * answered 501 hrpc.not-implemented). */
+void sg__federation_set_handler(sg__federation *f, sg__fed_handler handler, void *ud);
+void sg__federation_set_key_cb(sg__federation *f, sg__fed_key_cb cb, void *ud);
+
+/* The bound port, or a negative error when not listening. */
+int sg__federation_port(const sg__federation *f);
+/* Our 32-byte public key. */
+const unsigned char *sg__federation_public_key(const sg__federation *f);
+/* Our server id ("" when none was configured). */
+const char *sg__federation_server_id(const sg__federation *f);
+
+/* The key cache. get: 0 and pk filled, or SG_EINVAL when unknown. put:
+ * replaces (a store loading persisted keys); SG_ENOMEM. */
+int sg__federation_key_get(const sg__federation *f, const char *server_id,
+                          unsigned char pk[SG_KEYS_PUBLIC_BYTES]);
+int sg__federation_key_put(sg__federation *f, const char *server_id,
+                          const unsigned char pk[SG_KEYS_PUBLIC_BYTES]);
+
+/* The base URL of `server_id`: its peers entry, else "https://<id>". Borrowed
+ * from `f` or written into buf[buflen]. NULL when buf is too small. */
+const char *sg__federation_base_url(const sg__federation *f, const char *server_id,
+                                   char *buf, size_t buflen);
+
+/* POSTs `body` to `path` on `server_id` with a fresh token (signed now, for
+ * our server id) in the Authorization header; cb as sg__hrpc_client_call's.
+ * SG_EINVAL (empty id or path), SG_ECLOSING, SG_ENOMEM, SG_EHTTP. */
+int sg__federation_call(sg__federation *f, const char *server_id, const char *path,
+                       const uint8_t *body, size_t len, sg__hrpc_call_cb cb, void *ud);
+/* The same with a token naming `sign_as` (our key, another id): NotifyNewId
+ * is signed with the old id, which the peer still knows. */
+int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *server_id,
+                          const char *path, const uint8_t *body, size_t len,
+                          sg__hrpc_call_cb cb, void *ud);
+
+/* Stops listening, cancels outbound calls (their callbacks run with
+ * SG_ECANCELED before this returns) and answers requests still waiting for a
+ * key; close_cb (may be NULL) runs once every handle is closed and every
+ * byte freed. Requests already given to the handler stay the handler's. */
+void sg__federation_close(sg__federation *f, void (*close_cb)(sg__federation *f));
+
+#endif

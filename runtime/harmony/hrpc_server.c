@@ -1,0 +1,853 @@
+/* hRPC server: http-parser on uv TCP. One request at a time per connection:
+ * when a request is complete the parser is paused until its response has
+ * been written, which answers pipelined requests in order for free. */
+#include "hrpc_server.h"
+
+#include <http_parser.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "hrpc/v1/hrpc.pb-c.h"
+#include "segue.h"
+
+#define RBUF_SIZE 16384
+#define CT_HRPC "application/hrpc"
+#define ID_BAD_UNARY "hrpc.http.bad-unary-request"
+#define ID_NOT_FOUND "hrpc.not-found"
+#define ID_INTERNAL "hrpc.internal-server-error"
+#define ID_UNAVAILABLE "hrpc.unavailable"
+
+#define container_of(ptr, type, member) \
+  ((type *)((char *)(ptr) - offsetof(type, member)))
+
+typedef struct hbuf { char *p; size_t len, cap; } hbuf;
+
+/* The server's own answer to a request it refuses. */
+typedef struct verdict {
+  int status;            /* 0: none */
+  const char *id;
+  char msg[160];
+} verdict;
+
+struct sg__hrpc_route {
+  char *path;
+  sg__hrpc_handler handler;
+  void *ud;
+};
+
+/* Connection states, in order: the parser runs only up to ST_BODY. */
+enum { ST_IDLE, ST_HEAD, ST_BODY, ST_BUSY, ST_WRITING, ST_LINGER, ST_CLOSING };
+/* What answers a request: a handler, the health check, or the server. */
+enum { K_ROUTE, K_HEALTH, K_ERROR };
+/* Where the header being parsed is: its name or its value. */
+enum { H_NONE, H_FIELD, H_VALUE };
+
+typedef struct sg__hrpc_conn conn;
+
+typedef struct req {
+  sg__hrpc_request pub;
+  conn *conn;            /* NULL once detached from its connection */
+  int refs;              /* the connection's + the handler's */
+  int answered;
+  sg__hrpc_done_cb done_cb;
+  void *done_ud;
+  hbuf url, body, ctype, auth, expect;
+  hbuf *hval;            /* the buffer the current header value goes to */
+  char hname[16];        /* the current header name, when short enough */
+  size_t hname_len;
+  int hstate;
+  size_t head_bytes, body_seen;
+  int kind, keep_alive, http10;
+  sg__hrpc_handler handler;
+  void *handler_ud;
+  verdict refusal;       /* kind K_ERROR: answered after the body is dropped */
+  char peer[64];
+} req;
+
+struct sg__hrpc_conn {
+  sg__hrpc_server *srv;
+  conn *next, *prev;
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  uv_write_t wreq, creq;
+  uv_shutdown_t sreq;
+  http_parser parser;
+  int state, open_handles, reading, continue_pending;
+  req *req;              /* the request being read or answered */
+  char *wbuf;            /* the response being written */
+  verdict fail;          /* a parser callback's: answered at once, then close */
+  size_t roff, rlen;     /* rbuf[roff..rlen) is read but not parsed yet */
+  char peer[64];
+  char rbuf[RBUF_SIZE];
+};
+
+static void conn_parse(conn *c);
+static void conn_close(conn *c, int status);
+static int conn_respond(conn *c, int status, const char *ctype,
+                        const void *body, size_t len);
+
+/* ---- small helpers ------------------------------------------------------ */
+
+void sg__hrpc_limits_default(sg__hrpc_limits *l) {
+  l->max_header_bytes = SG_HRPC_DEFAULT_MAX_HEADER_BYTES;
+  l->max_body_bytes = SG_HRPC_DEFAULT_MAX_BODY_BYTES;
+  l->header_timeout_ms = SG_HRPC_DEFAULT_HEADER_TIMEOUT_MS;
+  l->body_timeout_ms = SG_HRPC_DEFAULT_BODY_TIMEOUT_MS;
+  l->idle_timeout_ms = SG_HRPC_DEFAULT_IDLE_TIMEOUT_MS;
+  l->write_timeout_ms = SG_HRPC_DEFAULT_WRITE_TIMEOUT_MS;
+  l->linger_ms = SG_HRPC_DEFAULT_LINGER_MS;
+  l->max_connections = SG_HRPC_DEFAULT_MAX_CONNECTIONS;
+}
+
+/* Copies `in` over the defaults, field by field, where it is non-zero. */
+static void limits_merge(sg__hrpc_limits *out, const sg__hrpc_limits *in) {
+  sg__hrpc_limits_default(out);
+  if (!in) return;
+#define TAKE(f) if (in->f) out->f = in->f
+  TAKE(max_header_bytes); TAKE(max_body_bytes); TAKE(header_timeout_ms);
+  TAKE(body_timeout_ms); TAKE(idle_timeout_ms); TAKE(write_timeout_ms);
+  TAKE(linger_ms); TAKE(max_connections);
+#undef TAKE
+}
+
+/* Appends and keeps the buffer NUL-terminated. */
+static int hbuf_append(hbuf *b, const char *s, size_t n) {
+  if (b->cap - b->len <= n) {
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap - b->len <= n) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) return SG_ENOMEM;
+    b->p = p;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return 0;
+}
+
+static void peer_name(uv_tcp_t *tcp, char *out, size_t cap) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  char ip[INET6_ADDRSTRLEN] = "?";
+  snprintf(out, cap, "?");
+  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0) return;
+  if (ss.ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+    uv_ip6_name(a, ip, sizeof ip);
+    snprintf(out, cap, "[%s]:%d", ip, ntohs(a->sin6_port));
+  } else {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+    uv_ip4_name(a, ip, sizeof ip);
+    snprintf(out, cap, "%s:%d", ip, ntohs(a->sin_port));
+  }
+}
+
+/* An hrpc.v1.Error, serialized into fresh memory the caller frees. */
+static uint8_t *error_encode(const char *id, const char *msg, const uint8_t *details,
+                             size_t details_len, size_t *out_len) {
+  Hrpc__V1__Error e = HRPC__V1__ERROR__INIT;
+  e.identifier = (char *)id;
+  e.human_message = (char *)(msg ? msg : "");
+  e.details.data = (uint8_t *)details;
+  e.details.len = details ? details_len : 0;
+  *out_len = hrpc__v1__error__get_packed_size(&e);
+  uint8_t *buf = malloc(*out_len ? *out_len : 1);
+  if (buf) hrpc__v1__error__pack(&e, buf);
+  return buf;
+}
+
+/* application/hrpc, any case, optionally followed by ";parameters". */
+static int content_type_ok(const hbuf *ct) {
+  static const char want[] = CT_HRPC;
+  const size_t n = sizeof want - 1;
+  if (!ct->p || ct->len < n || strncasecmp(ct->p, want, n) != 0) return 0;
+  const char *rest = ct->p + n;
+  while (*rest == ' ' || *rest == '\t') rest++;
+  return *rest == '\0' || *rest == ';';
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static req *req_new(conn *c) {
+  req *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->conn = c;
+  r->refs = 1;
+  memcpy(r->peer, c->peer, sizeof r->peer);
+  r->pub.peer = r->peer;
+  r->pub.path = "";
+  return r;
+}
+
+static void req_unref(req *r) {
+  if (--r->refs > 0) return;
+  free(r->url.p);
+  free(r->body.p);
+  free(r->ctype.p);
+  free(r->auth.p);
+  free(r->expect.p);
+  free(r);
+}
+
+/* Runs the done callback, at most once. */
+static void req_done(req *r, int status) {
+  sg__hrpc_done_cb cb = r->done_cb;
+  if (!cb) return;
+  r->done_cb = NULL;
+  cb(&r->pub, r->done_ud, status);
+}
+
+/* The connection lets go of its request: a late answer becomes a no-op. */
+static void req_detach(req *r, int status) {
+  r->conn = NULL;
+  req_done(r, status);
+  req_unref(r);
+}
+
+/* The handler gives back its reference. */
+static void req_finish(req *r) {
+  r->answered = 1;
+  req_unref(r);
+}
+
+/* Records a verdict and logs it with the peer's address. */
+static void verdict_setv(verdict *v, const sg__logger *log, sg_log_level lvl, const char *peer,
+                         int status, const char *id, const char *fmt, va_list ap) {
+  vsnprintf(v->msg, sizeof v->msg, fmt, ap);
+  v->status = status;
+  v->id = id;
+  sg__log(log, lvl, "peer", peer, "hrpc %d %s: %s", status, id, v->msg);
+}
+
+/* The server answers this request itself, after the body is read (and
+ * dropped), so that the connection can be kept alive. */
+static void req_reject(req *r, const sg__logger *log, sg_log_level lvl, int status,
+                       const char *id, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static void req_reject(req *r, const sg__logger *log, sg_log_level lvl, int status,
+                       const char *id, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  verdict_setv(&r->refusal, log, lvl, r->peer, status, id, fmt, ap);
+  va_end(ap);
+  r->kind = K_ERROR;
+}
+
+/* ---- the public request API ---------------------------------------------- */
+
+static int respond_error_on(conn *c, int status, const char *id, const char *msg,
+                            const uint8_t *details, size_t details_len) {
+  size_t n;
+  uint8_t *buf = error_encode(id, msg, details, details_len, &n);
+  if (!buf) {
+    conn_close(c, SG_ENOMEM);
+    return SG_ENOMEM;
+  }
+  int rc = conn_respond(c, status, CT_HRPC, buf, n);
+  free(buf);
+  return rc;
+}
+
+int sg__hrpc_respond(sg__hrpc_request *pub, const uint8_t *body, size_t len) {
+  req *r = container_of(pub, req, pub);
+  if (r->answered) return SG_EINVAL;
+  int rc = r->conn ? conn_respond(r->conn, 200, CT_HRPC, body, len) : SG_ECANCELED;
+  req_finish(r);
+  return rc;
+}
+
+int sg__hrpc_respond_error(sg__hrpc_request *pub, int http_status, const char *identifier,
+                          const char *human_message, const uint8_t *details,
+                          size_t details_len) {
+  req *r = container_of(pub, req, pub);
+  if (r->answered || http_status < 200 || http_status > 599 || !identifier)
+    return SG_EINVAL;
+  int rc = r->conn ? respond_error_on(r->conn, http_status, identifier, human_message,
+                                      details, details_len)
+                   : SG_ECANCELED;
+  req_finish(r);
+  return rc;
+}
+
+void sg__hrpc_request_release(sg__hrpc_request *pub) {
+  req *r = container_of(pub, req, pub);
+  if (r->conn)
+    respond_error_on(r->conn, 500, ID_INTERNAL, "the handler gave no answer", NULL, 0);
+  req_finish(r);
+}
+
+int sg__hrpc_request_on_done(sg__hrpc_request *pub, sg__hrpc_done_cb cb, void *ud) {
+  req *r = container_of(pub, req, pub);
+  if (!cb || r->answered || r->done_cb) return SG_EINVAL;
+  if (!r->conn) return SG_ECANCELED;
+  r->done_cb = cb;
+  r->done_ud = ud;
+  return 0;
+}
+
+int sg__hrpc_request_alive(const sg__hrpc_request *pub) {
+  const req *r = container_of(pub, const req, pub);
+  return r->conn != NULL;
+}
+
+/* ---- connections: timers, closing ---------------------------------------- */
+
+static void maybe_finish_close(sg__hrpc_server *srv) {
+  if (!srv->closing || !srv->tcp_closed || srv->pending > 0) return;
+  for (size_t i = 0; i < srv->nroutes; i++) free(srv->routes[i].path);
+  free(srv->routes);
+  srv->routes = NULL;
+  srv->nroutes = srv->route_cap = 0;
+  if (srv->close_cb) srv->close_cb(srv);
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  conn *c = h->data;
+  if (--c->open_handles > 0) return;
+  sg__hrpc_server *srv = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  free(c);
+  srv->stats.active--;
+  srv->pending--;
+  maybe_finish_close(srv);
+}
+
+/* Idempotent. The request in progress, if any, is detached with `status`
+ * (its done callback runs now, not after close). */
+static void conn_close(conn *c, int status) {
+  if (c->state == ST_CLOSING) return;
+  c->state = ST_CLOSING;
+  if (c->req) {
+    req *r = c->req;
+    c->req = NULL;
+    req_detach(r, status);
+  }
+  uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+  uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+}
+
+static void on_timer(uv_timer_t *t) {
+  conn *c = t->data;
+  static const char *const what[] = {
+      [ST_HEAD] = "request headers not complete in time",
+      [ST_BODY] = "request body not complete in time",
+      [ST_WRITING] = "response not written in time",
+  };
+  if (c->state < (int)(sizeof what / sizeof *what) && what[c->state])
+    sg__log(c->srv->log, SG_LOG_WARN, "peer", c->peer, "hrpc: %s, closing", what[c->state]);
+  conn_close(c, SG_ETIMEDOUT);
+}
+
+static void conn_timer(conn *c, uint64_t ms) {
+  uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  conn *c = h->data;
+  if (c->roff == c->rlen) {
+    c->roff = c->rlen = 0;
+  } else if (c->rlen == RBUF_SIZE && c->roff > 0) {
+    memmove(c->rbuf, c->rbuf + c->roff, c->rlen - c->roff);
+    c->rlen -= c->roff;
+    c->roff = 0;
+  }
+  /* A full buffer gives a zero-length buf: libuv answers UV_ENOBUFS and we
+   * stop reading until the parser has caught up. */
+  *buf = uv_buf_init(c->rbuf + c->rlen, (unsigned)(RBUF_SIZE - c->rlen));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  conn *c = s->data;
+  if (nread == UV_ENOBUFS) {
+    uv_read_stop(s);
+    c->reading = 0;
+  } else if (nread < 0) {
+    /* EOF too: a peer that half-closes is taken as gone, so that a response
+     * to a peer that gave up is never reported as delivered. */
+    conn_close(c, nread == UV_EOF ? SG_ECANCELED : (int)nread);
+  } else if (c->state == ST_LINGER) {
+    c->roff = c->rlen = 0;
+  } else if (nread > 0) {
+    c->rlen += (size_t)nread;
+    if (c->state <= ST_BODY) conn_parse(c);
+  }
+}
+
+static void conn_read_resume(conn *c) {
+  if (c->reading || c->state == ST_CLOSING) return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+/* ---- parser callbacks ---------------------------------------------------- */
+
+/* Records why the request is rejected; the response closes the connection.
+ * Returns -1 so that the parser stops. */
+static int conn_fail(conn *c, int status, const char *id, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int conn_fail(conn *c, int status, const char *id, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  verdict_setv(&c->fail, c->srv->log, SG_LOG_WARN, c->peer, status, id, fmt, ap);
+  va_end(ap);
+  return -1;
+}
+
+static int head_count(conn *c, size_t n) {
+  req *r = c->req;
+  r->head_bytes += n;
+  if (r->head_bytes <= c->srv->limits.max_header_bytes) return 0;
+  return conn_fail(c, 431, ID_BAD_UNARY, "request header exceeds %zu bytes",
+                   c->srv->limits.max_header_bytes);
+}
+
+static int on_message_begin(http_parser *p) {
+  conn *c = p->data;
+  if (!(c->req = req_new(c))) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  /* The first request's header time-out runs from accept already. */
+  if (c->state == ST_IDLE) conn_timer(c, c->srv->limits.header_timeout_ms);
+  c->state = ST_HEAD;
+  return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t n) {
+  conn *c = p->data;
+  if (head_count(c, n)) return -1;
+  if (hbuf_append(&c->req->url, at, n)) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  return 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t n) {
+  conn *c = p->data;
+  req *r = c->req;
+  if (head_count(c, n + (r->hstate == H_FIELD ? 0 : 4))) return -1;  /* ": " CRLF */
+  if (r->hstate != H_FIELD) r->hname_len = 0;
+  r->hstate = H_FIELD;
+  /* Names longer than hname are none we look at: keep them unmatched. */
+  if (r->hname_len + n < sizeof r->hname) memcpy(r->hname + r->hname_len, at, n);
+  r->hname_len += n;
+  return 0;
+}
+
+/* The buffer a header value is kept in, or NULL for a header we ignore. */
+static hbuf *header_target(req *r) {
+  if (r->hname_len >= sizeof r->hname) return NULL;
+  r->hname[r->hname_len] = '\0';
+  if (strcasecmp(r->hname, "content-type") == 0) return &r->ctype;
+  if (strcasecmp(r->hname, "authorization") == 0) return &r->auth;
+  if (strcasecmp(r->hname, "expect") == 0) return &r->expect;
+  return NULL;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t n) {
+  conn *c = p->data;
+  req *r = c->req;
+  if (head_count(c, n)) return -1;
+  if (r->hstate != H_VALUE) {
+    r->hstate = H_VALUE;
+    r->hval = header_target(r);
+    if (r->hval) r->hval->len = 0;  /* a repeated header: the last one wins */
+  }
+  if (r->hval && hbuf_append(r->hval, at, n))
+    return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  return 0;
+}
+
+/* Decides, once the headers are in, who answers the request. */
+static void req_classify(conn *c, req *r, const http_parser *p) {
+  const sg__logger *log = c->srv->log;
+  char *q = r->url.p ? strchr(r->url.p, '?') : NULL;
+  if (q) *q = '\0';
+  r->pub.path = r->url.p ? r->url.p : "";
+  if (p->method == HTTP_GET && strcmp(r->pub.path, "/healthz") == 0) {
+    r->kind = K_HEALTH;
+  } else if (p->method != HTTP_POST) {
+    req_reject(r, log, SG_LOG_WARN, 405, ID_BAD_UNARY, "method %s not allowed: hRPC uses POST",
+               http_method_str((enum http_method)p->method));
+  } else if (!content_type_ok(&r->ctype)) {
+    req_reject(r, log, SG_LOG_WARN, 400, ID_BAD_UNARY, "Content-Type must be %s", CT_HRPC);
+  } else {
+    const sg__hrpc_server *srv = c->srv;
+    for (size_t i = 0; i < srv->nroutes; i++) {
+      if (strcmp(srv->routes[i].path, r->pub.path) != 0) continue;
+      r->kind = K_ROUTE;
+      r->handler = srv->routes[i].handler;
+      r->handler_ud = srv->routes[i].ud;
+      return;
+    }
+    req_reject(r, log, SG_LOG_INFO, 404, ID_NOT_FOUND, "no method %s", r->pub.path);
+  }
+}
+
+static void on_continue_written(uv_write_t *w, int status) {
+  conn *c = container_of(w, conn, creq);
+  c->continue_pending = 0;
+}
+
+/* "Expect: 100-continue": the peer waits for this before sending the body. */
+static void conn_send_continue(conn *c) {
+  static char msg[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  uv_buf_t b = uv_buf_init(msg, sizeof msg - 1);
+  if (c->continue_pending) return;
+  if (uv_write(&c->creq, (uv_stream_t *)&c->tcp, &b, 1, on_continue_written) == 0)
+    c->continue_pending = 1;
+}
+
+static int on_headers_complete(http_parser *p) {
+  conn *c = p->data;
+  req *r = c->req;
+  const size_t max = c->srv->limits.max_body_bytes;
+  r->keep_alive = http_should_keep_alive(p);
+  r->http10 = p->http_major == 1 && p->http_minor == 0;
+  /* content_length is ULLONG_MAX when absent; with chunked it is not set. */
+  if (!(p->flags & F_CHUNKED) && p->content_length != UINT64_MAX && p->content_length > max)
+    return conn_fail(c, 413, ID_BAD_UNARY, "request body of %llu bytes exceeds %zu",
+                     (unsigned long long)p->content_length, max);
+  req_classify(c, r, p);
+  c->state = ST_BODY;
+  conn_timer(c, c->srv->limits.body_timeout_ms);
+  if (r->kind == K_ROUTE && r->expect.p && strcasecmp(r->expect.p, "100-continue") == 0 &&
+      !r->http10)
+    conn_send_continue(c);
+  return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t n) {
+  conn *c = p->data;
+  req *r = c->req;
+  const size_t max = c->srv->limits.max_body_bytes;
+  r->body_seen += n;
+  if (r->body_seen > max)
+    return conn_fail(c, 413, ID_BAD_UNARY, "request body exceeds %zu bytes", max);
+  if (r->kind != K_ROUTE) return 0;  /* dropped: the server answers it */
+  if (hbuf_append(&r->body, at, n)) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  return 0;
+}
+
+static int on_message_complete(http_parser *p) {
+  /* Stop here: the rest of the buffer is the next request, parsed after
+   * this one has been answered. */
+  http_parser_pause(p, 1);
+  return 0;
+}
+
+static const http_parser_settings parser_settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+/* ---- answering ----------------------------------------------------------- */
+
+static void conn_linger(conn *c);
+
+static void on_written(uv_write_t *w, int status) {
+  conn *c = container_of(w, conn, wreq);
+  free(c->wbuf);
+  c->wbuf = NULL;
+  if (c->state == ST_CLOSING) return;  /* the request was detached already */
+  req *r = c->req;
+  c->req = NULL;
+  int keep = r->keep_alive && status == 0;
+  req_done(r, status);
+  req_unref(r);
+  if (c->state == ST_CLOSING) return;  /* the done callback closed the server */
+  if (status < 0) {
+    conn_close(c, status);
+  } else if (!keep) {
+    conn_linger(c);
+  } else {
+    c->state = ST_IDLE;
+    conn_timer(c, c->srv->limits.idle_timeout_ms);
+    http_parser_pause(&c->parser, 0);
+    conn_parse(c);
+  }
+}
+
+static const char *reason_phrase(int status) {
+  const char *s = http_status_str((enum http_status)status);
+  return s[0] == '<' ? "Unknown" : s;
+}
+
+/* Writes the response to c->req (head and body in one buffer). On failure
+ * the connection is closed and the error returned. */
+static int conn_respond(conn *c, int status, const char *ctype, const void *body, size_t len) {
+  req *r = c->req;
+  if (c->srv->closing) r->keep_alive = 0;
+  const char *conn_hdr = !r->keep_alive ? "Connection: close\r\n"
+                         : r->http10    ? "Connection: keep-alive\r\n"
+                                        : "";
+  char head[256];
+  int hn = snprintf(head, sizeof head,
+                    "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                    "Hrpc-Version: 1\r\n%s\r\n",
+                    status, reason_phrase(status), ctype, len, conn_hdr);
+  if (!(c->wbuf = malloc((size_t)hn + len + 1))) {
+    conn_close(c, SG_ENOMEM);
+    return SG_ENOMEM;
+  }
+  memcpy(c->wbuf, head, (size_t)hn);
+  if (len) memcpy(c->wbuf + hn, body, len);
+  uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)((size_t)hn + len));
+  int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+  if (rc) {
+    free(c->wbuf);
+    c->wbuf = NULL;
+    conn_close(c, rc);
+    return rc;
+  }
+  c->srv->stats.requests++;
+  c->state = ST_WRITING;
+  conn_timer(c, c->srv->limits.write_timeout_ms);
+  return 0;
+}
+
+static void on_shutdown(uv_shutdown_t *s, int status) {
+  conn *c = container_of(s, conn, sreq);
+  if (status < 0) conn_close(c, status);
+}
+
+/* After the last response: send FIN, then read and drop what the peer still
+ * sends until it closes or linger_ms pass, so that it does not get a reset
+ * before it has read our answer. */
+static void conn_linger(conn *c) {
+  c->state = ST_LINGER;
+  c->roff = c->rlen = 0;
+  if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+    conn_close(c, 0);
+    return;
+  }
+  conn_timer(c, c->srv->limits.linger_ms);
+  conn_read_resume(c);
+}
+
+static void conn_dispatch(conn *c) {
+  req *r = c->req;
+  uv_timer_stop(&c->timer);
+  c->state = ST_BUSY;
+  if (r->kind == K_HEALTH) {
+    conn_respond(c, 200, "text/plain", "ok", 2);
+  } else if (r->kind == K_ERROR) {
+    respond_error_on(c, r->refusal.status, r->refusal.id, r->refusal.msg, NULL, 0);
+  } else {
+    r->pub.body = r->body.len ? (const uint8_t *)r->body.p : NULL;
+    r->pub.body_len = r->body.len;
+    r->pub.authorization = r->auth.p;
+    r->refs++;  /* the handler's, given back by respond or release */
+    r->handler(&r->pub, r->handler_ud);
+  }
+}
+
+/* A request the parser rejected: answer it and close the connection. */
+static void conn_bad_request(conn *c, enum http_errno e) {
+  if (!c->fail.status) {
+    if (e == HPE_HEADER_OVERFLOW)
+      conn_fail(c, 431, ID_BAD_UNARY, "request header too large");
+    else
+      conn_fail(c, 400, ID_BAD_UNARY, "malformed HTTP request: %s", http_errno_description(e));
+  }
+  if (!c->req && !(c->req = req_new(c))) {
+    conn_close(c, SG_ENOMEM);
+    return;
+  }
+  c->req->keep_alive = 0;
+  uv_timer_stop(&c->timer);
+  c->state = ST_BUSY;
+  respond_error_on(c, c->fail.status, c->fail.id, c->fail.msg, NULL, 0);
+}
+
+static void conn_parse(conn *c) {
+  while (c->state <= ST_BODY && c->roff < c->rlen) {
+    size_t avail = c->rlen - c->roff;
+    size_t n = http_parser_execute(&c->parser, &parser_settings, c->rbuf + c->roff, avail);
+    c->roff += n;
+    enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
+    if (e == HPE_PAUSED) {
+      conn_dispatch(c);
+    } else if (e != HPE_OK) {
+      conn_bad_request(c, e);
+      return;
+    } else if (n < avail) {
+      conn_bad_request(c, HPE_UNKNOWN);  /* an upgrade: not ours to speak */
+      return;
+    }
+  }
+  conn_read_resume(c);
+}
+
+/* ---- accepting ----------------------------------------------------------- */
+
+static void on_rejected_closed(uv_handle_t *h) {
+  sg__hrpc_server *srv = h->data;
+  free(h);
+  srv->pending--;
+  maybe_finish_close(srv);
+}
+
+/* Over max_connections: accept (to take it off the backlog) and close. */
+static void reject_connection(sg__hrpc_server *srv) {
+  uv_tcp_t *t = malloc(sizeof *t);
+  char peer[64] = "?";
+  if (!t || uv_tcp_init(srv->loop, t) != 0) {
+    free(t);
+    return;
+  }
+  t->data = srv;
+  if (uv_accept((uv_stream_t *)&srv->tcp, (uv_stream_t *)t) == 0) peer_name(t, peer, sizeof peer);
+  sg__log(srv->log, SG_LOG_WARN, "peer", peer, "hrpc: %u connections open, refusing another",
+          srv->stats.active);
+  srv->stats.rejected++;
+  srv->pending++;
+  uv_close((uv_handle_t *)t, on_rejected_closed);
+}
+
+static conn *conn_new(sg__hrpc_server *srv) {
+  conn *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  c->srv = srv;
+  uv_tcp_init(srv->loop, &c->tcp);
+  uv_timer_init(srv->loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  c->open_handles = 2;
+  c->state = ST_HEAD;
+  http_parser_init(&c->parser, HTTP_REQUEST);
+  c->parser.data = c;
+  c->next = srv->conns;
+  if (c->next) c->next->prev = c;
+  srv->conns = c;
+  srv->pending++;
+  srv->stats.active++;
+  return c;
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  sg__hrpc_server *srv = server->data;
+  if (status < 0) {
+    sg__log(srv->log, SG_LOG_WARN, NULL, NULL, "hrpc accept: %s", uv_strerror(status));
+    return;
+  }
+  if (srv->stats.active >= srv->limits.max_connections) {
+    reject_connection(srv);
+    return;
+  }
+  conn *c = conn_new(srv);
+  if (!c) return;
+  int rc = uv_accept(server, (uv_stream_t *)&c->tcp);
+  if (rc) {
+    conn_close(c, rc);
+    return;
+  }
+  srv->stats.accepted++;
+  peer_name(&c->tcp, c->peer, sizeof c->peer);
+  conn_timer(c, srv->limits.header_timeout_ms);
+  conn_read_resume(c);
+}
+
+/* ---- the server ---------------------------------------------------------- */
+
+int sg__hrpc_server_init(uv_loop_t *loop, sg__hrpc_server *srv, const sg__hrpc_limits *limits,
+                        const sg__logger *log) {
+  memset(srv, 0, sizeof *srv);
+  srv->loop = loop;
+  srv->log = log;
+  limits_merge(&srv->limits, limits);
+  int rc = uv_tcp_init(loop, &srv->tcp);
+  if (rc) return rc;
+  srv->tcp.data = srv;
+  return 0;
+}
+
+/* Splits "host:port" / "[v6]:port" and fills `ss`. */
+static int parse_address(const char *address, struct sockaddr_storage *ss) {
+  char host[INET6_ADDRSTRLEN + 16];
+  const char *hs = address, *he, *port;
+  if (*address == '[') {
+    hs = address + 1;
+    he = strchr(hs, ']');
+    if (!he || he[1] != ':') return SG_EINVAL;
+    port = he + 2;
+  } else {
+    he = strrchr(address, ':');
+    if (!he) return SG_EINVAL;
+    port = he + 1;
+  }
+  size_t hl = (size_t)(he - hs);
+  if (hl == 0 || hl >= sizeof host || *port == '\0' || strlen(port) > 5) return SG_EINVAL;
+  for (const char *d = port; *d; d++)
+    if (*d < '0' || *d > '9') return SG_EINVAL;
+  int pn = atoi(port);
+  if (pn > 65535) return SG_EINVAL;
+  memcpy(host, hs, hl);
+  host[hl] = '\0';
+  if (uv_ip4_addr(host, pn, (struct sockaddr_in *)ss) == 0) return 0;
+  if (uv_ip6_addr(host, pn, (struct sockaddr_in6 *)ss) == 0) return 0;
+  return SG_EINVAL;
+}
+
+int sg__hrpc_server_listen(sg__hrpc_server *srv, const char *address) {
+  struct sockaddr_storage ss;
+  if (!address || srv->closing || srv->listening) return SG_EINVAL;
+  int rc = parse_address(address, &ss);
+  if (rc) return rc;
+  if ((rc = uv_tcp_bind(&srv->tcp, (const struct sockaddr *)&ss, 0))) return rc;
+  if ((rc = uv_listen((uv_stream_t *)&srv->tcp, 511, on_connection))) return rc;
+  srv->listening = 1;
+  return 0;
+}
+
+int sg__hrpc_server_port(const sg__hrpc_server *srv) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  if (!srv->listening) return UV_EINVAL;
+  int rc = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
+  if (rc) return rc;
+  return ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                  : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+}
+
+int sg__hrpc_server_route(sg__hrpc_server *srv, const char *path, sg__hrpc_handler handler,
+                         void *ud) {
+  if (!path || path[0] != '/' || !handler || srv->closing) return SG_EINVAL;
+  for (size_t i = 0; i < srv->nroutes; i++)
+    if (strcmp(srv->routes[i].path, path) == 0) return SG_EEXIST;
+  if (srv->nroutes == srv->route_cap) {
+    size_t cap = srv->route_cap ? srv->route_cap * 2 : 8;
+    struct sg__hrpc_route *r = realloc(srv->routes, cap * sizeof *r);
+    if (!r) return SG_ENOMEM;
+    srv->routes = r;
+    srv->route_cap = cap;
+  }
+  char *copy = strdup(path);
+  if (!copy) return SG_ENOMEM;
+  srv->routes[srv->nroutes++] = (struct sg__hrpc_route){copy, handler, ud};
+  return 0;
+}
+
+void sg__hrpc_server_stats_get(const sg__hrpc_server *srv, sg__hrpc_server_stats *out) {
+  *out = srv->stats;
+}
+
+static void on_listener_closed(uv_handle_t *h) {
+  sg__hrpc_server *srv = h->data;
+  srv->tcp_closed = 1;
+  maybe_finish_close(srv);
+}
+
+void sg__hrpc_server_close(sg__hrpc_server *srv, sg__hrpc_server_close_cb close_cb) {
+  if (srv->closing) return;
+  srv->closing = 1;
+  srv->close_cb = close_cb;
+  uv_close((uv_handle_t *)&srv->tcp, on_listener_closed);
+  for (conn *c = srv->conns; c; c = c->next) conn_close(c, SG_ECANCELED);
+}

@@ -1,0 +1,130 @@
+/* TLS client sessions over memory BIOs (see net_tls.h). */
+#include "net_tls.h"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <uv.h>
+
+#include "segue.h"
+
+struct sg__tls {
+  SSL_CTX *ctx;
+  SSL *ssl;
+  BIO *in;   /* ciphertext from the peer, read by OpenSSL */
+  BIO *out;  /* ciphertext to the peer, written by OpenSSL */
+};
+
+/* OpenSSL's error queue as one line; the queue is cleared so a later call
+ * does not report a stale reason. */
+static void take_error(const char *what, char *err, size_t errlen) {
+  unsigned long e = ERR_get_error();
+  char reason[256] = "no details";
+  if (e) ERR_error_string_n(e, reason, sizeof reason);
+  if (err && errlen) snprintf(err, errlen, "%s: %s", what, reason);
+  ERR_clear_error();
+}
+
+int sg__tls_new(const char *servername, int verify, sg__tls **out, char *err, size_t errlen) {
+  int has_name = servername && servername[0];
+  if (verify && !has_name) {
+    snprintf(err, errlen, "TLS verification needs a server name");
+    return SG_EINVAL;
+  }
+  sg__tls *t = calloc(1, sizeof *t);
+  if (!t) return SG_ENOMEM;
+  int bios_owned = 0;
+  t->ctx = SSL_CTX_new(TLS_client_method());
+  if (!t->ctx) goto fail;
+  SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
+  if (verify) {
+    SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+    if (SSL_CTX_set_default_verify_paths(t->ctx) != 1) goto fail;
+  }
+  t->ssl = SSL_new(t->ctx);
+  t->in = BIO_new(BIO_s_mem());
+  t->out = BIO_new(BIO_s_mem());
+  if (!t->ssl || !t->in || !t->out) goto fail;
+  SSL_set_bio(t->ssl, t->in, t->out);  /* the session owns both BIOs now */
+  bios_owned = 1;
+  SSL_set_connect_state(t->ssl);
+  if (has_name && SSL_set_tlsext_host_name(t->ssl, servername) != 1) goto fail;
+  if (verify && SSL_set1_host(t->ssl, servername) != 1) goto fail;
+  *out = t;
+  return 0;
+fail:
+  take_error("TLS setup", err, errlen);
+  if (!bios_owned) {
+    BIO_free(t->in);
+    BIO_free(t->out);
+  }
+  sg__tls_free(t);
+  return SG_ENOMEM;
+}
+
+void sg__tls_free(sg__tls *t) {
+  if (!t) return;
+  SSL_free(t->ssl);
+  SSL_CTX_free(t->ctx);
+  free(t);
+}
+
+int sg__tls_feed(sg__tls *t, const char *data, size_t len) {
+  if (len == 0) return 0;
+  return BIO_write(t->in, data, (int)len) == (int)len ? 0 : SG_ENOMEM;
+}
+
+/* The outcome of an SSL_* call that returned rc <= 0: 0 to wait for input,
+ * or an error. */
+static int classify(sg__tls *t, int rc, const char *what, char *err, size_t errlen) {
+  switch (SSL_get_error(t->ssl, rc)) {
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+      return 0;
+    case SSL_ERROR_ZERO_RETURN:
+      return UV_EOF;
+    default:
+      break;
+  }
+  long v = SSL_get_verify_result(t->ssl);
+  if (v != X509_V_OK) {
+    snprintf(err, errlen, "certificate verify failed: %s", X509_verify_cert_error_string(v));
+    ERR_clear_error();
+    return SG_EAUTH;
+  }
+  take_error(what, err, errlen);
+  return SG_EPROTO;
+}
+
+int sg__tls_handshake(sg__tls *t, char *err, size_t errlen) {
+  int rc = SSL_do_handshake(t->ssl);
+  if (rc == 1) return 1;
+  return classify(t, rc, "TLS handshake", err, errlen);
+}
+
+int sg__tls_read(sg__tls *t, char *buf, size_t cap, char *err, size_t errlen) {
+  int rc = SSL_read(t->ssl, buf, (int)cap);
+  if (rc > 0) return rc;
+  return classify(t, rc, "TLS read", err, errlen);
+}
+
+int sg__tls_write(sg__tls *t, const char *data, size_t len, char *err, size_t errlen) {
+  /* Memory BIOs grow, so a write is never partial and never waits. */
+  while (len > 0) {
+    int rc = SSL_write(t->ssl, data, (int)(len > 1 << 30 ? 1 << 30 : len));
+    if (rc <= 0) {
+      int e = classify(t, rc, "TLS write", err, errlen);
+      return e ? e : SG_EPROTO;
+    }
+    data += rc;
+    len -= (size_t)rc;
+  }
+  return 0;
+}
+
+size_t sg__tls_take_output(sg__tls *t, char *buf, size_t cap) {
+  int n = BIO_read(t->out, buf, (int)cap);
+  return n > 0 ? (size_t)n : 0;
+}

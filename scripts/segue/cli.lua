@@ -1,0 +1,82 @@
+--- segue.cli: the command line's commands, one function each.
+---
+--- runtime/cli/main.c parses the global options and runs `run`, `backend`
+--- and `exec` itself (they own the loop's life); every other command is a
+--- function here: M.commands[name](args...) returns the process's exit code
+--- (0 ok, 1 failed, 2 usage). A new command is a new entry: the C side needs
+--- no change. Commands read their config with M.load_config, so "CONFIG or
+--- the embedded default" means the same everywhere.
+local core = require "segue.core"
+local config = require "segue.config"
+
+local M = { commands = {} }
+local commands = M.commands
+
+local function err(fmt, ...) io.stderr:write("segue: ", fmt:format(...), "\n") end
+
+--- load_config(path): the config at `path`, or the embedded default when
+--- path is nil; on failure nil, the errors (a list of "file:line: ..." lines).
+function M.load_config(path)
+  if path then return config.load_file(path) end
+  return config.load_string(core.embedded_source("segue.default_config"), "(default config)")
+end
+
+--- config_or_fail(path): the config, or nil after printing its errors.
+function M.config_or_fail(path)
+  local cfg, errors = M.load_config(path)
+  if not cfg then
+    for _, e in ipairs(errors) do io.stderr:write(e, "\n") end
+    return nil
+  end
+  return cfg
+end
+
+-- segue check CONFIG ------------------------------------------------------------
+function commands.check(path)
+  if not path then
+    io.stderr:write("usage: segue check CONFIG\n")
+    return 2
+  end
+  local ok = require("segue.boot").check(path)
+  return ok and 0 or 1
+end
+
+-- segue reload [CONFIG] ---------------------------------------------------------
+function commands.reload(path)
+  local ok, e = require("segue.boot").signal_reload(path)
+  if not ok then err("reload: %s", e) return 1 end
+  return 0
+end
+
+-- segue status [CONFIG] ---------------------------------------------------------
+function commands.status(path)
+  local ok, e = require("segue.status").command(path)
+  if not ok then err("status: %s", e) return 1 end
+  return 0
+end
+
+-- segue key [CONFIG] ------------------------------------------------------------
+function commands.key(path)
+  local ok, e = require("segue.harmony").key_command(path)
+  if not ok then err("key: %s", e) return 1 end
+  return 0
+end
+
+-- segue config --default --------------------------------------------------------
+commands.config = function(flag)
+  if flag ~= "--default" then
+    io.stderr:write("usage: segue config --default\n")
+    return 2
+  end
+  io.stdout:write(core.embedded_source("segue.default_config"))
+  return 0
+end
+
+--- run(name, args...): the exit code of command `name`.
+function M.run(name, ...)
+  local fn = commands[name]
+  if not fn then return nil end
+  return fn(...)
+end
+
+return M
