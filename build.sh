@@ -10,10 +10,17 @@
 set -eu
 cd "$(dirname "$0")"
 
-PACKAGES="gcc libc6-dev make cmake pkg-config python3 curl ca-certificates lua5.4
-  liblua5.4-dev libuv1-dev libcjson-dev libsodium-dev lua-busted libprotobuf-c-dev
-  protobuf-c-compiler protobuf-compiler libcurl4-openssl-dev libhttp-parser-dev libsqlite3-dev
-  libssl-dev openssl ngircd valgrind"
+# One package per line or group, by what needs it (merges stay clean).
+PACKAGES="
+  gcc libc6-dev make cmake pkg-config python3 curl ca-certificates
+  lua5.4 liblua5.4-dev lua-busted
+  libuv1-dev libcjson-dev libsodium-dev
+  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+  libcurl4-openssl-dev libhttp-parser-dev libsqlite3-dev
+  libssl-dev openssl
+  ngircd
+  valgrind
+"
 
 BUILD_TYPE=${SEGUE_BUILD_TYPE:-RelWithDebInfo}
 BUILD_DIR=${SEGUE_BUILD_DIR:-build/$BUILD_TYPE}
