@@ -287,10 +287,7 @@ static int l_emit(lua_State *L) {
   luaL_argcheck(L, b->tp == &sg__lua_transport, 1, "not a Lua backend");
   char err[512];
   cJSON *v = sg__lua_to_json(L, 2, err, sizeof err);
-  sg__fl_kind kind = SG_FL_UPDATE;
-  if (b->state == SG_BACKEND_STARTING) kind = SG_FL_INIT_INFO;
-  else if (cJSON_HasObjectItem(v, "sequence_number") && cJSON_HasObjectItem(v, "body"))
-    kind = SG_FL_RESPONSE;
+  sg__fl_kind kind = sg__fl_classify_backend(v, b->state == SG_BACKEND_STARTING);
   if (v && sg__fl_validate(v, kind, &b->cfg.limits, err, sizeof err) != 0) {
     cJSON_Delete(v);
     v = NULL;

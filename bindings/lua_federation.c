@@ -28,7 +28,10 @@
 #include <string.h>
 
 #include "bindings.h"
+#include <protobuf-c/protobuf-c.h>
+
 #include "federation.h"
+#include "hrpc_errors.h"
 
 #define FED_MT "segue.federation"
 #define REQ_MT "segue.federation.request"
@@ -137,7 +140,7 @@ static void on_request(sg__federation *f, sg__fed_method m, const char *server_i
   lfed *lf = ud;
   lua_State *L = lf->h->L;
   if (lf->lua_gone || !L || lf->handler_ref == LUA_NOREF) {
-    sg__hrpc_respond_error(req, 501, "hrpc.not-implemented", "no handler for this method", NULL, 0);
+    sg__hrpc_respond_error(req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
     return;
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, lf->handler_ref);
@@ -454,5 +457,31 @@ int luaopen_segue_federation_core(lua_State *L) {
   sg__lua_class(L, FED_MT, fed_methods, fed_meta);
   sg__lua_class(L, REQ_MT, req_methods, req_meta);
   luaL_newlib(L, fns);
+  /* methods: { ["protocol.sync.v1.PostboxService/Push"] = {name=, request=,
+   * response=} } (message type names), from runtime/harmony's one table. */
+  lua_newtable(L);
+  for (const sg__fed_method_desc *m = sg__fed_methods; m->name; m++) {
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, m->name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, m->request->name);
+    lua_setfield(L, -2, "request");
+    lua_pushstring(L, m->response->name);
+    lua_setfield(L, -2, "response");
+    lua_setfield(L, -2, m->path + 1);
+  }
+  lua_setfield(L, -2, "methods");
+  /* errors: { BAD_UNARY = {identifier=, status=}, ... } (hrpc_errors.h). */
+  lua_newtable(L);
+#define XX(name, id, status)          \
+  lua_createtable(L, 0, 2);           \
+  lua_pushstring(L, id);              \
+  lua_setfield(L, -2, "identifier");  \
+  lua_pushinteger(L, status);         \
+  lua_setfield(L, -2, "status");      \
+  lua_setfield(L, -2, #name);
+  SG__HRPC_ERROR_MAP(XX)
+#undef XX
+  lua_setfield(L, -2, "errors");
   return 1;
 }

@@ -729,21 +729,22 @@ static cJSON *parse(fl_ctx *c, const char *json, size_t len, uint64_t offset) {
   return NULL;
 }
 
-static sg__fl_kind classify(const cJSON *v) {
+sg__fl_kind sg__fl_classify_backend(const cJSON *v, int expect_init) {
+  if (expect_init) return SG_FL_INIT_INFO;
   if (cJSON_IsObject(v) && cJSON_GetObjectItemCaseSensitive(v, "sequence_number") &&
       cJSON_GetObjectItemCaseSensitive(v, "body"))
     return SG_FL_RESPONSE;
   return SG_FL_UPDATE;
 }
 
-/* kind < 0: classify a backend's value. */
+/* kind < 0: classify a backend's value (not its first). */
 static cJSON *decode(const char *json, size_t len, uint64_t offset, int kind,
                      const sg__fl_limits *lim, sg__fl_kind *out, char *err, size_t errlen) {
   fl_ctx c;
   ctx_init(&c, lim, err, errlen);
   cJSON *v = parse(&c, json, len, offset);
   if (!v) return NULL;
-  sg__fl_kind k = kind < 0 ? classify(v) : (sg__fl_kind)kind;
+  sg__fl_kind k = kind < 0 ? sg__fl_classify_backend(v, 0) : (sg__fl_kind)kind;
   if (validate(&c, v, k) != 0) {
     cJSON_Delete(v);
     return NULL;

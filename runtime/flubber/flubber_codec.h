@@ -73,6 +73,11 @@ int sg__fl_validate(cJSON *v, sg__fl_kind kind, const sg__fl_limits *lim,
  * reader's rules apply: no control bytes outside JSON whitespace, no raw
  * control characters in strings, no "\u0000" (cJSON would cut the string
  * there), no byte order mark, valid UTF-8 in strings. */
+/* What a value a backend sent is: its first value is the InitInfo
+ * (`expect_init`), later ones a Response when they carry sequence_number and
+ * body, else an Update. The one rule, for every transport. */
+sg__fl_kind sg__fl_classify_backend(const cJSON *v, int expect_init);
+
 cJSON *sg__fl_decode_backend(const char *json, size_t len, uint64_t offset,
                             int expect_init, const sg__fl_limits *lim,
                             sg__fl_kind *kind, char *err, size_t errlen);

@@ -87,10 +87,7 @@ static int write_all(int fd, const char *p, size_t len) {
 }
 
 int sg__stdio_channel_write(sg__stdio_channel *ch, cJSON *v, char *err, size_t errlen) {
-  sg__fl_kind kind = SG_FL_INIT_INFO;
-  if (ch->sent_init)
-    kind = cJSON_HasObjectItem(v, "sequence_number") && cJSON_HasObjectItem(v, "body")
-               ? SG_FL_RESPONSE : SG_FL_UPDATE;
+  sg__fl_kind kind = sg__fl_classify_backend(v, !ch->sent_init);
   int rc = sg__fl_validate(v, kind, &ch->limits, err, errlen);
   if (rc != 0) return rc;
   size_t len;

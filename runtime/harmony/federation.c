@@ -9,24 +9,27 @@
 
 #include "protocol/auth/v1/auth.pb-c.h"
 #include "protocol/sync/v1/sync.pb-c.h"
+#include "hrpc_errors.h"
 #include "segue.h"
 
-#define ID_BAD_UNARY "hrpc.http.bad-unary-request"
-#define ID_UNAVAILABLE "hrpc.unavailable"
-#define ID_INTERNAL "hrpc.internal-server-error"
-#define ID_NOT_IMPLEMENTED "hrpc.not-implemented"
 
-static const struct {
-  const char *name, *path;
-  const ProtobufCMessageDescriptor *request;
-} methods[SG_FED__METHODS] = {
+/* Every hRPC method segue speaks, in sg__fed_method order (the
+ * PostboxService methods routed to the handler), then the Key endpoint. */
+const sg__fed_method_desc sg__fed_methods[] = {
     {"Push", "/protocol.sync.v1.PostboxService/Push",
-     &protocol__sync__v1__push_request__descriptor},
+     &protocol__sync__v1__push_request__descriptor,
+     &protocol__sync__v1__push_response__descriptor},
     {"Pull", "/protocol.sync.v1.PostboxService/Pull",
-     &protocol__sync__v1__pull_request__descriptor},
+     &protocol__sync__v1__pull_request__descriptor,
+     &protocol__sync__v1__pull_response__descriptor},
     {"NotifyNewId", "/protocol.sync.v1.PostboxService/NotifyNewId",
-     &protocol__sync__v1__notify_new_id_request__descriptor},
+     &protocol__sync__v1__notify_new_id_request__descriptor,
+     &protocol__sync__v1__notify_new_id_response__descriptor},
+    {"Key", SG_FED_PATH_KEY, &protocol__auth__v1__key_request__descriptor,
+     &protocol__auth__v1__key_response__descriptor},
+    {NULL, NULL, NULL, NULL},
 };
+#define methods sg__fed_methods
 
 struct sg__fed_route {
   sg__federation *f;
@@ -136,7 +139,7 @@ static void hand_over(waiter *w) {
   if (f->handler)
     f->handler(f, w->route->method, w->tok.server_id, w->req, f->handler_ud);
   else
-    sg__hrpc_respond_error(w->req, 501, ID_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
+    sg__hrpc_respond_error(w->req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
   w->req = NULL;
   waiter_free(w);
 }
@@ -177,7 +180,7 @@ static void fetch_finished(sg__fed_peer *p, const char *failure) {
     waiter *w = list;
     list = w->next;
     if (failure || !p->has_key)
-      refuse(w, 503, ID_UNAVAILABLE, "NO_KEY", "the server's key is not available");
+      refuse(w, 503, SG__HRPC_UNAVAILABLE, "NO_KEY", "the server's key is not available");
     else
       authenticate(w, p);
   }
@@ -238,8 +241,8 @@ static int body_is(const ProtobufCMessageDescriptor *d, const sg__hrpc_request *
 static void bad_body(sg__federation *f, sg__hrpc_request *req, const ProtobufCMessageDescriptor *d) {
   char msg[160];
   snprintf(msg, sizeof msg, "the body is not a %s", d->name);
-  sg__log(f->log, SG_LOG_WARN, "peer", req->peer, "hrpc 400 %s: %s", ID_BAD_UNARY, msg);
-  sg__hrpc_respond_error(req, 400, ID_BAD_UNARY, msg, NULL, 0);
+  sg__log(f->log, SG_LOG_WARN, "peer", req->peer, "hrpc 400 %s: %s", SG__HRPC_BAD_UNARY, msg);
+  sg__hrpc_respond_error(req, 400, SG__HRPC_BAD_UNARY, msg, NULL, 0);
 }
 
 static void on_postbox(sg__hrpc_request *req, void *ud) {
@@ -247,7 +250,7 @@ static void on_postbox(sg__hrpc_request *req, void *ud) {
   sg__federation *f = rt->f;
   waiter *w = calloc(1, sizeof *w);
   if (!w) {
-    sg__hrpc_respond_error(req, 500, ID_INTERNAL, "out of memory", NULL, 0);
+    sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
     return;
   }
   w->route = rt;
@@ -266,7 +269,7 @@ static void on_postbox(sg__hrpc_request *req, void *ud) {
     return;
   }
   sg__fed_peer *p = peer_get(f, w->tok.server_id);
-  if (!p) refuse(w, 500, ID_INTERNAL, "NO_MEMORY", "out of memory");
+  if (!p) refuse(w, 500, SG__HRPC_INTERNAL, "NO_MEMORY", "out of memory");
   else if (p->has_key) authenticate(w, p);
   else fetch_key(p, w);
 }

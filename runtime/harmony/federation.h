@@ -43,6 +43,18 @@
 /* The PostboxService methods routed to the handler. */
 typedef enum { SG_FED_PUSH, SG_FED_PULL, SG_FED_NOTIFY_NEW_ID, SG_FED__METHODS } sg__fed_method;
 
+struct ProtobufCMessageDescriptor;
+typedef struct {
+  const char *name;  /* "Push" */
+  const char *path;  /* "/protocol.sync.v1.PostboxService/Push" */
+  const struct ProtobufCMessageDescriptor *request, *response;
+} sg__fed_method_desc;
+
+/* Every hRPC method segue speaks: indexed by sg__fed_method for the
+ * PostboxService, then AuthService/Key; ends with name == NULL. The one
+ * method table: Lua reads it as segue.federation_core.methods. */
+extern const sg__fed_method_desc sg__fed_methods[];
+
 /* "Push", "Pull", "NotifyNewId"; NULL when out of range. */
 const char *sg__fed_method_name(sg__fed_method m);
 

@@ -11,14 +11,11 @@
 #include <strings.h>
 
 #include "hrpc/v1/hrpc.pb-c.h"
+#include "hrpc_errors.h"
 #include "segue.h"
 
 #define RBUF_SIZE 16384
 #define CT_HRPC "application/hrpc"
-#define ID_BAD_UNARY "hrpc.http.bad-unary-request"
-#define ID_NOT_FOUND "hrpc.not-found"
-#define ID_INTERNAL "hrpc.internal-server-error"
-#define ID_UNAVAILABLE "hrpc.unavailable"
 
 #define container_of(ptr, type, member) \
   ((type *)((char *)(ptr) - offsetof(type, member)))
@@ -276,7 +273,7 @@ int sg__hrpc_respond_error(sg__hrpc_request *pub, int http_status, const char *i
 void sg__hrpc_request_release(sg__hrpc_request *pub) {
   req *r = container_of(pub, req, pub);
   if (r->conn)
-    respond_error_on(r->conn, 500, ID_INTERNAL, "the handler gave no answer", NULL, 0);
+    respond_error_on(r->conn, 500, SG__HRPC_INTERNAL, "the handler gave no answer", NULL, 0);
   req_finish(r);
 }
 
@@ -404,13 +401,13 @@ static int head_count(conn *c, size_t n) {
   req *r = c->req;
   r->head_bytes += n;
   if (r->head_bytes <= c->srv->limits.max_header_bytes) return 0;
-  return conn_fail(c, 431, ID_BAD_UNARY, "request header exceeds %zu bytes",
+  return conn_fail(c, 431, SG__HRPC_BAD_UNARY, "request header exceeds %zu bytes",
                    c->srv->limits.max_header_bytes);
 }
 
 static int on_message_begin(http_parser *p) {
   conn *c = p->data;
-  if (!(c->req = req_new(c))) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  if (!(c->req = req_new(c))) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   /* The first request's header time-out runs from accept already. */
   if (c->state == ST_IDLE) conn_timer(c, c->srv->limits.header_timeout_ms);
   c->state = ST_HEAD;
@@ -420,7 +417,7 @@ static int on_message_begin(http_parser *p) {
 static int on_url(http_parser *p, const char *at, size_t n) {
   conn *c = p->data;
   if (head_count(c, n)) return -1;
-  if (hbuf_append(&c->req->url, at, n)) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  if (hbuf_append(&c->req->url, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
 
@@ -456,7 +453,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
     if (r->hval) r->hval->len = 0;  /* a repeated header: the last one wins */
   }
   if (r->hval && hbuf_append(r->hval, at, n))
-    return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+    return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
 
@@ -469,10 +466,10 @@ static void req_classify(conn *c, req *r, const http_parser *p) {
   if (p->method == HTTP_GET && strcmp(r->pub.path, "/healthz") == 0) {
     r->kind = K_HEALTH;
   } else if (p->method != HTTP_POST) {
-    req_reject(r, log, SG_LOG_WARN, 405, ID_BAD_UNARY, "method %s not allowed: hRPC uses POST",
+    req_reject(r, log, SG_LOG_WARN, 405, SG__HRPC_BAD_UNARY, "method %s not allowed: hRPC uses POST",
                http_method_str((enum http_method)p->method));
   } else if (!content_type_ok(&r->ctype)) {
-    req_reject(r, log, SG_LOG_WARN, 400, ID_BAD_UNARY, "Content-Type must be %s", CT_HRPC);
+    req_reject(r, log, SG_LOG_WARN, 400, SG__HRPC_BAD_UNARY, "Content-Type must be %s", CT_HRPC);
   } else {
     const sg__hrpc_server *srv = c->srv;
     for (size_t i = 0; i < srv->nroutes; i++) {
@@ -482,7 +479,7 @@ static void req_classify(conn *c, req *r, const http_parser *p) {
       r->handler_ud = srv->routes[i].ud;
       return;
     }
-    req_reject(r, log, SG_LOG_INFO, 404, ID_NOT_FOUND, "no method %s", r->pub.path);
+    req_reject(r, log, SG_LOG_INFO, 404, SG__HRPC_NOT_FOUND, "no method %s", r->pub.path);
   }
 }
 
@@ -508,7 +505,7 @@ static int on_headers_complete(http_parser *p) {
   r->http10 = p->http_major == 1 && p->http_minor == 0;
   /* content_length is ULLONG_MAX when absent; with chunked it is not set. */
   if (!(p->flags & F_CHUNKED) && p->content_length != UINT64_MAX && p->content_length > max)
-    return conn_fail(c, 413, ID_BAD_UNARY, "request body of %llu bytes exceeds %zu",
+    return conn_fail(c, 413, SG__HRPC_BAD_UNARY, "request body of %llu bytes exceeds %zu",
                      (unsigned long long)p->content_length, max);
   req_classify(c, r, p);
   c->state = ST_BODY;
@@ -525,9 +522,9 @@ static int on_body(http_parser *p, const char *at, size_t n) {
   const size_t max = c->srv->limits.max_body_bytes;
   r->body_seen += n;
   if (r->body_seen > max)
-    return conn_fail(c, 413, ID_BAD_UNARY, "request body exceeds %zu bytes", max);
+    return conn_fail(c, 413, SG__HRPC_BAD_UNARY, "request body exceeds %zu bytes", max);
   if (r->kind != K_ROUTE) return 0;  /* dropped: the server answers it */
-  if (hbuf_append(&r->body, at, n)) return conn_fail(c, 503, ID_UNAVAILABLE, "out of memory");
+  if (hbuf_append(&r->body, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
 
@@ -653,9 +650,9 @@ static void conn_dispatch(conn *c) {
 static void conn_bad_request(conn *c, enum http_errno e) {
   if (!c->fail.status) {
     if (e == HPE_HEADER_OVERFLOW)
-      conn_fail(c, 431, ID_BAD_UNARY, "request header too large");
+      conn_fail(c, 431, SG__HRPC_BAD_UNARY, "request header too large");
     else
-      conn_fail(c, 400, ID_BAD_UNARY, "malformed HTTP request: %s", http_errno_description(e));
+      conn_fail(c, 400, SG__HRPC_BAD_UNARY, "malformed HTTP request: %s", http_errno_description(e));
   }
   if (!c->req && !(c->req = req_new(c))) {
     conn_close(c, SG_ENOMEM);

@@ -35,15 +35,14 @@ for k, v in pairs(codec) do M[k] = v end
 --- Handlers may return (response, written): see handle().
 M.write_completion = true
 
-local SYNC, AUTH = "protocol.sync.v1.", "protocol.auth.v1."
+--- method path -> { request type, response type }, from the C table
+--- (runtime/harmony/federation.c), the one list of methods segue speaks.
+M.methods = {}
+for path, m in pairs(federation.methods) do M.methods[path] = { m.request, m.response } end
 
---- method path -> { request type, response type }
-M.methods = {
-  ["protocol.sync.v1.PostboxService/Push"] = { SYNC .. "PushRequest", SYNC .. "PushResponse" },
-  ["protocol.sync.v1.PostboxService/Pull"] = { SYNC .. "PullRequest", SYNC .. "PullResponse" },
-  ["protocol.sync.v1.PostboxService/NotifyNewId"] = { SYNC .. "NotifyNewIdRequest", SYNC .. "NotifyNewIdResponse" },
-  ["protocol.auth.v1.AuthService/Key"] = { AUTH .. "KeyRequest", AUTH .. "KeyResponse" },
-}
+--- hRPC error identifiers and their statuses (runtime/harmony/hrpc_errors.h):
+--- M.errors.UNAVAILABLE = { identifier = "hrpc.unavailable", status = 503 }.
+M.errors = federation.errors
 
 local short = {}
 for path in pairs(M.methods) do short[path:match("/(%w+)$")] = path end
@@ -77,7 +76,7 @@ function M.handle(method, fn)
   return prev
 end
 
-local INTERNAL = "hrpc.internal-server-error"
+local INTERNAL = M.errors.INTERNAL.identifier
 
 -- Runs the handler of `method` and answers `req` with what it returns.
 local function answer(method, server_id, msg, req)
@@ -105,7 +104,7 @@ end
 
 local function dispatch(method, server_id, body, req)
   local msg, err = codec.decode(M.methods[short[method]][1], body)
-  if not msg then return req:error(400, "hrpc.http.bad-unary-request", err) end
+  if not msg then return req:error(M.errors.BAD_UNARY.status, M.errors.BAD_UNARY.identifier, err) end
   segue().spawn(answer, method, server_id, msg, req)
 end
 

@@ -14,6 +14,7 @@
 local core = require "segue.core"
 local pbc = require "segue.postbox_core"
 local harmony = require "segue.harmony"
+local E = harmony.errors  -- hRPC error identifiers and statuses
 local loop = require "segue.loop"
 
 local M = {}
@@ -124,25 +125,25 @@ local function remember_key(server_id)
 end
 
 local function on_push(server_id, req)
-  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   remember_key(server_id)
   local bytes, err = harmony.encode(EVENT, req.event or {})
-  if not bytes then return nil, err, "hrpc.http.bad-unary-request", 400 end
+  if not bytes then return nil, err, E.BAD_UNARY.identifier, E.BAD_UNARY.status end
   local ok, serr = wait_for(function(cb)
     local r, e, c = pb:receive_push(server_id, bytes, cb)
     if r == "stored" then cb(true) end
     return r, e, c
   end)
-  if not ok then return nil, tostring(serr), "hrpc.internal-server-error", 500 end
+  if not ok then return nil, tostring(serr), E.INTERNAL.identifier, E.INTERNAL.status end
   schedule_pull(server_id, opts.pull_interval_ms)
   return {}
 end
 
 local function on_pull(server_id)
-  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   remember_key(server_id)
   local events, batch = pb:pull_begin(server_id, opts.pull_max_bytes)
-  if not events then return nil, tostring(batch), "hrpc.internal-server-error", 500 end
+  if not events then return nil, tostring(batch), E.INTERNAL.identifier, E.INTERNAL.status end
   local list = {}
   for i, bytes in ipairs(events) do list[i] = assert(harmony.decode(EVENT, bytes)) end
   local function written(ok) if pb then pb:pull_end(batch, ok) end end
@@ -157,13 +158,13 @@ local function on_pull(server_id)
 end
 
 local function on_new_id(server_id, req)
-  if not pb then return nil, "the postbox is closed", "hrpc.unavailable", 503 end
+  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   local new_id = req.new_server_id
   if type(new_id) ~= "string" or new_id == "" then
-    return nil, "new_server_id is empty", "hrpc.http.bad-unary-request", 400
+    return nil, "new_server_id is empty", E.BAD_UNARY.identifier, E.BAD_UNARY.status
   end
   local ok, err = pb:rename(server_id, new_id)
-  if ok == nil then return nil, tostring(err), "hrpc.unavailable", 503 end
+  if ok == nil then return nil, tostring(err), E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   local key = pb:key_get(new_id)
   local fed = harmony.running()
   if key and fed then fed:key_put(new_id, key) end
