@@ -22,12 +22,17 @@ static int attach_driver(sg__backend *b, const void *d) {
   return 0;
 }
 
-/* A backend by name; raises when there is none (misuse: scripts ask only for
- * backends they made). */
-static sg__backend *check_backend(lua_State *L, int idx) {
+/* The backend named by argument idx, or NULL after pushing the failure
+ * (nil, "ENOBACKEND: no backend named 'x'", "ENOBACKEND"): a name is data,
+ * so a wrong one is a failure like any other, not a raise. */
+static sg__backend *find_backend(lua_State *L, int idx) {
   const char *name = luaL_checkstring(L, idx);
   sg__backend *b = sg__lenv_find_backend(sg__lenv_check(L), name);
-  if (!b) luaL_error(L, "no backend named '%s'", name);
+  if (!b) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "no backend named '%s'", name);
+    sg__lua_fail(L, SG_ENOBACKEND, msg);
+  }
   return b;
 }
 
@@ -123,22 +128,24 @@ static int l_add_lua_backend(lua_State *L) {
 }
 
 static int l_start_backend(lua_State *L) {
-  int rc = sg__backend_start(check_backend(L, 1));
-  if (rc != 0) return sg__lua_fail(L, rc, NULL);
-  lua_pushboolean(L, 1);
-  return 1;
+  sg__backend *b = find_backend(L, 1);
+  if (!b) return 3;
+  return sg__lua_result(L, sg__backend_start(b));
 }
 
 static int l_stop_backend(lua_State *L) {
-  sg__backend_stop(check_backend(L, 1), NULL);
-  return 0;
+  sg__backend *b = find_backend(L, 1);
+  if (!b) return 3;
+  sg__backend_stop(b, NULL);
+  return sg__lua_result(L, 0);
 }
 
 static int l_remove_backend(lua_State *L) {
-  sg__backend *b = check_backend(L, 1);
+  sg__backend *b = find_backend(L, 1);
+  if (!b) return 3;
   sg__lenv *e = sg__lenv_check(L);
   e->remove_backend(e, b);
-  return 0;
+  return sg__lua_result(L, 0);
 }
 
 /* backends() -> { {name=, kind=, state=, restarts=, pid=, inflight=}, ... } */
@@ -201,15 +208,10 @@ static void lua_request_done(void *ud, int err, const cJSON *body, const char *m
 /* request(name, body, cb) -> true | nil, err, code; cb(body) or cb(nil, err, code, error_body) */
 static int l_request(lua_State *L) {
   sg__lenv *h = sg__lenv_check(L);
-  const char *name = luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TFUNCTION);
-  sg__backend *hb = sg__lenv_find_backend(h, name);
-  if (!hb) {
-    char msg[256];
-    snprintf(msg, sizeof msg, "no backend named '%s'", name);
-    return sg__lua_fail(L, SG_ENOBACKEND, msg);
-  }
+  sg__backend *hb = find_backend(L, 1);
+  if (!hb) return 3;
   char err[512];
   cJSON *body = sg__lua_to_json(L, 2, err, sizeof err);
   if (!body) return sg__lua_fail(L, SG_EPROTO, err);
@@ -282,7 +284,8 @@ static const sg__transport sg__lua_transport = {"lua", lua_tp_start, lua_tp_send
 
 /* emit(name, value): what a Lua backend sends (InitInfo, Response, Update). */
 static int l_emit(lua_State *L) {
-  sg__backend *b = check_backend(L, 1);
+  sg__backend *b = find_backend(L, 1);
+  if (!b) return 3;
   luaL_checkany(L, 2);
   luaL_argcheck(L, b->tp == &sg__lua_transport, 1, "not a Lua backend");
   char err[512];

@@ -1,9 +1,9 @@
 /* Fuzz target: the hRPC request path, driven for real. Two servers listen on
  * 127.0.0.1 on one uv loop for the whole run:
- * - a bare hRPC server (runtime/hrpc_server.c) whose handlers parse the
+ * - a bare hRPC server (runtime/harmony/hrpc_server.c) whose handlers parse the
  *   token, decode a PushRequest, answer now, answer on a later loop turn
  *   with a done callback, or give no answer at all;
- * - the federation's (runtime/federation.c), with its real AuthService and
+ * - the federation's (runtime/harmony/federation.c), with its real AuthService and
  *   PostboxService routes: token admitted (allow list: FUZZ_PEER only, whose
  *   key is cached), body decoded, signature verified (a bad one refetches
  *   the key, from a peer URL that refuses connections), then a handler.

@@ -15,8 +15,9 @@ typedef struct sg__child_spec {
 
 extern const sg__transport sg__child_transport;
 
-/* Makes `b` a child-process backend (call before sg__backend_init with
- * tp = &sg__child_transport). The spec is copied. */
+/* Makes `b` a child-process backend: call after sg__backend_init (which
+ * clears `b`) with tp = &sg__child_transport, before starting it. The spec
+ * is copied. */
 int sg__child_attach(sg__backend *b, const sg__child_spec *spec);
 
 /* The pid of the running child, or 0. */

@@ -86,10 +86,9 @@ int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out) {
   h->env.add_backend = sg__host_add_backend;
   h->env.remove_backend = remove_backend;
   h->error_data = o.error_data;
-  h->data_dir = strdup(o.data_dir ? o.data_dir : "");
   uv_idle_init(loop, &h->reaper);
   h->reaper.data = h;
-  int rc = h->data_dir ? open_lua(h) : SG_ENOMEM;
+  int rc = open_lua(h);
   if (rc != 0) {
     h->env.closing = 1;
     sg_host_close(h, NULL, NULL);
@@ -354,7 +353,6 @@ static void reaper_closed(uv_handle_t *handle) {
   sg_host *h = handle->data;
   void (*cb)(void *) = h->close_cb;
   void *data = h->close_data;
-  free(h->data_dir);
   free(h);
   if (cb) cb(data);
 }

@@ -14,7 +14,6 @@
 struct sg_host {
   sg__lenv env;             /* first: what the bindings see (loop, log, L, backends) */
   void *data;
-  char *data_dir;
   void (*error_cb)(void *data, int err, const char *message);
   void *error_data;
   int started;              /* sg_host_start succeeded: new C backends start at once */

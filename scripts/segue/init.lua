@@ -158,19 +158,20 @@ function Backend:info()
   end
 end
 
---- segue.add_backend(name, def) -> true | nil, err: adds and starts a
+--- segue.add_backend(name, def) -> true | nil, err, code: adds and starts a
 --- backend at run time; `def` is a `backends` entry of the config
 --- ({ script = "memory", options = {...} } or { cmd = "...", args = {...} }).
 function segue.add_backend(name, def)
   local b, errors = require("segue.config").check_backend(name, def)
-  if not b then return nil, table.concat(errors, "\n") end
-  local ok, err = require("segue.boot").add_backend(b)
-  if not ok then return nil, err end
+  if not b then return nil, "ECONFIG: " .. table.concat(errors, "\n"), "ECONFIG" end
+  local ok, err, code = require("segue.boot").add_backend(b)
+  if not ok then return nil, err, code end
   return core.start_backend(name)
 end
 
---- segue.remove_backend(name): stops it and forgets it.
-function segue.remove_backend(name) core.remove_backend(name) end
+--- segue.remove_backend(name) -> true | nil, err, "ENOBACKEND": stops it
+--- and forgets it.
+function segue.remove_backend(name) return core.remove_backend(name) end
 
 --- segue.backends() -> list of { name, kind, state, restarts, pid, inflight }
 function segue.backends() return core.backends() end

@@ -1,6 +1,7 @@
 -- The `segue` Lua API in the real host: events, timers, requests and errors,
 -- JSON, and backends written in Lua.
 local segue = require "segue"
+local core = require "segue.core"
 local json = require "segue.json"
 
 local src = os.getenv("SEGUE_SOURCE_DIR") or "."
@@ -83,6 +84,21 @@ describe("backend:request", function()
     assert.are.equal("ENOBACKEND", code)
     assert.are.equal("ENOBACKEND: no backend named 'nobody'", err)
     assert.is_false(called)
+  end)
+
+  it("fails the same way for every function naming a backend", function()
+    -- one convention: nil, "ENAME: message", "ENAME" (docs/design.md)
+    for _, fn in ipairs { segue.remove_backend, core.start_backend, core.stop_backend,
+                          core.remove_backend } do
+      local ok, err, code = fn("nobody")
+      assert.is_nil(ok)
+      assert.are.equal("ENOBACKEND", code)
+      assert.are.equal("ENOBACKEND: no backend named 'nobody'", err)
+    end
+    local ok, err, code = segue.add_backend("bad", { script = "memory", options = 5 })
+    assert.is_nil(ok)
+    assert.are.equal("ECONFIG", code)
+    assert.truthy(err:find("^ECONFIG: "))
   end)
 
   it("refuses an invalid body naming the field", function()

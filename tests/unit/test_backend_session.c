@@ -1,4 +1,4 @@
-/* The backend-protocol session (runtime/backend.c) against an in-memory
+/* The backend-protocol session (runtime/flubber/backend.c) against an in-memory
  * transport: sequence numbers wrap and skip those in flight, answers reach
  * the right caller, retries, time-outs, violations and restarts. */
 #include <stdlib.h>
