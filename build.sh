@@ -18,6 +18,7 @@ PACKAGES="
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libcurl4-openssl-dev libhttp-parser-dev libsqlite3-dev
   libssl-dev openssl
+  libexpat1-dev
   ngircd
   valgrind
 "

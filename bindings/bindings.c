@@ -98,5 +98,7 @@ const sg__binding sg__bindings[] = {
     {"segue.store", luaopen_segue_store},
     {"segue.postbox_core", luaopen_segue_postbox_core},
     {"segue.net", luaopen_segue_net},
+    {"segue.crypto", luaopen_segue_crypto},
+    {"segue.xml", luaopen_segue_xml},
     {NULL, NULL},
 };

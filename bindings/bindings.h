@@ -79,5 +79,7 @@ int luaopen_segue_federation_core(lua_State *L);  /* bindings/lua_federation.c *
 int luaopen_segue_store(lua_State *L);    /* bindings/lua_store.c */
 int luaopen_segue_postbox_core(lua_State *L);  /* bindings/lua_postbox.c */
 int luaopen_segue_net(lua_State *L);      /* bindings/lua_net.c */
+int luaopen_segue_crypto(lua_State *L);   /* bindings/lua_crypto.c */
+int luaopen_segue_xml(lua_State *L);      /* bindings/lua_xml.c */
 
 #endif
