@@ -12,6 +12,7 @@
  *       "pending": cb(true, "pushed" | "queued") or cb(nil, err) later.
  *   pb:pull_begin(server_id [, max_bytes]) -> { event, ... }, batch
  *   pb:pull_end(batch, written)       written: the response went out whole
+ *   postbox_core.defaults               the delivery rules' defaults (C's)
  *   pb:receive(server_id, { event, ... }) -> true | nil, err, code
  *   pb:receive_push(server_id, event, cb) -> "stored" | "held" | nil, err, code
  *   pb:hold(server_id), pb:release(server_id)
@@ -468,5 +469,20 @@ int luaopen_segue_postbox_core(lua_State *L) {
   sg__lua_class(L, PB_MT, methods, pb_meta);
   sg__lua_class(L, BATCH_MT, NULL, batch_meta);
   luaL_newlib(L, fns);
+  /* The delivery rules' defaults, from the one place that sets them. */
+  sg__postbox_options o;
+  sg__postbox_options_default(&o);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)o.push_tries);
+  lua_setfield(L, -2, "push_tries");
+  lua_pushinteger(L, (lua_Integer)o.push_backoff_ms);
+  lua_setfield(L, -2, "push_backoff_ms");
+  lua_pushinteger(L, (lua_Integer)o.queue_limit);
+  lua_setfield(L, -2, "queue_limit");
+  lua_pushinteger(L, (lua_Integer)o.deliver_tries);
+  lua_setfield(L, -2, "deliver_tries");
+  lua_pushinteger(L, (lua_Integer)o.deliver_backoff_ms);
+  lua_setfield(L, -2, "deliver_backoff_ms");
+  lua_setfield(L, -2, "defaults");
   return 1;
 }

@@ -73,14 +73,15 @@ int64_t sg__store_now_ms(void) {
 }
 
 const char *sg__store_errmsg(const sg__store *s) { return s ? s->errmsg : ""; }
-struct sqlite3 *sg__store_db(sg__store *s) { return s->db; }
-
-int sg__store_fail(sg__store *s) {
+static int sg__store_fail(sg__store *s) {
   snprintf(s->errmsg, sizeof s->errmsg, "%s", sqlite3_errmsg(s->db));
   return SG_ESTORE;
 }
 
-sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
+/* The cached prepared statement for `sql` (a string constant: the cache is
+ * keyed by its address), or NULL with the error in errmsg. Users bind every
+ * parameter and reset it after use, so no read transaction stays open. */
+static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
   for (int i = 0; i < s->nstmts; i++)
     if (s->stmts[i].sql == sql) return s->stmts[i].st;
   if (s->nstmts == STMT_CACHE) {
@@ -400,4 +401,304 @@ int sg__store_kv_set(sg__store *s, const char *key, const char *value) {
   if (!st) return SG_ESTORE;
   bind_texts(st, (const char *[]){key, value}, value ? 2 : 1);
   return run(s, st);
+}
+
+/* ---- federation peers ------------------------------------------------------ */
+
+static const char SQL_PEER_ADD[] =
+    "INSERT INTO peers(server_id, first_seen) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
+static const char SQL_PEER_KNOWN[] = "SELECT count(*) FROM peers WHERE server_id = ?1";
+static const char SQL_PEER_STAMP[] =  /* ?2 names the column: sg__store_stamp */
+    "UPDATE peers SET last_push = CASE ?2 WHEN 0 THEN ?3 ELSE last_push END,"
+    " last_pull = CASE ?2 WHEN 1 THEN ?3 ELSE last_pull END,"
+    " last_push_in = CASE ?2 WHEN 2 THEN ?3 ELSE last_push_in END,"
+    " last_served = CASE ?2 WHEN 3 THEN ?3 ELSE last_served END"
+    " WHERE server_id = ?1";
+static const char SQL_PEER_ERROR[] =
+    "UPDATE peers SET last_error = ?2, last_error_time = ?3 WHERE server_id = ?1";
+static const char SQL_PEERS[] =
+    "SELECT server_id, first_seen, last_push, last_push_in, last_pull, last_served,"
+    " last_error, last_error_time,"
+    " (SELECT count(*) FROM outbox o WHERE o.peer = server_id),"
+    " (SELECT count(*) FROM inbox i WHERE i.peer = server_id)"
+    " FROM peers ORDER BY server_id";
+static const char SQL_KEY_GET[] = "SELECT public_key FROM peers WHERE server_id = ?1";
+static const char SQL_KEY_SET[] = "UPDATE peers SET public_key = ?2 WHERE server_id = ?1";
+/* Renaming: the old id's queue and inbox join the new id's (order kept by
+ * seq), its key is kept unless the new id has one (the newer), its row goes.
+ * Message maps name backends, and a Harmony peer's backend is its server id. */
+static const char *const SQL_RENAME[] = {
+    "UPDATE peers SET public_key = coalesce(public_key,"
+    " (SELECT public_key FROM peers WHERE server_id = ?1)) WHERE server_id = ?2",
+    "UPDATE outbox SET peer = ?2 WHERE peer = ?1",
+    "UPDATE inbox SET peer = ?2 WHERE peer = ?1",
+    "DELETE FROM peers WHERE server_id = ?1",
+    "UPDATE OR IGNORE msg_map SET origin_backend = ?2 WHERE origin_backend = ?1",
+    "UPDATE OR IGNORE msg_map SET copy_backend = ?2 WHERE copy_backend = ?1",
+};
+
+/* The cached statement with ?1 bound to `text`, or NULL (errmsg set). */
+static sqlite3_stmt *stmt1(sg__store *s, const char *sql, const char *text) {
+  sqlite3_stmt *st = sg__store_stmt(s, sql);
+  if (st) bind_texts(st, &text, 1);
+  return st;
+}
+
+int sg__store_peer_add(sg__store *s, const char *peer) {
+  sqlite3_stmt *st = stmt1(s, SQL_PEER_ADD, peer);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 2, sg__store_now_ms());
+  return run(s, st);
+}
+
+int sg__store_peer_known(sg__store *s, const char *peer) {
+  sqlite3_stmt *st = stmt1(s, SQL_PEER_KNOWN, peer);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st);
+  int err = rc != SQLITE_ROW ? sg__store_fail(s)
+            : sqlite3_column_int64(st, 0) > 0 ? 0 : SG_STORE_NOTFOUND;
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_peer_stamp(sg__store *s, const char *peer, sg__store_stamp which) {
+  sqlite3_stmt *st = stmt1(s, SQL_PEER_STAMP, peer);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int(st, 2, (int)which);
+  sqlite3_bind_int64(st, 3, sg__store_now_ms());
+  return run(s, st);
+}
+
+int sg__store_peer_error(sg__store *s, const char *peer, const char *error) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_PEER_ERROR);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){peer, error}, 2);
+  sqlite3_bind_int64(st, 3, sg__store_now_ms());
+  return run(s, st);
+}
+
+int sg__store_peer_key_get(sg__store *s, const char *peer, uint8_t key[32]) {
+  sqlite3_stmt *st = stmt1(s, SQL_KEY_GET, peer);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 32) {
+    memcpy(key, sqlite3_column_blob(st, 0), 32);
+    err = 0;
+  } else if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+    err = sg__store_fail(s);
+  }
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_peer_key_set(sg__store *s, const char *peer, const uint8_t key[32]) {
+  sqlite3_stmt *st = stmt1(s, SQL_KEY_SET, peer);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_blob(st, 2, key, 32, SQLITE_TRANSIENT);
+  return run(s, st);
+}
+
+int sg__store_peers(sg__store *s, int (*cb)(void *ud, const sg__store_peer *p), void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_PEERS);
+  if (!st) return SG_ESTORE;
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    sg__store_peer p = {col_text(st, 0),
+                       sqlite3_column_int64(st, 8),
+                       sqlite3_column_int64(st, 9),
+                       sqlite3_column_int64(st, 1),
+                       sqlite3_column_int64(st, 2),
+                       sqlite3_column_int64(st, 3),
+                       sqlite3_column_int64(st, 4),
+                       sqlite3_column_int64(st, 5),
+                       sqlite3_column_int64(st, 7),
+                       col_text(st, 6)};
+    err = cb(ud, &p);
+  }
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+typedef struct {
+  const char *old_id, *new_id;
+} rename_args;
+
+static int rename_tx(sg__store *s, void *ud) {
+  rename_args *a = ud;
+  for (size_t i = 0; i < sizeof SQL_RENAME / sizeof *SQL_RENAME; i++) {
+    sqlite3_stmt *st = sg__store_stmt(s, SQL_RENAME[i]);
+    if (!st) return SG_ESTORE;
+    bind_texts(st, (const char *[]){a->old_id, a->new_id}, 2);
+    int err = run(s, st);
+    if (err) return err;
+  }
+  return 0;
+}
+
+int sg__store_peer_rename(sg__store *s, const char *old_id, const char *new_id) {
+  rename_args a = {old_id, new_id};
+  return sg__store_atomic(s, rename_tx, &a);
+}
+
+/* ---- the postbox's queues ------------------------------------------------------ */
+
+static const char SQL_QUEUE_LEN[] = "SELECT count(*) FROM outbox WHERE peer = ?1";
+static const char SQL_QUEUE_ADD[] =
+    "INSERT INTO outbox(peer, event, created) VALUES (?1, ?2, ?3)";
+static const char SQL_QUEUE_HEAD[] =
+    "SELECT seq, event FROM outbox WHERE peer = ?1 ORDER BY seq";
+static const char SQL_QUEUE_DROP[] = "DELETE FROM outbox WHERE peer = ?1 AND seq <= ?2";
+static const char SQL_INBOX_ADD[] =
+    "INSERT INTO inbox(peer, event, received) VALUES (?1, ?2, ?3)";
+static const char SQL_INBOX_HEAD[] =
+    "SELECT seq, event, attempts FROM inbox WHERE peer = ?1 ORDER BY seq LIMIT 1";
+static const char SQL_INBOX_DONE[] = "DELETE FROM inbox WHERE seq = ?1";
+static const char SQL_INBOX_FAILED[] =
+    "UPDATE inbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1";
+static const char SQL_INBOX_DEAD[] =
+    "INSERT INTO dead_letters(peer, direction, event, error, attempts, created, died)"
+    " SELECT peer, 'in', event, last_error, attempts, received, ?2 FROM inbox WHERE seq = ?1";
+
+int sg__store_outbox_count(sg__store *s, const char *peer, int64_t *n) {
+  *n = 0;
+  sqlite3_stmt *st = stmt1(s, SQL_QUEUE_LEN, peer);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) *n = sqlite3_column_int64(st, 0);
+  int err = rc == SQLITE_ROW ? 0 : sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+typedef struct {
+  const char *sql, *peer;
+  const uint8_t *const *events;
+  const size_t *lens;
+  size_t n;
+} append_args;
+
+static int append_tx(sg__store *s, void *ud) {
+  append_args *a = ud;
+  int64_t now = sg__store_now_ms();
+  for (size_t i = 0; i < a->n; i++) {
+    sqlite3_stmt *st = stmt1(s, a->sql, a->peer);
+    if (!st) return SG_ESTORE;
+    sqlite3_bind_blob64(st, 2, a->events[i], a->lens[i], SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now);
+    int err = run(s, st);
+    if (err) return err;
+  }
+  return 0;
+}
+
+static int append(sg__store *s, const char *sql, const char *peer,
+                  const uint8_t *const *events, const size_t *lens, size_t n) {
+  append_args a = {sql, peer, events, lens, n};
+  return n == 1 ? append_tx(s, &a) : sg__store_atomic(s, append_tx, &a);
+}
+
+int sg__store_outbox_add(sg__store *s, const char *peer, const uint8_t *const *events,
+                        const size_t *lens, size_t n) {
+  return append(s, SQL_QUEUE_ADD, peer, events, lens, n);
+}
+
+int sg__store_inbox_add(sg__store *s, const char *peer, const uint8_t *const *events,
+                       const size_t *lens, size_t n) {
+  return append(s, SQL_INBOX_ADD, peer, events, lens, n);
+}
+
+int sg__store_outbox_head(sg__store *s, const char *peer, size_t max_bytes,
+                         sg__store_event_cb cb, void *ud) {
+  sqlite3_stmt *st = stmt1(s, SQL_QUEUE_HEAD, peer);
+  if (!st) return SG_ESTORE;
+  size_t bytes = 0, n = 0;
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    size_t len = (size_t)sqlite3_column_bytes(st, 1);
+    if (n > 0 && bytes + len > max_bytes) break;
+    err = cb(ud, sqlite3_column_int64(st, 0), sqlite3_column_blob(st, 1), len, 0);
+    bytes += len;
+    n++;
+  }
+  if (!err && rc != SQLITE_ROW && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err > 0 ? 0 : err;
+}
+
+typedef struct {
+  const char *peer;
+  int64_t last_seq, *dropped;
+} drop_args;
+
+static int drop_tx(sg__store *s, void *ud) {
+  drop_args *a = ud;
+  sqlite3_stmt *st = stmt1(s, SQL_QUEUE_DROP, a->peer);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 2, a->last_seq);
+  int err = run(s, st);
+  if (!err && a->dropped) *a->dropped = sqlite3_changes(s->db);
+  return err ? err : sg__store_peer_stamp(s, a->peer, SG_STORE_STAMP_SERVED);
+}
+
+int sg__store_outbox_drop(sg__store *s, const char *peer, int64_t last_seq, int64_t *dropped) {
+  drop_args a = {peer, last_seq, dropped};
+  if (dropped) *dropped = 0;
+  return sg__store_atomic(s, drop_tx, &a);
+}
+
+int sg__store_inbox_head(sg__store *s, const char *peer, sg__store_event_cb cb, void *ud) {
+  sqlite3_stmt *st = stmt1(s, SQL_INBOX_HEAD, peer);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW) {
+    /* Copy out of the statement first: cb may use the store (a handler). */
+    int64_t seq = sqlite3_column_int64(st, 0), attempts = sqlite3_column_int64(st, 2);
+    size_t len = (size_t)sqlite3_column_bytes(st, 1);
+    uint8_t *copy = malloc(len ? len : 1);
+    if (copy && len) memcpy(copy, sqlite3_column_blob(st, 1), len);
+    sqlite3_reset(st);
+    if (!copy) return SG_ENOMEM;
+    err = cb(ud, seq, copy, len, attempts);
+    free(copy);
+    return err > 0 ? 0 : err;
+  }
+  if (rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+static int run_seq(sg__store *s, const char *sql, int64_t seq) {
+  sqlite3_stmt *st = sg__store_stmt(s, sql);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 1, seq);
+  return run(s, st);
+}
+
+int sg__store_inbox_done(sg__store *s, int64_t seq) { return run_seq(s, SQL_INBOX_DONE, seq); }
+
+typedef struct {
+  int64_t seq;
+  const char *why;
+  int dead;
+} failed_args;
+
+static int failed_tx(sg__store *s, void *ud) {
+  failed_args *a = ud;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_INBOX_FAILED);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 1, a->seq);
+  sqlite3_bind_text(st, 2, a->why, -1, SQLITE_TRANSIENT);
+  int err = run(s, st);
+  if (err || !a->dead) return err;
+  if (!(st = sg__store_stmt(s, SQL_INBOX_DEAD))) return SG_ESTORE;
+  sqlite3_bind_int64(st, 1, a->seq);
+  sqlite3_bind_int64(st, 2, sg__store_now_ms());
+  if ((err = run(s, st))) return err;
+  return run_seq(s, SQL_INBOX_DONE, a->seq);
+}
+
+int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead) {
+  failed_args a = {seq, why, dead};
+  return sg__store_atomic(s, failed_tx, &a);
 }

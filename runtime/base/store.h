@@ -35,18 +35,6 @@ void sg__store_close(sg__store *s);
 /* The message of the last failed call on `s` ("" if none); borrowed. */
 const char *sg__store_errmsg(const sg__store *s);
 
-/* For the store's own modules (runtime/postbox.c) and tests only; callers of
- * the interface never need these. sg__store_stmt returns the cached prepared
- * statement for `sql` (a string constant: the cache is keyed by its address),
- * reset, or NULL with the error in sg__store_errmsg(). The caller binds every
- * parameter (bindings persist between uses) and resets it after use, so no
- * read transaction stays open. */
-struct sqlite3;
-struct sqlite3_stmt;
-struct sqlite3 *sg__store_db(sg__store *s);
-struct sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql);
-/* Records SQLite's current error message on `s` and returns SG_ESTORE. */
-int sg__store_fail(sg__store *s);
 /* Milliseconds since the Unix epoch: the store's time stamps. */
 int64_t sg__store_now_ms(void);
 
@@ -102,5 +90,74 @@ int sg__store_messages(sg__store *s, const char *backend, const char *room, int 
 int sg__store_kv_get(sg__store *s, const char *key, char **value);
 /* value NULL deletes the key. */
 int sg__store_kv_set(sg__store *s, const char *key, const char *value);
+
+/* ---- federation peers ------------------------------------------------------ */
+
+/* Creates the peer's row (first_seen now) unless it exists. */
+int sg__store_peer_add(sg__store *s, const char *peer);
+/* 0 if the peer has a row, SG_STORE_NOTFOUND if not. */
+int sg__store_peer_known(sg__store *s, const char *peer);
+
+typedef enum {
+  SG_STORE_STAMP_PUSH,     /* we Pushed to the peer */
+  SG_STORE_STAMP_PULL,     /* we Pulled from the peer */
+  SG_STORE_STAMP_PUSH_IN,  /* the peer Pushed to us */
+  SG_STORE_STAMP_SERVED    /* we served the peer a Pull */
+} sg__store_stamp;
+/* Sets one time stamp of the peer's row to now. */
+int sg__store_peer_stamp(sg__store *s, const char *peer, sg__store_stamp which);
+/* Records the peer's last error (copied) and its time. */
+int sg__store_peer_error(sg__store *s, const char *peer, const char *error);
+/* The peer's Ed25519 public key: 0, or SG_STORE_NOTFOUND when none is kept. */
+int sg__store_peer_key_get(sg__store *s, const char *peer, uint8_t key[32]);
+/* The peer's row must exist (sg__store_peer_add). */
+int sg__store_peer_key_set(sg__store *s, const char *peer, const uint8_t key[32]);
+
+typedef struct sg__store_peer {
+  const char *server_id;
+  int64_t queued, inbox;  /* rows in the outbox and in the inbox */
+  int64_t first_seen, last_push, last_push_in, last_pull, last_served, last_error_time;
+  const char *last_error;  /* NULL if none */
+} sg__store_peer;
+/* Calls cb for every peer, by server id; the row is borrowed for the call. A
+ * non-zero return from cb stops the walk and is returned. */
+int sg__store_peers(sg__store *s, int (*cb)(void *ud, const sg__store_peer *p), void *ud);
+/* Everything held under `old_id` (queue, inbox, key unless new_id has one,
+ * message maps) moves to `new_id`, whose row must exist; old_id's row goes.
+ * One transaction. */
+int sg__store_peer_rename(sg__store *s, const char *old_id, const char *new_id);
+
+/* ---- the postbox's queues ------------------------------------------------------ */
+
+/* An event of a queue, borrowed for the call: its sequence number (never
+ * reused), its bytes, and (inbox only) how many deliveries failed. A non-zero
+ * return stops the walk and is returned (a positive one as 0: "enough"). */
+typedef int (*sg__store_event_cb)(void *ud, int64_t seq, const uint8_t *event, size_t len,
+                                 int64_t attempts);
+
+/* Rows in the peer's outbound queue. */
+int sg__store_outbox_count(sg__store *s, const char *peer, int64_t *n);
+/* Appends `n` events to the peer's outbound queue, in order, all or none. */
+int sg__store_outbox_add(sg__store *s, const char *peer, const uint8_t *const *events,
+                        const size_t *lens, size_t n);
+/* Calls cb for the peer's queued events, oldest first, while their bytes stay
+ * within max_bytes (the first event always). */
+int sg__store_outbox_head(sg__store *s, const char *peer, size_t max_bytes,
+                         sg__store_event_cb cb, void *ud);
+/* The events up to `last_seq` leave the peer's queue and its last_served is
+ * stamped, one transaction; *dropped (may be NULL) says how many left. */
+int sg__store_outbox_drop(sg__store *s, const char *peer, int64_t last_seq, int64_t *dropped);
+
+/* Appends `n` received events to the peer's inbox, in order, all or none. */
+int sg__store_inbox_add(sg__store *s, const char *peer, const uint8_t *const *events,
+                       const size_t *lens, size_t n);
+/* Calls cb once with the oldest event of the peer's inbox; SG_STORE_NOTFOUND
+ * if it is empty. */
+int sg__store_inbox_head(sg__store *s, const char *peer, sg__store_event_cb cb, void *ud);
+/* The event was handled: it leaves the inbox. */
+int sg__store_inbox_done(sg__store *s, int64_t seq);
+/* A delivery failed: its attempts grow by one and `why` is kept; with `dead`,
+ * it moves to dead_letters. One transaction: it is in one table only. */
+int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead);
 
 #endif

@@ -2,7 +2,6 @@
  * and docs/postbox.md for why each rule is there. */
 #include "postbox.h"
 
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,97 +79,17 @@ static int store_fail(sg__postbox *pb, int err) {
   return fail(pb, err, sg__store_errmsg(pb->store));
 }
 
-/* ---- statements ---------------------------------------------------------- */
-
-static const char SQL_PEER_ADD[] =
-    "INSERT INTO peers(server_id, first_seen) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
-static const char SQL_QUEUE_LEN[] = "SELECT count(*) FROM outbox WHERE peer = ?1";
-static const char SQL_QUEUE_ADD[] =
-    "INSERT INTO outbox(peer, event, created) VALUES (?1, ?2, ?3)";
-static const char SQL_QUEUE_HEAD[] =
-    "SELECT seq, event FROM outbox WHERE peer = ?1 ORDER BY seq";
-static const char SQL_QUEUE_DROP[] = "DELETE FROM outbox WHERE peer = ?1 AND seq <= ?2";
-static const char SQL_INBOX_ADD[] =
-    "INSERT INTO inbox(peer, event, received) VALUES (?1, ?2, ?3)";
-static const char SQL_INBOX_HEAD[] =
-    "SELECT seq, event, attempts FROM inbox WHERE peer = ?1 ORDER BY seq LIMIT 1";
-static const char SQL_INBOX_DONE[] = "DELETE FROM inbox WHERE seq = ?1";
-static const char SQL_INBOX_FAILED[] =
-    "UPDATE inbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1";
-static const char SQL_INBOX_DEAD[] =
-    "INSERT INTO dead_letters(peer, direction, event, error, attempts, created, died)"
-    " SELECT peer, 'in', event, last_error, attempts, received, ?2 FROM inbox WHERE seq = ?1";
-static const char SQL_PEER_STAMP[] =  /* ?2 names the column: see stamp() */
-    "UPDATE peers SET last_push = CASE ?2 WHEN 0 THEN ?3 ELSE last_push END,"
-    " last_pull = CASE ?2 WHEN 1 THEN ?3 ELSE last_pull END,"
-    " last_push_in = CASE ?2 WHEN 2 THEN ?3 ELSE last_push_in END,"
-    " last_served = CASE ?2 WHEN 3 THEN ?3 ELSE last_served END"
-    " WHERE server_id = ?1";
-static const char SQL_PEER_ERROR[] =
-    "UPDATE peers SET last_error = ?2, last_error_time = ?3 WHERE server_id = ?1";
-static const char SQL_PEERS[] =
-    "SELECT server_id, first_seen, last_push, last_push_in, last_pull, last_served,"
-    " last_error, last_error_time,"
-    " (SELECT count(*) FROM outbox o WHERE o.peer = server_id),"
-    " (SELECT count(*) FROM inbox i WHERE i.peer = server_id)"
-    " FROM peers ORDER BY server_id";
-static const char SQL_KEY_GET[] = "SELECT public_key FROM peers WHERE server_id = ?1";
-static const char SQL_KEY_SET[] = "UPDATE peers SET public_key = ?2 WHERE server_id = ?1";
-
-enum { STAMP_PUSH, STAMP_PULL, STAMP_PUSH_IN, STAMP_SERVED };
-
-/* Binds the peer id as ?1 and returns the statement, or NULL (errmsg set). */
-static sqlite3_stmt *stmt_for(sg__postbox *pb, const char *sql, const char *id) {
-  sqlite3_stmt *st = sg__store_stmt(pb->store, sql);
-  if (!st) {
-    store_fail(pb, SG_ESTORE);
-    return NULL;
-  }
-  sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT);
-  return st;
+/* Failures of the store: its message becomes the postbox's. */
+static int checked(sg__postbox *pb, int err) {
+  return err < 0 ? store_fail(pb, err) : err;
 }
 
-/* Steps a statement that returns no row, resets it. */
-static int run(sg__postbox *pb, sqlite3_stmt *st) {
-  int rc = sqlite3_step(st);
-  sqlite3_reset(st);
-  if (rc == SQLITE_DONE) return 0;
-  return fail(pb, SG_ESTORE, sqlite3_errmsg(sg__store_db(pb->store)));
-}
-
-/* First column of the first row as an integer; -1 (errmsg set) on failure. */
-static int64_t run_int(sg__postbox *pb, sqlite3_stmt *st) {
-  int rc = sqlite3_step(st);
-  int64_t v = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
-  if (rc != SQLITE_ROW) fail(pb, SG_ESTORE, sqlite3_errmsg(sg__store_db(pb->store)));
-  sqlite3_reset(st);
-  return v;
-}
-
-static int stamp(sg__postbox *pb, const char *id, int which) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_PEER_STAMP, id);
-  if (!st) return SG_ESTORE;
-  sqlite3_bind_int(st, 2, which);
-  sqlite3_bind_int64(st, 3, sg__store_now_ms());
-  return run(pb, st);
+static int stamp(sg__postbox *pb, const char *id, sg__store_stamp which) {
+  return checked(pb, sg__store_peer_stamp(pb->store, id, which));
 }
 
 static int record_error(sg__postbox *pb, const char *id, const char *error) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_PEER_ERROR, id);
-  if (!st) return SG_ESTORE;
-  sqlite3_bind_text(st, 2, error, -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(st, 3, sg__store_now_ms());
-  return run(pb, st);
-}
-
-/* Appends one event to `sql`'s table (outbox or inbox) for peer `id`. */
-static int append(sg__postbox *pb, const char *sql, const char *id, const uint8_t *ev,
-                  size_t len) {
-  sqlite3_stmt *st = stmt_for(pb, sql, id);
-  if (!st) return SG_ESTORE;
-  sqlite3_bind_blob64(st, 2, ev, len, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 3, sg__store_now_ms());
-  return run(pb, st);
+  return checked(pb, sg__store_peer_error(pb->store, id, error));
 }
 
 /* ---- peers in memory ------------------------------------------------------- */
@@ -237,10 +156,7 @@ static peer *find_peer(sg__postbox *pb, const char *id) {
 static peer *get_peer(sg__postbox *pb, const char *id) {
   peer *p = find_peer(pb, id);
   if (p) return p;
-  sqlite3_stmt *st = stmt_for(pb, SQL_PEER_ADD, id);
-  if (!st) return NULL;
-  sqlite3_bind_int64(st, 2, sg__store_now_ms());
-  if (run(pb, st) != 0) return NULL;
+  if (checked(pb, sg__store_peer_add(pb->store, id)) != 0) return NULL;
   p = calloc(1, sizeof *p);
   if (!p || !(p->id = strdup(id))) {
     free(p);
@@ -263,30 +179,34 @@ static peer *get_peer(sg__postbox *pb, const char *id) {
 /* Counted once, then kept up to date by every change to the peer's rows:
  * a count per push would cost a scan of the queue. */
 static int64_t queue_len(sg__postbox *pb, peer *p) {
-  if (p->queued < 0) {
-    sqlite3_stmt *st = stmt_for(pb, SQL_QUEUE_LEN, p->id);
-    p->queued = st ? run_int(pb, st) : -1;
-  }
+  if (p->queued < 0 && checked(pb, sg__store_outbox_count(pb->store, p->id, &p->queued)))
+    p->queued = -1;
   return p->queued;
 }
 
 static void start_push(peer *p);
 
-static int spill_tx(sg__store *s, void *ud) {
-  (void)s;
-  peer *p = ud;
-  for (item *it = p->out.head; it; it = it->next) {
-    int err = append(p->pb, SQL_QUEUE_ADD, p->id, it->event, it->len);
-    if (err) return err;
+/* Appends the waiting events to the durable queue, all or none. */
+static int spill_all(peer *p) {
+  size_t n = p->out.count, i = 0;
+  const uint8_t **events = malloc((n ? n : 1) * sizeof *events);
+  size_t *lens = malloc((n ? n : 1) * sizeof *lens);
+  int err = events && lens ? 0 : fail(p->pb, SG_ENOMEM, NULL);
+  for (item *it = p->out.head; !err && it; it = it->next, i++) {
+    events[i] = it->event;
+    lens[i] = it->len;
   }
-  return 0;
+  if (!err) err = checked(p->pb, sg__store_outbox_add(p->pb->store, p->id, events, lens, n));
+  free(events);
+  free(lens);
+  return err;
 }
 
 /* The waiting events (the one that failed first) go to the durable queue,
  * all or none, and their callers hear how it went. */
 static void spill(peer *p, const char *why) {
   sg__postbox *pb = p->pb;
-  int err = sg__store_atomic(pb->store, spill_tx, p);
+  int err = spill_all(p);
   const char *msg = err ? pb->errmsg : why;
   if (!err && p->queued >= 0) p->queued += p->out.count;
   record_error(pb, p->id, why);
@@ -327,7 +247,7 @@ void sg__postbox_push_done(sg__postbox *pb, void *call, int err, const char *mes
     push_failed(p, message ? message : sg_strerror(err));
     return;
   }
-  stamp(pb, p->id, STAMP_PUSH);
+  stamp(pb, p->id, SG_STORE_STAMP_PUSH);
   p->tries = 0;
   item *it = item_shift(&p->out);
   if (!it) return;  /* closed while the transport was still pushing: spilled */
@@ -351,7 +271,7 @@ int sg__postbox_push(sg__postbox *pb, const char *id, const uint8_t *event, size
   }
   /* Order: while anything is queued, nothing is Pushed. */
   if (queued > 0) {
-    int err = append(pb, SQL_QUEUE_ADD, id, event, len);
+    int err = checked(pb, sg__store_outbox_add(pb->store, id, &event, &len, 1));
     if (err) return err;
     p->queued++;
     return SG_POSTBOX_QUEUED;
@@ -390,22 +310,23 @@ static int batch_add(struct batch *b, const void *ev, size_t len, size_t *cap) {
   return 0;
 }
 
+typedef struct {
+  struct batch *b;
+  size_t cap;
+} fill_args;
+
+static int fill_one(void *ud, int64_t seq, const uint8_t *ev, size_t len, int64_t attempts) {
+  (void)attempts;
+  fill_args *a = ud;
+  a->b->last_seq = seq;
+  return batch_add(a->b, ev, len, &a->cap);
+}
+
 static int batch_fill(sg__postbox *pb, struct batch *b, size_t max_bytes) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_QUEUE_HEAD, b->p->id);
-  if (!st) return SG_ESTORE;
-  size_t cap = 0, bytes = 0;
-  int rc, err = 0;
-  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-    size_t len = (size_t)sqlite3_column_bytes(st, 1);
-    if (b->pub.n > 0 && bytes + len > max_bytes) break;
-    err = batch_add(b, sqlite3_column_blob(st, 1), len, &cap);
-    b->last_seq = sqlite3_column_int64(st, 0);
-    bytes += len;
-  }
-  if (!err && rc != SQLITE_ROW && rc != SQLITE_DONE)
-    err = fail(pb, SG_ESTORE, sqlite3_errmsg(sg__store_db(pb->store)));
-  else if (err) fail(pb, err, NULL);
-  sqlite3_reset(st);
+  fill_args a = {b, 0};
+  int err = sg__store_outbox_head(pb->store, b->p->id, max_bytes, fill_one, &a);
+  if (err == SG_ENOMEM) fail(pb, err, NULL);
+  else checked(pb, err);
   b->pub.events = (const uint8_t **)b->events;
   b->pub.lens = b->lens;
   return err;
@@ -431,27 +352,13 @@ int sg__postbox_pull_begin(sg__postbox *pb, const char *id, size_t max_bytes,
   return 0;
 }
 
-static int drop_served(sg__postbox *pb, struct batch *b) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_QUEUE_DROP, b->p->id);
-  if (!st) return SG_ESTORE;
-  sqlite3_bind_int64(st, 2, b->last_seq);
-  int err = run(pb, st);
-  b->dropped = sqlite3_changes(sg__store_db(pb->store));
-  return err ? err : stamp(pb, b->p->id, STAMP_SERVED);
-}
-
-static int drop_served_tx(sg__store *s, void *ud) {
-  (void)s;
-  struct batch *b = ud;
-  return drop_served(b->p->pb, b);
-}
-
 int sg__postbox_pull_end(sg__postbox *pb, sg__postbox_batch *batch, int status) {
   struct batch *b = (struct batch *)batch;
   int err = 0;
   if (b->pub.n) {
     b->p->serving = 0;
-    if (status == 0) err = sg__store_atomic(pb->store, drop_served_tx, b);
+    if (status == 0)
+      err = checked(pb, sg__store_outbox_drop(pb->store, b->p->id, b->last_seq, &b->dropped));
     if (status == 0 && !err && b->p->queued >= 0) b->p->queued -= b->dropped;
   }
   batch_free(b);
@@ -468,64 +375,37 @@ static void schedule_delivery(peer *p, uint64_t delay) {
 
 typedef struct {
   peer *p;
-  int64_t seq, attempts;
-  const char *why;
-} settle_args;
+  int go_on;  /* 1: deliver the next event at once */
+} deliver_args;
 
-/* After a failed delivery: count the attempt, and past deliver_tries move
- * the event to dead_letters; one transaction, so it is in one table only. */
-static int settle_failure_tx(sg__store *s, void *ud) {
-  (void)s;
-  settle_args *a = ud;
-  sg__postbox *pb = a->p->pb;
-  sqlite3_stmt *st = sg__store_stmt(pb->store, SQL_INBOX_FAILED);
-  if (!st) return store_fail(pb, SG_ESTORE);
-  sqlite3_bind_int64(st, 1, a->seq);
-  sqlite3_bind_text(st, 2, a->why, -1, SQLITE_TRANSIENT);
-  int err = run(pb, st);
-  if (err || a->attempts + 1 < pb->opt.deliver_tries) return err;
-  if (!(st = sg__store_stmt(pb->store, SQL_INBOX_DEAD))) return store_fail(pb, SG_ESTORE);
-  sqlite3_bind_int64(st, 1, a->seq);
-  sqlite3_bind_int64(st, 2, sg__store_now_ms());
-  if ((err = run(pb, st))) return err;
-  if (!(st = sg__store_stmt(pb->store, SQL_INBOX_DONE))) return store_fail(pb, SG_ESTORE);
-  sqlite3_bind_int64(st, 1, a->seq);
-  return run(pb, st);
-}
-
-static int settle_success(peer *p, int64_t seq) {
-  sqlite3_stmt *st = sg__store_stmt(p->pb->store, SQL_INBOX_DONE);
-  if (!st) return store_fail(p->pb, SG_ESTORE);
-  sqlite3_bind_int64(st, 1, seq);
-  return run(p->pb, st);
-}
-
-/* Hands the head of the peer's inbox to the application (outside any
- * transaction: the handler may use the store). Returns 1 to go on with the
- * next event, 0 to stop (inbox empty, or a retry is scheduled). */
-static int deliver_one(peer *p) {
+/* Hands one event to the application (outside any transaction: the handler
+ * may use the store) and settles it: done, or one more failed attempt, and
+ * past deliver_tries dead_letters. */
+static int deliver_event(void *ud, int64_t seq, const uint8_t *ev, size_t len,
+                         int64_t attempts) {
+  deliver_args *a = ud;
+  peer *p = a->p;
   sg__postbox *pb = p->pb;
-  sqlite3_stmt *st = stmt_for(pb, SQL_INBOX_HEAD, p->id);
-  if (!st) return 0;
-  if (sqlite3_step(st) != SQLITE_ROW) {
-    sqlite3_reset(st);
+  char why[256] = "handler failed";
+  int err = pb->tp.deliver(pb->tp.ud, p->id, ev, len, why, sizeof why);
+  if (err == 0) {
+    a->go_on = checked(pb, sg__store_inbox_done(pb->store, seq)) == 0;
     return 0;
   }
-  settle_args a = {p, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 2), NULL};
-  item *copy = item_new(sqlite3_column_blob(st, 1), (size_t)sqlite3_column_bytes(st, 1),
-                        NULL, NULL);
-  sqlite3_reset(st);
-  if (!copy) return 0;
-  char why[256] = "handler failed";
-  int err = pb->tp.deliver(pb->tp.ud, p->id, copy->event, copy->len, why, sizeof why);
-  item_free(copy);
-  if (err == 0) return settle_success(p, a.seq) == 0;
-  a.why = why;
   record_error(pb, p->id, why);
-  if (sg__store_atomic(pb->store, settle_failure_tx, &a) != 0) return 0;
-  if (a.attempts + 1 >= pb->opt.deliver_tries) return 1;  /* dead: the next one */
-  schedule_delivery(p, pb->opt.deliver_backoff_ms << (a.attempts < 16 ? a.attempts : 16));
+  int dead = attempts + 1 >= pb->opt.deliver_tries;
+  if (checked(pb, sg__store_inbox_failed(pb->store, seq, why, dead)) != 0) return 0;
+  if (dead) a->go_on = 1;  /* dead: the next one */
+  else schedule_delivery(p, pb->opt.deliver_backoff_ms << (attempts < 16 ? attempts : 16));
   return 0;
+}
+
+/* Delivers the head of the peer's inbox. Returns 1 to go on with the next
+ * event, 0 to stop (inbox empty, or a retry is scheduled). */
+static int deliver_one(peer *p) {
+  deliver_args a = {p, 0};
+  sg__store_inbox_head(p->pb->store, p->id, deliver_event, &a);
+  return a.go_on;
 }
 
 static void deliver_timer_fired(uv_timer_t *t) {
@@ -537,29 +417,8 @@ static void deliver_timer_fired(uv_timer_t *t) {
   p->delivering = 0;
 }
 
-static int receive_tx(sg__store *s, void *ud) {
-  (void)s;
-  struct {
-    peer *p;
-    const uint8_t *const *ev;
-    const size_t *lens;
-    size_t n;
-  } *a = ud;
-  for (size_t i = 0; i < a->n; i++) {
-    int err = append(a->p->pb, SQL_INBOX_ADD, a->p->id, a->ev[i], a->lens[i]);
-    if (err) return err;
-  }
-  return 0;
-}
-
 static int store_received(peer *p, const uint8_t *const *events, const size_t *lens, size_t n) {
-  struct {
-    peer *p;
-    const uint8_t *const *ev;
-    const size_t *lens;
-    size_t n;
-  } a = {p, events, lens, n};
-  int err = sg__store_atomic(p->pb->store, receive_tx, &a);
+  int err = checked(p->pb, sg__store_inbox_add(p->pb->store, p->id, events, lens, n));
   if (!err) schedule_delivery(p, 0);
   return err;
 }
@@ -574,7 +433,7 @@ int sg__postbox_receive_push(sg__postbox *pb, const char *id, const uint8_t *eve
                             size_t len, sg__postbox_stored_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
   if (!p) return SG_ESTORE;
-  stamp(pb, id, STAMP_PUSH_IN);
+  stamp(pb, id, SG_STORE_STAMP_PUSH_IN);
   if (!p->held) {
     int err = store_received(p, &event, &len, 1);
     return err ? err : 1;
@@ -618,29 +477,31 @@ int sg__postbox_note(sg__postbox *pb, const char *id, sg__postbox_note_kind kind
                     const char *error) {
   if (!get_peer(pb, id)) return SG_ESTORE;
   if (kind == SG_POSTBOX_NOTE_ERROR) return record_error(pb, id, error ? error : "error");
-  return stamp(pb, id, kind == SG_POSTBOX_NOTE_PULLED ? STAMP_PULL : STAMP_PUSH_IN);
+  return stamp(pb, id, kind == SG_POSTBOX_NOTE_PULLED ? SG_STORE_STAMP_PULL : SG_STORE_STAMP_PUSH_IN);
 }
 
-/* The peers' rows, with what only a running postbox knows (pb may be NULL). */
+typedef struct {
+  sg__postbox *pb;  /* NULL: no running postbox */
+  int (*cb)(void *ud, const sg__postbox_peer_status *st);
+  void *ud;
+} walk_args;
+
+/* A peer's row, with what only a running postbox knows. */
+static int walk_one(void *ud, const sg__store_peer *r) {
+  walk_args *a = ud;
+  peer *p = a->pb ? find_peer(a->pb, r->server_id) : NULL;
+  sg__postbox_peer_status st = {r->server_id,   r->queued,      r->inbox,
+                               p ? p->out.count : 0,          r->first_seen,
+                               r->last_push,    r->last_push_in, r->last_pull,
+                               r->last_served,  r->last_error_time, r->last_error,
+                               p ? p->held : 0};
+  return a->cb(a->ud, &st);
+}
+
 static int walk_peers(sg__store *store, sg__postbox *pb,
                       int (*cb)(void *ud, const sg__postbox_peer_status *st), void *ud) {
-  sqlite3_stmt *st = sg__store_stmt(store, SQL_PEERS);
-  if (!st) return SG_ESTORE;
-  int rc, err = 0;
-  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-    const char *id = (const char *)sqlite3_column_text(st, 0);
-    peer *p = pb ? find_peer(pb, id) : NULL;
-    sg__postbox_peer_status s = {
-        id, sqlite3_column_int64(st, 8), sqlite3_column_int64(st, 9),
-        p ? p->out.count : 0, sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
-        sqlite3_column_int64(st, 3), sqlite3_column_int64(st, 4), sqlite3_column_int64(st, 5),
-        sqlite3_column_int64(st, 7), (const char *)sqlite3_column_text(st, 6),
-        p ? p->held : 0};
-    err = cb(ud, &s);
-  }
-  if (!err && rc != SQLITE_DONE) err = sg__store_fail(store);
-  sqlite3_reset(st);
-  return err;
+  walk_args a = {pb, cb, ud};
+  return sg__store_peers(store, walk_one, &a);
 }
 
 int sg__postbox_peers(sg__postbox *pb, int (*cb)(void *ud, const sg__postbox_peer_status *st),
@@ -655,57 +516,12 @@ int sg__postbox_store_peers(sg__store *store,
 }
 
 int sg__postbox_key_get(sg__postbox *pb, const char *id, uint8_t key[32]) {
-  sqlite3_stmt *st = stmt_for(pb, SQL_KEY_GET, id);
-  if (!st) return SG_ESTORE;
-  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
-  if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 32) {
-    memcpy(key, sqlite3_column_blob(st, 0), 32);
-    err = 0;
-  } else if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-    err = store_fail(pb, sg__store_fail(pb->store));
-  }
-  sqlite3_reset(st);
-  return err;
+  return checked(pb, sg__store_peer_key_get(pb->store, id, key));
 }
 
 int sg__postbox_key_set(sg__postbox *pb, const char *id, const uint8_t key[32]) {
   if (!get_peer(pb, id)) return SG_ESTORE;
-  sqlite3_stmt *st = stmt_for(pb, SQL_KEY_SET, id);
-  if (!st) return SG_ESTORE;
-  sqlite3_bind_blob(st, 2, key, 32, SQLITE_STATIC);
-  return run(pb, st);
-}
-
-/* Renaming: the old id's queue and inbox join the new id's (order kept by
- * seq), its key is kept unless the new id has one (the newer), its row goes.
- * Message maps name backends, and a Harmony peer's backend is its server id. */
-static const char *const SQL_RENAME[] = {
-    "UPDATE peers SET public_key = coalesce(public_key,"
-    " (SELECT public_key FROM peers WHERE server_id = ?1)) WHERE server_id = ?2",
-    "UPDATE outbox SET peer = ?2 WHERE peer = ?1",
-    "UPDATE inbox SET peer = ?2 WHERE peer = ?1",
-    "DELETE FROM peers WHERE server_id = ?1",
-    "UPDATE OR IGNORE msg_map SET origin_backend = ?2 WHERE origin_backend = ?1",
-    "UPDATE OR IGNORE msg_map SET copy_backend = ?2 WHERE copy_backend = ?1",
-};
-static const char SQL_PEER_KNOWN[] = "SELECT count(*) FROM peers WHERE server_id = ?1";
-
-typedef struct {
-  sg__postbox *pb;
-  const char *old_id, *new_id;
-} rename_args;
-
-static int rename_tx(sg__store *s, void *ud) {
-  (void)s;
-  rename_args *a = ud;
-  for (size_t i = 0; i < sizeof SQL_RENAME / sizeof *SQL_RENAME; i++) {
-    sqlite3_stmt *st = stmt_for(a->pb, SQL_RENAME[i], a->old_id);
-    if (!st) return SG_ESTORE;
-    sqlite3_bind_text(st, 2, a->new_id, -1, SQLITE_TRANSIENT);
-    int err = run(a->pb, st);
-    if (err) return err;
-  }
-  return 0;
+  return checked(pb, sg__store_peer_key_set(pb->store, id, key));
 }
 
 static void forget_peer(sg__postbox *pb, peer *p) {
@@ -723,13 +539,11 @@ int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new
   peer *p = find_peer(pb, old_id);
   if (p && (p->out.count || p->held_in.count || p->serving || p->delivering))
     return fail(pb, SG_EINVAL, "the peer has events in flight; try again");
-  sqlite3_stmt *st = stmt_for(pb, SQL_PEER_KNOWN, old_id);
-  int64_t known = st ? run_int(pb, st) : -1;
-  if (known <= 0) return known < 0 ? SG_ESTORE : SG_STORE_NOTFOUND;
+  int err = checked(pb, sg__store_peer_known(pb->store, old_id));
+  if (err) return err;
   peer *np = get_peer(pb, new_id);
   if (!np) return SG_ESTORE;
-  rename_args a = {pb, old_id, new_id};
-  int err = sg__store_atomic(pb->store, rename_tx, &a);
+  err = checked(pb, sg__store_peer_rename(pb->store, old_id, new_id));
   if (err) return err;
   if (p) forget_peer(pb, p);
   np->queued = -1;  /* the old id's rows joined */

@@ -22,13 +22,15 @@ local M = {}
 local EVENT = "protocol.sync.v1.Event"
 local SERVER_ID_KEY = "federation.server_id"
 
+-- The delivery rules' defaults are C's (postbox_core.defaults: push_tries,
+-- push_backoff_ms, queue_limit, deliver_tries, deliver_backoff_ms); the
+-- Pull policy's are here.
 M.defaults = {
-  push_tries = 5, push_backoff_ms = 200, queue_limit = 10000,
-  deliver_tries = 5, deliver_backoff_ms = 1000,
   pull_interval_ms = 60000,     -- after the last Push from a peer
   pull_backoff_ms = 1000,       -- first retry against a peer that is down, doubled
   pull_max_bytes = 512 * 1024,  -- events per Pull response we serve
 }
+for k, v in pairs(pbc.defaults) do M.defaults[k] = v end
 
 local pb          -- the segue.postbox_core object while started
 local opts        -- M.defaults overlaid with the config's federation keys

@@ -69,27 +69,35 @@ static void on_ack(void *ud, int err, int how, const char *message) {
            err ? "ERR" : how == SG_POSTBOX_PUSHED ? "pushed" : "queued");
 }
 
+/* The tables are read through a connection of the test's own: the store
+ * keeps SQLite to itself. */
 static long long q(const char *sql) {
+  sqlite3 *db;
   sqlite3_stmt *st;
   long long v = -1;
-  if (sqlite3_prepare_v2(sg__store_db(store), sql, -1, &st, NULL) == SQLITE_OK) {
+  if (sqlite3_open(path, &db) == SQLITE_OK
+      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
     if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
   }
+  sqlite3_close(db);
   return v;
 }
 
 static const char *q_text(const char *sql) {
   static char out[1024];
+  sqlite3 *db;
   sqlite3_stmt *st;
   out[0] = '\0';
-  if (sqlite3_prepare_v2(sg__store_db(store), sql, -1, &st, NULL) == SQLITE_OK) {
+  if (sqlite3_open(path, &db) == SQLITE_OK
+      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
     while (sqlite3_step(st) == SQLITE_ROW) {
       size_t n = strlen(out);
       snprintf(out + n, sizeof out - n, "%s;", (const char *)sqlite3_column_text(st, 0));
     }
     sqlite3_finalize(st);
   }
+  sqlite3_close(db);
   return out;
 }
 
