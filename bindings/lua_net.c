@@ -221,6 +221,10 @@ static void check_options(lua_State *L, int idx, sg__net_options *o) {
   o->verify = opt_bool(L, idx, "verify", 1);
   lua_getfield(L, idx, "servername");
   o->servername = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
+  lua_getfield(L, idx, "ca_file");
+  o->ca_file = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
+  lua_getfield(L, idx, "pin");
+  o->pin = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
 }
 
 /* connect(host, port [, options] [, callback]) -> conn | nil, err, code */
@@ -278,6 +282,24 @@ static int do_read(lua_State *L, int lines) {
   waiter_arm(L, &lc->read_w, 2, lines ? "read_line" : "read");
   if (has_cb) sg__net_notify(&lc->c);  /* input may be buffered already */
   return waiter_wait(L, &lc->read_w);
+}
+
+/* conn:starttls([options] [, cb]) -> conn | nil, err, code: upgrades the
+ * open plain connection to TLS (options: servername, verify, ca_file, pin,
+ * timeout_ms). On failure the connection is closed. */
+static int l_starttls(lua_State *L) {
+  lconn *lc = check_conn(L);
+  if (lc->closed) return sg__lua_fail(L, SG_ECANCELED, "the connection was closed");
+  int cb = lua_isfunction(L, 2) ? 2 : 3;
+  lua_settop(L, 3);
+  sg__net_options o;
+  check_options(L, cb == 2 ? 0 : 2, &o);
+  if (lc->connect_w.ref != LUA_NOREF || lc->read_w.ref != LUA_NOREF)
+    return luaL_error(L, "starttls: a read or connect is waiting on this connection");
+  int rc = sg__net_starttls(&lc->c, &o);
+  if (rc != 0) return sg__lua_fail(L, rc, sg__net_error(&lc->c));
+  waiter_arm(L, &lc->connect_w, cb, "starttls");
+  return waiter_wait(L, &lc->connect_w);
 }
 
 /* conn:read_line([cb]) -> line | nil, err, code ("EOF" at the end) */
@@ -349,7 +371,7 @@ static int l_gc(lua_State *L) {
 
 int luaopen_segue_net(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"read_line", l_read_line}, {"read", l_read}, {"write", l_write},
+      {"read_line", l_read_line}, {"read", l_read}, {"starttls", l_starttls}, {"write", l_write},
       {"drain", l_drain}, {"write_queue_size", l_write_queue_size}, {"close", l_close},
       {"is_closed", l_is_closed}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"connect", l_connect}, {"stdin", l_stdin}, {NULL, NULL}};

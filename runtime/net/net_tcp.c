@@ -182,11 +182,16 @@ int sg__net_connect(uv_loop_t *loop, sg__net_conn *c, const char *host, int port
   sg__tls *tls = NULL;
   char err[256];
   if (o.tls) {
-    int rc = sg__tls_new(o.servername ? o.servername : host, o.verify, &tls, err, sizeof err);
-    if (rc != 0) return rc;
+    sg__tls_options to = {o.servername ? o.servername : host, o.verify, o.ca_file, o.pin};
+    int rc = sg__tls_new(&to, &tls, err, sizeof err);
+    if (rc != 0) {
+      snprintf(c->error, sizeof c->error, "%s", err);
+      return rc;
+    }
   }
   init_common(loop, c, o.max_line, ev);
   c->tls = tls;
+  snprintf(c->host, sizeof c->host, "%s", host);
   c->timeout_ms = o.timeout_ms ? o.timeout_ms : SG_NET_DEFAULT_TIMEOUT_MS;
   snprintf(c->where, sizeof c->where, "%s:%d", host, port);
   char service[16];
@@ -205,6 +210,34 @@ int sg__net_connect(uv_loop_t *loop, sg__net_conn *c, const char *host, int port
   c->pending++;
   init_timer(c);
   uv_timer_start(&c->timer, timed_out, c->timeout_ms, 0);
+  return 0;
+}
+
+int sg__net_starttls(sg__net_conn *c, const sg__net_options *opts) {
+  sg__net_options o = {0};
+  if (opts) o = *opts;
+  if (c->phase != OPEN || c->tls || !c->host[0] || !c->stream_open) {
+    snprintf(c->error, sizeof c->error, "STARTTLS needs an open plain TCP connection");
+    return SG_EINVAL;
+  }
+  if (c->status != 0) {
+    snprintf(c->error, sizeof c->error, "%s ended before STARTTLS", c->where);
+    return c->status == UV_EOF ? UV_ECONNRESET : c->status;
+  }
+  if (c->len > 0) {
+    snprintf(c->error, sizeof c->error,
+             "%s sent %zu bytes nobody read before the TLS handshake (refused: they would pass as protected)",
+             c->where, c->len);
+    return SG_EPROTO;
+  }
+  sg__tls_options to = {o.servername ? o.servername : c->host, o.verify, o.ca_file, o.pin};
+  int rc = sg__tls_new(&to, &c->tls, c->error, sizeof c->error);
+  if (rc != 0) return rc;
+  c->phase = HANDSHAKING;
+  if (o.timeout_ms) c->timeout_ms = o.timeout_ms;
+  uv_timer_start(&c->timer, timed_out, c->timeout_ms, 0);
+  start_reading(c);
+  handshake(c);
   return 0;
 }
 

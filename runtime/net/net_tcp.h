@@ -30,6 +30,8 @@ typedef struct {
   int tls;                 /* wrap the connection in TLS */
   const char *servername;  /* TLS name to send and verify; NULL: the host */
   int verify;              /* TLS: check the chain and the name */
+  const char *ca_file;     /* TLS: trust only the CAs in this PEM file */
+  const char *pin;         /* TLS: SHA-256 of the one certificate accepted */
   size_t max_line;         /* longest line sg__net_read_line accepts; 0: 64 KiB */
 } sg__net_options;
 
@@ -73,6 +75,7 @@ struct sg__net_conn {
   char *buf;                /* input: buf[off, off + len) */
   size_t off, len, cap, scanned;
   sg__net_close_cb close_cb;
+  char host[256];           /* as connected to: the default TLS name */
   char where[300];          /* "host:port", for messages */
   char error[512];
   char chunk[SG_NET_READ_CHUNK];
@@ -84,6 +87,15 @@ struct sg__net_conn {
  * error code when the lookup cannot start. */
 int sg__net_connect(uv_loop_t *loop, sg__net_conn *c, const char *host, int port,
                    const sg__net_options *opts, const sg__net_events *ev);
+
+/* Upgrades an open plain connection to TLS (STARTTLS): the handshake
+ * starts at once and on_connect follows again, with 0 once it completed or
+ * the failure (then the conn is unusable; close it). Uses the TLS fields of
+ * `opts` (servername NULL: the host connected to). SG_EINVAL when the conn
+ * is not open, already TLS, or was opened on an fd; SG_EPROTO when input is
+ * buffered that nobody read: bytes that came before the handshake must not
+ * pass as protected ones. */
+int sg__net_starttls(sg__net_conn *c, const sg__net_options *opts);
 
 /* Reads from `fd`, a terminal or a pipe (not a regular file: SG_EINVAL).
  * The conn is open at once (no on_connect). sg__net_close closes fd. */

@@ -11,6 +11,8 @@
 #include "segue.h"
 
 struct sg__tls {
+  int pinned;
+  unsigned char pin[32];
   SSL_CTX *ctx;
   SSL *ssl;
   BIO *in;   /* ciphertext from the peer, read by OpenSSL */
@@ -27,21 +29,61 @@ static void take_error(const char *what, char *err, size_t errlen) {
   ERR_clear_error();
 }
 
-int sg__tls_new(const char *servername, int verify, sg__tls **out, char *err, size_t errlen) {
+/* "AB:cd:..." or "abcd..." -> 32 bytes; 0 when it is not a SHA-256. */
+static int parse_pin(const char *s, unsigned char out[32]) {
+  size_t n = 0;
+  int half = -1;
+  for (; *s; s++) {
+    int v;
+    if (*s == ':') continue;
+    if (*s >= '0' && *s <= '9') v = *s - '0';
+    else if (*s >= 'a' && *s <= 'f') v = *s - 'a' + 10;
+    else if (*s >= 'A' && *s <= 'F') v = *s - 'A' + 10;
+    else return 0;
+    if (half < 0) {
+      half = v;
+    } else {
+      if (n == 32) return 0;
+      out[n++] = (unsigned char)(half << 4 | v);
+      half = -1;
+    }
+  }
+  return n == 32 && half < 0;
+}
+
+int sg__tls_new(const sg__tls_options *o, sg__tls **out, char *err, size_t errlen) {
+  const char *servername = o->servername;
   int has_name = servername && servername[0];
+  int verify = o->verify && !o->pin;
   if (verify && !has_name) {
     snprintf(err, errlen, "TLS verification needs a server name");
     return SG_EINVAL;
   }
   sg__tls *t = calloc(1, sizeof *t);
   if (!t) return SG_ENOMEM;
+  if (o->pin) {
+    if (!parse_pin(o->pin, t->pin)) {
+      snprintf(err, errlen, "pin must be the SHA-256 fingerprint of the certificate (64 hex digits)");
+      free(t);
+      return SG_EINVAL;
+    }
+    t->pinned = 1;
+  }
   int bios_owned = 0;
   t->ctx = SSL_CTX_new(TLS_client_method());
   if (!t->ctx) goto fail;
   SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
   if (verify) {
     SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
-    if (SSL_CTX_set_default_verify_paths(t->ctx) != 1) goto fail;
+    if (o->ca_file) {
+      if (SSL_CTX_load_verify_locations(t->ctx, o->ca_file, NULL) != 1) {
+        take_error("cannot load ca_file", err, errlen);
+        sg__tls_free(t);
+        return SG_EINVAL;
+      }
+    } else if (SSL_CTX_set_default_verify_paths(t->ctx) != 1) {
+      goto fail;
+    }
   }
   t->ssl = SSL_new(t->ctx);
   t->in = BIO_new(BIO_s_mem());
@@ -98,9 +140,22 @@ static int classify(sg__tls *t, int rc, const char *what, char *err, size_t errl
   return SG_EPROTO;
 }
 
+/* The pinned certificate, or SG_EAUTH. */
+static int check_pin(sg__tls *t, char *err, size_t errlen) {
+  X509 *cert = SSL_get1_peer_certificate(t->ssl);
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  int ok = cert && X509_digest(cert, EVP_sha256(), md, &n) == 1 && n == 32 &&
+           CRYPTO_memcmp(md, t->pin, 32) == 0;
+  X509_free(cert);
+  if (ok) return 1;
+  snprintf(err, errlen, "certificate verify failed: the certificate does not match the pin");
+  return SG_EAUTH;
+}
+
 int sg__tls_handshake(sg__tls *t, char *err, size_t errlen) {
   int rc = SSL_do_handshake(t->ssl);
-  if (rc == 1) return 1;
+  if (rc == 1) return t->pinned ? check_pin(t, err, errlen) : 1;
   return classify(t, rc, "TLS handshake", err, errlen);
 }
 

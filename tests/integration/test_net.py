@@ -255,6 +255,108 @@ class Tls(unittest.TestCase):
         self.assertIn("hostname mismatch", v["err"])
 
 
+class StartTls(unittest.TestCase):
+    """conn:starttls(): a plain connection upgraded in place, as XMPP, SMTP
+    and IMAP do: verified by default, a CA file or a pinned certificate for
+    self-hosted servers, and no plaintext smuggled in ahead of TLS."""
+
+    def setUp(self):
+        d = tmpdir()
+        self.cert, self.key = make_cert(d, "localhost")
+        self.addCleanup(lambda: [os.remove(os.path.join(d, f)) for f in os.listdir(d)] and os.rmdir(d))
+        import hashlib
+        import ssl
+        with open(self.cert) as f:
+            self.fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
+
+    def serve(self, inject=b""):
+        def upgrade(srv, conn):
+            conn.sendall(b"hello in plain text\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                data = conn.recv(1)
+                if not data:
+                    return
+                line += data
+            if line != b"STARTTLS\n":
+                return
+            conn.sendall(b"go ahead\n" + inject)
+            try:
+                tls = tls_wrap_server(conn, self.cert, self.key)
+            except (OSError, ValueError):
+                return
+            tls.sendall(b"secret over tls\n")
+            srv.received = tls.recv(100)
+            tls.sendall(b"got " + srv.received)
+            time.sleep(0.2)
+        s = Server(upgrade)
+        self.addCleanup(s.close)
+        return s
+
+    SCRIPT = NET + """
+        out(segue.await(function()
+          local c = assert(net.connect("localhost", %d))
+          local got = { c:read_line() }
+          c:write("STARTTLS\\n")
+          got[#got + 1] = c:read_line()
+          local ok, err, code = c:starttls(%s)
+          if not ok then return { got = got, err = err, code = code, closed = c:is_closed() } end
+          got[#got + 1] = c:read_line()
+          c:write("ping\\n")
+          got[#got + 1] = c:read_line()
+          c:close()
+          return { got = got }
+        end, 20000))
+    """
+
+    def test_starttls_with_a_trusted_ca_file_upgrades_the_connection(self):
+        s = self.serve()
+        r = run_lua(self.SCRIPT % (s.port, '{ ca_file = "%s" }' % self.cert))
+        self.assertEqual(r.values()[0], {"got": ["hello in plain text", "go ahead", "secret over tls", "got ping"]},
+                         r.stderr)
+        self.assertEqual(s.received, b"ping\n")
+
+    def test_starttls_verifies_by_default_and_refuses_a_self_signed_server(self):
+        s = self.serve()
+        r = run_lua(self.SCRIPT % (s.port, ""))
+        v = r.values()[0]
+        self.assertEqual(v["code"], "EAUTH", r.stderr)
+        self.assertIn("certificate verify failed", v["err"])
+        self.assertTrue(v["closed"])
+
+    def test_starttls_checks_the_name_against_the_ca_file_certificate(self):
+        s = self.serve()
+        r = run_lua(self.SCRIPT % (s.port, '{ ca_file = "%s", servername = "other.example" }' % self.cert))
+        v = r.values()[0]
+        self.assertEqual(v["code"], "EAUTH", r.stderr)
+        self.assertIn("hostname mismatch", v["err"])
+
+    def test_a_pinned_certificate_is_accepted_and_any_other_refused(self):
+        s = self.serve()
+        fp = ":".join(self.fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
+        ok = run_lua(self.SCRIPT % (s.port, '{ pin = "%s" }' % fp))
+        self.assertEqual(ok.values()[0]["got"][-1], "got ping", ok.stderr)
+        s2 = self.serve()
+        bad = run_lua(self.SCRIPT % (s2.port, '{ pin = "%s" }' % ("00" * 32)))
+        v = bad.values()[0]
+        self.assertEqual(v["code"], "EAUTH", bad.stderr)
+        self.assertIn("does not match the pin", v["err"])
+
+    def test_plaintext_sent_ahead_of_the_handshake_is_refused(self):
+        s = self.serve(inject=b"FORGED: you are admin\n")
+        r = run_lua(self.SCRIPT % (s.port, '{ ca_file = "%s" }' % self.cert))
+        v = r.values()[0]
+        self.assertEqual(v["code"], "EPROTO", r.stderr)
+        self.assertIn("before the TLS handshake", v["err"])
+
+    def test_a_bad_ca_file_is_an_error_value(self):
+        s = self.serve()
+        r = run_lua(self.SCRIPT % (s.port, '{ ca_file = "/nonexistent/ca.pem" }'))
+        v = r.values()[0]
+        self.assertEqual(v["code"], "EINVAL", r.stderr)
+        self.assertIn("ca_file", v["err"])
+
+
 class Console(unittest.TestCase):
     """segue.net.stdin under the console backend, in the default demo."""
 
