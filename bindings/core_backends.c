@@ -62,7 +62,17 @@ void sg__core_check_backend_config(lua_State *L, int idx, sg__backend_config *c)
   c->retry_max_tries = (int)opt_ms(L, idx, "retry_max_tries", (uint64_t)c->retry_max_tries);
   c->retry_initial_ms = opt_ms(L, idx, "retry_backoff_ms", c->retry_initial_ms);
   c->max_value_bytes = opt_ms(L, idx, "max_line_bytes", c->max_value_bytes);
-  c->limits.max_depth = (int)opt_ms(L, idx, "max_depth", (uint64_t)c->limits.max_depth);
+  uint64_t depth = opt_ms(L, idx, "max_depth", (uint64_t)c->limits.max_depth);
+  /* Values go on into Lua tables: no deeper than the converter follows. */
+  if (depth > SG_LUA_JSON_MAX_DEPTH) {
+    sg__lenv *e = sg__lenv_of(L);
+    if (e)
+      sg__log(&e->log, SG_LOG_WARN, NULL, NULL,
+              "max_depth %llu capped to %d (the deepest nesting Lua values are made of)",
+              (unsigned long long)depth, SG_LUA_JSON_MAX_DEPTH);
+    depth = SG_LUA_JSON_MAX_DEPTH;
+  }
+  c->limits.max_depth = (int)depth;
   c->limits.max_attachment_bytes =
       opt_ms(L, idx, "max_attachment_bytes", c->limits.max_attachment_bytes);
 }
@@ -188,16 +198,20 @@ static void lua_request_done(void *ud, int err, const cJSON *body, const char *m
   if (L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, r->cb_ref);
-    int n;
-    if (err == 0) {
-      sg__lua_push_json(L, body);
-      n = 1;
-    } else {
+    char cerr[256];
+    int n = 1;
+    int crc = err == 0 ? sg__lua_push_json_protected(L, body, cerr, sizeof cerr) : 0;
+    if (crc != 0) {  /* a body Lua cannot hold (too deep) fails the request */
+      err = crc;
+      msg = cerr;
+      body = NULL;
+    }
+    if (err != 0) {
       lua_pushnil(L);
       lua_pushfstring(L, "%s: %s", sg_err_name(err), msg ? msg : sg_strerror(err));
       lua_pushstring(L, sg_err_name(err));
-      if (body) sg__lua_push_json(L, body);
-      else lua_pushnil(L);
+      char berr[128];
+      if (!body || sg__lua_push_json_protected(L, body, berr, sizeof berr) != 0) lua_pushnil(L);
       n = 4;
     }
     sg__lenv_pcall(h, n, 0, "request callback");
@@ -258,7 +272,12 @@ static int lua_tp_start(sg__backend *b) {
 static int lua_tp_send(sg__backend *b, const cJSON *request) {
   lua_driver *d = b->transport_data;
   if (!d->e->L) return SG_ECLOSING;
-  sg__lua_push_json(d->e->L, request);
+  char err[256];
+  int rc = sg__lua_push_json_protected(d->e->L, request, err, sizeof err);
+  if (rc != 0) {
+    sg__backend_log(b, SG_LOG_ERROR, "cannot deliver a request: %s", err);
+    return rc;
+  }
   return call_driver(b, "deliver", 1);
 }
 

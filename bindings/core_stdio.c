@@ -28,8 +28,13 @@ static void stdio_event(sg__stdio_channel *ch, const cJSON *request, const char 
   if (!st->h || !st->h->L) return;  /* the host is gone (see stdio_gc) */
   lua_State *L = st->h->L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, st->cb_ref);
-  if (request) sg__lua_push_json(L, request);
-  else lua_pushnil(L);
+  char cerr[256];
+  if (request && sg__lua_push_json_protected(L, request, cerr, sizeof cerr) != 0) {
+    lua_pop(L, 1);
+    sg__log(&st->h->log, SG_LOG_ERROR, NULL, NULL, "request dropped: %s", cerr);
+    return;
+  }
+  if (!request) lua_pushnil(L);
   if (err) lua_pushstring(L, err);
   else lua_pushnil(L);
   sg__lenv_pcall(st->h, 2, 0, "standalone backend");

@@ -18,9 +18,11 @@ static void push_null(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &null_key);
 }
 
-static void push_json_at(lua_State *L, const cJSON *v, int depth);
+/* Returns 0 with one value pushed, or -1 (nothing pushed beyond what the
+ * caller rolls back) when `v` nests deeper than SG_LUA_JSON_MAX_DEPTH. */
+static int push_json_at(lua_State *L, const cJSON *v, int depth);
 
-static void push_container(lua_State *L, const cJSON *v, int depth) {
+static int push_container(lua_State *L, const cJSON *v, int depth) {
   int is_array = cJSON_IsArray(v);
   lua_createtable(L, is_array ? cJSON_GetArraySize(v) : 0, is_array ? 0 : 4);
   if (!is_array) {
@@ -30,17 +32,18 @@ static void push_container(lua_State *L, const cJSON *v, int depth) {
   lua_Integer i = 1;
   for (const cJSON *c = v->child; c; c = c->next) {
     if (is_array) {
-      push_json_at(L, c, depth + 1);
+      if (push_json_at(L, c, depth + 1) != 0) return -1;
       lua_rawseti(L, -2, i++);
     } else if (!cJSON_IsNull(c)) {
-      push_json_at(L, c, depth + 1);
+      if (push_json_at(L, c, depth + 1) != 0) return -1;
       lua_setfield(L, -2, c->string);
     }
   }
+  return 0;
 }
 
-static void push_json_at(lua_State *L, const cJSON *v, int depth) {
-  if (depth > SG_LUA_JSON_MAX_DEPTH) luaL_error(L, "JSON nested deeper than %d", SG_LUA_JSON_MAX_DEPTH);
+static int push_json_at(lua_State *L, const cJSON *v, int depth) {
+  if (depth > SG_LUA_JSON_MAX_DEPTH) return -1;
   luaL_checkstack(L, 3, "JSON value");
   if (cJSON_IsString(v)) {
     lua_pushstring(L, v->valuestring);
@@ -53,13 +56,55 @@ static void push_json_at(lua_State *L, const cJSON *v, int depth) {
   } else if (cJSON_IsBool(v)) {
     lua_pushboolean(L, cJSON_IsTrue(v));
   } else if (cJSON_IsArray(v) || cJSON_IsObject(v)) {
-    push_container(L, v, depth);
+    return push_container(L, v, depth);
   } else {
     push_null(L);
   }
+  return 0;
 }
 
-void sg__lua_push_json(lua_State *L, const cJSON *v) { push_json_at(L, v, 0); }
+int sg__lua_push_json(lua_State *L, const cJSON *v, char *err, size_t errlen) {
+  int top = lua_gettop(L);
+  if (push_json_at(L, v, 0) == 0) return 0;
+  lua_settop(L, top);
+  snprintf(err, errlen, "JSON nested deeper than %d levels", SG_LUA_JSON_MAX_DEPTH);
+  return SG_ELIMIT;
+}
+
+/* The protected half of sg__lua_push_json_protected: arguments are the
+ * value (light userdata) and the error buffer (light userdata, size). */
+static int push_json_call(lua_State *L) {
+  const cJSON *v = lua_touserdata(L, 1);
+  char *err = lua_touserdata(L, 2);
+  size_t errlen = (size_t)lua_tointeger(L, 3);
+  lua_settop(L, 0);
+  if (sg__lua_push_json(L, v, err, errlen) != 0) lua_pushnil(L);
+  else lua_pushboolean(L, 1);
+  return 2;
+}
+
+int sg__lua_push_json_protected(lua_State *L, const cJSON *v, char *err, size_t errlen) {
+  if (!lua_checkstack(L, 8)) {
+    snprintf(err, errlen, "Lua stack overflow converting JSON");
+    return SG_ENOMEM;
+  }
+  err[0] = '\0';
+  lua_pushcfunction(L, push_json_call);
+  lua_pushlightuserdata(L, (void *)v);
+  lua_pushlightuserdata(L, err);
+  lua_pushinteger(L, (lua_Integer)errlen);
+  if (lua_pcall(L, 3, 2, 0) != LUA_OK) {
+    snprintf(err, errlen, "converting JSON to Lua: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return SG_ENOMEM;
+  }
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 2);
+    return SG_ELIMIT;
+  }
+  lua_pop(L, 1);
+  return 0;
+}
 
 /* ---- Lua -> JSON --------------------------------------------------------- */
 
@@ -227,8 +272,14 @@ static int l_decode(lua_State *L) {
     lua_pushfstring(L, "invalid JSON at byte offset %d", (int)off);
     return 2;
   }
-  sg__lua_push_json(L, v);
+  char err[128];
+  int rc = sg__lua_push_json(L, v, err, sizeof err);
   cJSON_Delete(v);
+  if (rc != 0) {
+    luaL_pushfail(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
   return 1;
 }
 

@@ -183,9 +183,10 @@ static int l_log_delete(lua_State *L) {
 static void push_content(lua_State *L, const char *text) {
   cJSON *v = text ? cJSON_Parse(text) : NULL;
   if (!v) return;  /* deleted, or not written by us: leave content out */
-  sg__lua_push_json(L, v);
+  char err[128];
+  int rc = sg__lua_push_json(L, v, err, sizeof err);
   cJSON_Delete(v);
-  lua_setfield(L, -2, "content");
+  if (rc == 0) lua_setfield(L, -2, "content");
 }
 
 static int push_message(void *ud, const sg__store_message *m) {

@@ -34,7 +34,9 @@ static int load_embedded(lua_State *L) {
   snprintf(chunk, sizeof chunk, "@%s", s->path);
   if (luaL_loadbuffer(L, s->source, s->length, chunk) != LUA_OK) return lua_error(L);
   lua_pushstring(L, s->name);
-  lua_call(L, 1, 1);
+  /* require runs loaders protected already; pcall keeps this file free of
+   * raw calls, and the error goes on unchanged. */
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) return lua_error(L);
   return 1;
 }
 
@@ -240,7 +242,12 @@ static void on_update(sg__backend *b, const cJSON *update) {
   sg_host *h = b->data;
   if (sg__host_push_handler(h, "update") != 0) return;
   lua_pushstring(h->env.L, b->name);
-  sg__lua_push_json(h->env.L, update);
+  char err[256];
+  if (sg__lua_push_json_protected(h->env.L, update, err, sizeof err) != 0) {
+    lua_pop(h->env.L, 3);
+    sg__backend_log(b, SG_LOG_ERROR, "update dropped: %s", err);
+    return;
+  }
   sg__lenv_pcall(&h->env, 3, 0, "update handler");
 }
 
