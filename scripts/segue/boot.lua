@@ -143,10 +143,43 @@ local function open_store(dir)
   router.set_store(db)
 end
 
-local function write_pidfile(dir)
-  local f = io.open(dir .. "/segue.pid", "w")
-  if f then f:write(fs.getpid(), "\n") f:close() end
-  segue.on("stopping", function() os.remove(dir .. "/segue.pid") end)
+-- The pid file is write-locked while segue runs (segue.fs.lock_pidfile):
+-- `segue reload` signals the lock's holder only, and a second segue on the
+-- same data directory refuses to start.
+local pidfile_lock
+
+local function lock_pidfile(dir)
+  local path = dir .. "/segue.pid"
+  local lock, err = fs.lock_pidfile(path)
+  if not lock then return nil, err end
+  pidfile_lock = lock
+  segue.on("stopping", function() os.remove(path) end)
+  return true
+end
+
+-- The data directory holds the store, keys and the pid file: only this user
+-- may enter it (made 0700, or segue refuses naming the problem), and every
+-- file segue creates is 0600 (umask 077; backends inherit it).
+local function secure_data_dir(dir)
+  local ok, err = fs.mkdir_p(dir, tonumber("700", 8))
+  if not ok then return nil, err end
+  fs.umask(tonumber("077", 8))
+  local kind, mode = fs.stat(dir)
+  if kind ~= "directory" then return nil, ("data_dir %s is not a directory"):format(dir) end
+  if mode & tonumber("077", 8) ~= 0 then
+    ok, err = fs.chmod(dir, tonumber("700", 8))
+    if not ok then
+      return nil, ("data_dir %s has mode %o (group or others may enter it) and cannot be made 0700: %s")
+        :format(dir, mode, err)
+    end
+    core.log("warn", ("data_dir %s had mode %o; made it 0700"):format(dir, mode))
+  end
+  for _, name in ipairs { "segue.db", "segue.db-wal", "segue.db-shm" } do
+    local p = dir .. "/" .. name
+    local k, m = fs.stat(p)
+    if k == "file" and m & tonumber("077", 8) ~= 0 then fs.chmod(p, tonumber("600", 8)) end
+  end
+  return true
 end
 
 function M.start()
@@ -154,7 +187,9 @@ function M.start()
     local ok, err = M.load_default_config()
     if not ok then return nil, err end
   end
-  local ok, err = fs.mkdir_p(current.data_dir, tonumber("700", 8))
+  local ok, err = secure_data_dir(current.data_dir)
+  if not ok then return report { err } end
+  ok, err = lock_pidfile(current.data_dir)
   if not ok then return report { err } end
   open_store(current.data_dir)
   router.install()
@@ -170,7 +205,6 @@ function M.start()
         loaded_at = r.loaded_at, last_error = r.last_error } or nil }
     end)
   end
-  write_pidfile(current.data_dir)
   -- Federation before the scripts, so they can call peers; it stops itself
   -- when the host stops (segue.on "stopping").
   if current.listen or current.server_id then
@@ -233,12 +267,10 @@ end
 function M.signal_reload(path)
   local cfg, errors = require("segue.cli").load_config(path)
   if not cfg then return report(errors) end
-  local pidfile = cfg.data_dir .. "/segue.pid"
-  local f = io.open(pidfile, "r")
-  if not f then return nil, "no running segue found (" .. pidfile .. " is missing)" end
-  local pid = tonumber(f:read("l"))
-  f:close()
-  local ok, err = fs.kill(pid or 0, 1)
+  local pid, err = fs.pidfile_holder(cfg.data_dir .. "/segue.pid")
+  if not pid then return nil, err end
+  local ok
+  ok, err = fs.kill(pid, 1)
   if not ok then return nil, err end
   io.stdout:write("asked segue (pid ", pid, ") to reload\n")
   return true

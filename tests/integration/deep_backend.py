@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""A backend for the host-limit tests: after InitInfo it sends one
-MessageUpsert whose `extra` nests DEPTH levels (argv[1]), then answers every
-RoomLookup with RoomID "!ok"."""
+"""A backend for the host-limit tests: a RoomLookup of "#deep" makes it send
+a MessageUpsert whose `extra` nests DEPTH levels (argv[1]) before it answers;
+every RoomLookup is answered with RoomID "!ok"."""
 import json
 import os
 import sys
@@ -17,7 +17,6 @@ msg = {"id": "m1", "sender": "s", "recipient": "#r", "attachments": [],
        "extra": extra}
 out.write(json.dumps(init).encode() + b"\n")
 sys.setrecursionlimit(10000)
-out.write(json.dumps({"type": "MessageUpsert", "value": msg}).encode() + b"\n")
 out.flush()
 buf = b""
 dec = json.JSONDecoder()
@@ -30,6 +29,8 @@ while True:
         line, buf = buf.split(b"\n", 1)
         if line.strip():
             req = json.loads(line)
+            if req["body"].get("value") == "#deep":
+                out.write(json.dumps({"type": "MessageUpsert", "value": msg}).encode() + b"\n")
             out.write(json.dumps({"sequence_number": req["sequence_number"],
                                   "body": {"type": "RoomID", "value": "!ok"}}).encode() + b"\n")
             out.flush()
