@@ -9,6 +9,11 @@
 --
 -- Room ids are file-safe names: RoomLookup("#Ideas") finds or creates the
 -- note "ideas" (dir/ideas.jsonl). Message ids are "<note>:<line number>".
+--
+-- A person writes into a note by appending a line to its file (`echo "buy
+-- milk" >> notes/ideas.jsonl`, or an editor): a line of plain text is a
+-- message from `user`, a JSON line a Message as is. The folder is watched;
+-- each new line is announced as a MessageUpsert.
 local backend, options = ...
 local segue = require "segue"
 local json = require "segue.json"
@@ -22,6 +27,17 @@ local ok, err = fs.mkdir_p(dir, tonumber("700", 8))
 if not ok then error(("notes: cannot create %s: %s"):format(dir, tostring(err)), 0) end
 
 local counts = {}   -- note id -> number of messages (lines), once read
+
+-- A line of the file as a Message: JSON as written, or plain text typed by
+-- a person (from `user`, at the file's time of reading).
+local function message_of(id, n, line)
+  local m = json.decode(line)
+  if type(m) == "table" and type(m.content) == "table" then return m end
+  if line:match("^%s*$") then return nil end
+  local t = os.time() * 1000
+  return { id = id .. ":" .. n, sender = user, recipient = id, content = { type = "Text", value = line },
+    attachments = {}, create_time = t, edit_time = t }
+end
 
 -- "#My Ideas" -> "my-ideas"; nil for a name with nothing usable.
 local function note_id(name)
@@ -76,7 +92,7 @@ local function each(id, first, last, fn)
     n = n + 1
     if n > last then break end
     if n >= first then
-      local m = json.decode(line)
+      local m = message_of(id, n, line)
       if m then fn(n, m) end
     end
   end
@@ -90,13 +106,50 @@ local function parse_id(mid)
   return id, n
 end
 
+-- Lines appended by someone else (a person, an editor) are announced.
+local function pick_up(file)
+  local id = type(file) == "string" and file:match("^(.+)%.jsonl$")
+  if not id or note_id(id) ~= id or not counts[id] then return end  -- notes we serve only
+  local known_n = counts[id]
+  local f = io.open(path_of(id), "r")
+  if not f then return end
+  local n, fresh = 0, {}
+  for line in f:lines() do
+    n = n + 1
+    if n > known_n then fresh[#fresh + 1] = { n, line } end
+  end
+  f:close()
+  if n < known_n then counts[id] = n return end  -- truncated by hand: start again from here
+  counts[id] = n
+  for _, l in ipairs(fresh) do
+    local m = message_of(id, l[1], l[2])
+    if m then
+      m.id = id .. ":" .. l[1]
+      backend:emit { type = "MessageUpsert", value = m }
+    end
+  end
+end
+
+local watcher
+local function watch()
+  local loop = require "segue.loop"
+  local w, werr = loop.watch(dir, function(name)
+    if name then pick_up(name) else for id in pairs(counts) do pick_up(id .. ".jsonl") end end
+  end)
+  if not w then backend.log.warn("lines written into the notes by hand will not be seen: " .. tostring(werr)) end
+  watcher = w
+end
+
 return {
   info = { name = "notes", version = { 0, 1, 0 } },
+
+  start = function() watch() end,
+  stop = function() if watcher then watcher:stop() watcher = nil end end,
 
   RoomLookup = function(name)
     local id = note_id(name)
     if not id then return nil, ("%q cannot name a note"):format(tostring(name)) end
-    if exists(id) then return id end
+    if exists(id) then count(id) return id end
     return create(id)
   end,
 

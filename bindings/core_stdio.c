@@ -38,11 +38,19 @@ static void stdio_event(sg__stdio_channel *ch, const cJSON *request, const char 
   if (err) lua_pushstring(L, err);
   else lua_pushnil(L);
   sg__lenv_pcall(st->h, 2, 0, "standalone backend");
-  if (!request && the_stdio == st) {
-    luaL_unref(L, LUA_REGISTRYINDEX, st->cb_ref);
-    the_stdio = NULL;
-    sg__stdio_channel_close(&st->ch, stdio_freed);
-  }
+  /* At the end of stdin the channel stays open for the answers still due;
+   * Lua closes it with stdio_close. */
+}
+
+/* stdio_close(): closes stdin/stdout (after their end, once every answer
+ * went out); stdio_write fails with EDEAD after it. */
+static int l_stdio_close(lua_State *L) {
+  stdio_state *st = the_stdio;
+  if (!st) return 0;
+  luaL_unref(L, LUA_REGISTRYINDEX, st->cb_ref);
+  the_stdio = NULL;
+  sg__stdio_channel_close(&st->ch, stdio_freed);
+  return 0;
 }
 
 /* When the Lua state closes (the host closes) with stdin still open, the
@@ -106,6 +114,7 @@ void sg__core_open_stdio(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"stdio_open", l_stdio_open},
       {"stdio_write", l_stdio_write},
+      {"stdio_close", l_stdio_close},
       {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

@@ -23,6 +23,7 @@
 -- A handler that raises answers with an Error and the traceback is logged.
 local core = require "segue.core"
 local segue = require "segue"
+local loop = require "segue.loop"
 
 local M = {}
 
@@ -83,7 +84,7 @@ end
 --- spec: { source, chunkname, options }; emit(value) sends InitInfo,
 --- Responses and Updates to whoever hosts this backend.
 function M.driver(name, spec, emit)
-  local d = {}
+  local d = { unanswered = 0 }  -- requests not answered yet
   local handlers, api
   local generation = 0
 
@@ -108,10 +109,12 @@ function M.driver(name, spec, emit)
   function d.deliver(request)
     local gen, seq, body = generation, request.sequence_number, request.body
     local answered = false
+    d.unanswered = d.unanswered + 1
     local function reply(...)
       -- Once per request, and never into a later run of the backend.
       if answered or gen ~= generation then return false end
       answered = true
+      d.unanswered = d.unanswered - 1
       return emit { sequence_number = seq, body = to_body(body.type, ...) }
     end
     local h = handlers and handlers[body.type]
@@ -132,6 +135,7 @@ function M.driver(name, spec, emit)
 
   function d.stop()
     generation = generation + 1
+    d.unanswered = 0
     if api then
       for _, t in ipairs(api.timers) do t:stop() end
     end
@@ -164,8 +168,19 @@ function M.standalone(name, spec, limits, on_end)
   -- later loop turns, after start.
   assert(core.stdio_open(function(request, err)
     if request then return d.deliver(request) end
-    d.stop()
-    on_end(err)
+    -- At the end of stdin, requests still being handled get their answers
+    -- first (`printf '...' | segue backend x.lua` sees every reply), within
+    -- the request time-out.
+    local deadline = loop.now() + ((limits or {}).request_timeout_ms or 30000)
+    local function finish()
+      if not err and d.unanswered > 0 and loop.now() < deadline then
+        return loop.timer(10, 0, finish)
+      end
+      d.stop()
+      core.stdio_close()
+      on_end(err)
+    end
+    finish()
   end, limits))
   d.start()
 end

@@ -10,6 +10,8 @@ local router = require "segue.router"
 
 local M = {}
 
+local function json_object(t) return require("segue.json").object(t) end
+
 local overrides = {}      -- set by the embedder in C (data_dir, log_level)
 local current             -- the running config
 local source              -- how to load it again: { file = } or { name =, text = }
@@ -201,9 +203,12 @@ function M.start()
   if M.store then -- for `segue status`: backends, peers, and the rules' last load
     require("segue.status").publish(M.store, nil, function()
       local r = router.status
+      local c = require("segue.flow").counters()
       return { rules = current.rules and { file = current.rules, loads = r.loads, failures = r.failures,
-        loaded_at = r.loaded_at, last_error = r.last_error } or nil }
+        loaded_at = r.loaded_at, last_error = r.last_error } or nil,
+        counters = { backends = json_object(c.backends), bridges = json_object(c.bridges) } }
     end)
+    require("segue.flow").publish(M.store)  -- `segue watch`
   end
   -- Federation before the scripts, so they can call peers; it stops itself
   -- when the host stops (segue.on "stopping").
@@ -256,6 +261,11 @@ function M.check(path)
     if not ok then
       for _, e in ipairs(errs) do io.stderr:write(e, "\n") end
       return nil, #errs .. " problem(s)"
+    end
+    local tested, terr = router.self_test(ok)
+    if not tested then
+      io.stderr:write(terr, "\n")
+      return nil, "the rules' self-test failed"
     end
   end
   io.stdout:write(("%s: ok (%d backend(s))\n"):format(path, #cfg.backends))

@@ -55,6 +55,21 @@ function commands.status(path)
   return 0
 end
 
+-- segue watch [CONFIG] ----------------------------------------------------------
+-- Each message as it arrives and each copy as it is sent, live, from the
+-- segue running with CONFIG's data_dir (see segue.flow).
+function commands.watch(path)
+  if path == "--help" or path == "-h" then
+    io.stdout:write("usage: segue watch [CONFIG]\n")
+    return 0
+  end
+  local cfg = M.config_or_fail(path)
+  if not cfg then return 1 end
+  local ok, e = require("segue.flow").watch(cfg.data_dir)
+  if not ok then err("watch: %s", e) return 1 end
+  return 0
+end
+
 -- segue key [CONFIG] ------------------------------------------------------------
 function commands.key(path)
   local ok, e = require("segue.harmony").key_command(path)

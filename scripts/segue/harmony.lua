@@ -187,6 +187,16 @@ function M.key_command(path)
   local key, err = federation.load_key(cfg.data_dir)
   if not key then return nil, err end
   io.stdout:write(("server_id %s\npublic_key %s\n"):format(cfg.server_id or "(not set)", key))
+  if not cfg.server_id then
+    io.stderr:write(([[
+segue: key: the config sets no server_id, so peers cannot verify this key yet.
+Set it to the address peers reach this server at, domain:port (and listen,
+where segue accepts their calls), e.g. in %s:
+  server_id = "chat.example.org:2289"
+  listen    = "127.0.0.1:2289"
+then give peers the server_id and public_key lines above (docs/federation.md).
+]]):format(path or "your config (segue config --default > segue.lua)"))
+  end
   return true
 end
 

@@ -134,6 +134,20 @@ function segue.backend(name)
   return b
 end
 
+-- A request to a backend that does not exist says so in the log (a script
+-- run with `segue exec` starts with no backends), once per name.
+local warned_missing = {}
+local function warn_no_backend(name)
+  if warned_missing[name] then return end
+  warned_missing[name] = true
+  local names = {}
+  for _, b in ipairs(core.backends()) do names[#names + 1] = b.name end
+  table.sort(names)
+  core.log("warn", ("request to backend %q: there is no backend of that name (backends: %s); "
+    .. "add one with segue.add_backend or in the config's backends"):format(name,
+    #names > 0 and table.concat(names, ", ") or "none"))
+end
+
 --- backend:request(body [, callback]): with a callback, it is called with
 --- (response_body) or (nil, err, code, error_body); returns true, or
 --- nil, err, code when the request could not be made (then the callback is
@@ -148,7 +162,11 @@ function Backend:request(body, callback)
       and body.value.attachments == nil then
     body.value.attachments = {}
   end
-  return segue.call("request", function(cb) return core.request(self.name, body, cb) end, callback)
+  return segue.call("request", function(cb)
+    local ok, err, code = core.request(self.name, body, cb)
+    if not ok and code == "ENOBACKEND" then warn_no_backend(self.name) end
+    return ok, err, code
+  end, callback)
 end
 
 --- backend:info() -> { name, kind, state, restarts, pid } or nil
@@ -162,6 +180,7 @@ end
 --- backend at run time; `def` is a `backends` entry of the config
 --- ({ script = "memory", options = {...} } or { cmd = "...", args = {...} }).
 function segue.add_backend(name, def)
+  warned_missing[name] = nil
   local b, errors = require("segue.config").check_backend(name, def)
   if not b then return nil, "ECONFIG: " .. table.concat(errors, "\n"), "ECONFIG" end
   local ok, err, code = require("segue.boot").add_backend(b)

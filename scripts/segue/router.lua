@@ -10,6 +10,7 @@
 -- default) or announced as a notice (deletes = "notice").
 local segue = require "segue"
 local rules = require "segue.rules"
+local flow = require "segue.flow"   -- counters and `segue watch`: the hooks below
 
 local M = {}
 
@@ -199,6 +200,7 @@ send_copy = function(origin_backend, msg, target, content, attachments)
     recipient = room_id, content = content, attachments = attachments,
     extra = { segue_origin = { backend = origin_backend, id = msg.id } } } },
     function(r, rerr)
+      flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, (not r) and (rerr or "failed") or nil)
       if r and db then
         local stored, serr = db:map_put(origin_backend, msg.id, e.backend, r.value, e.room)
         if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
@@ -209,6 +211,7 @@ send_copy = function(origin_backend, msg, target, content, attachments)
     end)
   if not ok then
     segue.log.warn(("bridging to %s failed: %s"):format(e.key, err))
+    flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, err)
     release(e.backend, n)
   end
 end
@@ -243,7 +246,9 @@ local function deliver(set, backend, room, msg, marker)
   end
   for b, targets in pairs(by_bridge) do
     local ctx = setmetatable({ bridge = b.name, targets = targets }, { __index = ctx_base })
+    flow.entered(b)
     local m = apply_functions(b, msg, ctx)
+    if not m then flow.dropped(b, backend, room, msg) end
     for _, t in ipairs(m and ctx.targets or {}) do
       local notices = {}
       local limit = b.max_attachment_bytes or 16 * 1024 * 1024
@@ -280,6 +285,7 @@ local function on_upsert(set, backend, msg)
     return
   end
   last_edit[key] = msg.edit_time
+  flow.arrived(backend, room, msg)
   if set.on_message then
     local ok, r = rules.run(set.on_message, msg, { backend = backend, room = room, state = set.state })
     if not ok then segue.log.error("on_message failed: " .. tostring(r)) end
@@ -343,6 +349,15 @@ local function simulator(set, set_index)
     end
     return out
   end
+end
+
+--- self_test(set) -> true | nil, err: runs a loaded set's `test` (if any)
+--- against the simulator, without touching the running rules (`segue check`).
+function M.self_test(set)
+  if not set.test then return true end
+  local ok, err = rules.run(set.test, simulator(set, build_index(set)))
+  if not ok then return nil, set.path .. ": self-test failed: " .. tostring(err):match("^[^\n]*") end
+  return true
 end
 
 --- load(path, backend_names) -> true | nil, err: loads, validates, self-tests

@@ -1,0 +1,215 @@
+--- segue.flow: what the router carried, for people watching it.
+---
+--- Counters per backend and per bridge (messages in, copies sent, copies
+--- failed, messages dropped by a filter or rewrite, copies degraded to fit
+--- their destination), published by `segue status`; the live event stream
+--- of `segue watch`; and the info line when a bridge first carries a
+--- message.
+---
+--- The router calls the four hooks below. They cost a table lookup and an
+--- increment per call; an event table is built only while a `segue watch`
+--- is attached (M.watching).
+---
+--- How `segue watch` gets the events: through the store (data_dir/segue.db),
+--- which both processes already open. The watcher writes the time into the
+--- kv key "watch.alive" every second; while that is less than 3 s old the
+--- running segue collects events and writes them, every 100 ms, as one
+--- batch "watch.batch.<seq % RING>" (a JSON object { seq, events }) and the
+--- newest seq as "watch.seq". The watcher polls "watch.seq" and prints each
+--- batch it has not seen; a batch overwritten before it was read is
+--- reported as missed. With nobody watching nothing is written.
+local M = {}
+
+M.RING = 64
+M.ALIVE_MS = 3000
+
+local backends, bridges = {}, {}
+M.backends, M.bridges = backends, bridges
+M.watching = false
+M.dirty = false       -- a counter moved since the status was last written
+
+local pending = {}    -- events not written yet (only while watching)
+
+local function counter(t, name)
+  local c = t[name]
+  if not c then
+    c = { ["in"] = 0, sent = 0, failed = 0, dropped = 0, degraded = 0 }
+    t[name] = c
+  end
+  return c
+end
+
+local function plain(content)
+  return require("segue.router").plain(content)
+end
+
+local function event(e)
+  e.time = os.time()
+  pending[#pending + 1] = e
+end
+
+--- arrived(backend, room, msg): a new message from `backend` in `room`
+--- (room is nil when no rule names it).
+function M.arrived(backend, room, msg)
+  local c = counter(backends, backend)
+  c["in"] = c["in"] + 1
+  M.dirty = true
+  if M.watching then
+    event { kind = "in", backend = backend, room = room or msg.recipient, sender = msg.sender,
+      text = plain(msg.content), id = msg.id }
+  end
+end
+
+--- entered(bridge): a message entered `bridge` (before its filter).
+function M.entered(bridge)
+  local c = counter(bridges, bridge.name)
+  c["in"] = c["in"] + 1
+end
+
+--- dropped(bridge, backend, room, msg [, why]): the bridge's filter or
+--- rewrite (or its error, with fallback "drop") kept the message.
+function M.dropped(bridge, backend, room, msg, why)
+  local c = counter(bridges, bridge.name)
+  c.dropped = c.dropped + 1
+  c = counter(backends, backend)
+  c.dropped = c.dropped + 1
+  M.dirty = true
+  if M.watching then
+    event { kind = "dropped", backend = backend, room = room, sender = msg.sender,
+      text = plain(msg.content), bridge = bridge.name, outcome = why or "filtered" }
+  end
+end
+
+--- degraded(bridge, backend, what): a copy to `backend` was adapted to what
+--- it can carry (what: "edit", "formatting", "length", "attachment").
+function M.degraded(bridge, backend, what)
+  local c = counter(bridges, bridge.name)
+  c.degraded = c.degraded + 1
+  c = counter(backends, backend)
+  c.degraded = c.degraded + 1
+  local k = "degraded_" .. what
+  c[k] = (c[k] or 0) + 1
+  M.dirty = true
+end
+
+--- copied(bridge, origin_backend, msg, dest_backend, room, content, err):
+--- a copy was sent (err nil) or failed (err says why).
+function M.copied(bridge, origin, msg, dest, room, content, err)
+  local b = counter(bridges, bridge.name)
+  local d = counter(backends, dest)
+  if err then
+    b.failed, d.failed = b.failed + 1, d.failed + 1
+  else
+    if b.sent == 0 then
+      require("segue").log.info(("bridge %s carried its first message: %s -> %s:%s")
+        :format(bridge.name, origin, dest, room))
+    end
+    b.sent, d.sent = b.sent + 1, d.sent + 1
+  end
+  M.dirty = true
+  if M.watching then
+    event { kind = err and "failed" or "sent", backend = dest, room = room, from = origin,
+      sender = msg.sender, text = plain(content), bridge = bridge.name, outcome = err or "ok" }
+  end
+end
+
+--- counters(): { backends = {...}, bridges = {...} } for `segue status`.
+function M.counters()
+  M.dirty = false
+  return { backends = backends, bridges = bridges }
+end
+
+--- reset(): forget every counter (tests).
+function M.reset()
+  for k in pairs(backends) do backends[k] = nil end
+  for k in pairs(bridges) do bridges[k] = nil end
+end
+
+--- publish(db): in a running segue, writes the events while someone watches.
+function M.publish(db)
+  local loop = require "segue.loop"
+  local json = require "segue.json"
+  local segue = require "segue"
+  local seq = tonumber(db:kv_get("watch.seq") or "") or 0
+  local check = loop.timer(0, 1000, function()
+    local alive = tonumber(db:kv_get("watch.alive") or "")
+    local was = M.watching
+    M.watching = alive ~= nil and os.time() * 1000 - alive < M.ALIVE_MS
+    if was and not M.watching then pending = {} end
+  end)
+  local flush = loop.timer(100, 100, function()
+    if #pending == 0 then return end
+    seq = seq + 1
+    local batch = { seq = seq, events = pending }
+    pending = {}
+    db:kv_set("watch.batch." .. seq % M.RING, json.encode(batch))
+    db:kv_set("watch.seq", tostring(seq))
+  end)
+  segue.on("stopping", function() check:stop() flush:stop() M.watching = false end)
+end
+
+-- segue watch ----------------------------------------------------------------
+
+local function clock(s) return os.date("!%H:%M:%S", s) end
+
+local function one_line(s)
+  s = tostring(s or ""):gsub("[%c]", " ")
+  return s
+end
+
+--- format(event) -> the line `segue watch` prints for it.
+function M.format(e)
+  local t = clock(math.tointeger(e.time) or 0)  -- UTC, like the log
+  if e.kind == "in" then
+    return ("%s  in      %s:%s  <%s> %s"):format(t, e.backend, one_line(e.room), one_line(e.sender), one_line(e.text))
+  elseif e.kind == "dropped" then
+    return ("%s  dropped %s:%s  <%s> %s  bridge=%s  %s"):format(t, e.backend, one_line(e.room),
+      one_line(e.sender), one_line(e.text), e.bridge, one_line(e.outcome))
+  end
+  return ("%s  %-7s %s:%s  %s  bridge=%s from=%s  %s"):format(t, e.kind, e.backend, one_line(e.room),
+    one_line(e.text), e.bridge, e.from, one_line(e.outcome))
+end
+
+--- watch(data_dir [, out]): `segue watch`: prints events as they come,
+--- until the process is stopped.
+function M.watch(data_dir, out)
+  out = out or io.stdout
+  local store = require "segue.store"
+  local json = require "segue.json"
+  local loop = require "segue.loop"
+  local db, err, code = store.open(data_dir .. "/segue.db")
+  if not db then return nil, err, code end
+  local pidfile = io.open(data_dir .. "/segue.pid", "r")
+  local pid = pidfile and pidfile:read("l")
+  if pidfile then pidfile:close() end
+  if pid then
+    io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid, data_dir))
+  else
+    io.stderr:write(("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n")
+      :format(data_dir))
+  end
+  local function alive() db:kv_set("watch.alive", tostring(os.time() * 1000)) end
+  alive()
+  local last = tonumber(db:kv_get("watch.seq") or "") or 0
+  loop.timer(1000, 1000, alive)
+  loop.timer(100, 100, function()
+    local now = tonumber(db:kv_get("watch.seq") or "") or 0
+    if now < last then last = now end  -- a new store
+    for s = math.max(last + 1, now - M.RING + 1), now do
+      local text = db:kv_get("watch.batch." .. s % M.RING)
+      local batch = text and json.decode(text)
+      if not batch or batch.seq ~= s then
+        out:write("(some events were missed)\n")
+      else
+        for _, e in ipairs(batch.events) do out:write(M.format(e), "\n") end
+      end
+    end
+    if now - last > M.RING then out:write(("(%d batches of events were missed)\n"):format(now - last - M.RING)) end
+    last = now
+    out:flush()
+  end)
+  loop.run()
+  return true
+end
+
+return M
