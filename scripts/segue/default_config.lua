@@ -17,11 +17,15 @@ backends = {
     bridge = "memory",
     banner = [[
 segue demo: type a line and press Enter; it goes to the memory backend and
-comes back. Ctrl-C stops. To bridge IRC, run `segue config --default > segue.lua`,
-add this to its backends and run `segue run segue.lua`:
+comes back. Ctrl-C stops.
+To bridge an IRC channel into this terminal, run `segue config --default > segue.lua`,
+add an irc backend to its backends:
   irc = { script = "irc", options = { host = "irc.libera.chat", port = 6697,
           tls = true, nick = "my-bridge" } },
-(docs/backends.md describes the IRC, notes and console options.)]],
+and a rule: the line  rules = "rules.lua"  in segue.lua, and a file rules.lua:
+  return { bridge { "irc:#my-channel", "memory:#console" } }
+then `segue run segue.lua`; `segue watch segue.lua` in another terminal shows
+each message pass. Step by step: docs/first-bridge.md; options: docs/backends.md.]],
   } },
 
   -- More backends: IRC (TLS, verified certificates, SASL)
@@ -35,3 +39,8 @@ add this to its backends and run `segue run segue.lua`:
 
 -- Lua files run at start-up with the `segue` API.
 scripts = {}
+
+-- Which message goes where: bridges between rooms of the backends above
+-- (docs/routing.md), e.g. a file rules.lua beside this one containing
+--   return { bridge { "irc:#my-channel", "memory:#console" } }
+-- rules = "rules.lua"

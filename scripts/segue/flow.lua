@@ -131,11 +131,16 @@ function M.publish(db)
   local json = require "segue.json"
   local segue = require "segue"
   local seq = tonumber(db:kv_get("watch.seq") or "") or 0
-  local check = loop.timer(0, 1000, function()
+  local acked
+  local check = loop.timer(0, 250, function()
     local alive = tonumber(db:kv_get("watch.alive") or "")
     local was = M.watching
     M.watching = alive ~= nil and os.time() * 1000 - alive < M.ALIVE_MS
     if was and not M.watching then pending = {} end
+    if M.watching and alive ~= acked then  -- tells the watcher it is heard
+      acked = alive
+      db:kv_set("watch.ack", tostring(alive))
+    end
   end)
   local flush = loop.timer(100, 100, function()
     if #pending == 0 then return end
@@ -177,21 +182,38 @@ function M.watch(data_dir, out)
   local store = require "segue.store"
   local json = require "segue.json"
   local loop = require "segue.loop"
+  -- As `segue run` does, so the watcher can wait for a segue not started yet.
+  local made, merr = require("segue.fs").mkdir_p(data_dir, tonumber("700", 8))
+  if not made then return nil, merr end
   local db, err, code = store.open(data_dir .. "/segue.db")
   if not db then return nil, err, code end
-  local pidfile = io.open(data_dir .. "/segue.pid", "r")
-  local pid = pidfile and pidfile:read("l")
-  if pidfile then pidfile:close() end
-  if pid then
-    io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid, data_dir))
-  else
-    io.stderr:write(("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n")
-      :format(data_dir))
+  local function pid()
+    local f = io.open(data_dir .. "/segue.pid", "r")
+    local p = f and f:read("l")
+    if f then f:close() end
+    return p
   end
+  local first = os.time() * 1000
   local function alive() db:kv_set("watch.alive", tostring(os.time() * 1000)) end
   alive()
   local last = tonumber(db:kv_get("watch.seq") or "") or 0
   loop.timer(1000, 1000, alive)
+  -- The header says when the running segue has seen us: from then on,
+  -- nothing it carries is missed.
+  local told = false
+  local started = loop.now()
+  local hello
+  hello = loop.timer(50, 50, function()
+    if (tonumber(db:kv_get("watch.ack") or "") or 0) >= first then
+      io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid() or "?", data_dir))
+      hello:stop()
+    elseif not told and loop.now() - started > 3000 then
+      told = true
+      local p = pid()
+      io.stderr:write(p and ("segue (pid %s) has not answered yet; waiting\n"):format(p)
+        or ("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n"):format(data_dir))
+    end
+  end)
   loop.timer(100, 100, function()
     local now = tonumber(db:kv_get("watch.seq") or "") or 0
     if now < last then last = now end  -- a new store

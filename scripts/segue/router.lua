@@ -129,7 +129,8 @@ local function resolve(backend, room)
   room_names[backend] = room_names[backend] or {}
   room_names[backend][r.value] = room
   local ok, jerr = b:request { type = "RoomJoin", value = r.value }
-  if not ok then segue.log.warn(("cannot join %s:%s: %s"):format(backend, room, jerr)) end
+  if not ok then segue.log.warn(("cannot join %s:%s: %s"):format(backend, room, jerr))
+  elseif not (room_ids[backend] or {})[room] then segue.log.info(("joined %s:%s for the rules"):format(backend, room)) end
   -- A target once joined (or refused: some services need no join).
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value

@@ -70,7 +70,10 @@ def parse(path, rel):
             k, eq, v = tok.partition("=")
             attrs[k] = v if eq else True
         body, j = [], i + 1
-        while j < len(lines) and not lines[j].strip().startswith(fence[:3]):
+        # CommonMark: the block ends at a fence of the same character, at
+        # least as long, with nothing after it.
+        while j < len(lines) and not (set(lines[j].strip()) == {fence[0]}
+                                      and len(lines[j].strip()) >= len(fence)):
             body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j])
             j += 1
         blocks.append(Block(rel, i + 1, lang, attrs, "\n".join(body) + "\n"))
@@ -173,20 +176,30 @@ class DocRun:
                 with open(b.file, "w") as f:
                     f.write(b.text)
 
-    def run_proc(self, block, argv, shell=False):
-        p = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    def run_proc(self, block, argv):
+        # Output goes to files, not pipes: a process the block leaves running
+        # in the background keeps its stdout open, and the block is done
+        # when its own process exits.
+        out_path = os.path.join(self.dir, ".out-%d" % block.line)
+        err_path = os.path.join(self.dir, ".err-%d" % block.line)
+        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+            p = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
+                                 stdout=out_f, stderr=err_f, start_new_session=True)
         self.groups.append(p.pid)
         try:
-            out, err = p.communicate(timeout=STEP_TIMEOUT)
+            p.wait(timeout=STEP_TIMEOUT)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            self.fail(block, "did not finish within %d s" % STEP_TIMEOUT,
-                      out.decode(errors="replace") + err.decode(errors="replace"))
-        out, err = out.decode(errors="replace"), err.decode(errors="replace")
+            p.wait()
+            self.fail(block, "did not finish within %d s" % STEP_TIMEOUT, self.read(out_path) + self.read(err_path))
+        out, err = self.read(out_path), self.read(err_path)
         self.log.append((block.where, p.returncode))
         return p.returncode, out, err
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
 
     def check_config(self, block, path):
         rc, out, err = self.run_proc(block, [SEGUE, "check", path])
