@@ -21,6 +21,7 @@ PACKAGES="
   libexpat1-dev
   ngircd
   valgrind
+  postgresql libpq-dev
 "
 
 BUILD_TYPE=${SEGUE_BUILD_TYPE:-RelWithDebInfo}

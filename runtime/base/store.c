@@ -9,11 +9,13 @@
 #include <uv.h>
 
 #include "segue.h"
+#include "store_pg.h"
 
 #define STMT_CACHE 64
 #define BUSY_TIMEOUT_MS 5000
 
 struct sg__store {
+  sg__pg *pg;  /* the postgresql engine, or NULL: SQLite */
   sqlite3 *db;
   struct {
     const char *sql;
@@ -64,6 +66,10 @@ static const char *const migrations[SG_STORE_SCHEMA_VERSION] = {
     "  direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),"
     "  event BLOB NOT NULL, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
     "  created INTEGER NOT NULL, died INTEGER NOT NULL);",
+    /* 1 -> 2: several instances on one database (docs/scaling.md). */
+    "CREATE TABLE instances(name TEXT PRIMARY KEY, info TEXT, seen INTEGER NOT NULL);"
+    "CREATE TABLE leases(name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+    "  expires INTEGER NOT NULL);",
 };
 
 int64_t sg__store_now_ms(void) {
@@ -82,6 +88,11 @@ static int sg__store_fail(sg__store *s) {
  * keyed by its address), or NULL with the error in errmsg. Users bind every
  * parameter and reset it after use, so no read transaction stays open. */
 static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
+  if (!s->db) {
+    snprintf(s->errmsg, sizeof s->errmsg,
+             "the postgresql engine has only the asynchronous operations");
+    return NULL;
+  }
   for (int i = 0; i < s->nstmts; i++)
     if (s->stmts[i].sql == sql) return s->stmts[i].st;
   if (s->nstmts == STMT_CACHE) {
@@ -125,6 +136,7 @@ static int exec(sg__store *s, const char *sql) {
 }
 
 int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud) {
+  if (!s->db) return sg__store_stmt(s, "") ? 0 : SG_EINVAL;
   int err = exec(s, "SAVEPOINT sg__atomic");
   if (err) return err;
   err = fn(s, ud);
@@ -215,6 +227,7 @@ int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) 
 
 void sg__store_close(sg__store *s) {
   if (!s) return;
+  if (s->pg) sg__pg_close(s->pg);
   for (int i = 0; i < s->nstmts; i++) sqlite3_finalize(s->stmts[i].st);
   sqlite3_close(s->db);  /* db may be NULL after a failed malloc: a no-op */
   free(s);
@@ -701,4 +714,342 @@ static int failed_tx(sg__store *s, void *ud) {
 int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead) {
   failed_args a = {seq, why, dead};
   return sg__store_atomic(s, failed_tx, &a);
+}
+
+/* ---- instances and leases ---------------------------------------------------- */
+
+static const char SQL_INSTANCE_BEAT[] =
+    "INSERT INTO instances(name, info, seen) VALUES (?1, ?2, ?3)"
+    " ON CONFLICT (name) DO UPDATE SET info = excluded.info, seen = excluded.seen";
+static const char SQL_LEASE_CLAIM[] =
+    "INSERT INTO leases(name, holder, expires) VALUES (?1, ?2, ?3 + ?4)"
+    " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires"
+    " WHERE leases.holder = excluded.holder OR leases.expires < ?3";
+static const char SQL_LEASE_HOLDER[] = "SELECT holder FROM leases WHERE name = ?1";
+static const char SQL_LEASE_RELEASE[] = "DELETE FROM leases WHERE name = ?1 AND holder = ?2";
+static const char SQL_INSTANCES[] = "SELECT name, info, seen FROM instances ORDER BY name";
+static const char SQL_LEASES[] = "SELECT name, holder, expires FROM leases ORDER BY name";
+
+int sg__store_instance_beat(sg__store *s, const char *instance, const char *info) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_INSTANCE_BEAT);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){instance, info}, 2);
+  sqlite3_bind_int64(st, 3, sg__store_now_ms());
+  return run(s, st);
+}
+
+typedef struct {
+  const char *name, *instance;
+  int64_t ttl_ms;
+  char **holder;
+} claim_args;
+
+static int claim_tx(sg__store *s, void *ud) {
+  claim_args *a = ud;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LEASE_CLAIM);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){a->name, a->instance}, 2);
+  sqlite3_bind_int64(st, 3, sg__store_now_ms());
+  sqlite3_bind_int64(st, 4, a->ttl_ms);
+  int err = run(s, st);
+  if (err || !(st = stmt1(s, SQL_LEASE_HOLDER, a->name))) return err ? err : SG_ESTORE;
+  err = sqlite3_step(st) == SQLITE_ROW ? 0 : sg__store_fail(s);
+  if (!err && !(*a->holder = dup_column(st, 0))) err = SG_ENOMEM;
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_lease_claim(sg__store *s, const char *name, const char *instance, int64_t ttl_ms,
+                         char **holder) {
+  *holder = NULL;
+  claim_args a = {name, instance, ttl_ms, holder};
+  int err = sg__store_atomic(s, claim_tx, &a);
+  if (err) {
+    free(*holder);
+    *holder = NULL;
+  }
+  return err;
+}
+
+int sg__store_lease_release(sg__store *s, const char *name, const char *instance) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LEASE_RELEASE);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){name, instance}, 2);
+  return run(s, st);
+}
+
+/* ---- engines and asynchronous calls ------------------------------------------- */
+
+int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, size_t errlen) {
+  *out = NULL;
+  if (!c->engine || strcmp(c->engine, "sqlite") == 0) {
+    if (!c->path) {
+      snprintf(err, errlen, "store: engine sqlite needs a path");
+      return SG_EINVAL;
+    }
+    return sg__store_open(c->path, out, err, errlen);
+  }
+  if (strcmp(c->engine, "postgresql") != 0) {
+    snprintf(err, errlen, "store: unknown engine \"%s\" (sqlite or postgresql)", c->engine);
+    return SG_EINVAL;
+  }
+  if (!c->dsn || !c->loop) {
+    snprintf(err, errlen, "store: engine postgresql needs a dsn");
+    return SG_EINVAL;
+  }
+  sg__store *s = calloc(1, sizeof *s);
+  if (!s) {
+    snprintf(err, errlen, "out of memory");
+    return SG_ENOMEM;
+  }
+  int rc = sg__pg_open(c->loop, c->dsn, c->pool ? c->pool : 3, &s->pg, err, errlen);
+  if (rc < 0) {
+    free(s);
+    return rc;
+  }
+  *out = s;
+  return 0;
+}
+
+int sg__store_is_async(const sg__store *s) { return s->pg != NULL; }
+const char *sg__store_engine(const sg__store *s) { return s->pg ? "postgresql" : "sqlite"; }
+
+/* On SQLite every _async call is the synchronous one, answered at once. */
+static int answer(sg__store *s, sg__store_reply *r, int err, sg__store_reply_cb cb, void *ud) {
+  r->err = err;
+  r->message = err < 0 ? s->errmsg : NULL;
+  cb(ud, r);
+  return 0;
+}
+
+int sg__store_kv_get_async(sg__store *s, const char *key, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_kv_get(s->pg, key, cb, ud);
+  char *v;
+  sg__store_reply r = {0};
+  int err = sg__store_kv_get(s, key, &v);
+  r.text[0] = v;
+  answer(s, &r, err, cb, ud);
+  free(v);
+  return 0;
+}
+
+int sg__store_kv_set_async(sg__store *s, const char *key, const char *value,
+                          sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_kv_set(s->pg, key, value, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_kv_set(s, key, value), cb, ud);
+}
+
+int sg__store_map_put_async(sg__store *s, const char *origin_backend, const char *origin_id,
+                           const char *copy_backend, const char *copy_id, const char *room,
+                           sg__store_reply_cb cb, void *ud) {
+  if (s->pg)
+    return sg__pg_map_put(s->pg, origin_backend, origin_id, copy_backend, copy_id, room, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_map_put(s, origin_backend, origin_id, copy_backend, copy_id, room),
+                cb, ud);
+}
+
+int sg__store_map_origin_async(sg__store *s, const char *backend, const char *id,
+                              sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_map_origin(s->pg, backend, id, cb, ud);
+  char *ob, *oi;
+  sg__store_reply r = {0};
+  int err = sg__store_map_origin(s, backend, id, &ob, &oi);
+  r.text[0] = ob;
+  r.text[1] = oi;
+  answer(s, &r, err, cb, ud);
+  free(ob);
+  free(oi);
+  return 0;
+}
+
+/* Rows collected for one answer. */
+typedef struct {
+  void *rows;
+  size_t n, cap, size;
+  char **strings;
+  size_t nstr, capstr;
+} collect;
+
+static void *collect_row(collect *c) {
+  if (c->n == c->cap) {
+    size_t cap = c->cap ? c->cap * 2 : 8;
+    void *r = realloc(c->rows, cap * c->size);
+    if (!r) return NULL;
+    c->rows = r;
+    c->cap = cap;
+  }
+  return memset((char *)c->rows + c->n++ * c->size, 0, c->size);
+}
+
+static const char *collect_str(collect *c, const char *t, int *err) {
+  if (!t) return NULL;
+  if (c->nstr == c->capstr) {
+    size_t cap = c->capstr ? c->capstr * 2 : 16;
+    char **r = realloc(c->strings, cap * sizeof *r);
+    if (!r) {
+      *err = SG_ENOMEM;
+      return NULL;
+    }
+    c->strings = r;
+    c->capstr = cap;
+  }
+  char *d = strdup(t);
+  if (!d) *err = SG_ENOMEM;
+  else c->strings[c->nstr++] = d;
+  return d;
+}
+
+static void collect_free(collect *c) {
+  for (size_t i = 0; i < c->nstr; i++) free(c->strings[i]);
+  free(c->strings);
+  free(c->rows);
+}
+
+static int collect_copy(void *ud, const char *backend, const char *id, const char *room) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_copy *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  row->backend = collect_str(c, backend, &err);
+  row->id = collect_str(c, id, &err);
+  row->room = collect_str(c, room, &err);
+  return err;
+}
+
+int sg__store_map_copies_async(sg__store *s, const char *origin_backend,
+                              const char *origin_id, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_map_copies(s->pg, origin_backend, origin_id, cb, ud);
+  collect c = {.size = sizeof(sg__store_copy)};
+  sg__store_reply r = {0};
+  int err = sg__store_map_copies(s, origin_backend, origin_id, collect_copy, &c);
+  r.n = c.n;
+  r.copies = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_log_message_async(sg__store *s, const char *backend, const char *id,
+                               const char *room, const char *sender,
+                               const char *content_json, int64_t create_time,
+                               int64_t edit_time, sg__store_reply_cb cb, void *ud) {
+  if (s->pg)
+    return sg__pg_log_message(s->pg, backend, id, room, sender, content_json, create_time,
+                              edit_time, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_log_message(s, backend, id, room, sender, content_json,
+                                             create_time, edit_time),
+                cb, ud);
+}
+
+int sg__store_log_delete_async(sg__store *s, const char *backend, const char *id,
+                              sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_log_delete(s->pg, backend, id, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_log_delete(s, backend, id), cb, ud);
+}
+
+static int collect_message(void *ud, const sg__store_message *m) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_message *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  *row = *m;
+  row->backend = collect_str(c, m->backend, &err);
+  row->id = collect_str(c, m->id, &err);
+  row->room = collect_str(c, m->room, &err);
+  row->sender = collect_str(c, m->sender, &err);
+  row->content_json = collect_str(c, m->content_json, &err);
+  return err;
+}
+
+int sg__store_messages_async(sg__store *s, const char *backend, const char *room, int limit,
+                            sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_messages(s->pg, backend, room, limit, cb, ud);
+  collect c = {.size = sizeof(sg__store_message)};
+  sg__store_reply r = {0};
+  int err = sg__store_messages(s, backend, room, limit, collect_message, &c);
+  r.n = c.n;
+  r.messages = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_instance_beat_async(sg__store *s, const char *instance, const char *info,
+                                 sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_instance_beat(s->pg, instance, info, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_instance_beat(s, instance, info), cb, ud);
+}
+
+/* Walks a three-column (text, text, integer) listing into rows laid out as
+ * {const char *, const char *, int64_t}: sg__store_instance and _lease. */
+typedef struct {
+  const char *a, *b;
+  int64_t n;
+} row3;
+
+static int walk3(sg__store *s, const char *sql, collect *c) {
+  sqlite3_stmt *st = sg__store_stmt(s, sql);
+  if (!st) return SG_ESTORE;
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    row3 *row = collect_row(c);
+    if (!row) {
+      err = SG_ENOMEM;
+      break;
+    }
+    row->a = collect_str(c, col_text(st, 0), &err);
+    row->b = collect_str(c, col_text(st, 1), &err);
+    row->n = sqlite3_column_int64(st, 2);
+  }
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_instances_async(sg__store *s, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_instances(s->pg, cb, ud);
+  collect c = {.size = sizeof(sg__store_instance)};
+  sg__store_reply r = {0};
+  int err = walk3(s, SQL_INSTANCES, &c);
+  r.n = c.n;
+  r.instances = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_leases_async(sg__store *s, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_leases(s->pg, cb, ud);
+  collect c = {.size = sizeof(sg__store_lease)};
+  sg__store_reply r = {0};
+  int err = walk3(s, SQL_LEASES, &c);
+  r.n = c.n;
+  r.leases = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_lease_claim_async(sg__store *s, const char *name, const char *instance,
+                               int64_t ttl_ms, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_lease_claim(s->pg, name, instance, ttl_ms, cb, ud);
+  char *holder;
+  sg__store_reply r = {0};
+  int err = sg__store_lease_claim(s, name, instance, ttl_ms, &holder);
+  r.text[0] = holder;
+  answer(s, &r, err, cb, ud);
+  free(holder);
+  return 0;
+}
+
+int sg__store_lease_release_async(sg__store *s, const char *name, const char *instance,
+                                 sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_lease_release(s->pg, name, instance, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_lease_release(s, name, instance), cb, ud);
 }

@@ -17,11 +17,12 @@
 #define SEGUE_STORE_H
 #include <stddef.h>
 #include <stdint.h>
+#include <uv.h>
 
 typedef struct sg__store sg__store;
 
 /* The schema version this build migrates to (PRAGMA user_version). */
-#define SG_STORE_SCHEMA_VERSION 1
+#define SG_STORE_SCHEMA_VERSION 2
 
 /* Returned by lookups that find nothing. */
 #define SG_STORE_NOTFOUND 1
@@ -159,5 +160,94 @@ int sg__store_inbox_done(sg__store *s, int64_t seq);
 /* A delivery failed: its attempts grow by one and `why` is kept; with `dead`,
  * it moves to dead_letters. One transaction: it is in one table only. */
 int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead);
+
+/* ---- instances and leases (several segue instances on one database) ---------- */
+
+/* Records that `instance` is alive now, with `info` (JSON, may be NULL). */
+int sg__store_instance_beat(sg__store *s, const char *instance, const char *info);
+/* Takes or renews the lease `name` for `instance` for ttl_ms: it is taken
+ * when free, expired or already ours. *holder (malloc'd, caller frees) is who
+ * holds it afterwards: compare it with `instance`. */
+int sg__store_lease_claim(sg__store *s, const char *name, const char *instance, int64_t ttl_ms,
+                         char **holder);
+/* Gives the lease up if `instance` holds it. */
+int sg__store_lease_release(sg__store *s, const char *name, const char *instance);
+
+typedef struct sg__store_instance {
+  const char *name, *info;  /* info: NULL if none */
+  int64_t seen;             /* last beat, ms since the epoch (the database's clock) */
+} sg__store_instance;
+typedef struct sg__store_lease {
+  const char *name, *holder;
+  int64_t expires;          /* ms since the epoch (the database's clock) */
+} sg__store_lease;
+
+/* ---- engines and asynchronous calls -----------------------------------------
+ * sg__store_open opens SQLite. sg__store_open_with opens either engine:
+ * "sqlite" (the default) or "postgresql" (libpq on the loop: connections are
+ * made and queries run without blocking, on a small pool; a connection lost
+ * (the server restarted) is made again and what it was running is retried;
+ * migrations run at the first connection under an advisory lock).
+ * The _async operations work on both engines, with one callback type: on
+ * SQLite the callback runs before the call returns, on PostgreSQL on a later
+ * loop turn; callers write one code path. The synchronous operations above
+ * are SQLite's only (SG_EINVAL on PostgreSQL). A call that returns non-zero
+ * never calls its callback. */
+typedef struct sg__store_config {
+  const char *engine;  /* "sqlite" (NULL: the default) or "postgresql" */
+  const char *path;    /* sqlite: the database file */
+  const char *dsn;     /* postgresql: a libpq connection string or URI */
+  uv_loop_t *loop;     /* postgresql: the loop the connections live on */
+  unsigned pool;       /* postgresql: connections, default 3 */
+} sg__store_config;
+int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, size_t errlen);
+/* 1 on PostgreSQL: callbacks of _async calls run later. */
+int sg__store_is_async(const sg__store *s);
+/* "sqlite" or "postgresql". */
+const char *sg__store_engine(const sg__store *s);
+
+typedef struct sg__store_copy {
+  const char *backend, *id, *room;
+} sg__store_copy;
+
+/* The outcome of an _async call, borrowed for the callback. */
+typedef struct sg__store_reply {
+  int err;              /* 0, SG_STORE_NOTFOUND, or < 0 (then `message` says why) */
+  const char *message;
+  const char *text[2];  /* kv_get: the value; map_origin: backend, id; lease_claim: holder */
+  size_t n;             /* rows of the list below that the call fills */
+  const sg__store_copy *copies;          /* map_copies */
+  const sg__store_message *messages;     /* messages */
+  const sg__store_instance *instances;   /* instances */
+  const sg__store_lease *leases;         /* leases */
+} sg__store_reply;
+typedef void (*sg__store_reply_cb)(void *ud, const sg__store_reply *r);
+
+int sg__store_kv_get_async(sg__store *s, const char *key, sg__store_reply_cb cb, void *ud);
+int sg__store_kv_set_async(sg__store *s, const char *key, const char *value,
+                          sg__store_reply_cb cb, void *ud);
+int sg__store_map_put_async(sg__store *s, const char *origin_backend, const char *origin_id,
+                           const char *copy_backend, const char *copy_id, const char *room,
+                           sg__store_reply_cb cb, void *ud);
+int sg__store_map_origin_async(sg__store *s, const char *backend, const char *id,
+                              sg__store_reply_cb cb, void *ud);
+int sg__store_map_copies_async(sg__store *s, const char *origin_backend,
+                              const char *origin_id, sg__store_reply_cb cb, void *ud);
+int sg__store_log_message_async(sg__store *s, const char *backend, const char *id,
+                               const char *room, const char *sender,
+                               const char *content_json, int64_t create_time,
+                               int64_t edit_time, sg__store_reply_cb cb, void *ud);
+int sg__store_log_delete_async(sg__store *s, const char *backend, const char *id,
+                              sg__store_reply_cb cb, void *ud);
+int sg__store_messages_async(sg__store *s, const char *backend, const char *room, int limit,
+                            sg__store_reply_cb cb, void *ud);
+int sg__store_instance_beat_async(sg__store *s, const char *instance, const char *info,
+                                 sg__store_reply_cb cb, void *ud);
+int sg__store_instances_async(sg__store *s, sg__store_reply_cb cb, void *ud);
+int sg__store_leases_async(sg__store *s, sg__store_reply_cb cb, void *ud);
+int sg__store_lease_claim_async(sg__store *s, const char *name, const char *instance,
+                               int64_t ttl_ms, sg__store_reply_cb cb, void *ud);
+int sg__store_lease_release_async(sg__store *s, const char *name, const char *instance,
+                                 sg__store_reply_cb cb, void *ud);
 
 #endif

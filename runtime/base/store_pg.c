@@ -1,0 +1,770 @@
+/* The store on PostgreSQL, through libpq, on the libuv loop: nothing here
+ * blocks. Connections are started with PQconnectStart and driven by
+ * PQconnectPoll from a uv_poll_t on PQsocket; queries are sent with
+ * PQsendQueryParams and read with PQconsumeInput/PQisBusy/PQgetResult when
+ * the socket is readable. A small pool of connections takes calls from one
+ * FIFO queue. A connection that breaks (the server restarted) is made again
+ * with a backoff and the call it was running goes back to the head of the
+ * queue: nothing waiting is lost. The first connection runs the migrations,
+ * in one transaction under an advisory lock, so instances starting together
+ * migrate once. See docs/scaling.md. */
+#include "store_pg.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "segue.h"
+
+#define MAX_PARAMS 8
+#define BACKOFF_MIN_MS 50
+#define BACKOFF_MAX_MS 1000
+/* Consecutive failed connection attempts after which waiting calls fail:
+ * quickly when the server was never reached (a wrong dsn), after about a
+ * minute when it was (a restart takes seconds). */
+#define GIVE_UP_NEVER 2
+#define GIVE_UP_SEEN 120
+
+/* The database's clock, so instances on several machines agree on leases. */
+#define NOW_MS "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+#define ADVISORY_KEY "7365677565"  /* "segue" */
+
+typedef struct req req;
+typedef void (*parse_fn)(req *q, PGresult *res, sg__store_reply *r);
+
+struct req {
+  req *next;
+  const char *sql;
+  int nparams;
+  char *params[MAX_PARAMS];
+  parse_fn parse;
+  int write;   /* changes the database: runs alone, in order */
+  sg__store_reply_cb cb;
+  void *ud;
+  void *rows;  /* freed after the callback */
+  char msg[256];
+};
+
+typedef struct conn {
+  struct sg__pg *pg;
+  PGconn *c;
+  uv_poll_t *poll;
+  int fd;
+  enum { C_DOWN, C_CONNECTING, C_READY, C_BUSY } state;
+  req *cur;
+  PGresult *res;
+  int migrating;
+} conn;
+
+struct sg__pg {
+  uv_loop_t *loop;
+  char *dsn;
+  unsigned n;
+  conn *conns;
+  req *head, *tail;
+  uv_timer_t retry;
+  uint64_t backoff;
+  int migrated;       /* 0: not yet, 1: running, 2: done */
+  int ever_ready;
+  unsigned failures;  /* consecutive failed connection attempts */
+  int closing;
+  unsigned handles;
+  unsigned reads, writes;  /* calls running */
+  char errmsg[512];
+  char fatal[512];    /* set: every call fails with this (migration refused) */
+};
+
+static void dispatch(sg__pg *pg);
+static void conn_start(conn *c);
+
+/* ---- requests ------------------------------------------------------------- */
+
+static void req_free(req *q) {
+  for (int i = 0; i < q->nparams; i++) free(q->params[i]);
+  free(q->rows);
+  free(q);
+}
+
+static void reply_error(req *q, int err, const char *msg) {
+  sg__store_reply r = {0};
+  r.err = err;
+  r.message = msg;
+  q->cb(q->ud, &r);
+  req_free(q);
+}
+
+/* A call left a connection (answered, or back in the queue). */
+static void ran(sg__pg *pg, req *q) {
+  if (!q->parse) return;
+  if (q->write) pg->writes--;
+  else pg->reads--;
+}
+
+static void enqueue_tail(sg__pg *pg, req *q) {
+  q->next = NULL;
+  if (pg->tail) pg->tail->next = q;
+  else pg->head = q;
+  pg->tail = q;
+}
+
+static void enqueue_head(sg__pg *pg, req *q) {
+  q->next = pg->head;
+  pg->head = q;
+  if (!pg->tail) pg->tail = q;
+}
+
+static req *dequeue(sg__pg *pg) {
+  req *q = pg->head;
+  if (!q) return NULL;
+  pg->head = q->next;
+  if (!pg->head) pg->tail = NULL;
+  q->next = NULL;
+  return q;
+}
+
+static void fail_waiting(sg__pg *pg, int err, const char *msg) {
+  req *q;
+  while ((q = dequeue(pg))) reply_error(q, err, msg);
+}
+
+/* A call: `sql` with `n` text parameters (NULL: SQL NULL), read by `parse`. */
+static int submit(sg__pg *pg, const char *sql, parse_fn parse, sg__store_reply_cb cb, void *ud,
+                  int n, const char *const *params) {
+  if (pg->closing) return SG_ECLOSING;
+  req *q = calloc(1, sizeof *q);
+  if (!q) return SG_ENOMEM;
+  q->sql = sql;
+  q->parse = parse;
+  q->write = strncmp(sql, "SELECT", 6) != 0;
+  q->cb = cb;
+  q->ud = ud;
+  q->nparams = n;
+  for (int i = 0; i < n; i++)
+    if (params[i] && !(q->params[i] = strdup(params[i]))) {
+      req_free(q);
+      return SG_ENOMEM;
+    }
+  if (pg->fatal[0]) {
+    reply_error(q, SG_ESTORE, pg->fatal);
+    return 0;
+  }
+  enqueue_tail(pg, q);
+  dispatch(pg);
+  return 0;
+}
+
+/* ---- connections ---------------------------------------------------------- */
+
+static void poll_closed(uv_handle_t *h) {
+  sg__pg *pg = h->data;
+  free(h);
+  if (--pg->handles == 0 && pg->closing) {
+    free(pg->dsn);
+    free(pg->conns);
+    free(pg);
+  }
+}
+
+static void unwatch(conn *c) {
+  if (!c->poll) return;
+  c->poll->data = c->pg;
+  uv_close((uv_handle_t *)c->poll, poll_closed);
+  c->poll = NULL;
+}
+
+static void conn_io(uv_poll_t *h, int status, int events);
+
+static int watch(conn *c, int events) {
+  int fd = PQsocket(c->c);
+  if (c->poll && c->fd != fd) unwatch(c);
+  if (!c->poll) {
+    c->poll = malloc(sizeof *c->poll);
+    if (!c->poll) return SG_ENOMEM;
+    int rc = uv_poll_init(c->pg->loop, c->poll, fd);
+    if (rc < 0) {
+      free(c->poll);
+      c->poll = NULL;
+      return rc;
+    }
+    c->pg->handles++;
+    c->fd = fd;
+    c->poll->data = c;
+  }
+  return uv_poll_start(c->poll, events, conn_io);
+}
+
+static void retry_fired(uv_timer_t *t) {
+  sg__pg *pg = t->data;
+  for (unsigned i = 0; i < pg->n && !pg->closing; i++)
+    if (pg->conns[i].state == C_DOWN) conn_start(&pg->conns[i]);
+}
+
+/* The connection is gone (or never came): what it ran goes back to the head
+ * of the queue, and it is made again after a backoff. */
+static void conn_down(conn *c, const char *why) {
+  sg__pg *pg = c->pg;
+  unwatch(c);
+  if (c->res) PQclear(c->res);
+  c->res = NULL;
+  if (c->c) PQfinish(c->c);
+  c->c = NULL;
+  int was_up = c->state == C_READY || c->state == C_BUSY;
+  c->state = C_DOWN;
+  if (c->migrating) {
+    c->migrating = 0;
+    pg->migrated = 0;
+  }
+  if (c->cur) {
+    ran(pg, c->cur);
+    if (c->cur->parse) enqueue_head(pg, c->cur);
+    else req_free(c->cur);  /* the migration: run again by the next connection */
+    c->cur = NULL;
+  }
+  snprintf(pg->errmsg, sizeof pg->errmsg, "postgresql: %s", why && *why ? why : "connection lost");
+  size_t l = strlen(pg->errmsg);
+  while (l && (pg->errmsg[l - 1] == '\n' || pg->errmsg[l - 1] == ' ')) pg->errmsg[--l] = '\0';
+  if (pg->closing) return;
+  if (!was_up) {
+    pg->failures++;
+    if (pg->failures >= (pg->ever_ready ? GIVE_UP_SEEN : GIVE_UP_NEVER)) {
+      pg->failures = 0;
+      fail_waiting(pg, SG_ESTORE, pg->errmsg);
+    }
+  }
+  if (!uv_is_active((uv_handle_t *)&pg->retry)) {
+    uv_timer_start(&pg->retry, retry_fired, was_up ? 0 : pg->backoff, 0);
+    if (!was_up) pg->backoff = pg->backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : pg->backoff * 2;
+  }
+}
+
+static void conn_start(conn *c) {
+  c->c = PQconnectStart(c->pg->dsn);
+  if (!c->c || PQstatus(c->c) == CONNECTION_BAD) {
+    conn_down(c, c->c ? PQerrorMessage(c->c) : "out of memory");
+    return;
+  }
+  c->state = C_CONNECTING;
+  /* As if PQconnectPoll had said PGRES_POLLING_WRITING (libpq's manual). */
+  if (watch(c, UV_WRITABLE) < 0) conn_down(c, "cannot poll the connection's socket");
+}
+
+static const char MIGRATE_SQL[];
+
+static void run_next(conn *c);
+
+static void connect_step(conn *c) {
+  sg__pg *pg = c->pg;
+  switch (PQconnectPoll(c->c)) {
+    case PGRES_POLLING_FAILED:
+      conn_down(c, PQerrorMessage(c->c));
+      return;
+    case PGRES_POLLING_READING:
+      if (watch(c, UV_READABLE) < 0) conn_down(c, "cannot poll the connection's socket");
+      return;
+    case PGRES_POLLING_WRITING:
+      if (watch(c, UV_WRITABLE) < 0) conn_down(c, "cannot poll the connection's socket");
+      return;
+    default:
+      break;
+  }
+  if (PQsetnonblocking(c->c, 1) != 0 || watch(c, UV_READABLE) < 0) {
+    conn_down(c, PQerrorMessage(c->c));
+    return;
+  }
+  c->state = C_READY;
+  pg->ever_ready = 1;
+  pg->failures = 0;
+  pg->backoff = BACKOFF_MIN_MS;
+  run_next(c);
+  dispatch(pg);
+}
+
+/* Errors that mean the connection (not the statement) failed: class 08
+ * (connection exception), 57P01..57P03 (the server shuts down or starts). */
+static int connection_error(PGconn *pc, PGresult *res) {
+  if (PQstatus(pc) == CONNECTION_BAD) return 1;
+  const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  return state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P0", 4) == 0);
+}
+
+static void finish(conn *c) {
+  sg__pg *pg = c->pg;
+  req *q = c->cur;
+  PGresult *res = c->res;
+  c->cur = NULL;
+  c->res = NULL;
+  ran(pg, q);
+  if (connection_error(c->c, res)) {
+    if (q->parse) {  /* conn_down puts it back at the head */
+      if (q->write) pg->writes++;
+      else pg->reads++;
+    }
+    c->cur = q;
+    if (res) PQclear(res);
+    conn_down(c, PQerrorMessage(c->c));
+    return;
+  }
+  c->state = C_READY;
+  ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+  if (c->migrating) {
+    c->migrating = 0;
+    int version = ok && PQntuples(res) == 1 ? atoi(PQgetvalue(res, 0, 0)) : -1;
+    if (!ok) {
+      snprintf(pg->fatal, sizeof pg->fatal, "postgresql: migration: %s",
+               res ? PQresultErrorMessage(res) : PQerrorMessage(c->c));
+    } else if (version > SG_STORE_SCHEMA_VERSION) {
+      snprintf(pg->fatal, sizeof pg->fatal,
+               "postgresql: schema version %d is newer than this segue's (%d)", version,
+               SG_STORE_SCHEMA_VERSION);
+    }
+    pg->migrated = 2;
+    if (pg->fatal[0]) fail_waiting(pg, SG_ESTORE, pg->fatal);
+    if (res) PQclear(res);
+    req_free(q);
+    dispatch(pg);
+    return;
+  }
+  sg__store_reply r = {0};
+  if (!ok) {
+    snprintf(q->msg, sizeof q->msg, "postgresql: %s",
+             res ? PQresultErrorMessage(res) : PQerrorMessage(c->c));
+    size_t l = strlen(q->msg);
+    while (l && q->msg[l - 1] == '\n') q->msg[--l] = '\0';
+    r.err = SG_ESTORE;
+    r.message = q->msg;
+  } else {
+    q->parse(q, res, &r);
+    if (r.err < 0 && !r.message) r.message = q->msg;
+  }
+  q->cb(q->ud, &r);
+  if (res) PQclear(res);
+  req_free(q);
+  dispatch(pg);
+}
+
+static void conn_io(uv_poll_t *h, int status, int events) {
+  conn *c = h->data;
+  if (c->state == C_CONNECTING) {
+    connect_step(c);
+    return;
+  }
+  if (status < 0) {
+    conn_down(c, uv_strerror(status));
+    return;
+  }
+  if (events & UV_WRITABLE) {
+    int f = PQflush(c->c);
+    if (f < 0) {
+      conn_down(c, PQerrorMessage(c->c));
+      return;
+    }
+    if (f == 0) uv_poll_start(c->poll, UV_READABLE, conn_io);
+  }
+  if (!(events & UV_READABLE)) return;
+  if (!PQconsumeInput(c->c)) {
+    conn_down(c, PQerrorMessage(c->c));
+    return;
+  }
+  while (c->cur && !PQisBusy(c->c)) {
+    PGresult *res = PQgetResult(c->c);
+    if (!res) {
+      finish(c);
+      return;
+    }
+    /* Several statements (the migration): keep the first error, else the
+     * last rows. */
+    ExecStatusType st = PQresultStatus(res);
+    int keep_old = c->res && PQresultStatus(c->res) == PGRES_FATAL_ERROR;
+    if (!keep_old && (!c->res || st == PGRES_TUPLES_OK || st == PGRES_FATAL_ERROR)) {
+      if (c->res) PQclear(c->res);
+      c->res = res;
+    } else {
+      PQclear(res);
+    }
+  }
+  if (!c->cur && PQstatus(c->c) == CONNECTION_BAD) conn_down(c, PQerrorMessage(c->c));
+}
+
+static void send_req(conn *c, req *q) {
+  if (q->parse) {
+    if (q->write) c->pg->writes++;
+    else c->pg->reads++;
+  }
+  c->cur = q;
+  c->state = C_BUSY;
+  int ok = q->parse ? PQsendQueryParams(c->c, q->sql, q->nparams, NULL,
+                                        (const char *const *)q->params, NULL, NULL, 0)
+                    : PQsendQuery(c->c, q->sql);
+  if (!ok) {
+    conn_down(c, PQerrorMessage(c->c));
+    return;
+  }
+  int f = PQflush(c->c);
+  if (f < 0) conn_down(c, PQerrorMessage(c->c));
+  else uv_poll_start(c->poll, f ? UV_READABLE | UV_WRITABLE : UV_READABLE, conn_io);
+}
+
+/* A connection that became ready migrates first if nobody has. */
+static void run_next(conn *c) {
+  sg__pg *pg = c->pg;
+  if (pg->migrated != 0 || c->state != C_READY) return;
+  req *q = calloc(1, sizeof *q);
+  if (!q) return;
+  q->sql = MIGRATE_SQL;
+  pg->migrated = 1;
+  c->migrating = 1;
+  send_req(c, q);
+}
+
+static void dispatch(sg__pg *pg) {
+  if (pg->closing) return;
+  for (unsigned i = 0; i < pg->n && pg->head; i++) {
+    conn *c = &pg->conns[i];
+    if (c->state != C_READY) continue;
+    if (pg->migrated != 2) {
+      run_next(c);
+      continue;
+    }
+    /* Calls take effect in the order they were made, as on SQLite: reads
+     * run side by side, a write waits for everything before it and holds
+     * back everything after it. */
+    if (pg->writes || (pg->head->write && pg->reads)) return;
+    send_req(c, dequeue(pg));
+  }
+}
+
+int sg__pg_open(uv_loop_t *loop, const char *dsn, unsigned pool, sg__pg **out, char *err,
+                size_t errlen) {
+  *out = NULL;
+  sg__pg *pg = calloc(1, sizeof *pg);
+  if (pg) pg->conns = calloc(pool, sizeof *pg->conns);
+  if (pg) pg->dsn = strdup(dsn);
+  if (!pg || !pg->conns || !pg->dsn) {
+    if (pg) {
+      free(pg->conns);
+      free(pg->dsn);
+    }
+    free(pg);
+    snprintf(err, errlen, "out of memory");
+    return SG_ENOMEM;
+  }
+  /* A dsn libpq cannot parse is refused now, with its message. */
+  char *perr = NULL;
+  PQconninfoOption *opts = PQconninfoParse(dsn, &perr);
+  if (!opts) {
+    snprintf(err, errlen, "store: dsn: %s", perr ? perr : "cannot parse");
+    PQfreemem(perr);
+    free(pg->conns);
+    free(pg->dsn);
+    free(pg);
+    return SG_EINVAL;
+  }
+  PQconninfoFree(opts);
+  pg->loop = loop;
+  pg->n = pool;
+  pg->backoff = BACKOFF_MIN_MS;
+  uv_timer_init(loop, &pg->retry);
+  pg->retry.data = pg;
+  pg->handles = 1;
+  for (unsigned i = 0; i < pool; i++) {
+    pg->conns[i].pg = pg;
+    pg->conns[i].state = C_DOWN;
+  }
+  for (unsigned i = 0; i < pool; i++) conn_start(&pg->conns[i]);
+  *out = pg;
+  return 0;
+}
+
+static void retry_closed(uv_handle_t *h) {
+  sg__pg *pg = h->data;
+  if (--pg->handles == 0) {
+    free(pg->dsn);
+    free(pg->conns);
+    free(pg);
+  }
+}
+
+void sg__pg_close(sg__pg *pg) {
+  pg->closing = 1;
+  for (unsigned i = 0; i < pg->n; i++) {
+    conn *c = &pg->conns[i];
+    req *q = c->cur;
+    c->cur = NULL;
+    if (q) ran(pg, q);
+    if (q && q->parse) reply_error(q, SG_ECANCELED, "the store was closed");
+    else if (q) req_free(q);
+    unwatch(c);
+    if (c->res) PQclear(c->res);
+    c->res = NULL;
+    if (c->c) PQfinish(c->c);
+    c->c = NULL;
+    c->state = C_DOWN;
+  }
+  fail_waiting(pg, SG_ECANCELED, "the store was closed");
+  uv_close((uv_handle_t *)&pg->retry, retry_closed);
+}
+
+/* ---- migrations ------------------------------------------------------------ */
+
+/* One transaction under an advisory lock: the versions SQLite has
+ * (store.c), in PostgreSQL's dialect. seq columns give rows an order where
+ * SQLite has rowid. Never edit a released version; append one. */
+static const char MIGRATE_SQL[] =
+    "BEGIN;"
+    "SELECT pg_advisory_xact_lock(" ADVISORY_KEY ");"
+    "CREATE TABLE IF NOT EXISTS segue_schema(version INTEGER NOT NULL);"
+    "INSERT INTO segue_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM segue_schema);"
+    "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 1 THEN"
+    "  CREATE TABLE msg_map(seq BIGSERIAL PRIMARY KEY,"
+    "    origin_backend TEXT NOT NULL, origin_id TEXT NOT NULL,"
+    "    copy_backend TEXT NOT NULL, copy_id TEXT NOT NULL,"
+    "    room TEXT, created BIGINT NOT NULL, UNIQUE (copy_backend, copy_id));"
+    "  CREATE INDEX msg_map_origin ON msg_map(origin_backend, origin_id);"
+    "  CREATE TABLE messages(seq BIGSERIAL,"
+    "    backend TEXT NOT NULL, id TEXT NOT NULL, room TEXT, sender TEXT,"
+    "    content_json TEXT, create_time BIGINT, edit_time BIGINT,"
+    "    deleted INTEGER NOT NULL DEFAULT 0, origin_backend TEXT, origin_id TEXT,"
+    "    PRIMARY KEY (backend, id));"
+    "  CREATE INDEX messages_room ON messages(backend, room, create_time);"
+    "  CREATE TABLE kv(key TEXT PRIMARY KEY, value TEXT);"
+    "  CREATE TABLE peers(server_id TEXT PRIMARY KEY, public_key BYTEA,"
+    "    first_seen BIGINT NOT NULL, last_push BIGINT, last_push_in BIGINT,"
+    "    last_pull BIGINT, last_served BIGINT, last_error TEXT, last_error_time BIGINT);"
+    "  CREATE TABLE outbox(seq BIGSERIAL PRIMARY KEY,"
+    "    peer TEXT NOT NULL REFERENCES peers(server_id) ON UPDATE CASCADE,"
+    "    event BYTEA NOT NULL, created BIGINT NOT NULL);"
+    "  CREATE INDEX outbox_peer ON outbox(peer, seq);"
+    "  CREATE TABLE inbox(seq BIGSERIAL PRIMARY KEY,"
+    "    peer TEXT NOT NULL REFERENCES peers(server_id) ON UPDATE CASCADE,"
+    "    event BYTEA NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    "    last_error TEXT, received BIGINT NOT NULL);"
+    "  CREATE TABLE dead_letters(id BIGSERIAL PRIMARY KEY, peer TEXT NOT NULL,"
+    "    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),"
+    "    event BYTEA NOT NULL, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+    "    created BIGINT NOT NULL, died BIGINT NOT NULL);"
+    "  UPDATE segue_schema SET version = 1;"
+    "END IF; END $m$;"
+    "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 2 THEN"
+    "  CREATE TABLE instances(name TEXT PRIMARY KEY, info TEXT, seen BIGINT NOT NULL);"
+    "  CREATE TABLE leases(name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+    "    expires BIGINT NOT NULL);"
+    "  UPDATE segue_schema SET version = 2;"
+    "END IF; END $m$;"
+    "SELECT version FROM segue_schema;"
+    "COMMIT;";
+
+/* ---- results ------------------------------------------------------------------ */
+
+static const char *val(PGresult *res, int row, int col) {
+  return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
+}
+
+static int64_t ival(PGresult *res, int row, int col) {
+  const char *v = val(res, row, col);
+  return v ? strtoll(v, NULL, 10) : 0;
+}
+
+static void parse_none(req *q, PGresult *res, sg__store_reply *r) {}
+
+static void parse_changed(req *q, PGresult *res, sg__store_reply *r) {
+  r->err = strcmp(PQcmdTuples(res), "0") == 0 ? SG_STORE_NOTFOUND : 0;
+}
+
+/* Up to two text columns of the first row; no row (or a NULL first): NOTFOUND. */
+static void parse_text(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) < 1 || PQgetisnull(res, 0, 0)) {
+    r->err = SG_STORE_NOTFOUND;
+    return;
+  }
+  for (int i = 0; i < 2 && i < PQnfields(res); i++) r->text[i] = val(res, 0, i);
+}
+
+static void *rows_for(req *q, PGresult *res, size_t size, sg__store_reply *r) {
+  r->n = (size_t)PQntuples(res);
+  q->rows = calloc(r->n ? r->n : 1, size);
+  if (!q->rows) {
+    r->n = 0;
+    r->err = SG_ENOMEM;
+    snprintf(q->msg, sizeof q->msg, "out of memory");
+  }
+  return q->rows;
+}
+
+static void parse_copies(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_copy *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++)
+    rows[i] = (sg__store_copy){val(res, (int)i, 0), val(res, (int)i, 1), val(res, (int)i, 2)};
+  r->copies = rows;
+}
+
+static void parse_messages(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_message *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++) {
+    int k = (int)i;
+    rows[i] = (sg__store_message){val(res, k, 0),  val(res, k, 1),  val(res, k, 2),
+                                 val(res, k, 3),  val(res, k, 4),  ival(res, k, 5),
+                                 ival(res, k, 6), (int)ival(res, k, 7)};
+  }
+  r->messages = rows;
+}
+
+static void parse_instances(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_instance *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++)
+    rows[i] = (sg__store_instance){val(res, (int)i, 0), val(res, (int)i, 1), ival(res, (int)i, 2)};
+  r->instances = rows;
+}
+
+static void parse_leases(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_lease *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++)
+    rows[i] = (sg__store_lease){val(res, (int)i, 0), val(res, (int)i, 1), ival(res, (int)i, 2)};
+  r->leases = rows;
+}
+
+/* map_put: inserted?, and the origin the copy has. A copy claimed by another
+ * origin is SG_EEXIST (as on SQLite); the same pair again is fine. */
+static void parse_map_put(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) != 1 || ival(res, 0, 0) > 0 || PQgetisnull(res, 0, 1)) return;
+  const char *ob = val(res, 0, 1), *oi = val(res, 0, 2);
+  if (strcmp(ob, q->params[0]) == 0 && strcmp(oi, q->params[1]) == 0) return;
+  snprintf(q->msg, sizeof q->msg, "%s/%s is already a copy of %s/%s", q->params[2],
+           q->params[3], ob, oi);
+  r->err = SG_EEXIST;
+}
+
+/* ---- operations -------------------------------------------------------------- */
+
+#define P(...) (const char *const[]){__VA_ARGS__}
+#define NP(...) (int)(sizeof(P(__VA_ARGS__)) / sizeof(const char *))
+#define SUBMIT(pg, sql, parse, cb, ud, ...) \
+  submit(pg, sql, parse, cb, ud, NP(__VA_ARGS__), P(__VA_ARGS__))
+
+int sg__pg_kv_get(sg__pg *pg, const char *key, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg, "SELECT value FROM kv WHERE key = $1", parse_text, cb, ud, key);
+}
+
+int sg__pg_kv_set(sg__pg *pg, const char *key, const char *value, sg__store_reply_cb cb,
+                  void *ud) {
+  if (!value) return SUBMIT(pg, "DELETE FROM kv WHERE key = $1", parse_none, cb, ud, key);
+  return SUBMIT(pg,
+                "INSERT INTO kv(key, value) VALUES ($1, $2)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                parse_none, cb, ud, key, value);
+}
+
+int sg__pg_map_put(sg__pg *pg, const char *ob, const char *oi, const char *cb_, const char *ci,
+                   const char *room, sg__store_reply_cb cb, void *ud) {
+  /* One statement, so one transaction: the map row, and the copy's log row
+   * learns its origin. */
+  return SUBMIT(pg,
+                "WITH ins AS (INSERT INTO msg_map(origin_backend, origin_id, copy_backend,"
+                "   copy_id, room, created) VALUES ($1, $2, $3, $4, $5, " NOW_MS ")"
+                "   ON CONFLICT (copy_backend, copy_id) DO NOTHING RETURNING 1),"
+                " upd AS (UPDATE messages SET origin_backend = $1, origin_id = $2"
+                "   WHERE backend = $3 AND id = $4 AND EXISTS (SELECT 1 FROM ins))"
+                " SELECT (SELECT count(*) FROM ins), m.origin_backend, m.origin_id"
+                " FROM (SELECT 1) x LEFT JOIN msg_map m"
+                "   ON m.copy_backend = $3 AND m.copy_id = $4",
+                parse_map_put, cb, ud, ob, oi, cb_, ci, room);
+}
+
+int sg__pg_map_origin(sg__pg *pg, const char *backend, const char *id, sg__store_reply_cb cb,
+                      void *ud) {
+  return SUBMIT(pg,
+                "SELECT origin_backend, origin_id FROM msg_map"
+                " WHERE copy_backend = $1 AND copy_id = $2",
+                parse_text, cb, ud, backend, id);
+}
+
+int sg__pg_map_copies(sg__pg *pg, const char *ob, const char *oi, sg__store_reply_cb cb,
+                      void *ud) {
+  return SUBMIT(pg,
+                "SELECT copy_backend, copy_id, room FROM msg_map"
+                " WHERE origin_backend = $1 AND origin_id = $2 ORDER BY seq",
+                parse_copies, cb, ud, ob, oi);
+}
+
+int sg__pg_log_message(sg__pg *pg, const char *backend, const char *id, const char *room,
+                       const char *sender, const char *content_json, int64_t create_time,
+                       int64_t edit_time, sg__store_reply_cb cb, void *ud) {
+  char ct[24], et[24];
+  snprintf(ct, sizeof ct, "%lld", (long long)create_time);
+  snprintf(et, sizeof et, "%lld", (long long)edit_time);
+  return SUBMIT(pg,
+                "INSERT INTO messages(backend, id, room, sender, content_json, create_time,"
+                "  edit_time, origin_backend, origin_id)"
+                " SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::bigint,"
+                "  $7::bigint, m.origin_backend, m.origin_id"
+                " FROM (SELECT 1) x LEFT JOIN msg_map m"
+                "  ON m.copy_backend = $1::text AND m.copy_id = $2::text"
+                " ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
+                "  edit_time = excluded.edit_time",
+                parse_none, cb, ud, backend, id, room, sender, content_json, ct,
+                edit_time ? et : NULL);
+}
+
+int sg__pg_log_delete(sg__pg *pg, const char *backend, const char *id, sg__store_reply_cb cb,
+                      void *ud) {
+  return SUBMIT(pg,
+                "UPDATE messages SET deleted = 1, content_json = NULL"
+                " WHERE backend = $1 AND id = $2",
+                parse_changed, cb, ud, backend, id);
+}
+
+int sg__pg_messages(sg__pg *pg, const char *backend, const char *room, int limit,
+                    sg__store_reply_cb cb, void *ud) {
+  char lim[16];
+  snprintf(lim, sizeof lim, "%d", limit);
+  return SUBMIT(pg,
+                "SELECT backend, id, room, sender, content_json, create_time, edit_time, deleted"
+                " FROM (SELECT * FROM messages WHERE backend = $1"
+                "  AND room IS NOT DISTINCT FROM $2::text"
+                "  ORDER BY create_time DESC, seq DESC LIMIT $3::bigint) t"
+                " ORDER BY create_time, seq",
+                parse_messages, cb, ud, backend, room, limit > 0 ? lim : NULL);
+}
+
+int sg__pg_instance_beat(sg__pg *pg, const char *instance, const char *info,
+                         sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "INSERT INTO instances(name, info, seen) VALUES ($1, $2, " NOW_MS ")"
+                " ON CONFLICT (name) DO UPDATE SET info = excluded.info, seen = excluded.seen",
+                parse_none, cb, ud, instance, info);
+}
+
+int sg__pg_instances(sg__pg *pg, sg__store_reply_cb cb, void *ud) {
+  return submit(pg, "SELECT name, info, seen FROM instances ORDER BY name", parse_instances, cb,
+                ud, 0, NULL);
+}
+
+int sg__pg_leases(sg__pg *pg, sg__store_reply_cb cb, void *ud) {
+  return submit(pg, "SELECT name, holder, expires FROM leases ORDER BY name", parse_leases, cb,
+                ud, 0, NULL);
+}
+
+int sg__pg_lease_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,
+                       sg__store_reply_cb cb, void *ud) {
+  char ttl[24];
+  snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+  /* Taken when free, expired or ours; the row is locked by the upsert, so
+   * two instances never both take it. Who holds it afterwards comes back. */
+  return SUBMIT(pg,
+                "WITH c AS (INSERT INTO leases(name, holder, expires)"
+                "  VALUES ($1, $2, " NOW_MS " + $3::bigint)"
+                "  ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                "   expires = excluded.expires"
+                "  WHERE leases.holder = excluded.holder OR leases.expires < " NOW_MS
+                "  RETURNING holder)"
+                " SELECT holder FROM c UNION ALL"
+                " SELECT holder FROM leases WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM c)",
+                parse_text, cb, ud, name, instance, ttl);
+}
+
+int sg__pg_lease_release(sg__pg *pg, const char *name, const char *instance,
+                         sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg, "DELETE FROM leases WHERE name = $1 AND holder = $2", parse_none, cb, ud,
+                name, instance);
+}

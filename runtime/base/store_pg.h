@@ -1,0 +1,45 @@
+/* The store's PostgreSQL engine (store_pg.c), for store.c only: callers use
+ * store.h. Each function is the PostgreSQL side of the sg__store_*_async call
+ * of the same name, with the same contract. */
+#ifndef SEGUE_STORE_PG_H
+#define SEGUE_STORE_PG_H
+#include <uv.h>
+
+#include "store.h"
+
+typedef struct sg__pg sg__pg;
+
+/* Starts `pool` connections to `dsn` on `loop` (without waiting for them);
+ * calls queue until a connection is up and the migrations ran. */
+int sg__pg_open(uv_loop_t *loop, const char *dsn, unsigned pool, sg__pg **out, char *err,
+                size_t errlen);
+/* Calls still waiting or running complete with SG_ECANCELED; memory goes
+ * once the handles closed. */
+void sg__pg_close(sg__pg *pg);
+
+int sg__pg_kv_get(sg__pg *pg, const char *key, sg__store_reply_cb cb, void *ud);
+int sg__pg_kv_set(sg__pg *pg, const char *key, const char *value, sg__store_reply_cb cb,
+                  void *ud);
+int sg__pg_map_put(sg__pg *pg, const char *ob, const char *oi, const char *cb_, const char *ci,
+                   const char *room, sg__store_reply_cb cb, void *ud);
+int sg__pg_map_origin(sg__pg *pg, const char *backend, const char *id, sg__store_reply_cb cb,
+                      void *ud);
+int sg__pg_map_copies(sg__pg *pg, const char *ob, const char *oi, sg__store_reply_cb cb,
+                      void *ud);
+int sg__pg_log_message(sg__pg *pg, const char *backend, const char *id, const char *room,
+                       const char *sender, const char *content_json, int64_t create_time,
+                       int64_t edit_time, sg__store_reply_cb cb, void *ud);
+int sg__pg_log_delete(sg__pg *pg, const char *backend, const char *id, sg__store_reply_cb cb,
+                      void *ud);
+int sg__pg_messages(sg__pg *pg, const char *backend, const char *room, int limit,
+                    sg__store_reply_cb cb, void *ud);
+int sg__pg_instance_beat(sg__pg *pg, const char *instance, const char *info,
+                         sg__store_reply_cb cb, void *ud);
+int sg__pg_instances(sg__pg *pg, sg__store_reply_cb cb, void *ud);
+int sg__pg_leases(sg__pg *pg, sg__store_reply_cb cb, void *ud);
+int sg__pg_lease_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,
+                       sg__store_reply_cb cb, void *ud);
+int sg__pg_lease_release(sg__pg *pg, const char *name, const char *instance,
+                         sg__store_reply_cb cb, void *ud);
+
+#endif

@@ -1,0 +1,80 @@
+"""A real PostgreSQL 15 (Debian's postgresql package) for tests: initdb in a
+temporary directory, the server on a Unix socket in that directory only (no
+TCP), run as an unprivileged user. As root (CI), the directory is given to
+`nobody` and every PostgreSQL program runs through setpriv as that user
+(PostgreSQL refuses to run as root). Everything is removed by cleanup()."""
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+BIN = os.environ.get("SEGUE_PG_BIN") or (sorted(glob.glob("/usr/lib/postgresql/*/bin")) or ["/usr/lib/postgresql/15/bin"])[-1]
+
+
+def available():
+    return all(os.access(os.path.join(BIN, p), os.X_OK) for p in ("initdb", "pg_ctl", "postgres"))
+
+
+MISSING = "PostgreSQL server binaries not found in %s (./build.sh deps installs the postgresql package)" % BIN
+
+
+class PgServer:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="segue-pg-")
+        os.chmod(self.dir, 0o755)
+        self.data = os.path.join(self.dir, "data")
+        self.log = os.path.join(self.dir, "log")
+        self.as_user = []
+        if os.geteuid() == 0:
+            import pwd
+            pw = pwd.getpwnam("nobody")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.as_user = ["setpriv", "--reuid=%d" % pw.pw_uid, "--regid=%d" % pw.pw_gid,
+                            "--clear-groups", "--"]
+        self._run(["initdb", "-D", self.data, "-A", "trust", "-U", "segue", "--no-sync",
+                   "-E", "UTF8", "--locale=C"])
+        self.dsn = "host=%s user=segue dbname=postgres" % self.dir
+
+    def _run(self, argv, check=True):
+        cmd = self.as_user + [os.path.join(BIN, argv[0])] + argv[1:]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+                           cwd=self.dir)
+        if check and r.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (argv[0], r.stdout.decode(errors="replace")))
+        return r
+
+    def ctl_args(self, verb):
+        """pg_ctl's command line for `verb` (start, stop, restart), as the user."""
+        opts = "-k %s -c listen_addresses='' -c fsync=off -c max_connections=60" % self.dir
+        return self.as_user + [os.path.join(BIN, "pg_ctl"), verb, "-D", self.data, "-l",
+                               self.log, "-w", "-t", "60", "-m", "fast", "-o", opts]
+
+    def start(self):
+        subprocess.run(self.ctl_args("start"), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=90, cwd=self.dir)
+
+    def stop(self):
+        subprocess.run(self.ctl_args("stop"), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=90, cwd=self.dir)
+
+    def restart(self):
+        subprocess.run(self.ctl_args("restart"), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=90, cwd=self.dir)
+
+    def psql(self, sql):
+        """Runs sql with psql (Debian's postgresql-client, a dependency of the
+        server package); returns its output, unaligned, tuples only."""
+        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d",
+                            self.dsn, "-c", sql], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError("psql: " + r.stdout.decode(errors="replace"))
+        return r.stdout.decode().strip()
+
+    def cleanup(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,141 @@
+/* The store's PostgreSQL engine against a real server (driven by
+ * tests/integration/test_store_pg.py, which starts the server):
+ *   pg_store_check DSN DSN2 RESTART-COMMAND...
+ * - the engine-neutral checks (store_async_checks.h) on DSN;
+ * - three stores opening DSN2 (a fresh database) at once migrate it once
+ *   (the advisory lock; the test reads segue_schema afterwards);
+ * - a stream of writes with the server restarted in the middle (RESTART-
+ *   COMMAND, spawned on the loop): every write is acknowledged and then
+ *   read back: the engine reconnected and lost nothing. */
+#include <stdio.h>
+
+#include "store_async_checks.h"
+
+#define WRITES 3000
+#define IN_FLIGHT 40
+#define RESTART_AT 600
+
+static sg__store *load_store;
+static int issued, acked, failed, restart_status = -1, restarting;
+static char **restart_argv;
+static uv_process_t restart_proc;
+
+static void restart_exited(uv_process_t *p, int64_t status, int sig) {
+  restart_status = (int)status + sig;
+  uv_close((uv_handle_t *)p, NULL);
+}
+
+static void issue(void);
+
+static void write_done(void *ud, const sg__store_reply *r) {
+  (void)ud;
+  if (r->err) {
+    failed++;
+    fprintf(stderr, "write failed: %s\n", r->message);
+  }
+  acked++;
+  if (acked == RESTART_AT && !restarting) {
+    restarting = 1;
+    uv_process_options_t o = {.exit_cb = restart_exited, .file = restart_argv[0],
+                              .args = restart_argv};
+    uv_stdio_container_t io[3] = {{.flags = UV_IGNORE}, {.flags = UV_INHERIT_FD, .data.fd = 2},
+                                  {.flags = UV_INHERIT_FD, .data.fd = 2}};
+    o.stdio = io;
+    o.stdio_count = 3;
+    int rc = uv_spawn(chk_loop, &restart_proc, &o);
+    if (rc) fprintf(stderr, "cannot spawn the restart: %s\n", uv_strerror(rc));
+    CHECK(rc == 0);
+  }
+  issue();
+}
+
+static void issue(void) {
+  while (issued < WRITES && issued - acked < IN_FLIGHT) {
+    char k[32], v[32];
+    snprintf(k, sizeof k, "load.%05d", issued);
+    snprintf(v, sizeof v, "v%d", issued);
+    issued++;
+    CHECK(sg__store_kv_set_async(load_store, k, v, write_done, NULL) == 0);
+  }
+}
+
+static int read_ok, read_done;
+static void read_back(void *ud, const sg__store_reply *r) {
+  char want[32];
+  snprintf(want, sizeof want, "v%d", (int)(intptr_t)ud);
+  if (r->err == 0 && r->text[0] && strcmp(r->text[0], want) == 0) read_ok++;
+  read_done++;
+}
+
+static sg__store *open_pg(const char *dsn) {
+  char err[600];
+  sg__store *s = NULL;
+  sg__store_config c = {.engine = "postgresql", .dsn = dsn, .loop = chk_loop, .pool = 3};
+  int rc = sg__store_open_with(&c, &s, err, sizeof err);
+  if (rc) fprintf(stderr, "open: %s\n", err);
+  CHECK(rc == 0);
+  return s;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: pg_store_check DSN DSN2 RESTART-COMMAND...\n");
+    return 2;
+  }
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  chk_loop = &loop;
+  restart_argv = argv + 3;
+
+  sg__store *s = open_pg(argv[1]);
+  CHECK(sg__store_is_async(s));
+  CHECK_STR(sg__store_engine(s), "postgresql");
+  check_async_ops(s);
+  /* The synchronous operations are SQLite's: refused, never a crash. */
+  char *v = NULL;
+  CHECK(sg__store_kv_get(s, "x", &v) == SG_ESTORE);
+  CHECK(strstr(sg__store_errmsg(s), "asynchronous") != NULL);
+
+  /* Three instances starting together on a fresh database. */
+  sg__store *m[3];
+  outcome mo[3];
+  for (int i = 0; i < 3; i++) m[i] = open_pg(argv[2]);
+  for (int i = 0; i < 3; i++) CALL(mo[i], sg__store_kv_get_async(m[i], "x", record, &mo[i]));
+  settle(30000);
+  for (int i = 0; i < 3; i++) {
+    CHECK(mo[i].done && mo[i].err == SG_STORE_NOTFOUND);
+    if (mo[i].err < 0) fprintf(stderr, "migrate %d: %s\n", i, mo[i].message);
+    sg__store_close(m[i]);
+  }
+
+  /* The stream, and the restart in its middle. */
+  load_store = s;
+  issue();
+  uint64_t end = uv_now(&loop) + 90000;
+  while ((acked < WRITES || restart_status < 0) && uv_now(&loop) < end) {
+    uv_run(&loop, UV_RUN_ONCE);
+    uv_update_time(&loop);
+  }
+  fprintf(stderr, "writes: %d acknowledged, %d failed; restart exit %d\n", acked, failed,
+          restart_status);
+  CHECK(acked == WRITES);
+  CHECK(failed == 0);
+  CHECK(restart_status == 0);
+  for (int i = 0; i < WRITES; i++) {
+    char k[32];
+    snprintf(k, sizeof k, "load.%05d", i);
+    CHECK(sg__store_kv_get_async(s, k, read_back, (void *)(intptr_t)i) == 0);
+  }
+  end = uv_now(&loop) + 60000;
+  while (read_done < WRITES && uv_now(&loop) < end) {
+    uv_run(&loop, UV_RUN_ONCE);
+    uv_update_time(&loop);
+  }
+  fprintf(stderr, "read back: %d of %d\n", read_ok, WRITES);
+  CHECK(read_ok == WRITES);
+
+  sg__store_close(s);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK(uv_loop_close(&loop) == 0);
+  return tap_done();
+}

@@ -1,0 +1,153 @@
+/* The store's asynchronous operations, the same checks for every engine:
+ * tests/unit/test_store_async.c runs them on SQLite, tests/pg/pg_store_check.c
+ * on a real PostgreSQL. Each call's outcome is recorded by its callback and
+ * checked once the loop ran it (at once on SQLite, later on PostgreSQL). */
+#ifndef SEGUE_STORE_ASYNC_CHECKS_H
+#define SEGUE_STORE_ASYNC_CHECKS_H
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "segue.h"
+#include "store.h"
+#include "tap.h"
+
+static uv_loop_t *chk_loop;
+static int chk_pending;
+
+/* What one call answered, copied out of the borrowed reply. */
+typedef struct {
+  int done, err;
+  char text0[256], text1[256], rows[1024], message[512];
+  size_t n;
+} outcome;
+
+static void keep(char *dst, size_t cap, const char *src) {
+  snprintf(dst, cap, "%s", src ? src : "(null)");
+}
+
+static void rowcat(outcome *o, const char *a, const char *b) {
+  size_t l = strlen(o->rows);
+  snprintf(o->rows + l, sizeof o->rows - l, "%s/%s;", a ? a : "-", b ? b : "-");
+}
+
+static void record(void *ud, const sg__store_reply *r) {
+  outcome *o = ud;
+  o->done = 1;
+  o->err = r->err;
+  o->n = r->n;
+  keep(o->text0, sizeof o->text0, r->text[0]);
+  keep(o->text1, sizeof o->text1, r->text[1]);
+  keep(o->message, sizeof o->message, r->message);
+  o->rows[0] = '\0';
+  for (size_t i = 0; i < r->n; i++) {
+    if (r->copies) rowcat(o, r->copies[i].backend, r->copies[i].id);
+    if (r->messages) rowcat(o, r->messages[i].id, r->messages[i].content_json);
+    if (r->instances) rowcat(o, r->instances[i].name, r->instances[i].info);
+    if (r->leases) rowcat(o, r->leases[i].name, r->leases[i].holder);
+  }
+  chk_pending--;
+}
+
+/* Runs the loop until every call answered, at most `ms`. */
+static void settle(uint64_t ms) {
+  uint64_t end = uv_now(chk_loop) + ms;
+  while (chk_pending > 0 && uv_now(chk_loop) < end) {
+    uv_run(chk_loop, UV_RUN_ONCE);
+    uv_update_time(chk_loop);
+  }
+}
+
+#define CALL(o, expr)          \
+  do {                         \
+    memset(&(o), 0, sizeof(o)); \
+    chk_pending++;             \
+    int rc_ = (expr);          \
+    CHECK(rc_ == 0);           \
+    if (rc_) chk_pending--;    \
+  } while (0)
+
+static void check_async_ops(sg__store *s) {
+  outcome a, b, c, d, e;
+  /* kv */
+  CALL(a, sg__store_kv_get_async(s, "nope", record, &a));
+  CALL(b, sg__store_kv_set_async(s, "server_id", "a.example:2289", record, &b));
+  CALL(c, sg__store_kv_get_async(s, "server_id", record, &c));
+  settle(20000);
+  CHECK(a.done && a.err == SG_STORE_NOTFOUND);
+  CHECK(b.done && b.err == 0);
+  CHECK(c.done && c.err == 0);
+  CHECK_STR(c.text0, "a.example:2289");
+  CALL(a, sg__store_kv_set_async(s, "server_id", NULL, record, &a));
+  CALL(b, sg__store_kv_get_async(s, "server_id", record, &b));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == SG_STORE_NOTFOUND);
+
+  /* message id maps: one origin per copy, copies oldest first */
+  CALL(a, sg__store_map_put_async(s, "irc", "m1", "harmony", "h1", "#a", record, &a));
+  CALL(b, sg__store_map_put_async(s, "irc", "m1", "notes", "n1", NULL, record, &b));
+  CALL(c, sg__store_map_put_async(s, "irc", "m1", "harmony", "h1", "#a", record, &c));
+  CALL(d, sg__store_map_put_async(s, "irc", "m2", "harmony", "h1", "#a", record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == 0);
+  CHECK(d.err == SG_EEXIST);
+  CHECK(strstr(d.message, "already a copy") != NULL);
+  CALL(a, sg__store_map_origin_async(s, "harmony", "h1", record, &a));
+  CALL(b, sg__store_map_origin_async(s, "irc", "m1", record, &b));
+  CALL(c, sg__store_map_copies_async(s, "irc", "m1", record, &c));
+  settle(20000);
+  CHECK(a.err == 0);
+  CHECK_STR(a.text0, "irc");
+  CHECK_STR(a.text1, "m1");
+  CHECK(b.err == SG_STORE_NOTFOUND);
+  CHECK(c.err == 0 && c.n == 2);
+  CHECK_STR(c.rows, "harmony/h1;notes/n1;");
+
+  /* the message log: insert, edit, delete, the last N of a room */
+  CALL(a, sg__store_log_message_async(s, "irc", "m1", "#a", "ann", "\"hi\"", 1000, 0, record, &a));
+  CALL(b, sg__store_log_message_async(s, "irc", "m2", "#a", "bob", "\"yo\"", 2000, 0, record, &b));
+  CALL(c, sg__store_log_message_async(s, "irc", "m3", "#b", "bob", "\"x\"", 1500, 0, record, &c));
+  CALL(d, sg__store_log_message_async(s, "irc", "m1", "#a", "ann", "\"hi!\"", 9, 3000, record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == 0 && d.err == 0);
+  CALL(a, sg__store_log_delete_async(s, "irc", "m2", record, &a));
+  CALL(b, sg__store_log_delete_async(s, "irc", "nope", record, &b));
+  CALL(c, sg__store_messages_async(s, "irc", "#a", 0, record, &c));
+  CALL(d, sg__store_messages_async(s, "irc", "#a", 1, record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == SG_STORE_NOTFOUND);
+  CHECK(c.err == 0);
+  CHECK_STR(c.rows, "m1/\"hi!\";m2/-;");
+  CHECK_STR(d.rows, "m2/-;");
+
+  /* instances and leases */
+  CALL(a, sg__store_instance_beat_async(s, "one", "{\"pid\":1}", record, &a));
+  CALL(b, sg__store_instance_beat_async(s, "two", NULL, record, &b));
+  CALL(c, sg__store_lease_claim_async(s, "backend:irc", "one", 60000, record, &c));
+  CALL(d, sg__store_lease_claim_async(s, "backend:irc", "two", 60000, record, &d));
+  CALL(e, sg__store_lease_claim_async(s, "backend:mem", "two", 1, record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK(c.err == 0 && d.err == 0 && e.err == 0);
+  CHECK_STR(c.text0, "one");
+  CHECK_STR(d.text0, "one");  /* taken: two does not get it */
+  CHECK_STR(e.text0, "two");
+  uv_sleep(20);               /* backend:mem's lease (1 ms) expires */
+  CALL(a, sg__store_lease_claim_async(s, "backend:mem", "one", 60000, record, &a));
+  CALL(b, sg__store_lease_claim_async(s, "backend:irc", "one", 60000, record, &b));  /* renew */
+  CALL(c, sg__store_instances_async(s, record, &c));
+  CALL(d, sg__store_leases_async(s, record, &d));
+  settle(20000);
+  CHECK_STR(a.text0, "one");
+  CHECK_STR(b.text0, "one");
+  CHECK_STR(c.rows, "one/{\"pid\":1};two/-;");
+  CHECK_STR(d.rows, "backend:irc/one;backend:mem/one;");
+  CALL(a, sg__store_lease_release_async(s, "backend:irc", "two", record, &a));  /* not its own */
+  CALL(b, sg__store_lease_release_async(s, "backend:mem", "one", record, &b));
+  CALL(c, sg__store_leases_async(s, record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK_STR(c.rows, "backend:irc/one;");
+  CHECK(chk_pending == 0);
+}
+#endif
