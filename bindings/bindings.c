@@ -2,6 +2,7 @@
 #include "bindings.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- the owner's environment ---------------------------------------------- */
@@ -58,6 +59,56 @@ int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
   lua_pop(L, 1);
   sg__lenv_report(e, SG_ELUA, buf);
   return SG_ELUA;
+}
+
+/* ---- the life of C memory behind a userdata ------------------------------- */
+
+void sg__lown_init(sg__lown *o, sg__lenv *e) {
+  memset(o, 0, sizeof *o);
+  o->e = e;
+  o->self_ref = LUA_NOREF;
+  for (int i = 0; i < SG__LOWN_REFS; i++) o->refs[i] = LUA_NOREF;
+}
+
+void sg__lown_ref(lua_State *L, sg__lown *o, int slot, int idx) {
+  lua_pushvalue(L, idx);
+  luaL_unref(L, LUA_REGISTRYINDEX, o->refs[slot]);
+  o->refs[slot] = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+void sg__lown_push(lua_State *L, const sg__lown *o, int slot) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, o->refs[slot]);
+}
+
+void sg__lown_pin(lua_State *L, sg__lown *o, int idx) {
+  lua_pushvalue(L, idx);
+  luaL_unref(L, LUA_REGISTRYINDEX, o->self_ref);
+  o->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+int sg__lown_close(sg__lown *o) {
+  if (o->closed) return 0;
+  o->closed = 1;
+  lua_State *L = o->e->L;
+  if (L && !o->lua_gone) {
+    for (int i = 0; i < SG__LOWN_REFS; i++) luaL_unref(L, LUA_REGISTRYINDEX, o->refs[i]);
+    luaL_unref(L, LUA_REGISTRYINDEX, o->self_ref);
+  }
+  for (int i = 0; i < SG__LOWN_REFS; i++) o->refs[i] = LUA_NOREF;
+  o->self_ref = LUA_NOREF;
+  return 1;
+}
+
+void sg__lown_c_done(sg__lown *o) {
+  o->c_gone = 1;
+  if (o->lua_gone) free(o);
+}
+
+int sg__lown_gc(sg__lown *o) {
+  o->lua_gone = 1;
+  if (sg__lown_close(o)) return 1;
+  if (o->c_gone) free(o);
+  return 0;
 }
 
 /* ---- the failure convention ----------------------------------------------- */

@@ -61,6 +61,41 @@ int sg__lua_fail(lua_State *L, int err, const char *msg);
 /* 0 -> true; else sg__lua_fail(L, err, NULL). */
 int sg__lua_result(lua_State *L, int err);
 
+/* ---- the life of C memory behind a Lua userdata --------------------------
+ * A handle's userdata holds a pointer to C memory, never the uv handle
+ * itself (luv's model), so Lua's GC cannot free memory libuv still uses.
+ * That memory starts with an sg__lown and is freed when both owners let go:
+ * the C side ended (the uv close callback ran) and the userdata was
+ * collected, whichever comes last. Registry references (callbacks, and the
+ * userdata itself while the handle is open) are released by sg__lown_close,
+ * from Lua, never from a close callback (the state may be gone by then). */
+#define SG__LOWN_REFS 4
+typedef struct sg__lown {
+  sg__lenv *e;
+  int self_ref;              /* the userdata, while open (sg__lown_pin) */
+  int refs[SG__LOWN_REFS];   /* callbacks; LUA_NOREF when unused */
+  unsigned closed : 1;       /* sg__lown_close ran: no more calls into Lua */
+  unsigned c_gone : 1, lua_gone : 1;
+} sg__lown;
+
+void sg__lown_init(sg__lown *o, sg__lenv *e);
+/* refs[slot] = a reference to the value at idx (replacing the old one). */
+void sg__lown_ref(lua_State *L, sg__lown *o, int slot, int idx);
+/* Pushes refs[slot] (nil when unset). */
+void sg__lown_push(lua_State *L, const sg__lown *o, int slot);
+/* Keeps the userdata at idx alive until sg__lown_close. */
+void sg__lown_pin(lua_State *L, sg__lown *o, int idx);
+/* Releases every reference (when the state still lives); returns 0 when it
+ * was already closed, 1 when this call closed it (then close the C side). */
+int sg__lown_close(sg__lown *o);
+/* The C side ended (from its close callback): frees `o` if Lua let go too. */
+void sg__lown_c_done(sg__lown *o);
+/* From __gc: Lua let go (references are not touched: the state may be
+ * closing). Returns 1 when this closed it: the caller closes the C side now
+ * and its close callback frees `o`; 0 when it was closed already (`o` is
+ * freed here if the C side ended too: do not touch it after). */
+int sg__lown_gc(sg__lown *o);
+
 /* Terminated by {NULL, NULL}. */
 extern const sg__binding sg__bindings[];
 

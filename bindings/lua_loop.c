@@ -3,6 +3,7 @@
  * level. A handle's userdata holds a pointer to C memory, never the uv handle
  * itself, so Lua's GC cannot free memory libuv still uses (luv's model). */
 #include <lauxlib.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "bindings.h"
@@ -10,54 +11,36 @@
 #define TIMER_MT "segue.timer"
 #define WATCH_MT "segue.watcher"
 
-/* Every Lua-visible handle: its memory is freed once both the uv close
- * callback ran and the userdata was collected, whichever comes last. */
+/* Every Lua-visible handle: an sg__lown (bindings.h) first, the uv handle
+ * after; refs[CB] is its callback. */
+enum { CB = 0 };
 typedef struct lhandle {
+  sg__lown own;
   union {
     uv_handle_t handle;
     uv_timer_t timer;
     uv_fs_event_t fs_event;
   } u;
-  sg__lenv *h;
-  int cb_ref;     /* the callback */
-  int self_ref;   /* keeps the userdata alive while the handle is active */
-  int closed, handle_gone, userdata_gone;
 } lhandle;
 
-static void handle_freed(uv_handle_t *handle) {
-  lhandle *lh = handle->data;
-  lh->handle_gone = 1;
-  if (lh->userdata_gone) free(lh);
-}
+static void handle_freed(uv_handle_t *handle) { sg__lown_c_done(handle->data); }
 
-/* Releases the Lua references now (the state may be gone by the time the
- * close callback runs) and the C memory in the close callback. */
-static void handle_close(lua_State *L, lhandle *lh, int unref) {
-  if (lh->closed) return;
-  lh->closed = 1;
-  if (unref) {
-    luaL_unref(L, LUA_REGISTRYINDEX, lh->cb_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lh->self_ref);
-  }
-  uv_close(&lh->u.handle, handle_freed);
+static void handle_close(lhandle *lh) {
+  if (sg__lown_close(&lh->own)) uv_close(&lh->u.handle, handle_freed);
 }
 
 /* Pushes a new userdata of metatable `mt` owning a new lhandle whose
  * callback is the function at `fn_idx`; the caller initializes the handle
  * and then calls handle_ready. */
 static lhandle *handle_new(lua_State *L, const char *mt, int fn_idx) {
-  sg__lenv *h = sg__lenv_of(L);
-  if (!h) luaL_error(L, "segue.loop needs the segue host");
-  if (h->closing) luaL_error(L, "the host is closing");
+  sg__lenv *e = sg__lenv_check(L);
   lhandle **ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, mt);
   lhandle *lh = calloc(1, sizeof *lh);
   if (!lh) luaL_error(L, "out of memory");
-  lh->h = h;
-  lh->cb_ref = lh->self_ref = LUA_NOREF;
-  lua_pushvalue(L, fn_idx);
-  lh->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_init(&lh->own, e);
+  sg__lown_ref(L, &lh->own, CB, fn_idx);
   *ud = lh;
   return lh;
 }
@@ -65,10 +48,7 @@ static lhandle *handle_new(lua_State *L, const char *mt, int fn_idx) {
 /* The handle is initialized: it closes with the others from now on. */
 static void handle_ready(lua_State *L, lhandle *lh, int keep_alive) {
   lh->u.handle.data = lh;
-  if (keep_alive) {
-    lua_pushvalue(L, -1);
-    lh->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
+  if (keep_alive) sg__lown_pin(L, &lh->own, -1);
 }
 
 static lhandle **check_handle(lua_State *L) {
@@ -80,13 +60,13 @@ static lhandle **check_handle(lua_State *L) {
 
 static int l_handle_stop(lua_State *L) {
   lhandle **ud = check_handle(L);
-  if (*ud) handle_close(L, *ud, 1);
+  if (*ud) handle_close(*ud);
   return 0;
 }
 
 static int l_handle_active(lua_State *L) {
   lhandle **ud = check_handle(L);
-  lua_pushboolean(L, *ud && !(*ud)->closed);
+  lua_pushboolean(L, *ud && !(*ud)->own.closed);
   return 1;
 }
 
@@ -94,10 +74,7 @@ static int l_handle_gc(lua_State *L) {
   lhandle **ud = check_handle(L);
   lhandle *lh = *ud;
   *ud = NULL;
-  if (!lh) return 0;
-  handle_close(L, lh, 0);
-  lh->userdata_gone = 1;
-  if (lh->handle_gone) free(lh);
+  if (lh && sg__lown_gc(&lh->own)) uv_close(&lh->u.handle, handle_freed);
   return 0;
 }
 
@@ -105,16 +82,17 @@ static int l_handle_gc(lua_State *L) {
 
 static void timer_fired(uv_timer_t *handle) {
   lhandle *t = handle->data;
-  lua_State *L = t->h->L;
-  if (!L || t->closed) return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, t->cb_ref);
+  sg__lenv *e = t->own.e;
+  lua_State *L = e->L;
+  if (!L || t->own.closed) return;
+  sg__lown_push(L, &t->own, CB);
   if (uv_timer_get_repeat(handle) == 0) {
     /* Closed before the call: the callback may drop its last reference. */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, t->self_ref);
-    handle_close(L, t, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->own.self_ref);
+    handle_close(t);
     lua_pop(L, 1);
   }
-  sg__lenv_pcall(t->h, 0, 0, "timer callback");
+  sg__lenv_pcall(e, 0, 0, "timer callback");
 }
 
 /* timer(ms, repeat_ms, fn) -> timer */
@@ -125,7 +103,7 @@ static int l_timer(lua_State *L) {
   luaL_argcheck(L, ms >= 0, 1, "must not be negative");
   luaL_argcheck(L, rep >= 0, 2, "must not be negative");
   lhandle *t = handle_new(L, TIMER_MT, 3);
-  uv_timer_init(t->h->loop, &t->u.timer);
+  uv_timer_init(t->own.e->loop, &t->u.timer);
   handle_ready(L, t, 1);
   uv_timer_start(&t->u.timer, timer_fired, (uint64_t)ms, (uint64_t)rep);
   return 1;
@@ -135,13 +113,13 @@ static int l_timer(lua_State *L) {
 
 static void watch_fired(uv_fs_event_t *handle, const char *filename, int events, int status) {
   lhandle *w = handle->data;
-  lua_State *L = w->h->L;
-  if (!L || w->closed) return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->cb_ref);
+  lua_State *L = w->own.e->L;
+  if (!L || w->own.closed) return;
+  sg__lown_push(L, &w->own, CB);
   if (filename) lua_pushstring(L, filename);
   else lua_pushnil(L);
   lua_pushinteger(L, status < 0 ? status : events);
-  sg__lenv_pcall(w->h, 2, 0, "watch callback");
+  sg__lenv_pcall(w->own.e, 2, 0, "watch callback");
 }
 
 /* watch(path, fn) -> watcher | nil, err: fn(filename, events) on each change
@@ -152,14 +130,14 @@ static int l_watch(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lhandle *w = handle_new(L, WATCH_MT, 2);
-  uv_fs_event_init(w->h->loop, &w->u.fs_event);
+  uv_fs_event_init(w->own.e->loop, &w->u.fs_event);
   handle_ready(L, w, 0);
   int rc = uv_fs_event_start(&w->u.fs_event, watch_fired, path, 0);
   if (rc != 0) {
-    handle_close(L, w, 1);
-    luaL_pushfail(L);
-    lua_pushfstring(L, "%s: cannot watch %s: %s", uv_err_name(rc), path, uv_strerror(rc));
-    return 2;
+    handle_close(w);
+    char msg[512];
+    snprintf(msg, sizeof msg, "cannot watch %s: %s", path, uv_strerror(rc));
+    return sg__lua_fail(L, rc, msg);
   }
   uv_unref(&w->u.handle);
   return 1;
