@@ -24,7 +24,6 @@ sg__lenv *sg__lenv_of(lua_State *L) {
 sg__lenv *sg__lenv_check(lua_State *L) {
   sg__lenv *e = sg__lenv_of(L);
   if (!e) luaL_error(L, "this needs the segue host (run under `segue`)");
-  if (e->closing) luaL_error(L, "the host is closing");
   return e;
 }
 

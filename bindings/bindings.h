@@ -42,7 +42,8 @@ struct sg__lenv {
 void sg__lenv_set(lua_State *L, sg__lenv *e);
 /* The environment of L, or NULL when L has no owner (plain `lua`). */
 sg__lenv *sg__lenv_of(lua_State *L);
-/* The environment of L; raises when there is none or it is closing. */
+/* The environment of L; raises when there is none. Functions that start
+ * new work also check e->closing. */
 sg__lenv *sg__lenv_check(lua_State *L);
 sg__backend *sg__lenv_find_backend(sg__lenv *e, const char *name);
 

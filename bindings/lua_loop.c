@@ -34,6 +34,7 @@ static void handle_close(lhandle *lh) {
  * and then calls handle_ready. */
 static lhandle *handle_new(lua_State *L, const char *mt, int fn_idx) {
   sg__lenv *e = sg__lenv_check(L);
+  if (e->closing) luaL_error(L, "the host is closing");
   lhandle **ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, mt);
