@@ -3,9 +3,12 @@
  * (scripts/segue/harmony_api.lua), which also decides what a request means.
  *
  *   start(opts) -> fed | nil, err, code
- *       opts = { data_dir =, server_id =, listen =, peers = { [id] = url },
- *                allow = {...}, block = {...}, token_window =, limits = {...},
- *                request_timeout_ms =, key_refetch_ms = }
+ *       opts = { data_dir =, server_id =, listen =,
+ *                peers = { [id] = url | { url =, require_audience = bool } },
+ *                allow = {...}, block = {...}, token_window =,
+ *                unbound_token_window =, limits = {...}, request_timeout_ms =,
+ *                key_refetch_ms =, key_fetch_rate =, key_fetch_private =,
+ *                key_cache_size = }
  *   load_key(data_dir) -> public_key_base64 | nil, err, code  (creates it)
  *   fed:on_request(fn(method, server_id, body, req))   "Push", "Pull", "NotifyNewId"
  *   req:respond(bytes) / req:error(status, identifier [, message]) -> true | nil, err, code
@@ -305,7 +308,26 @@ static const char *const *opt_list(lua_State *L, int t, const char *key, size_t 
   return v;
 }
 
-/* opts.peers { [id] = url } as two arrays (kept on the stack). */
+/* A peers entry's URL: the string, or the table's `url` (the string stays
+ * alive in the options table). Adds the id to `bound` when the table asks
+ * for audience-bound tokens. */
+static const char *peer_entry(lua_State *L, const char *id, const char **bound, size_t *n_bound) {
+  if (lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
+  if (!lua_istable(L, -1))
+    luaL_error(L, "federation option peers[%s]: a base URL or { url = } expected", id);
+  lua_getfield(L, -1, "require_audience");
+  if (lua_toboolean(L, -1)) bound[(*n_bound)++] = id;
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "url");
+  const char *url = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  if (lua_type(L, -1) == LUA_TTABLE && !url)
+    luaL_error(L, "federation option peers[%s]: url (a string) expected", id);
+  return url;
+}
+
+/* opts.peers { [id] = url | { url =, require_audience = } } as arrays (kept
+ * on the stack). */
 static void opt_peers(lua_State *L, int t, sg__fed_options *o) {
   lua_getfield(L, t, "peers");
   if (lua_isnil(L, -1)) return;
@@ -315,16 +337,20 @@ static void opt_peers(lua_State *L, int t, sg__fed_options *o) {
   for (lua_pushnil(L); lua_next(L, peers); lua_pop(L, 1)) n++;
   const char **ids = lua_newuserdatauv(L, (n + 1) * sizeof *ids, 0);
   const char **urls = lua_newuserdatauv(L, (n + 1) * sizeof *urls, 0);
-  size_t i = 0;
+  const char **bound = lua_newuserdatauv(L, (n + 1) * sizeof *bound, 0);
+  size_t i = 0, n_bound = 0;
   for (lua_pushnil(L); lua_next(L, peers); lua_pop(L, 1)) {
-    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-      luaL_error(L, "federation option peers: server id = base URL strings expected");
+    if (lua_type(L, -2) != LUA_TSTRING)
+      luaL_error(L, "federation option peers: server id strings expected as keys");
     ids[i] = lua_tostring(L, -2);
-    urls[i++] = lua_tostring(L, -1);
+    urls[i] = peer_entry(L, ids[i], bound, &n_bound);
+    i++;
   }
   o->peer_ids = ids;
   o->peer_urls = urls;
   o->n_peers = n;
+  o->policy.bound = bound;
+  o->policy.n_bound = n_bound;
 }
 
 static void opt_limits(lua_State *L, int t, sg__hrpc_limits *l) {
@@ -349,10 +375,16 @@ static void check_options(lua_State *L, sg__fed_options *o, sg__hrpc_limits *lim
   o->listen = opt_string(L, 1, "listen");
   sg__token_policy_init(&o->policy);
   o->policy.window = opt_uint(L, 1, "token_window", o->policy.window);
+  o->policy.unbound_window = opt_uint(L, 1, "unbound_token_window", o->policy.unbound_window);
   o->policy.allow = opt_list(L, 1, "allow", &o->policy.n_allow);
   o->policy.block = opt_list(L, 1, "block", &o->policy.n_block);
   o->request_timeout_ms = opt_uint(L, 1, "request_timeout_ms", 0);
   o->key_refetch_ms = opt_uint(L, 1, "key_refetch_ms", 0);
+  o->key_fetch_rate = (unsigned)opt_uint(L, 1, "key_fetch_rate", 0);
+  o->key_cache_size = (size_t)opt_uint(L, 1, "key_cache_size", 0);
+  lua_getfield(L, 1, "key_fetch_private");
+  o->key_fetch_private = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   opt_peers(L, 1, o);
   opt_limits(L, 1, limits);
   o->limits = limits;

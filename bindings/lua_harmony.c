@@ -3,12 +3,15 @@
  *   encode(type_name, table) -> bytes | nil, err, code
  *   decode(type_name, bytes [, {max_bytes = n}]) -> table | nil, err, code
  *   types() -> { "protocol.sync.v1.AuthData", ... }
- *   token_create(secret64_or_seed32, server_id, time) -> header | nil, err, code
- *   token_check(header, public_key32 [, {now=, window=, allow={...},
- *               block={...}, disabled=}]) -> server_id, time
- *                                          | nil, why, identifier, status
- *       (now defaults to the current time, window to 60 s; see
- *       runtime/harmony_token.h for the refusals and their identifiers)
+ *   token_create(secret64_or_seed32, server_id, time [, audience]) -> header | nil, err, code
+ *   token_check(header, public_key32 [, {now=, window=, unbound_window=,
+ *               audience=, bound={...}, allow={...}, block={...},
+ *               disabled=}]) -> server_id, time, audience
+ *                            | nil, why, identifier, status
+ *       (now defaults to the current time, window to 60 s, unbound_window
+ *       (tokens naming no audience) to window; audience is ours: a token
+ *       naming another is refused; see runtime/harmony_token.h for the
+ *       refusals and their identifiers)
  *   keygen() -> secret64, public32
  *   max_bytes   (the default input bound of decode, 16 MiB)
  *
@@ -646,6 +649,7 @@ static int l_token_create(lua_State *L) {
   const char *secret = luaL_checklstring(L, 1, &secret_len);
   const char *server_id = luaL_checkstring(L, 2);
   uint64_t t = check_uint64(L, 3, "time");
+  const char *audience = luaL_optstring(L, 4, NULL);
   luaL_argcheck(L, *server_id, 2, "server_id must not be empty");
   guard *kg = push_guard(L, release_keypair);
   guard *hg = push_guard(L, free);
@@ -656,7 +660,7 @@ static int l_token_create(lua_State *L) {
   if (rc) return sg__lua_fail(L, rc, err);
   kg->ptr = kp;
   char *header;
-  rc = sg__token_create(kp, server_id, t, &header);
+  rc = sg__token_create_for(kp, server_id, audience, t, &header);
   if (rc) return sg__lua_fail(L, rc, "cannot create a token");
   hg->ptr = header;
   lua_pushstring(L, header);
@@ -682,8 +686,9 @@ static const char *const *opt_list(lua_State *L, int opts, const char *name, siz
 }
 
 static void opt_policy(lua_State *L, int opts, sg__token_policy *pol, uint64_t *now) {
-  luaL_checkstack(L, 12, "segue.harmony: token options");
+  luaL_checkstack(L, 16, "segue.harmony: token options");
   sg__token_policy_init(pol);
+  pol->unbound_window = pol->window;
   *now = (uint64_t)time(NULL);
   if (lua_isnoneornil(L, opts)) return;
   luaL_checktype(L, opts, LUA_TTABLE);
@@ -693,6 +698,14 @@ static void opt_policy(lua_State *L, int opts, sg__token_policy *pol, uint64_t *
                   "window must be a non-negative integer (seconds)");
     pol->window = (uint64_t)lua_tointeger(L, -1);
   }
+  pol->unbound_window = pol->window;
+  if (lua_getfield(L, opts, "unbound_window") != LUA_TNIL) {
+    luaL_argcheck(L, lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 0, opts,
+                  "unbound_window must be a non-negative integer (seconds)");
+    pol->unbound_window = (uint64_t)lua_tointeger(L, -1);
+  }
+  if (lua_getfield(L, opts, "audience") != LUA_TNIL) pol->audience = luaL_checkstring(L, -1);
+  pol->bound = opt_list(L, opts, "bound", &pol->n_bound);
   lua_getfield(L, opts, "disabled");
   pol->disabled = lua_toboolean(L, -1);
   pol->allow = opt_list(L, opts, "allow", &pol->n_allow);
@@ -722,7 +735,9 @@ static int l_token_check(lua_State *L) {
   }
   lua_pushstring(L, tok->server_id);
   lua_pushinteger(L, (lua_Integer)tok->time);
-  return 2;
+  if (tok->audience) lua_pushstring(L, tok->audience);
+  else lua_pushnil(L);
+  return 3;
 }
 
 static const luaL_Reg harmony_funcs[] = {

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <sodium.h>
+
 #include "protocol/auth/v1/auth.pb-c.h"
 #include "protocol/sync/v1/sync.pb-c.h"
 #include "hrpc_errors.h"
@@ -36,24 +38,25 @@ struct sg__fed_route {
   sg__fed_method method;
 };
 
-/* A request whose token was admitted, waiting for its server's key. */
+/* A request whose token was admitted, on its way through the checks. */
 typedef struct waiter {
   struct waiter *next;
   sg__fed_route *route;
   sg__hrpc_request *req;
   sg__token tok;
-  int retried;  /* the key was fetched again for this request already */
+  ProtobufCMessage *msg;   /* the decoded body */
+  int retried;             /* the key was fetched again for this request already */
+  int new_id;              /* waits for the new id's key (NotifyNewId) */
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];  /* new_id: the key that signed */
 } waiter;
 
-/* One cache entry per server id that sent us an admitted token. */
-struct sg__fed_peer {
-  sg__fed_peer *next;
+/* A key fetch under way: the requests waiting for it. */
+struct sg__fed_fetch {
+  sg__fed_fetch *next;
   sg__federation *f;
   char *id;
-  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
-  int has_key, fetching;
-  uint64_t fetched_at;  /* uv_now when the last fetch started; 0: never */
-  waiter *waiters;      /* answered when the fetch in progress ends */
+  waiter *waiters;
+  uint64_t started;
 };
 
 const char *sg__fed_method_name(sg__fed_method m) {
@@ -62,56 +65,79 @@ const char *sg__fed_method_name(sg__fed_method m) {
 
 /* ---- the key cache -------------------------------------------------------- */
 
-static sg__fed_peer *peer_find(const sg__federation *f, const char *id) {
-  for (sg__fed_peer *p = f->peers; p; p = p->next)
-    if (strcmp(p->id, id) == 0) return p;
-  return NULL;
-}
-
-static sg__fed_peer *peer_get(sg__federation *f, const char *id) {
-  sg__fed_peer *p = peer_find(f, id);
-  if (p) return p;
-  p = calloc(1, sizeof *p);
-  if (!p || !(p->id = strdup(id))) {
-    free(p);
-    return NULL;
-  }
-  p->f = f;
-  p->next = f->peers;
-  f->peers = p;
-  return p;
-}
-
 int sg__federation_key_get(const sg__federation *f, const char *server_id,
                           unsigned char pk[SG_KEYS_PUBLIC_BYTES]) {
-  const sg__fed_peer *p = server_id ? peer_find(f, server_id) : NULL;
-  if (!p || !p->has_key) return SG_EINVAL;
-  memcpy(pk, p->pk, SG_KEYS_PUBLIC_BYTES);
+  sg__keycache_entry *e = server_id ? sg__keycache_find((sg__keycache *)&f->cache, server_id) : NULL;
+  if (!e || e->negative) return SG_EINVAL;
+  memcpy(pk, e->pk, SG_KEYS_PUBLIC_BYTES);
   return 0;
 }
 
 int sg__federation_key_put(sg__federation *f, const char *server_id,
                           const unsigned char pk[SG_KEYS_PUBLIC_BYTES]) {
   if (!server_id || !*server_id) return SG_EINVAL;
-  sg__fed_peer *p = peer_get(f, server_id);
-  if (!p) return SG_ENOMEM;
-  memcpy(p->pk, pk, SG_KEYS_PUBLIC_BYTES);
-  p->has_key = 1;
-  return 0;
+  return sg__keycache_put(&f->cache, server_id, pk, 0);
+}
+
+void sg__federation_stats_get(const sg__federation *f, sg__fed_stats *out) { *out = f->stats; }
+
+static const char *peer_url(const sg__federation *f, const char *server_id) {
+  for (size_t i = 0; i < f->n_peers; i++)
+    if (strcmp(f->peer_ids[i], server_id) == 0) return f->peer_urls[i];
+  return NULL;
 }
 
 const char *sg__federation_base_url(const sg__federation *f, const char *server_id, char *buf,
                                    size_t buflen) {
-  for (size_t i = 0; i < f->n_peers; i++)
-    if (strcmp(f->peer_ids[i], server_id) == 0) return f->peer_urls[i];
+  const char *url = peer_url(f, server_id);
+  if (url) return url;
   int n = snprintf(buf, buflen, "https://%s", server_id);
   return n > 0 && (size_t)n < buflen ? buf : NULL;
+}
+
+/* ---- the verified-token cache ----------------------------------------------- */
+
+/* A direct-mapped table of BLAKE2b(key, signature, signed bytes): a token
+ * seen again with the same key needs no Ed25519 verify. Only verified
+ * tokens go in, so nothing in it came from an attacker's say-so; the time
+ * window and the lists are still checked on every request. */
+static void token_hash(const waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
+                       unsigned char h[32]) {
+  crypto_generichash_state st;
+  crypto_generichash_init(&st, NULL, 0, 32);
+  crypto_generichash_update(&st, pk, SG_KEYS_PUBLIC_BYTES);
+  crypto_generichash_update(&st, w->tok.sig, SG_KEYS_SIG_BYTES);
+  crypto_generichash_update(&st, w->tok.data, w->tok.data_len);
+  crypto_generichash_final(&st, h, 32);
+}
+
+static unsigned char *verified_slot(sg__federation *f, const unsigned char h[32]) {
+  uint32_t i;
+  memcpy(&i, h, sizeof i);
+  return f->verified[i & (SG_FED_VERIFIED_SLOTS - 1)];
+}
+
+static sg__token_reason verify(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES], char *why,
+                              size_t whylen) {
+  sg__federation *f = w->route->f;
+  unsigned char h[32];
+  token_hash(w, pk, h);
+  unsigned char *slot = verified_slot(f, h);
+  if (sodium_memcmp(slot, h, 32) == 0) {
+    f->stats.verified_hits++;
+    return SG_TOKEN_OK;
+  }
+  f->stats.verifies++;
+  sg__token_reason r = sg__token_verify(&w->tok, pk, why, whylen);
+  if (r == SG_TOKEN_OK) memcpy(slot, h, 32);
+  return r;
 }
 
 /* ---- answering inbound requests ------------------------------------------ */
 
 static void waiter_free(waiter *w) {
   sg__token_clear(&w->tok);
+  if (w->msg) protobuf_c_message_free_unpacked(w->msg, NULL);
   free(w);
 }
 
@@ -144,105 +170,299 @@ static void hand_over(waiter *w) {
   waiter_free(w);
 }
 
-static void fetch_key(sg__fed_peer *p, waiter *w);
+static void fetch_key(sg__federation *f, const char *id, waiter *w);
+static void check_new_id(waiter *w);
 
-/* A fetch again is worth it when one is under way (join it) or the last
- * one is old enough: a peer that rotated its key is heard again, one that
- * sends bad signatures cannot make us hammer its Key endpoint. */
-static int may_refetch(const sg__fed_peer *p) {
-  return p->fetching || uv_now(p->f->loop) - p->fetched_at >= p->f->key_refetch_ms;
+/* A key that verified a signature goes into the cache (and to the store
+ * through key_cb when it is new or changed). */
+static void remember(sg__federation *f, const char *id, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
+                     uint64_t fetched_at) {
+  sg__keycache_entry *e = sg__keycache_find(&f->cache, id);
+  int changed = !e || e->negative || memcmp(e->pk, pk, SG_KEYS_PUBLIC_BYTES) != 0;
+  if (!changed && e->stamp >= fetched_at) return;
+  if (sg__keycache_put(&f->cache, id, pk, fetched_at) != 0) return;  /* only a cache miss later */
+  if (!changed) return;
+  sg__log(f->log, SG_LOG_INFO, "peer", id, "fetched the server's key");
+  if (f->key_cb) f->key_cb(f, id, pk, f->key_ud);
 }
 
-static void authenticate(waiter *w, sg__fed_peer *p) {
-  char why[SG_TOKEN_WHY_SIZE];
-  sg__token_reason r = sg__token_verify(&w->tok, p->pk, why, sizeof why);
-  if (r == SG_TOKEN_OK) {
+/* The signature verified: on to the handler, or first the new id's checks. */
+static void authenticated(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES]) {
+  if (w->route->method != SG_FED_NOTIFY_NEW_ID) {
     hand_over(w);
-  } else if (r == SG_TOKEN_BAD_SIGNATURE && !w->retried && may_refetch(p)) {
+    return;
+  }
+  memcpy(w->pk, pk, SG_KEYS_PUBLIC_BYTES);
+  check_new_id(w);
+}
+
+/* Checks w's signature with the key `e` holds (from the cache). */
+static void authenticate_cached(waiter *w, sg__keycache_entry *e) {
+  sg__federation *f = w->route->f;
+  char why[SG_TOKEN_WHY_SIZE];
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
+  memcpy(pk, e->pk, sizeof pk);
+  sg__token_reason r = verify(w, pk, why, sizeof why);
+  if (r == SG_TOKEN_OK) {
+    authenticated(w, pk);
+  } else if (r == SG_TOKEN_BAD_SIGNATURE && !w->retried &&
+             uv_now(f->loop) - e->stamp >= f->key_refetch_ms) {
+    /* The peer may have rotated its key; one that sends bad signatures
+     * cannot make us hammer its Key endpoint (the stamp). */
     w->retried = 1;
-    fetch_key(p, w);
+    e->stamp = uv_now(f->loop);
+    fetch_key(f, w->tok.server_id, w);
   } else {
     refuse_token(w, r, why);
   }
 }
 
+/* Checks w's signature with a key fetched recently that has verified
+ * nothing yet: it verifies (then it is cached) or the token is refused,
+ * without another fetch before the entry expires. */
+static void authenticate_unverified(waiter *w, sg__keycache_entry *e) {
+  sg__federation *f = w->route->f;
+  char why[SG_TOKEN_WHY_SIZE];
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
+  memcpy(pk, e->pk, sizeof pk);
+  uint64_t fetched_at = e->stamp - f->key_refetch_ms;
+  sg__token_reason r = verify(w, pk, why, sizeof why);
+  if (r != SG_TOKEN_OK) {
+    refuse_token(w, r, why);
+    return;
+  }
+  remember(f, w->tok.server_id, pk, fetched_at);
+  authenticated(w, pk);
+}
+
+/* ---- NotifyNewId -------------------------------------------------------------- */
+
+/* 1 the first time the token is seen within its window, 0 after; -1 when
+ * every slot holds a token still in its window. */
+static int first_use(sg__federation *f, waiter *w) {
+  unsigned char h[32];
+  uint64_t now = (uint64_t)time(NULL);
+  int free_slot = -1;
+  crypto_generichash(h, sizeof h, w->tok.sig, SG_KEYS_SIG_BYTES, NULL, 0);
+  for (int i = 0; i < SG_FED_NEW_ID_SEEN; i++) {
+    if (f->seen[i].until > now && sodium_memcmp(f->seen[i].h, h, 32) == 0) return 0;
+    if (f->seen[i].until <= now && free_slot < 0) free_slot = i;
+  }
+  if (free_slot < 0) return -1;
+  memcpy(f->seen[free_slot].h, h, 32);
+  /* past the end of any window the token can be admitted in */
+  f->seen[free_slot].until = (w->tok.time > now ? w->tok.time : now) + 2 * f->policy.window + 1;
+  return 1;
+}
+
+static void refuse_new_id(waiter *w, int status, const char *reason, const char *fmt, const char *a) {
+  char why[SG_TOKEN_WHY_SIZE];
+  snprintf(why, sizeof why, fmt, a);
+  refuse(w, status, status == 503 ? SG__HRPC_UNAVAILABLE : SG__HRPC_BAD_NEW_ID, reason, why);
+}
+
+/* The sender proved who it is; now the id it moves to: the token once, the
+ * id's form, the lists, then its own key (fetched fresh) must be the one
+ * that signed. Nothing is handed over before all of it holds. */
+static void check_new_id(waiter *w) {
+  sg__federation *f = w->route->f;
+  const char *id = ((Protocol__Sync__V1__NotifyNewIdRequest *)w->msg)->new_server_id;
+  int once = first_use(f, w);
+  if (once <= 0) {
+    refuse_new_id(w, once == 0 ? 400 : 503, "REPLAYED",
+                  once == 0 ? "the NotifyNewId token was used already%s"
+                            : "too many NotifyNewId tokens in their window%s", "");
+    return;
+  }
+  if (!id || !sg__token_server_id_ok(id, strlen(id))) {
+    refuse_new_id(w, 400, "BAD_NEW_ID", "new_server_id \"%.64s\" is not host[:port]", id ? id : "");
+    return;
+  }
+  if (strcmp(id, w->tok.server_id) == 0) {
+    hand_over(w);  /* no move: nothing to prove */
+    return;
+  }
+  if (f->policy.disabled || sg__token_on_list(id, f->policy.block, f->policy.n_block) ||
+      (f->policy.n_allow && !sg__token_on_list(id, f->policy.allow, f->policy.n_allow))) {
+    refuse_new_id(w, 403, "NEW_ID_NOT_ALLOWED", "new_server_id %.64s is not allowed (lists)", id);
+    return;
+  }
+  w->new_id = 1;
+  fetch_key(f, id, w);
+}
+
+/* The new id's key arrived: the same server must be behind it. */
+static void new_id_key(waiter *w, const char *id, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
+                       uint64_t fetched_at) {
+  if (sodium_memcmp(pk, w->pk, SG_KEYS_PUBLIC_BYTES) != 0) {
+    refuse_new_id(w, 403, "NEW_ID_KEY_DIFFERS",
+                  "the key served by %.64s is not the key that signed the request", id);
+    return;
+  }
+  remember(w->route->f, id, pk, fetched_at);
+  hand_over(w);
+}
+
 /* ---- fetching keys ---------------------------------------------------------- */
 
-/* Every waiter of `p` gets the fetch's outcome: checked against the key, or
- * 503 when there is none (the peer retries later). */
-static void fetch_finished(sg__fed_peer *p, const char *failure) {
-  waiter *list = p->waiters;
-  p->waiters = NULL;
-  p->fetching = 0;
-  if (failure)
-    sg__log(p->f->log, SG_LOG_WARN, "peer", p->id, "cannot fetch the key: %s", failure);
+static void fetch_free(sg__fed_fetch *k) {
+  sg__federation *f = k->f;
+  sg__fed_fetch **pp = &f->fetches;
+  while (*pp != k) pp = &(*pp)->next;
+  *pp = k->next;
+  f->n_fetches--;
+  free(k->id);
+  free(k);
+}
+
+/* Every waiter gets the fetch's outcome: `pk`, or 503 when there is none
+ * (the peer retries later). A key is cached once a signature verified with
+ * it; a fetch that verified nothing leaves a negative entry. */
+static void fetch_finished(sg__fed_fetch *k, const unsigned char *pk, const char *failure) {
+  sg__federation *f = k->f;
+  waiter *list = k->waiters;
+  char id[SG_TOKEN_MAX_SERVER_ID + 1];
+  snprintf(id, sizeof id, "%s", k->id);
+  uint64_t started = k->started;
+  fetch_free(k);
+  if (failure) sg__log(f->log, SG_LOG_WARN, "peer", id, "cannot fetch the server's key: %s", failure);
+  int verified = 0;
   while (list) {
     waiter *w = list;
     list = w->next;
-    if (failure || !p->has_key)
+    char why[SG_TOKEN_WHY_SIZE];
+    if (!pk) {
       refuse(w, 503, SG__HRPC_UNAVAILABLE, "NO_KEY", "the server's key is not available");
-    else
-      authenticate(w, p);
+    } else if (w->new_id) {
+      verified = 1;  /* compared with a verified key: no negative entry */
+      new_id_key(w, id, pk, started);
+    } else {
+      sg__token_reason r = verify(w, pk, why, sizeof why);
+      if (r == SG_TOKEN_OK) {
+        verified = 1;
+        remember(f, id, pk, started);
+        authenticated(w, pk);
+      } else {
+        refuse_token(w, r, why);
+      }
+    }
+  }
+  /* Nothing verified: remember the outcome (bounded), so that the next
+   * token from this id neither fetches again nor is taken on trust. A key
+   * only checks tokens from here; a failure expires sooner (the peer may
+   * just have been down). */
+  if (!verified && !f->closing) {
+    uint64_t ttl = pk ? f->key_refetch_ms
+                      : (f->key_refetch_ms < SG_FED_FAILED_FETCH_MS ? f->key_refetch_ms
+                                                                   : SG_FED_FAILED_FETCH_MS);
+    sg__keycache_put_negative(&f->cache, id, uv_now(f->loop) + ttl, pk);
   }
 }
 
 static void on_key(void *ud, int err, int http_status, const uint8_t *body, size_t len,
                    const char *identifier, const char *message) {
-  sg__fed_peer *p = ud;
+  sg__fed_fetch *k = ud;
   char failure[256];
   if (err) {
     snprintf(failure, sizeof failure, "%s: %s%s%s", sg_err_name(err),
              identifier ? identifier : "", identifier ? " " : "", message ? message : "");
-    fetch_finished(p, failure);
+    fetch_finished(k, NULL, failure);
     return;
   }
   Protocol__Auth__V1__KeyResponse *kr = protocol__auth__v1__key_response__unpack(NULL, len, body);
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
   int ok = kr && kr->key.len == SG_KEYS_PUBLIC_BYTES;
-  if (!ok) {
-    snprintf(failure, sizeof failure, "the answer is not a KeyResponse with a 32-byte key");
-  } else {
-    int changed = !p->has_key || memcmp(p->pk, kr->key.data, SG_KEYS_PUBLIC_BYTES) != 0;
-    memcpy(p->pk, kr->key.data, SG_KEYS_PUBLIC_BYTES);
-    p->has_key = 1;
-    if (changed) sg__log(p->f->log, SG_LOG_INFO, "peer", p->id, "fetched the server's key");
-    if (changed && p->f->key_cb) p->f->key_cb(p->f, p->id, p->pk, p->f->key_ud);
-  }
+  if (ok) memcpy(pk, kr->key.data, sizeof pk);
   if (kr) protocol__auth__v1__key_response__free_unpacked(kr, NULL);
-  fetch_finished(p, ok ? NULL : failure);
+  fetch_finished(k, ok ? pk : NULL, ok ? NULL : "the answer is not a KeyResponse with a 32-byte key");
 }
 
-/* Queues `w` on the fetch of p's key, starting one if none is under way. */
-static void fetch_key(sg__fed_peer *p, waiter *w) {
-  w->next = p->waiters;
-  p->waiters = w;
-  if (p->fetching) return;
-  sg__federation *f = p->f;
-  char buf[300];
-  const char *base = sg__federation_base_url(f, p->id, buf, sizeof buf);
-  int rc = base ? sg__hrpc_client_call(&f->client, base, SG_FED_PATH_KEY, NULL, 0, NULL,
-                                      f->request_timeout_ms, on_key, p)
-                : SG_EINVAL;
-  p->fetched_at = uv_now(f->loop);
-  if (rc == 0) {
-    p->fetching = 1;
+/* The key_fetch_rate bucket: 1 when a fetch for a server that is not a
+ * peers entry may start now. Running dry is logged once, then at most once
+ * a minute with the count, not per request. */
+static int fetch_allowed(sg__federation *f) {
+  uint64_t now = uv_now(f->loop);
+  f->fetch_tokens += (double)(now - f->fetch_tokens_at) * f->fetch_rate / 1000.0;
+  if (f->fetch_tokens > f->fetch_rate) f->fetch_tokens = f->fetch_rate;
+  f->fetch_tokens_at = now;
+  if (f->fetch_tokens >= 1 && f->n_fetches < SG_FED_MAX_FETCHES) {
+    f->fetch_tokens -= 1;
+    return 1;
+  }
+  f->stats.fetches_limited++;
+  if (!f->limit_logged_at || now - f->limit_logged_at >= 60000) {
+    sg__log(f->log, SG_LOG_WARN, NULL, NULL,
+            "key fetch limit reached (%u a second, %u under way): requests from servers "
+            "whose key is not known are answered 503 while it lasts (%llu so far)",
+            f->fetch_rate, f->n_fetches, (unsigned long long)f->stats.fetches_limited);
+    f->limit_logged_at = now ? now : 1;
+  }
+  return 0;
+}
+
+/* Queues `w` on the fetch of id's key, starting one if none is under way. */
+static void fetch_key(sg__federation *f, const char *id, waiter *w) {
+  sg__fed_fetch *k = f->fetches;
+  while (k && strcmp(k->id, id) != 0) k = k->next;
+  if (k) {
+    w->next = k->waiters;
+    k->waiters = w;
     return;
   }
-  fetch_finished(p, sg_strerror(rc));
+  const char *url = peer_url(f, id);
+  if (!url && !fetch_allowed(f)) {
+    refuse(w, 503, SG__HRPC_UNAVAILABLE, "FETCH_LIMIT", "too many key fetches for unknown servers");
+    return;
+  }
+  char buf[SG_TOKEN_MAX_SERVER_ID + 16];
+  if (!url) snprintf(buf, sizeof buf, "https://%s", id);
+  k = calloc(1, sizeof *k);
+  if (!k || !(k->id = strdup(id))) {
+    free(k);
+    refuse(w, 500, SG__HRPC_INTERNAL, "NO_MEMORY", "out of memory");
+    return;
+  }
+  k->f = f;
+  k->waiters = w;
+  w->next = NULL;
+  k->started = uv_now(f->loop);
+  k->next = f->fetches;
+  f->fetches = k;
+  f->n_fetches++;
+  f->stats.key_fetches++;
+  /* A peers entry is the operator's word; any other id goes only where a
+   * public address is (SSRF: ids like 127.0.0.1:22 or an internal name). */
+  unsigned flags = url || f->fetch_private ? 0 : SG_HRPC_CALL_PUBLIC_ONLY;
+  int rc = sg__hrpc_client_call_flags(&f->client, url ? url : buf, SG_FED_PATH_KEY, NULL, 0, NULL,
+                                     f->request_timeout_ms, flags, on_key, k);
+  if (rc) fetch_finished(k, NULL, sg_strerror(rc));
 }
 
 /* ---- routes ------------------------------------------------------------------ */
 
-static int body_is(const ProtobufCMessageDescriptor *d, const sg__hrpc_request *req) {
-  ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, req->body_len, req->body);
-  if (m) protobuf_c_message_free_unpacked(m, NULL);
-  return m != NULL;
-}
-
-static void bad_body(sg__federation *f, sg__hrpc_request *req, const ProtobufCMessageDescriptor *d) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "the body is not a %s", d->name);
+static void bad_body(sg__federation *f, sg__hrpc_request *req, const char *msg) {
   sg__log(f->log, SG_LOG_WARN, "peer", req->peer, "hrpc 400 %s: %s", SG__HRPC_BAD_UNARY, msg);
   sg__hrpc_respond_error(req, 400, SG__HRPC_BAD_UNARY, msg, NULL, 0);
+}
+
+/* The body as the method's request message, or NULL after answering 400. */
+static ProtobufCMessage *decode_body(sg__federation *f, sg__hrpc_request *req,
+                                     const ProtobufCMessageDescriptor *d) {
+  char msg[160];
+  ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, req->body_len, req->body);
+  if (!m) {
+    snprintf(msg, sizeof msg, "the body is not a %s", d->name);
+  } else if (d == &protocol__sync__v1__push_request__descriptor &&
+             (!((Protocol__Sync__V1__PushRequest *)m)->event ||
+              ((Protocol__Sync__V1__PushRequest *)m)->event->kind_case ==
+                  PROTOCOL__SYNC__V1__EVENT__KIND__NOT_SET)) {
+    snprintf(msg, sizeof msg, "the %s holds no event", d->name);
+  } else {
+    return m;
+  }
+  if (m) protobuf_c_message_free_unpacked(m, NULL);
+  bad_body(f, req, msg);
+  return NULL;
 }
 
 static void on_postbox(sg__hrpc_request *req, void *ud) {
@@ -263,24 +483,31 @@ static void on_postbox(sg__hrpc_request *req, void *ud) {
     refuse_token(w, r, why);
     return;
   }
-  if (!body_is(methods[rt->method].request, req)) {
-    bad_body(f, req, methods[rt->method].request);
+  if (!(w->msg = decode_body(f, req, methods[rt->method].request))) {
     waiter_free(w);
     return;
   }
-  sg__fed_peer *p = peer_get(f, w->tok.server_id);
-  if (!p) refuse(w, 500, SG__HRPC_INTERNAL, "NO_MEMORY", "out of memory");
-  else if (p->has_key) authenticate(w, p);
-  else fetch_key(p, w);
+  sg__keycache_entry *e = sg__keycache_find(&f->cache, w->tok.server_id);
+  if (e && e->negative && e->stamp <= uv_now(f->loop)) {
+    sg__keycache_remove(&f->cache, w->tok.server_id);  /* expired */
+    e = NULL;
+  }
+  if (!e)
+    fetch_key(f, w->tok.server_id, w);
+  else if (!e->negative)
+    authenticate_cached(w, e);
+  else if (e->has_key)
+    authenticate_unverified(w, e);
+  else
+    refuse(w, 503, SG__HRPC_UNAVAILABLE, "NO_KEY", "the server's key could not be fetched recently");
 }
 
 /* The Key RPC needs no token: it is how a peer learns to check ours. */
 static void on_key_request(sg__hrpc_request *req, void *ud) {
   sg__federation *f = ud;
-  if (!body_is(&protocol__auth__v1__key_request__descriptor, req)) {
-    bad_body(f, req, &protocol__auth__v1__key_request__descriptor);
-    return;
-  }
+  ProtobufCMessage *m = decode_body(f, req, &protocol__auth__v1__key_request__descriptor);
+  if (!m) return;
+  protobuf_c_message_free_unpacked(m, NULL);
   Protocol__Auth__V1__KeyResponse kr = PROTOCOL__AUTH__V1__KEY_RESPONSE__INIT;
   kr.key.data = (uint8_t *)sg__keys_public(f->keys);
   kr.key.len = SG_KEYS_PUBLIC_BYTES;
@@ -324,11 +551,21 @@ static int copy_options(sg__federation *f, const sg__fed_options *o) {
   if (!f->policy.window) f->policy.window = SG_TOKEN_DEFAULT_WINDOW;
   f->policy.allow = (const char *const *)copy_strings(o->policy.allow, o->policy.n_allow, &failed);
   f->policy.block = (const char *const *)copy_strings(o->policy.block, o->policy.n_block, &failed);
+  f->policy.bound = (const char *const *)copy_strings(o->policy.bound, o->policy.n_bound, &failed);
+  if (!f->policy.unbound_window) f->policy.unbound_window = SG_TOKEN_DEFAULT_UNBOUND_WINDOW;
+  /* segue's audience extension: tokens must name us, when we have a name */
+  f->policy.audience = f->server_id && f->server_id[0] ? f->server_id : NULL;
   f->peer_ids = copy_strings(o->peer_ids, o->n_peers, &failed);
   f->peer_urls = copy_strings(o->peer_urls, o->n_peers, &failed);
   f->n_peers = o->n_peers;
   f->request_timeout_ms = o->request_timeout_ms;
   f->key_refetch_ms = o->key_refetch_ms ? o->key_refetch_ms : SG_FED_DEFAULT_KEY_REFETCH_MS;
+  f->fetch_rate = o->key_fetch_rate ? o->key_fetch_rate : SG_FED_DEFAULT_KEY_FETCH_RATE;
+  f->fetch_tokens = f->fetch_rate;
+  f->fetch_private = o->key_fetch_private;
+  size_t pos = o->key_cache_size ? o->key_cache_size : SG_KEYCACHE_DEFAULT_POSITIVE;
+  if (sg__keycache_init(&f->cache, pos, pos / 4 + 1)) failed = 1;
+  if (!(f->verified = calloc(SG_FED_VERIFIED_SLOTS, sizeof *f->verified))) failed = 1;
   return failed || !f->server_id ? SG_ENOMEM : 0;
 }
 
@@ -401,7 +638,8 @@ int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *s
   if (!base) return SG_EINVAL;
   char *auth = NULL;
   if (sign_as[0]) {
-    int rc = sg__token_create(f->keys, sign_as, (uint64_t)time(NULL), &auth);
+    /* naming the server it is for, so that it cannot be replayed to another */
+    int rc = sg__token_create_for(f->keys, sign_as, server_id, (uint64_t)time(NULL), &auth);
     if (rc) return rc;
   }
   int rc = sg__hrpc_client_call(&f->client, base, path, body, len, auth, f->request_timeout_ms,
@@ -411,14 +649,12 @@ int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *s
 }
 
 static void free_all(sg__federation *f) {
-  while (f->peers) {
-    sg__fed_peer *p = f->peers;
-    f->peers = p->next;
-    free(p->id);
-    free(p);
-  }
+  sg__keycache_free(&f->cache);
+  free(f->verified);
+  f->verified = NULL;
   free_strings((char **)f->policy.allow, f->policy.n_allow);
   free_strings((char **)f->policy.block, f->policy.n_block);
+  free_strings((char **)f->policy.bound, f->policy.n_bound);
   free_strings(f->peer_ids, f->n_peers);
   free_strings(f->peer_urls, f->n_peers);
   free(f->routes);

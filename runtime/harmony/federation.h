@@ -11,14 +11,25 @@
  * the callback is never called.
  *
  * Inbound PostboxService requests, in order:
- *   token parsed and admitted (allow/block lists, time window)
- *   -> body decoded as the method's request message (else 400)
- *   -> the claimed server's key from the cache, or fetched with
- *      POST <base URL>/protocol.auth.v1.AuthService/Key (several requests
- *      from one server wait for one fetch)
- *   -> signature verified; on a bad signature the key is fetched once more
- *      (at most once per key_refetch_ms per server: the peer may have
- *      rotated its key) and the check repeated
+ *   token parsed (server_id must be host[:port]) and admitted (allow/block
+ *   lists, audience, time window)
+ *   -> body decoded as the method's request message (else 400; a Push
+ *      without an event is 400 too)
+ *   -> the claimed server's key from the cache (sg__keycache: bounded,
+ *      LRU), or fetched with POST <base URL>/protocol.auth.v1.AuthService/Key
+ *      (several requests from one server wait for one fetch). A server that
+ *      is not a peers entry is fetched from https://<id>, only at public
+ *      addresses (unless key_fetch_private), at most key_fetch_rate new
+ *      servers a second; a failed fetch is remembered (negative entry) for
+ *      key_refetch_ms.
+ *   -> signature verified (a token already verified with this key is found
+ *      in the verified-token cache instead); on a bad signature the key is
+ *      fetched once more (at most once per key_refetch_ms per server: the
+ *      peer may have rotated its key) and the check repeated. Only a key
+ *      that verified a signature is cached.
+ *   -> NotifyNewId only: the token is accepted once; the new id must be
+ *      host[:port] and pass the allow/block lists, and its own Key endpoint
+ *      must serve the key that signed the request (same server, new name).
  *   -> the handler.
  * A refusal is answered with the reason's hRPC identifier and status
  * (runtime/harmony_token.h) and a generic human_message; the reason's text
@@ -37,7 +48,14 @@
 #include "hrpc_server.h"
 #include "log.h"
 
+#include "keycache.h"
+
 #define SG_FED_DEFAULT_KEY_REFETCH_MS 60000
+#define SG_FED_DEFAULT_KEY_FETCH_RATE 10      /* new servers' key fetches a second */
+#define SG_FED_MAX_FETCHES 256                /* key fetches under way at once */
+#define SG_FED_VERIFIED_SLOTS 4096            /* the verified-token cache */
+#define SG_FED_NEW_ID_SEEN 256                /* NotifyNewId tokens remembered */
+#define SG_FED_FAILED_FETCH_MS 5000           /* a failed key fetch is remembered this long */
 #define SG_FED_PATH_KEY "/protocol.auth.v1.AuthService/Key"
 
 /* The PostboxService methods routed to the handler. */
@@ -85,10 +103,20 @@ typedef struct sg__fed_options {
   size_t n_peers;
   uint64_t request_timeout_ms;     /* outbound calls and key fetches; 0: 30 s */
   uint64_t key_refetch_ms;         /* 0: SG_FED_DEFAULT_KEY_REFETCH_MS */
+  unsigned key_fetch_rate;         /* 0: SG_FED_DEFAULT_KEY_FETCH_RATE */
+  int key_fetch_private;           /* fetch keys of non-peers at private addresses too */
+  size_t key_cache_size;           /* positive entries; 0: SG_KEYCACHE_DEFAULT_POSITIVE */
 } sg__fed_options;
 
-typedef struct sg__fed_peer sg__fed_peer;
+typedef struct sg__fed_fetch sg__fed_fetch;
 typedef struct sg__fed_route sg__fed_route;
+
+typedef struct sg__fed_stats {
+  uint64_t key_fetches;      /* started */
+  uint64_t fetches_limited;  /* refused by key_fetch_rate or SG_FED_MAX_FETCHES */
+  uint64_t verified_hits;    /* signatures found in the verified-token cache */
+  uint64_t verifies;         /* Ed25519 verifications done */
+} sg__fed_stats;
 
 struct sg__federation {
   void *data;  /* the embedder's; never touched */
@@ -105,7 +133,16 @@ struct sg__federation {
   char **peer_ids, **peer_urls;
   size_t n_peers;
   uint64_t request_timeout_ms, key_refetch_ms;
-  sg__fed_peer *peers;             /* the key cache */
+  sg__keycache cache;              /* the peer key cache */
+  sg__fed_fetch *fetches;          /* key fetches under way */
+  unsigned n_fetches, fetch_rate;
+  int fetch_private;
+  uint64_t limit_logged_at;        /* uv_now of the last "key fetch limit" line */
+  double fetch_tokens;             /* the key_fetch_rate bucket */
+  uint64_t fetch_tokens_at;
+  unsigned char (*verified)[32];   /* SG_FED_VERIFIED_SLOTS hashes */
+  struct { unsigned char h[32]; uint64_t until; } seen[SG_FED_NEW_ID_SEEN];
+  sg__fed_stats stats;
   sg__fed_route *routes;           /* one per PostboxService method */
   sg__fed_handler handler;
   void *handler_ud;
@@ -135,11 +172,14 @@ const unsigned char *sg__federation_public_key(const sg__federation *f);
 const char *sg__federation_server_id(const sg__federation *f);
 
 /* The key cache. get: 0 and pk filled, or SG_EINVAL when unknown. put:
- * replaces (a store loading persisted keys); SG_ENOMEM. */
+ * replaces (a store loading persisted keys: trusted, counts as verified);
+ * SG_ENOMEM. */
 int sg__federation_key_get(const sg__federation *f, const char *server_id,
                           unsigned char pk[SG_KEYS_PUBLIC_BYTES]);
 int sg__federation_key_put(sg__federation *f, const char *server_id,
                           const unsigned char pk[SG_KEYS_PUBLIC_BYTES]);
+
+void sg__federation_stats_get(const sg__federation *f, sg__fed_stats *out);
 
 /* The base URL of `server_id`: its peers entry, else "https://<id>". Borrowed
  * from `f` or written into buf[buflen]. NULL when buf is too small. */

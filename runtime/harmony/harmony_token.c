@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include <sodium.h>
+#include <uv.h>
 
 #include "protocol/harmonytypes/v1/types.pb-c.h"
 #include "protocol/sync/v1/sync.pb-c.h"
@@ -41,6 +42,68 @@ const char *sg__token_reason_summary(sg__token_reason r) {
 void sg__token_policy_init(sg__token_policy *pol) {
   memset(pol, 0, sizeof *pol);
   pol->window = SG_TOKEN_DEFAULT_WINDOW;
+  pol->unbound_window = SG_TOKEN_DEFAULT_UNBOUND_WINDOW;
+}
+
+/* ---- server ids ----------------------------------------------------------- */
+
+static int is_digit(char c) { return c >= '0' && c <= '9'; }
+static int is_alnum(char c) {
+  return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+/* A DNS name or an IPv4 literal: labels of letters, digits and inner '-',
+ * 1..63 bytes each, separated by single dots. */
+static int host_ok(const char *h, size_t n) {
+  size_t label = 0;
+  if (n == 0) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = h[i];
+    if (c == '.') {
+      if (label == 0 || h[i - 1] == '-') return 0;
+      label = 0;
+    } else if (is_alnum(c) || (c == '-' && label > 0)) {
+      if (++label > 63) return 0;
+    } else {
+      return 0;
+    }
+  }
+  return label > 0 && h[n - 1] != '-';
+}
+
+static int v6_ok(const char *h, size_t n) {
+  char buf[64];
+  unsigned char addr[16];
+  if (n == 0 || n >= sizeof buf) return 0;
+  memcpy(buf, h, n);
+  buf[n] = '\0';
+  return uv_inet_pton(AF_INET6, buf, addr) == 0;
+}
+
+int sg__token_server_id_ok(const char *id, size_t len) {
+  if (!id || len == 0 || len > SG_TOKEN_MAX_SERVER_ID || memchr(id, '\0', len)) return 0;
+  const char *end = id + len, *port = NULL;
+  int host;
+  if (id[0] == '[') {
+    const char *close = memchr(id, ']', len);
+    if (!close) return 0;
+    host = v6_ok(id + 1, (size_t)(close - id - 1));
+    port = close + 1 < end ? close + 1 : NULL;
+    if (port && *port != ':') return 0;
+  } else {
+    port = memchr(id, ':', len);
+    host = host_ok(id, (size_t)((port ? port : end) - id));
+  }
+  if (!host) return 0;
+  if (!port) return 1;
+  unsigned long v = 0;
+  size_t digits = (size_t)(end - port - 1);
+  if (digits == 0 || digits > 5) return 0;
+  for (const char *d = port + 1; d < end; d++) {
+    if (!is_digit(*d)) return 0;
+    v = v * 10 + (unsigned long)(*d - '0');
+  }
+  return v >= 1 && v <= 65535;
 }
 
 /* ---- create ------------------------------------------------------------- */
@@ -55,13 +118,14 @@ static uint8_t *pack_alloc(const ProtobufCMessage *m, size_t *len) {
 
 /* The Token's bytes: AuthData packed, signed, wrapped. */
 static uint8_t *signed_token(const sg__keypair *kp, const char *server_id,
-                             uint64_t time, size_t *len) {
+                             const char *audience, uint64_t time, size_t *len) {
   Protocol__Sync__V1__AuthData ad = PROTOCOL__SYNC__V1__AUTH_DATA__INIT;
   Protocol__Harmonytypes__V1__Token tok = PROTOCOL__HARMONYTYPES__V1__TOKEN__INIT;
   unsigned char sig[SG_KEYS_SIG_BYTES];
   size_t data_len;
   ad.server_id = (char *)server_id;
   ad.time = time;
+  if (audience && *audience) ad.audience = (char *)audience;
   uint8_t *data = pack_alloc(&ad.base, &data_len);
   if (!data) return NULL;
   sg__keys_sign(kp, data, data_len, sig);
@@ -76,10 +140,15 @@ static uint8_t *signed_token(const sg__keypair *kp, const char *server_id,
 
 int sg__token_create(const sg__keypair *kp, const char *server_id, uint64_t time,
                     char **out) {
+  return sg__token_create_for(kp, server_id, NULL, time, out);
+}
+
+int sg__token_create_for(const sg__keypair *kp, const char *server_id, const char *audience,
+                        uint64_t time, char **out) {
   size_t raw_len;
   if (!kp || !server_id || !*server_id || !out) return SG_EINVAL;
   if (sodium_init() < 0) return SG_ENOMEM;
-  uint8_t *raw = signed_token(kp, server_id, time, &raw_len);
+  uint8_t *raw = signed_token(kp, server_id, audience, time, &raw_len);
   if (!raw) return SG_ENOMEM;
   size_t b64_size = sodium_base64_ENCODED_LEN(raw_len, sodium_base64_VARIANT_ORIGINAL);
   char *b64 = malloc(b64_size);
@@ -122,6 +191,39 @@ static Protocol__Harmonytypes__V1__Token *unpack_header(const char *value, size_
   return t;
 }
 
+/* protobuf-c hands strings over NUL-terminated, so "a.example\0evil" would
+ * read as "a.example": 1 when a string field of the AuthData bytes (its
+ * server_id or audience) holds a NUL, so that such a token is refused
+ * instead of read as its prefix. The bytes decoded already. */
+static int auth_data_has_nul(const uint8_t *p, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    uint64_t key = 0, len = 0;
+    for (int s = 0; i < n && s < 64; s += 7) {
+      key |= (uint64_t)(p[i] & 0x7f) << s;
+      if (!(p[i++] & 0x80)) break;
+    }
+    switch (key & 7) {
+      case 0:
+        while (i < n && (p[i++] & 0x80)) {}
+        break;
+      case 1: i += 8; break;
+      case 5: i += 4; break;
+      case 2:
+        for (int s = 0; i < n && s < 64; s += 7) {
+          len |= (uint64_t)(p[i] & 0x7f) << s;
+          if (!(p[i++] & 0x80)) break;
+        }
+        if (len > n - i) return 1;
+        if (((key >> 3) == 1 || (key >> 3) == 1000) && memchr(p + i, '\0', (size_t)len)) return 1;
+        i += (size_t)len;
+        break;
+      default: return 1;
+    }
+  }
+  return 0;
+}
+
 /* Copies what the checks need out of a decoded Token. */
 static sg__token_reason take_token(const Protocol__Harmonytypes__V1__Token *t,
                                   sg__token *tok, char *why, size_t whylen) {
@@ -133,18 +235,27 @@ static sg__token_reason take_token(const Protocol__Harmonytypes__V1__Token *t,
   sg__token_reason r = SG_TOKEN_OK;
   if (!ad->server_id || !*ad->server_id)
     r = refuse(SG_TOKEN_NO_SERVER_ID, why, whylen, "token AuthData has no server_id");
+  else if (auth_data_has_nul(t->data.data, t->data.len))
+    r = refuse(SG_TOKEN_BAD_SERVER_ID, why, whylen,
+               "token server_id or audience holds a NUL byte (server_id reads \"%.64s\")",
+               ad->server_id);
+  else if (!sg__token_server_id_ok(ad->server_id, strlen(ad->server_id)))
+    r = refuse(SG_TOKEN_BAD_SERVER_ID, why, whylen,
+               "token server_id \"%.64s\" is not host[:port]", ad->server_id);
   else if (t->sig.len != SG_KEYS_SIG_BYTES)
     r = refuse(SG_TOKEN_SIG_LENGTH, why, whylen,
                "token signature from %s is %zu bytes, expected %d", ad->server_id,
                t->sig.len, SG_KEYS_SIG_BYTES);
   if (r == SG_TOKEN_OK) {
     tok->server_id = strdup(ad->server_id);
+    if (ad->audience && *ad->audience && !(tok->audience = strdup(ad->audience)))
+      r = SG_TOKEN_GARBAGE;
     tok->time = ad->time;
     tok->data = malloc(t->data.len + 1);
     tok->data_len = t->data.len;
     if (tok->data) memcpy(tok->data, t->data.data, t->data.len);
     memcpy(tok->sig, t->sig.data, SG_KEYS_SIG_BYTES);
-    if (!tok->server_id || !tok->data)
+    if (!tok->server_id || !tok->data || r != SG_TOKEN_OK)
       r = refuse(SG_TOKEN_GARBAGE, why, whylen, "out of memory decoding a token");
   }
   protocol__sync__v1__auth_data__free_unpacked(ad, NULL);
@@ -174,16 +285,37 @@ sg__token_reason sg__token_parse(const char *value, size_t len, sg__token *tok,
 void sg__token_clear(sg__token *tok) {
   if (!tok) return;
   free(tok->server_id);
+  free(tok->audience);
   free(tok->data);
   memset(tok, 0, sizeof *tok);
 }
 
 /* ---- admit and verify --------------------------------------------------- */
 
-static int on_list(const char *id, const char *const *list, size_t n) {
+int sg__token_on_list(const char *id, const char *const *list, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (list[i] && strcmp(list[i], id) == 0) return 1;
   return 0;
+}
+#define on_list sg__token_on_list
+
+/* segue's audience extension: the window that applies, or a refusal. */
+static sg__token_reason admit_audience(const sg__token *tok, const sg__token_policy *pol,
+                                      uint64_t *window, char *why, size_t whylen) {
+  *window = pol->window;
+  if (tok->audience) {
+    if (pol->audience && strcmp(tok->audience, pol->audience) == 0) return SG_TOKEN_OK;
+    return refuse(SG_TOKEN_WRONG_AUDIENCE, why, whylen,
+                  "token from %s is for %.64s, not for us (%s)", tok->server_id, tok->audience,
+                  pol->audience ? pol->audience : "no server_id set");
+  }
+  if (on_list(tok->server_id, pol->bound, pol->n_bound))
+    return refuse(SG_TOKEN_AUDIENCE_REQUIRED, why, whylen,
+                  "token from %s names no audience; its peers entry requires one",
+                  tok->server_id);
+  uint64_t unbound = pol->unbound_window ? pol->unbound_window : SG_TOKEN_DEFAULT_UNBOUND_WINDOW;
+  if (unbound < *window) *window = unbound;
+  return SG_TOKEN_OK;
 }
 
 static sg__token_reason admit_time(const sg__token *tok, uint64_t window,
@@ -220,7 +352,9 @@ sg__token_reason sg__token_admit(const sg__token *tok, const sg__token_policy *p
   if (pol->n_allow && !on_list(tok->server_id, pol->allow, pol->n_allow))
     return refuse(SG_TOKEN_HOST_NOT_ALLOWED, why, whylen,
                   "server %s is not on the allow list", tok->server_id);
-  return admit_time(tok, pol->window, now, why, whylen);
+  uint64_t window;
+  sg__token_reason r = admit_audience(tok, pol, &window, why, whylen);
+  return r != SG_TOKEN_OK ? r : admit_time(tok, window, now, why, whylen);
 }
 
 sg__token_reason sg__token_verify(const sg__token *tok,

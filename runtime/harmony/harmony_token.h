@@ -32,6 +32,10 @@
  *   STALE                h.bad-token-data         400     time older than now - window
  *   FUTURE               h.bad-token-data         400     time newer than now + window
  *   BAD_SIGNATURE        h.token-verify-failure   400     signature does not verify
+ *   BAD_SERVER_ID        h.bad-token-data         400     server_id is not host[:port] (or has a NUL)
+ *   WRONG_AUDIENCE       h.bad-token-data         400     the token names another server (segue's
+ *                                                         audience extension)
+ *   AUDIENCE_REQUIRED    h.bad-token-data         400     the peer must name us and did not
  *
  * (scherzo answers a time outside its window with the generic h.bad-auth; we
  * say h.bad-token-data because the time is part of the token's data, which
@@ -47,6 +51,8 @@
 #include "harmony_keys.h"
 
 #define SG_TOKEN_DEFAULT_WINDOW 60     /* seconds, either side of now */
+#define SG_TOKEN_DEFAULT_UNBOUND_WINDOW 30  /* the same for tokens naming no audience */
+#define SG_TOKEN_MAX_SERVER_ID 255     /* longer ids are BAD_SERVER_ID */
 #define SG_TOKEN_MAX_HEADER 4096       /* longer header values are GARBAGE */
 #define SG_TOKEN_WHY_SIZE 256          /* enough for any `why` text */
 
@@ -63,7 +69,10 @@
   XX(HOST_NOT_ALLOWED, "h.host-not-allowed", 403, "server is not on the allow list") \
   XX(STALE, "h.bad-token-data", 400, "token time is too old")                    \
   XX(FUTURE, "h.bad-token-data", 400, "token time is in the future")             \
-  XX(BAD_SIGNATURE, "h.token-verify-failure", 400, "signature does not verify")
+  XX(BAD_SIGNATURE, "h.token-verify-failure", 400, "signature does not verify")       \
+  XX(BAD_SERVER_ID, "h.bad-token-data", 400, "server id is not host[:port]")       \
+  XX(WRONG_AUDIENCE, "h.bad-token-data", 400, "token is for another server")       \
+  XX(AUDIENCE_REQUIRED, "h.bad-token-data", 400, "token must name its audience")
 
 typedef enum {
 #define XX(name, id, status, summary) SG_TOKEN_##name,
@@ -83,7 +92,8 @@ const char *sg__token_reason_summary(sg__token_reason r);
 /* A parsed token. Owned by whoever called sg__token_parse; release with
  * sg__token_clear. */
 typedef struct sg__token {
-  char *server_id;                       /* NUL-terminated, never empty */
+  char *server_id;                       /* NUL-terminated, never empty, host[:port] */
+  char *audience;                        /* the server it is for; NULL when absent */
   uint64_t time;                         /* UTC Unix seconds, as sent */
   unsigned char sig[SG_KEYS_SIG_BYTES];
   unsigned char *data;                   /* the signed AuthData bytes */
@@ -92,7 +102,13 @@ typedef struct sg__token {
 
 /* Who may speak, and when. Lists are borrowed for the call. Comparison is
  * exact (ids are `domain:port` as the peer spells them). The block list
- * always applies; a non-empty allow list admits only its members. */
+ * always applies; a non-empty allow list admits only its members.
+ *
+ * Audience (segue's extension): a token naming an audience other than
+ * `audience` (ours; NULL: we cannot be named, so any audience is another)
+ * is WRONG_AUDIENCE. A token naming none is AUDIENCE_REQUIRED from a server
+ * on `bound`, else admitted within the smaller of `window` and
+ * `unbound_window`: it could have been made for any server. */
 typedef struct sg__token_policy {
   int disabled;                          /* non-zero: refuse everyone */
   const char *const *allow;
@@ -100,9 +116,22 @@ typedef struct sg__token_policy {
   const char *const *block;
   size_t n_block;
   uint64_t window;                       /* seconds; SG_TOKEN_DEFAULT_WINDOW */
+  uint64_t unbound_window;               /* seconds; SG_TOKEN_DEFAULT_UNBOUND_WINDOW */
+  const char *audience;
+  const char *const *bound;              /* servers whose tokens must name us */
+  size_t n_bound;
 } sg__token_policy;
 
-/* A policy with no lists and the default window. */
+/* 1 when `id` (`len` bytes) is a server id segue talks to: a DNS name
+ * (letters, digits, '-', '.'), an IPv4 literal or a bracketed IPv6 literal,
+ * then optionally ':' and a port 1..65535; at most SG_TOKEN_MAX_SERVER_ID
+ * bytes. Nothing else: no '@', '/', '?', spaces or NUL. */
+int sg__token_server_id_ok(const char *id, size_t len);
+
+/* 1 when `id` is on list[n] (exact comparison). */
+int sg__token_on_list(const char *id, const char *const *list, size_t n);
+
+/* A policy with no lists and the default windows. */
 void sg__token_policy_init(sg__token_policy *pol);
 
 /* Creates the header value for (server_id, time) signed with `kp`: the
@@ -110,6 +139,9 @@ void sg__token_policy_init(sg__token_policy *pol);
  * free()s. Returns 0, SG_EINVAL (no or empty server_id) or SG_ENOMEM. */
 int sg__token_create(const sg__keypair *kp, const char *server_id, uint64_t time,
                     char **out);
+/* The same naming `audience` (NULL or "": none) in the AuthData. */
+int sg__token_create_for(const sg__keypair *kp, const char *server_id, const char *audience,
+                        uint64_t time, char **out);
 
 /* Decodes a header value of `len` bytes (`value` may be NULL when there was
  * no header). On SG_TOKEN_OK, *tok holds the token (sg__token_clear it);

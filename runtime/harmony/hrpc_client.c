@@ -29,7 +29,8 @@ struct sg__hrpc_call {
   void *ud;
   char *resp;
   size_t resp_len, resp_cap, max;
-  int over_limit;
+  int over_limit, refused_private;
+  unsigned flags;
   char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -183,6 +184,9 @@ static void call_fail(call *k, CURLcode res) {
   if (k->over_limit || res == CURLE_FILESIZE_EXCEEDED) {
     err = SG_ELIMIT;
     snprintf(msg, sizeof msg, "response body exceeds %zu bytes", k->max);
+  } else if (k->refused_private) {
+    snprintf(msg, sizeof msg, "refused to connect: the name resolves to a loopback, private "
+             "or link-local address");
   } else {
     snprintf(msg, sizeof msg, "%s", k->errbuf[0] ? k->errbuf : curl_easy_strerror(res));
   }
@@ -266,6 +270,38 @@ static int call_headers(call *k, const char *auth_header) {
   return 0;
 }
 
+int sg__hrpc_address_is_private(const struct sockaddr *sa) {
+  const unsigned char *b;
+  if (sa->sa_family == AF_INET6) {
+    b = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    static const unsigned char zero[15] = {0};
+    if (memcmp(b, mapped, 12) == 0) {
+      b += 12;  /* ::ffff:a.b.c.d: the IPv4 rules */
+    } else {
+      if (memcmp(b, zero, 15) == 0 && (b[15] == 0 || b[15] == 1)) return 1;  /* :: ::1 */
+      return (b[0] & 0xfe) == 0xfc || (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) || b[0] == 0xff;
+    }
+  } else if (sa->sa_family == AF_INET) {
+    b = (const unsigned char *)&((const struct sockaddr_in *)sa)->sin_addr.s_addr;
+  } else {
+    return 1;
+  }
+  return b[0] == 0 || b[0] == 10 || b[0] == 127 || b[0] >= 224 ||
+         (b[0] == 100 && (b[1] & 0xc0) == 64) || (b[0] == 169 && b[1] == 254) ||
+         (b[0] == 172 && (b[1] & 0xf0) == 16) || (b[0] == 192 && b[1] == 168);
+}
+
+/* CURLOPT_OPENSOCKETFUNCTION: vets each address curl is about to connect to. */
+static curl_socket_t on_open_socket(void *ud, curlsocktype purpose, struct curl_sockaddr *a) {
+  call *k = ud;
+  if ((k->flags & SG_HRPC_CALL_PUBLIC_ONLY) && sg__hrpc_address_is_private(&a->addr)) {
+    k->refused_private = 1;
+    return CURL_SOCKET_BAD;
+  }
+  return socket(a->family, a->socktype, a->protocol);
+}
+
 static int call_setup(call *k, const char *url, const uint8_t *body, size_t len,
                       uint64_t timeout_ms) {
   CURLcode e = CURLE_OK;
@@ -290,6 +326,13 @@ static int call_setup(call *k, const char *url, const uint8_t *body, size_t len,
   SET(CURLOPT_TIMEOUT_MS, (long)timeout_ms);
   SET(CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
   SET(CURLOPT_TCP_KEEPALIVE, 1L);
+  if (k->flags & SG_HRPC_CALL_PUBLIC_ONLY) {
+    SET(CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
+    SET(CURLOPT_OPENSOCKETDATA, (void *)k);
+    /* a connection cached from another call was not vetted */
+    SET(CURLOPT_FRESH_CONNECT, 1L);
+    SET(CURLOPT_FORBID_REUSE, 1L);
+  }
 #undef SET
   return e == CURLE_OK ? 0 : e == CURLE_OUT_OF_MEMORY ? SG_ENOMEM : SG_EHTTP;
 }
@@ -297,6 +340,14 @@ static int call_setup(call *k, const char *url, const uint8_t *body, size_t len,
 int sg__hrpc_client_call(sg__hrpc_client *c, const char *base_url, const char *path,
                         const uint8_t *body, size_t len, const char *auth_header,
                         uint64_t timeout_ms, sg__hrpc_call_cb cb, void *ud) {
+  return sg__hrpc_client_call_flags(c, base_url, path, body, len, auth_header, timeout_ms, 0, cb,
+                                   ud);
+}
+
+int sg__hrpc_client_call_flags(sg__hrpc_client *c, const char *base_url, const char *path,
+                              const uint8_t *body, size_t len, const char *auth_header,
+                              uint64_t timeout_ms, unsigned flags, sg__hrpc_call_cb cb,
+                              void *ud) {
   if (!base_url || !path || !cb || (len && !body)) return SG_EINVAL;
   if (auth_header && strpbrk(auth_header, "\r\n")) return SG_EINVAL;
   if (c->closing) return SG_ECLOSING;
@@ -308,6 +359,7 @@ int sg__hrpc_client_call(sg__hrpc_client *c, const char *base_url, const char *p
     k->cb = cb;
     k->ud = ud;
     k->max = c->max_response_bytes;
+    k->flags = flags;
     rc = call_headers(k, auth_header);
     if (rc == 0) rc = call_setup(k, url, body, len, timeout_ms);
     if (rc == 0 && curl_multi_add_handle(c->multi, k->easy) != CURLM_OK) rc = SG_EHTTP;

@@ -70,6 +70,24 @@ int sg__hrpc_client_call(sg__hrpc_client *client, const char *base_url, const ch
                         const uint8_t *body, size_t len, const char *auth_header,
                         uint64_t timeout_ms, sg__hrpc_call_cb cb, void *ud);
 
+/* Flags of sg__hrpc_client_call_flags. */
+#define SG_HRPC_CALL_PUBLIC_ONLY 1u  /* connect to no loopback, private, link-local,
+                                       * multicast or unspecified address (checked on
+                                       * each address the name resolves to, when
+                                       * connecting: a name cannot rebind past it) */
+
+/* sg__hrpc_client_call with `flags`; a refused address fails the call
+ * SG_EHTTP ("address ... refused: not a public address"). */
+int sg__hrpc_client_call_flags(sg__hrpc_client *client, const char *base_url, const char *path,
+                              const uint8_t *body, size_t len, const char *auth_header,
+                              uint64_t timeout_ms, unsigned flags, sg__hrpc_call_cb cb, void *ud);
+
+/* 1 when `sa` is an address SG_HRPC_CALL_PUBLIC_ONLY refuses: IPv4
+ * 0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.168/16, 224/3;
+ * IPv6 ::, ::1, fc00::/7, fe80::/10, ff00::/8, and IPv4-mapped forms of the
+ * IPv4 ones. */
+int sg__hrpc_address_is_private(const struct sockaddr *sa);
+
 /* Decodes the RetryInfo in the details of an hrpc.v1.Error body (a 429's).
  * 0 and *seconds set, or SG_EDECODE when there is none (a RetryInfo of 0
  * seconds packs to no bytes at all, so it reads as none). */

@@ -10,6 +10,8 @@
 #define SG__HRPC_NOT_IMPLEMENTED "hrpc.not-implemented"
 #define SG__HRPC_INTERNAL "hrpc.internal-server-error"
 #define SG__HRPC_UNAVAILABLE "hrpc.unavailable"
+/* NotifyNewId whose new id fails segue's checks (federation.h) */
+#define SG__HRPC_BAD_NEW_ID "h.bad-new-id"
 
 /* XX(NAME, identifier, HTTP status it is answered with by default) */
 #define SG__HRPC_ERROR_MAP(XX)                  \
@@ -17,6 +19,7 @@
   XX(NOT_FOUND, SG__HRPC_NOT_FOUND, 404)        \
   XX(NOT_IMPLEMENTED, SG__HRPC_NOT_IMPLEMENTED, 501) \
   XX(INTERNAL, SG__HRPC_INTERNAL, 500)          \
-  XX(UNAVAILABLE, SG__HRPC_UNAVAILABLE, 503)
+  XX(UNAVAILABLE, SG__HRPC_UNAVAILABLE, 503)    \
+  XX(BAD_NEW_ID, SG__HRPC_BAD_NEW_ID, 403)
 
 #endif

@@ -324,6 +324,8 @@ end
 local federation_keys = {
   peers = "table", allow = "table", block = "table", limits = "table",
   token_window = "integer", request_timeout_ms = "integer", key_refetch_ms = "integer",
+  unbound_token_window = "integer", key_fetch_rate = "integer", key_cache_size = "integer",
+  key_fetch_private = "boolean",
   -- the postbox (docs/postbox.md)
   push_tries = "integer", push_backoff_ms = "integer", queue_limit = "integer",
   deliver_tries = "integer", deliver_backoff_ms = "integer", pull_interval_ms = "integer",
@@ -363,10 +365,36 @@ function Checker:server_ids(path, list)
   return out
 end
 
+-- A peers entry: a base URL, or { url = <base URL>, require_audience = true }
+-- (the peer's tokens must name us: segue's audience extension).
+function Checker:peer_entry(p, val)
+  local url = val
+  if type(val) == "table" then
+    for k in pairs(val) do
+      if k ~= "url" and k ~= "require_audience" then
+        self:error(push(p, tostring(k)), "unknown peers option (expected url, require_audience)")
+      end
+    end
+    if val.require_audience ~= nil and type(val.require_audience) ~= "boolean" then
+      self:error(push(p, "require_audience"), "expected a boolean, found %s", describe(val.require_audience))
+    end
+    url = val.url
+  end
+  if type(url) ~= "string" or not url:match("^https?://[^/]") then
+    return self:error(p, "expected a base URL (http:// or https://), found %s", describe(url))
+  end
+  if type(val) == "table" then return { url = url, require_audience = val.require_audience == true } end
+  return url
+end
+
 function Checker:federation_value(path, k, v)
   if federation_keys[k] == "integer" then
     if math.type(v) == "integer" and v > 0 then return v end
     return self:error(path, "expected a positive integer, found %s", describe(v))
+  end
+  if federation_keys[k] == "boolean" then
+    if type(v) == "boolean" then return v end
+    return self:error(path, "expected a boolean, found %s", describe(v))
   end
   if not self:type(path, v, "table") then return end
   if k == "allow" or k == "block" then return self:server_ids(path, v) end
@@ -376,10 +404,8 @@ function Checker:federation_value(path, k, v)
     if k == "peers" then
       if type(key) ~= "string" or not valid_server_id(key) then
         self:error(p, "expected a server id domain:port as the key")
-      elseif type(val) ~= "string" or not val:match("^https?://[^/]") then
-        self:error(p, "expected a base URL (http:// or https://), found %s", describe(val))
       else
-        out[key] = val
+        out[key] = self:peer_entry(p, val)
       end
     elseif not M.federation_limit_keys[key] then
       self:error(p, "unknown limit")
@@ -412,7 +438,8 @@ function Checker:federation(raw, cfg)
   for k, v in pairs(raw.federation) do
     local p = { "federation", tostring(k) }
     if not federation_keys[k] then
-      self:error(p, "unknown key (expected one of peers, allow, block, token_window, limits, request_timeout_ms, key_refetch_ms, "
+      self:error(p, "unknown key (expected one of peers, allow, block, token_window, unbound_token_window, limits, "
+        .. "request_timeout_ms, key_refetch_ms, key_fetch_rate, key_fetch_private, key_cache_size, "
         .. "push_tries, push_backoff_ms, queue_limit, deliver_tries, deliver_backoff_ms, pull_interval_ms, "
         .. "pull_backoff_ms, pull_max_bytes)")
     else

@@ -4,8 +4,9 @@
 --
 --   segue.harmony.start(cfg) -> true | nil, err, code
 --       cfg has the config's shape: { server_id =, listen =, data_dir =,
---       federation = { peers =, allow =, block =, token_window =, limits =,
---       request_timeout_ms = } }; boot calls it when the config sets
+--       federation = { peers =, allow =, block =, token_window =,
+--       unbound_token_window =, limits =, request_timeout_ms =, key_refetch_ms =,
+--       key_fetch_rate =, key_fetch_private =, key_cache_size = } }; boot calls it when the config sets
 --       server_id or listen. Stopped when the host stops.
 --   segue.harmony.call(server_id, method, msg [, cb] [, { sign_as = id }])
 --       method: "protocol.sync.v1.PostboxService/Push" (or "Push", "Pull",
@@ -116,8 +117,10 @@ function M.start(cfg)
   local f, err, code = federation.start {
     data_dir = cfg.data_dir, server_id = cfg.server_id, listen = cfg.listen,
     peers = fed.peers, allow = fed.allow, block = fed.block,
-    token_window = fed.token_window, limits = fed.limits,
-    request_timeout_ms = fed.request_timeout_ms, key_refetch_ms = fed.key_refetch_ms,
+    token_window = fed.token_window, unbound_token_window = fed.unbound_token_window,
+    limits = fed.limits, request_timeout_ms = fed.request_timeout_ms,
+    key_refetch_ms = fed.key_refetch_ms, key_fetch_rate = fed.key_fetch_rate,
+    key_fetch_private = fed.key_fetch_private, key_cache_size = fed.key_cache_size,
   }
   if not f then return nil, err, code end
   f:on_request(dispatch)

@@ -56,6 +56,8 @@ def lua_value(v):
         return "{" + ", ".join(lua_value(x) for x in v) + "}"
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return str(v)
 
 
@@ -194,3 +196,57 @@ def lua_json(code, timeout=60):
 
 def b64(data):
     return base64.b64encode(data).decode()
+
+
+def varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def sign(key_file, data):
+    """Ed25519 signature of `data` with the seed in a segue key file, made by
+    openssl (an implementation independent of segue's libsodium)."""
+    with open(key_file, "rb") as f:
+        seed = f.read()[:32]
+    d = tmpdir()
+    der = bytes.fromhex("302e020100300506032b657004220420") + seed
+    pem = "-----BEGIN PRIVATE KEY-----\n%s\n-----END PRIVATE KEY-----\n" % base64.b64encode(der).decode()
+    write(os.path.join(d, "k.pem"), pem)
+    with open(os.path.join(d, "data"), "wb") as f:
+        f.write(data)
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", os.path.join(d, "k.pem"), "-rawin",
+                    "-in", os.path.join(d, "data"), "-out", os.path.join(d, "sig")],
+                   check=True, capture_output=True, timeout=60)
+    with open(os.path.join(d, "sig"), "rb") as f:
+        return f.read()
+
+
+def craft_token(key_file, server_id, t, audience=None):
+    """A token with AuthData fields as raw bytes (server_id may hold a NUL;
+    audience is segue's extension, field 1000), signed with the key file's
+    key: standard base64."""
+    sid = server_id.encode() if isinstance(server_id, str) else server_id
+    data = b"\x0a" + varint(len(sid)) + sid + b"\x10" + varint(t)
+    if audience is not None:
+        aud = audience.encode()
+        data += varint((1000 << 3) | 2) + varint(len(aud)) + aud
+    sig = sign(key_file, data)
+    tok = b"\x0a" + varint(len(sig)) + sig + b"\x12" + varint(len(data)) + data
+    return base64.b64encode(tok).decode()
+
+
+def push_body(user_id, guild_id=7):
+    """PushRequest{event{user_added_to_guild{user_id, guild_id}}}."""
+    inner = b"\x08" + varint(user_id) + b"\x10" + varint(guild_id)
+    event = b"\x12" + varint(len(inner)) + inner
+    return b"\x0a" + varint(len(event)) + event
+
+
+def notify_body(new_id):
+    """NotifyNewIdRequest{new_server_id}."""
+    b = new_id.encode()
+    return b"\x0a" + varint(len(b)) + b

@@ -1,7 +1,9 @@
 """Helpers for the integration tests: they run the real `segue` binary (path
 in $SEGUE, set by ctest) over real pipes and sockets."""
 import json
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,8 +54,22 @@ class Run:
         return vals
 
 
+_made = []
+
+
+def _remove_made():
+    for d in _made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(_remove_made)
+
+
 def tmpdir():
-    return tempfile.mkdtemp(prefix="segue-it-")
+    """A temporary directory, removed when the test process exits."""
+    d = tempfile.mkdtemp(prefix="segue-it-")
+    _made.append(d)
+    return d
 
 
 def run(args, input=None, timeout=120, cwd=None, env=None):

@@ -8,7 +8,7 @@ local EDGES = { 0, (1 << 53) + 1, math.maxinteger, math.mininteger, -1 }
 
 local S, T = "protocol.sync.v1.", "protocol.sync.v1.Event."
 local samples = {
-  [S .. "AuthData"] = function(u) return { server_id = "a.example:2289", time = u } end,
+  [S .. "AuthData"] = function(u) return { server_id = "a.example:2289", time = u, audience = "b.example:1" } end,
   [S .. "Event"] = function(u) return { user_invited = { user_id = u, inviter_id = u, invite_id = "i" } } end,
   [T .. "UserRemovedFromGuild"] = function(u) return { user_id = u, guild_id = u } end,
   [T .. "UserAddedToGuild"] = function(u) return { user_id = u, guild_id = u } end,
@@ -188,7 +188,9 @@ describe("segue.harmony handlers", function()
     h.stop()
     segue.wait(50)  -- let the listener close before binding its port again
     assert(h.start { server_id = me, data_dir = dir, listen = "127.0.0.1:" .. port,
-                     federation = { peers = { [me] = "http://127.0.0.1:" .. port } } })
+                     federation = { peers = { [me] = "http://127.0.0.1:" .. port,
+                                              -- the same server under its new name
+                                              ["new.example:1"] = "http://127.0.0.1:" .. port } } })
   end)
   teardown(function() stop_and_clean(dir) end)
 

@@ -366,6 +366,8 @@ static const struct spec_field {
     {&protocol__harmonytypes__v1__token__descriptor, "data", 2, PROTOBUF_C_TYPE_BYTES, 0},
     {&protocol__sync__v1__auth_data__descriptor, "server_id", 1, PROTOBUF_C_TYPE_STRING, 0},
     {&protocol__sync__v1__auth_data__descriptor, "time", 2, PROTOBUF_C_TYPE_UINT64, 0},
+    /* segue's extension (spec: "Token audience"), outside Harmony's numbers */
+    {&protocol__sync__v1__auth_data__descriptor, "audience", 1000, PROTOBUF_C_TYPE_STRING, 0},
     {&protocol__sync__v1__event__descriptor, "user_removed_from_guild", 1, PROTOBUF_C_TYPE_MESSAGE, 0},
     {&protocol__sync__v1__event__descriptor, "user_added_to_guild", 2, PROTOBUF_C_TYPE_MESSAGE, 0},
     {&protocol__sync__v1__event__descriptor, "user_invited", 3, PROTOBUF_C_TYPE_MESSAGE, 0},

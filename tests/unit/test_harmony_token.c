@@ -150,7 +150,7 @@ static void test_refusals(void) {
              "is not a Token");
   expect_str(header, NULL, T0 + 3600, SG_TOKEN_STALE, "h.bad-token-data", 400,
              "token time 1700000000 from " ID " is 3600 s behind our clock 1700003600, "
-             "window 60 s");
+             "window 30 s");  /* no audience: the unbound window */
   expect_str(header, NULL, T0 - 61, SG_TOKEN_FUTURE, "h.bad-token-data", 400,
              "is 61 s ahead of our clock");
   expect(header, strlen(header), NULL, T0, other, SG_TOKEN_BAD_SIGNATURE,
@@ -171,7 +171,7 @@ static void test_refusals(void) {
   expect_str(header, &pol, T0, SG_TOKEN_FEDERATION_DISABLED, "h.federation-disabled",
              403, "federation is disabled");
   sg__token_policy_init(&pol);
-  pol.window = 7200;
+  pol.window = pol.unbound_window = 7200;
   expect_str(header, &pol, T0 + 3600, SG_TOKEN_OK, "", 200, "");
 
   h = token_bytes(sig, 63, data, data_len, sodium_base64_VARIANT_ORIGINAL, &len);
@@ -193,6 +193,86 @@ static void test_refusals(void) {
          "no server_id");
   free(h);
   free(header);
+}
+
+/* AuthData{server_id, time} with server_id given as `len` raw bytes. */
+static size_t auth_data_raw(const char *id, size_t len, uint64_t time, uint8_t *buf) {
+  size_t n = 0;
+  buf[n++] = 0x0a;
+  buf[n++] = (uint8_t)len;
+  memcpy(buf + n, id, len);
+  n += len;
+  buf[n++] = 0x10;
+  for (uint64_t t = time; ; t >>= 7) {
+    buf[n++] = (uint8_t)((t & 0x7f) | (t >= 0x80 ? 0x80 : 0));
+    if (t < 0x80) break;
+  }
+  return n;
+}
+
+/* Issue 12, item 11: a signed server_id "a.example\0evil" was read as
+ * "a.example"; ids that are not host[:port] (SSRF through key fetches) are
+ * refused before any key is looked for. */
+static void test_server_id_form(void) {
+  static const struct { const char *id; size_t len; } bad[] = {
+      {ID "\0evil", sizeof ID + 4},
+      {"127.0.0.1:1/admin?x=", 20},
+      {"evil@127.0.0.1:1", 16},
+      {"a b.example:1", 13},
+      {"a.example:0", 11},
+      {"a.example:65536", 15},
+      {"-a.example:1", 12},
+      {"[::1", 4},
+      {"a..example", 10},
+  };
+  uint8_t data[300], sig[64];
+  size_t len;
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    size_t n = auth_data_raw(bad[i].id, bad[i].len, T0, data);
+    sg__keys_sign(kp, data, n, sig);
+    char *h = token_bytes(sig, 64, data, n, sodium_base64_VARIANT_ORIGINAL, &len);
+    expect(h, len, NULL, T0, kp, SG_TOKEN_BAD_SERVER_ID, "h.bad-token-data", 400, "");
+    free(h);
+  }
+  static const char *const good[] = {"a.example", "a.example:1", "127.0.0.1:2289",
+                                     "[::1]:2289", "[2001:db8::1]", "xn--bcher-kva.example:443"};
+  for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+    CHECK(sg__token_server_id_ok(good[i], strlen(good[i])));
+  CHECK(!sg__token_server_id_ok("a.example:1\0", 12));
+}
+
+/* Issue 12, item 3: segue's audience extension. */
+static void test_audience(void) {
+  sg__token_policy pol;
+  char *for_us, *for_other, *unbound;
+  const char *bound[] = {ID};
+  CHECK(sg__token_create_for(kp, ID, "us.example:1", T0, &for_us) == 0);
+  CHECK(sg__token_create_for(kp, ID, "other.example:1", T0, &for_other) == 0);
+  CHECK(sg__token_create_for(kp, ID, NULL, T0, &unbound) == 0);
+  sg__token_policy_init(&pol);
+  pol.audience = "us.example:1";
+  /* ours: the whole window; no audience: the shorter one */
+  expect_str(for_us, &pol, T0 + 60, SG_TOKEN_OK, "", 200, "");
+  expect_str(unbound, &pol, T0 + 30, SG_TOKEN_OK, "", 200, "");
+  expect_str(unbound, &pol, T0 + 31, SG_TOKEN_STALE, "h.bad-token-data", 400, "window 30 s");
+  /* a token C made for D is refused by us: no replay across servers */
+  expect_str(for_other, &pol, T0, SG_TOKEN_WRONG_AUDIENCE, "h.bad-token-data", 400,
+             "is for other.example:1, not for us (us.example:1)");
+  pol.audience = NULL;
+  expect_str(for_us, &pol, T0, SG_TOKEN_WRONG_AUDIENCE, "h.bad-token-data", 400, "no server_id set");
+  pol.audience = "us.example:1";
+  pol.bound = bound;
+  pol.n_bound = 1;
+  expect_str(unbound, &pol, T0, SG_TOKEN_AUDIENCE_REQUIRED, "h.bad-token-data", 400,
+             "requires one");
+  expect_str(for_us, &pol, T0, SG_TOKEN_OK, "", 200, "");
+  sg__token tok;
+  CHECK(sg__token_parse(for_us, strlen(for_us), &tok, NULL, 0) == SG_TOKEN_OK);
+  CHECK_STR(tok.audience, "us.example:1");
+  sg__token_clear(&tok);
+  free(for_us);
+  free(for_other);
+  free(unbound);
 }
 
 static void test_reason_table(void) {
@@ -322,6 +402,8 @@ int main(void) {
   test_split_flow();
   test_header_forms();
   test_refusals();
+  test_server_id_form();
+  test_audience();
   test_reason_table();
   test_key_file();
   test_key_helpers();
