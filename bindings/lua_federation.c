@@ -364,6 +364,8 @@ static void opt_limits(lua_State *L, int t, sg__hrpc_limits *l) {
   l->body_timeout_ms = opt_uint(L, lim, "body_timeout_ms", l->body_timeout_ms);
   l->idle_timeout_ms = opt_uint(L, lim, "idle_timeout_ms", l->idle_timeout_ms);
   l->max_connections = (unsigned)opt_uint(L, lim, "max_connections", l->max_connections);
+  l->max_connections_per_address =
+      (unsigned)opt_uint(L, lim, "max_connections_per_address", l->max_connections_per_address);
 }
 
 static void check_options(lua_State *L, sg__fed_options *o, sg__hrpc_limits *limits) {

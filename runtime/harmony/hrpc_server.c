@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 
 #include "hrpc/v1/hrpc.pb-c.h"
 #include "hrpc_errors.h"
@@ -77,12 +78,15 @@ struct sg__hrpc_conn {
   char *wbuf;            /* the response being written */
   verdict fail;          /* a parser callback's: answered at once, then close */
   size_t roff, rlen;     /* rbuf[roff..rlen) is read but not parsed yet */
+  uint64_t since;        /* uv_now when its current wait (head, idle) began */
+  struct sockaddr_storage addr;  /* the peer's; family 0 when unknown */
   char peer[64];
   char rbuf[RBUF_SIZE];
 };
 
 static void conn_parse(conn *c);
 static void conn_close(conn *c, int status);
+static void limit_check_over(sg__hrpc_server *srv);
 static int conn_respond(conn *c, int status, const char *ctype,
                         const void *body, size_t len);
 
@@ -106,7 +110,7 @@ static void limits_merge(sg__hrpc_limits *out, const sg__hrpc_limits *in) {
 #define TAKE(f) if (in->f) out->f = in->f
   TAKE(max_header_bytes); TAKE(max_body_bytes); TAKE(header_timeout_ms);
   TAKE(body_timeout_ms); TAKE(idle_timeout_ms); TAKE(write_timeout_ms);
-  TAKE(linger_ms); TAKE(max_connections);
+  TAKE(linger_ms); TAKE(max_connections); TAKE(max_connections_per_address);
 #undef TAKE
 }
 
@@ -211,25 +215,55 @@ static void req_finish(req *r) {
   req_unref(r);
 }
 
+/* Per-connection log lines (refusals, time-outs): at most LOG_BURST in a
+ * LOG_PERIOD_MS period, then one line saying how many were left out. */
+#define LOG_BURST 20
+#define LOG_PERIOD_MS 10000
+
+static void slog(sg__hrpc_server *srv, sg_log_level lvl, const char *peer, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void slog(sg__hrpc_server *srv, sg_log_level lvl, const char *peer, const char *fmt, ...) {
+  uint64_t now = uv_now(srv->loop);
+  if (now - srv->log_window >= LOG_PERIOD_MS) {
+    if (srv->log_dropped)
+      sg__log(srv->log, SG_LOG_WARN, NULL, NULL,
+              "hrpc: %u more refusals and time-outs were not logged in the last %d s",
+              srv->log_dropped, LOG_PERIOD_MS / 1000);
+    srv->log_window = now;
+    srv->log_lines = srv->log_dropped = 0;
+  }
+  if (srv->log_lines >= LOG_BURST) {
+    srv->log_dropped++;
+    return;
+  }
+  srv->log_lines++;
+  char msg[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  sg__log(srv->log, lvl, peer ? "peer" : NULL, peer, "%s", msg);
+}
+
 /* Records a verdict and logs it with the peer's address. */
-static void verdict_setv(verdict *v, const sg__logger *log, sg_log_level lvl, const char *peer,
+static void verdict_setv(verdict *v, sg__hrpc_server *srv, sg_log_level lvl, const char *peer,
                          int status, const char *id, const char *fmt, va_list ap) {
   vsnprintf(v->msg, sizeof v->msg, fmt, ap);
   v->status = status;
   v->id = id;
-  sg__log(log, lvl, "peer", peer, "hrpc %d %s: %s", status, id, v->msg);
+  slog(srv, lvl, peer, "hrpc %d %s: %s", status, id, v->msg);
 }
 
 /* The server answers this request itself, after the body is read (and
  * dropped), so that the connection can be kept alive. */
-static void req_reject(req *r, const sg__logger *log, sg_log_level lvl, int status,
+static void req_reject(req *r, sg__hrpc_server *srv, sg_log_level lvl, int status,
                        const char *id, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
-static void req_reject(req *r, const sg__logger *log, sg_log_level lvl, int status,
+static void req_reject(req *r, sg__hrpc_server *srv, sg_log_level lvl, int status,
                        const char *id, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  verdict_setv(&r->refusal, log, lvl, r->peer, status, id, fmt, ap);
+  verdict_setv(&r->refusal, srv, lvl, r->peer, status, id, fmt, ap);
   va_end(ap);
   r->kind = K_ERROR;
 }
@@ -312,6 +346,7 @@ static void on_conn_closed(uv_handle_t *h) {
   free(c);
   srv->stats.active--;
   srv->pending--;
+  limit_check_over(srv);
   maybe_finish_close(srv);
 }
 
@@ -320,6 +355,7 @@ static void on_conn_closed(uv_handle_t *h) {
 static void conn_close(conn *c, int status) {
   if (c->state == ST_CLOSING) return;
   c->state = ST_CLOSING;
+  c->srv->live--;
   if (c->req) {
     req *r = c->req;
     c->req = NULL;
@@ -337,7 +373,7 @@ static void on_timer(uv_timer_t *t) {
       [ST_WRITING] = "response not written in time",
   };
   if (c->state < (int)(sizeof what / sizeof *what) && what[c->state])
-    sg__log(c->srv->log, SG_LOG_WARN, "peer", c->peer, "hrpc: %s, closing", what[c->state]);
+    slog(c->srv, SG_LOG_WARN, c->peer, "hrpc: %s, closing", what[c->state]);
   conn_close(c, SG_ETIMEDOUT);
 }
 
@@ -392,7 +428,7 @@ static int conn_fail(conn *c, int status, const char *id, const char *fmt, ...)
 static int conn_fail(conn *c, int status, const char *id, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  verdict_setv(&c->fail, c->srv->log, SG_LOG_WARN, c->peer, status, id, fmt, ap);
+  verdict_setv(&c->fail, c->srv, SG_LOG_WARN, c->peer, status, id, fmt, ap);
   va_end(ap);
   return -1;
 }
@@ -409,7 +445,10 @@ static int on_message_begin(http_parser *p) {
   conn *c = p->data;
   if (!(c->req = req_new(c))) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   /* The first request's header time-out runs from accept already. */
-  if (c->state == ST_IDLE) conn_timer(c, c->srv->limits.header_timeout_ms);
+  if (c->state == ST_IDLE) {
+    conn_timer(c, c->srv->limits.header_timeout_ms);
+    c->since = uv_now(c->srv->loop);
+  }
   c->state = ST_HEAD;
   return 0;
 }
@@ -459,7 +498,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
 
 /* Decides, once the headers are in, who answers the request. */
 static void req_classify(conn *c, req *r, const http_parser *p) {
-  const sg__logger *log = c->srv->log;
+  sg__hrpc_server *log = c->srv;
   char *q = r->url.p ? strchr(r->url.p, '?') : NULL;
   if (q) *q = '\0';
   r->pub.path = r->url.p ? r->url.p : "";
@@ -566,6 +605,7 @@ static void on_written(uv_write_t *w, int status) {
     conn_linger(c);
   } else {
     c->state = ST_IDLE;
+    c->since = uv_now(c->srv->loop);
     conn_timer(c, c->srv->limits.idle_timeout_ms);
     http_parser_pause(&c->parser, 0);
     conn_parse(c);
@@ -692,21 +732,83 @@ static void on_rejected_closed(uv_handle_t *h) {
   maybe_finish_close(srv);
 }
 
-/* Over max_connections: accept (to take it off the backlog) and close. */
+unsigned sg__hrpc_connection_limit(unsigned configured) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return configured ? configured : 1024;
+  rlim_t reserve = rl.rlim_cur / 8 > SG_HRPC_NOFILE_RESERVE_MIN ? rl.rlim_cur / 8 : SG_HRPC_NOFILE_RESERVE_MIN;
+  rlim_t room = rl.rlim_cur > reserve + 8 ? rl.rlim_cur - reserve : 8;
+  if (room > 1u << 20) room = 1u << 20;
+  return configured && configured < room ? configured : (unsigned)room;
+}
+
+/* Once per episode: a limit was reached, and again once it is over. */
+static void limit_reached(sg__hrpc_server *srv, const char *which) {
+  if (srv->at_limit) return;
+  srv->at_limit = 1;
+  sg__log(srv->log, SG_LOG_WARN, NULL, NULL,
+          "hrpc: %s reached (%u open, limit %u, %u per address): closing the connections "
+          "waiting longest without a request to make room, refusing when there are none; "
+          "said once until the server is below it", which, srv->live,
+          srv->limits.max_connections, srv->limits.max_connections_per_address);
+}
+
+static void limit_check_over(sg__hrpc_server *srv) {
+  if (!srv->at_limit || srv->live > srv->limits.max_connections / 2) return;
+  srv->at_limit = 0;
+  sg__log(srv->log, SG_LOG_INFO, NULL, NULL,
+          "hrpc: below the connection limit again (%llu evicted, %llu refused so far)",
+          (unsigned long long)srv->stats.evicted, (unsigned long long)srv->stats.rejected);
+}
+
+/* No room: accept (to take it off the backlog) and close. */
 static void reject_connection(sg__hrpc_server *srv) {
   uv_tcp_t *t = malloc(sizeof *t);
-  char peer[64] = "?";
   if (!t || uv_tcp_init(srv->loop, t) != 0) {
     free(t);
     return;
   }
   t->data = srv;
-  if (uv_accept((uv_stream_t *)&srv->tcp, (uv_stream_t *)t) == 0) peer_name(t, peer, sizeof peer);
-  sg__log(srv->log, SG_LOG_WARN, "peer", peer, "hrpc: %u connections open, refusing another",
-          srv->stats.active);
+  uv_accept((uv_stream_t *)&srv->tcp, (uv_stream_t *)t);
   srv->stats.rejected++;
   srv->pending++;
   uv_close((uv_handle_t *)t, on_rejected_closed);
+}
+
+static int same_address(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+  if (a->ss_family != b->ss_family) return 0;
+  if (a->ss_family == AF_INET)
+    return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+           ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+  if (a->ss_family == AF_INET6)
+    return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                  &((const struct sockaddr_in6 *)b)->sin6_addr, 16) == 0;
+  return 0;
+}
+
+/* The connection (from `addr`, or any when NULL; never `except`) that has
+ * waited longest with no request in progress, or NULL. A scan: it runs
+ * only at a limit, over at most max_connections entries. */
+static conn *slowest_waiting(sg__hrpc_server *srv, const struct sockaddr_storage *addr,
+                             const conn *except) {
+  conn *best = NULL;
+  for (conn *c = srv->conns; c; c = c->next) {
+    int waiting = c->state == ST_HEAD || c->state == ST_IDLE || c->state == ST_LINGER;
+    if (!waiting || c == except || (addr && !same_address(&c->addr, addr))) continue;
+    if (!best || c->since < best->since) best = c;
+  }
+  return best;
+}
+
+static unsigned count_from(sg__hrpc_server *srv, const struct sockaddr_storage *addr) {
+  unsigned n = 0;
+  for (conn *c = srv->conns; c; c = c->next)
+    if (c->state != ST_CLOSING && same_address(&c->addr, addr)) n++;
+  return n;
+}
+
+static void evict(conn *victim) {
+  victim->srv->stats.evicted++;
+  conn_close(victim, SG_ECANCELED);
 }
 
 static conn *conn_new(sg__hrpc_server *srv) {
@@ -718,6 +820,7 @@ static conn *conn_new(sg__hrpc_server *srv) {
   c->tcp.data = c->timer.data = c;
   c->open_handles = 2;
   c->state = ST_HEAD;
+  c->since = uv_now(srv->loop);
   http_parser_init(&c->parser, HTTP_REQUEST);
   c->parser.data = c;
   c->next = srv->conns;
@@ -725,18 +828,41 @@ static conn *conn_new(sg__hrpc_server *srv) {
   srv->conns = c;
   srv->pending++;
   srv->stats.active++;
+  srv->live++;
   return c;
+}
+
+/* Makes room for `c` among the connections from its address: 0, or -1 when
+ * there is none to make (then `c` is closed). */
+static int per_address_room(sg__hrpc_server *srv, conn *c) {
+  int len = sizeof c->addr;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->addr, &len) != 0) return 0;
+  if (count_from(srv, &c->addr) <= srv->limits.max_connections_per_address) return 0;
+  limit_reached(srv, "the connection limit per address");
+  conn *victim = slowest_waiting(srv, &c->addr, c);
+  if (victim) {
+    evict(victim);
+    return 0;
+  }
+  srv->stats.rejected++;
+  conn_close(c, SG_ECANCELED);
+  return -1;
 }
 
 static void on_connection(uv_stream_t *server, int status) {
   sg__hrpc_server *srv = server->data;
   if (status < 0) {
-    sg__log(srv->log, SG_LOG_WARN, NULL, NULL, "hrpc accept: %s", uv_strerror(status));
+    slog(srv, SG_LOG_WARN, NULL, "hrpc accept: %s", uv_strerror(status));
     return;
   }
-  if (srv->stats.active >= srv->limits.max_connections) {
-    reject_connection(srv);
-    return;
+  if (srv->live >= srv->limits.max_connections) {
+    limit_reached(srv, "the connection limit");
+    conn *victim = slowest_waiting(srv, NULL, NULL);
+    if (!victim) {
+      reject_connection(srv);
+      return;
+    }
+    evict(victim);
   }
   conn *c = conn_new(srv);
   if (!c) return;
@@ -745,6 +871,7 @@ static void on_connection(uv_stream_t *server, int status) {
     conn_close(c, rc);
     return;
   }
+  if (per_address_room(srv, c)) return;
   srv->stats.accepted++;
   peer_name(&c->tcp, c->peer, sizeof c->peer);
   conn_timer(c, srv->limits.header_timeout_ms);
@@ -759,6 +886,16 @@ int sg__hrpc_server_init(uv_loop_t *loop, sg__hrpc_server *srv, const sg__hrpc_l
   srv->loop = loop;
   srv->log = log;
   limits_merge(&srv->limits, limits);
+  unsigned asked = srv->limits.max_connections;
+  srv->limits.max_connections = sg__hrpc_connection_limit(asked);
+  if (asked && asked > srv->limits.max_connections)
+    sg__log(log, SG_LOG_WARN, NULL, NULL,
+            "hrpc: max_connections %u lowered to %u: the file descriptor limit (ulimit -n) "
+            "keeps room for the rest of the process", asked, srv->limits.max_connections);
+  if (!srv->limits.max_connections_per_address) {
+    unsigned per = srv->limits.max_connections / 8;
+    srv->limits.max_connections_per_address = per < 16 ? 16 : per;
+  }
   int rc = uv_tcp_init(loop, &srv->tcp);
   if (rc) return rc;
   srv->tcp.data = srv;

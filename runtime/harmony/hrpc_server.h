@@ -32,7 +32,18 @@
  *   these closes that connection after the response. Other connections are
  *   never disturbed.
  * - Every refusal and time-out is logged at warn with the peer address
- *   (peer=127.0.0.1:40112), except 404, which is logged at info.
+ *   (peer=127.0.0.1:40112), except 404, which is logged at info; past 20
+ *   such lines in 10 s the rest of that period is one line with the count
+ *   (garbage must not turn into more log than it is).
+ * - Connections (issue 12: slow-header exhaustion): at most max_connections
+ *   open, which never exceeds RLIMIT_NOFILE less a reserve for the rest of
+ *   the process (backends, the store, outbound calls), and at most
+ *   max_connections_per_address from one address. At either limit the
+ *   connection that has waited longest without a request in progress (its
+ *   head not complete, or idle between requests, or lingering) is closed to
+ *   make room; only when there is none is the new connection closed at
+ *   once. Reaching a limit is logged once, not per connection, until the
+ *   server is below it again.
  */
 #ifndef SEGUE_HRPC_SERVER_H
 #define SEGUE_HRPC_SERVER_H
@@ -64,21 +75,29 @@ typedef struct sg__hrpc_limits {
    * reading (and dropping) what the peer still sends, so that it reads our
    * response instead of a TCP reset. Default 2 s. */
   uint64_t linger_ms;
-  /* Open connections. Default 1024; more are accepted and closed at once. */
+  /* Open connections. 0 (the default): RLIMIT_NOFILE's soft limit less a
+   * reserve (an eighth, at least 64); a larger value is lowered to that. */
   unsigned max_connections;
+  /* Open connections from one IP address. 0 (the default): an eighth of
+   * max_connections, at least 16. */
+  unsigned max_connections_per_address;
 } sg__hrpc_limits;
 
 #define SG_HRPC_DEFAULT_MAX_HEADER_BYTES (16u * 1024)
 #define SG_HRPC_DEFAULT_MAX_BODY_BYTES (1024u * 1024)
-#define SG_HRPC_DEFAULT_HEADER_TIMEOUT_MS 10000
+#define SG_HRPC_DEFAULT_HEADER_TIMEOUT_MS 5000
 #define SG_HRPC_DEFAULT_BODY_TIMEOUT_MS 30000
 #define SG_HRPC_DEFAULT_IDLE_TIMEOUT_MS 60000
 #define SG_HRPC_DEFAULT_WRITE_TIMEOUT_MS 30000
 #define SG_HRPC_DEFAULT_LINGER_MS 2000
-#define SG_HRPC_DEFAULT_MAX_CONNECTIONS 1024
+#define SG_HRPC_DEFAULT_MAX_CONNECTIONS 0        /* from RLIMIT_NOFILE */
+#define SG_HRPC_NOFILE_RESERVE_MIN 64
 
 /* Fills every field with its default. */
 void sg__hrpc_limits_default(sg__hrpc_limits *l);
+
+/* The connection limit `configured` (0: none) comes to under RLIMIT_NOFILE. */
+unsigned sg__hrpc_connection_limit(unsigned configured);
 
 typedef struct sg__hrpc_server sg__hrpc_server;
 typedef struct sg__hrpc_request sg__hrpc_request;
@@ -140,7 +159,8 @@ typedef void (*sg__hrpc_server_close_cb)(sg__hrpc_server *srv);
 
 typedef struct sg__hrpc_server_stats {
   uint64_t accepted;     /* connections accepted and served */
-  uint64_t rejected;     /* connections closed at once: max_connections */
+  uint64_t rejected;     /* connections closed at once: a limit, no room to make */
+  uint64_t evicted;      /* waiting connections closed to make room */
   uint64_t requests;     /* requests answered (by handlers or the server) */
   unsigned active;       /* connections open now */
 } sg__hrpc_server_stats;
@@ -156,6 +176,10 @@ struct sg__hrpc_server {
   size_t nroutes, route_cap;
   struct sg__hrpc_conn *conns;  /* every open connection, to close them all */
   unsigned pending;             /* handles still to close (besides tcp) */
+  unsigned live;                /* connections open and not closing */
+  int at_limit;                 /* a connection limit was hit (logged once) */
+  uint64_t log_window;          /* start of the current 10 s log period */
+  unsigned log_lines, log_dropped;
   int listening, closing, tcp_closed;
   sg__hrpc_server_close_cb close_cb;
   sg__hrpc_server_stats stats;

@@ -334,10 +334,11 @@ local federation_keys = {
 M.federation_limit_keys = {
   max_body_bytes = "largest request body (default 1048576)",
   max_header_bytes = "largest request head (default 16384)",
-  header_timeout_ms = "a request's head must arrive within this (default 10000)",
+  header_timeout_ms = "a request's head must arrive within this (default 5000)",
   body_timeout_ms = "a request's body must arrive within this (default 30000)",
   idle_timeout_ms = "a kept-alive connection may idle this long (default 60000)",
-  max_connections = "connections at once (default 1024)",
+  max_connections = "connections at once (default and ceiling: ulimit -n less a reserve)",
+  max_connections_per_address = "connections at once from one IP address (default max_connections / 8)",
 }
 
 -- "domain:port" (or "[v6]:port"): the port is not optional.

@@ -64,7 +64,8 @@ def lua_value(v):
 class Node:
     """`segue run` with server_id, listen and federation set."""
 
-    def __init__(self, server_id, federation=None, scripts=(), env=None, port=None):
+    def __init__(self, server_id, federation=None, scripts=(), env=None, port=None, nofile=None):
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the process
         self.dir = tmpdir()
         self.port = port or free_port()
         self.server_id = server_id
@@ -85,8 +86,13 @@ class Node:
 
     def start(self):
         self.log = open(os.path.join(self.dir, "stderr.log"), "wb")
+        limit = None
+        if self.nofile:
+            import resource
+            n = self.nofile
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))  # noqa: E731
         self.proc = subprocess.Popen([SEGUE, "run", self.config], cwd=self.dir, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, preexec_fn=limit)
         if not wait_for(lambda: self.healthy() or self.proc.poll() is not None, 20):
             raise AssertionError("segue did not come up")
         if self.proc.poll() is not None:

@@ -19,13 +19,16 @@ A, B, C, D = "a.example:2289", "b.example:2289", "c.example:2289", "d.example:22
 TOKEN = """
 local h = require("segue").harmony
 local secret = assert(io.open(%s, "rb")):read("a")
-print(json.encode { token = h.token_create(secret, %s, os.time() + (%d), %s) })
+print(json.encode { token = h.token_create(secret, %s, %s, %s) })
 """
 
 
-def token(key_file, server_id, audience=None, skew=0):
+def token(key_file, server_id, audience=None, skew=0, at=None):
+    """A token signed with the key file's key, for `at` (Unix seconds) or
+    now + skew."""
     q = json.dumps
-    return lua_json(TOKEN % (q(key_file), q(server_id), skew, q(audience) if audience else "nil"))["token"]
+    when = str(at) if at is not None else "os.time() + (%d)" % skew
+    return lua_json(TOKEN % (q(key_file), q(server_id), when, q(audience) if audience else "nil"))["token"]
 
 
 def call(node, path, body, tok):
@@ -62,6 +65,7 @@ class NotifyNewIdTakeover(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
+        cls.start_time = int(time.time())
         cls.b = Node(B).start()
         cls.c = Node(C).start()
         cls.a = Node(A, federation={
@@ -76,13 +80,14 @@ class NotifyNewIdTakeover(unittest.TestCase):
         for n in (cls.a, cls.b, cls.c):
             n.stop()
 
-    skew = 0
+    made = 0
 
     def notify_token(self):
-        """A fresh NotifyNewId token from B (tokens made in the same second
-        are the same bytes, and a NotifyNewId token counts once)."""
-        NotifyNewIdTakeover.skew -= 1
-        return token(self.b.key_file(), B, A, skew=self.skew)
+        """A fresh NotifyNewId token from B: each one a second older than the
+        last (tokens made in the same second are the same bytes, and a
+        NotifyNewId token counts once)."""
+        NotifyNewIdTakeover.made += 1
+        return token(self.b.key_file(), B, A, at=self.start_time - self.made)
 
     def test_a_peer_cannot_take_over_another_servers_id(self):
         status, ident = call(self.a, NOTIFY, notify_body(C), self.notify_token())
@@ -257,6 +262,47 @@ class BogusIds(unittest.TestCase):
             # a known peer is not held up by the flood
             self.assertEqual(call(a, PUSH, push_body(1000), token(c.key_file(), C, A)), (200, None))
         finally:
+            a.stop()
+            c.stop()
+
+
+class SlowConnections(unittest.TestCase):
+    """Issue 12, item 6: slow-header connections fill every slot."""
+
+    def test_legitimate_pushes_get_through_and_fds_never_run_out(self):
+        c = Node(C).start()
+        # ulimit -n 256: the limit follows it (256 less a reserve of 64)
+        a = Node(A, nofile=256, federation={"peers": {C: c.url}, "limits": {
+            "header_timeout_ms": 60000, "max_connections_per_address": 1000}}).start()
+        slow = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", a.port), timeout=10)
+                s.sendall(b"POST " + PUSH.encode() + b" HTTP/1.1\r\nHost: t\r\n")
+                slow.append(s)
+            ok = 0
+            for i in range(20):
+                ok += call(a, PUSH, push_body(i), token(c.key_file(), C, A))[0] == 200
+            self.assertEqual(ok, 20)
+            self.assertTrue(a.healthy())
+            log = a.stderr()
+            self.assertEqual(log.count("connection limit reached"), 1, log[-2000:])
+            self.assertIn("limit 192,", log)
+            self.assertNotIn("too many open files", log.lower())
+            # the slow ones made room: the server closed at least 300 - 192 of them
+            closed = 0
+            for s in slow:
+                s.setblocking(False)
+                try:
+                    closed += s.recv(1) == b""
+                except (BlockingIOError, ConnectionResetError):
+                    closed += 0
+            self.assertGreaterEqual(closed, 300 - 192)
+            print("slow connections closed to make room: %d of 300; legitimate Pushes: %d of 20"
+                  % (closed, ok))
+        finally:
+            for s in slow:
+                s.close()
             a.stop()
             c.stop()
 
