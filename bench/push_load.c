@@ -4,7 +4,8 @@
  *
  *   push_load PORT SECONDS CONNS PATH AUTH_HEADER BODY_HEX
  *
- * AUTH_HEADER "-" sends none. Any non-200 answer is counted and reported on
+ * AUTH_HEADER "-" sends none; "@FILE" sends the tokens in FILE (one a
+ * line) in turn, a different one for each request. Any non-200 answer is counted and reported on
  * stderr, and makes the exit status 1, so a benchmark cannot pass off
  * refusals as throughput. Built by bench/push.sh with cc only. */
 #define _GNU_SOURCE  /* memmem */
@@ -27,10 +28,14 @@ typedef struct {
   size_t sent;            /* bytes of the request written */
   char in[65536];
   size_t have;            /* bytes of the response read */
+  char *req;              /* the request being sent */
+  size_t req_len;
 } conn;
 
 static char *request;
 static size_t request_len;
+static char **requests;          /* @FILE: one prepared request per token */
+static size_t *request_lens, n_requests, next_request;
 
 static double now(void) {
   struct timespec ts;
@@ -78,6 +83,42 @@ static int response_complete(conn *c, size_t *used) {
   return atoi(c->in + 9);
 }
 
+/* @FILE: a request per token line, sent in turn. */
+static void build_requests(const char *path, const char *file, const char *hex) {
+  FILE *f = fopen(file, "r");
+  char line[4096];
+  size_t cap = 0;
+  if (!f) {
+    perror(file);
+    exit(2);
+  }
+  while (fgets(line, sizeof line, f)) {
+    line[strcspn(line, "\r\n")] = '\0';
+    if (!line[0]) continue;
+    build_request(path, line, hex);
+    if (n_requests == cap) {
+      cap = cap ? cap * 2 : 1024;
+      requests = realloc(requests, cap * sizeof *requests);
+      request_lens = realloc(request_lens, cap * sizeof *request_lens);
+    }
+    requests[n_requests] = request;
+    request_lens[n_requests++] = request_len;
+  }
+  fclose(f);
+  if (!n_requests) exit(2);
+  request = requests[0];
+  request_len = request_lens[0];
+}
+
+/* The request the next send on a connection carries. */
+static void next(conn *c) {
+  c->sent = 0;
+  if (!n_requests) return;
+  next_request = (next_request + 1) % n_requests;
+  c->req = requests[next_request];
+  c->req_len = request_lens[next_request];
+}
+
 int main(int argc, char **argv) {
   if (argc != 7) {
     fprintf(stderr, "usage: push_load PORT SECONDS CONNS PATH AUTH_HEADER BODY_HEX\n");
@@ -86,22 +127,28 @@ int main(int argc, char **argv) {
   int port = atoi(argv[1]), nconns = atoi(argv[3]);
   double secs = atof(argv[2]);
   if (nconns < 1 || nconns > MAX_CONNS) nconns = 8;
-  build_request(argv[4], argv[5], argv[6]);
+  if (argv[5][0] == '@') build_requests(argv[4], argv[5] + 1, argv[6]);
+  else build_request(argv[4], argv[5], argv[6]);
   static conn conns[MAX_CONNS];
   struct pollfd pfd[MAX_CONNS];
-  for (int i = 0; i < nconns; i++) conns[i].fd = connect_to(port);
+  for (int i = 0; i < nconns; i++) {
+    conns[i].fd = connect_to(port);
+    conns[i].req = request;
+    conns[i].req_len = request_len;
+    next(&conns[i]);
+  }
   long ok = 0, bad = 0;
   double t0 = now(), end = t0 + secs;
   while (now() < end) {
     for (int i = 0; i < nconns; i++) {
       pfd[i].fd = conns[i].fd;
-      pfd[i].events = conns[i].sent < request_len ? POLLOUT : POLLIN;
+      pfd[i].events = conns[i].sent < conns[i].req_len ? POLLOUT : POLLIN;
     }
     if (poll(pfd, (nfds_t)nconns, 100) < 0 && errno != EINTR) return 2;
     for (int i = 0; i < nconns; i++) {
       conn *c = &conns[i];
       if (pfd[i].revents & POLLOUT) {
-        ssize_t n = write(c->fd, request + c->sent, request_len - c->sent);
+        ssize_t n = write(c->fd, c->req + c->sent, c->req_len - c->sent);
         if (n > 0) c->sent += (size_t)n;
       } else if (pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) {
         ssize_t n = read(c->fd, c->in + c->have, sizeof c->in - c->have);
@@ -117,7 +164,7 @@ int main(int argc, char **argv) {
         else if (bad++ == 0) fprintf(stderr, "push_load: HTTP %d\n", status);
         memmove(c->in, c->in + used, c->have - used);
         c->have -= used;
-        c->sent = 0;
+        next(c);
       }
     }
   }
