@@ -20,6 +20,7 @@ PACKAGES="
   libssl-dev openssl
   libexpat1-dev
   ngircd
+  inspircd
   valgrind
   postgresql libpq-dev
 "

@@ -9,10 +9,21 @@
 -- PLAIN), flood_rate (messages per second, 1) and flood_burst (5),
 -- reconnect_ms (first reconnect delay, 1000, doubling up to 300000),
 -- idle_ms (after this long without a line from the server we PING it, and
--- reconnect when that PING stays unanswered as long again; 120000).
+-- reconnect when that PING stays unanswered as long again; 120000),
+-- max_lines (lines one message may take; the rest is cut with a notice, 10),
+-- max_queue (lines waiting for flood control per target; a send beyond it
+-- fails at once, 100).
 --
--- The protocol's pure half (parsing, formatting codes, splitting at the
--- 512-byte limit) is segue.irc_format; this file is the session.
+-- IRCv3 (docs/backends.md): capabilities are negotiated with CAP LS 302 and
+-- used where the server offers them: sasl, server-time and message-tags/msgid
+-- (message times and ids from the server), echo-message (a sent message is
+-- announced, once, when the server has relayed it), batch, labeled-response,
+-- draft/chathistory (MessageGetBefore), account-tag. A server that offers
+-- none gets the plain RFC 1459 session.
+--
+-- The protocol's pure half (parsing, tags, formatting codes, splitting at the
+-- 512-byte limit) is segue.irc_format (backends/irc_format.lua); this file is
+-- the session.
 local backend, options = ...
 local segue = require "segue"
 local net = require "segue.net"
@@ -37,12 +48,16 @@ local opt = {
   reconnect_ms = math.tointeger(tonumber(options.reconnect_ms)) or 1000,
   reconnect_max_ms = 300000,
   idle_ms = math.tointeger(tonumber(options.idle_ms)) or 120000,
+  max_lines = math.tointeger(tonumber(options.max_lines)) or 10,
+  max_queue = math.tointeger(tonumber(options.max_queue)) or 100,
   timeout_ms = 20000,   -- connecting, registering, joining
 }
 opt.port = math.tointeger(tonumber(options.port)) or (opt.tls and 6697 or 6667)
 opt.user = tostring(options.user or opt.nick)
 if type(opt.host) ~= "string" or opt.host == "" then error("irc: option host is required", 0) end
 if opt.flood_rate <= 0 or opt.flood_burst < 1 then error("irc: flood_rate must be > 0 and flood_burst >= 1", 0) end
+if opt.max_lines < 1 then error("irc: max_lines must be >= 1", 0) end
+if opt.max_queue < 1 then error("irc: max_queue must be >= 1", 0) end
 if (opt.sasl_user == nil) ~= (opt.sasl_password == nil) then
   error("irc: sasl_user and sasl_password go together", 0)
 end
@@ -58,6 +73,16 @@ local channels = {}        -- id -> display name: where we want to be (rejoined 
 local joined = {}          -- id -> true: where we are on this connection
 local joining = {}         -- id -> true: JOIN sent on this connection, no answer yet
 local waiting = {}         -- key -> { coroutines }: see wait_for
+
+-- IRCv3 state of this connection.
+local WANTED = { "message-tags", "server-time", "echo-message", "batch", "labeled-response",
+  "draft/chathistory", "account-tag", "cap-notify" }
+local caps = {}            -- capability -> true: acknowledged by the server
+local offered = {}         -- capability -> value, as listed by CAP LS / CAP NEW
+local ls_done = false      -- the (multi-line) CAP LS reply is complete
+local cap_ended = false    -- CAP END sent on this connection
+local batches = {}         -- reference -> { type, target, msgs }: open BATCHes
+local history_limit = 50   -- CHATHISTORY=N of ISUPPORT, at most 100
 
 -- Timers: ours stop when the backend stops. (backend.timer keeps every
 -- timer it made until then; a long session makes many.)
@@ -122,32 +147,97 @@ local function send_now(line)
   return conn:write(line .. "\r\n")
 end
 
-local queue = {}
+-- The queue is a FIFO of { line, target, pend } with O(1) push and pop
+-- (head and tail indices) and a count per target: a target holds at most
+-- opt.max_queue lines (a send beyond that fails at once, see send_message);
+-- lines without a target (JOIN, PART) are few and come from our own calls.
+-- It survives reconnects: what was queued while away is sent after.
+local queue, q_head, q_tail = {}, 1, 0
+local queued = {}          -- target -> lines waiting in the queue
 local tokens = opt.flood_burst
 local refilled = segue.now()
 local pump_timer
+local echo_fifo = {}       -- target -> { head, tail, [i] = pend or false }: sent lines whose echo is due
+local labels = {}          -- label -> pend: labeled lines whose echo is due
+local label_count = 0
+
+-- Remembers that the server will echo this line (echo-message): by label
+-- when labeled-response is on, else in order per target.
+local function expect_echo(e)
+  if not caps["echo-message"] or not e.echo then return end
+  if caps["labeled-response"] and e.label then
+    labels[e.label] = e.pend
+    return
+  end
+  local f = echo_fifo[e.target]
+  if not f then f = { head = 1, tail = 0 }; echo_fifo[e.target] = f end
+  f.tail = f.tail + 1
+  f[f.tail] = e.pend or false
+end
+
+local function pop_echo(target)
+  local f = echo_fifo[target]
+  if not f or f.head > f.tail then return nil end
+  local p = f[f.head]
+  f[f.head] = nil
+  f.head = f.head + 1
+  if f.head > f.tail then echo_fifo[target] = nil end
+  return p
+end
+
+local function dequeue()
+  local e = queue[q_head]
+  queue[q_head] = nil
+  q_head = q_head + 1
+  if e.target then queued[e.target] = queued[e.target] - 1 end
+  if q_head > q_tail then queue, q_head, q_tail = {}, 1, 0 end
+  return e
+end
 
 local function pump()
   pump_timer = nil
   local now = segue.now()
   tokens = math.min(opt.flood_burst, tokens + (now - refilled) * opt.flood_rate / 1000)
   refilled = now
-  while conn and registered and #queue > 0 and tokens >= 1 do
-    send_now(table.remove(queue, 1))
-    tokens = tokens - 1
+  while conn and registered and q_head <= q_tail and tokens >= 1 do
+    local e = dequeue()
+    if not (e.pend and e.pend.failed) then  -- a send that failed already is not sent late
+      local line = e.line
+      if e.label and caps["labeled-response"] and caps["echo-message"] then line = "@label=" .. e.label .. " " .. line end
+      expect_echo(e)
+      send_now(line)
+      tokens = tokens - 1
+    end
   end
-  if conn and registered and #queue > 0 then
+  if conn and registered and q_head <= q_tail then
     local ms = math.ceil((1 - tokens) * 1000 / opt.flood_rate)
     pump_timer = after(math.max(ms, 1), pump)
   end
 end
 
-local function send(line)
-  queue[#queue + 1] = line
+-- send(line [, target, pend, echo]): queues a line for flood control.
+-- `target` counts against that target's bound (checked by the caller with
+-- room_in_queue); `echo` marks a PRIVMSG/NOTICE the server echoes back.
+local function send(line, target, pend, echo)
+  local label
+  if pend then label_count = label_count + 1; label = "sg" .. label_count end
+  q_tail = q_tail + 1
+  queue[q_tail] = { line = line, target = target, pend = pend, echo = echo, label = label }
+  if target then queued[target] = (queued[target] or 0) + 1 end
   if not pump_timer then pump() end
 end
 
+local function room_in_queue(target) return opt.max_queue - (queued[target] or 0) end
+
+-- Puts a line at the head of the queue (rejoins go before queued messages).
+local function send_first(line)
+  q_head = q_head - 1
+  queue[q_head] = { line = line }
+end
+
 -- History, for MessageGet and MessageGetBefore -----------------------------------
+
+local split_bounded  -- below, beside send_message
 
 local history, by_id, counter = {}, {}, 0
 local HISTORY = 1000
@@ -165,32 +255,72 @@ end
 
 local function now_ms() return os.time() * 1000 end
 
+-- A message's time: the server's (server-time) or, without one, ours.
+local function time_of(tags) return fmt.parse_time(tags.time) or now_ms() end
+
 -- Incoming ------------------------------------------------------------------------
+
+local on_echo  -- below: our own message relayed back (echo-message)
+local function me(m) return m.nick and lower(m.nick) == lower(nick) end
 
 local function on_message(m)
   local target, text = m.params[1], m.params[2]
   if not target or not text or not m.user or m.user == "" then return end  -- server notices
+  local tags = fmt.tags(m.tags)
+  local batch = tags.batch and batches[tags.batch]
+  local in_history = batch and batch.type == "chathistory"
+  if not in_history and me(m) then return on_echo(m, tags) end
   local ctcp, arg = fmt.ctcp(text)
   local content
   if ctcp == "ACTION" then
     content = { type = "Emote", value = fmt.strip(arg) }
   elseif ctcp then
-    if ctcp == "VERSION" and m.command == "PRIVMSG" then
-      send(fmt.line("NOTICE", m.nick, "\1VERSION segue " .. segue.version .. "\1"))
+    if ctcp == "VERSION" and m.command == "PRIVMSG" and not in_history and room_in_queue(lower(m.nick)) > 0 then
+      send(fmt.line("NOTICE", m.nick, "\1VERSION segue " .. segue.version .. "\1"), lower(m.nick), nil, true)
     end
     return
   else
     content = fmt.from_irc(text)
   end
-  local t = now_ms()
-  local msg = { id = new_id(), sender = m.nick, attachments = {}, content = content,
-    recipient = fmt.is_channel(target) and lower(target) or nick, create_time = t, edit_time = t,
-    extra = m.command == "NOTICE" and { notice = true } or nil }
+  local t = time_of(tags)
+  local extra
+  if m.command == "NOTICE" or tags.account then extra = { notice = m.command == "NOTICE" or nil, account = tags.account } end
+  local msg = { id = tags.msgid or new_id(), sender = m.nick, attachments = {}, content = content,
+    recipient = fmt.is_channel(target) and lower(target) or (me(m) and lower(target) or nick),
+    create_time = t, edit_time = t, extra = extra }
+  if in_history then
+    batch.msgs[#batch.msgs + 1] = msg
+    return
+  end
   remember(msg)
   backend:emit { type = "MessageUpsert", value = msg }
 end
 
-local function me(m) return m.nick and lower(m.nick) == lower(nick) end
+-- The server relayed a line we sent (echo-message): when it was the last
+-- line of a message, the message is announced once, with the server's id
+-- and time, and its MessageSend answered.
+on_echo = function(m, tags)
+  local pend
+  if tags.label then
+    pend = labels[tags.label]
+    labels[tags.label] = nil
+  elseif not caps["labeled-response"] then
+    pend = pop_echo(lower(m.params[1]))
+  end
+  if not pend or pend.failed then return end
+  if tags.msgid then pend.ids[#pend.ids + 1] = tags.msgid end
+  pend.time = pend.time or fmt.parse_time(tags.time)
+  pend.got = pend.got + 1
+  if pend.got < pend.lines then return end
+  local msg = pend.msg
+  msg.id = pend.ids[1] or msg.id
+  msg.create_time = pend.time or msg.create_time
+  msg.edit_time = msg.create_time
+  remember(msg)
+  for i = 2, #pend.ids do by_id[pend.ids[i]] = msg end
+  backend:emit { type = "MessageUpsert", value = msg }
+  wake(pend.key, msg.id)
+end
 
 local function next_nick()
   -- 433: taken. Append "_" while it fits, then try digits.
@@ -211,7 +341,7 @@ handlers["001"] = function(m)
   for id in pairs(channels) do ids[#ids + 1] = id end
   table.sort(ids)
   for i = #ids, 1, -1 do
-    table.insert(queue, 1, fmt.line("JOIN", ids[i]))
+    send_first(fmt.line("JOIN", ids[i]))
     joining[ids[i]] = true
   end
   wake("registered", true)
@@ -221,6 +351,8 @@ end
 handlers["005"] = function(m)
   for _, p in ipairs(m.params) do
     if p == "CASEMAPPING=ascii" then lower = string.lower end
+    local n = p:match("^CHATHISTORY=(%d+)$")
+    if n and tonumber(n) > 0 then history_limit = math.min(tonumber(n), 100) end
   end
 end
 
@@ -264,14 +396,72 @@ for _, n in ipairs { "403", "405", "471", "473", "474", "475", "476", "477" } do
 
 handlers.PRIVMSG, handlers.NOTICE = on_message, on_message
 
--- SASL PLAIN (IRCv3): CAP REQ sasl -> AUTHENTICATE PLAIN -> payload -> 903.
+-- Capabilities (IRCv3 CAP LS 302): what we want of what the server offers
+-- is requested in one CAP REQ; registration ends (CAP END) once that is
+-- acknowledged and, when configured, SASL PLAIN is done.
+local function cap_end()
+  if cap_ended or registered then return end
+  cap_ended = true
+  send_now("CAP END")
+end
+
+local function request_caps(list)
+  local want = {}
+  for _, c in ipairs(WANTED) do
+    if list[c] ~= nil and not caps[c] then want[#want + 1] = c end
+  end
+  if opt.sasl_user and list.sasl ~= nil and not caps.sasl then
+    local mechs = list.sasl
+    if mechs == "" or ("," .. mechs .. ","):find(",PLAIN,", 1, true) then
+      want[#want + 1] = "sasl"
+    else
+      log.error("the server offers SASL " .. mechs .. " but not PLAIN; continuing without logging in")
+    end
+  end
+  if #want == 0 then return false end
+  send_now("CAP REQ :" .. table.concat(want, " "))
+  return true
+end
+
+local function cap_list(s)
+  local t = {}
+  for item in (s or ""):gmatch("%S+") do
+    local k, v = item:match("^([^=]+)=?(.*)$")
+    t[k] = v
+  end
+  return t
+end
+
 handlers.CAP = function(m)
-  local sub, caps = m.params[2], m.params[3] or ""
-  if sub == "ACK" and caps:find("sasl") then
-    send_now("AUTHENTICATE PLAIN")
+  local sub = m.params[2]
+  local more = m.params[3] == "*" and m.params[4] ~= nil
+  local list = cap_list(more and m.params[4] or m.params[3])
+  if sub == "LS" then
+    for k, v in pairs(list) do offered[k] = v end
+    if more then return end
+    ls_done = true
+    if opt.sasl_user and offered.sasl == nil then
+      log.error("the server offers no SASL; continuing without logging in")
+    end
+    if not request_caps(offered) then cap_end() end
+  elseif sub == "ACK" then
+    for k in pairs(list) do
+      if k:sub(1, 1) == "-" then caps[k:sub(2)] = nil else caps[k] = true end
+    end
+    log.info("IRCv3 capabilities: " .. (m.params[3] or ""))
+    if list.sasl and not registered then
+      send_now("AUTHENTICATE PLAIN")
+    else
+      cap_end()
+    end
   elseif sub == "NAK" then
-    log.error("the server refused SASL; continuing without logging in")
-    send_now("CAP END")
+    log.warn("the server refused the capabilities " .. tostring(m.params[3]))
+    cap_end()
+  elseif sub == "NEW" then
+    for k, v in pairs(list) do offered[k] = v end
+    request_caps(list)
+  elseif sub == "DEL" then
+    for k in pairs(list) do caps[k], offered[k] = nil, nil end
   end
 end
 
@@ -282,12 +472,35 @@ handlers.AUTHENTICATE = function(m)
   end
 end
 
-handlers["903"] = function() log.info("SASL login succeeded"); send_now("CAP END") end
+handlers["903"] = function() log.info("SASL login succeeded"); cap_end() end
 local function sasl_failed(m)
   log.error("SASL login failed: " .. tostring(m.params[#m.params]) .. "; continuing without logging in")
-  send_now("CAP END")
+  cap_end()
 end
 for _, n in ipairs { "902", "904", "905", "906", "908" } do handlers[n] = sasl_failed end
+
+-- BATCH (IRCv3): lines tagged batch=<ref> belong together; a chathistory
+-- batch is the answer to CHATHISTORY, collected and handed to its waiter.
+handlers.BATCH = function(m)
+  local ref = m.params[1] or ""
+  local sign, name = ref:sub(1, 1), ref:sub(2)
+  if sign == "+" then
+    batches[name] = { type = m.params[2], target = m.params[3], msgs = {} }
+  elseif sign == "-" then
+    local b = batches[name]
+    batches[name] = nil
+    if b and b.type == "chathistory" and b.target then wake("history " .. lower(b.target), b.msgs) end
+  end
+end
+
+-- FAIL CHATHISTORY <code> [<subcommand> <target>] :<description>
+handlers.FAIL = function(m)
+  if m.params[1] ~= "CHATHISTORY" then return log.warn("FAIL " .. table.concat(m.params, " ")) end
+  local why = "the server refused CHATHISTORY: " .. tostring(m.params[#m.params])
+  for key in pairs(waiting) do
+    if key:match("^history ") then wake(key, nil, why) end
+  end
+end
 
 handlers["464"] = function(m) log.error("the server refused the password: " .. tostring(m.params[2])) end
 handlers.ERROR = function(m) log.warn("server closes the link: " .. tostring(m.params[1])) end
@@ -295,8 +508,10 @@ handlers.ERROR = function(m) log.warn("server closes the link: " .. tostring(m.p
 -- The connection ------------------------------------------------------------------
 
 local function register()
+  -- A server without CAP ignores it (or answers 421) and registers us after
+  -- USER; one with CAP holds registration until CAP END.
+  send_now("CAP LS 302")
   if opt.password then send_now(fmt.line("PASS", opt.password)) end
-  if opt.sasl_user then send_now("CAP REQ :sasl") end
   send_now(fmt.line("NICK", nick))
   send_now(fmt.line("USER", opt.user, "0", "*", opt.realname))
 end
@@ -349,10 +564,23 @@ local function run()
     if c and stopped then c:close() end
     if c and not stopped then
       conn, nick, lower = c, opt.nick, fmt.lower
+      caps, offered, ls_done, cap_ended, batches = {}, {}, false, false, {}
       register()
       err = session(c)
       if registered then delay = opt.reconnect_ms end
       conn, registered, joined, joining = nil, false, {}, {}
+      -- Echoes due on the lost connection never come: their sends fail
+      -- (see send_message) and their lines still queued are not sent.
+      local lost = {}
+      for _, p in pairs(labels) do if p then lost[p] = true end end
+      for _, f in pairs(echo_fifo) do
+        for i = f.head, f.tail do if f[i] then lost[f[i]] = true end end
+      end
+      labels, echo_fifo = {}, {}
+      for p in pairs(lost) do
+        p.failed = true
+        wake(p.key, nil, "the connection was lost before the server confirmed the message")
+      end
       c:close()
     end
     if stopped then break end
@@ -394,6 +622,49 @@ local function join(id)
   return true
 end
 
+-- Splits at most max_lines lines' worth of text, so a huge message costs
+-- no more than a small one (the cut is reported, not the size of the rest):
+-- never more work than max_lines * (a line + its newline) bytes.
+split_bounded = function(text, room)
+  local budget = opt.max_lines * (room + 1)
+  local first = text:find("[^\n ]") or 1  -- leading blank lines are dropped anyway
+  local limit = first - 1 + budget
+  local cut = #text > limit
+  if cut then
+    while limit > first and (text:byte(limit + 1) or 0) & 0xC0 == 0x80 do limit = limit - 1 end  -- not inside UTF-8
+    text = text:sub(first, limit)
+  end
+  local lines = fmt.split_lines(text, room)
+  if #lines > opt.max_lines then
+    for i = #lines, opt.max_lines + 1, -1 do lines[i] = nil end
+    cut = true
+  end
+  return lines, cut
+end
+
+-- CHATHISTORY BEFORE <target> msgid=<id> <limit>: the answer is a
+-- chathistory batch (handlers.BATCH), emitted oldest first.
+local function history_before(m)
+  local ok, err = wait_registered()
+  if not ok then return backend.error(err, true) end
+  local target = fmt.is_channel(m.recipient) and m.recipient
+    or (lower(m.sender) == lower(nick) and m.recipient or m.sender)
+  local line = fmt.line("CHATHISTORY", "BEFORE", target, "msgid=" .. m.id, tostring(history_limit))
+  if caps["labeled-response"] then
+    label_count = label_count + 1
+    line = "@label=sg" .. label_count .. " " .. line
+  end
+  send_now(line)
+  local msgs, e = wait_for("history " .. lower(target), opt.timeout_ms)
+  if not msgs then return nil, e end
+  table.sort(msgs, function(a, b) return a.create_time < b.create_time end)
+  for _, h in ipairs(msgs) do
+    if not by_id[h.id] then remember(h) end
+    backend:emit { type = "MessageUpsert", value = h }
+  end
+  return true
+end
+
 local function send_message(msg)
   local target = msg.recipient
   if type(target) ~= "string" or target == "" or target:find("[%s,%z]") then
@@ -407,18 +678,46 @@ local function send_message(msg)
   local ok, err = wait_registered()
   if not ok then return backend.error(err, true) end
   local text, action = fmt.to_irc(msg.content)
-  for _, a in ipairs(msg.attachments or {}) do text = text .. " [" .. tostring(a.mime) .. " attachment]" end
+  local att = {}
+  for _, a in ipairs(msg.attachments or {}) do att[#att + 1] = " [" .. tostring(a.mime) .. " attachment]" end
+  text = text .. table.concat(att)
   local room = fmt.budget(source_len or (#nick + 1 + 10 + 1 + 63), "PRIVMSG", target, action)
-  local lines = fmt.split_lines(text, room)
+  local lines, cut = split_bounded(text, room)
   if #lines == 0 then return nil, "nothing to send: the message is empty" end
-  for _, l in ipairs(lines) do
-    send(fmt.line("PRIVMSG", target, action and ("\1ACTION " .. l .. "\1") or l))
+  local key = lower(target)
+  local need = #lines + (cut and 1 or 0)
+  if room_in_queue(key) < need then
+    return backend.error(("the send queue for %s is full (%d lines waiting, max_queue = %d)"):format(
+      target, queued[key] or 0, opt.max_queue), true)
   end
   local t = now_ms()
   local m = { id = new_id(), sender = nick, recipient = target, content = msg.content,
     attachments = msg.attachments or {}, create_time = t, edit_time = t, extra = msg.extra }
-  remember(m)
-  return m.id
+  local pend
+  if caps["echo-message"] then
+    pend = { lines = need, got = 0, ids = {}, msg = m, key = "echo " .. m.id }
+  end
+  for _, l in ipairs(lines) do
+    send(fmt.line("PRIVMSG", target, action and ("\1ACTION " .. l .. "\1") or l), key, pend, true)
+  end
+  if cut then
+    log.warn(("a message to %s was cut after max_lines = %d lines"):format(target, opt.max_lines))
+    send(fmt.line("NOTICE", target, ("(the rest of this message was cut: it is longer than %d lines)"):format(
+      opt.max_lines)), key, pend, true)
+  end
+  if not pend then
+    remember(m)
+    return m.id
+  end
+  -- Answered when the server relayed every line (on_echo), within the time
+  -- the queue ahead needs at the flood rate.
+  local ms = opt.timeout_ms + math.ceil((q_tail - q_head + 1) * 1000 / opt.flood_rate)
+  local id, err = wait_for(pend.key, ms)
+  if not id then
+    pend.failed = true
+    return backend.error("not confirmed by the server: " .. tostring(err), true)
+  end
+  return id
 end
 
 return {
@@ -474,10 +773,14 @@ return {
     return by_id[id] or nil, "no message with id " .. tostring(id) .. " (IRC keeps only recent ones)"
   end,
 
-  -- IRC has no history: replays what this session saw before `id`.
+  -- With draft/chathistory: the server's history before `id` (a msgid);
+  -- without, IRC has none: replays what this session saw before `id`.
   MessageGetBefore = function(id)
     local m = by_id[id]
     if not m then return nil, "no message with id " .. tostring(id) end
+    if caps["draft/chathistory"] and id == m.id and not id:match("^irc%-") then
+      return history_before(m)
+    end
     for _, h in ipairs(history) do
       if h == m then break end
       if h.recipient == m.recipient then backend:emit { type = "MessageUpsert", value = h } end

@@ -97,16 +97,20 @@ DNS = no
 class RawClient:
     """An IRC user typed by hand: lines in and out, PINGs answered."""
 
-    def __init__(self, port, nick, host="127.0.0.1", password=None):
+    def __init__(self, port, nick, host="127.0.0.1", password=None, caps=()):
         self.sock = socket.create_connection((host, port), timeout=10)
         self.buf = b""
         self.nick = nick
         self.seen = []
+        if caps:  # IRCv3: lines then start with "@tags "
+            self.send("CAP REQ :" + " ".join(caps))
         if password:
             self.send("PASS " + password)
         self.send("NICK " + nick)
         self.send("USER %s 0 * :raw client" % nick)
-        self.expect(r"^:\S+ 001 ")
+        if caps:
+            self.send("CAP END")
+        self.expect(r"^(@\S+ )?:\S+ 001 ")
 
     def send(self, line):
         self.sock.sendall(line.encode() + b"\r\n")
@@ -114,7 +118,7 @@ class RawClient:
     def join(self, *channels):
         for ch in channels:
             self.send("JOIN " + ch)
-            self.expect(r"^:\S+ 366 \S+ %s " % re.escape(ch))
+            self.expect(r"^(@\S+ )?:\S+ 366 \S+ %s " % re.escape(ch))
 
     def say(self, target, text):
         self.send("PRIVMSG %s :%s" % (target, text))
@@ -163,7 +167,8 @@ def tls_wrap_server(sock, cert, key):
 
 class FakeIrc:
     """A scripted IRC server for what ngircd lacks (SASL) or hides (timing):
-    one client; every line it sends is kept with its arrival time."""
+    one client; every line it sends is kept with its arrival time. It offers
+    one capability, sasl (CAP LS 302)."""
 
     def __init__(self):
         import threading
@@ -179,7 +184,10 @@ class FakeIrc:
 
     def _answer(self, conn, line, state):
         cmd = line.split(" ")[0]
-        if line == "CAP REQ :sasl":
+        if line.startswith("CAP LS"):
+            self._reply(conn, ":fake CAP * LS :sasl")
+            state["cap"] = True
+        elif line == "CAP REQ :sasl":
             self._reply(conn, ":fake CAP * ACK :sasl")
         elif line == "AUTHENTICATE PLAIN":
             self._reply(conn, "AUTHENTICATE +")

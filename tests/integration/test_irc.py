@@ -299,16 +299,16 @@ class IrcStandalone(unittest.TestCase):
 class IrcScripted(unittest.TestCase):
     """Against a scripted server: SASL, which ngircd lacks, and timing."""
 
-    def run_irc(self, options, body):
+    def run_irc(self, options, body, tries=10):
         server = FakeIrc()
         self.addCleanup(server.close)
         opts = {"host": "127.0.0.1", "port": server.port, "nick": "bot"}
         opts.update(options)
         r = run_lua("""
-            assert(segue.add_backend("irc", { script = "irc", options = %s }))
+            assert(segue.add_backend("irc", { script = "irc", options = %s, retry_max_tries = %d }))
             local irc = segue.backend("irc")
             out(segue.await(function() %s end, 20000))
-        """ % (lua(opts), body))
+        """ % (lua(opts), tries, body))
         return server, r
 
     def test_sasl_plain_logs_in_before_registration_ends(self):
@@ -318,8 +318,8 @@ class IrcScripted(unittest.TestCase):
         """)
         self.assertEqual(r.values(), [{"ok": "Success"}], r.stderr)
         order = [l for _, l in server.lines if l.split(" ")[0] in ("CAP", "AUTHENTICATE", "NICK", "USER", "JOIN")]
-        self.assertEqual(order, ["CAP REQ :sasl", "NICK bot", "USER bot 0 * :segue bridge", "AUTHENTICATE PLAIN",
-                                 "AUTHENTICATE Ym9iAGJvYgBodW50ZXIy", "CAP END", "JOIN #x"])
+        self.assertEqual(order, ["CAP LS 302", "NICK bot", "USER bot 0 * :segue bridge", "CAP REQ :sasl",
+                                 "AUTHENTICATE PLAIN", "AUTHENTICATE Ym9iAGJvYgBodW50ZXIy", "CAP END", "JOIN #x"])
         self.assertIn("SASL login succeeded", r.stderr)
 
     def test_a_silent_server_is_pinged_and_then_left(self):
@@ -347,6 +347,67 @@ class IrcScripted(unittest.TestCase):
         self.assertLess(times[1] - times[0], 0.1)  # the burst
         gaps = [b - a for a, b in zip(times[1:], times[2:])]
         self.assertTrue(all(g >= 0.15 for g in gaps), gaps)  # 5 per second after it
+
+    # Issue 12 item 9: the send queue is bounded and formatting never blocks.
+
+    def test_a_message_of_many_lines_stops_at_max_lines_with_a_notice(self):
+        server, r = self.run_irc({"max_lines": 3, "flood_rate": 50, "flood_burst": 10}, """
+            local text = string.rep("x\\n", 32768)  -- 64 KB: 32,768 lines
+            local id, err = irc:request { type = "MessageSend", value = { recipient = "someone",
+              content = { type = "Text", value = text } } }
+            segue.sleep(500)
+            return { id = id and id.type, err = err }
+        """)
+        self.assertEqual(r.values(), [{"id": "MessageID"}], r.stderr)
+        self.assertEqual([l for _, l in server.sent("PRIVMSG someone ")], ["PRIVMSG someone x"] * 3)
+        self.assertEqual([l for _, l in server.sent("NOTICE someone ")],
+                         ["NOTICE someone :(the rest of this message was cut: it is longer than 3 lines)"])
+        self.assertIn("cut after max_lines = 3 lines", r.stderr)
+
+    def test_a_full_queue_for_one_target_refuses_more_and_other_targets_go_on(self):
+        # The error is retryable (the host retries it with backoff: nothing is
+        # lost); one try here shows the refusal itself.
+        server, r = self.run_irc({"max_queue": 3, "flood_rate": 0.2, "flood_burst": 1}, tries=1, body="""
+            local out = {}
+            local function say(to, s)
+              local id, err = irc:request { type = "MessageSend", value = { recipient = to,
+                content = { type = "Text", value = s } } }
+              out[#out + 1] = id and id.type or err
+            end
+            for i = 1, 5 do say("a", "m" .. i) end
+            say("b", "other")
+            return out
+        """)
+        (out,) = r.values()
+        # m1 goes out at once (the burst); m2..m4 fill a's queue of 3; m5 is refused
+        self.assertEqual(out[:4], ["MessageID"] * 4, r.stderr)
+        self.assertIn("the send queue for a is full (3 lines waiting, max_queue = 3)", out[4])
+        self.assertEqual(out[5], "MessageID")
+        self.assertEqual([l for _, l in server.sent("PRIVMSG a ")], ["PRIVMSG a m1"])
+
+    def test_a_4_MB_message_does_not_stall_the_loop(self):
+        server, r = self.run_irc({"flood_rate": 50, "flood_burst": 20}, """
+            local gap, last, ticking = 0, segue.now(), true
+            local function tick()
+              local now = segue.now()
+              gap = math.max(gap, now - last)
+              last = now
+              if ticking then segue.timer(20, tick) end
+            end
+            segue.timer(20, tick)
+            local text = string.rep("word\\nwith \\2bold\\2 é ", 4 * 1024 * 1024 // 20)
+            local id, err = irc:request { type = "MessageSend", value = { recipient = "someone",
+              content = { type = "Text", value = text } } }
+            segue.sleep(300)
+            ticking = false
+            return { id = id and id.type, err = err, gap = gap }
+        """)
+        (v,) = r.values()
+        self.assertEqual(v.get("id"), "MessageID", r.stderr)
+        self.assertEqual(len(server.sent("PRIVMSG someone ")), 10)  # max_lines' default
+        self.assertEqual(len(server.sent("NOTICE someone ")), 1)
+        # Formatting took 13 s before the bound; the loop's longest pause now:
+        self.assertLess(v["gap"], 2000, v)
 
 
 if __name__ == "__main__":

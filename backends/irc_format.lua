@@ -1,7 +1,11 @@
 -- IRC without a connection: parsing and building protocol lines, case
 -- mapping, MessageContent <-> IRC formatting codes, and splitting text into
--- lines that fit the 512-byte limit. Pure functions, so the IRC backend's
--- protocol handling is testable without a server (tests/spec/irc_format_spec.lua).
+-- lines that fit the 512-byte limit, IRCv3 message tags and server times.
+-- Pure functions, so the IRC backend's protocol handling is testable without
+-- a server (tests/spec/irc_format_spec.lua). It lives beside backends/irc.lua,
+-- its only user, and is embedded as the module `segue.irc_format` (a file
+-- backends/<name>_<part>.lua beside backends/<name>.lua is a helper module,
+-- not a backend: cmake/embed_scripts.cmake).
 local M = {}
 
 M.LINE_BYTES = 512   -- RFC 1459/2812: a line with its CRLF
@@ -37,6 +41,45 @@ function M.parse(line)
     params = after
   end
   return msg
+end
+
+local TAG_UNESCAPE = { [":"] = ";", s = " ", ["\\"] = "\\", r = "\r", n = "\n" }
+
+--- tags(raw) -> { key = value }: the IRCv3 message tags of a parsed line
+--- (`msg.tags`), values unescaped ("\\s" is a space...); a tag without a
+--- value is "". An absent or empty string gives {}.
+function M.tags(raw)
+  local t = {}
+  for item in (raw or ""):gmatch("[^;]+") do
+    local k, v = item:match("^([^=]+)=?(.*)$")
+    if k then
+      t[k] = (v:gsub("\\(.?)", function(c) return TAG_UNESCAPE[c] or c end))
+    end
+  end
+  return t
+end
+
+-- Days from 1970-01-01 to a civil date (proleptic Gregorian), without the
+-- C library's time zone: the server's times are UTC.
+local function days_from_civil(y, m, d)
+  y = m <= 2 and y - 1 or y
+  local era = (y >= 0 and y or y - 399) // 400
+  local yoe = y - era * 400
+  local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
+  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return era * 146097 + doe - 719468
+end
+
+--- parse_time(s) -> milliseconds since the epoch for an IRCv3 server-time
+--- value ("2026-11-26T14:49:24.277Z", UTC), or nil for anything else.
+function M.parse_time(s)
+  if type(s) ~= "string" then return nil end
+  local y, mo, d, h, mi, sec, frac = s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)%.?(%d*)Z$")
+  if not y then return nil end
+  y, mo, d, h, mi, sec = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(sec)
+  if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59 or sec > 60 then return nil end
+  local ms = frac ~= "" and math.tointeger(tonumber((frac .. "00"):sub(1, 3))) or 0
+  return ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000 + sec * 1000 + ms
 end
 
 --- line(command, params...) -> "COMMAND p1 :last" (no CRLF). Raises on a
