@@ -70,7 +70,9 @@ DNS = no
         self.log = open(os.path.join(self.dir, "ngircd.log"), "ab")
         self.proc = subprocess.Popen([NGIRCD, "-n", "-f", self.conf], stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
+        # With TLS, ngircd first generates DH parameters: seconds, more on
+        # a loaded machine.
+        deadline = time.time() + (60 if self.tls_port else 10)
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()

@@ -406,8 +406,10 @@ class IrcScripted(unittest.TestCase):
         self.assertEqual(v.get("id"), "MessageID", r.stderr)
         self.assertEqual(len(server.sent("PRIVMSG someone ")), 10)  # max_lines' default
         self.assertEqual(len(server.sent("NOTICE someone ")), 1)
-        # Formatting took 13 s before the bound; the loop's longest pause now:
-        self.assertLess(v["gap"], 2000, v)
+        # Formatting stalled the loop 18.7 s before the bound (13 s in the
+        # report); what remains is the host carrying 4 MB to the backend:
+        # 0.1 s on an idle machine, 2.5 s with the machine loaded 6-fold.
+        self.assertLess(v["gap"], 10000, v)
 
 
 if __name__ == "__main__":
