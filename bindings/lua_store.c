@@ -4,6 +4,7 @@
 #include <cjson/cJSON.h>
 #include <lauxlib.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bindings.h"
 #include "lua_json.h"
@@ -14,6 +15,7 @@
 
 typedef struct lstore {
   sg__store *s;   /* NULL once closed */
+  int closing;    /* answers arriving now are dropped */
   int holds;     /* users in C (postboxes) that forbid an explicit close */
 } lstore;
 
@@ -30,16 +32,30 @@ void sg__lua_store_hold(lua_State *L, int idx, int delta) {
   if (ls) ls->holds += delta;
 }
 
-/* nil, "ESTORE: <SQLite's message>", "ESTORE" (luv's convention). */
-static int push_result(lua_State *L, sg__store *s, int err) {
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushboolean(L, 1);
-  return 1;
-}
 
-/* open(path) -> db | nil, err, code */
+/* open(path) or open{ engine = "sqlite"|"postgresql", path =, dsn =, pool = }
+ * -> db | nil, err, code */
 static int l_open(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  sg__store_config c = {0};
+  if (lua_istable(L, 1)) {
+    lua_getfield(L, 1, "engine");
+    lua_getfield(L, 1, "path");
+    lua_getfield(L, 1, "dsn");
+    lua_getfield(L, 1, "pool");
+    c.engine = luaL_optstring(L, -4, "sqlite");
+    c.path = luaL_optstring(L, -3, NULL);
+    c.dsn = luaL_optstring(L, -2, NULL);
+    lua_Integer pool = luaL_optinteger(L, -1, 3);
+    luaL_argcheck(L, pool > 0 && pool <= 64, 1, "pool: 1 to 64 connections");
+    c.pool = (unsigned)pool;
+  } else {
+    c.path = luaL_checkstring(L, 1);
+  }
+  sg__lenv *h = sg__lenv_of(L);
+  uv_loop_t *loop = h ? h->loop : NULL;
+  c.loop = loop;
+  if (c.engine && strcmp(c.engine, "postgresql") == 0 && !loop)
+    return luaL_error(L, "segue.store: engine postgresql needs the segue host's loop");
   lstore **ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, STORE_MT);
@@ -47,7 +63,7 @@ static int l_open(lua_State *L) {
   if (!ls) return luaL_error(L, "out of memory");
   *ud = ls;
   char err[600];
-  int rc = sg__store_open(path, &ls->s, err, sizeof err);
+  int rc = sg__store_open_with(&c, &ls->s, err, sizeof err);
   if (rc < 0) return sg__lua_fail(L, rc, err);
   return 1;
 }
@@ -56,8 +72,10 @@ static int l_close(lua_State *L) {
   lstore *ls = *(lstore **)luaL_checkudata(L, 1, STORE_MT);
   if (ls && ls->holds) return luaL_error(L, "the store is in use by a postbox");
   if (ls) {
+    ls->closing = 1;
     sg__store_close(ls->s);
     ls->s = NULL;
+    ls->closing = 0;
   }
   return 0;
 }
@@ -65,37 +83,12 @@ static int l_close(lua_State *L) {
 static int l_gc(lua_State *L) {
   lstore **ud = luaL_checkudata(L, 1, STORE_MT);
   if (*ud) {
+    (*ud)->closing = 1;
     sg__store_close((*ud)->s);
     free(*ud);
     *ud = NULL;
   }
   return 0;
-}
-
-/* db:map_put(origin_backend, origin_id, copy_backend, copy_id [, room]) */
-static int l_map_put(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int err = sg__store_map_put(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
-                             luaL_checkstring(L, 4), luaL_checkstring(L, 5),
-                             luaL_optstring(L, 6, NULL));
-  return push_result(L, s, err);
-}
-
-/* db:map_origin(backend, id) -> origin_backend, origin_id | nil */
-static int l_map_origin(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  char *ob, *oi;
-  int err = sg__store_map_origin(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3), &ob, &oi);
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  if (err == SG_STORE_NOTFOUND) {
-    lua_pushnil(L);
-    return 1;
-  }
-  lua_pushstring(L, ob);
-  lua_pushstring(L, oi);
-  free(ob);
-  free(oi);
-  return 2;
 }
 
 static void set_field(lua_State *L, const char *key, const char *value) {
@@ -115,14 +108,6 @@ static int push_copy(void *ud, const char *backend, const char *id, const char *
   return 0;
 }
 
-/* db:map_copies(origin_backend, origin_id) -> { {backend=, id=, room=}, ... } */
-static int l_map_copies(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  const char *ob = luaL_checkstring(L, 2), *oi = luaL_checkstring(L, 3);
-  lua_newtable(L);
-  int err = sg__store_map_copies(s, ob, oi, push_copy, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
-}
 
 static lua_Integer opt_int_field(lua_State *L, int idx, const char *key) {
   lua_getfield(L, idx, key);
@@ -151,34 +136,7 @@ static char *content_json(lua_State *L, int msg) {
   return text;
 }
 
-/* db:log_message(backend, message) -> true | nil, err, code. `message` is a
- * Message as on the wire (id, sender, recipient, content, create_time,
- * edit_time); logging a known id again is an edit. */
-static int l_log_message(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  const char *backend = luaL_checkstring(L, 2);
-  luaL_checktype(L, 3, LUA_TTABLE);
-  lua_getfield(L, 3, "id");
-  lua_getfield(L, 3, "recipient");
-  lua_getfield(L, 3, "sender");
-  const char *id = lua_tostring(L, -3), *room = lua_tostring(L, -2), *sender = lua_tostring(L, -1);
-  luaL_argcheck(L, id != NULL, 3, "message.id must be a string");
-  lua_Integer created = opt_int_field(L, 3, "create_time");
-  lua_Integer edited = opt_int_field(L, 3, "edit_time");
-  char *content = content_json(L, 3);
-  int err = sg__store_log_message(s, backend, id, room, sender, content, created, edited);
-  cJSON_free(content);
-  return push_result(L, s, err);
-}
 
-/* db:log_delete(backend, id) -> true (marked) | false (unknown) | nil, err, code */
-static int l_log_delete(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int err = sg__store_log_delete(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushboolean(L, err == 0);
-  return 1;
-}
 
 static void push_content(lua_State *L, const char *text) {
   cJSON *v = text ? cJSON_Parse(text) : NULL;
@@ -209,33 +167,314 @@ static int push_message(void *ud, const sg__store_message *m) {
   return 0;
 }
 
-/* db:messages(backend, room [, limit]) -> list, oldest first */
+
+
+
+
+/* ---- calls: one API on both engines -------------------------------------------
+ * Every method is the store's _async operation. SQLite answers before the call
+ * returns, so the method returns its results at once; PostgreSQL answers on a
+ * later loop turn: the method then yields the calling coroutine and returns
+ * the same results when it is resumed. A function as the last argument gets
+ * the results instead (and the method returns true). */
+
+enum { K_OK, K_VALUE, K_ORIGIN, K_COPIES, K_DELETED, K_MESSAGES, K_HOLDER, K_INSTANCES, K_LEASES };
+
+typedef struct lcall {
+  lua_State *L;   /* the caller, until the method returned */
+  sg__lenv *h;
+  lstore *ls;
+  int kind, in_call, done, nres;
+  int ref;        /* the waiting coroutine or callback, or LUA_NOREF */
+  int is_thread;
+} lcall;
+
+static void push_int_field(lua_State *L, const char *key, int64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, key);
+}
+
+/* The results of a reply, as the method returns them. */
+static int push_reply(lua_State *L, int kind, const sg__store_reply *r) {
+  luaL_checkstack(L, 8, "segue.store");
+  if (r->err < 0) return sg__lua_fail(L, r->err, r->message);
+  switch (kind) {
+    case K_VALUE:
+    case K_HOLDER:
+      lua_pushstring(L, r->err == SG_STORE_NOTFOUND ? NULL : r->text[0]);
+      return 1;
+    case K_ORIGIN:
+      if (r->err == SG_STORE_NOTFOUND) {
+        lua_pushnil(L);
+        return 1;
+      }
+      lua_pushstring(L, r->text[0]);
+      lua_pushstring(L, r->text[1]);
+      return 2;
+    case K_DELETED:
+      lua_pushboolean(L, r->err == 0);
+      return 1;
+    case K_COPIES:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++)
+        push_copy(L, r->copies[i].backend, r->copies[i].id, r->copies[i].room);
+      return 1;
+    case K_MESSAGES:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++) push_message(L, &r->messages[i]);
+      return 1;
+    case K_INSTANCES:
+    case K_LEASES:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++) {
+        lua_createtable(L, 0, 3);
+        if (kind == K_INSTANCES) {
+          set_field(L, "name", r->instances[i].name);
+          set_field(L, "info", r->instances[i].info);
+          push_int_field(L, "seen", r->instances[i].seen);
+        } else {
+          set_field(L, "name", r->leases[i].name);
+          set_field(L, "holder", r->leases[i].holder);
+          push_int_field(L, "expires", r->leases[i].expires);
+        }
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+      }
+      return 1;
+    default:
+      lua_pushboolean(L, 1);
+      return 1;
+  }
+}
+
+static void on_reply(void *ud, const sg__store_reply *r) {
+  lcall *c = ud;
+  if (c->in_call) {  /* answered before the method returned */
+    c->nres = push_reply(c->L, c->kind, r);
+    c->done = 1;
+    return;
+  }
+  sg__lenv *h = c->h;
+  lua_State *L = h ? h->L : NULL;
+  if (!L || c->ls->closing) {  /* the store or the state is going away */
+    if (L && c->ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+    free(c);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+  int n = push_reply(L, c->kind, r);
+  if (!c->is_thread) {
+    sg__lenv_pcall(h, n, 0, "segue.store callback");
+  } else {
+    lua_State *co = lua_tothread(L, -1 - n);
+    lua_xmove(L, co, n);
+    int nres = 0, rc = lua_resume(co, L, n, &nres);
+    if (rc == LUA_OK || rc == LUA_YIELD) {
+      lua_pop(co, nres);
+    } else {
+      luaL_traceback(L, co, lua_tostring(co, -1), 0);
+      sg__lenv_report(h, SG_ELUA, lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);  /* the thread */
+  }
+  free(c);
+}
+
+/* Starts a call: the method's arguments are parsed; `cbidx` is where an
+ * optional callback may be. Returns the lcall to pass to the _async
+ * operation, or raises (misuse). */
+static lcall *call_begin(lua_State *L, lstore *ls, int kind, int cbidx) {
+  if (sg__store_is_async(ls->s) && !lua_isfunction(L, cbidx)) {
+    if (!sg__lenv_of(L))
+      luaL_error(L, "segue.store on engine %s needs the segue host", sg__store_engine(ls->s));
+    if (!lua_isyieldable(L))
+      luaL_error(L, "segue.store on engine %s: call it inside a coroutine (see segue.spawn)"
+                 " or pass a callback", sg__store_engine(ls->s));
+  }
+  lcall *c = calloc(1, sizeof *c);
+  if (!c) luaL_error(L, "out of memory");
+  c->L = L;
+  c->h = sg__lenv_of(L);
+  c->ls = ls;
+  c->kind = kind;
+  c->in_call = 1;
+  c->ref = LUA_NOREF;
+  return c;
+}
+
+/* Finishes a method after its _async call returned rc. */
+static int call_end(lua_State *L, lcall *c, int rc, int cbidx) {
+  c->in_call = 0;
+  if (rc < 0) {
+    sg__store *s = c->ls->s;
+    free(c);
+    return sg__lua_fail(L, rc, sg__store_errmsg(s));
+  }
+  int has_cb = lua_isfunction(L, cbidx);
+  if (c->done) {
+    int n = c->nres;
+    free(c);
+    if (!has_cb) return n;
+    lua_pushvalue(L, cbidx);
+    lua_insert(L, -1 - n);
+    lua_call(L, n, 0);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!c->h) {  /* cannot happen: call_begin refused it */
+    free(c);
+    return luaL_error(L, "segue.store: no host to answer on");
+  }
+  if (has_cb) {
+    lua_pushvalue(L, cbidx);
+    c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushthread(L);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  c->is_thread = 1;
+  return lua_yield(L, 0);
+}
+
+/* db:map_put(origin_backend, origin_id, copy_backend, copy_id [, room [, cb]]) -> true */
+static int l_map_put(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *ob = luaL_checkstring(L, 2), *oi = luaL_checkstring(L, 3);
+  const char *cb_ = luaL_checkstring(L, 4), *ci = luaL_checkstring(L, 5);
+  const char *room = lua_isstring(L, 6) ? lua_tostring(L, 6) : NULL;
+  lcall *c = call_begin(L, ls, K_OK, 7);
+  return call_end(L, c, sg__store_map_put_async(ls->s, ob, oi, cb_, ci, room, on_reply, c), 7);
+}
+
+/* db:map_origin(backend, id [, cb]) -> origin_backend, origin_id | nil */
+static int l_map_origin(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *b = luaL_checkstring(L, 2), *id = luaL_checkstring(L, 3);
+  lcall *c = call_begin(L, ls, K_ORIGIN, 4);
+  return call_end(L, c, sg__store_map_origin_async(ls->s, b, id, on_reply, c), 4);
+}
+
+/* db:map_copies(origin_backend, origin_id [, cb]) -> { {backend=, id=, room=}, ... } */
+static int l_map_copies(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *ob = luaL_checkstring(L, 2), *oi = luaL_checkstring(L, 3);
+  lcall *c = call_begin(L, ls, K_COPIES, 4);
+  return call_end(L, c, sg__store_map_copies_async(ls->s, ob, oi, on_reply, c), 4);
+}
+
+/* db:log_message(backend, message [, cb]) -> true | nil, err, code. `message`
+ * is a Message as on the wire (id, sender, recipient, content, create_time,
+ * edit_time); logging a known id again is an edit. */
+static int l_log_message(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *backend = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_getfield(L, 3, "id");
+  lua_getfield(L, 3, "recipient");
+  lua_getfield(L, 3, "sender");
+  const char *id = lua_tostring(L, -3), *room = lua_tostring(L, -2), *sender = lua_tostring(L, -1);
+  luaL_argcheck(L, id != NULL, 3, "message.id must be a string");
+  lua_Integer created = opt_int_field(L, 3, "create_time");
+  lua_Integer edited = opt_int_field(L, 3, "edit_time");
+  char *content = content_json(L, 3);
+  /* Refused before call_begin could raise, so content is not leaked. */
+  if (sg__store_is_async(ls->s) && !lua_isfunction(L, 4) && !lua_isyieldable(L)) {
+    cJSON_free(content);
+    return luaL_error(L, "segue.store on engine %s: call it inside a coroutine (see segue.spawn)"
+                      " or pass a callback", sg__store_engine(ls->s));
+  }
+  lcall *c = call_begin(L, ls, K_OK, 4);
+  int rc = sg__store_log_message_async(ls->s, backend, id, room, sender, content, created,
+                                       edited, on_reply, c);
+  cJSON_free(content);
+  return call_end(L, c, rc, 4);
+}
+
+/* db:log_delete(backend, id [, cb]) -> true (marked) | false (unknown) | nil, err, code */
+static int l_log_delete(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *b = luaL_checkstring(L, 2), *id = luaL_checkstring(L, 3);
+  lcall *c = call_begin(L, ls, K_DELETED, 4);
+  return call_end(L, c, sg__store_log_delete_async(ls->s, b, id, on_reply, c), 4);
+}
+
+/* db:messages(backend, room [, limit [, cb]]) -> list, oldest first */
 static int l_messages(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
+  lstore *ls = check_lstore(L, 1);
   const char *backend = luaL_checkstring(L, 2), *room = luaL_checkstring(L, 3);
-  lua_Integer limit = luaL_optinteger(L, 4, 0);
+  lua_Integer limit = lua_isfunction(L, 4) ? 0 : luaL_optinteger(L, 4, 0);
   luaL_argcheck(L, limit >= 0 && limit <= 0x7fffffff, 4, "out of range");
-  lua_newtable(L);
-  int err = sg__store_messages(s, backend, room, (int)limit, push_message, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+  int cbidx = lua_isfunction(L, 4) ? 4 : 5;
+  lcall *c = call_begin(L, ls, K_MESSAGES, cbidx);
+  return call_end(L, c, sg__store_messages_async(ls->s, backend, room, (int)limit, on_reply, c),
+                  cbidx);
 }
 
-/* db:kv_get(key) -> value | nil [, err, code] */
+/* db:kv_get(key [, cb]) -> value | nil [, err, code] */
 static int l_kv_get(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  char *v;
-  int err = sg__store_kv_get(s, luaL_checkstring(L, 2), &v);
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushstring(L, v);  /* NULL pushes nil */
-  free(v);
-  return 1;
+  lstore *ls = check_lstore(L, 1);
+  const char *key = luaL_checkstring(L, 2);
+  lcall *c = call_begin(L, ls, K_VALUE, 3);
+  return call_end(L, c, sg__store_kv_get_async(ls->s, key, on_reply, c), 3);
 }
 
-/* db:kv_set(key, value|nil) -> true | nil, err, code */
+/* db:kv_set(key, value|nil [, cb]) -> true | nil, err, code */
 static int l_kv_set(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int err = sg__store_kv_set(s, luaL_checkstring(L, 2), luaL_optstring(L, 3, NULL));
-  return push_result(L, s, err);
+  lstore *ls = check_lstore(L, 1);
+  const char *key = luaL_checkstring(L, 2);
+  const char *value = lua_isstring(L, 3) ? lua_tostring(L, 3) : NULL;
+  lcall *c = call_begin(L, ls, K_OK, 4);
+  return call_end(L, c, sg__store_kv_set_async(ls->s, key, value, on_reply, c), 4);
+}
+
+/* db:instance_beat(instance [, info [, cb]]) -> true: `instance` is alive now */
+static int l_instance_beat(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  const char *info = lua_isstring(L, 3) ? lua_tostring(L, 3) : NULL;
+  lcall *c = call_begin(L, ls, K_OK, 4);
+  return call_end(L, c, sg__store_instance_beat_async(ls->s, name, info, on_reply, c), 4);
+}
+
+/* db:instances([cb]) -> { {name=, info=, seen=}, ... } */
+static int l_instances(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  lcall *c = call_begin(L, ls, K_INSTANCES, 2);
+  return call_end(L, c, sg__store_instances_async(ls->s, on_reply, c), 2);
+}
+
+/* db:leases([cb]) -> { {name=, holder=, expires=}, ... } */
+static int l_leases(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  lcall *c = call_begin(L, ls, K_LEASES, 2);
+  return call_end(L, c, sg__store_leases_async(ls->s, on_reply, c), 2);
+}
+
+/* db:lease_claim(name, instance, ttl_ms [, cb]) -> holder: taken or renewed
+ * when free, expired or already the instance's; compare holder with it. */
+static int l_lease_claim(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *name = luaL_checkstring(L, 2), *inst = luaL_checkstring(L, 3);
+  lua_Integer ttl = luaL_checkinteger(L, 4);
+  luaL_argcheck(L, ttl > 0, 4, "must be positive");
+  lcall *c = call_begin(L, ls, K_HOLDER, 5);
+  return call_end(L, c, sg__store_lease_claim_async(ls->s, name, inst, ttl, on_reply, c), 5);
+}
+
+/* db:lease_release(name, instance [, cb]) -> true */
+static int l_lease_release(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *name = luaL_checkstring(L, 2), *inst = luaL_checkstring(L, 3);
+  lcall *c = call_begin(L, ls, K_OK, 4);
+  return call_end(L, c, sg__store_lease_release_async(ls->s, name, inst, on_reply, c), 4);
+}
+
+/* db:engine() -> "sqlite" | "postgresql" */
+static int l_engine(lua_State *L) {
+  lua_pushstring(L, sg__store_engine(check_lstore(L, 1)->s));
+  return 1;
 }
 
 static int l_tostring(lua_State *L) {
@@ -250,6 +489,9 @@ int luaopen_segue_store(lua_State *L) {
       {"map_copies", l_map_copies},   {"log_message", l_log_message},
       {"log_delete", l_log_delete},   {"messages", l_messages},
       {"kv_get", l_kv_get},           {"kv_set", l_kv_set},
+      {"instance_beat", l_instance_beat}, {"instances", l_instances},
+      {"leases", l_leases},           {"lease_claim", l_lease_claim},
+      {"lease_release", l_lease_release}, {"engine", l_engine},
       {"close", l_close},             {NULL, NULL},
   };
   static const luaL_Reg fns[] = {{"open", l_open}, {NULL, NULL}};
@@ -257,5 +499,7 @@ int luaopen_segue_store(lua_State *L) {
       {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring}, {NULL, NULL}};
   sg__lua_class(L, STORE_MT, methods, meta);
   luaL_newlib(L, fns);
+  lua_pushinteger(L, SG_STORE_SCHEMA_VERSION);
+  lua_setfield(L, -2, "SCHEMA_VERSION");
   return 1;
 }

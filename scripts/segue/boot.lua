@@ -16,6 +16,15 @@ local overrides = {}      -- set by the embedder in C (data_dir, log_level)
 local current             -- the running config
 local source              -- how to load it again: { file = } or { name =, text = }
 local started = false
+-- Backends this instance holds the lease of (on a shared store).
+local leases = { owned = {} }
+
+-- On a shared store (postgresql), a backend starts only on the instance
+-- that holds its lease.
+local function may_start(name)
+  if not (M.store and M.store:engine() == "postgresql") then return true end
+  return leases.owned[name] == true
+end
 
 --- set_overrides(data_dir, log_level): options given in C (sg_host_new)
 --- win over the config's; "" means not given.
@@ -63,7 +72,7 @@ local function apply(cfg, old)
       if prev then core.remove_backend(b.name) end
       local ok, err = M.add_backend(b)
       if not ok then return nil, ("backend %s: %s"):format(b.name, err) end
-      if started then core.start_backend(b.name) end
+      if started and may_start(b.name) then core.start_backend(b.name) end
     end
   end
   for name in pairs(old_by_name) do core.remove_backend(name) end
@@ -136,13 +145,79 @@ local function watch_rules()
   end
 end
 
-local function open_store(dir)
+local function open_store(cfg)
   local ok, store = pcall(require, "segue.store")
   if not ok then return end
-  local db, err = store.open(dir .. "/segue.db")
+  local db, err = store.open(config.store_options(cfg))
   if not db then core.log("error", "store: " .. tostring(err)) return end
   M.store = db
   router.set_store(db)
+end
+
+-- Several instances on one PostgreSQL (docs/scaling.md): each backend runs
+-- on the one instance holding its lease ("backend:<name>" in the leases
+-- table), renewed every lease_ms / 3. An instance that cannot renew for most
+-- of lease_ms stops its backends before another may take them; one that
+-- died loses them when the lease expires. Each renewal also records the
+-- instance (instances table) with what it runs, for `segue status`.
+
+local function lease_tick()
+  local db, cfg = M.store, current
+  if leases.busy or not db or not cfg then return end
+  leases.busy = true
+  local now = loop.now()
+  local renewed = true
+  for _, b in ipairs(cfg.backends) do
+    local holder, err = db:lease_claim("backend:" .. b.name, cfg.instance, cfg.lease_ms)
+    if holder == cfg.instance then
+      if not leases.owned[b.name] then
+        leases.owned[b.name] = true
+        core.log("info", ("instance %s took backend %s"):format(cfg.instance, b.name))
+        core.start_backend(b.name)
+      end
+    elseif holder then
+      if leases.owned[b.name] then
+        leases.owned[b.name] = nil
+        core.log("warn", ("instance %s lost backend %s to %s"):format(cfg.instance, b.name, holder))
+        core.stop_backend(b.name)
+      end
+    else
+      renewed = false
+      core.log("warn", "lease renewal failed: " .. tostring(err))
+    end
+  end
+  if renewed then leases.renewed = now end
+  -- Not renewed for 80% of the lease: another instance may take it soon.
+  if leases.renewed and now - leases.renewed > cfg.lease_ms * 0.8 then
+    for name in pairs(leases.owned) do
+      core.log("warn", ("instance %s stops backend %s: its lease could not be renewed"):format(cfg.instance, name))
+      core.stop_backend(name)
+      leases.owned[name] = nil
+    end
+  end
+  local owned = {}
+  for name in pairs(leases.owned) do owned[#owned + 1] = name end
+  table.sort(owned)
+  local json = require "segue.json"
+  db:instance_beat(cfg.instance, json.encode { pid = fs.getpid(), backends = owned,
+    states = json_object(segue.backends and (function()
+      local t = {}
+      for _, st in ipairs(segue.backends()) do t[st.name] = st.state end
+      return t
+    end)() or {}), lease_ms = cfg.lease_ms })
+  leases.busy = false
+end
+
+local function start_leases()
+  segue.spawn(lease_tick)
+  leases.timer = segue.every(math.max(current.lease_ms // 3, 50), lease_tick)
+  segue.on("stopping", function()
+    if leases.timer then leases.timer:stop() end
+    local db, cfg = M.store, current
+    for name in pairs(leases.owned) do
+      db:lease_release("backend:" .. name, cfg.instance, function() end)
+    end
+  end)
 end
 
 -- The pid file is write-locked while segue runs (segue.fs.lock_pidfile):
@@ -193,14 +268,15 @@ function M.start()
   if not ok then return report { err } end
   ok, err = lock_pidfile(current.data_dir)
   if not ok then return report { err } end
-  open_store(current.data_dir)
+  open_store(current)
+  local shared = M.store and M.store:engine() == "postgresql"
   router.install()
   if current.rules then
     ok, err = router.load(current.rules, backend_names(current))
     if not ok then return nil, err end
     watch_rules()
   end
-  if M.store then -- for `segue status`: backends, peers, and the rules' last load
+  if M.store and not shared then -- for `segue status`: backends, peers, and the rules' last load
     require("segue.status").publish(M.store, nil, function()
       local r = router.status
       local c = require("segue.flow").counters()
@@ -215,7 +291,9 @@ function M.start()
   if current.listen or current.server_id then
     ok, err = segue.harmony.start(current)
     if not ok then return report { "federation: " .. err } end
-    if M.store then  -- the postbox needs the store: durable queues
+    if shared then
+      return report { "postbox: the postbox runs on engine sqlite only for now (docs/scaling.md)" }
+    elseif M.store then  -- the postbox needs the store: durable queues
       ok, err = require("segue.postbox").start(current, M.store)
       if not ok then return report { "postbox: " .. err } end
     end
@@ -225,7 +303,11 @@ function M.start()
     if not ok then return nil, err end
   end
   started = true
-  for _, b in ipairs(current.backends) do core.start_backend(b.name) end
+  if shared then
+    start_leases()  -- each backend on the instance that holds its lease
+  else
+    for _, b in ipairs(current.backends) do core.start_backend(b.name) end
+  end
   core.log("info", ("running with %d backend(s), data in %s"):format(#current.backends, current.data_dir))
   return true
 end

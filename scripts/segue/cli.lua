@@ -77,6 +77,35 @@ function commands.key(path)
   return 0
 end
 
+-- segue migrate [CONFIG] --------------------------------------------------------
+-- Applies the store's migrations now (instances also migrate when they
+-- start; on PostgreSQL one at a time, under an advisory lock).
+function commands.migrate(path)
+  if path == "--help" or path == "-h" then
+    io.stdout:write("usage: segue migrate [CONFIG]\n")
+    return 0
+  end
+  local cfg = M.config_or_fail(path)
+  if not cfg then return 1 end
+  local store = require "segue.store"
+  local opts = config.store_options(cfg)
+  local ok, done, e = pcall(require("segue").await, function()
+    local db, oerr = store.open(opts)
+    if not db then return nil, oerr end
+    -- The first call waits for the migrations (PostgreSQL runs them at the
+    -- first connection; SQLite ran them in open).
+    local _, kerr = db:kv_get("segue.migrate")
+    db:close()
+    if kerr then return nil, kerr end
+    return true
+  end, 60000)
+  if not ok then done, e = nil, tostring(done) end
+  if not done then err("migrate: %s", tostring(e)) return 1 end
+  io.stdout:write(("%s: schema at version %d\n"):format(
+    opts.engine == "postgresql" and "postgresql" or opts.path, store.SCHEMA_VERSION))
+  return 0
+end
+
 -- segue config --default --------------------------------------------------------
 commands.config = function(flag)
   if flag ~= "--default" then

@@ -34,6 +34,7 @@ local top_keys = {
   data_dir = "string", log_level = "string", backends = "table",
   scripts = "table", limits = "table", rules = "string",
   server_id = "string", listen = "string", federation = "table",
+  store = "table", instance = "string", lease_ms = "number",
 }
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
@@ -281,7 +282,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -307,6 +308,7 @@ function Checker:check(raw)
     if err then self:error({ "rules" }, "%s", err) end
   end
   self:federation(raw, cfg)
+  self:store(raw, cfg)
   if type(raw.scripts) == "table" then
     for i, s in ipairs(self:string_list({ "scripts" }, raw.scripts)) do
       local p = self:path(s)
@@ -316,6 +318,81 @@ function Checker:check(raw)
     end
   end
   return cfg
+end
+
+-- The store and instances (docs/scaling.md) ---------------------------------
+
+M.DEFAULT_LEASE_MS = 10000
+
+-- The host's name, for the default instance name.
+local function hostname()
+  local f = io.open("/proc/sys/kernel/hostname")
+  local name = f and f:read("l")
+  if f then f:close() end
+  return (name and name ~= "") and name or "localhost"
+end
+
+--- default_instance(): "host:pid", the name of an instance without `instance`.
+function M.default_instance()
+  return hostname() .. ":" .. fs.getpid()
+end
+
+-- store = { engine = "sqlite" | "postgresql", dsn = "...", path = "...", pool = n },
+-- instance = "name", lease_ms = n into cfg (sqlite's path: data_dir/segue.db
+-- unless given; see M.store_options).
+function Checker:store(raw, cfg)
+  local st = { engine = "sqlite" }
+  if type(raw.store) == "table" then
+    for k, v in pairs(raw.store) do
+      local p = { "store", tostring(k) }
+      if k == "engine" then
+        if v ~= "sqlite" and v ~= "postgresql" then
+          self:error(p, "expected \"sqlite\" or \"postgresql\", found %s", describe(v))
+        else
+          st.engine = v
+        end
+      elseif k == "dsn" then
+        if self:type(p, v, "string") then st.dsn = v end
+      elseif k == "path" then
+        if self:type(p, v, "string") then st.path = self:path(v) end
+      elseif k == "pool" then
+        if math.type(v) ~= "integer" or v < 1 or v > 64 then
+          self:error(p, "expected an integer from 1 to 64, found %s", describe(v))
+        else
+          st.pool = v
+        end
+      else
+        self:error(p, "unknown key (expected one of engine, dsn, path, pool)")
+      end
+    end
+    if st.engine == "postgresql" and not st.dsn then
+      self:error({ "store", "dsn" }, "engine postgresql needs a dsn (a libpq connection string or postgresql:// URI)")
+    end
+  end
+  cfg.store = st
+  if type(raw.instance) == "string" then
+    if not raw.instance:match("^[%w][%w%.%-_:@]*$") then
+      self:error({ "instance" }, "expected a name of letters, digits and . - _ : @, found %s", describe(raw.instance))
+    end
+    cfg.instance = raw.instance
+  else
+    cfg.instance = M.default_instance()
+  end
+  cfg.lease_ms = M.DEFAULT_LEASE_MS
+  if raw.lease_ms ~= nil then
+    if math.type(raw.lease_ms) ~= "integer" or raw.lease_ms < 100 then
+      self:error({ "lease_ms" }, "expected an integer of at least 100 (milliseconds), found %s", describe(raw.lease_ms))
+    else
+      cfg.lease_ms = raw.lease_ms
+    end
+  end
+end
+
+--- store_options(cfg): what segue.store.open takes for cfg's store.
+function M.store_options(cfg)
+  local st = cfg.store or { engine = "sqlite" }
+  if st.engine == "postgresql" then return { engine = "postgresql", dsn = st.dsn, pool = st.pool } end
+  return { engine = "sqlite", path = st.path or (cfg.data_dir .. "/segue.db") }
 end
 
 -- Federation (docs/federation.md) ------------------------------------------

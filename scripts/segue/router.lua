@@ -203,8 +203,11 @@ send_copy = function(origin_backend, msg, target, content, attachments)
     function(r, rerr)
       flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, (not r) and (rerr or "failed") or nil)
       if r and db then
-        local stored, serr = db:map_put(origin_backend, msg.id, e.backend, r.value, e.room)
-        if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
+        -- With a callback: answered at once on SQLite, later on PostgreSQL
+        -- (this callback is not a coroutine that could wait).
+        db:map_put(origin_backend, msg.id, e.backend, r.value, e.room, function(stored, serr)
+          if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
+        end)
       elseif not r then
         segue.log.warn(("bridging %s:%s to %s failed: %s"):format(origin_backend, msg.id, e.key, rerr))
       end

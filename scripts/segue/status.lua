@@ -50,10 +50,43 @@ function M.read(data_dir)
   return out
 end
 
+--- read_shared(cfg): on a shared store (postgresql), every instance: when
+--- it was last seen, whether it is alive (seen within 2 x lease_ms), its pid
+--- and the backends it owns with their states; and every lease. Runs the
+--- loop until the database answered (from the CLI).
+function M.read_shared(cfg)
+  local s = segue()
+  local ok, out, err, code = pcall(s.await, function()
+    local db, oerr, ocode = store.open(require("segue.config").store_options(cfg))
+    if not db then return nil, oerr, ocode end
+    local instances, ierr, icode = db:instances()
+    local leases = instances and db:leases() or {}
+    db:close()
+    if not instances then return nil, ierr, icode end
+    local now = os.time() * 1000
+    local list = {}
+    for _, i in ipairs(instances) do
+      local info = i.info and json.decode(i.info) or {}
+      local lease_ms = info.lease_ms or cfg.lease_ms
+      list[#list + 1] = { name = i.name, seen = i.seen, alive = now - i.seen <= 2 * lease_ms,
+        pid = info.pid, backends = info.backends or {}, states = info.states }
+    end
+    return { engine = "postgresql", instance = cfg.instance, instances = list, leases = leases }
+  end, 30000)
+  if not ok then return nil, tostring(out), "ESTORE" end
+  return out, err, code
+end
+
 --- command(config_path): `segue status [CONFIG]` prints M.read as one JSON object.
 function M.command(path)
   local cfg, errors = require("segue.cli").load_config(path)
   if not cfg then return nil, table.concat(errors, "\n"), "ECONFIG" end
+  if cfg.store and cfg.store.engine == "postgresql" then
+    local out, err, code = M.read_shared(cfg)
+    if not out then return nil, err, code end
+    io.stdout:write(json.encode(out), "\n")
+    return true
+  end
   local out, err, code = M.read(cfg.data_dir)
   if not out then return nil, err, code end
   io.stdout:write(json.encode(out), "\n")

@@ -1,0 +1,162 @@
+"""Several segue instances on one PostgreSQL (docs/scaling.md), against a
+real PostgreSQL 15 started here (pg_server.py): three instances share two
+subprocess backends, each backend runs on exactly one instance (its lease),
+`segue status` shows every instance and what it owns, `kill -9` of the
+instance owning a backend hands it to another within the lease time, and
+`segue migrate` applies the schema."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import unittest
+
+import pg_server
+from harness import SEGUE, FAKE, PYTHON, run, tmpdir, write, wait_for
+
+LEASE_MS = 1000
+
+
+def running_backends(marker):
+    """Live processes whose command line holds `marker` (a backend's state
+    file): how many copies of that backend run right now."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open("/proc/%s/stat" % pid) as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    continue
+        except OSError:
+            continue
+        if marker in cmd:
+            n += 1
+    return n
+
+
+@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
+class Scaling(unittest.TestCase):
+    def setUp(self):
+        self.pg = pg_server.PgServer()
+        self.addCleanup(self.pg.cleanup)
+        self.pg.start()
+        self.pg.psql("CREATE DATABASE segue")
+        self.dsn = self.pg.dsn.replace("dbname=postgres", "dbname=segue")
+        self.dir = tmpdir()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.procs = {}
+        self.addCleanup(self.stop_all)
+        self.states = {b: os.path.join(self.dir, "state-" + b) for b in ("a", "b")}
+
+    def config(self, name):
+        d = os.path.join(self.dir, name)
+        backends = ",\n".join(
+            '  %s = { cmd = %s, args = { %s, "--state=%s" } }' % (b, json.dumps(PYTHON), json.dumps(FAKE), self.states[b])
+            for b in ("a", "b"))
+        return write(os.path.join(self.dir, name + ".lua"), """
+data_dir = %s
+instance = %s
+lease_ms = %d
+store = { engine = "postgresql", dsn = %s }
+backends = {
+%s
+}
+""" % (json.dumps(d), json.dumps(name), LEASE_MS, json.dumps(self.dsn), backends))
+
+    def start(self, name):
+        log = open(os.path.join(self.dir, name + ".log"), "wb")
+        self.procs[name] = (subprocess.Popen([SEGUE, "run", self.config(name)], stdout=log,
+                                             stderr=subprocess.STDOUT), log)
+
+    def stop_all(self):
+        for p, log in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            log.close()
+        # Backends of a killed instance see their stdin close and exit.
+        wait_for(lambda: all(running_backends(s) == 0 for s in self.states.values()), 20)
+
+    def log(self, name):
+        with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
+            return f.read()
+
+    def status(self, name="i1"):
+        r = run(["status", os.path.join(self.dir, name + ".lua")], timeout=60)
+        self.assertEqual(r.code, 0, r.stderr)
+        return json.loads(r.stdout)
+
+    def owners(self):
+        """backend -> (holder, state there) from `segue status`."""
+        st = self.status()
+        out = {}
+        now_alive = {i["name"]: i for i in st["instances"] if i["alive"]}
+        for lease in st["leases"]:
+            b = lease["name"].split(":", 1)[1]
+            inst = now_alive.get(lease["holder"])
+            if inst and b in inst["backends"]:
+                out[b] = (lease["holder"], (inst.get("states") or {}).get(b))
+        return out
+
+    def all_running(self, exclude=()):
+        o = self.owners()
+        return (set(o) == {"a", "b"} and all(s == "running" for _, s in o.values())
+                and not any(h in exclude for h, _ in o.values()))
+
+    def test_migrate_status_one_owner_per_backend_and_takeover_after_kill_9(self):
+        r = run(["migrate", self.config("i1")], timeout=60)
+        self.assertEqual(r.code, 0, r.stderr)
+        self.assertIn("postgresql: schema at version 2", r.stdout)
+        self.assertEqual(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
+                                         "SELECT version FROM segue_schema"],
+                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "2")
+        for name in ("i1", "i2", "i3"):
+            self.start(name)
+        self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
+        st = self.status()
+        self.assertEqual(sorted(i["name"] for i in st["instances"]), ["i1", "i2", "i3"])
+        self.assertTrue(all(i["alive"] for i in st["instances"]))
+        # Each backend runs once, on the instance holding its lease, and
+        # stays so while the leases are renewed.
+        time.sleep(3 * LEASE_MS / 1000)
+        for b in ("a", "b"):
+            self.assertEqual(running_backends(self.states[b]), 1, b)
+        owners = self.owners()
+        holders = {i["name"]: i["backends"] for i in self.status()["instances"]}
+        for b, (h, _) in owners.items():
+            self.assertIn(b, holders[h])
+            self.assertEqual([n for n, bs in holders.items() if b in bs], [h])
+        starts_a = open(self.states["a"]).read().count("start")
+        self.assertEqual(starts_a, 1)
+
+        # kill -9 the owner of backend a: another instance takes it over
+        # once the lease expired (lease_ms, renewed every lease_ms / 3).
+        victim = owners["a"][0]
+        p, _ = self.procs[victim]
+        t0 = time.time()
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        self.assertTrue(wait_for(lambda: self.all_running(exclude=(victim,)), 30),
+                        "\n".join(self.log(n) for n in self.procs))
+        took = time.time() - t0
+        self.assertLess(took, 20)
+        new_owner = self.owners()["a"][0]
+        self.assertNotEqual(new_owner, victim)
+        self.assertIn("instance %s took backend a" % new_owner, self.log(new_owner))
+        # Once the killed instance's own children noticed (stdin closed),
+        # each backend runs exactly once again.
+        self.assertTrue(wait_for(lambda: all(running_backends(self.states[b]) == 1 for b in ("a", "b")), 20))
+        self.assertEqual(open(self.states["a"]).read().count("start"), 2)
+        self.assertTrue(wait_for(lambda: not [i for i in self.status()["instances"] if i["name"] == victim][0]["alive"], 20))
+
+
+if __name__ == "__main__":
+    unittest.main()
