@@ -96,7 +96,10 @@ local function read_loop()
 end
 
 return {
-  info = { name = "console", version = { 0, 1, 0 } },
+  info = { name = "console", version = { 0, 1, 0 },
+    -- printed with markers of its own; a terminal shows no attachments
+    capabilities = { formatting = { "Text", "Concat", "Bold", "Italic", "Crossout" }, max_length = 0,
+      attachments = { max_bytes = 0, types = {} } } },
 
   start = function()
     if options.banner then io.stdout:write(tostring(options.banner), "\n") io.stdout:flush() end

@@ -721,7 +721,12 @@ local function send_message(msg)
 end
 
 return {
-  info = { name = "irc", version = { 0, 1, 0 } },
+  info = { name = "irc", version = { 0, 1, 0 },
+    -- IRC formatting codes; no attachments, edits or history; the backend
+    -- splits lines at 512 bytes itself, a message over 2000 bytes is split
+    -- by the router first (a few lines each, not a flood)
+    capabilities = { formatting = { "Text", "Concat", "Bold", "Italic", "Underline", "Crossout", "Emote" },
+      max_length = 2000, length_unit = "bytes", attachments = { max_bytes = 0, types = {} } } },
 
   start = function() run() end,
 

@@ -5,6 +5,9 @@
 -- MessageUpsert updates, as a real service would echo them. Options:
 --   user    = the sender shown on messages sent through segue (default "segue")
 --   history = how many older messages MessageGetBefore replays (default 50)
+--   capabilities = what to announce instead of its own (a table as in
+--             docs/spec/backend-protocol.md): stands in for a service that
+--             can do less, in tests and trials of degradation
 -- It also exposes backend.post(room_id, sender, text) so scripts and tests can
 -- act as a user of the service.
 local backend, options = ...
@@ -63,7 +66,11 @@ local function known_recipient(id)
 end
 
 return {
-  info = { name = "memory", version = { 0, 1, 0 } },
+  info = { name = "memory", version = { 0, 1, 0 },
+    -- every kind of content kept as sent; no edit or delete requests exist
+    capabilities = type(options.capabilities) == "table" and options.capabilities or { formatting = { "Text", "Bold", "Italic", "Underline", "Crossout", "Concat", "Emote",
+      "MessageLink", "RoomLink", "UserLink", "UrlLink" }, max_length = 0, history = true,
+      attachments = { max_bytes = 16777216, types = { "*/*" } } } },
 
   RoomLookup = function(name)
     if type(name) ~= "string" or name == "" then return nil, "RoomLookup needs a room name" end

@@ -141,7 +141,11 @@ local function watch()
 end
 
 return {
-  info = { name = "notes", version = { 0, 1, 0 } },
+  info = { name = "notes", version = { 0, 1, 0 },
+    -- a note keeps the Message as JSON: any content, attachments inline
+    capabilities = { formatting = { "Text", "Bold", "Italic", "Underline", "Crossout", "Concat", "Emote",
+      "MessageLink", "RoomLink", "UserLink", "UrlLink" }, max_length = 0, history = true,
+      attachments = { max_bytes = 16777216, types = { "*/*" } } } },
 
   start = function() watch() end,
   stop = function() if watcher then watcher:stop() watcher = nil end end,

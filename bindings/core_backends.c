@@ -179,6 +179,9 @@ static int l_backends(lua_State *L) {
       lua_pushinteger(L, sg__child_pid(b));
       lua_setfield(L, -2, "pid");
     }
+    char err[128];  /* as announced; segue.degrade adds the defaults */
+    if (b->capabilities && sg__lua_push_json(L, b->capabilities, err, sizeof err) == 0)
+      lua_setfield(L, -2, "capabilities");
     lua_rawseti(L, -2, i++);
   }
   return 1;

@@ -353,6 +353,11 @@ static void on_init_info(sg__backend *b, const cJSON *v) {
   sg__backend_log(b, SG_LOG_INFO, "started: %s %d.%d.%d", name,
                   cJSON_GetArrayItem(ver, 0)->valueint, cJSON_GetArrayItem(ver, 1)->valueint,
                   cJSON_GetArrayItem(ver, 2)->valueint);
+  /* segue's extension: what the service can do (docs/spec/backend-protocol.md).
+   * Other hosts ignore the field; the router reads it through backends(). */
+  cJSON_Delete(b->capabilities);
+  const cJSON *caps = cJSON_GetObjectItemCaseSensitive(v, "capabilities");
+  b->capabilities = cJSON_IsObject(caps) ? cJSON_Duplicate(caps, 1) : NULL;
   set_state(b, SG_BACKEND_RUNNING, NULL);
   flush_queue(b);
 }
@@ -511,6 +516,8 @@ static void backend_timer_closed(uv_handle_t *h) {
   free(b->buckets);
   free(b->name);
   b->name = NULL;
+  cJSON_Delete(b->capabilities);
+  b->capabilities = NULL;
   if (b->ev && b->ev->on_closed) b->ev->on_closed(b);
 }
 

@@ -98,6 +98,9 @@ struct sg__backend {
   uint32_t nbuckets, inflight;
   struct sg__reqlist { sg__request *head, *tail; } queue, retrying;
   unsigned pending_timers;    /* request timers still closing */
+  /* segue's InitInfo extension: the "capabilities" object of the last
+   * InitInfo (owned; NULL when it announced none). */
+  cJSON *capabilities;
 };
 
 /* Initializes `b` (caller allocates; free it in ev->on_closed). The name is

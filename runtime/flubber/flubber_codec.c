@@ -150,9 +150,12 @@ static const fl_field error_fields[] = {
     OPTIONAL("retry", &t_bool, cJSON_CreateFalse), END};
 static const fl_type t_response_error = OBJECT(error_fields);
 
+/* "capabilities" is segue's extension (docs/spec/backend-protocol.md):
+ * free-form here, checked field by field by segue.degrade; other hosts,
+ * like serde, ignore it. */
 static const fl_field init_info_fields[] = {
     FIELD("backend_name", &t_string), FIELD("backend_version", &t_version),
-    FIELD("protocol_version", &t_protocol_version), END};
+    FIELD("protocol_version", &t_protocol_version), OPTIONAL("capabilities", &t_any, cJSON_CreateNull), END};
 static const fl_type t_init_info = OBJECT(init_info_fields);
 
 static const fl_variant request_variants[] = {

@@ -100,8 +100,9 @@ function M.driver(name, spec, emit)
         spec.chunkname:gsub("^@", ""), type(handlers)), 0)
     end
     local info = handlers.info or {}
+    -- capabilities: segue's InitInfo extension (docs/spec/backend-protocol.md)
     local ok, e = emit { backend_name = info.name or name, backend_version = info.version or { 0, 0, 0 },
-      protocol_version = { 0, 1, 0 } }
+      protocol_version = { 0, 1, 0 }, capabilities = info.capabilities }
     if not ok then error(e, 0) end
     if handlers.start then segue.spawn(handlers.start, api) end
   end

@@ -169,10 +169,15 @@ function Backend:request(body, callback)
   end, callback)
 end
 
---- backend:info() -> { name, kind, state, restarts, pid } or nil
+--- backend:info() -> { name, kind, state, restarts, pid, inflight,
+--- capabilities } or nil; capabilities are what the backend announced over
+--- the defaults (segue.degrade).
 function Backend:info()
   for _, b in ipairs(core.backends()) do
-    if b.name == self.name then return b end
+    if b.name == self.name then
+      b.capabilities = require("segue.degrade").capabilities(b.capabilities, b.name)
+      return b
+    end
   end
 end
 

@@ -11,6 +11,7 @@
 local segue = require "segue"
 local rules = require "segue.rules"
 local flow = require "segue.flow"   -- counters and `segue watch`: the hooks below
+local degrade = require "segue.degrade"  -- each copy fit to its destination: one hook, in deliver
 
 local M = {}
 
@@ -249,7 +250,8 @@ local function deliver(set, backend, room, msg, marker)
     table.insert(by_bridge[t.bridge], t)
   end
   for b, targets in pairs(by_bridge) do
-    local ctx = setmetatable({ bridge = b.name, targets = targets }, { __index = ctx_base })
+    local ctx = setmetatable({ bridge = b.name, targets = targets,
+      capabilities = degrade.of(targets[1].endpoint.backend) }, { __index = ctx_base })
     flow.entered(b)
     local m = apply_functions(b, msg, ctx)
     if not m then flow.dropped(b, backend, room, msg) end
@@ -260,7 +262,7 @@ local function deliver(set, backend, room, msg, marker)
       local prefix = (marker or "") .. render(t.endpoint.format or b.format, ctx)
       local parts = { { type = "Text", value = prefix }, m.content }
       for _, n in ipairs(notices) do parts[#parts + 1] = { type = "Text", value = " " .. n } end
-      send_copy(backend, msg, t, { type = "Concat", value = parts }, attachments)
+      degrade.send(send_copy, backend, msg, t, { type = "Concat", value = parts }, attachments, marker)
     end
   end
 end
@@ -407,6 +409,7 @@ end
 
 --- install(): routes updates and federation events through the rules.
 function M.install()
+  degrade.install()
   segue.on("update", function(backend, update) process(backend, update) end)
   segue.on("backend", function(name, st) if st == "running" then M.resolve_backend(name, true) end end)
   segue.on("federation", function(server_id, event)

@@ -27,12 +27,14 @@ M.MAX_INSTRUCTIONS = 1000000
 local bridge_keys = {
   name = "string", format = "string", filter = "function", rewrite = "function",
   fallback = "string", edits = "string", deletes = "string", max_attachment_bytes = "number",
+  long = "string",
 }
 local set_keys = { on_message = true, on_room = true, on_federation = true, test = true }
 local choices = {
   fallback = { drop = true, pass = true },
   edits = { resend = true, ignore = true },
   deletes = { ignore = true, notice = true },
+  long = { split = true, cut = true },
   mode = { both = true, ["in"] = true, out = true },
 }
 

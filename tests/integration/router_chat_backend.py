@@ -89,7 +89,7 @@ def inject(line):
     elif "delete" in cmd:
         send({"type": "MessageDelete", "value": cmd["delete"]})
     else:
-        m = new_message(cmd["room"], cmd["sender"], {"type": "Text", "value": cmd["text"]})
+        m = new_message(cmd["room"], cmd["sender"], cmd.get("content") or {"type": "Text", "value": cmd["text"]})
         if cmd.get("attach"):
             m["attachments"] = [{"mime": "image/png",
                                  "data": base64.b64encode(b"x" * cmd["attach"]).decode()}]
@@ -105,7 +105,10 @@ def main():
     if SHARED:
         open(SHARED, "a").close()
         shared = open(SHARED)
-    send({"backend_name": "chat", "backend_version": [0, 1, 0], "protocol_version": [0, 1, 0]})
+    init = {"backend_name": "chat", "backend_version": [0, 1, 0], "protocol_version": [0, 1, 0]}
+    if os.environ.get("CHAT_CAPABILITIES"):  # segue's InitInfo extension
+        init["capabilities"] = json.loads(os.environ["CHAT_CAPABILITIES"])
+    send(init)
     dec, buf = json.JSONDecoder(), ""
     while True:
         r, _, _ = select.select([0], [], [], 0.02)

@@ -27,8 +27,10 @@ class Standalone(unittest.TestCase):
             {"sequence_number": 9, "body": {"type": "MessageGet", "value": "nope"}},
         ], ["user=alice"])
         self.assertEqual(p.returncode, 0, p.stderr)
+        caps = values[0].pop("capabilities")  # segue's InitInfo extension
         self.assertEqual(values[0], {"backend_name": "memory", "backend_version": [0, 1, 0],
                                      "protocol_version": [0, 1, 0]})
+        self.assertTrue(caps["history"])
         responses = {v["sequence_number"]: v["body"] for v in values if "sequence_number" in v}
         self.assertEqual(responses[7]["type"], "RoomID")
         self.assertEqual(responses[7], responses[8])
