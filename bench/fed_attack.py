@@ -81,7 +81,7 @@ def read_response(s):
 
 
 class Segue:
-    def __init__(self, nofile=None, federation="{}"):
+    def __init__(self, nofile=None, federation=""):
         self.dir = tempfile.mkdtemp(prefix="segue-bench-")
         self.port = free_port()
         with open(os.path.join(self.dir, "segue.lua"), "w") as f:
