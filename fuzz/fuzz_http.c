@@ -126,7 +126,7 @@ static void handle_federated(sg__federation *f, sg__fed_method m, const char *se
   sg__token tok;
   sg__token_policy pol;
   sg__token_policy_init(&pol);
-  pol.window = UINT64_MAX;
+  pol.window = pol.unbound_window = UINT64_MAX;
   const char *auth = req->authorization;
   FUZZ_REQUIRE(sg__fed_method_name(m) != NULL && strcmp(server_id, FUZZ_PEER) == 0,
                "method %d from %s reached the handler", (int)m, server_id);
@@ -171,7 +171,7 @@ static void federation_init(const sg__hrpc_limits *lim) {
                       .peer_ids = allow, .peer_urls = peer_urls, .n_peers = 1,
                       .request_timeout_ms = 1000};
   sg__token_policy_init(&o.policy);
-  o.policy.window = UINT64_MAX;
+  o.policy.window = o.policy.unbound_window = UINT64_MAX;
   o.policy.allow = allow;
   o.policy.n_allow = 1;
   FUZZ_REQUIRE(sg__federation_init(&loop, &fed, &o, &fuzz_log, err, sizeof err) == 0, "%s", err);
