@@ -266,6 +266,35 @@ class BogusIds(unittest.TestCase):
             c.stop()
 
 
+class Options(unittest.TestCase):
+    def test_the_new_federation_options_are_checked(self):
+        from harness import run, tmpdir, write
+        d = tmpdir()
+        good = write(os.path.join(d, "good.lua"), "\n".join([
+            'server_id = "a.example:2289"',
+            'federation = {',
+            '  peers = { ["b.example:1"] = { url = "https://b.example:1", require_audience = true },',
+            '            ["c.example:1"] = "http://127.0.0.1:9" },',
+            '  unbound_token_window = 20, key_fetch_rate = 5, key_fetch_private = true,',
+            '  key_cache_size = 100, limits = { max_connections_per_address = 8 },',
+            '}']) + "\n")
+        r = run(["check", good], cwd=d)
+        self.assertEqual(r.code, 0, r.stderr)
+        bad = write(os.path.join(d, "bad.lua"), "\n".join([
+            'federation = {',
+            '  peers = { ["b.example:1"] = { url = "ftp://x", require_audience = "yes", extra = 1 } },',
+            '  key_fetch_private = "yes",',
+            '  key_fetch_rate = 0,',
+            '}']) + "\n")
+        r = run(["check", bad], cwd=d)
+        self.assertEqual(r.code, 1)
+        self.assertIn("federation.peers.b.example:1.extra: unknown peers option", r.stderr)
+        self.assertIn("federation.peers.b.example:1.require_audience: expected a boolean", r.stderr)
+        self.assertIn("federation.peers.b.example:1: expected a base URL", r.stderr)
+        self.assertIn("federation.key_fetch_private: expected a boolean", r.stderr)
+        self.assertIn("federation.key_fetch_rate: expected a positive integer", r.stderr)
+
+
 class SlowConnections(unittest.TestCase):
     """Issue 12, item 6: slow-header connections fill every slot."""
 
