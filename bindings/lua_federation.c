@@ -8,7 +8,7 @@
  *                allow = {...}, block = {...}, token_window =,
  *                unbound_token_window =, limits = {...}, request_timeout_ms =,
  *                key_refetch_ms =, key_fetch_rate =, key_fetch_private =,
- *                key_cache_size = }
+ *                key_cache_size =, verify_in_pool = (default true) }
  *   load_key(data_dir) -> public_key_base64 | nil, err, code  (creates it)
  *   fed:on_request(fn(method, server_id, body, req))   "Push", "Pull", "NotifyNewId"
  *   req:respond(bytes) / req:error(status, identifier [, message]) -> true | nil, err, code
@@ -386,7 +386,9 @@ static void check_options(lua_State *L, sg__fed_options *o, sg__hrpc_limits *lim
   o->key_cache_size = (size_t)opt_uint(L, 1, "key_cache_size", 0);
   lua_getfield(L, 1, "key_fetch_private");
   o->key_fetch_private = lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "verify_in_pool");
+  o->verify_on_loop = lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1);
+  lua_pop(L, 2);
   opt_peers(L, 1, o);
   opt_limits(L, 1, limits);
   o->limits = limits;

@@ -196,25 +196,108 @@ static void authenticated(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES
   check_new_id(w);
 }
 
-/* Checks w's signature with the key `e` holds (from the cache). */
-static void authenticate_cached(waiter *w, sg__keycache_entry *e) {
+/* What a signature check with the cached key `pk` leads to: the handler,
+ * a refetch (the peer may have rotated its key; one that sends bad
+ * signatures cannot make us hammer its Key endpoint: the entry's stamp), or
+ * a refusal. */
+static void cached_outcome(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
+                           sg__token_reason r, const char *why) {
   sg__federation *f = w->route->f;
-  char why[SG_TOKEN_WHY_SIZE];
-  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
-  memcpy(pk, e->pk, sizeof pk);
-  sg__token_reason r = verify(w, pk, why, sizeof why);
   if (r == SG_TOKEN_OK) {
     authenticated(w, pk);
-  } else if (r == SG_TOKEN_BAD_SIGNATURE && !w->retried &&
-             uv_now(f->loop) - e->stamp >= f->key_refetch_ms) {
-    /* The peer may have rotated its key; one that sends bad signatures
-     * cannot make us hammer its Key endpoint (the stamp). */
+    return;
+  }
+  sg__keycache_entry *e = sg__keycache_find(&f->cache, w->tok.server_id);
+  if (r == SG_TOKEN_BAD_SIGNATURE && !w->retried && e && !e->negative &&
+      uv_now(f->loop) - e->stamp >= f->key_refetch_ms) {
     w->retried = 1;
     e->stamp = uv_now(f->loop);
     fetch_key(f, w->tok.server_id, w);
   } else {
     refuse_token(w, r, why);
   }
+}
+
+/* A signature checked on libuv's thread pool: the loop goes on parsing and
+ * answering other requests meanwhile (a fresh token per request costs an
+ * Ed25519 verify, the most expensive step of a Push). The thread reads only
+ * the job and the waiter's token, which nothing else touches until the
+ * after-work callback runs on the loop. */
+typedef struct vjob {
+  uv_work_t work;
+  waiter *w;
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES], h[32];
+  int ok;
+} vjob;
+
+static void vjob_run(uv_work_t *req) {
+  vjob *j = req->data;
+  const sg__token *t = &j->w->tok;
+  j->ok = crypto_sign_verify_detached(t->sig, t->data, t->data_len, j->pk) == 0;
+}
+
+static void part_closed(sg__federation *f, int bit);
+
+static void vjob_done(uv_work_t *req, int status) {
+  vjob *j = req->data;
+  waiter *w = j->w;
+  sg__federation *f = w->route->f;
+  f->jobs--;
+  if (status != 0 || f->closing) {
+    /* closing: the request's connection is gone, the answer a no-op */
+    sg__hrpc_respond_error(w->req, 503, SG__HRPC_UNAVAILABLE, "request refused", NULL, 0);
+    waiter_free(w);
+  } else if (j->ok) {
+    memcpy(verified_slot(f, j->h), j->h, 32);
+    authenticated(w, j->pk);
+  } else {
+    char why[SG_TOKEN_WHY_SIZE], b64[SG_KEYS_PUBLIC_B64_SIZE];
+    sodium_bin2base64(b64, sizeof b64, j->pk, SG_KEYS_PUBLIC_BYTES, sodium_base64_VARIANT_ORIGINAL);
+    snprintf(why, sizeof why, "token signature from %s does not verify with key %s",
+             w->tok.server_id, b64);
+    cached_outcome(w, j->pk, SG_TOKEN_BAD_SIGNATURE, why);
+  }
+  free(j);
+  if (f->closing && f->jobs == 0) part_closed(f, 8);
+}
+
+/* Starts the check of w's signature on the thread pool; 0, or an error
+ * (then the caller checks on the loop). */
+static int verify_in_pool(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
+                          const unsigned char h[32]) {
+  sg__federation *f = w->route->f;
+  vjob *j = malloc(sizeof *j);
+  if (!j) return SG_ENOMEM;
+  j->work.data = j;
+  j->w = w;
+  memcpy(j->pk, pk, SG_KEYS_PUBLIC_BYTES);
+  memcpy(j->h, h, 32);
+  int rc = uv_queue_work(f->loop, &j->work, vjob_run, vjob_done);
+  if (rc) {
+    free(j);
+    return rc;
+  }
+  f->jobs++;
+  f->stats.verifies++;
+  return 0;
+}
+
+/* Checks w's signature with the key `e` holds (from the cache): the
+ * verified-token cache first, then Ed25519 on the thread pool (or here). */
+static void authenticate_cached(waiter *w, sg__keycache_entry *e) {
+  sg__federation *f = w->route->f;
+  char why[SG_TOKEN_WHY_SIZE];
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES], h[32];
+  memcpy(pk, e->pk, sizeof pk);
+  token_hash(w, pk, h);
+  if (sodium_memcmp(verified_slot(f, h), h, 32) == 0) {
+    f->stats.verified_hits++;
+    authenticated(w, pk);
+    return;
+  }
+  if (f->verify_pool && !f->closing && verify_in_pool(w, pk, h) == 0) return;
+  sg__token_reason r = verify(w, pk, why, sizeof why);
+  cached_outcome(w, pk, r, why);
 }
 
 /* Checks w's signature with a key fetched recently that has verified
@@ -563,6 +646,7 @@ static int copy_options(sg__federation *f, const sg__fed_options *o) {
   f->fetch_rate = o->key_fetch_rate ? o->key_fetch_rate : SG_FED_DEFAULT_KEY_FETCH_RATE;
   f->fetch_tokens = f->fetch_rate;
   f->fetch_private = o->key_fetch_private;
+  f->verify_pool = !o->verify_on_loop;
   size_t pos = o->key_cache_size ? o->key_cache_size : SG_KEYCACHE_DEFAULT_POSITIVE;
   if (sg__keycache_init(&f->cache, pos, pos / 4 + 1)) failed = 1;
   if (!(f->verified = calloc(SG_FED_VERIFIED_SLOTS, sizeof *f->verified))) failed = 1;
@@ -663,7 +747,8 @@ static void free_all(sg__federation *f) {
   f->keys = NULL;
 }
 
-/* parts_open: bit 0 the client, bit 1 the server, bit 2 `closer`. */
+/* parts_open: bit 0 the client, bit 1 the server, bit 2 `closer`, bit 3
+ * signature checks still on the thread pool. */
 static void part_closed(sg__federation *f, int bit) {
   f->parts_open &= ~bit;
   if (f->parts_open) return;
@@ -682,7 +767,7 @@ void sg__federation_close(sg__federation *f, void (*close_cb)(sg__federation *f)
   int parts = f->parts_open | (f->serving ? 2 : 0);
   /* The closer is always there, so close_cb always runs from the loop, even
    * for a federation whose init failed before it made anything else. */
-  f->parts_open = parts | 4;
+  f->parts_open = parts | 4 | (f->jobs ? 8 : 0);
   if (parts & 2) sg__hrpc_server_close(&f->server, server_closed);
   /* Cancelled key fetches answer their waiters (no-ops: the server closed). */
   if (parts & 1) sg__hrpc_client_close(&f->client, client_closed);

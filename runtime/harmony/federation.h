@@ -23,7 +23,8 @@
  *      servers a second; a failed fetch is remembered (negative entry) for
  *      key_refetch_ms.
  *   -> signature verified (a token already verified with this key is found
- *      in the verified-token cache instead); on a bad signature the key is
+ *      in the verified-token cache instead; with a cached key the Ed25519
+ *      check runs on libuv's thread pool unless verify_on_loop); on a bad signature the key is
  *      fetched once more (at most once per key_refetch_ms per server: the
  *      peer may have rotated its key) and the check repeated. Only a key
  *      that verified a signature is cached.
@@ -106,6 +107,7 @@ typedef struct sg__fed_options {
   unsigned key_fetch_rate;         /* 0: SG_FED_DEFAULT_KEY_FETCH_RATE */
   int key_fetch_private;           /* fetch keys of non-peers at private addresses too */
   size_t key_cache_size;           /* positive entries; 0: SG_KEYCACHE_DEFAULT_POSITIVE */
+  int verify_on_loop;              /* non-zero: Ed25519 on the loop, not the thread pool */
 } sg__fed_options;
 
 typedef struct sg__fed_fetch sg__fed_fetch;
@@ -136,7 +138,8 @@ struct sg__federation {
   sg__keycache cache;              /* the peer key cache */
   sg__fed_fetch *fetches;          /* key fetches under way */
   unsigned n_fetches, fetch_rate;
-  int fetch_private;
+  int fetch_private, verify_pool;
+  unsigned jobs;                   /* signature checks on the thread pool */
   uint64_t limit_logged_at;        /* uv_now of the last "key fetch limit" line */
   double fetch_tokens;             /* the key_fetch_rate bucket */
   uint64_t fetch_tokens_at;

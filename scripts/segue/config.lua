@@ -402,7 +402,7 @@ local federation_keys = {
   peers = "table", allow = "table", block = "table", limits = "table",
   token_window = "integer", request_timeout_ms = "integer", key_refetch_ms = "integer",
   unbound_token_window = "integer", key_fetch_rate = "integer", key_cache_size = "integer",
-  key_fetch_private = "boolean",
+  key_fetch_private = "boolean", verify_in_pool = "boolean",
   -- the postbox (docs/postbox.md)
   push_tries = "integer", push_backoff_ms = "integer", queue_limit = "integer",
   deliver_tries = "integer", deliver_backoff_ms = "integer", pull_interval_ms = "integer",
@@ -517,7 +517,7 @@ function Checker:federation(raw, cfg)
     local p = { "federation", tostring(k) }
     if not federation_keys[k] then
       self:error(p, "unknown key (expected one of peers, allow, block, token_window, unbound_token_window, limits, "
-        .. "request_timeout_ms, key_refetch_ms, key_fetch_rate, key_fetch_private, key_cache_size, "
+        .. "request_timeout_ms, key_refetch_ms, key_fetch_rate, key_fetch_private, key_cache_size, verify_in_pool, "
         .. "push_tries, push_backoff_ms, queue_limit, deliver_tries, deliver_backoff_ms, pull_interval_ms, "
         .. "pull_backoff_ms, pull_max_bytes)")
     else

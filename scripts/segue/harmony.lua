@@ -6,7 +6,8 @@
 --       cfg has the config's shape: { server_id =, listen =, data_dir =,
 --       federation = { peers =, allow =, block =, token_window =,
 --       unbound_token_window =, limits =, request_timeout_ms =, key_refetch_ms =,
---       key_fetch_rate =, key_fetch_private =, key_cache_size = } }; boot calls it when the config sets
+--       key_fetch_rate =, key_fetch_private =, key_cache_size =, verify_in_pool = } };
+--       boot calls it when the config sets
 --       server_id or listen. Stopped when the host stops.
 --   segue.harmony.call(server_id, method, msg [, cb] [, { sign_as = id }])
 --       method: "protocol.sync.v1.PostboxService/Push" (or "Push", "Pull",
@@ -121,6 +122,7 @@ function M.start(cfg)
     limits = fed.limits, request_timeout_ms = fed.request_timeout_ms,
     key_refetch_ms = fed.key_refetch_ms, key_fetch_rate = fed.key_fetch_rate,
     key_fetch_private = fed.key_fetch_private, key_cache_size = fed.key_cache_size,
+    verify_in_pool = fed.verify_in_pool,
   }
   if not f then return nil, err, code end
   f:on_request(dispatch)
