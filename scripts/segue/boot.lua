@@ -154,57 +154,56 @@ local function open_store(cfg)
   router.set_store(db)
 end
 
--- Several instances on one PostgreSQL (docs/scaling.md): each backend runs
--- on the one instance holding its lease ("backend:<name>" in the leases
--- table), renewed every lease_ms / 3. An instance that cannot renew for most
--- of lease_ms stops its backends before another may take them; one that
--- died loses them when the lease expires. Each renewal also records the
--- instance (instances table) with what it runs, for `segue status`.
+-- Several instances on one PostgreSQL (docs/scaling.md): the backends run
+-- on the one instance holding the lease "backends" (all of them together, so
+-- the router's copies between them stay in one process), renewed every
+-- lease_ms / 3. An instance that cannot renew for most of lease_ms stops its
+-- backends before another may take them; one that died loses them when the
+-- lease expires. Each renewal also records the instance (instances table)
+-- with what it runs, for `segue status`.
+local LEASE = "backends"
 
 local function lease_tick()
   local db, cfg = M.store, current
   if leases.busy or not db or not cfg then return end
   leases.busy = true
   local now = loop.now()
-  local renewed = true
-  for _, b in ipairs(cfg.backends) do
-    local holder, err = db:lease_claim("backend:" .. b.name, cfg.instance, cfg.lease_ms)
-    if holder == cfg.instance then
+  local holder, err = db:lease_claim(LEASE, cfg.instance, cfg.lease_ms)
+  if holder == cfg.instance then
+    leases.renewed = now
+    for _, b in ipairs(cfg.backends) do
       if not leases.owned[b.name] then
         leases.owned[b.name] = true
         core.log("info", ("instance %s took backend %s"):format(cfg.instance, b.name))
         core.start_backend(b.name)
       end
-    elseif holder then
-      if leases.owned[b.name] then
-        leases.owned[b.name] = nil
-        core.log("warn", ("instance %s lost backend %s to %s"):format(cfg.instance, b.name, holder))
-        core.stop_backend(b.name)
-      end
-    else
-      renewed = false
-      core.log("warn", "lease renewal failed: " .. tostring(err))
     end
+  elseif holder then
+    leases.renewed = nil
+    for name in pairs(leases.owned) do
+      core.log("warn", ("instance %s lost backend %s to %s"):format(cfg.instance, name, holder))
+      core.stop_backend(name)
+      leases.owned[name] = nil
+    end
+  else
+    core.log("warn", "lease renewal failed: " .. tostring(err))
   end
-  if renewed then leases.renewed = now end
   -- Not renewed for 80% of the lease: another instance may take it soon.
   if leases.renewed and now - leases.renewed > cfg.lease_ms * 0.8 then
+    leases.renewed = nil
     for name in pairs(leases.owned) do
       core.log("warn", ("instance %s stops backend %s: its lease could not be renewed"):format(cfg.instance, name))
       core.stop_backend(name)
       leases.owned[name] = nil
     end
   end
-  local owned = {}
+  local owned, states = {}, {}
   for name in pairs(leases.owned) do owned[#owned + 1] = name end
   table.sort(owned)
+  for _, st in ipairs(segue.backends()) do states[st.name] = st.state end
   local json = require "segue.json"
   db:instance_beat(cfg.instance, json.encode { pid = fs.getpid(), backends = owned,
-    states = json_object(segue.backends and (function()
-      local t = {}
-      for _, st in ipairs(segue.backends()) do t[st.name] = st.state end
-      return t
-    end)() or {}), lease_ms = cfg.lease_ms })
+    states = json_object(states), lease_ms = cfg.lease_ms })
   leases.busy = false
 end
 
@@ -214,9 +213,7 @@ local function start_leases()
   segue.on("stopping", function()
     if leases.timer then leases.timer:stop() end
     local db, cfg = M.store, current
-    for name in pairs(leases.owned) do
-      db:lease_release("backend:" .. name, cfg.instance, function() end)
-    end
+    if next(leases.owned) then db:lease_release(LEASE, cfg.instance, function() end) end
   end)
 end
 
