@@ -21,6 +21,7 @@ PACKAGES="
   libexpat1-dev
   ngircd
   inspircd
+  prosody python3-slixmpp
   valgrind
   postgresql libpq-dev
 "
