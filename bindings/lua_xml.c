@@ -534,7 +534,8 @@ static int write_element(writer *w, const char *parent_ns, int depth) {
         snprintf(w->error, sizeof w->error, "element %s: attribute %s is not a string", name, key);
         return 0;
       }
-      const char *close = key[0] == '{' ? strchr(key, '}') : NULL;
+      /* The URI may hold '}', a local name cannot: the last one closes it. */
+      const char *close = key[0] == '{' ? strrchr(key, '}') : NULL;
       sb_char(w, ' ');
       if (close) {  /* {uri}local: declare a prefix for it */
         if (!valid_name(close + 1, strlen(close + 1))) goto bad_key;
