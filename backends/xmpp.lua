@@ -926,7 +926,13 @@ local function get_before(id)
 end
 
 return {
-  info = { name = "xmpp", version = { 0, 1, 0 } },
+  info = { name = "xmpp", version = { 0, 1, 0 },
+    -- message styling (XEP-0393) has no underline; links are their text.
+    -- Attachments only as URLs (no upload), so no bytes. Corrections,
+    -- retractions and MAM history both ways.
+    capabilities = { formatting = { "Text", "Concat", "Bold", "Italic", "Crossout", "Emote", "UrlLink" },
+      max_length = 10000, length_unit = "chars", attachments = { max_bytes = 0, types = {} },
+      edits = true, deletes = true, history = true } },
 
   start = function() run() end,
 
