@@ -204,6 +204,10 @@ static void retry_fired(uv_timer_t *t) {
  * of the queue, and it is made again after a backoff. */
 static void conn_down(conn *c, const char *why) {
   sg__pg *pg = c->pg;
+  /* First: `why` is often PQerrorMessage's, freed with the connection. */
+  snprintf(pg->errmsg, sizeof pg->errmsg, "postgresql: %s", why && *why ? why : "connection lost");
+  size_t l = strlen(pg->errmsg);
+  while (l && (pg->errmsg[l - 1] == '\n' || pg->errmsg[l - 1] == ' ')) pg->errmsg[--l] = '\0';
   unwatch(c);
   if (c->res) PQclear(c->res);
   c->res = NULL;
@@ -221,9 +225,6 @@ static void conn_down(conn *c, const char *why) {
     else req_free(c->cur);  /* the migration: run again by the next connection */
     c->cur = NULL;
   }
-  snprintf(pg->errmsg, sizeof pg->errmsg, "postgresql: %s", why && *why ? why : "connection lost");
-  size_t l = strlen(pg->errmsg);
-  while (l && (pg->errmsg[l - 1] == '\n' || pg->errmsg[l - 1] == ' ')) pg->errmsg[--l] = '\0';
   if (pg->closing) return;
   if (!was_up) {
     pg->failures++;
