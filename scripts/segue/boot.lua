@@ -121,6 +121,21 @@ end
 
 local watchers = {}
 
+-- rules_check = "dry-run": a reload of the rules (file change, SIGHUP)
+-- replays the message log through them first; a load failure, self-test
+-- failure or filter/rewrite error keeps the running rules.
+local function dry_run_ok(cfg)
+  if cfg.rules_check ~= "dry-run" or not cfg.rules then return true end
+  local ran, ok, why = pcall(require("segue.dryrun").check_in_coroutine, cfg)
+  if ran and ok then return true end
+  if not ran then why = ok end
+  local r = router.status
+  r.failures, r.last_error = r.failures + 1, "dry run: " .. tostring(why)
+  core.log("error", ("rules not reloaded: %s (rules_check = \"dry-run\")"):format(why))
+  segue.emit("rules", false, r.last_error)
+  return nil, why
+end
+
 -- Rules files are watched through their directories (editors replace files
 -- by rename); changes are debounced, then the rules reload.
 local function watch_rules()
@@ -138,7 +153,7 @@ local function watch_rules()
       if debounce then debounce:stop() end
       debounce = segue.timer(200, function()
         debounce = nil
-        if router.load(current.rules, backend_names(current)) then watch_rules() end
+        if dry_run_ok(current) and router.load(current.rules, backend_names(current)) then watch_rules() end
       end)
     end)
     if w then watchers[#watchers + 1] = w else core.log("warn", "rules will not reload on change: " .. err) end
@@ -321,7 +336,8 @@ function M.reload()
   if not ok then return report { err } end
   core.log("info", "reloaded " .. (source.file or source.name))
   if cfg.rules and started then
-    ok, err = router.load(cfg.rules, backend_names(cfg))
+    ok, err = dry_run_ok(cfg)
+    if ok then ok, err = router.load(cfg.rules, backend_names(cfg)) end
     if ok then watch_rules() end
   end
   segue.emit("reload")

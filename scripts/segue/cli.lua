@@ -43,6 +43,12 @@ end
 
 -- segue reload [CONFIG] ---------------------------------------------------------
 function commands.reload(path)
+  -- rules_check = "dry-run": the rules must first replay the log cleanly
+  local cfg = M.load_config(path)
+  if cfg and cfg.rules_check == "dry-run" then
+    local clean, why = require("segue.dryrun").check_before_reload(cfg)
+    if not clean then err("reload: not reloaded: %s (rules_check = \"dry-run\")", why) return 1 end
+  end
   local ok, e = require("segue.boot").signal_reload(path)
   if not ok then err("reload: %s", e) return 1 end
   return 0
@@ -68,6 +74,13 @@ function commands.watch(path)
   local ok, e = require("segue.flow").watch(cfg.data_dir)
   if not ok then err("watch: %s", e) return 1 end
   return 0
+end
+
+-- segue rules test RULES.lua [--since DURATION] [--room backend:room] [CONFIG]
+-- The message log replayed through RULES.lua and the running rules, nothing
+-- sent (segue.dryrun). 0: it ran; 1: the rules fail to load or self-test.
+function commands.rules(...)
+  return require("segue.dryrun").command(...)
 end
 
 -- segue key [CONFIG] ------------------------------------------------------------

@@ -34,7 +34,7 @@ local top_keys = {
   data_dir = "string", log_level = "string", backends = "table",
   scripts = "table", limits = "table", rules = "string",
   server_id = "string", listen = "string", federation = "table",
-  store = "table", instance = "string", lease_ms = "number",
+  store = "table", instance = "string", lease_ms = "number", rules_check = "string",
 }
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
@@ -282,7 +282,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms, rules_check)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -294,6 +294,12 @@ function Checker:check(raw)
       self:error({ "log_level" }, "expected error, warn, info or debug, found %s", describe(raw.log_level))
     end
     cfg.log_level = raw.log_level
+  end
+  if type(raw.rules_check) == "string" then
+    if raw.rules_check ~= "dry-run" and raw.rules_check ~= "self-test" then
+      self:error({ "rules_check" }, "expected \"dry-run\" or \"self-test\", found %s", describe(raw.rules_check))
+    end
+    cfg.rules_check = raw.rules_check
   end
   if type(raw.limits) == "table" then self.config_limits = self:limits({ "limits" }, raw.limits, cfg.limits) end
   if type(raw.backends) == "table" then

@@ -132,6 +132,7 @@ local function resolve(backend, room)
   local ok, jerr = b:request { type = "RoomJoin", value = r.value }
   if not ok then segue.log.warn(("cannot join %s:%s: %s"):format(backend, room, jerr))
   elseif not (room_ids[backend] or {})[room] then segue.log.info(("joined %s:%s for the rules"):format(backend, room)) end
+  if db and db.kv_set then require("segue.dryrun").remember_room(db, backend, room, r.value) end  -- for `segue rules test`
   -- A target once joined (or refused: some services need no join).
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value
