@@ -102,7 +102,7 @@ static const fl_type t_version = {.check = check_version,
 static const fl_type t_protocol_version = {.check = check_protocol_version,
                                            .expected = "[0, 1, x]", .elem = &t_u32};
 static const fl_type t_mime = SCALAR(check_mime, "a MIME type such as \"image/png\"");
-static const fl_type t_base64 = SCALAR(check_base64, "a string of standard base64 with padding");
+static const fl_type t_base64 = SCALAR(check_base64, "a string of standard base64");
 
 static const fl_type t_content; /* recursive */
 static const fl_type t_content_list = ARRAY(&t_content);
@@ -483,8 +483,21 @@ static int check_base64(fl_ctx *c, cJSON *v, const fl_type *t, const fl_path *p)
   if (!is_str(v)) return mismatch(c, p, t->expected, v, 1);
   const char *s = v->valuestring;
   size_t n = strlen(s);
+  /* Unpadded base64 (as the Rust implementation's decoder accepts) is
+   * padded here, so what segue passes on and writes is always padded. */
+  if ((n % 4 == 2 || n % 4 == 3) && !strchr(s, '=')) {
+    char padded[4096], *buf = n + 3 < sizeof padded ? padded : malloc(n + 3);
+    if (!buf) return fail(c, p, "out of memory");
+    memcpy(buf, s, n);
+    while (n % 4) buf[n++] = '=';
+    buf[n] = '\0';
+    const char *set = cJSON_SetValuestring(v, buf);
+    if (buf != padded) free(buf);
+    if (!set) return fail(c, p, "out of memory");
+    s = v->valuestring;
+  }
   if (n % 4 != 0)
-    return fail(c, p, "invalid base64: %zu characters, not a multiple of 4", n);
+    return fail(c, p, "invalid base64: %zu characters, not a multiple of 4 (nor unpadded base64)", n);
   /* The size follows from the length, so an oversized one is refused unread. */
   size_t pad = n && s[n - 1] == '=' ? 1 + (s[n - 2] == '=') : 0;
   size_t size = n / 4 * 3 - pad;

@@ -199,6 +199,17 @@ static void call_answer(call *k) {
   long status = 0;
   const uint8_t *body = k->resp_len ? (const uint8_t *)k->resp : NULL;
   curl_easy_getinfo(k->easy, CURLINFO_RESPONSE_CODE, &status);
+  /* A response naming another hRPC version is not one we can read; one
+   * without the header (older servers) is taken as version 1. */
+  struct curl_header *ver = NULL;
+  if (curl_easy_header(k->easy, "Hrpc-Version", 0, CURLH_HEADER, -1, &ver) == CURLHE_OK && ver &&
+      strcmp(ver->value, "1") != 0) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the peer answered with Hrpc-Version %.60s; segue speaks version 1",
+             ver->value);
+    k->cb(k->ud, SG_EPROTO, (int)status, NULL, 0, NULL, msg);
+    return;
+  }
   if (status == 200) {
     k->cb(k->ud, 0, 200, body, k->resp_len, NULL, NULL);
     return;
@@ -251,6 +262,7 @@ static char *join_url(const char *base_url, const char *path) {
 static int call_headers(call *k, const char *auth_header) {
   static const char *const fixed[] = {
       "Content-Type: application/hrpc",
+      "Hrpc-Version: 1",  /* the spec's SHOULD; hrpc-rs servers log its absence */
       "Expect:",  /* no 100-continue round trip for large bodies */
   };
   for (size_t i = 0; i < sizeof fixed / sizeof *fixed; i++) {

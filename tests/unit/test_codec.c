@@ -323,9 +323,18 @@ static void attachments(void) {
   CHECK_STR(attachment("image/png", "aGVsbG8=", 4),
             "MessageSend.value.attachments[0].data: attachment of 5 bytes exceeds the limit "
             "of 4 bytes");
-  CHECK_STR(attachment("image/png", "aGVsbG8", 0),
+  /* unpadded base64 is accepted (and padded), as the Rust decoder accepts it */
+  CHECK_STR(attachment("image/png", "aGVsbG8", 0), "ok");
+  CHECK_STR(attachment("image/png", "aGVsbA", 0), "ok");
+  CHECK_STR(attachment("image/png", "aGVsbG8", 4),
+            "MessageSend.value.attachments[0].data: attachment of 5 bytes exceeds the limit "
+            "of 4 bytes");
+  CHECK_STR(attachment("image/png", "aGVsb", 0),
+            "MessageSend.value.attachments[0].data: invalid base64: 5 characters, not a "
+            "multiple of 4 (nor unpadded base64)");
+  CHECK_STR(attachment("image/png", "aGVsbG=", 0),
             "MessageSend.value.attachments[0].data: invalid base64: 7 characters, not a "
-            "multiple of 4");
+            "multiple of 4 (nor unpadded base64)");
   CHECK_STR(attachment("image/png", "aGVs*G8=", 0), bad_b64);
   CHECK_STR(attachment("image/png", "aGVs-_8=", 0), bad_b64); /* URL-safe alphabet */
   CHECK_STR(attachment("image/png", "aGVsbG9=", 0), bad_b64); /* non-zero padding bits */
