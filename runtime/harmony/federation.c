@@ -9,6 +9,7 @@
 
 #include <sodium.h>
 
+#include "hrpc/v1/hrpc.pb-c.h"
 #include "protocol/auth/v1/auth.pb-c.h"
 #include "protocol/sync/v1/sync.pb-c.h"
 #include "hrpc_errors.h"
@@ -149,7 +150,18 @@ static void refuse(waiter *w, int status, const char *id, const char *reason, co
   char msg[SG_TOKEN_WHY_SIZE + 96];
   snprintf(msg, sizeof msg, "refused %s: %s", methods[w->route->method].name, why);
   sg__log_fields(f->log, SG_LOG_WARN, kv, msg);
-  sg__hrpc_respond_error(w->req, status, id, "request refused", NULL, 0);
+  /* A 503 (no key yet, too many fetches) says when to try again, as the
+   * hRPC errors spec describes: an hrpc.v1.RetryInfo in the details, the
+   * time a failed key fetch is remembered. */
+  uint8_t details[16];
+  size_t dlen = 0;
+  if (status == 503) {
+    uint64_t ms = f->key_refetch_ms < SG_FED_FAILED_FETCH_MS ? f->key_refetch_ms : SG_FED_FAILED_FETCH_MS;
+    Hrpc__V1__RetryInfo ri = HRPC__V1__RETRY_INFO__INIT;
+    ri.retry_after = (uint32_t)(ms < 1000 ? 1 : ms / 1000);
+    dlen = hrpc__v1__retry_info__pack(&ri, details);
+  }
+  sg__hrpc_respond_error(w->req, status, id, "request refused", dlen ? details : NULL, dlen);
   waiter_free(w);
 }
 

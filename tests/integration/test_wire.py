@@ -125,3 +125,28 @@ class Base64(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RetryInfo(unittest.TestCase):
+    def test_a_503_for_a_peer_key_that_cannot_be_fetched_says_when_to_retry(self):
+        from fed_util import PUSH, Node, curl, decode, free_port, push_body
+        from harness import run, tmpdir, write
+        from test_federation_attacks import token
+        a_id, x_id = "a.example:2289", "x.example:2289"
+        # x's key pair exists, but x's Key endpoint is a port nothing listens on
+        d = tmpdir()
+        write(os.path.join(d, "x.lua"), 'data_dir = "data"\nserver_id = %s\n' % json.dumps(x_id))
+        self.assertEqual(run(["key", "x.lua"], cwd=d).code, 0)
+        a = Node(a_id, federation={"peers": {x_id: "http://127.0.0.1:%d" % free_port()}}).start()
+        self.addCleanup(a.stop)
+        tok = token(os.path.join(d, "data", "harmony.key"), x_id, audience=a_id)
+        status, hdr, body = curl(a.url + PUSH, body=push_body(1), headers=["Authorization: " + tok])
+        self.assertEqual(status, 503, a.stderr())
+        details = decode("hrpc.v1.Error", body)
+        self.assertIn('identifier: "hrpc.unavailable"', details)
+        self.assertIn("details:", details)
+        # the details are an hrpc.v1.RetryInfo, decoded by protoc
+        import re
+        raw = re.search(r'details: "(.*)"', details).group(1)
+        data = raw.encode().decode("unicode_escape").encode("latin-1")
+        self.assertRegex(decode("hrpc.v1.RetryInfo", data), r"retry_after: [1-9]\d*")
