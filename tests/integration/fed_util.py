@@ -163,11 +163,15 @@ def decode(type_name, data, proto="hrpc/v1/hrpc.proto"):
 
 
 def error_fields(data):
-    """identifier and human_message of an hrpc.v1.Error body."""
+    """identifier and human_message of an hrpc.v1.Error body (details as
+    bytes: protoc writes them with octal escapes, which are not JSON)."""
     fields = {}
     for line in decode("hrpc.v1.Error", data).splitlines():
         k, _, v = line.partition(": ")
-        fields[k.strip()] = json.loads(v)
+        if k.strip() == "details":
+            fields["details"] = v.strip()[1:-1].encode().decode("unicode_escape").encode("latin-1")
+        else:
+            fields[k.strip()] = json.loads(v)
     return fields
 
 
