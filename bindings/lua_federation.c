@@ -19,6 +19,9 @@
  *       cb(body) or cb(nil, "EHTTP: h.bad-token: ...", "EHTTP", http_status, identifier)
  *   fed:on_key(fn(server_id, public_key))  a peer's key was fetched (new or changed)
  *   fed:key_get(server_id) -> public_key | nil;  fed:key_put(server_id, public_key)
+ *   fed:stats() -> counters: key_fetches, fetches_limited, verifies, verified_hits,
+ *       cached_keys, failed_keys; with a listener connections, accepted,
+ *       rejected, evicted
  *   fed:port(), fed:public_key(), fed:server_id(), fed:close()
  *
  * The userdata holds a pointer to C memory (luv's model). An open federation
@@ -473,6 +476,35 @@ static int l_public_key(lua_State *L) {
   return 1;
 }
 
+static void set_count(lua_State *L, const char *k, uint64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+/* fed:stats() -> { key_fetches, fetches_limited, verifies, verified_hits,
+ * cached_keys, failed_keys, connections, accepted, rejected, evicted } */
+static int l_stats(lua_State *L) {
+  lfed *lf = check_fed(L);
+  sg__fed_stats fs;
+  sg__federation_stats_get(&lf->f, &fs);
+  lua_createtable(L, 0, 10);
+  set_count(L, "key_fetches", fs.key_fetches);
+  set_count(L, "fetches_limited", fs.fetches_limited);
+  set_count(L, "verifies", fs.verifies);
+  set_count(L, "verified_hits", fs.verified_hits);
+  set_count(L, "cached_keys", sg__keycache_count(&lf->f.cache, 0));
+  set_count(L, "failed_keys", sg__keycache_count(&lf->f.cache, 1));
+  if (lf->f.serving) {
+    sg__hrpc_server_stats hs;
+    sg__hrpc_server_stats_get(&lf->f.server, &hs);
+    set_count(L, "connections", hs.active);
+    set_count(L, "accepted", hs.accepted);
+    set_count(L, "rejected", hs.rejected);
+    set_count(L, "evicted", hs.evicted);
+  }
+  return 1;
+}
+
 static int l_server_id(lua_State *L) {
   lua_pushstring(L, sg__federation_server_id(&check_fed(L)->f));
   return 1;
@@ -483,6 +515,7 @@ int luaopen_segue_federation_core(lua_State *L) {
       {"on_request", l_on_request}, {"on_key", l_on_key}, {"call", l_call},
       {"key_get", l_key_get},       {"key_put", l_key_put}, {"port", l_port},
       {"public_key", l_public_key}, {"server_id", l_server_id}, {"close", l_close},
+      {"stats", l_stats},
       {NULL, NULL}};
   static const luaL_Reg req_methods[] = {
       {"respond", l_req_respond}, {"error", l_req_error}, {"alive", l_req_alive},

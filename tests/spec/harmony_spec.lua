@@ -217,6 +217,19 @@ describe("segue.harmony handlers", function()
     assert.are.same({ me, "new.example:1" }, moved)
   end)
 
+  it("verifies a token it has seen with the same key only once (the verified-token cache)", function()
+    local before = h.running():stats()
+    segue.await(function()
+      -- five calls in well under a second: at most two distinct tokens
+      for _ = 1, 5 do assert(h.call(me, "Pull", {})) end
+    end)
+    local after = h.running():stats()
+    assert.is_true(after.verifies - before.verifies <= 2, "verifies " .. after.verifies - before.verifies)
+    assert.is_true(after.verified_hits - before.verified_hits >= 3)
+    assert.are.equal(0, after.failed_keys)
+    assert.is_true(after.cached_keys >= 1 and after.accepted >= 1)
+  end)
+
   it("tells a handler when its response was written out whole", function()
     local outcome
     local prev = h.handle("Pull", function()
