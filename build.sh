@@ -24,6 +24,8 @@ PACKAGES="
   prosody python3-slixmpp
   valgrind
   postgresql libpq-dev
+  prometheus
+  chromium chromium-driver python3-selenium
 "
 
 BUILD_TYPE=${SEGUE_BUILD_TYPE:-RelWithDebInfo}

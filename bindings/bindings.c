@@ -150,5 +150,6 @@ const sg__binding sg__bindings[] = {
     {"segue.net", luaopen_segue_net},
     {"segue.crypto", luaopen_segue_crypto},
     {"segue.xml", luaopen_segue_xml},
+    {"segue.http_core", luaopen_segue_http_core},
     {NULL, NULL},
 };

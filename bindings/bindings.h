@@ -117,5 +117,6 @@ int luaopen_segue_postbox_core(lua_State *L);  /* bindings/lua_postbox.c */
 int luaopen_segue_net(lua_State *L);      /* bindings/lua_net.c */
 int luaopen_segue_crypto(lua_State *L);   /* bindings/lua_crypto.c */
 int luaopen_segue_xml(lua_State *L);      /* bindings/lua_xml.c */
+int luaopen_segue_http_core(lua_State *L);  /* bindings/lua_http.c */
 
 #endif

@@ -3,10 +3,10 @@
 #define SEGUE_EMBEDDED_SCRIPTS_H
 #include <stddef.h>
 
-enum { SG_EMBED_module = 1, SG_EMBED_backend = 2 };
+enum { SG_EMBED_module = 1, SG_EMBED_backend = 2, SG_EMBED_web = 3 };
 
 typedef struct {
-  const char *name;   /* "segue.config", or a backend's name: "memory" */
+  const char *name;   /* "segue.config", a backend's name ("memory"), a web file ("index.html") */
   const char *path;   /* path in the source tree, for chunk names and errors */
   int kind;           /* SG_EMBED_module or SG_EMBED_backend */
   const char *source;

@@ -82,6 +82,14 @@ static int l_embedded_source(lua_State *L) {
   return 1;
 }
 
+/* web_file(name) -> content | nil: a file of the web client (web/). */
+static int l_web_file(lua_State *L) {
+  const sg__embedded_script *s = find_embedded(SG_EMBED_web, luaL_checkstring(L, 1));
+  if (!s) return 0;
+  lua_pushlstring(L, s->source, s->length);
+  return 1;
+}
+
 static int l_expected_response(lua_State *L) {
   const char *r = sg__fl_expected_response(luaL_checkstring(L, 1));
   if (!r) return 0;
@@ -97,6 +105,7 @@ int luaopen_segue_core(lua_State *L) {
       {"report", l_report},
       {"builtin_backend", l_builtin_backend},
       {"embedded_source", l_embedded_source},
+      {"web_file", l_web_file},
       {"expected_response", l_expected_response},
       {NULL, NULL}};
   luaL_newlib(L, fns);

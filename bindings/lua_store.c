@@ -138,13 +138,14 @@ static char *content_json(lua_State *L, int msg) {
 
 
 
-static void push_content(lua_State *L, const char *text) {
+/* Sets field `key` of the table on top to the JSON `text`, when it parses. */
+static void push_json_field(lua_State *L, const char *key, const char *text) {
   cJSON *v = text ? cJSON_Parse(text) : NULL;
-  if (!v) return;  /* deleted, or not written by us: leave content out */
+  if (!v) return;  /* deleted, or not written by us: leave it out */
   char err[128];
   int rc = sg__lua_push_json(L, v, err, sizeof err);
   cJSON_Delete(v);
-  if (rc == 0) lua_setfield(L, -2, "content");
+  if (rc == 0) lua_setfield(L, -2, key);
 }
 
 static int push_message(void *ud, const sg__store_message *m) {
@@ -154,7 +155,7 @@ static int push_message(void *ud, const sg__store_message *m) {
   set_field(L, "id", m->id);
   set_field(L, "sender", m->sender);
   set_field(L, "recipient", m->room);
-  push_content(L, m->content_json);
+  push_json_field(L, "content", m->content_json);
   lua_pushinteger(L, m->create_time);
   lua_setfield(L, -2, "create_time");
   if (m->edit_time) {
@@ -163,6 +164,7 @@ static int push_message(void *ud, const sg__store_message *m) {
   }
   lua_pushboolean(L, m->deleted);
   lua_setfield(L, -2, "deleted");
+  push_json_field(L, "attachments", m->attachments_json);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
   return 0;
 }
@@ -412,6 +414,20 @@ static int l_messages(lua_State *L) {
                   cbidx);
 }
 
+/* db:messages_page(backend, room, limit [, before_id]) -> list, oldest first:
+ * the last `limit` messages (with their attachments), or the last `limit`
+ * older than before_id. SQLite only (the client API's paging). */
+static int l_messages_page(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  const char *backend = luaL_checkstring(L, 2), *room = luaL_checkstring(L, 3);
+  lua_Integer limit = luaL_checkinteger(L, 4);
+  const char *before = luaL_optstring(L, 5, NULL);
+  luaL_argcheck(L, limit > 0 && limit <= 0x7fffffff, 4, "out of range");
+  lua_newtable(L);
+  int err = sg__store_messages_before(s, backend, room, before, (int)limit, push_message, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+}
+
 /* db:kv_get(key [, cb]) -> value | nil [, err, code] */
 static int l_kv_get(lua_State *L) {
   lstore *ls = check_lstore(L, 1);
@@ -477,6 +493,204 @@ static int l_engine(lua_State *L) {
   return 1;
 }
 
+/* true, or nil, "ESTORE: <SQLite's message>", "ESTORE" (luv's convention):
+ * the client API's operations are synchronous (SQLite). */
+static int push_result(lua_State *L, sg__store *s, int err) {
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- the client API's tables (docs/api.md) ------------------------------------ */
+
+/* db:user_add(name, admin, token_hash) -> true | nil, err, code ("EEXIST") */
+static int l_user_add(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  const char *name = luaL_checkstring(L, 2), *hash = luaL_checkstring(L, 4);
+  int err = sg__store_user_add(s, name, lua_toboolean(L, 3), hash);
+  if (err == SG_EEXIST) return sg__lua_fail(L, err, "a user of that name exists");
+  return push_result(L, s, err);
+}
+
+/* db:user_remove(name) -> true | false (unknown) | nil, err, code */
+static int l_user_remove(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_user_remove(s, luaL_checkstring(L, 2));
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushboolean(L, err == 0);
+  return 1;
+}
+
+static int push_user(void *ud, const char *name, int admin, int64_t created, int tokens) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  set_field(L, "name", name);
+  lua_pushboolean(L, admin);
+  lua_setfield(L, -2, "admin");
+  lua_pushinteger(L, created);
+  lua_setfield(L, -2, "created");
+  lua_pushinteger(L, tokens);
+  lua_setfield(L, -2, "tokens");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+/* db:users() -> { {name, admin, created, tokens}, ... } by name */
+static int l_users(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  lua_newtable(L);
+  int err = sg__store_users(s, push_user, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+}
+
+/* db:token_user(hash) -> name, admin | nil */
+static int l_token_user(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  char *name;
+  int admin;
+  int err = sg__store_token_user(s, luaL_checkstring(L, 2), &name, &admin);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  if (err == SG_STORE_NOTFOUND) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushstring(L, name);
+  lua_pushboolean(L, admin);
+  free(name);
+  return 2;
+}
+
+/* The JSON text of the value at idx (caller frees with cJSON_free). */
+static char *json_text(lua_State *L, int idx, const char *what) {
+  char err[256];
+  cJSON *v = sg__lua_to_json(L, idx, err, sizeof err);
+  if (!v) luaL_error(L, "%s: %s", what, err);
+  char *t = cJSON_PrintUnformatted(v);
+  cJSON_Delete(v);
+  if (!t) luaL_error(L, "out of memory");
+  return t;
+}
+
+static const char *opt_string_field(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+  lua_pop(L, 1);  /* the table keeps the string alive */
+  return v;
+}
+
+/* db:event_append(backend, update) -> id | nil, err, code: the update
+ * ({type, value}) as a durable event, with its effect on the log (message
+ * upserted or marked deleted, room recorded or forgotten), in one
+ * transaction. */
+static int l_event_append(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  sg__store_api_event ev = {0};
+  ev.backend = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_settop(L, 3);
+  lua_getfield(L, 3, "type");
+  ev.type = luaL_checkstring(L, -1);      /* 4 */
+  lua_getfield(L, 3, "value");            /* 5 */
+  char *value = json_text(L, 5, "update.value"), *content = NULL, *att = NULL;
+  ev.value_json = value;
+  int msg = strcmp(ev.type, "MessageUpsert") == 0, room = strcmp(ev.type, "RoomUpsert") == 0;
+  if ((msg || room) && lua_istable(L, 5)) {
+    ev.id = opt_string_field(L, 5, "id");
+    if (room) ev.room_name = opt_string_field(L, 5, "name");
+    if (msg) {
+      ev.room = opt_string_field(L, 5, "recipient");
+      ev.sender = opt_string_field(L, 5, "sender");
+      ev.create_time = opt_int_field(L, 5, "create_time");
+      ev.edit_time = opt_int_field(L, 5, "edit_time");
+      lua_getfield(L, 5, "content");
+      if (!lua_isnil(L, -1)) content = json_text(L, lua_gettop(L), "update.value.content");
+      lua_getfield(L, 5, "attachments");
+      if (lua_istable(L, -1)) att = json_text(L, lua_gettop(L), "update.value.attachments");
+      ev.content_json = content;
+      ev.attachments_json = att;
+    }
+  } else if (lua_type(L, 5) == LUA_TSTRING) {
+    ev.id = lua_tostring(L, 5);           /* MessageDelete, RoomDelete */
+  }
+  int64_t id = 0;
+  int err = sg__store_event_append(s, &ev, &id);
+  cJSON_free(value);
+  cJSON_free(content);
+  cJSON_free(att);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushinteger(L, id);
+  return 1;
+}
+
+static int push_event(void *ud, int64_t id, const char *backend, const char *type,
+                      const char *value_json) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "id");
+  set_field(L, "backend", backend);
+  set_field(L, "type", type);
+  set_field(L, "value_json", value_json);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+/* db:events_after(id, limit) -> { {id, backend, type, value_json}, ... } */
+static int l_events_after(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  lua_Integer after = luaL_checkinteger(L, 2), limit = luaL_optinteger(L, 3, 1000);
+  luaL_argcheck(L, limit > 0 && limit <= 0x7fffffff, 3, "out of range");
+  lua_newtable(L);
+  int err = sg__store_events_after(s, after, (int)limit, push_event, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+}
+
+/* db:events_prune(keep) -> true | nil, err, code */
+static int l_events_prune(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  return push_result(L, s, sg__store_events_prune(s, luaL_checkinteger(L, 2)));
+}
+
+/* db:events_last() -> id (0 when none) */
+static int l_events_last(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  int64_t id;
+  int err = sg__store_events_last(s, &id);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushinteger(L, id);
+  return 1;
+}
+
+static int push_room(void *ud, const char *backend, const char *id, const char *name,
+                     int64_t unread) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  set_field(L, "backend", backend);
+  set_field(L, "id", id);
+  set_field(L, "name", name ? name : id);
+  lua_pushinteger(L, unread);
+  lua_setfield(L, -2, "unread");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+/* db:rooms(user) -> { {backend, id, name, unread}, ... } */
+static int l_rooms(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  const char *user = luaL_checkstring(L, 2);
+  lua_newtable(L);
+  int err = sg__store_rooms(s, user, push_room, L);
+  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+}
+
+/* db:read_mark(user, backend, room, time_ms) -> true | nil, err, code */
+static int l_read_mark(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_read_mark(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                               luaL_checkstring(L, 4), luaL_checkinteger(L, 5));
+  return push_result(L, s, err);
+}
+
 static int l_tostring(lua_State *L) {
   lstore *ls = *(lstore **)luaL_checkudata(L, 1, STORE_MT);
   lua_pushfstring(L, "segue.store (%s)", ls && ls->s ? "open" : "closed");
@@ -492,6 +706,12 @@ int luaopen_segue_store(lua_State *L) {
       {"instance_beat", l_instance_beat}, {"instances", l_instances},
       {"leases", l_leases},           {"lease_claim", l_lease_claim},
       {"lease_release", l_lease_release}, {"engine", l_engine},
+      {"user_add", l_user_add},       {"user_remove", l_user_remove},
+      {"users", l_users},             {"token_user", l_token_user},
+      {"event_append", l_event_append}, {"events_after", l_events_after},
+      {"events_prune", l_events_prune}, {"events_last", l_events_last},
+      {"rooms", l_rooms},             {"read_mark", l_read_mark},
+      {"messages_page", l_messages_page},
       {"close", l_close},             {NULL, NULL},
   };
   static const luaL_Reg fns[] = {{"open", l_open}, {NULL, NULL}};

@@ -70,6 +70,26 @@ static const char *const migrations[SG_STORE_SCHEMA_VERSION] = {
     "CREATE TABLE instances(name TEXT PRIMARY KEY, info TEXT, seen INTEGER NOT NULL);"
     "CREATE TABLE leases(name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
     "  expires INTEGER NOT NULL);",
+    /* 2 -> 3: the client API (docs/api.md): users and their tokens (hashes
+     * only), the durable event log the stream replays, the rooms backends
+     * announced, read marks for unread counts, and attachments in the log. */
+    "CREATE TABLE api_users("
+    "  name TEXT PRIMARY KEY, admin INTEGER NOT NULL DEFAULT 0, created INTEGER NOT NULL);"
+    "CREATE TABLE api_tokens("
+    "  hash TEXT PRIMARY KEY,"
+    "  user_name TEXT NOT NULL REFERENCES api_users(name) ON DELETE CASCADE,"
+    "  created INTEGER NOT NULL);"
+    "CREATE INDEX api_tokens_user ON api_tokens(user_name);"
+    "CREATE TABLE api_events("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT, backend TEXT NOT NULL, type TEXT NOT NULL,"
+    "  value_json TEXT NOT NULL, time INTEGER NOT NULL);"
+    "CREATE TABLE api_rooms("
+    "  backend TEXT NOT NULL, id TEXT NOT NULL, name TEXT, PRIMARY KEY (backend, id));"
+    "CREATE TABLE api_reads("
+    "  user_name TEXT NOT NULL REFERENCES api_users(name) ON DELETE CASCADE,"
+    "  backend TEXT NOT NULL, room TEXT NOT NULL, last_time INTEGER NOT NULL,"
+    "  PRIMARY KEY (user_name, backend, room));"
+    "ALTER TABLE messages ADD COLUMN attachments_json TEXT;",
 };
 
 int64_t sg__store_now_ms(void) {
@@ -377,7 +397,7 @@ int sg__store_messages(sg__store *s, const char *backend, const char *room, int 
   while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
     sg__store_message m = {col_text(st, 0), col_text(st, 1), col_text(st, 2),
                           col_text(st, 3), col_text(st, 4), sqlite3_column_int64(st, 5),
-                          sqlite3_column_int64(st, 6), sqlite3_column_int(st, 7)};
+                          sqlite3_column_int64(st, 6), sqlite3_column_int(st, 7), NULL};
     err = cb(ud, &m);
   }
   if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
@@ -1052,4 +1072,255 @@ int sg__store_lease_release_async(sg__store *s, const char *name, const char *in
   if (s->pg) return sg__pg_lease_release(s->pg, name, instance, cb, ud);
   sg__store_reply r = {0};
   return answer(s, &r, sg__store_lease_release(s, name, instance), cb, ud);
+}
+
+/* ==== the client API (docs/api.md): users and token hashes, the event log
+ * the stream replays, rooms, read marks. SQLite only so far. ================ */
+
+/* ---- users and tokens --------------------------------------------------------- */
+
+static const char SQL_USER_ADD[] =
+    "INSERT INTO api_users(name, admin, created) VALUES (?1, ?2, ?3)"
+    " ON CONFLICT (name) DO NOTHING";
+static const char SQL_TOKEN_ADD[] = "INSERT INTO api_tokens(hash, user_name, created) VALUES (?1, ?2, ?3)";
+static const char SQL_USER_DEL[] = "DELETE FROM api_users WHERE name = ?1";
+static const char SQL_USERS[] =
+    "SELECT u.name, u.admin, u.created, (SELECT COUNT(*) FROM api_tokens t WHERE t.user_name = u.name)"
+    " FROM api_users u ORDER BY u.name";
+static const char SQL_TOKEN_USER[] =
+    "SELECT u.name, u.admin FROM api_tokens t JOIN api_users u ON u.name = t.user_name WHERE t.hash = ?1";
+
+typedef struct { const char *name, *hash; int admin; } user_args;
+
+static int user_add_tx(sg__store *s, void *ud) {
+  const user_args *a = ud;
+  sqlite3_stmt *u = sg__store_stmt(s, SQL_USER_ADD), *t = sg__store_stmt(s, SQL_TOKEN_ADD);
+  if (!u || !t) return SG_ESTORE;
+  int64_t now = sg__store_now_ms();
+  bind_texts(u, &a->name, 1);
+  sqlite3_bind_int(u, 2, a->admin != 0);
+  sqlite3_bind_int64(u, 3, now);
+  int err = run(s, u);
+  if (err) return err;
+  if (sqlite3_changes(s->db) == 0) return SG_EEXIST;
+  bind_texts(t, (const char *[]){a->hash, a->name}, 2);
+  sqlite3_bind_int64(t, 3, now);
+  return run(s, t);
+}
+
+int sg__store_user_add(sg__store *s, const char *name, int admin, const char *token_hash) {
+  user_args a = {name, token_hash, admin};
+  return sg__store_atomic(s, user_add_tx, &a);
+}
+
+int sg__store_user_remove(sg__store *s, const char *name) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_USER_DEL);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, &name, 1);
+  int err = run(s, st);
+  return err ? err : sqlite3_changes(s->db) ? 0 : SG_STORE_NOTFOUND;
+}
+
+int sg__store_users(sg__store *s, sg__store_user_cb cb, void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_USERS);
+  if (!st) return SG_ESTORE;
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW)
+    err = cb(ud, col_text(st, 0), sqlite3_column_int(st, 1), sqlite3_column_int64(st, 2),
+             sqlite3_column_int(st, 3));
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_token_user(sg__store *s, const char *token_hash, char **name, int *admin) {
+  *name = NULL;
+  *admin = 0;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_TOKEN_USER);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, &token_hash, 1);
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW) {
+    *name = strdup(col_text(st, 0));
+    *admin = sqlite3_column_int(st, 1);
+    err = *name ? 0 : SG_ENOMEM;
+  } else if (rc != SQLITE_DONE) {
+    err = sg__store_fail(s);
+  }
+  sqlite3_reset(st);
+  return err;
+}
+
+/* ---- events ---------------------------------------------------------------------- */
+
+static const char SQL_EVENT_ADD[] =
+    "INSERT INTO api_events(backend, type, value_json, time) VALUES (?1, ?2, ?3, ?4)";
+static const char SQL_EVENT_MSG[] =
+    "INSERT INTO messages(backend, id, room, sender, content_json, create_time, edit_time,"
+    "  attachments_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    " ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
+    "  edit_time = excluded.edit_time, attachments_json = excluded.attachments_json";
+static const char SQL_EVENT_MSG_DEL[] =
+    "UPDATE messages SET deleted = 1, content_json = NULL WHERE backend = ?1 AND id = ?2";
+static const char SQL_EVENT_ROOM[] =
+    "INSERT INTO api_rooms(backend, id, name) VALUES (?1, ?2, ?3)"
+    " ON CONFLICT (backend, id) DO UPDATE SET name = excluded.name";
+static const char SQL_EVENT_ROOM_DEL[] = "DELETE FROM api_rooms WHERE backend = ?1 AND id = ?2";
+static const char SQL_EVENTS_AFTER[] =
+    "SELECT id, backend, type, value_json FROM api_events WHERE id > ?1 ORDER BY id LIMIT ?2";
+static const char SQL_EVENTS_PRUNE[] =
+    "DELETE FROM api_events WHERE id <= (SELECT MAX(id) FROM api_events) - ?1";
+static const char SQL_EVENTS_LAST[] = "SELECT COALESCE(MAX(id), 0) FROM api_events";
+
+typedef struct { const sg__store_api_event *ev; int64_t id; } event_args;
+
+static int event_effect(sg__store *s, const sg__store_api_event *ev) {
+  sqlite3_stmt *st = NULL;
+  const char *t = ev->type;
+  if (!ev->id) return 0;
+  if (strcmp(t, "MessageUpsert") == 0) {
+    if (!(st = sg__store_stmt(s, SQL_EVENT_MSG))) return SG_ESTORE;
+    bind_texts(st, (const char *[]){ev->backend, ev->id, ev->room, ev->sender, ev->content_json}, 5);
+    sqlite3_bind_int64(st, 6, ev->create_time);
+    if (ev->edit_time) sqlite3_bind_int64(st, 7, ev->edit_time);
+    else sqlite3_bind_null(st, 7);
+    if (ev->attachments_json) sqlite3_bind_text(st, 8, ev->attachments_json, -1, SQLITE_TRANSIENT);
+    else sqlite3_bind_null(st, 8);
+  } else if (strcmp(t, "MessageDelete") == 0) {
+    if (!(st = sg__store_stmt(s, SQL_EVENT_MSG_DEL))) return SG_ESTORE;
+    bind_texts(st, (const char *[]){ev->backend, ev->id}, 2);
+  } else if (strcmp(t, "RoomUpsert") == 0) {
+    if (!(st = sg__store_stmt(s, SQL_EVENT_ROOM))) return SG_ESTORE;
+    bind_texts(st, (const char *[]){ev->backend, ev->id, ev->room_name}, 3);
+  } else if (strcmp(t, "RoomDelete") == 0) {
+    if (!(st = sg__store_stmt(s, SQL_EVENT_ROOM_DEL))) return SG_ESTORE;
+    bind_texts(st, (const char *[]){ev->backend, ev->id}, 2);
+  } else {
+    return 0;
+  }
+  return run(s, st);
+}
+
+static int event_tx(sg__store *s, void *ud) {
+  event_args *a = ud;
+  int err = event_effect(s, a->ev);
+  if (err) return err;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_EVENT_ADD);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){a->ev->backend, a->ev->type, a->ev->value_json}, 3);
+  sqlite3_bind_int64(st, 4, sg__store_now_ms());
+  if ((err = run(s, st))) return err;
+  a->id = sqlite3_last_insert_rowid(s->db);
+  return 0;
+}
+
+int sg__store_event_append(sg__store *s, const sg__store_api_event *ev, int64_t *id) {
+  event_args a = {ev, 0};
+  int err = sg__store_atomic(s, event_tx, &a);
+  if (!err && id) *id = a.id;
+  return err;
+}
+
+int sg__store_events_after(sg__store *s, int64_t after, int limit, sg__store_api_event_cb cb,
+                          void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_EVENTS_AFTER);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 1, after);
+  sqlite3_bind_int(st, 2, limit > 0 ? limit : -1);
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW)
+    err = cb(ud, sqlite3_column_int64(st, 0), col_text(st, 1), col_text(st, 2), col_text(st, 3));
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_events_prune(sg__store *s, int64_t keep) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_EVENTS_PRUNE);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 1, keep);
+  return run(s, st);
+}
+
+int sg__store_events_last(sg__store *s, int64_t *id) {
+  *id = 0;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_EVENTS_LAST);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st), err = 0;
+  if (rc == SQLITE_ROW) *id = sqlite3_column_int64(st, 0);
+  else err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+/* ---- rooms, read marks, paging ---------------------------------------------------- */
+
+static const char SQL_ROOMS[] =
+    "SELECT k.backend, k.id, r.name,"
+    "  (SELECT COUNT(*) FROM messages m WHERE m.backend = k.backend AND m.room = k.id"
+    "    AND m.deleted = 0 AND m.create_time > COALESCE((SELECT last_time FROM api_reads d"
+    "      WHERE d.user_name = ?1 AND d.backend = k.backend AND d.room = k.id), 0))"
+    " FROM (SELECT backend, id FROM api_rooms"
+    "       UNION SELECT backend, room FROM messages WHERE room IS NOT NULL) k"
+    " LEFT JOIN api_rooms r ON r.backend = k.backend AND r.id = k.id"
+    " ORDER BY k.backend, k.id";
+static const char SQL_READ_MARK[] =
+    "INSERT INTO api_reads(user_name, backend, room, last_time) VALUES (?1, ?2, ?3, ?4)"
+    " ON CONFLICT (user_name, backend, room) DO UPDATE SET last_time ="
+    "  MAX(api_reads.last_time, excluded.last_time)";
+static const char SQL_BEFORE[] =
+    "SELECT backend, id, room, sender, content_json, create_time, edit_time, deleted,"
+    "  attachments_json FROM"
+    " (SELECT rowid AS r, * FROM messages WHERE backend = ?1 AND room IS ?2"
+    "  AND (create_time, rowid) < (SELECT create_time, rowid FROM messages"
+    "                              WHERE backend = ?1 AND id = ?4)"
+    "  ORDER BY create_time DESC, rowid DESC LIMIT ?3)"
+    " ORDER BY create_time, r";
+static const char SQL_LAST[] =
+    "SELECT backend, id, room, sender, content_json, create_time, edit_time, deleted,"
+    "  attachments_json FROM"
+    " (SELECT rowid AS r, * FROM messages WHERE backend = ?1 AND room IS ?2"
+    "  ORDER BY create_time DESC, rowid DESC LIMIT ?3)"
+    " ORDER BY create_time, r";
+
+int sg__store_rooms(sg__store *s, const char *user, sg__store_room_cb cb, void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_ROOMS);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, &user, 1);
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW)
+    err = cb(ud, col_text(st, 0), col_text(st, 1), col_text(st, 2), sqlite3_column_int64(st, 3));
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+int sg__store_read_mark(sg__store *s, const char *user, const char *backend, const char *room,
+                       int64_t time) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_READ_MARK);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){user, backend, room}, 3);
+  sqlite3_bind_int64(st, 4, time);
+  return run(s, st);
+}
+
+int sg__store_messages_before(sg__store *s, const char *backend, const char *room,
+                             const char *before_id, int limit, sg__store_message_cb cb,
+                             void *ud) {
+  sqlite3_stmt *st = sg__store_stmt(s, before_id ? SQL_BEFORE : SQL_LAST);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, room}, 2);
+  sqlite3_bind_int(st, 3, limit > 0 ? limit : -1);
+  if (before_id) sqlite3_bind_text(st, 4, before_id, -1, SQLITE_TRANSIENT);
+  int rc, err = 0;
+  while (!err && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+    sg__store_message m = {col_text(st, 0), col_text(st, 1), col_text(st, 2), col_text(st, 3), col_text(st, 4),
+                          sqlite3_column_int64(st, 5), sqlite3_column_int64(st, 6),
+                          sqlite3_column_int(st, 7), col_text(st, 8)};
+    err = cb(ud, &m);
+  }
+  if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return err;
 }

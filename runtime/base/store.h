@@ -22,7 +22,7 @@
 typedef struct sg__store sg__store;
 
 /* The schema version this build migrates to (PRAGMA user_version). */
-#define SG_STORE_SCHEMA_VERSION 2
+#define SG_STORE_SCHEMA_VERSION 3
 
 /* Returned by lookups that find nothing. */
 #define SG_STORE_NOTFOUND 1
@@ -77,6 +77,7 @@ typedef struct sg__store_message {
   const char *backend, *id, *room, *sender, *content_json; /* content: NULL if deleted */
   int64_t create_time, edit_time;  /* edit_time: 0 if never edited */
   int deleted;
+  const char *attachments_json;    /* NULL if not logged (sg__store_messages_before only) */
 } sg__store_message;
 /* Calls cb for the last `limit` messages of `room` in `backend`, oldest
  * first (limit <= 0: all). The message is borrowed for the call. */
@@ -249,5 +250,54 @@ int sg__store_lease_claim_async(sg__store *s, const char *name, const char *inst
                                int64_t ttl_ms, sg__store_reply_cb cb, void *ud);
 int sg__store_lease_release_async(sg__store *s, const char *name, const char *instance,
                                  sg__store_reply_cb cb, void *ud);
+
+/* ---- the client API (runtime/base/store_api.c, docs/api.md) -------------- */
+
+/* A user with one token, known only by its hash. SG_EEXIST if the name is
+ * taken. */
+int sg__store_user_add(sg__store *s, const char *name, int admin, const char *token_hash);
+/* Removes the user and its tokens and read marks. SG_STORE_NOTFOUND if none. */
+int sg__store_user_remove(sg__store *s, const char *name);
+typedef int (*sg__store_user_cb)(void *ud, const char *name, int admin, int64_t created,
+                                int tokens);
+int sg__store_users(sg__store *s, sg__store_user_cb cb, void *ud);
+/* The user owning a token hash: 0 and *name (malloc'd) and *admin, or
+ * SG_STORE_NOTFOUND. */
+int sg__store_token_user(sg__store *s, const char *token_hash, char **name, int *admin);
+
+/* What a backend update means for the API, appended as one event in one
+ * transaction with its effect on the log: a message (upsert), a delete, a
+ * room (upsert) or a room delete. `value_json` is the update's value. */
+typedef struct sg__store_api_event {
+  const char *backend, *type, *value_json;
+  /* MessageUpsert: the log row. MessageDelete and RoomDelete: id only. */
+  const char *id, *room, *sender, *content_json, *attachments_json, *room_name;
+  int64_t create_time, edit_time;
+} sg__store_api_event;
+/* Appends the event; *id (may be NULL) is its durable, increasing id. */
+int sg__store_event_append(sg__store *s, const sg__store_api_event *ev, int64_t *id);
+typedef int (*sg__store_api_event_cb)(void *ud, int64_t id, const char *backend, const char *type,
+                                 const char *value_json);
+/* Events with id > after, oldest first, at most `limit`. */
+int sg__store_events_after(sg__store *s, int64_t after, int limit, sg__store_api_event_cb cb,
+                          void *ud);
+/* Deletes all but the newest `keep` events. */
+int sg__store_events_prune(sg__store *s, int64_t keep);
+/* The newest event id (0 if none). */
+int sg__store_events_last(sg__store *s, int64_t *id);
+
+/* Every room known (announced, or with logged messages): cb(backend, id,
+ * name or NULL, unread for `user`: messages newer than its read mark). */
+typedef int (*sg__store_room_cb)(void *ud, const char *backend, const char *id,
+                                const char *name, int64_t unread);
+int sg__store_rooms(sg__store *s, const char *user, sg__store_room_cb cb, void *ud);
+/* Marks the room read by `user` up to `time` (never moves back). */
+int sg__store_read_mark(sg__store *s, const char *user, const char *backend, const char *room,
+                       int64_t time);
+/* Like sg__store_messages, but only messages older than message `before_id`
+ * (none when that message is not in the log). */
+int sg__store_messages_before(sg__store *s, const char *backend, const char *room,
+                             const char *before_id, int limit, sg__store_message_cb cb,
+                             void *ud);
 
 #endif

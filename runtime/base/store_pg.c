@@ -553,6 +553,26 @@ static const char MIGRATE_SQL[] =
     "    expires BIGINT NOT NULL);"
     "  UPDATE segue_schema SET version = 2;"
     "END IF; END $m$;"
+    /* 3: the client API's tables (docs/api.md); their operations are
+     * SQLite's only so far. */
+    "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 3 THEN"
+    "  CREATE TABLE api_users(name TEXT PRIMARY KEY, admin INTEGER NOT NULL DEFAULT 0,"
+    "    created BIGINT NOT NULL);"
+    "  CREATE TABLE api_tokens(hash TEXT PRIMARY KEY,"
+    "    user_name TEXT NOT NULL REFERENCES api_users(name) ON DELETE CASCADE,"
+    "    created BIGINT NOT NULL);"
+    "  CREATE INDEX api_tokens_user ON api_tokens(user_name);"
+    "  CREATE TABLE api_events(id BIGSERIAL PRIMARY KEY, backend TEXT NOT NULL,"
+    "    type TEXT NOT NULL, value_json TEXT NOT NULL, time BIGINT NOT NULL);"
+    "  CREATE TABLE api_rooms(backend TEXT NOT NULL, id TEXT NOT NULL, name TEXT,"
+    "    PRIMARY KEY (backend, id));"
+    "  CREATE TABLE api_reads("
+    "    user_name TEXT NOT NULL REFERENCES api_users(name) ON DELETE CASCADE,"
+    "    backend TEXT NOT NULL, room TEXT NOT NULL, last_time BIGINT NOT NULL,"
+    "    PRIMARY KEY (user_name, backend, room));"
+    "  ALTER TABLE messages ADD COLUMN attachments_json TEXT;"
+    "  UPDATE segue_schema SET version = 3;"
+    "END IF; END $m$;"
     "SELECT version FROM segue_schema;"
     "COMMIT;";
 
@@ -606,7 +626,7 @@ static void parse_messages(req *q, PGresult *res, sg__store_reply *r) {
     int k = (int)i;
     rows[i] = (sg__store_message){val(res, k, 0),  val(res, k, 1),  val(res, k, 2),
                                  val(res, k, 3),  val(res, k, 4),  ival(res, k, 5),
-                                 ival(res, k, 6), (int)ival(res, k, 7)};
+                                 ival(res, k, 6), (int)ival(res, k, 7), NULL};
   }
   r->messages = rows;
 }

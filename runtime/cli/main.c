@@ -20,6 +20,8 @@ static const char usage[] =
     "  reload [CONFIG]           make the segue running with CONFIG's data_dir reload\n"
     "  key [CONFIG]              print the server id and federation public key (creates the key)\n"
     "  status [CONFIG]           print peers' queues and backends' states of the segue using CONFIG (JSON)\n"
+    "  user add NAME [--admin] [CONFIG]   add a user of the client API; prints its token once\n"
+    "  user list [CONFIG] | user remove NAME [CONFIG]\n"
     "  config --default          print the embedded default config\n"
     "  --version, --help\n"
     "\n"

@@ -11,6 +11,7 @@
 #include <strings.h>
 #include <sys/resource.h>
 
+#include "address.h"
 #include "hrpc/v1/hrpc.pb-c.h"
 #include "hrpc_errors.h"
 #include "segue.h"
@@ -128,23 +129,6 @@ static int hbuf_append(hbuf *b, const char *s, size_t n) {
   b->len += n;
   b->p[b->len] = '\0';
   return 0;
-}
-
-static void peer_name(uv_tcp_t *tcp, char *out, size_t cap) {
-  struct sockaddr_storage ss;
-  int len = sizeof ss;
-  char ip[INET6_ADDRSTRLEN] = "?";
-  snprintf(out, cap, "?");
-  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0) return;
-  if (ss.ss_family == AF_INET6) {
-    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
-    uv_ip6_name(a, ip, sizeof ip);
-    snprintf(out, cap, "[%s]:%d", ip, ntohs(a->sin6_port));
-  } else {
-    const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
-    uv_ip4_name(a, ip, sizeof ip);
-    snprintf(out, cap, "%s:%d", ip, ntohs(a->sin_port));
-  }
 }
 
 /* An hrpc.v1.Error, serialized into fresh memory the caller frees. */
@@ -873,7 +857,7 @@ static void on_connection(uv_stream_t *server, int status) {
   }
   if (per_address_room(srv, c)) return;
   srv->stats.accepted++;
-  peer_name(&c->tcp, c->peer, sizeof c->peer);
+  sg__address_peer(&c->tcp, c->peer, sizeof c->peer);
   conn_timer(c, srv->limits.header_timeout_ms);
   conn_read_resume(c);
 }
@@ -902,37 +886,10 @@ int sg__hrpc_server_init(uv_loop_t *loop, sg__hrpc_server *srv, const sg__hrpc_l
   return 0;
 }
 
-/* Splits "host:port" / "[v6]:port" and fills `ss`. */
-static int parse_address(const char *address, struct sockaddr_storage *ss) {
-  char host[INET6_ADDRSTRLEN + 16];
-  const char *hs = address, *he, *port;
-  if (*address == '[') {
-    hs = address + 1;
-    he = strchr(hs, ']');
-    if (!he || he[1] != ':') return SG_EINVAL;
-    port = he + 2;
-  } else {
-    he = strrchr(address, ':');
-    if (!he) return SG_EINVAL;
-    port = he + 1;
-  }
-  size_t hl = (size_t)(he - hs);
-  if (hl == 0 || hl >= sizeof host || *port == '\0' || strlen(port) > 5) return SG_EINVAL;
-  for (const char *d = port; *d; d++)
-    if (*d < '0' || *d > '9') return SG_EINVAL;
-  int pn = atoi(port);
-  if (pn > 65535) return SG_EINVAL;
-  memcpy(host, hs, hl);
-  host[hl] = '\0';
-  if (uv_ip4_addr(host, pn, (struct sockaddr_in *)ss) == 0) return 0;
-  if (uv_ip6_addr(host, pn, (struct sockaddr_in6 *)ss) == 0) return 0;
-  return SG_EINVAL;
-}
-
 int sg__hrpc_server_listen(sg__hrpc_server *srv, const char *address) {
   struct sockaddr_storage ss;
   if (!address || srv->closing || srv->listening) return SG_EINVAL;
-  int rc = parse_address(address, &ss);
+  int rc = sg__address_parse(address, &ss);
   if (rc) return rc;
   if ((rc = uv_tcp_bind(&srv->tcp, (const struct sockaddr *)&ss, 0))) return rc;
   if ((rc = uv_listen((uv_stream_t *)&srv->tcp, 511, on_connection))) return rc;
@@ -941,13 +898,8 @@ int sg__hrpc_server_listen(sg__hrpc_server *srv, const char *address) {
 }
 
 int sg__hrpc_server_port(const sg__hrpc_server *srv) {
-  struct sockaddr_storage ss;
-  int len = sizeof ss;
   if (!srv->listening) return UV_EINVAL;
-  int rc = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
-  if (rc) return rc;
-  return ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                  : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  return sg__address_port(&srv->tcp);
 }
 
 int sg__hrpc_server_route(sg__hrpc_server *srv, const char *path, sg__hrpc_handler handler,

@@ -310,6 +310,13 @@ function M.start()
       if not ok then return report { "postbox: " .. err } end
     end
   end
+  -- The client API (docs/api.md) before the scripts and the backends, so
+  -- that every update is in its event log.
+  if current.http then
+    if not M.store then return report { "http: the client API needs the store" } end
+    ok, err = require("segue.api").start(current, M.store)
+    if not ok then return report { "http: " .. err } end
+  end
   for _, path in ipairs(current.scripts) do
     ok, err = M.load_script(path)
     if not ok then return nil, err end

@@ -119,6 +119,81 @@ function commands.migrate(path)
   return 0
 end
 
+-- segue user add NAME [--admin] [CONFIG] | list [CONFIG] | remove NAME [CONFIG] ----
+-- Users of the client API (docs/api.md), in the store of CONFIG's data_dir;
+-- a running segue sees the change at its next request.
+local USER_USAGE = "usage: segue user add NAME [--admin] [CONFIG] | segue user list [CONFIG] | segue user remove NAME [CONFIG]\n"
+
+local function user_store(path)
+  local cfg = M.config_or_fail(path)
+  if not cfg then return nil end
+  local ok, merr = require("segue.fs").mkdir_p(cfg.data_dir, tonumber("700", 8))
+  if not ok then err("user: %s", merr) return nil end
+  local db, serr = require("segue.store").open(cfg.data_dir .. "/segue.db")
+  if not db then err("user: %s", serr) return nil end
+  return db
+end
+
+local user_commands = {}
+
+function user_commands.add(...)
+  local name, admin, path
+  for _, a in ipairs { ... } do
+    if a == "--admin" then admin = true
+    elseif not name then name = a
+    elseif not path then path = a
+    else return nil end
+  end
+  if not name or name:match("^%-") then return nil end
+  local db = user_store(path)
+  if not db then return 1 end
+  local token, e, code = require("segue.api").user_add(db, name, admin)
+  db:close()
+  if not token then
+    err("user add %s: %s", name, code == "EEXIST" and "a user of that name exists" or e)
+    return 1
+  end
+  io.stdout:write("user ", name, admin and " (admin)" or "", " added; the token is shown only now:\n")
+  io.stdout:write("token ", token, "\n")
+  return 0
+end
+
+function user_commands.list(path, extra)
+  if extra then return nil end
+  local db = user_store(path)
+  if not db then return 1 end
+  local users, e = db:users()
+  db:close()
+  if not users then err("user list: %s", e) return 1 end
+  for _, u in ipairs(users) do
+    io.stdout:write(("%s%s tokens=%d created=%s\n"):format(u.name, u.admin and " admin" or "", u.tokens,
+      os.date("!%Y-%m-%dT%H:%M:%SZ", u.created // 1000)))
+  end
+  return 0
+end
+
+function user_commands.remove(name, path, extra)
+  if not name or extra then return nil end
+  local db = user_store(path)
+  if not db then return 1 end
+  local removed, e = db:user_remove(name)
+  db:close()
+  if removed == nil then err("user remove %s: %s", name, e) return 1 end
+  if not removed then err("user remove: no user %s", name) return 1 end
+  io.stdout:write("user ", name, " removed; its tokens no longer work\n")
+  return 0
+end
+
+function commands.user(verb, ...)
+  local fn = user_commands[verb or ""]
+  local code = fn and fn(...)
+  if code == nil then
+    io.stderr:write(USER_USAGE)
+    return 2
+  end
+  return code
+end
+
 -- segue config --default --------------------------------------------------------
 commands.config = function(flag)
   if flag ~= "--default" then

@@ -35,6 +35,7 @@ local top_keys = {
   scripts = "table", limits = "table", rules = "string",
   server_id = "string", listen = "string", federation = "table",
   store = "table", instance = "string", lease_ms = "number", rules_check = "string",
+  http = "table",
 }
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
@@ -282,7 +283,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms, rules_check)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms, rules_check, http)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -315,6 +316,7 @@ function Checker:check(raw)
   end
   self:federation(raw, cfg)
   self:store(raw, cfg)
+  self:http(raw, cfg)
   if type(raw.scripts) == "table" then
     for i, s in ipairs(self:string_list({ "scripts" }, raw.scripts)) do
       local p = self:path(s)
@@ -530,6 +532,51 @@ function Checker:federation(raw, cfg)
       cfg.federation[k] = self:federation_value(p, k, v)
     end
   end
+end
+
+-- The client API (docs/api.md) ----------------------------------------------
+
+-- `http` keys besides `listen`: positive integers.
+M.http_keys = {
+  max_body_bytes = "largest request body (default 1048576)",
+  max_header_bytes = "largest request head (default 16384)",
+  header_timeout_ms = "a request's head must arrive within this (default 10000)",
+  body_timeout_ms = "a request's body must arrive within this (default 30000)",
+  max_connections = "connections at once (default 1024)",
+  max_streams = "stream clients at once; more get 503 (default 256)",
+  stream_buffer_bytes = "unsent bytes a stream client may fall behind before it is closed (default 4194304)",
+  keepalive_ms = "a stream sends a keep-alive comment this often (default 15000)",
+  max_events = "events kept for playback (default 100000)",
+  max_page = "largest `limit` of a messages page (default 500)",
+}
+
+-- http = { listen = "127.0.0.1:7070", ... } into cfg.http.
+function Checker:http(raw, cfg)
+  if type(raw.http) ~= "table" then return end
+  local out = {}
+  for k, v in pairs(raw.http) do
+    local p = { "http", tostring(k) }
+    if k == "listen" then
+      if type(v) ~= "string" or not valid_listen(v) then
+        self:error(p, "expected an IP address and port (\"127.0.0.1:7070\", \"[::1]:7070\"), found %s", describe(v))
+      else
+        out.listen = v
+      end
+    elseif not M.http_keys[k] then
+      local names = {}
+      for name in pairs(M.http_keys) do names[#names + 1] = name end
+      table.sort(names)
+      self:error(p, "unknown key (expected listen, %s)", table.concat(names, ", "))
+    elseif math.type(v) ~= "integer" or v <= 0 then
+      self:error(p, "expected a positive integer, found %s", describe(v))
+    else
+      out[k] = v
+    end
+  end
+  if raw.http.listen == nil then
+    self:error({ "http" }, "http.listen is required (e.g. \"127.0.0.1:7070\")")
+  end
+  cfg.http = out
 end
 
 -- Copies, so a config that assigns string.upper changes nothing outside it.

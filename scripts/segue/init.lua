@@ -7,6 +7,7 @@ local core = require "segue.core"
 local loop = require "segue.loop"
 local json = require "segue.json"
 local harmony = require "segue.harmony"  -- requires no "segue": no cycle
+local metrics = require "segue.metrics"
 
 local segue = {
   version = core.version,
@@ -163,7 +164,12 @@ function Backend:request(body, callback)
     body.value.attachments = {}
   end
   return segue.call("request", function(cb)
-    local ok, err, code = core.request(self.name, body, cb)
+    local t0 = loop.hrtime()
+    local ok, err, code = core.request(self.name, body, function(r, rerr, rcode, ...)
+      metrics.request(self.name, r and "ok" or rcode, t0)
+      return cb(r, rerr, rcode, ...)
+    end)
+    if not ok then metrics.request(self.name, code or "EINVAL", t0) end
     if not ok and code == "ENOBACKEND" then warn_no_backend(self.name) end
     return ok, err, code
   end, callback)

@@ -16,6 +16,7 @@ local pbc = require "segue.postbox_core"
 local harmony = require "segue.harmony"
 local E = harmony.errors  -- hRPC error identifiers and statuses
 local loop = require "segue.loop"
+local metrics = require "segue.metrics"
 
 local M = {}
 
@@ -49,9 +50,13 @@ local function transport_push(server_id, bytes, done)
   local event, err = harmony.decode(EVENT, bytes)
   if not event then return done(err) end
   local ok, cerr = harmony.call(server_id, "Push", { event = event }, function(resp, e)
+    metrics.inc("segue_postbox_pushes_total", { peer = server_id, outcome = resp and "ok" or "error" })
     if resp then done() else done(tostring(e)) end
   end)
-  if not ok then done(tostring(cerr)) end
+  if not ok then
+    metrics.inc("segue_postbox_pushes_total", { peer = server_id, outcome = "error" })
+    done(tostring(cerr))
+  end
 end
 
 -- segue.emit runs each handler in its own coroutine and only logs its errors;
@@ -89,6 +94,7 @@ end
 local function pull_and_schedule(server_id)
   if not pb then return nil, "ECLOSING: the postbox is closed" end
   local ok, err = pull_now(server_id)
+  metrics.inc("segue_postbox_pulls_total", { peer = server_id, outcome = ok and "ok" or "error" })
   if not pb then return ok, err end
   pb:release(server_id)
   if ok then

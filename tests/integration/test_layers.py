@@ -22,7 +22,9 @@ LAYERS = {
             ["<lua.h>", "backend.h", "federation.h", "bindings.h", "host.h"]),
     "harmony": ("runtime/harmony/federation.c", ["federation.h", "postbox.h", "log.h"],
                 ["<lua.h>", "backend.h", "net_tcp.h", "bindings.h", "host.h"]),
-    "bindings": ("bindings/lua_json.c", ["bindings.h", "<lua.h>", "federation.h", "backend.h"],
+    "web": ("runtime/web/http_server.c", ["http_server.h", "log.h", "<http_parser.h>"],
+            ["<lua.h>", "backend.h", "federation.h", "net_tcp.h", "bindings.h", "host.h"]),
+    "bindings": ("bindings/lua_json.c", ["bindings.h", "<lua.h>", "federation.h", "backend.h", "http_server.h"],
                  ["host.h"]),
     "cli": ("runtime/cli/main.c", ["cli.h", "segue.h"], ["<lua.h>", "bindings.h", "backend.h"]),
 }
