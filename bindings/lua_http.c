@@ -40,9 +40,14 @@ typedef struct lsrv {
   int closed, lua_gone, handle_gone, userdata_gone;
 } lsrv;
 
+/* Lives in the request's userdata. `h` outlives every userdata; `ls` is
+ * used only while the request is held (the server cannot finish closing
+ * before it is given back), never by __gc, which may run after the server's
+ * memory was freed. */
 typedef struct lreq {
   sg__http_request *r;  /* NULL once finished */
   lsrv *ls;
+  sg__lenv *h;
   int gone_ref;
 } lreq;
 
@@ -160,7 +165,7 @@ static int l_req_on_gone(lua_State *L) {
 
 static int l_req_gc(lua_State *L) {
   lreq *q = luaL_checkudata(L, 1, REQ_MT);
-  req_finish(q->ls->lua_gone ? NULL : L, q);
+  req_finish(q->h->L ? L : NULL, q);
   return 0;
 }
 
@@ -183,6 +188,7 @@ static void on_request(sg__http_request *r, void *ud) {
   lreq *q = lua_newuserdatauv(L, sizeof *q, 0);
   q->r = r;
   q->ls = ls;
+  q->h = ls->h;
   q->gone_ref = LUA_NOREF;
   luaL_setmetatable(L, REQ_MT);
   lua_createtable(L, 0, 6);
