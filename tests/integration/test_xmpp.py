@@ -14,7 +14,7 @@ import unittest
 from harness import SEGUE, run_lua, tmpdir, write
 from irc_server import NgIRCd, RawClient
 from test_irc import Segue, lua
-from xmpp_server import Client, Prosody, available, slixmpp_python
+from xmpp_server import Client, Prosody, Proxy, available, slixmpp_python
 
 ROOM = "test@conference.localhost"
 SOURCE = os.environ.get("SEGUE_SOURCE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..")
@@ -90,7 +90,7 @@ class XmppBridge(unittest.TestCase):
         opts.update(kw)
         return opts
 
-    def segue(self, rules, extra_backends=""):
+    def segue(self, rules, extra_backends="", **options):
         write(os.path.join(self.dir, "watch.lua"), "CMDS = %s\n%s" % (lua(self.cmds), WATCH))
         write(os.path.join(self.dir, "rules.lua"), "return { %s }" % rules)
         cfg = write(os.path.join(self.dir, "segue.lua"), """
@@ -102,7 +102,7 @@ class XmppBridge(unittest.TestCase):
             }
             rules = "rules.lua"
             scripts = { "watch.lua" }
-        """ % (lua(self.options()), extra_backends))
+        """ % (lua(self.options(**options)), extra_backends))
         s = Segue(["run", cfg], self.dir)
         self.addCleanup(s.stop)
         s.value(lambda v: v.get("from") == "xmpp" and v["u"]["type"] == "RoomUpsert", 30, "the xmpp join")
@@ -217,6 +217,38 @@ class XmppBridge(unittest.TestCase):
         s.value(lambda v: self.upsert(v, "mem", "after the restart"), 30, "bob's message in memory")
         self.command(mem={"type": "Text", "value": "memory still here"})
         bob.wait(lambda e: e.get("body", "").endswith("memory still here"), what="memory's message after the restart")
+
+    def test_a_dropped_connection_resumes_the_session_and_loses_nothing(self):
+        proxy = Proxy(self.server.port)
+        self.addCleanup(proxy.close)
+        bob = self.bob()
+        s = self.segue('bridge { "xmpp:%s", "mem:#bridge" }' % ROOM, port=proxy.port)
+        bob.command(say="before the cut", id="c0")
+        s.value(lambda v: self.upsert(v, "mem", "before the cut"), what="c0 in memory")
+        proxy.cut()  # Prosody keeps the session (XEP-0198 hibernation) and queues for it
+        s.wait_for(lambda: s.stderr_count("reconnecting in") >= 1, 30, "the bridge noticing the cut")
+        bob.command(say="said during the cut", id="c1")
+        bob.wait(lambda e: e.get("id") == "c1" and e.get("stanza_id"), what="c1's reflection")
+        proxy.release()
+        s.wait_for(lambda: s.stderr_count("session resumed (XEP-0198)") >= 1, 30, "the resumption")
+        s.value(lambda v: self.upsert(v, "mem", "said during the cut"), 30, "c1 in memory after the resumption")
+        self.assertEqual(s.stderr_count("logged in as"), 2, "\n".join(s.err[-30:]))
+        # Resumed, not rejoined: and still in the room both ways.
+        self.command(mem={"type": "Text", "value": "memory after the cut"})
+        bob.wait(lambda e: e.get("body", "").endswith("memory after the cut"), what="memory's message after the cut")
+        self.assertEqual(len([v for v in s.values() if self.upsert(v, "mem", "said during the cut")]), 1)
+
+    def test_a_silent_server_is_pinged_and_the_connection_replaced(self):
+        proxy = Proxy(self.server.port)
+        self.addCleanup(proxy.close)
+        bob = self.bob()
+        s = self.segue('bridge { "xmpp:%s", "mem:#bridge" }' % ROOM, port=proxy.port, ping_ms=500)
+        proxy.stall()  # nothing passes, nothing closes
+        s.wait_for(lambda: s.stderr_count("no answer to a ping") >= 1, 30, "the unanswered ping")
+        proxy.release()
+        s.wait_for(lambda: s.stderr_count("logged in as") >= 2, 30, "a new login")
+        bob.command(say="after the stall", id="s1")
+        s.value(lambda v: self.upsert(v, "mem", "after the stall"), 30, "bob's message after the stall")
 
     @unittest.skipUnless(NgIRCd.available(), "ngircd is not installed")
     def test_a_room_bridged_with_an_irc_channel_and_memory(self):

@@ -183,3 +183,89 @@ class Client:
                 s.close()
             except OSError:
                 pass
+
+
+class Proxy:
+    """A TCP forwarder on a loopback port in front of `port`, for network
+    faults the server does not see coming: cut() drops every connection at
+    once and holds new ones until release(); stall() stops forwarding
+    without closing anything (a peer that vanished)."""
+
+    def __init__(self, port):
+        self.target = port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.stalled = False
+        self.conns = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        if not self.open.wait(60):
+            c.close()
+            return
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        except OSError:
+            c.close()
+            return
+        up.settimeout(None)
+        with self.lock:
+            self.conns += [c, up]
+        for a, b in ((c, up), (up, c)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a, b):
+        while True:
+            try:
+                data = a.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            while self.stalled:
+                time.sleep(0.05)
+            try:
+                b.sendall(data)
+            except OSError:
+                break
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.open.clear()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def release(self):
+        self.stalled = False
+        self.open.set()
+
+    def stall(self):
+        self.stalled = True
+
+    def close(self):
+        self.sock.close()
+        self.cut()
+        self.release()
