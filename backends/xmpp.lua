@@ -83,61 +83,10 @@ local conn                         -- the open, logged-in connection, or nil
 local online = false
 local stopped = false
 
--- Timers and waiting (as in backends/irc.lua) ----------------------------------------
+-- Timers and handlers waiting for the server (segue.waits) ----------------------
 
-local timers = {}
-
-local function after(ms, fn)
-  local t
-  t = segue.timer(ms, function()
-    timers[t] = nil
-    fn()
-  end)
-  timers[t] = true
-  return t
-end
-
-local function cancel(t)
-  if t then t:stop(); timers[t] = nil end
-end
-
-local waiting = {}  -- key -> { coroutines }
-
-local function wait_for(key, ms)
-  local co = coroutine.running()
-  local list = waiting[key] or {}
-  waiting[key] = list
-  list[#list + 1] = co
-  local timer = after(ms, function()
-    for i, c in ipairs(list) do
-      if c == co then
-        table.remove(list, i)
-        if #list == 0 and waiting[key] == list then waiting[key] = nil end
-        local ok, e = coroutine.resume(co, nil, "timed out after " .. ms .. " ms")
-        if not ok then log.error(debug.traceback(co, e)) end
-        return
-      end
-    end
-  end)
-  local a, b = coroutine.yield()
-  cancel(timer)
-  return a, b
-end
-
-local function wake(key, a, b)
-  local list = waiting[key]
-  waiting[key] = nil
-  for _, co in ipairs(list or {}) do
-    local ok, e = coroutine.resume(co, a, b)
-    if not ok then log.error(debug.traceback(co, e)) end
-  end
-end
-
-local function pause(ms)
-  local co = coroutine.running()
-  after(ms, function() coroutine.resume(co) end)
-  coroutine.yield()
-end
+local waits = require("segue.waits").new(log)
+local after, cancel, wait_for, wake, pause = waits.after, waits.cancel, waits.wait_for, waits.wake, waits.pause
 
 local function now_ms() return os.time() * 1000 end
 
@@ -938,7 +887,7 @@ return {
 
   stop = function()
     stopped = true
-    for t in pairs(timers) do t:stop() end
+    waits.stop_all()
     if conn then
       conn:write("<presence type='unavailable'/></stream:stream>")
       conn:close()

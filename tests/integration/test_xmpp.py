@@ -195,6 +195,12 @@ class XmppBridge(unittest.TestCase):
         gone = bob.wait(lambda e: e.get("retract"), what="the retraction")
         self.assertEqual(gone["retract"], first["stanza_id"])
 
+        # An out-of-band URL (XEP-0066) becomes a link.
+        bob.command(say="look at this", oob="https://files.example.org/cat.png")
+        oob = s.value(lambda v: self.upsert(v, "xmpp", "look at this"), what="the OOB message")["u"]["value"]
+        self.assertTrue(contains(oob["content"], {"type": "UrlLink", "value": "https://files.example.org/cat.png"}), oob)
+        self.assertEqual(oob["extra"]["oob"], ["https://files.example.org/cat.png"])
+
         # 1:1: bob writes to the bridge's JID; the bridge writes back.
         bob.command(chat="bridge@localhost", say="psst *secret*")
         dm = s.value(lambda v: self.upsert(v, "xmpp", "secret"), what="the 1:1 message")["u"]["value"]

@@ -2,7 +2,7 @@
 PORT CA_FILE ROOM NICK. Logs in over STARTTLS on 127.0.0.1:PORT verifying
 the server's certificate against CA_FILE, joins ROOM as NICK, prints every
 message it sees as a JSON line, and obeys JSON commands on stdin:
-  {"say": text, "id": id}                   a groupchat message
+  {"say": text, "id": id}                   a groupchat message ("oob": url adds XEP-0066)
   {"correct": id, "say": text}              a correction (XEP-0308) of message `id`
   {"retract": stanza_id}                    a retraction (XEP-0424) in the room
   {"chat": jid, "say": text}                a 1:1 message
@@ -66,6 +66,9 @@ class Client(slixmpp.ClientXMPP):
             m = self.make_message(mto=self.room, mbody=cmd["say"], mtype="groupchat")
             if "correct" in cmd:
                 ET.SubElement(m.xml, "{urn:xmpp:message-correct:0}replace", {"id": cmd["correct"]})
+            if "oob" in cmd:
+                x = ET.SubElement(m.xml, "{jabber:x:oob}x")
+                ET.SubElement(x, "{jabber:x:oob}url").text = cmd["oob"]
         if cmd.get("id"):
             m["id"] = cmd["id"]
         m.send()
