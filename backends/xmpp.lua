@@ -555,7 +555,7 @@ local function on_presence(st)
   if not r then return end
   if st.attrs.type == "error" then
     local why = stanza_error(st)
-    if why:match("^conflict") and not r.joined then
+    if why:match("^conflict") and not r.joined and #r.nick < #opt.nick + 5 then
       r.nick = r.nick .. "_"
       log.info(("nick taken in %s; trying %s"):format(room, r.nick))
       send(E("presence", { to = room .. "/" .. r.nick }, NSE(NS.muc, "x", {}, E("history", { maxstanzas = "0" }))))
