@@ -158,6 +158,15 @@ static int l_remove_backend(lua_State *L) {
   return sg__lua_result(L, 0);
 }
 
+/* pause_backend(name, paused) -> true if the backend's transport can pause
+ * (flow control: what it sends is not read while paused). */
+static int l_pause_backend(lua_State *L) {
+  sg__backend *b = find_backend(L, 1);
+  if (!b) return 3;
+  lua_pushboolean(L, sg__backend_pause(b, lua_toboolean(L, 2)));
+  return 1;
+}
+
 /* backends() -> { {name=, kind=, state=, restarts=, pid=, inflight=}, ... } */
 static int l_backends(lua_State *L) {
   sg__lenv *h = sg__lenv_check(L);
@@ -302,7 +311,7 @@ static void lua_tp_free(sg__backend *b) {
 }
 
 static const sg__transport sg__lua_transport = {"lua", lua_tp_start, lua_tp_send, lua_tp_stop,
-                                                lua_tp_free};
+                                                lua_tp_free, NULL};
 
 /* emit(name, value): what a Lua backend sends (InitInfo, Response, Update). */
 static int l_emit(lua_State *L) {
@@ -335,6 +344,7 @@ void sg__core_open_backends(lua_State *L) {
       {"stop_backend", l_stop_backend},
       {"remove_backend", l_remove_backend},
       {"backends", l_backends},
+      {"pause_backend", l_pause_backend},
       {"request", l_request},
       {"emit", l_emit},
       {NULL, NULL}};

@@ -298,6 +298,12 @@ int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
   return 0;
 }
 
+int sg__backend_pause(sg__backend *b, int paused) {
+  if (!b->tp->pause) return 0;
+  b->tp->pause(b, paused);
+  return 1;
+}
+
 /* ---- what the backend sends ----------------------------------------------- */
 
 static void on_error_response(sg__backend *b, sg__request *req, const cJSON *body) {

@@ -45,6 +45,9 @@ typedef struct sg__transport {
   void (*stop)(sg__backend *b, int graceful);
   /* Releases the transport's memory; the backend is stopped. May be NULL. */
   void (*free)(sg__backend *b);
+  /* Stops (paused != 0) or resumes reading what the backend sends: flow
+   * control towards a backend that floods. May be NULL (cannot pause). */
+  void (*pause)(sg__backend *b, int paused);
 } sg__transport;
 
 typedef struct sg__backend_config {
@@ -121,6 +124,11 @@ void sg__backend_close(sg__backend *b);
  * backend gave up or is stopped) `cb` is never called. */
 int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
                         void *ud, char *err, size_t errlen);
+
+/* Flow control: stops reading what the backend sends (its updates and its
+ * responses) until resumed; a no-op for transports that cannot pause. A
+ * restart reads again. Returns 1 if the transport paused, else 0. */
+int sg__backend_pause(sg__backend *b, int paused);
 
 /* From transports. `v` is decoded and validated (ownership passes to the
  * backend). */

@@ -32,6 +32,7 @@ struct child_run {
   size_t errlen;
   int open_handles;
   int exited, out_eof, stopping, signalled;
+  int paused;                /* flow control: stdout not read for now */
   int64_t exit_status;
   int term_signal;
   char reason[256];          /* why the run ended, for the log */
@@ -141,6 +142,9 @@ static void describe_exit(child_run *r) {
 
 static void eof_grace_fired(uv_timer_t *t) { run_finish(t->data); }
 
+static void alloc_buf(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void on_stdout(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
+
 /* The last values may still sit in the stdout pipe after the exit: read them
  * until EOF, but not for ever (a grandchild may hold the pipe open). */
 static void on_proc_exit(uv_process_t *p, int64_t status, int sig) {
@@ -149,6 +153,11 @@ static void on_proc_exit(uv_process_t *p, int64_t status, int sig) {
   r->exit_status = status;
   r->term_signal = sig;
   describe_exit(r);
+  /* What the child wrote before it exited is read even while paused. */
+  if (r->paused && !r->out_eof && !r->stopping) {
+    r->paused = 0;
+    uv_read_start((uv_stream_t *)&r->out, alloc_buf, on_stdout);
+  }
   if (r->out_eof || r->stopping == 2) run_finish(r);
   else uv_timer_start(&r->timer, eof_grace_fired, 1000, 0);
 }
@@ -308,6 +317,16 @@ static int child_send(sg__backend *b, const cJSON *request) {
   return rc;
 }
 
+/* Flow control: stdout is not read while paused (the child blocks writing
+ * once the pipe is full). */
+static void child_pause(sg__backend *b, int paused) {
+  child_run *r = child_of(b)->run;
+  if (!r || r->stopping || r->exited || r->out_eof || r->paused == !!paused) return;
+  r->paused = !!paused;
+  if (paused) uv_read_stop((uv_stream_t *)&r->out);
+  else uv_read_start((uv_stream_t *)&r->out, alloc_buf, on_stdout);
+}
+
 static void escalate(uv_timer_t *t) {
   child_run *r = t->data;
   if (r->exited) return;
@@ -355,4 +374,5 @@ const sg__transport sg__child_transport = {
     .send = child_send,
     .stop = child_stop,
     .free = child_free,
+    .pause = child_pause,
 };

@@ -93,7 +93,7 @@ static void ctp_free(sg__backend *b) {
   free(cb);
 }
 
-const sg__transport sg__c_transport = {"c", ctp_start, ctp_send, ctp_stop, ctp_free};
+const sg__transport sg__c_transport = {"c", ctp_start, ctp_send, ctp_stop, ctp_free, NULL};
 
 /* ---- registration ---------------------------------------------------------- */
 

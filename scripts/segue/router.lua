@@ -19,13 +19,17 @@ local current          -- the active rule set
 local index = {}       -- backend -> room name -> { {bridge, endpoint}, ... }
 local room_ids = {}    -- backend -> room name -> room id
 local room_names = {}  -- backend -> room id -> room name
-local sends = {}       -- backend -> { [send number] = true } in flight to it
-local send_count = 0   -- numbers every send
-local held = {}        -- backend -> { {update, set, after}, ... } waiting for sends
+local loop_now = require("segue.loop").now
+local dests = {}       -- backend -> its sends in flight and its held updates (dest_of)
 local unresolved = {}  -- "backend\0room" -> copies waiting for that room to resolve
 M.MAX_WAITING = 1000   -- copies kept per room that is not resolved yet
-local last_edit = {}   -- "backend\0id" -> edit_time already handled
-local status = { loads = 0, failures = 0 }
+M.MAX_IN_FLIGHT = 10000 -- copies in flight to one backend; beyond, copies are lost (counted)
+M.MAX_HELD = 100000    -- updates of one backend waiting for sends to it
+M.PAUSE_AT = 2000      -- copies in flight to one backend that pause the backends feeding it
+M.PAUSE_MS = 1000      -- a source is paused at most this long at a time
+M.EDITS_KEPT = 10000   -- last_edit keeps between this and twice this many ids
+local last_edit, last_edit_old = {}, {}  -- "backend\0id" -> edit_time already handled
+local status = { loads = 0, failures = 0, bridged = 0, lost = 0, lost_by = {}, pauses = 0 }
 local db               -- the store (segue.store), or nil
 local state = {}       -- carried from one rule set to the next
 
@@ -151,29 +155,130 @@ function M.resolve_backend(backend, all)
 end
 
 -- Sending -----------------------------------------------------------------
+--
+-- Per destination backend (dest_of): its sends in flight, numbered in the
+-- order they were made, and the updates it sent that wait for them. All
+-- bookkeeping is O(1) per message: `low` is the oldest number that may still
+-- be in flight and only moves forward; the held updates are a queue with a
+-- head and a tail.
 
 local handle
 
--- The oldest send to `backend` still in flight, or nil.
-local function oldest_send(backend)
-  local min
-  for n in pairs(sends[backend] or {}) do
-    if not min or n < min then min = n end
+local function dest_of(backend)
+  local d = dests[backend]
+  if not d then
+    d = { next = 1, low = 1, count = 0, live = {}, head = 1, tail = 0, held = {} }
+    dests[backend] = d
   end
-  return min
+  return d
+end
+
+-- Losses: every copy that is not bridged is counted (status.lost, and by
+-- reason in status.lost_by) and logged; a burst of losses to one place is
+-- logged once with the first message, then summed up once a second, so a
+-- flood towards a stuck backend does not flood the log too.
+local loss_log = {}  -- "reason\0where" -> { suppressed = n, last = ms, what = text }
+
+local function flush_losses()
+  for key, l in pairs(loss_log) do
+    if l.suppressed > 0 then
+      segue.log.warn(("%d more cop%s not bridged to %s in the last second: %s")
+        :format(l.suppressed, l.suppressed == 1 and "y" or "ies", l.where, l.why))
+      l.suppressed, l.last = 0, loop_now()
+    elseif loop_now() - l.last > 10000 then
+      loss_log[key] = nil
+    end
+  end
+  return next(loss_log) ~= nil
+end
+
+local loss_timer
+local function lost(reason, where, msg_id, why)
+  status.lost = status.lost + 1
+  status.lost_by[reason] = (status.lost_by[reason] or 0) + 1
+  if M.on_lost then M.on_lost(reason, where, msg_id, why) end
+  local key = reason .. "\0" .. where
+  local l = loss_log[key]
+  local now = loop_now()
+  if l and now - l.last < 1000 then
+    l.suppressed, l.why = l.suppressed + 1, why
+  else
+    loss_log[key] = { suppressed = 0, last = now, where = where, why = why }
+    if reason == "failed" then segue.log.warn(("bridging %s to %s failed: %s"):format(msg_id, where, why))
+    else segue.log.warn(("message %s not bridged to %s: %s"):format(msg_id, where, why)) end
+  end
+  if not loss_timer then
+    loss_timer = segue.every(1000, function()
+      if not flush_losses() and loss_timer then loss_timer:stop() loss_timer = nil end
+    end)
+  end
+end
+M.lost = lost
+
+-- Flow control: when the copies in flight to a backend reach PAUSE_AT, the
+-- backend whose message made the copy stops being read (its process blocks
+-- writing, its messages wait in the pipe) until they are down to half, or
+-- at most PAUSE_MS: a backend that never answers cannot stall its sources
+-- for long, and copies beyond MAX_IN_FLIGHT are lost (counted). A backend
+-- with sends of ours in flight is never paused: we need its answers.
+local core = require "segue.core"
+local paused = {}   -- backend -> the time it was paused
+local pause_timer
+
+local function resume(backend)
+  if paused[backend] then
+    paused[backend] = nil
+    core.pause_backend(backend, false)
+  end
+end
+
+local function pause(source, d)
+  local sd = dests[source]
+  if paused[source] or (sd and sd.count > 0) then return end
+  if not core.pause_backend(source, true) then return end
+  paused[source] = loop_now()
+  status.pauses = status.pauses + 1
+  d.sources = d.sources or {}
+  d.sources[source] = true
+  if not pause_timer then
+    pause_timer = segue.every(M.PAUSE_MS // 4 + 1, function()
+      local now = loop_now()
+      for b, since in pairs(paused) do
+        if now - since >= M.PAUSE_MS then resume(b) end
+      end
+      if not next(paused) and pause_timer then pause_timer:stop() pause_timer = nil end
+    end)
+  end
 end
 
 -- An update waits only for the sends that were in flight when it arrived,
 -- not for later ones: a busy bridge never starves a backend's updates.
-local function release(backend, n)
-  sends[backend][n] = nil
-  local q = held[backend]
-  local oldest = oldest_send(backend)
-  while q and q[1] and (not oldest or q[1].after < oldest) do
-    local h = table.remove(q, 1)
-    handle(h.set, backend, h.update)
+local function release(d, n)
+  d.live[n] = nil
+  d.count = d.count - 1
+  local live, low, next_n = d.live, d.low, d.next
+  while low < next_n and not live[low] do low = low + 1 end
+  d.low = low
+  if d.sources and d.count <= M.PAUSE_AT // 2 then
+    for source in pairs(d.sources) do resume(source) end
+    d.sources = nil
   end
-  if q and not q[1] then held[backend] = nil end
+  -- A held update's handling may end a send at once (a request that cannot
+  -- be made): the outer loop goes on with the next update, in order.
+  if d.releasing then return end
+  d.releasing = true
+  local held = d.held
+  while d.head <= d.tail do
+    local h = held[d.head]
+    if h.after >= d.low then break end
+    held[d.head] = nil
+    d.head = d.head + 1
+    -- In a coroutine of its own, as every update is handled (a store that
+    -- answers later, PostgreSQL, makes it wait); errors are reported there.
+    segue.spawn(handle, h.set, h.backend, h.update)
+  end
+  d.releasing = nil
+  if d.head > d.tail then d.head, d.tail = 1, 0 end
 end
 
 local send_copy
@@ -185,40 +290,53 @@ local function wait_for_room(origin_backend, msg, target, content, attachments)
   local list = unresolved[key] or {}
   unresolved[key] = list
   if #list >= M.MAX_WAITING then
-    return segue.log.warn(("%s is not resolved yet and %d copies wait for it; message %s not bridged there")
-      :format(e.key, #list, msg.id))
+    return lost("unresolved", e.key, msg.id,
+      ("the room is not resolved yet and %d copies wait for it"):format(#list))
   end
   list[#list + 1] = function() send_copy(origin_backend, msg, target, content, attachments) end
 end
+
+local request = core.request
 
 send_copy = function(origin_backend, msg, target, content, attachments)
   local e = target.endpoint
   local room_id = (room_ids[e.backend] or {})[e.room]
   if not room_id then return wait_for_room(origin_backend, msg, target, content, attachments) end
-  send_count = send_count + 1
-  local n = send_count
-  sends[e.backend] = sends[e.backend] or {}
-  sends[e.backend][n] = true
-  local ok, err = segue.backend(e.backend):request({ type = "MessageSend", value = {
+  local d = dest_of(e.backend)
+  if d.count >= M.MAX_IN_FLIGHT then
+    return lost("overloaded", e.key, msg.id,
+      ("%d copies are in flight to %s already"):format(d.count, e.backend))
+  end
+  local n = d.next
+  d.next = n + 1
+  if d.count == 0 then d.low = n end
+  d.count = d.count + 1
+  d.live[n] = true
+  if paused[e.backend] then resume(e.backend) end
+  if d.count >= M.PAUSE_AT and origin_backend ~= e.backend then pause(origin_backend, d) end
+  local ok, err = request(e.backend, { type = "MessageSend", value = {
     recipient = room_id, content = content, attachments = attachments,
     extra = { segue_origin = { backend = origin_backend, id = msg.id } } } },
     function(r, rerr)
       flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, (not r) and (rerr or "failed") or nil)
-      if r and db then
-        -- With a callback: answered at once on SQLite, later on PostgreSQL
-        -- (this callback is not a coroutine that could wait).
-        db:map_put(origin_backend, msg.id, e.backend, r.value, e.room, function(stored, serr)
-          if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
-        end)
-      elseif not r then
-        segue.log.warn(("bridging %s:%s to %s failed: %s"):format(origin_backend, msg.id, e.key, rerr))
+      if r then
+        status.bridged = status.bridged + 1
+        if db then
+          -- With a callback: answered at once on SQLite, later on PostgreSQL
+          -- (this callback is not a coroutine that could wait).
+          db:map_put(origin_backend, msg.id, e.backend, r.value, e.room, function(stored, serr)
+            if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
+          end)
+        end
+      else
+        lost("failed", e.key, origin_backend .. ":" .. msg.id, rerr)
       end
-      release(e.backend, n)
+      release(d, n)
     end)
   if not ok then
-    segue.log.warn(("bridging to %s failed: %s"):format(e.key, err))
     flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, err)
-    release(e.backend, n)
+    lost("failed", e.key, origin_backend .. ":" .. msg.id, err)
+    release(d, n)
   end
 end
 
@@ -243,27 +361,102 @@ local function apply_functions(b, msg, ctx)
   return msg
 end
 
-local function deliver(set, backend, room, msg, marker)
-  local ctx_base = { backend = backend, room = room, sender = msg.sender, text = plain(msg.content), state = set.state }
-  local by_bridge = {}
-  for _, t in ipairs(targets_of(index, backend, room)) do
-    by_bridge[t.bridge] = by_bridge[t.bridge] or {}
-    table.insert(by_bridge[t.bridge], t)
+local NO_ATTACHMENTS = setmetatable({}, { __newindex = function() error("shared empty list", 2) end })
+
+-- The copy of `m` for target `t`: prefix, content, notices, attachments.
+local function copy_content(b, prefix, m)
+  local notices = {}
+  local attachments = NO_ATTACHMENTS
+  if m.attachments and next(m.attachments) then
+    attachments = carry_attachments(m, b.max_attachment_bytes or 16 * 1024 * 1024, notices)
   end
-  for b, targets in pairs(by_bridge) do
-    local ctx = setmetatable({ bridge = b.name, targets = targets,
-      capabilities = degrade.of(targets[1].endpoint.backend) }, { __index = ctx_base })
+  local parts = { { type = "Text", value = prefix }, m.content }
+  for _, n in ipairs(notices) do parts[#parts + 1] = { type = "Text", value = " " .. n } end
+  return { type = "Concat", value = parts }, attachments
+end
+
+-- A bridge without filter and rewrite whose format names only fields fixed
+-- per route ({backend}, {room}, {bridge}) and {sender} is compiled: its
+-- prefix is cached per sender, and a message costs only its copy.
+local fixed_keys = { backend = true, room = true, bridge = true, sender = true }
+local function compile_prefix(format, backend, room, bridge)
+  for k in format:gmatch("{(%w+)}") do
+    if not fixed_keys[k] then return nil end
+  end
+  local cache, size = {}, 0
+  return function(sender)
+    local p = cache[sender]
+    if not p then
+      p = render(format, { backend = backend, room = room, bridge = bridge, sender = sender })
+      if size >= 1000 then cache, size = {}, 0 end
+      cache[sender], size = p, size + 1
+    end
+    return p
+  end
+end
+
+-- Where a message from (backend, room) goes, grouped by bridge in rule
+-- order, computed once per rule set: { {bridge=, targets=, prefixes=}, ... }.
+local NO_ROUTES = {}
+local route_cache = setmetatable({}, { __mode = "k" })  -- index -> "backend\0room" -> groups
+local function routes_of(set_index, backend, room)
+  local per_backend = set_index[backend]
+  if not per_backend or not per_backend[room] then return NO_ROUTES end
+  local cache = route_cache[set_index]
+  if not cache then cache = {} route_cache[set_index] = cache end
+  local key = backend .. "\0" .. room
+  local groups = cache[key]
+  if groups then return groups end
+  groups = {}
+  local by_bridge = {}
+  for _, t in ipairs(targets_of(set_index, backend, room)) do
+    local g = by_bridge[t.bridge]
+    if not g then
+      g = { bridge = t.bridge, targets = {}, prefixes = {} }
+      by_bridge[t.bridge] = g
+      groups[#groups + 1] = g
+    end
+    g.targets[#g.targets + 1] = t
+    if not (t.bridge.filter or t.bridge.rewrite) then
+      g.prefixes[#g.targets] = compile_prefix(t.endpoint.format or t.bridge.format, backend, room, t.bridge.name)
+    end
+  end
+  cache[key] = groups
+  return groups
+end
+
+local function deliver(set, backend, room, msg, marker)
+  local ctx_base
+  for _, g in ipairs(routes_of(index, backend, room)) do
+    local b = g.bridge
     flow.entered(b)
-    local m = apply_functions(b, msg, ctx)
-    if not m then flow.dropped(b, backend, room, msg) end
-    for _, t in ipairs(m and ctx.targets or {}) do
-      local notices = {}
-      local limit = b.max_attachment_bytes or 16 * 1024 * 1024
-      local attachments = carry_attachments(m, limit, notices)
-      local prefix = (marker or "") .. render(t.endpoint.format or b.format, ctx)
-      local parts = { { type = "Text", value = prefix }, m.content }
-      for _, n in ipairs(notices) do parts[#parts + 1] = { type = "Text", value = " " .. n } end
-      degrade.send(send_copy, backend, msg, t, { type = "Concat", value = parts }, attachments, marker)
+    if not (b.filter or b.rewrite) and not marker then
+      for i, t in ipairs(g.targets) do
+        local pf = g.prefixes[i]
+        local prefix
+        if pf then prefix = pf(msg.sender)
+        else
+          ctx_base = ctx_base or { backend = backend, room = room, sender = msg.sender, text = plain(msg.content), state = set.state }
+          prefix = render(t.endpoint.format or b.format,
+            setmetatable({ bridge = b.name, targets = g.targets,
+              capabilities = degrade.of(t.endpoint.backend) }, { __index = ctx_base }))
+        end
+        local content, attachments = copy_content(b, prefix, msg)
+        degrade.send(send_copy, backend, msg, t, content, attachments, marker)
+      end
+    else
+      ctx_base = ctx_base or { backend = backend, room = room, sender = msg.sender, text = plain(msg.content), state = set.state }
+      local targets = {}
+      for i, t in ipairs(g.targets) do targets[i] = t end
+      local ctx = setmetatable({ bridge = b.name, targets = targets,
+        capabilities = degrade.of(targets[1].endpoint.backend) }, { __index = ctx_base })
+      local m = apply_functions(b, msg, ctx)
+      if not m then flow.dropped(b, backend, room, msg) end
+      for _, t in ipairs(m and ctx.targets or {}) do
+        local prefix = (marker or "") .. render(t.endpoint.format or b.format, ctx)
+        local content, attachments = copy_content(b, prefix, m)
+        degrade.send(send_copy, backend, msg, t, content, attachments, marker)
+      end
     end
   end
 end
@@ -273,25 +466,45 @@ local function is_copy(backend, msg)
   return db and db:map_origin(backend, msg.id) ~= nil
 end
 
+-- last_edit in two generations: a lookup sees both, a new entry goes into the
+-- young one, and when that is full the old one is dropped. Bounded, O(1).
+local function edit_seen(key)
+  local v = last_edit[key]
+  if v == nil then v = last_edit_old[key] end
+  return v
+end
+
+local edits_kept = 0
+local function edit_note(key, t)
+  if last_edit[key] == nil then
+    edits_kept = edits_kept + 1
+    if edits_kept > M.EDITS_KEPT then
+      last_edit_old, last_edit, edits_kept = last_edit, {}, 1
+    end
+  end
+  last_edit[key] = t
+end
+
 local function on_upsert(set, backend, msg)
   local room = (room_names[backend] or {})[msg.recipient]
   if db then db:log_message(backend, msg) end
   if is_copy(backend, msg) then return end
   local key = backend .. "\0" .. msg.id
-  local copies = db and db:map_copies(backend, msg.id) or {}
-  if #copies > 0 or last_edit[key] then
+  local seen = edit_seen(key)
+  local copies = seen == nil and db and db:map_copies(backend, msg.id) or nil
+  if seen ~= nil or (copies and #copies > 0) then
     -- Seen before: an edit if its edit time moved, else a replay.
-    if last_edit[key] == msg.edit_time or msg.edit_time == msg.create_time then return end
-    last_edit[key] = msg.edit_time
+    if seen == msg.edit_time or msg.edit_time == msg.create_time then return end
+    edit_note(key, msg.edit_time)
     if not room then return end
-    local resend = {}
+    local resend = false
     for _, t in ipairs(targets_of(index, backend, room)) do
-      if t.bridge.edits == "resend" then resend[#resend + 1] = t end
+      if t.bridge.edits == "resend" then resend = true break end
     end
-    if #resend > 0 then deliver(set, backend, room, msg, "(edited) ") end
+    if resend then deliver(set, backend, room, msg, "(edited) ") end
     return
   end
-  last_edit[key] = msg.edit_time
+  edit_note(key, msg.edit_time)
   flow.arrived(backend, room, msg)
   if set.on_message then
     local ok, r = rules.run(set.on_message, msg, { backend = backend, room = room, state = set.state })
@@ -326,11 +539,17 @@ end
 local function process(backend, update)
   local set = current  -- messages in flight finish on the rules they started with
   if not set then return end
-  if held[backend] or oldest_send(backend) then
+  local d = dests[backend]
+  if d and (d.count > 0 or d.head <= d.tail) then
     -- Our own sends to this backend are in flight: their echoes may arrive
     -- before the ids we need to recognise them; wait for those ids.
-    held[backend] = held[backend] or {}
-    table.insert(held[backend], { update = update, set = set, after = send_count })
+    if d.tail - d.head + 1 >= M.MAX_HELD then
+      local v = type(update.value) == "table" and update.value.id or "?"
+      return lost("held", backend, backend .. ":" .. tostring(v),
+        ("%d updates of %s wait for sends to it already"):format(M.MAX_HELD, backend))
+    end
+    d.tail = d.tail + 1
+    d.held[d.tail] = { update = update, set = set, backend = backend, after = d.next - 1 }
     return
   end
   handle(set, backend, update)

@@ -38,7 +38,7 @@ static void fake_stop(sg__backend *b, int graceful) {
   sg__backend_on_exit(b, "stopped by the test");
 }
 
-static const sg__transport fake_tp = {"fake", fake_start, fake_send, fake_stop, NULL};
+static const sg__transport fake_tp = {"fake", fake_start, fake_send, fake_stop, NULL, NULL};
 
 typedef struct {
   int calls, err;

@@ -1,0 +1,138 @@
+-- The router under load, in-process: a copy for a room not resolved yet
+-- beyond MAX_WAITING is counted and reported (never dropped silently), a
+-- copy beyond the bound of copies in flight to one backend likewise, and a
+-- burst of thousands of messages arrives complete and in order, with no
+-- echo bridged back.
+local segue = require "segue"
+local router = require "segue.router"
+local sdk = require "segue.backend_sdk"
+
+local dir = os.tmpname()
+os.remove(dir)
+assert(os.execute("mkdir -p " .. dir))
+local function file(name, text)
+  local path = dir .. "/" .. name
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+-- A chat service whose RoomLookup answers only once backend.open() is called,
+-- and whose MessageSend answers only while not backend.stuck; it keeps what
+-- it was sent, in order.
+file("gated.lua", [[
+local backend = ...
+local waiting, held = {}, {}
+backend.got, backend.stuck = {}, false
+function backend.open()
+  backend.opened = true
+  for _, w in ipairs(waiting) do w.reply(w.name) end
+  waiting = {}
+end
+function backend.unstick()
+  backend.stuck = false
+  for _, h in ipairs(held) do h() end
+  held = {}
+end
+return {
+  RoomLookup = function(name, reply)
+    if backend.opened then return name end
+    waiting[#waiting + 1] = { name = name, reply = reply }
+  end,
+  RoomJoin = function() return true end,
+  MessageSend = function(msg, reply)
+    local n = #backend.got + 1
+    backend.got[n] = require("segue.router").plain(msg.content)
+    if not backend.stuck then return "copy" .. n end
+    held[#held + 1] = function() reply("copy" .. n) end
+  end,
+}
+]])
+
+local function add(name, def)
+  assert(segue.add_backend(name, def))
+  segue.await(function()
+    while (segue.backend(name):info() or {}).state ~= "running" do segue.sleep(5) end
+  end)
+end
+
+add("src", { script = "memory" })
+add("gated", { script = dir .. "/gated.lua" })
+add("dst", { script = "memory" })
+router.install()
+local losses = {}
+router.on_lost = function(reason, where, id) losses[#losses + 1] = { reason, where, id } end
+assert(router.load(file("rules.lua", [[return {
+  bridge { "src:#a", "gated:#b" },
+  bridge { "src:#load", "dst:#load", format = "" },
+}]]), { src = true, gated = true, dst = true }))
+
+local function room(backend, name)
+  return segue.await(function() return segue.backend(backend):request { type = "RoomLookup", value = name } end).value
+end
+
+local function wait_until(what, cond, ms)
+  segue.await(function()
+    while not cond() do segue.sleep(5) end
+  end, ms or 10000)
+  assert.is_true(cond(), what)
+end
+
+describe("the router under load", function()
+  it("counts and reports every copy beyond MAX_WAITING for an unresolved room", function()
+    router.MAX_WAITING = 3
+    local gated = sdk.api("gated")
+    local a = room("src", "#a")
+    local lost0 = router.status.lost
+    for i = 1, 5 do sdk.api("src").post(a, "alice", "w" .. i) end
+    assert.are.equal(lost0 + 2, router.status.lost)
+    assert.are.equal(2, router.status.lost_by.unresolved)
+    assert.are.same({ "unresolved", "gated:#b" }, { losses[1][1], losses[1][2] })
+    assert.are.equal(2, #losses)
+    gated.open()
+    wait_until("the waiting copies arrive", function() return #gated.got == 3 end)
+    assert.are.same({ "<alice@src> w1", "<alice@src> w2", "<alice@src> w3" }, gated.got)
+    router.MAX_WAITING = 1000
+  end)
+
+  it("counts copies beyond MAX_IN_FLIGHT to a backend that does not answer, and recovers", function()
+    local gated = sdk.api("gated")
+    local a = room("src", "#a")
+    wait_until("the room resolves", function() return router.ready() end)
+    gated.stuck = true
+    router.MAX_IN_FLIGHT = 10
+    local before, lost0 = #gated.got, router.status.lost
+    for i = 1, 15 do sdk.api("src").post(a, "bob", "f" .. i) end
+    wait_until("the ten copies in flight arrive", function() return #gated.got == before + 10 end)
+    assert.are.equal(lost0 + 5, router.status.lost)
+    assert.are.equal(5, router.status.lost_by.overloaded)
+    gated.unstick()
+    router.MAX_IN_FLIGHT = 10000
+    sdk.api("src").post(a, "bob", "after")
+    wait_until("a copy goes through again", function() return gated.got[#gated.got] == "<bob@src> after" end)
+  end)
+
+  it("bridges a burst of 5000 messages complete, in order, without echoes", function()
+    local src_room, dst_room = room("src", "#load"), room("dst", "#load")
+    local got, echoes = {}, 0
+    local off = segue.on("update", function(name, u)
+      if u.type ~= "MessageUpsert" then return end
+      if name == "dst" and u.value.recipient == dst_room then got[#got + 1] = router.plain(u.value.content) end
+      if name == "src" and u.value.recipient == src_room and u.value.sender ~= "carol" then echoes = echoes + 1 end
+    end)
+    local lost0, bridged0 = router.status.lost, router.status.bridged
+    for i = 1, 5000 do sdk.api("src").post(src_room, "carol", tostring(i)) end
+    wait_until("5000 copies arrive", function() return router.status.bridged - bridged0 >= 5000 end, 60000)
+    segue.wait(100)
+    off()
+    assert.are.equal(5000, #got)
+    for i = 1, 5000 do
+      if got[i] ~= tostring(i) then error(("copy %d reads %q"):format(i, got[i])) end
+    end
+    assert.are.equal(0, echoes)
+    assert.are.equal(lost0, router.status.lost)
+  end)
+end)
+
+os.execute("rm -rf " .. dir)
