@@ -249,8 +249,7 @@ static int l_request(lua_State *L) {
   r->h = h;
   lua_pushvalue(L, 3);
   r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  int rc = sg__backend_request(hb, body, lua_request_done, r, err, sizeof err);
-  cJSON_Delete(body);
+  int rc = sg__backend_request_owned(hb, body, lua_request_done, r, err, sizeof err);
   if (rc != 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, r->cb_ref);
     free(r);

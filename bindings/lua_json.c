@@ -108,19 +108,36 @@ int sg__lua_push_json_protected(lua_State *L, const cJSON *v, char *err, size_t 
 
 /* ---- Lua -> JSON --------------------------------------------------------- */
 
+/* Where the conversion is, as keys and indexes: the path is rendered only
+ * when it fails (a text per field would cost more than the conversion). */
+typedef struct {
+  const char *key;  /* NULL: an array index */
+  lua_Integer index;
+} to_json_seg;
+
 typedef struct {
   lua_State *L;
   char *err;
   size_t errlen;
-  char path[256];
+  int depth;
+  to_json_seg seg[SG_LUA_JSON_MAX_DEPTH + 2];
 } to_json;
 
 static cJSON *convert(to_json *t, int idx, int depth);
 
 static cJSON *fail(to_json *t, const char *fmt, const char *what) {
-  char msg[160];
+  char msg[160], path[256];
+  size_t n = 0;
+  path[0] = '\0';
+  for (int i = 0; i < t->depth && n < sizeof path; i++) {
+    const to_json_seg *sg = &t->seg[i];
+    int w = sg->key ? snprintf(path + n, sizeof path - n, "%s%s", n ? "." : "", sg->key)
+                    : snprintf(path + n, sizeof path - n, "[%lld]", (long long)sg->index);
+    if (w < 0) break;
+    n += (size_t)w;
+  }
   snprintf(msg, sizeof msg, fmt, what);
-  snprintf(t->err, t->errlen, "%s: %s", t->path[0] ? t->path : "value", msg);
+  snprintf(t->err, t->errlen, "%s: %s", path[0] ? path : "value", msg);
   return NULL;
 }
 
@@ -161,18 +178,20 @@ static cJSON *convert_table(to_json *t, int idx, int depth) {
   lua_State *L = t->L;
   lua_Integer n = array_length(L, idx);
   if (n < 0) return fail(t, "%s", "table mixes array and object keys");
-  size_t plen = strlen(t->path);
+  to_json_seg *sg = &t->seg[depth];
   if (n > 0 || (table_empty(L, idx) && !is_object_marked(L, idx))) {
     cJSON *arr = cJSON_CreateArray();
     for (lua_Integer i = 1; arr && i <= n; i++) {
-      snprintf(t->path + plen, sizeof t->path - plen, "[%lld]", (long long)(i - 1));
+      sg->key = NULL;
+      sg->index = i - 1;
+      t->depth = depth + 1;
       lua_rawgeti(L, idx, i);
       cJSON *item = convert(t, lua_gettop(L), depth + 1);
       lua_pop(L, 1);
       if (!item) { cJSON_Delete(arr); return NULL; }
       cJSON_AddItemToArray(arr, item);
     }
-    t->path[plen] = '\0';
+    t->depth = depth;
     return arr;
   }
   cJSON *obj = cJSON_CreateObject();
@@ -185,13 +204,14 @@ static cJSON *convert_table(to_json *t, int idx, int depth) {
       return fail(t, "object key of type %s (keys must be strings)", tn);
     }
     const char *key = lua_tostring(L, -2);
-    snprintf(t->path + plen, sizeof t->path - plen, "%s%s", plen ? "." : "", key);
+    sg->key = key;
+    t->depth = depth + 1;
     cJSON *item = convert(t, lua_gettop(L), depth + 1);
     lua_pop(L, 1);
     if (!item) { lua_pop(L, 1); cJSON_Delete(obj); return NULL; }
     cJSON_AddItemToObject(obj, key, item);
   }
-  t->path[plen] = '\0';
+  t->depth = depth;
   return obj;
 }
 
@@ -226,7 +246,7 @@ static cJSON *convert(to_json *t, int idx, int depth) {
 }
 
 cJSON *sg__lua_to_json(lua_State *L, int idx, char *err, size_t errlen) {
-  to_json t = {L, err, errlen, {0}};
+  to_json t = {L, err, errlen, 0, {{0}}};
   int top = lua_gettop(L);
   idx = lua_absindex(L, idx);
   cJSON *v = convert(&t, idx, 0);

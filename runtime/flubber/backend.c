@@ -16,10 +16,12 @@ struct sg__request {
   uint32_t seq;
   int tries;
   int where;
-  uv_timer_t timer;       /* time-out, or retry backoff */
+  int timed;              /* in the backend's time-out list */
+  uint64_t due;           /* loop time of the time-out, or of the retry */
   sg__request_cb cb;
   void *ud;
   sg__request *next;       /* queue link, or bucket chain */
+  sg__request *tprev, *tnext;  /* the time-out list */
 };
 
 static const char *const state_names[] = {"stopped", "starting", "running",
@@ -132,41 +134,85 @@ static sg__request *list_take(struct sg__reqlist *l) {
   return all;
 }
 
-/* ---- completion ----------------------------------------------------------- */
+/* ---- time-outs: one timer per backend ------------------------------------ *
+ * Every request queued or in flight waits the same request_timeout_ms, so
+ * appending at the tail keeps the time-out list ordered by due time; the
+ * retrying list is kept ordered by its (shorter, varying) backoff. One timer
+ * per backend fires for the earliest of both heads. */
 
-static void request_timer_closed(uv_handle_t *h) {
-  sg__request *req = h->data;
-  sg__backend *b = req->b;
-  cJSON_Delete(req->body);
-  free(req);
-  b->pending_timers--;
-  if (b->closing) sg__backend_close(b);
+static void deadline_fired(uv_timer_t *t);
+
+static void timed_remove(sg__backend *b, sg__request *req) {
+  if (!req->timed) return;
+  if (req->tprev) req->tprev->tnext = req->tnext;
+  else b->timed.head = req->tnext;
+  if (req->tnext) req->tnext->tprev = req->tprev;
+  else b->timed.tail = req->tprev;
+  req->tprev = req->tnext = NULL;
+  req->timed = 0;
 }
+
+static void timed_append(sg__backend *b, sg__request *req) {
+  timed_remove(b, req);
+  req->due = uv_now(b->loop) + b->cfg.request_timeout_ms;
+  req->tprev = b->timed.tail;
+  req->tnext = NULL;
+  if (b->timed.tail) b->timed.tail->tnext = req;
+  else b->timed.head = req;
+  b->timed.tail = req;
+  req->timed = 1;
+}
+
+/* Starts the timer for the earliest due time, unless it fires before that
+ * already (then it re-arms when it fires). */
+static void arm(sg__backend *b) {
+  uint64_t due = UINT64_MAX;
+  if (b->timed.head) due = b->timed.head->due;
+  if (b->retrying.head && b->retrying.head->due < due) due = b->retrying.head->due;
+  if (uv_is_closing((uv_handle_t *)&b->deadline)) return;
+  if (due == UINT64_MAX) {
+    if (b->deadline_armed) uv_timer_stop(&b->deadline);
+    b->deadline_armed = 0;
+    return;
+  }
+  if (b->deadline_armed && b->deadline_due <= due) return;
+  uint64_t now = uv_now(b->loop);
+  uv_timer_start(&b->deadline, deadline_fired, due > now ? due - now : 0, 0);
+  b->deadline_armed = 1;
+  b->deadline_due = due;
+}
+
+/* ---- completion ----------------------------------------------------------- */
 
 static void detach(sg__request *req) {
   sg__backend *b = req->b;
   if (req->where == REQ_INFLIGHT) inflight_remove(b, req);
   else if (req->where == REQ_QUEUED) list_remove(&b->queue, req);
   else if (req->where == REQ_RETRY_WAIT) list_remove(&b->retrying, req);
+  timed_remove(b, req);
   req->where = REQ_DONE;
+}
+
+static void release_request(sg__request *req) {
+  cJSON_Delete(req->body);
+  free(req);
 }
 
 /* Hands the outcome to the caller once, then releases the request. */
 static void complete(sg__request *req, int err, const cJSON *body, const char *msg) {
   detach(req);
-  uv_timer_stop(&req->timer);
   if (req->cb) req->cb(req->ud, err, body, msg);
-  uv_close((uv_handle_t *)&req->timer, request_timer_closed);
+  release_request(req);
 }
 
-static void fail_list(sg__request *list, int err, const char *msg) {
+static void fail_list(sg__backend *b, sg__request *list, int err, const char *msg) {
   while (list) {
     sg__request *next = list->next;
+    timed_remove(b, list);
     list->where = REQ_DONE;
     list->next = NULL;
-    uv_timer_stop(&list->timer);
     if (list->cb) list->cb(list->ud, err, NULL, msg);
-    uv_close((uv_handle_t *)&list->timer, request_timer_closed);
+    release_request(list);
     list = next;
   }
 }
@@ -183,19 +229,17 @@ static void fail_inflight(sg__backend *b, int err, const char *msg) {
     b->buckets[i] = NULL;
   }
   b->inflight = 0;
-  fail_list(list, err, msg);
+  fail_list(b, list, err, msg);
 }
 
 /* Requests waiting for a start or a retry fail only when the backend is
  * gone for good; a restart sends them. */
 static void fail_waiting(sg__backend *b, int err, const char *msg) {
-  fail_list(list_take(&b->queue), err, msg);
-  fail_list(list_take(&b->retrying), err, msg);
+  fail_list(b, list_take(&b->queue), err, msg);
+  fail_list(b, list_take(&b->retrying), err, msg);
 }
 
 /* ---- sending -------------------------------------------------------------- */
-
-static void request_timer_fired(uv_timer_t *t);
 
 static void transmit(sg__backend *b, sg__request *req) {
   if (b->nbuckets == 0 || b->inflight >= b->nbuckets) {
@@ -211,7 +255,7 @@ static void transmit(sg__backend *b, sg__request *req) {
   b->inflight++;
   req->where = REQ_INFLIGHT;
   req->tries++;
-  uv_timer_start(&req->timer, request_timer_fired, b->cfg.request_timeout_ms, 0);
+  timed_append(b, req);
 
   cJSON *msg = cJSON_CreateObject();
   int rc = SG_ENOMEM;
@@ -226,7 +270,6 @@ static void flush_queue(sg__backend *b) {
   while (b->queue.head && b->state == SG_BACKEND_RUNNING) {
     sg__request *req = b->queue.head;
     list_remove(&b->queue, req);
-    uv_timer_stop(&req->timer);
     transmit(b, req);
   }
 }
@@ -239,20 +282,14 @@ static void kick_fired(uv_timer_t *t) { flush_queue(t->data); }
 static void send_or_queue(sg__backend *b, sg__request *req) {
   list_push(&b->queue, req);
   req->where = REQ_QUEUED;
-  uv_timer_start(&req->timer, request_timer_fired, b->cfg.request_timeout_ms, 0);
+  timed_append(b, req);
+  arm(b);
   if (b->state == SG_BACKEND_RUNNING && !uv_is_active((uv_handle_t *)&b->kick))
     uv_timer_start(&b->kick, kick_fired, 0, 0);
 }
 
-static void request_timer_fired(uv_timer_t *t) {
-  sg__request *req = t->data;
-  sg__backend *b = req->b;
+static void timed_out(sg__backend *b, sg__request *req) {
   char msg[256];
-  if (req->where == REQ_RETRY_WAIT) {
-    list_remove(&b->retrying, req);
-    send_or_queue(b, req);
-    return;
-  }
   snprintf(msg, sizeof msg, "%s request to backend %s timed out after %llu ms%s",
            req->type, b->name, (unsigned long long)b->cfg.request_timeout_ms,
            req->where == REQ_QUEUED ? " waiting for the backend to start" : "");
@@ -260,42 +297,59 @@ static void request_timer_fired(uv_timer_t *t) {
   complete(req, SG_ETIMEDOUT, NULL, msg);
 }
 
-int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
-                        void *ud, char *err, size_t errlen) {
+static void deadline_fired(uv_timer_t *t) {
+  sg__backend *b = t->data;
+  uint64_t now = uv_now(b->loop);
+  b->deadline_armed = 0;
+  sg__request *req;
+  while ((req = b->retrying.head) && req->due <= now) {
+    list_remove(&b->retrying, req);
+    send_or_queue(b, req);
+  }
+  /* Requests made by the callbacks are due later than now: this ends. */
+  while ((req = b->timed.head) && req->due <= now) timed_out(b, req);
+  arm(b);
+}
+
+int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, void *ud,
+                              char *err, size_t errlen) {
   if (b->closing || b->state == SG_BACKEND_FAILED ||
       (b->state == SG_BACKEND_STOPPED && b->stop_for_good) ||
       (b->state == SG_BACKEND_STOPPING && b->stop_for_good)) {
     snprintf(err, errlen, "backend %s is not running (%s)", b->name,
              sg__backend_state_name(b->state));
+    cJSON_Delete(body);
     return SG_EDEAD;
   }
+  int rc = sg__fl_validate(body, SG_FL_REQUEST_BODY, &b->cfg.limits, err, errlen);
+  if (rc != 0) {
+    cJSON_Delete(body);
+    return rc;
+  }
+  sg__request *req = calloc(1, sizeof *req);
+  if (!req) {
+    cJSON_Delete(body);
+    snprintf(err, errlen, "out of memory");
+    return SG_ENOMEM;
+  }
+  req->b = b;
+  req->body = body;
+  req->type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(body, "type"));
+  req->expect = sg__fl_expected_response(req->type);
+  req->cb = cb;
+  req->ud = ud;
+  send_or_queue(b, req);
+  return 0;
+}
+
+int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
+                        void *ud, char *err, size_t errlen) {
   cJSON *copy = cJSON_Duplicate(body, 1);
   if (!copy) {
     snprintf(err, errlen, "out of memory");
     return SG_ENOMEM;
   }
-  int rc = sg__fl_validate(copy, SG_FL_REQUEST_BODY, &b->cfg.limits, err, errlen);
-  if (rc != 0) {
-    cJSON_Delete(copy);
-    return rc;
-  }
-  sg__request *req = calloc(1, sizeof *req);
-  if (!req) {
-    cJSON_Delete(copy);
-    snprintf(err, errlen, "out of memory");
-    return SG_ENOMEM;
-  }
-  req->b = b;
-  req->body = copy;
-  req->type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(copy, "type"));
-  req->expect = sg__fl_expected_response(req->type);
-  req->cb = cb;
-  req->ud = ud;
-  uv_timer_init(b->loop, &req->timer);
-  req->timer.data = req;
-  b->pending_timers++;
-  send_or_queue(b, req);
-  return 0;
+  return sg__backend_request_owned(b, copy, cb, ud, err, errlen);
 }
 
 int sg__backend_pause(sg__backend *b, int paused) {
@@ -315,9 +369,16 @@ static void on_error_response(sg__backend *b, sg__request *req, const cJSON *bod
     sg__backend_log(b, SG_LOG_DEBUG, "%s failed (try %d, retry in %llu ms): %s",
                     req->type, req->tries, (unsigned long long)delay, text);
     detach(req);
-    list_push(&b->retrying, req);
     req->where = REQ_RETRY_WAIT;
-    uv_timer_start(&req->timer, request_timer_fired, delay, 0);
+    req->due = uv_now(b->loop) + delay;
+    /* Ordered by due time: from the tail, as most backoffs are alike. */
+    sg__request *prev = NULL;
+    for (sg__request *r = b->retrying.head; r && r->due <= req->due; r = r->next) prev = r;
+    req->next = prev ? prev->next : b->retrying.head;
+    if (prev) prev->next = req;
+    else b->retrying.head = req;
+    if (!req->next) b->retrying.tail = req;
+    arm(b);
     return;
   }
   char msg[512];
@@ -431,7 +492,8 @@ int sg__backend_init(uv_loop_t *loop, sg__backend *b, const char *name,
   else sg__backend_config_defaults(&b->cfg);
   uv_timer_init(loop, &b->timer);
   uv_timer_init(loop, &b->kick);
-  b->timer.data = b->kick.data = b;
+  uv_timer_init(loop, &b->deadline);
+  b->timer.data = b->kick.data = b->deadline.data = b;
   return 0;
 }
 
@@ -527,17 +589,21 @@ static void backend_timer_closed(uv_handle_t *h) {
   if (b->ev && b->ev->on_closed) b->ev->on_closed(b);
 }
 
-/* The timer is closed only once the kick is: libuv gives no order among
- * close callbacks (it runs them last-closed first), and freeing `b` while
- * the kick inside it is still on the loop's closing list is a use after
- * free. */
-static void backend_kick_closed(uv_handle_t *h) {
+/* The timer is closed only once the kick and the deadline are: libuv gives
+ * no order among close callbacks (it runs them last-closed first), and
+ * freeing `b` while a handle inside it is still on the loop's closing list
+ * is a use after free. */
+static void backend_deadline_closed(uv_handle_t *h) {
   sg__backend *b = h->data;
   uv_close((uv_handle_t *)&b->timer, backend_timer_closed);
 }
 
-/* Re-entered from each closing request timer and from the stop; frees once
- * nothing is left open. */
+static void backend_kick_closed(uv_handle_t *h) {
+  sg__backend *b = h->data;
+  uv_close((uv_handle_t *)&b->deadline, backend_deadline_closed);
+}
+
+/* Re-entered from the stop; frees once nothing is left open. */
 void sg__backend_close(sg__backend *b) {
   int first = !b->closing;
   b->closing = 1;
@@ -552,6 +618,6 @@ void sg__backend_close(sg__backend *b) {
     fail_waiting(b, SG_ECLOSING, "backend closed");
     fail_inflight(b, SG_ECLOSING, "backend closed");
   }
-  if (b->pending_timers > 0 || uv_is_closing((uv_handle_t *)&b->kick)) return;
+  if (uv_is_closing((uv_handle_t *)&b->kick)) return;
   uv_close((uv_handle_t *)&b->kick, backend_kick_closed);
 }

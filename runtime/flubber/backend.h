@@ -100,7 +100,10 @@ struct sg__backend {
   sg__request **buckets;
   uint32_t nbuckets, inflight;
   struct sg__reqlist { sg__request *head, *tail; } queue, retrying;
-  unsigned pending_timers;    /* request timers still closing */
+  struct sg__reqlist timed;   /* queued and in flight, by time-out (tprev/tnext) */
+  uv_timer_t deadline;        /* fires for the earliest time-out or retry */
+  uint64_t deadline_due;
+  int deadline_armed;
   /* segue's InitInfo extension: the "capabilities" object of the last
    * InitInfo (owned; NULL when it announced none). */
   cJSON *capabilities;
@@ -124,6 +127,9 @@ void sg__backend_close(sg__backend *b);
  * backend gave up or is stopped) `cb` is never called. */
 int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
                         void *ud, char *err, size_t errlen);
+/* The same, taking `body` over (freed here whatever happens): no copy. */
+int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, void *ud,
+                              char *err, size_t errlen);
 
 /* Flow control: stops reading what the backend sends (its updates and its
  * responses) until resumed; a no-op for transports that cannot pause. A

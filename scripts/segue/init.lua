@@ -63,8 +63,31 @@ local function body(fn, ...)
   return ok, err
 end
 
+-- Coroutines are reused: one whose function returned waits in `idle` for
+-- the next (a handler per update would otherwise cost a new coroutine each).
+-- One that is waiting (yielded in a request, a sleep) is not idle, so only
+-- its own callback resumes it.
+local idle, nidle = {}, 0
+local MAX_IDLE = 64
+
+local function worker(fn, ...)
+  body(fn, ...)
+  if nidle >= MAX_IDLE then return end
+  nidle = nidle + 1
+  idle[nidle] = coroutine.running()
+  -- Back in the pool: the next spawn resumes us with its fn and arguments.
+  return worker(coroutine.yield())
+end
+
 function segue.spawn(fn, ...)
-  local co = coroutine.create(body)
+  local co
+  if nidle > 0 then
+    co = idle[nidle]
+    idle[nidle] = nil
+    nidle = nidle - 1
+  else
+    co = coroutine.create(worker)
+  end
   resume(co, fn, ...)
   return co
 end
@@ -214,15 +237,23 @@ local handlers = {}
 --- Events: "update" (backend_name, update), "backend" (name, state, reason),
 --- "reload" (), "stopping" (). Each handler runs in its own coroutine; an
 --- error in one is logged and does not stop the others.
+-- A handler list is never changed in place (copy on write), so emit walks
+-- it without a copy even when a handler adds or removes handlers.
 function segue.on(event, fn)
   assert(type(event) == "string", "event name must be a string")
   assert(type(fn) == "function", "handler must be a function")
-  local list = handlers[event] or {}
-  handlers[event] = list
+  local list = { table.unpack(handlers[event] or {}) }
   list[#list + 1] = fn
+  handlers[event] = list
   return function()
-    for i, f in ipairs(list) do
-      if f == fn then table.remove(list, i) return true end
+    local cur = handlers[event] or {}
+    for i, f in ipairs(cur) do
+      if f == fn then
+        local copy = { table.unpack(cur) }
+        table.remove(copy, i)
+        handlers[event] = copy
+        return true
+      end
     end
     return false
   end
@@ -232,8 +263,7 @@ end
 function segue.emit(event, ...)
   local list = handlers[event]
   if not list then return end
-  -- A copy: a handler may add or remove handlers.
-  for _, fn in ipairs({ table.unpack(list) }) do segue.spawn(fn, ...) end
+  for i = 1, #list do segue.spawn(list[i], ...) end
 end
 
 --- segue.emit_checked(event, ...) -> true | nil, err: like segue.emit, but
@@ -243,7 +273,7 @@ end
 --- over: it counts as a success; its later errors are only logged.
 function segue.emit_checked(event, ...)
   local errors = {}
-  for _, fn in ipairs({ table.unpack(handlers[event] or {}) }) do
+  for _, fn in ipairs(handlers[event] or {}) do
     local co = coroutine.create(body)
     local resumed, ok, err = coroutine.resume(co, fn, ...)
     if not resumed then errors[#errors + 1] = tostring(ok)
