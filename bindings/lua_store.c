@@ -697,6 +697,25 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
+/* db:batch() -> true | nil, err, code: the writes until db:commit() share one
+ * transaction (sg__store_batch; a no-op on an engine without batching). */
+static int l_batch(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_batch(s);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* db:commit() -> true | nil, err, code: commits an open batch. */
+static int l_commit(lua_State *L) {
+  sg__store *s = check_lstore(L, 1)->s;
+  int err = sg__store_commit(s);
+  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 int luaopen_segue_store(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"map_put", l_map_put},         {"map_origin", l_map_origin},
@@ -712,6 +731,7 @@ int luaopen_segue_store(lua_State *L) {
       {"events_prune", l_events_prune}, {"events_last", l_events_last},
       {"rooms", l_rooms},             {"read_mark", l_read_mark},
       {"messages_page", l_messages_page},
+      {"batch", l_batch},             {"commit", l_commit},
       {"close", l_close},             {NULL, NULL},
   };
   static const luaL_Reg fns[] = {{"open", l_open}, {NULL, NULL}};

@@ -22,6 +22,8 @@ struct sg__store {
     sqlite3_stmt *st;
   } stmts[STMT_CACHE];
   int nstmts;
+  int batch;         /* a batch transaction is open (sg__store_batch) */
+  int batch_writer;  /* inside a write that joins it (message log, id maps) */
   char errmsg[512];
 };
 
@@ -107,7 +109,7 @@ static int sg__store_fail(sg__store *s) {
 /* The cached prepared statement for `sql` (a string constant: the cache is
  * keyed by its address), or NULL with the error in errmsg. Users bind every
  * parameter and reset it after use, so no read transaction stays open. */
-static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
+static sqlite3_stmt *stmt_get(sg__store *s, const char *sql) {
   if (!s->db) {
     snprintf(s->errmsg, sizeof s->errmsg,
              "the postgresql engine has only the asynchronous operations");
@@ -126,6 +128,22 @@ static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
   }
   s->stmts[s->nstmts].sql = sql;
   s->stmts[s->nstmts++].st = st;
+  return st;
+}
+
+/* A statement that writes, other than the router's own (batch_writer),
+ * commits an open batch first: what others write and acknowledge is never
+ * held back in a batch (see sg__store_batch). */
+static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
+  sqlite3_stmt *st = stmt_get(s, sql);
+  if (st && s->batch && !s->batch_writer && !sqlite3_stmt_readonly(st)) {
+    s->batch = 0;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+      sg__store_fail(s);
+      sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+      return NULL;
+    }
+  }
   return st;
 }
 
@@ -155,9 +173,29 @@ static int exec(sg__store *s, const char *sql) {
   return sqlite3_exec(s->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : sg__store_fail(s);
 }
 
-int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud) {
+int sg__store_batch(sg__store *s) {
+  if (!s->db || s->batch) return 0;
+  int err = exec(s, "BEGIN");
+  if (err == 0) s->batch = 1;
+  return err;
+}
+
+int sg__store_commit(sg__store *s) {
+  if (!s->db || !s->batch) return 0;
+  s->batch = 0;
+  int err = exec(s, "COMMIT");
+  if (err) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  return err;
+}
+
+/* keep_batch: the writes join an open batch (the router's own writes);
+ * otherwise the batch is committed first (see store.h). */
+static int atomic_impl(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud,
+                       int keep_batch) {
   if (!s->db) return sg__store_stmt(s, "") ? 0 : SG_EINVAL;
-  int err = exec(s, "SAVEPOINT sg__atomic");
+  int err = keep_batch ? 0 : sg__store_commit(s);
+  if (err) return err;
+  err = exec(s, "SAVEPOINT sg__atomic");
   if (err) return err;
   err = fn(s, ud);
   if (err == 0) return exec(s, "RELEASE sg__atomic");
@@ -165,6 +203,10 @@ int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud) 
    * way we could do anything about. */
   sqlite3_exec(s->db, "ROLLBACK TO sg__atomic; RELEASE sg__atomic", NULL, NULL, NULL);
   return err;
+}
+
+int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud) {
+  return atomic_impl(s, fn, ud, 0);
 }
 
 /* ---- opening and migrations ---------------------------------------------- */
@@ -249,6 +291,7 @@ void sg__store_close(sg__store *s) {
   if (!s) return;
   if (s->pg) sg__pg_close(s->pg);
   for (int i = 0; i < s->nstmts; i++) sqlite3_finalize(s->stmts[i].st);
+  if (s->batch) sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
   sqlite3_close(s->db);  /* db may be NULL after a failed malloc: a no-op */
   free(s);
 }
@@ -305,7 +348,10 @@ static int map_put_tx(sg__store *s, void *ud) {
 int sg__store_map_put(sg__store *s, const char *origin_backend, const char *origin_id,
                      const char *copy_backend, const char *copy_id, const char *room) {
   map_args a = {{origin_backend, origin_id, copy_backend, copy_id, room}};
-  return sg__store_atomic(s, map_put_tx, &a);
+  s->batch_writer++;
+  int err = atomic_impl(s, map_put_tx, &a, 1);
+  s->batch_writer--;
+  return err;
 }
 
 int sg__store_map_origin(sg__store *s, const char *backend, const char *id,
@@ -366,7 +412,7 @@ static const char SQL_LOG_ROOM[] =
 int sg__store_log_message(sg__store *s, const char *backend, const char *id,
                          const char *room, const char *sender, const char *content_json,
                          int64_t create_time, int64_t edit_time) {
-  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_UPSERT);
+  sqlite3_stmt *st = stmt_get(s, SQL_LOG_UPSERT);  /* joins an open batch */
   if (!st) return SG_ESTORE;
   bind_texts(st, (const char *[]){backend, id, room, sender, content_json}, 5);
   sqlite3_bind_int64(st, 6, create_time);
@@ -376,7 +422,7 @@ int sg__store_log_message(sg__store *s, const char *backend, const char *id,
 }
 
 int sg__store_log_delete(sg__store *s, const char *backend, const char *id) {
-  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_DELETE);
+  sqlite3_stmt *st = stmt_get(s, SQL_LOG_DELETE);  /* joins an open batch */
   if (!st) return SG_ESTORE;
   bind_texts(st, (const char *[]){backend, id}, 2);
   int err = run(s, st);
@@ -628,6 +674,9 @@ static int append_tx(sg__store *s, void *ud) {
 static int append(sg__store *s, const char *sql, const char *peer,
                   const uint8_t *const *events, const size_t *lens, size_t n) {
   append_args a = {sql, peer, events, lens, n};
+  /* Appends are acknowledged to their sender: never inside a batch. */
+  int err = sg__store_commit(s);
+  if (err) return err;
   return n == 1 ? append_tx(s, &a) : sg__store_atomic(s, append_tx, &a);
 }
 

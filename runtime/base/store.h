@@ -43,6 +43,19 @@ int64_t sg__store_now_ms(void);
  * committed if fn returns 0, rolled back (and fn's code returned) if not. */
 int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud);
 
+/* Batching: sg__store_batch opens one transaction (if none is open) that the
+ * writes after it share until sg__store_commit, so a loop turn's message
+ * log and id maps cost one commit instead of one each; reads on this store
+ * see them at once. Whoever batches commits at the end of the turn and
+ * acknowledges what the batch holds only after the commit. Only the
+ * message log and id maps (log_message, log_delete, map_put) join an open
+ * batch; any other write (any statement that is not read-only, and every
+ * sg__store_atomic) commits it first, so what others write and acknowledge
+ * is durable when their call returns. An engine without batching makes both
+ * no-ops. */
+int sg__store_batch(sg__store *s);
+int sg__store_commit(sg__store *s);
+
 /* ---- message id maps ----------------------------------------------------- */
 
 /* Records that message (copy_backend, copy_id) is a copy of (origin_backend,

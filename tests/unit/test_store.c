@@ -2,6 +2,7 @@
  * outcome is read back from the database file, not from a return code only. */
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -194,6 +195,63 @@ static void test_unwritable(void) {
   CHECK(strstr(err, "unable to open") != NULL);
 }
 
+static int add_peer_tx(sg__store *s, void *ud) {
+  return sg__store_kv_set(s, (const char *)ud, "atomic");
+}
+
+/* A batch: its writes are visible on the store at once, to other connections
+ * only after the commit, in one transaction; an atomic write commits an open
+ * batch first, so what it acknowledges is durable. */
+static void test_batch(void) {
+  sg__store *s = open_ok();
+  long long before = query_int("SELECT count(*) FROM msg_map");
+  CHECK(sg__store_batch(s) == 0);
+  CHECK(sg__store_batch(s) == 0); /* already open: joins it */
+  for (int i = 0; i < 100; i++) {
+    char id[32];
+    snprintf(id, sizeof id, "b%d", i);
+    CHECK(sg__store_map_put(s, "irc", id, "notes", id, "#b") == 0);
+  }
+  char *ob = NULL, *oi = NULL;
+  CHECK(sg__store_map_origin(s, "notes", "b99", &ob, &oi) == 0);
+  CHECK(ob && strcmp(ob, "irc") == 0);
+  free(ob);
+  free(oi);
+  CHECK(query_int("SELECT count(*) FROM msg_map") == before);  /* not committed */
+  CHECK(sg__store_commit(s) == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map") == before + 100);
+  CHECK(sg__store_commit(s) == 0); /* nothing open: a no-op */
+
+  CHECK(sg__store_batch(s) == 0);
+  CHECK(sg__store_map_put(s, "irc", "c1", "notes", "c1", "#b") == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map WHERE copy_id = 'c1'") == 0);
+  CHECK(sg__store_atomic(s, add_peer_tx, (void *)"batch.atomic") == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map WHERE copy_id = 'c1'") == 1);
+  CHECK(query_int("SELECT count(*) FROM kv WHERE key = 'batch.atomic'") == 1);
+
+  /* A queue append is acknowledged: it commits the batch before it. */
+  CHECK(sg__store_batch(s) == 0);
+  CHECK(sg__store_map_put(s, "irc", "c2", "notes", "c2", "#b") == 0);
+  CHECK(sg__store_peer_add(s, "batch.example:1") == 0);
+  const uint8_t ev[] = {1, 2, 3};
+  const uint8_t *evs[] = {ev};
+  size_t lens[] = {sizeof ev};
+  CHECK(sg__store_outbox_add(s, "batch.example:1", evs, lens, 1) == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map WHERE copy_id = 'c2'") == 1);
+  CHECK(query_int("SELECT count(*) FROM outbox WHERE peer = 'batch.example:1'") == 1);
+
+  /* Any other write commits the batch first (here a setting). */
+  CHECK(sg__store_batch(s) == 0);
+  CHECK(sg__store_map_put(s, "irc", "c3", "notes", "c3", "#b") == 0);
+  CHECK(sg__store_log_message(s, "irc", "c3", "#b", "u", "{}", 1, 1) == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map WHERE copy_id = 'c3'") == 0);
+  CHECK(sg__store_kv_set(s, "batch.kv", "v") == 0);
+  CHECK(query_int("SELECT count(*) FROM msg_map WHERE copy_id = 'c3'") == 1);
+  CHECK(query_int("SELECT count(*) FROM messages WHERE id = 'c3'") == 1);
+  CHECK(query_int("SELECT count(*) FROM kv WHERE key = 'batch.kv'") == 1);
+  sg__store_close(s);
+}
+
 int main(void) {
   if (!mkdtemp(dir)) return 2;
   snprintf(path, sizeof path, "%s/segue.db", dir);
@@ -203,6 +261,7 @@ int main(void) {
   test_log();
   test_kv();
   test_atomic_rollback();
+  test_batch();
   test_unwritable();
   char cmd[300];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
