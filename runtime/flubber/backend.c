@@ -267,10 +267,19 @@ static void transmit(sg__backend *b, sg__request *req) {
 }
 
 static void flush_queue(sg__backend *b) {
+  int sent = 0;
   while (b->queue.head && b->state == SG_BACKEND_RUNNING) {
     sg__request *req = b->queue.head;
     list_remove(&b->queue, req);
     transmit(b, req);
+    sent = 1;
+  }
+  /* The time-out counts from the transmission, as the timer is started
+   * now: a time-out due at the same millisecond as a timer started later
+   * (the child's end of stdout) still fires first. */
+  if (sent && !b->closing) {
+    b->deadline_armed = 0;
+    arm(b);
   }
 }
 

@@ -566,6 +566,18 @@ static int open_object(fl_ctx *c, cJSON *v, const fl_type *t, const fl_path *p,
 /* Rebuilds v as exactly its known fields in table order, adding defaults
  * for the absent optional ones. */
 static int relink(cJSON *v, const fl_field *fields, cJSON **slot) {
+  /* Already so (what segue and most backends send): nothing to move. */
+  cJSON *at = v->child;
+  int f = 0;
+  for (; fields[f].name; f++) {
+    if (slot[f]) {
+      if (slot[f] != at) break;
+      at = at->next;
+    } else if (fields[f].dflt) {
+      break;
+    }
+  }
+  if (!fields[f].name && !at) return 0;
   int rc = 0;
   for (int i = 0; fields[i].name; i++)
     if (slot[i]) cJSON_DetachItemViaPointer(v, slot[i]);

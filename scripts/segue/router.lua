@@ -167,11 +167,23 @@ end
 
 -- Resolves and joins the rooms of `backend` named by the rules: all of them
 -- after the backend (re)started, else only those not resolved yet.
+-- At most RESOLVERS rooms of one backend are resolved at a time: a rules
+-- file naming a thousand new rooms starts a few coroutines, not a thousand.
+M.RESOLVERS = 16
 function M.resolve_backend(backend, all)
   local known = room_ids[backend] or {}
+  local todo = {}
   for room in pairs(index[backend] or {}) do
-    if all or not known[room] then segue.spawn(resolve, backend, room) end
+    if all or not known[room] then todo[#todo + 1] = room end
   end
+  local next_room = 0
+  local function worker()
+    while next_room < #todo do
+      next_room = next_room + 1
+      resolve(backend, todo[next_room])
+    end
+  end
+  for _ = 1, math.min(#todo, M.RESOLVERS) do segue.spawn(worker) end
 end
 
 -- Sending -----------------------------------------------------------------
@@ -610,7 +622,53 @@ end
 
 --- load(path, backend_names) -> true | nil, err: loads, validates, self-tests
 --- and only then swaps in the new rules.
+-- The text of every file of the running rules, and the backends they were
+-- checked against: a reload that finds both unchanged keeps the running
+-- rules as they are (nothing runs again; rooms not resolved yet are retried).
+local loaded = { texts = {}, backends = nil }
+
+local function read_all(file)
+  local f = io.open(file, "r")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+local function backends_key(backends)
+  local names = {}
+  for name in pairs(backends or {}) do names[#names + 1] = name end
+  table.sort(names)
+  return table.concat(names, "\0")
+end
+
+local function unchanged(path, key)
+  if not current or current.path ~= path or loaded.backends ~= key then return false end
+  for _, file in ipairs(current.files or {}) do
+    if loaded.texts[file] == nil or read_all(file) ~= loaded.texts[file] then return false end
+  end
+  return true
+end
+
+local function resolve_running()
+  for backend in pairs(index) do
+    local info = segue.backend(backend):info()
+    if info and info.state == "running" then M.resolve_backend(backend) end
+  end
+end
+
 function M.load(path, backends)
+  local key = backends_key(backends)
+  if unchanged(path, key) then
+    status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
+    segue.log.info(("rules reloaded (unchanged, nothing ran): %d bridge(s)"):format(#current))
+    segue.emit("rules", true)
+    resolve_running()
+    return true
+  end
+  -- Read before the load: if the file changes meanwhile, what is kept is
+  -- older than what loaded, and the next reload runs it again.
+  local text = read_all(path)
   local set, errors = rules.load(path, { backends = backends, state = state })
   if set and set.test then
     local ok, err = rules.run(set.test, simulator(set, build_index(set)))
@@ -627,12 +685,12 @@ function M.load(path, backends)
   current, index, state = set, build_index(set), set.state
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
+  loaded.texts, loaded.backends = {}, key
+  for _, file in ipairs(set.files or {}) do loaded.texts[file] = read_all(file) end
+  loaded.texts[path] = text
   segue.log.info(("rules %s: %d bridge(s)"):format(first and "loaded" or "reloaded", #set))
   segue.emit("rules", true)
-  for backend in pairs(index) do
-    local info = segue.backend(backend):info()
-    if info and info.state == "running" then M.resolve_backend(backend) end
-  end
+  resolve_running()
   return true
 end
 
