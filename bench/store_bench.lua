@@ -4,7 +4,7 @@
 --   MODE ops:   per message, the router's store work: log_message, map_put,
 --               map_origin, map_copies; 4 coroutines at once. Prints messages/s.
 --   MODE route: N messages routed between two subprocess backends (BACKEND,
---               bench/bench_backend.c "chat") through the router with this
+--               bench/bench_backend.c "src"/"dst") through the router with this
 --               store. Prints messages/s.
 -- ENGINE sqlite (WHERE: the file) or postgresql (WHERE: the dsn).
 local segue = require "segue"
@@ -47,16 +47,19 @@ else
   local src, dst = "src" .. tag, "dst" .. tag
   f:write(('return {\n  bridge { "%s:#bench", "%s:#bench" },\n}\n'):format(src, dst))
   f:close()
-  assert(segue.add_backend(src, { cmd = exe, args = { "chat", tostring(n) } }))
-  assert(segue.add_backend(dst, { cmd = exe, args = { "chat", tostring(n) } }))
-  segue.wait(200)
+  -- src says its n messages once asked to (RoomJoin "#go"), after the rooms
+  -- resolved; dst answers them and says "!done" (bench/bench_backend.c).
+  assert(segue.add_backend(src, { cmd = exe, args = { "src", tostring(n) } }))
+  assert(segue.add_backend(dst, { cmd = exe, args = { "dst", tostring(n) } }))
   local done = false
   segue.on("update", function(name, u) if name == dst and u.value == "!done" then done = true end end)
   router.set_store(db)
   router.install()
-  local t0 = loop.hrtime()
   assert(router.load(path, { [src] = true, [dst] = true }))
-  segue.await(function() while not done do segue.sleep(5) end end, 600000)
+  segue.await(function() while not router.ready() do segue.sleep(5) end end, 30000)
+  local t0 = loop.hrtime()
+  segue.backend(src):request({ type = "RoomJoin", value = "#go" }, function() end)
+  segue.await(function() while not done do segue.sleep(2) end end, 600000)
   io.write(string.format("%.0f\n", n / ((loop.hrtime() - t0) / 1e9)))
   os.remove(path)
 end
