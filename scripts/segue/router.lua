@@ -329,6 +329,8 @@ local function wait_for_room(origin_backend, msg, target, content, attachments)
 end
 
 local request = core.request
+local metrics = require "segue.metrics"  -- per-backend request counters, as Backend:request keeps them
+local hrtime = require("segue.loop").hrtime
 local function map_recorded(stored, serr)
   if not stored then segue.log.error("cannot record a copy: " .. tostring(serr)) end
 end
@@ -349,10 +351,12 @@ send_copy = function(origin_backend, msg, target, content, attachments)
   d.live[n] = true
   if paused[e.backend] then resume(e.backend) end
   if d.count >= M.PAUSE_AT and origin_backend ~= e.backend then pause(origin_backend, d) end
-  local ok, err = request(e.backend, { type = "MessageSend", value = {
+  local t0 = hrtime()
+  local ok, err, code = request(e.backend, { type = "MessageSend", value = {
     recipient = room_id, content = content, attachments = attachments,
     extra = { segue_origin = { backend = origin_backend, id = msg.id } } } },
-    function(r, rerr)
+    function(r, rerr, rcode)
+      metrics.request(e.backend, r and "ok" or rcode, t0)
       flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, (not r) and (rerr or "failed") or nil)
       if r then
         status.bridged = status.bridged + 1
@@ -368,6 +372,7 @@ send_copy = function(origin_backend, msg, target, content, attachments)
       release(d, n)
     end)
   if not ok then
+    metrics.request(e.backend, code or "EINVAL", t0)
     flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, err)
     lost("failed", e.key, origin_backend .. ":" .. msg.id, err)
     release(d, n)
