@@ -143,13 +143,36 @@ static void waiter_free(waiter *w) {
 }
 
 /* Logs why (the reason's text stays out of the body) and answers. */
+/* 1 when one more refusal may be logged: at most REFUSALS_LOGGED in a
+ * REFUSALS_PERIOD_MS period, then one line with how many were not (a flood
+ * of bad tokens must not turn into a flood of log). */
+#define REFUSALS_LOGGED 20
+#define REFUSALS_PERIOD_MS 10000
+static int refusal_logged(sg__federation *f) {
+  uint64_t now = uv_now(f->loop);
+  if (now - f->log_window >= REFUSALS_PERIOD_MS) {
+    if (f->log_dropped)
+      sg__log(f->log, SG_LOG_WARN, NULL, NULL,
+              "%u more refused requests were not logged in the last %d s", f->log_dropped,
+              REFUSALS_PERIOD_MS / 1000);
+    f->log_window = now;
+    f->log_lines = f->log_dropped = 0;
+  }
+  if (f->log_lines < REFUSALS_LOGGED) {
+    f->log_lines++;
+    return 1;
+  }
+  f->log_dropped++;
+  return 0;
+}
+
 static void refuse(waiter *w, int status, const char *id, const char *reason, const char *why) {
   sg__federation *f = w->route->f;
   const char *kv[] = {"peer", w->tok.server_id ? w->tok.server_id : w->req->peer,
                       "addr", w->req->peer, "reason", reason, NULL};
   char msg[SG_TOKEN_WHY_SIZE + 96];
   snprintf(msg, sizeof msg, "refused %s: %s", methods[w->route->method].name, why);
-  sg__log_fields(f->log, SG_LOG_WARN, kv, msg);
+  if (refusal_logged(f)) sg__log_fields(f->log, SG_LOG_WARN, kv, msg);
   /* A 503 (no key yet, too many fetches) says when to try again, as the
    * hRPC errors spec describes: an hrpc.v1.RetryInfo in the details, the
    * time a failed key fetch is remembered. */

@@ -141,6 +141,8 @@ struct sg__federation {
   int fetch_private, verify_pool;
   unsigned jobs;                   /* signature checks on the thread pool */
   uint64_t limit_logged_at;        /* uv_now of the last "key fetch limit" line */
+  uint64_t log_window;             /* refusals logged: the current 10 s period */
+  unsigned log_lines, log_dropped;
   double fetch_tokens;             /* the key_fetch_rate bucket */
   uint64_t fetch_tokens_at;
   unsigned char (*verified)[32];   /* SG_FED_VERIFIED_SLOTS hashes */
