@@ -34,7 +34,11 @@ typedef struct req req;
 typedef void (*parse_fn)(req *q, PGresult *res, sg__store_reply *r);
 
 struct req {
-  req *next;
+  req *next;   /* in the queue of calls waiting for a connection */
+  req *onext;  /* in the list of calls not answered yet, in call order */
+  int done;    /* answered by the server (res) or failed (err) */
+  int err;
+  PGresult *res;
   const char *sql;
   int nparams;
   char *params[MAX_PARAMS];
@@ -43,7 +47,7 @@ struct req {
   sg__store_reply_cb cb;
   void *ud;
   void *rows;  /* freed after the callback */
-  char msg[256];
+  char msg[512];
 };
 
 typedef struct conn {
@@ -71,6 +75,8 @@ struct sg__pg {
   int closing;
   unsigned handles;
   unsigned reads, writes;  /* calls running */
+  req *ohead, *otail;      /* calls not answered yet, in call order */
+  int delivering;
   char errmsg[512];
   char fatal[512];    /* set: every call fails with this (migration refused) */
 };
@@ -83,15 +89,39 @@ static void conn_start(conn *c);
 static void req_free(req *q) {
   for (int i = 0; i < q->nparams; i++) free(q->params[i]);
   free(q->rows);
+  if (q->res) PQclear(q->res);
   free(q);
 }
 
-static void reply_error(req *q, int err, const char *msg) {
-  sg__store_reply r = {0};
-  r.err = err;
-  r.message = msg;
-  q->cb(q->ud, &r);
-  req_free(q);
+/* Answers are delivered in the order the calls were made, whichever
+ * connection finished first: a caller's later call never overtakes an
+ * earlier one (the router's per-backend order rests on it), as on SQLite. */
+static void deliver_ready(sg__pg *pg) {
+  if (pg->delivering) return;  /* a callback made a call: the loop below goes on */
+  pg->delivering = 1;
+  while (pg->ohead && pg->ohead->done) {
+    req *q = pg->ohead;
+    pg->ohead = q->onext;
+    if (!pg->ohead) pg->otail = NULL;
+    sg__store_reply r = {0};
+    if (q->err) {
+      r.err = q->err;
+      r.message = q->msg;
+    } else {
+      q->parse(q, q->res, &r);
+      if (r.err < 0 && !r.message) r.message = q->msg;
+    }
+    q->cb(q->ud, &r);
+    req_free(q);
+  }
+  pg->delivering = 0;
+}
+
+static void reply_error(sg__pg *pg, req *q, int err, const char *msg) {
+  q->done = 1;
+  q->err = err;
+  if (msg != q->msg) snprintf(q->msg, sizeof q->msg, "%s", msg);
+  deliver_ready(pg);
 }
 
 /* A call left a connection (answered, or back in the queue). */
@@ -125,7 +155,7 @@ static req *dequeue(sg__pg *pg) {
 
 static void fail_waiting(sg__pg *pg, int err, const char *msg) {
   req *q;
-  while ((q = dequeue(pg))) reply_error(q, err, msg);
+  while ((q = dequeue(pg))) reply_error(pg, q, err, msg);
 }
 
 /* A call: `sql` with `n` text parameters (NULL: SQL NULL), read by `parse`. */
@@ -145,8 +175,11 @@ static int submit(sg__pg *pg, const char *sql, parse_fn parse, sg__store_reply_c
       req_free(q);
       return SG_ENOMEM;
     }
+  if (pg->otail) pg->otail->onext = q;
+  else pg->ohead = q;
+  pg->otail = q;
   if (pg->fatal[0]) {
-    reply_error(q, SG_ESTORE, pg->fatal);
+    reply_error(pg, q, SG_ESTORE, pg->fatal);
     return 0;
   }
   enqueue_tail(pg, q);
@@ -327,21 +360,16 @@ static void finish(conn *c) {
     dispatch(pg);
     return;
   }
-  sg__store_reply r = {0};
   if (!ok) {
     snprintf(q->msg, sizeof q->msg, "postgresql: %s",
              res ? PQresultErrorMessage(res) : PQerrorMessage(c->c));
     size_t l = strlen(q->msg);
     while (l && q->msg[l - 1] == '\n') q->msg[--l] = '\0';
-    r.err = SG_ESTORE;
-    r.message = q->msg;
-  } else {
-    q->parse(q, res, &r);
-    if (r.err < 0 && !r.message) r.message = q->msg;
+    q->err = SG_ESTORE;
   }
-  q->cb(q->ud, &r);
-  if (res) PQclear(res);
-  req_free(q);
+  q->res = res;
+  q->done = 1;
+  deliver_ready(pg);
   dispatch(pg);
 }
 
@@ -494,7 +522,7 @@ void sg__pg_close(sg__pg *pg) {
     req *q = c->cur;
     c->cur = NULL;
     if (q) ran(pg, q);
-    if (q && q->parse) reply_error(q, SG_ECANCELED, "the store was closed");
+    if (q && q->parse) reply_error(pg, q, SG_ECANCELED, "the store was closed");
     else if (q) req_free(q);
     unwatch(c);
     if (c->res) PQclear(c->res);

@@ -7,9 +7,11 @@ instance owning a backend hands it to another within the lease time, and
 `segue migrate` applies the schema."""
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import unittest
 
@@ -53,8 +55,10 @@ class Scaling(unittest.TestCase):
         self.addCleanup(self.stop_all)
         self.states = {b: os.path.join(self.dir, "state-" + b) for b in ("a", "b")}
 
-    def config(self, name):
+    def config(self, name, stream=False):
         d = os.path.join(self.dir, name)
+        if stream:
+            return self.stream_config(name)
         backends = ",\n".join(
             '  %s = { cmd = %s, args = { %s, "--state=%s" } }' % (b, json.dumps(PYTHON), json.dumps(FAKE), self.states[b])
             for b in ("a", "b"))
@@ -68,9 +72,29 @@ backends = {
 }
 """ % (json.dumps(d), json.dumps(name), LEASE_MS, json.dumps(self.dsn), backends))
 
-    def start(self, name):
+    def stream_config(self, name):
+        """Backends a and b (stream_backend.py: their chat service is a file
+        each), bridged a:#s -> b:#s by the rules."""
+        d = os.path.join(self.dir, name)
+        stream = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stream_backend.py")
+        rules = write(os.path.join(self.dir, "rules.lua"), 'return {\n  bridge { "a:#s", "b:#s" },\n}\n')
+        return write(os.path.join(self.dir, name + ".lua"), """
+data_dir = %s
+instance = %s
+lease_ms = %d
+store = { engine = "postgresql", dsn = %s }
+rules = %s
+backends = {
+  a = { cmd = %s, args = { %s, "--in=%s", "--state=%s" } },
+  b = { cmd = %s, args = { %s, "--out=%s", "--state=%s" } },
+}
+""" % (json.dumps(d), json.dumps(name), LEASE_MS, json.dumps(self.dsn), json.dumps(rules),
+       json.dumps(PYTHON), json.dumps(stream), self.a_in, self.states["a"],
+       json.dumps(PYTHON), json.dumps(stream), self.b_out, self.states["b"]))
+
+    def start(self, name, stream=False):
         log = open(os.path.join(self.dir, name + ".log"), "wb")
-        self.procs[name] = (subprocess.Popen([SEGUE, "run", self.config(name)], stdout=log,
+        self.procs[name] = (subprocess.Popen([SEGUE, "run", self.config(name, stream)], stdout=log,
                                              stderr=subprocess.STDOUT), log)
 
     def stop_all(self):
@@ -158,6 +182,68 @@ backends = {
         self.assertTrue(wait_for(lambda: all(running_backends(self.states[b]) == 1 for b in ("a", "b")), 20))
         self.assertEqual(open(self.states["a"]).read().count("start"), 2)
         self.assertTrue(wait_for(lambda: not [i for i in self.status()["instances"] if i["name"] == victim][0]["alive"], 20))
+
+
+    def bridged(self):
+        """The origin ids of the copies b received, in order."""
+        if not os.path.exists(self.b_out):
+            return []
+        with open(self.b_out) as f:
+            return [json.loads(l)["origin"]["id"] for l in f if l.endswith("\n")]
+
+    def test_a_stream_survives_kill_9_of_the_owner_nothing_lost_in_order(self):
+        self.a_in = os.path.join(self.dir, "a.in")
+        self.b_out = os.path.join(self.dir, "b.out")
+        for name in ("i1", "i2", "i3"):
+            self.start(name, stream=True)
+        self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
+        owner = self.owners()["a"][0]
+        n = 200
+        ids = ["m%03d" % i for i in range(n)]
+
+        def say():  # the chat service's users, one message every 10 ms
+            for i, mid in enumerate(ids):
+                with open(self.a_in, "a") as f:
+                    f.write(json.dumps({"id": mid, "text": "hello %d" % i, "t": 1000 + i}) + "\n")
+                time.sleep(0.01)
+        writer = threading.Thread(target=say)
+        writer.start()
+        # kill -9 of the owner mid-stream, once some copies went out, at a
+        # point that varies from run to run.
+        self.assertTrue(wait_for(lambda: len(self.bridged()) >= 40, 30), self.log(owner))
+        time.sleep(random.random() * 0.05)
+        p, _ = self.procs[owner]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        before = self.bridged()
+        writer.join()
+        self.assertTrue(wait_for(lambda: self.all_running(exclude=(owner,)), 30),
+                        "\n".join(self.log(x) for x in self.procs))
+        # The new owner's backend a replays the whole history: what was
+        # bridged is recognised (the message map is in PostgreSQL), the rest
+        # is bridged now.
+        self.assertTrue(wait_for(lambda: set(self.bridged()) >= set(ids), 60),
+                        "missing %r\n%s" % (sorted(set(ids) - set(self.bridged()))[:10],
+                                             "\n".join(self.log(x) for x in self.procs)))
+        time.sleep(2)  # a replay bridged twice would show by now
+        got = self.bridged()
+        self.assertEqual(got[:len(before)], before)
+        # Bridged twice: only copies in flight when the owner died (sent,
+        # their ids not yet recorded in PostgreSQL) may go out again, once
+        # more; docs/scaling.md says why. Nothing said after the kill twice.
+        twice = sorted({x for x in got if got.count(x) > 1})
+        for x in twice:
+            self.assertIn(x, before, "bridged twice after the kill: %s" % x)
+            self.assertEqual(got.count(x), 2, x)
+        after = got[len(before):]
+        self.assertEqual(len(after), len(set(after)), "bridged twice after the kill")
+        self.assertEqual(set(after) | set(before), set(ids))
+        # Order: the copies in the order the messages were said.
+        first = []
+        for x in got:
+            if x not in first:
+                first.append(x)
+        self.assertEqual(first, ids, "out of order")
 
 
 if __name__ == "__main__":
