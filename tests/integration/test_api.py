@@ -309,6 +309,20 @@ class Limits(unittest.TestCase):
         self.assertEqual(s.recv(100), b"")
         self.assertLess(time.time() - t0, 9)
         s.close()
+        # garbage and too many header lines: a JSON error, then the connection closes
+        for raw, status in ((b"NOT HTTP AT ALL\r\n\r\n", 400),
+                            (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(70)) + b"\r\n", 431)):
+            s = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+            s.sendall(raw)
+            got = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            s.close()
+            self.assertTrue(got.startswith(b"HTTP/1.1 %d " % status), got)
+            self.assertIn(b'"code":"', got)
         # still serving; /metrics passes promtool and counts what happened
         api.post(api.messages_path("a", room), {"text": "counted"})
         self.assertTrue(wait_for(lambda: 'segue_messages_routed_total{bridge="bridge1",outcome="sent"} 1'
