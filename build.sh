@@ -26,6 +26,9 @@ PACKAGES="
   postgresql libpq-dev
   prometheus
   chromium chromium-driver python3-selenium
+  dpkg-dev debhelper lintian adduser
+  mandoc
+  systemd
 "
 
 BUILD_TYPE=${SEGUE_BUILD_TYPE:-RelWithDebInfo}

@@ -1,8 +1,10 @@
 #include "log.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
@@ -19,6 +21,22 @@ const char *sg__log_level_name(int level) {
 
 int sg__log_enabled(const sg__logger *lg, sg_log_level lvl) {
   return (int)lvl <= (lg ? lg->level : SG_LOG_INFO);
+}
+
+/* Whether stderr is the journal's stream (systemd sets $JOURNAL_STREAM to
+ * its "device:inode"): the journal stamps each line itself, so a time= of
+ * ours would only duplicate it. A redirected stderr (another file, a pipe)
+ * keeps time=. Decided once. */
+static int to_journal(void) {
+  static int cached = -1;
+  if (cached >= 0) return cached;
+  cached = 0;
+  const char *js = getenv("JOURNAL_STREAM");
+  unsigned long long dev, ino;
+  struct stat st;
+  if (js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 && fstat(2, &st) == 0)
+    cached = (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+  return cached;
 }
 
 /* Appends `s` as a logfmt value: bare when safe, else quoted and escaped. */
@@ -49,11 +67,15 @@ void sg__log_fields(const sg__logger *lg, sg_log_level lvl,
   size_t n = 0, cap = sizeof line - 2;
   struct timeval tv;
   struct tm tm;
-  gettimeofday(&tv, NULL);
-  gmtime_r(&tv.tv_sec, &tm);
-  n += strftime(line, cap, "time=%Y-%m-%dT%H:%M:%S", &tm);
-  n += (size_t)snprintf(line + n, cap - n, ".%03dZ level=%s",
-                        (int)(tv.tv_usec / 1000), level_names[lvl]);
+  if (to_journal() && !(lg && lg->cb)) {
+    n += (size_t)snprintf(line, cap, "level=%s", level_names[lvl]);
+  } else {
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    n += strftime(line, cap, "time=%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(line + n, cap - n, ".%03dZ level=%s",
+                          (int)(tv.tv_usec / 1000), level_names[lvl]);
+  }
   for (; kv && kv[0] && kv[1] && n < cap; kv += 2) {
     n += (size_t)snprintf(line + n, cap - n, " %s=", kv[0]);
     put_value(line, cap, &n, kv[1]);

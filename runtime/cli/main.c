@@ -8,6 +8,7 @@
 
 #include "cli.h"
 #include "log.h"
+#include "notify.h"
 #include "segue.h"
 
 static const char usage[] =
@@ -33,11 +34,14 @@ typedef struct {
   sg_host *host;
   uv_signal_t sigint, sigterm, sighup;
   int stopping, exit_code;
+  int serving;               /* `run`: tells systemd (notify.h) how it goes */
+  sg__notifier notifier;
 } app;
 
 static void host_closed(void *data) {
   app *a = data;
   a->host = NULL;
+  sg__notify_close(&a->notifier);
   uv_close((uv_handle_t *)&a->sigint, NULL);
   uv_close((uv_handle_t *)&a->sigterm, NULL);
   uv_close((uv_handle_t *)&a->sighup, NULL);
@@ -51,9 +55,15 @@ static void host_stopped(sg_host *h) {
 static void on_signal(uv_signal_t *s, int signum) {
   app *a = s->data;
   if (signum == SIGHUP) {
-    if (a->host) sg_host_reload(a->host);
+    if (!a->host) return;
+    char state[96];
+    snprintf(state, sizeof state, "RELOADING=1\nMONOTONIC_USEC=%llu", (unsigned long long)(uv_hrtime() / 1000));
+    if (a->serving) sg__notify(state);
+    int rc = sg_host_reload(a->host);
+    if (a->serving) sg__notify(rc == 0 ? "READY=1\nSTATUS=running" : "READY=1\nSTATUS=reload failed, the previous config runs");
     return;
   }
+  if (a->serving && !a->stopping) sg__notify("STOPPING=1");
   if (a->stopping++) {
     fprintf(stderr, "segue: second signal, exiting now\n");
     exit(1);
@@ -92,6 +102,9 @@ static int cmd_run(app *a, int argc, char **argv) {
                     : sg__host_call_boot(a->host, "load_default_config", NULL, 0);
   if (rc == 0) rc = sg_host_start(a->host);
   if (rc != 0) return fail(a, argc > 0 ? argv[0] : "default config");
+  a->serving = 1;
+  sg__notify("READY=1\nSTATUS=running");
+  sg__notify_watchdog_start(&a->notifier, a->loop);
   /* Keep running until a signal asks us to stop. */
   uv_ref((uv_handle_t *)&a->sigint);
   uv_run(a->loop, UV_RUN_DEFAULT);
@@ -147,7 +160,10 @@ int main(int argc, char **argv) {
   }
   const char *cmd = argv[i++];
   int (*fn)(app *, int, char **) = NULL;
-  if (strcmp(cmd, "run") == 0) fn = cmd_run;
+  if (strcmp(cmd, "run") == 0) {
+    fn = cmd_run;
+    sg__notify_init();  /* before any backend starts: they must not inherit it */
+  }
   else if (strcmp(cmd, "backend") == 0) fn = cmd_backend;
   else if (strcmp(cmd, "exec") == 0) fn = cmd_exec;
 
