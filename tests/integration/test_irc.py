@@ -346,7 +346,9 @@ class IrcScripted(unittest.TestCase):
         self.assertEqual(len(times), 6)
         self.assertLess(times[1] - times[0], 0.1)  # the burst
         gaps = [b - a for a, b in zip(times[1:], times[2:])]
-        self.assertTrue(all(g >= 0.15 for g in gaps), gaps)  # 5 per second after it
+        # 5 per second after it: a late timer lets a token accrue, so one gap
+        # may be shorter; together they cannot be (4 x 0.2 s less a token)
+        self.assertGreaterEqual(sum(gaps), 0.6, gaps)
 
     # Issue 12 item 9: the send queue is bounded and formatting never blocks.
 
