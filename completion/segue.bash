@@ -21,14 +21,28 @@ _segue() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-v -q --version --help" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "run check backend exec reload status key config" -- "$cur"))
+            COMPREPLY=($(compgen -W "run check backend exec reload status key watch rules migrate user config" -- "$cur"))
         fi
         return 0
     fi
     case $cmd in
         config)
             COMPREPLY=($(compgen -W "--default" -- "$cur")) ;;
-        run | check | reload | status | key)
+        rules)
+            if [[ ${words[cword-1]} == rules ]]; then
+                COMPREPLY=($(compgen -W "test" -- "$cur"))
+            else
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -W "--since --room" -- "$cur") $(compgen -d -- "$cur") $(compgen -f -X '!*.lua' -- "$cur"))
+            fi ;;
+        user)
+            if [[ ${words[cword-1]} == user ]]; then
+                COMPREPLY=($(compgen -W "add list remove" -- "$cur"))
+            else
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -W "--admin" -- "$cur") $(compgen -d -- "$cur") $(compgen -f -X '!*.lua' -- "$cur"))
+            fi ;;
+        run | check | reload | status | key | watch | migrate)
             # one CONFIG: a .lua file (directories to walk into)
             if [[ ${words[cword-1]} == "$cmd" ]]; then
                 compopt -o filenames 2>/dev/null

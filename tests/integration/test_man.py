@@ -46,6 +46,9 @@ class Coverage(unittest.TestCase):
         usage = run(["--help"]).stdout
         commands = re.findall(r"^  ([a-z]+) ", usage, re.M)
         self.assertGreaterEqual(len(commands), 8, usage)
+        with open(os.path.join(SOURCE, "scripts", "segue", "cli.lua")) as f:  # the CLI's Lua commands
+            commands += re.findall(r"^(?:function commands\.(\w+)|commands\.(\w+) =)", f.read(), re.M)
+        commands = [c if isinstance(c, str) else c[0] or c[1] for c in commands]
         text = page("segue.1")
         for c in commands:
             self.assertIn(".Cm %s" % c, text, c)
@@ -99,6 +102,8 @@ class Completion(unittest.TestCase):
         self.assertEqual(self.complete(["segue", "-v", "re"]), ["reload"])
         self.assertEqual(self.complete(["segue", "--v"]), ["--version"])
         self.assertEqual(self.complete(["segue", "config", ""]), ["--default"])
+        self.assertEqual(self.complete(["segue", "user", ""]), ["add", "list", "remove"])
+        self.assertEqual(self.complete(["segue", "rules", ""]), ["test"])
 
     def test_config_paths_complete_to_lua_files_and_directories(self):
         d = tmpdir()
