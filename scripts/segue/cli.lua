@@ -71,7 +71,7 @@ function commands.watch(path)
   end
   local cfg = M.config_or_fail(path)
   if not cfg then return 1 end
-  local ok, e = require("segue.flow").watch(cfg.data_dir)
+  local ok, e = require("segue.flow").watch(cfg)
   if not ok then err("watch: %s", e) return 1 end
   return 0
 end

@@ -125,14 +125,29 @@ function M.reset()
   for k in pairs(bridges) do bridges[k] = nil end
 end
 
+-- Runs fn every ms in a coroutine (the store may answer asynchronously: on
+-- PostgreSQL a call yields), never two at once; an error is logged.
+local function every(ms, fn)
+  local loop = require "segue.loop"
+  local busy = false
+  return loop.timer(ms, ms, function()
+    if busy then return end
+    busy = true
+    require("segue").spawn(function()
+      local ok, err = pcall(fn)
+      busy = false
+      if not ok then require("segue.core").log("warn", "watch: " .. tostring(err)) end
+    end)
+  end)
+end
+
 --- publish(db): in a running segue, writes the events while someone watches.
 function M.publish(db)
-  local loop = require "segue.loop"
   local json = require "segue.json"
   local segue = require "segue"
-  local seq = tonumber(db:kv_get("watch.seq") or "") or 0
-  local acked
-  local check = loop.timer(0, 250, function()
+  local seq, acked
+  local check = every(250, function()
+    seq = seq or tonumber(db:kv_get("watch.seq") or "") or 0
     local alive = tonumber(db:kv_get("watch.alive") or "")
     local was = M.watching
     M.watching = alive ~= nil and os.time() * 1000 - alive < M.ALIVE_MS
@@ -142,8 +157,8 @@ function M.publish(db)
       db:kv_set("watch.ack", tostring(alive))
     end
   end)
-  local flush = loop.timer(100, 100, function()
-    if #pending == 0 then return end
+  local flush = every(100, function()
+    if #pending == 0 or not seq then return end
     seq = seq + 1
     local batch = { seq = seq, events = pending }
     pending = {}
@@ -175,62 +190,73 @@ function M.format(e)
     one_line(e.text), e.bridge, e.from, one_line(e.outcome))
 end
 
---- watch(data_dir [, out]): `segue watch`: prints events as they come,
---- until the process is stopped.
-function M.watch(data_dir, out)
+--- watch(cfg [, out]) -> true | nil, err: `segue watch`: prints events
+--- as they come, until the process is stopped.
+function M.watch(cfg, out)
   out = out or io.stdout
   local store = require "segue.store"
   local json = require "segue.json"
   local loop = require "segue.loop"
-  -- As `segue run` does, so the watcher can wait for a segue not started yet.
-  local made, merr = require("segue.fs").mkdir_p(data_dir, tonumber("700", 8))
-  if not made then return nil, merr end
-  local db, err, code = store.open(data_dir .. "/segue.db")
-  if not db then return nil, err, code end
+  local segue = require "segue"
+  local data_dir = cfg.data_dir
+  local opts = require("segue.config").store_options(cfg)
+  if opts.engine == "sqlite" then
+    -- As `segue run` does, so the watcher can wait for a segue not started yet.
+    local made, merr = require("segue.fs").mkdir_p(data_dir, tonumber("700", 8))
+    if not made then return nil, merr end
+  end
   local function pid()
     local f = io.open(data_dir .. "/segue.pid", "r")
     local p = f and f:read("l")
     if f then f:close() end
     return p
   end
-  local first = os.time() * 1000
-  local function alive() db:kv_set("watch.alive", tostring(os.time() * 1000)) end
-  alive()
-  local last = tonumber(db:kv_get("watch.seq") or "") or 0
-  loop.timer(1000, 1000, alive)
-  -- The header says when the running segue has seen us: from then on,
-  -- nothing it carries is missed.
-  local told = false
-  local started = loop.now()
-  local hello
-  hello = loop.timer(50, 50, function()
-    if (tonumber(db:kv_get("watch.ack") or "") or 0) >= first then
-      io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid() or "?", data_dir))
-      hello:stop()
-    elseif not told and loop.now() - started > 3000 then
-      told = true
-      local p = pid()
-      io.stderr:write(p and ("segue (pid %s) has not answered yet; waiting\n"):format(p)
-        or ("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n"):format(data_dir))
-    end
-  end)
-  loop.timer(100, 100, function()
-    local now = tonumber(db:kv_get("watch.seq") or "") or 0
-    if now < last then last = now end  -- a new store
-    for s = math.max(last + 1, now - M.RING + 1), now do
-      local text = db:kv_get("watch.batch." .. s % M.RING)
-      local batch = text and json.decode(text)
-      if not batch or batch.seq ~= s then
-        out:write("(some events were missed)\n")
-      else
-        for _, e in ipairs(batch.events) do out:write(M.format(e), "\n") end
+  local failed
+  segue.spawn(function()
+    local db, err = store.open(opts)
+    if not db then failed = err return end
+    local first = os.time() * 1000
+    local function alive() db:kv_set("watch.alive", tostring(os.time() * 1000)) end
+    alive()
+    local last = tonumber(db:kv_get("watch.seq") or "") or 0
+    every(1000, alive)
+    -- The header says when the running segue has seen us: from then on,
+    -- nothing it carries is missed.
+    local told = false
+    local started = loop.now()
+    local hello
+    hello = every(50, function()
+      if not hello then return end
+      if (tonumber(db:kv_get("watch.ack") or "") or 0) >= first then
+        io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid() or "?", data_dir))
+        hello:stop()
+        hello = nil
+      elseif not told and loop.now() - started > 3000 then
+        told = true
+        local p = pid()
+        io.stderr:write(p and ("segue (pid %s) has not answered yet; waiting\n"):format(p)
+          or ("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n"):format(data_dir))
       end
-    end
-    if now - last > M.RING then out:write(("(%d batches of events were missed)\n"):format(now - last - M.RING)) end
-    last = now
-    out:flush()
+    end)
+    every(100, function()
+      local now = tonumber(db:kv_get("watch.seq") or "") or 0
+      if now < last then last = now end  -- a new store
+      for s = math.max(last + 1, now - M.RING + 1), now do
+        local text = db:kv_get("watch.batch." .. s % M.RING)
+        local batch = text and json.decode(text)
+        if not batch or batch.seq ~= s then
+          out:write("(some events were missed)\n")
+        else
+          for _, e in ipairs(batch.events) do out:write(M.format(e), "\n") end
+        end
+      end
+      if now - last > M.RING then out:write(("(%d batches of events were missed)\n"):format(now - last - M.RING)) end
+      last = now
+      out:flush()
+    end)
   end)
   loop.run()
+  if failed then return nil, failed end
   return true
 end
 

@@ -28,7 +28,7 @@ function M.publish(db, every_ms, extra)
   local t = loop.timer(every_ms or 5000, every_ms or 5000, write)
   -- Counters that moved show within a second, not at the next full write.
   local flow = require "segue.flow"
-  local quick = loop.timer(1000, 1000, function() if flow.dirty then write() end end)
+  local quick = loop.timer(1000, 1000, function() if flow.dirty then s.spawn(write) end end)
   local off = s.on("backend", write)
   local off_reload = s.on("reload", write)
   local off_rules = s.on("rules", write)
