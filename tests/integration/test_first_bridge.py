@@ -29,3 +29,45 @@ class FirstBridge(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class DemoBanner(unittest.TestCase):
+    """The default config's banner says how to bridge IRC into the terminal;
+    following it to the letter (against ngircd) bridges both ways."""
+
+    @unittest.skipUnless(NgIRCd.available(), "ngircd is not installed (build.sh deps installs it)")
+    def test_the_banner_instructions_bridge_the_terminal_and_irc(self):
+        import re
+        import subprocess
+        import threading
+        from harness import SEGUE, run, tmpdir, wait_for, write
+        from irc_server import RawClient
+        server = NgIRCd().start()
+        self.addCleanup(server.stop)
+        d = tmpdir()
+        default = run(["config", "--default"]).stdout
+        banner = default[default.index("banner = [[") + len("banner = [["):default.index("]]")]
+        irc = re.search(r"(irc = \{ script = \"irc\".*?\} \},)", banner, re.S).group(1)
+        rule = re.search(r"(return \{ bridge .*\})", banner).group(1)
+        irc = irc.replace('"irc.libera.chat"', '"127.0.0.1"').replace("6697", str(server.port))
+        irc = irc.replace("tls = true", "tls = false")
+        cfg = default.replace("backends = {\n", "backends = {\n" + irc + "\n", 1) + '\nrules = "rules.lua"\n'
+        write(os.path.join(d, "segue.lua"), cfg)
+        write(os.path.join(d, "rules.lua"), rule + "\n")
+        self.assertEqual(run(["check", "segue.lua"], cwd=d).code, 0)
+        alice = RawClient(server.port, "alice")
+        self.addCleanup(alice.close)
+        alice.join("#my-channel")
+        p = subprocess.Popen([SEGUE, "run", "segue.lua"], cwd=d, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        out = []
+        threading.Thread(target=lambda: [out.append(x) for x in p.stdout], daemon=True).start()
+        alice.expect(r"^:my-bridge!\S+ JOIN :?#my-channel", 30)
+        alice.say("#my-channel", "hi from irc")
+        self.assertTrue(wait_for(lambda: any("hi from irc" in x for x in out), 20), out)
+        p.stdin.write("hello irc\n")
+        p.stdin.flush()
+        alice.expect(r"PRIVMSG #my-channel :.*hello irc", 20)
+        p.terminate()
+        self.assertEqual(p.wait(20), 0)
