@@ -367,14 +367,14 @@ send_copy = function(origin_backend, msg, target, content, attachments)
           db:map_put(origin_backend, msg.id, e.backend, r.value, e.room, map_recorded)
         end
       else
-        lost("failed", e.key, origin_backend .. ":" .. msg.id, rerr)
+        lost(rcode == "ELIMIT" and "queue_full" or "failed", e.key, origin_backend .. ":" .. msg.id, rerr)
       end
       release(d, n)
     end)
   if not ok then
     metrics.request(e.backend, code or "EINVAL", t0)
     flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, err)
-    lost("failed", e.key, origin_backend .. ":" .. msg.id, err)
+    lost(code == "ELIMIT" and "queue_full" or "failed", e.key, origin_backend .. ":" .. msg.id, err)
     release(d, n)
   end
 end

@@ -135,4 +135,27 @@ describe("the router under load", function()
   end)
 end)
 
+describe("reloading the rules", function()
+  it("runs nothing when the files and backends are unchanged, and runs a changed file", function()
+    local rules = require "segue.rules"
+    local calls, orig = 0, rules.load
+    rules.load = function(...) calls = calls + 1 return orig(...) end
+    local path = file("reload.lua", 'return { bridge { "src:#r1", "dst:#r1" } }')
+    local backends = { src = true, gated = true, dst = true }
+    assert(router.load(path, backends))
+    local loads = router.status.loads
+    assert.are.equal(1, calls)
+    assert(router.load(path, backends))
+    assert.are.equal(1, calls)                      -- unchanged: nothing ran
+    assert.are.equal(loads + 1, router.status.loads)  -- and it counts as a load
+    file("reload.lua", 'return { bridge { "src:#r1", "dst:#r2" } }')
+    assert(router.load(path, backends))
+    assert.are.equal(2, calls)                      -- changed: loaded again
+    assert(router.load(path, { src = true, dst = true }))
+    assert.are.equal(3, calls)                      -- other backends: checked again
+    rules.load = orig
+    wait_until("the new rooms resolve", function() return router.ready() end)
+  end)
+end)
+
 os.execute("rm -rf " .. dir)
