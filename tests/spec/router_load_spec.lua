@@ -158,4 +158,4 @@ describe("reloading the rules", function()
   end)
 end)
 
-os.execute("rm -rf " .. dir)
+teardown(function() os.execute("rm -rf " .. dir) end)
