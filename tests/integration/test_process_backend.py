@@ -34,16 +34,18 @@ class Framing(unittest.TestCase):
 
 class Requests(unittest.TestCase):
     def test_a_request_times_out_and_the_backend_keeps_running(self):
+        # The time-out also bounds the answer to "#ok": 300 ms was missed by
+        # a Python child on a loaded machine under ASan; 3 s is not.
         r = run_lua("""
-            fake("fake", {}, { request_timeout_ms = 300 })
+            fake("fake", {}, { request_timeout_ms = 3000 })
             out(lookup("fake", "#slow"))
             out(lookup("fake", "#ok"))
             out(segue.backend("fake"):info())
         """)
         slow, ok, info = r.values()
         self.assertEqual(slow["code"], "ETIMEDOUT")
-        self.assertIn("RoomLookup request to backend fake timed out after 300 ms", slow["err"])
-        self.assertEqual(ok["body"]["value"], "!ok")
+        self.assertIn("RoomLookup request to backend fake timed out after 3000 ms", slow["err"])
+        self.assertEqual(ok.get("body", {}).get("value"), "!ok", ok)
         self.assertEqual(info["restarts"], 0)
 
     def test_a_retryable_error_is_retried_until_it_succeeds(self):
