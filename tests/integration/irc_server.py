@@ -179,7 +179,9 @@ class FakeIrc:
         self.sock.listen(1)
         self.port = self.sock.getsockname()[1]
         self.lines = []  # (time, line)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.accepted = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _reply(self, conn, line):
         conn.sendall(line.encode() + b"\r\n")
@@ -206,6 +208,7 @@ class FakeIrc:
 
     def _serve(self):
         conn, _ = self.sock.accept()
+        self.accepted = True
         buf, state = b"", {}
         with conn:
             while True:
@@ -218,6 +221,12 @@ class FakeIrc:
                     line = raw.decode(errors="replace")
                     self.lines.append((time.time(), line))
                     self._answer(conn, line, state)
+
+    def wait_done(self, timeout=30):
+        """Once the client is gone: waits (bounded) until the server thread
+        read its connection to the end, so self.lines holds every line."""
+        if self.accepted:
+            self.thread.join(timeout)
 
     def sent(self, prefix):
         return [(t, l) for t, l in self.lines if l.startswith(prefix)]
