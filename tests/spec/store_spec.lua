@@ -91,6 +91,52 @@ describe("segue.store", function()
     assert.matches("^ESTORE: /nonexistent%-dir/sub/segue.db: unable to open", err)
   end)
 
+  it("opens by table, names its engine, and answers callbacks at once on SQLite", function()
+    local path = os.tmpname()
+    os.remove(path)
+    paths[#paths + 1] = path
+    local db = assert(store.open { engine = "sqlite", path = path })
+    assert.are.equal("sqlite", db:engine())
+    local got
+    assert.is_true(db:kv_set("k", "v", function(ok) got = ok end))
+    assert.is_true(got)  -- before the call returned
+    assert.is_true(db:kv_get("k", function(v) got = v end))
+    assert.are.equal("v", got)
+    assert.is_true(math.type(store.SCHEMA_VERSION) == "integer" and store.SCHEMA_VERSION >= 2)
+    db:close()
+  end)
+
+  it("refuses an unknown engine and a postgresql store without a dsn, naming them", function()
+    local db, err, code = store.open { engine = "oracle", path = "x" }
+    assert.is_nil(db)
+    assert.are.equal("EINVAL", code)
+    assert.matches('unknown engine "oracle"', err)
+    db, err = store.open { engine = "postgresql" }
+    assert.is_nil(db)
+    assert.matches("needs a dsn", err)
+  end)
+
+  it("keeps instances and leases: one holder at a time, renewed by it, taken once expired", function()
+    local db = fresh()
+    assert.is_true(db:instance_beat("one", '{"pid":1}'))
+    assert.are.equal("one", db:lease_claim("backends", "one", 60000))
+    assert.are.equal("one", db:lease_claim("backends", "two", 60000))
+    assert.are.equal("one", db:lease_claim("backends", "one", 60000))
+    assert.are.equal("two", db:lease_claim("short", "two", 1))
+    local t = os.clock()
+    while os.clock() - t < 0.01 do end  -- the 1 ms lease expires
+    assert.are.equal("one", db:lease_claim("short", "one", 60000))
+    local leases = db:leases()
+    assert.are.same({ "backends", "short" }, { leases[1].name, leases[2].name })
+    assert.are.same({ "one", "one" }, { leases[1].holder, leases[2].holder })
+    assert.is_true(db:lease_release("short", "one"))
+    assert.are.equal(1, #db:leases())
+    local inst = db:instances()
+    assert.are.equal("one", inst[1].name)
+    assert.are.equal('{"pid":1}', inst[1].info)
+    db:close()
+  end)
+
   it("raises when a closed store is used", function()
     local db = fresh()
     db:close()
