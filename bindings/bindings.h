@@ -27,6 +27,8 @@ struct sg__lenv {
   sg__logger log;
   int closing;               /* the owner is closing: refuse new work */
   int handler_ref;           /* segue.core.set_handler's function (registry ref) */
+  int loop_depth;            /* > 0 while a script runs the loop (segue.loop.run):
+                                the owner must not close L until it is back to 0 */
   /* Errors no Lua caller can receive: already logged; may be NULL. */
   void (*on_error)(sg__lenv *e, int err, const char *message);
   /* The backends, linked through sg__backend.next; the owner allocates and

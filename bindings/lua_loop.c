@@ -158,18 +158,20 @@ static int l_hrtime(lua_State *L) {
 }
 
 /* run([mode]) -> alive: runs the loop from the top level of a script. uv_run
- * is not reentrant, so this refuses to run inside a loop callback. */
+ * is not reentrant, so this refuses to run inside a loop callback. When the
+ * host started closing during the turn (a signal stopped `segue exec`), it
+ * raises, so the script unwinds and the host can close the Lua state. */
 static int l_run(lua_State *L) {
-  static int running;
   static const char *const modes[] = {"default", "once", "nowait", NULL};
   static const uv_run_mode uv_modes[] = {UV_RUN_DEFAULT, UV_RUN_ONCE, UV_RUN_NOWAIT};
-  sg__lenv *h = sg__lenv_of(L);
+  sg__lenv *e = sg__lenv_check(L);
   int mode = luaL_checkoption(L, 1, "default", modes);
-  if (!h) return luaL_error(L, "segue.loop needs the segue host");
-  if (running) return luaL_error(L, "segue.loop.run cannot be called from a loop callback");
-  running = 1;
-  int alive = uv_run(h->loop, uv_modes[mode]);
-  running = 0;
+  if (e->loop_depth) return luaL_error(L, "segue.loop.run cannot be called from a loop callback");
+  if (e->closing) return luaL_error(L, "the host is closing");
+  e->loop_depth++;
+  int alive = uv_run(e->loop, uv_modes[mode]);
+  e->loop_depth--;
+  if (e->closing) return luaL_error(L, "the host is closing");
   lua_pushboolean(L, alive);
   return 1;
 }

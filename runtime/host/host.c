@@ -372,10 +372,25 @@ static void reap(uv_idle_t *idle) {
   uv_close((uv_handle_t *)idle, reaper_closed);
 }
 
+/* The Lua state cannot close under a script that runs the loop itself
+ * (segue.loop.run, for `segue exec`): segue.loop.run raises "the host is
+ * closing" as soon as its turn ends, and the state closes on the first loop
+ * turn after the script let go. */
+static void retry_free(uv_idle_t *idle) {
+  sg_host *h = idle->data;
+  if (h->env.loop_depth > 0) return;
+  uv_idle_stop(idle);
+  maybe_free_host(h);
+}
+
 static void maybe_free_host(sg_host *h) {
   if (h->backends_open > 0 || uv_is_active((uv_handle_t *)&h->reaper) ||
       uv_is_closing((uv_handle_t *)&h->reaper))
     return;
+  if (h->env.loop_depth > 0) {
+    uv_idle_start(&h->reaper, retry_free);
+    return;
+  }
   if (h->env.L) {
     /* Lua objects (timers, watchers) close their handles from __gc. */
     lua_close(h->env.L);

@@ -148,6 +148,28 @@ class Run(unittest.TestCase):
         self.addCleanup(lambda: p.poll() is None and p.kill())
         return p
 
+    def test_sigterm_stops_an_exec_script_waiting_in_the_loop(self):
+        # The script runs the loop itself (segue.await): the host must not
+        # close the Lua state under it (it did: a use-after-free in
+        # segue.loop.run); the script unwinds and the process exits.
+        d = tmpdir()
+        write(os.path.join(d, "wait.lua"), """
+            local segue = require "segue"
+            assert(segue.add_backend("m", { script = "memory" }))
+            io.stderr:write("waiting\\n")
+            segue.await(function() segue.sleep(60000) end, 120000)
+            io.stderr:write("not reached\\n")
+        """)
+        p = self.start(["exec", "wait.lua"], d)
+        err = LogTail(p)
+        self.assertTrue(err.wait_for("waiting", 30), err.text())
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+        err.thread.join(10)
+        self.assertEqual(p.returncode, 1, err.text())  # the script did not finish
+        self.assertIn("the host is closing", err.text())
+        self.assertNotIn("not reached", err.text())
+
     def test_the_default_runs_writes_its_data_dir_and_stops_on_sigint(self):
         d = tmpdir()
         p = self.start(["run"], d)
