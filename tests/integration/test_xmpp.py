@@ -349,5 +349,41 @@ class XmppConnection(unittest.TestCase):
             p.stderr.close()
 
 
+@unittest.skipUnless(available(), "prosody is not installed (Debian package prosody)")
+class XmppPlain(unittest.TestCase):
+    """A server that offers only PLAIN, also without TLS."""
+
+    def setUp(self):
+        self.server = Prosody({"bridge": "bridge-secret"}, extra="""
+disable_sasl_mechanisms = { "SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256" }
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+""").start()
+        self.addCleanup(self.server.close)
+
+    def run_backend(self, **opts):
+        o = {"jid": "bridge@localhost", "password": "bridge-secret", "host": "127.0.0.1",
+             "port": self.server.port, "ca_file": self.server.cert, "timeout_ms": 3000, "reconnect_ms": 100}
+        o.update(opts)
+        return run_lua("""
+            assert(segue.add_backend("xmpp", { script = "xmpp", options = %s }))
+            out(segue.await(function()
+              local ok, err = segue.backend("xmpp"):request { type = "RoomJoin", value = %s }
+              return { ok = ok and ok.type, err = err }
+            end, 20000))
+        """ % (lua(o), lua(ROOM)))
+
+    def test_plain_is_used_over_tls(self):
+        r = self.run_backend()
+        self.assertEqual(r.values(), [{"ok": "Success"}], r.stderr)
+        self.assertIn("with PLAIN over TLS", r.stderr)
+
+    def test_plain_is_refused_without_tls_even_on_loopback(self):
+        r = self.run_backend(tls=False)
+        self.assertNotEqual(r.values(), [{"ok": "Success"}], r.stderr)
+        self.assertIn("no SASL mechanism we may use (offered: PLAIN; PLAIN only over TLS)", r.stderr)
+        self.assertNotIn("logged in", r.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -46,6 +46,7 @@ certificates = "{dir}/certs"
 ssl = {{ certificate = "{cert}", key = "{key}" }}
 smacks_hibernation_time = 60
 archive_expires_after = "never"
+{extra}
 
 VirtualHost "localhost"
   ssl = {{ certificate = "{cert}", key = "{key}" }}
@@ -77,7 +78,7 @@ class Prosody:
     """Prosody in the foreground on 127.0.0.1 (STARTTLS port and direct-TLS
     port); stop/start keep its data (accounts, archives)."""
 
-    def __init__(self, users):
+    def __init__(self, users, extra=""):
         self.dir = tmpdir()
         os.makedirs(os.path.join(self.dir, "data"))
         os.makedirs(os.path.join(self.dir, "certs"))
@@ -86,7 +87,7 @@ class Prosody:
         self.cfg = os.path.join(self.dir, "prosody.cfg.lua")
         with open(self.cfg, "w") as f:
             f.write(CONFIG.format(dir=self.dir, port=self.port, tls_port=self.tls_port, cert=self.cert,
-                                  key=self.key, as_root="true" if os.geteuid() == 0 else "false"))
+                                  key=self.key, as_root="true" if os.geteuid() == 0 else "false", extra=extra))
         for user, password in users.items():
             r = subprocess.run([PROSODYCTL, "--config", self.cfg, "register", user, "localhost", password],
                                capture_output=True, timeout=60)
