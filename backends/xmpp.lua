@@ -133,6 +133,7 @@ end
 local sm = { enabled = false, id = nil, resume = false, inbound = 0, outbound = 0,
   acked = 0, unacked = {}, head = 1 }
 local MAX_UNACKED = 1000  -- stanzas kept for a resend; beyond, the oldest is dropped (and logged)
+local ACK_EVERY = 20      -- outbound stanzas between our requests for an acknowledgement
 
 local function write_raw(text)
   if not conn then return nil, "not connected" end
@@ -159,7 +160,14 @@ local function send(el)
     end
   end
   log.debug(">> " .. (el.ns == NS.sasl and "<" .. el.name .. " .../>" or text))
-  return write_raw(text)
+  local text_ok, werr = write_raw(text)
+  -- Ask for an acknowledgement every ACK_EVERY stanzas, so the resend queue
+  -- stays short on a busy bridge.
+  if text_ok and sm.enabled and STANZA[el.name] and not sm.asked and sm.outbound - sm.acked >= ACK_EVERY then
+    sm.asked = true
+    write_raw("<r xmlns='urn:xmpp:sm:3'/>")
+  end
+  return text_ok, werr
 end
 
 local function acknowledge(h)
@@ -167,6 +175,7 @@ local function acknowledge(h)
   if not h then return end
   for n = sm.acked + 1, math.min(h, sm.outbound) do sm.unacked[n] = nil end
   if h > sm.acked then sm.acked = h end
+  sm.asked = false
 end
 
 -- Reading: the parser is fed what the connection gives ----------------------------------
@@ -356,7 +365,7 @@ local function negotiate()
     log.info("the server could not resume the session; starting a new one")
   end
   sm.enabled, sm.id, sm.resume, sm.inbound, sm.outbound, sm.acked, sm.unacked = false, nil, false, 0, 0, 0, {}
-  sm.counting_in = false
+  sm.counting_in, sm.asked = false, false
   local jid
   jid, err = bind(c)
   if not jid then conn = nil; return fail(err) end

@@ -213,6 +213,15 @@ class XmppBridge(unittest.TestCase):
         self.assertEqual(back["type"], "chat")
         self.assertEqual(back["body"], "psst back [image/png attachment]")
 
+        # Stream management: after 20 stanzas the bridge asks the server to
+        # acknowledge them, so its resend queue stays short.
+        self.assertNotIn("Received ack request", self.server.log_tail(100000))
+        for n in range(21):
+            self.command(xmpp={"type": "MessageSend", "value": {"recipient": "bob@localhost",
+                                                                "content": text("n%d" % n), "attachments": []}})
+        bob.wait(lambda e: e.get("body") == "n20", what="the 21st message")
+        self.assertIn("Received ack request", self.server.log_tail(100000))
+
     def test_the_bridge_reconnects_and_rejoins_after_prosody_restarts(self):
         s = self.segue('bridge { "xmpp:%s", "mem:#bridge" }' % ROOM)
         self.server.stop()
