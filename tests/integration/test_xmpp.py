@@ -359,6 +359,33 @@ class XmppConnection(unittest.TestCase):
 
 
 @unittest.skipUnless(available(), "prosody is not installed (Debian package prosody)")
+@unittest.skipUnless(PY, "slixmpp is not installed (Debian package python3-slixmpp)")
+class XmppNewRoom(unittest.TestCase):
+    def test_a_room_the_bridge_creates_is_configured_so_others_can_join(self):
+        # Prosody's default: a new room is locked until its owner configures it.
+        server = Prosody({"bridge": "bridge-secret", "bob": "bob-secret"}, muc_locking=True).start()
+        self.addCleanup(server.close)
+        room = "fresh@conference.localhost"
+        o = {"jid": "bridge@localhost", "password": "bridge-secret", "host": "127.0.0.1",
+             "port": server.port, "ca_file": server.cert, "timeout_ms": 5000}
+        p = subprocess.Popen([SEGUE, "backend", os.path.join(SOURCE, "backends", "xmpp.lua")]
+                             + ["%s=%s" % kv for kv in o.items()],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (p.stdin.close(), p.wait(15), p.stdout.close()))
+        json.loads(p.stdout.readline())  # InitInfo
+        p.stdin.write((json.dumps({"sequence_number": 1, "body": {"type": "RoomJoin", "value": room}}) + "\n").encode())
+        p.stdin.flush()
+        while True:
+            v = json.loads(p.stdout.readline())
+            if v.get("sequence_number") == 1:
+                break
+        self.assertEqual(v["body"]["type"], "Success", v)
+        bob = Client(PY, server, "bob@localhost", "bob-secret", room, "bob")
+        self.addCleanup(bob.close)
+        bob.wait(lambda e: e.get("joined") == room, what="bob's join of the room the bridge made")
+
+
+@unittest.skipUnless(available(), "prosody is not installed (Debian package prosody)")
 class XmppPlain(unittest.TestCase):
     """A server that offers only PLAIN, also without TLS."""
 

@@ -55,7 +55,7 @@ Component "conference.localhost" "muc"
   modules_enabled = {{ "muc_mam" }}
   muc_log_by_default = true
   muc_log_all_rooms = true
-  muc_room_locking = false
+  muc_room_locking = {locking}
   restrict_room_creation = false
 """
 
@@ -78,7 +78,7 @@ class Prosody:
     """Prosody in the foreground on 127.0.0.1 (STARTTLS port and direct-TLS
     port); stop/start keep its data (accounts, archives)."""
 
-    def __init__(self, users, extra=""):
+    def __init__(self, users, extra="", muc_locking=False):
         self.dir = tmpdir()
         os.makedirs(os.path.join(self.dir, "data"))
         os.makedirs(os.path.join(self.dir, "certs"))
@@ -87,7 +87,8 @@ class Prosody:
         self.cfg = os.path.join(self.dir, "prosody.cfg.lua")
         with open(self.cfg, "w") as f:
             f.write(CONFIG.format(dir=self.dir, port=self.port, tls_port=self.tls_port, cert=self.cert,
-                                  key=self.key, as_root="true" if os.geteuid() == 0 else "false", extra=extra))
+                                  key=self.key, as_root="true" if os.geteuid() == 0 else "false", extra=extra,
+                                  locking="true" if muc_locking else "false"))
         for user, password in users.items():
             r = subprocess.run([PROSODYCTL, "--config", self.cfg, "register", user, "localhost", password],
                                capture_output=True, timeout=60)
