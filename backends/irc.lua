@@ -5,8 +5,8 @@
 -- Options: host (required), port (6667, or 6697 with tls), tls (false),
 -- verify (true: the server's certificate is checked; false only for tests
 -- against a self-signed server), nick ("segue"), user (the nick), realname,
--- password (server password, PASS), sasl_user and sasl_password (SASL
--- PLAIN), flood_rate (messages per second, 1) and flood_burst (5),
+-- password (server password, PASS), sasl_user and sasl_password (SASL:
+-- SCRAM-SHA-256, SCRAM-SHA-1 or PLAIN, the best the server lists), flood_rate (messages per second, 1) and flood_burst (5),
 -- reconnect_ms (first reconnect delay, 1000, doubling up to 300000),
 -- idle_ms (after this long without a line from the server we PING it, and
 -- reconnect when that PING stays unanswered as long again; 120000),
@@ -28,6 +28,8 @@ local backend, options = ...
 local segue = require "segue"
 local net = require "segue.net"
 local fmt = require "segue.irc_format"
+local sasl = require "segue.sasl"
+local crypto = require "segue.crypto"
 
 local function flag(v, default)
   if v == nil then return default end
@@ -238,6 +240,7 @@ end
 -- History, for MessageGet and MessageGetBefore -----------------------------------
 
 local split_bounded  -- below, beside send_message
+local sasl_mechanism  -- below, beside the CAP handler
 
 local history, by_id, counter = {}, {}, 0
 local HISTORY = 1000
@@ -405,6 +408,37 @@ local function cap_end()
   send_now("CAP END")
 end
 
+-- SASL: the best mechanism the server lists (CAP LS 302 "sasl=A,B"), SCRAM
+-- (segue.sasl) before PLAIN; a server that lists none gets PLAIN.
+local sasl_state  -- { mech, session, step, buf } during AUTHENTICATE
+
+sasl_mechanism = function(mechs)
+  local set = "," .. (mechs or "") .. ","
+  for _, m in ipairs(sasl.SCRAM) do
+    if set:find("," .. m[1] .. ",", 1, true) then return m[1], m[2] end
+  end
+  if mechs == nil or mechs == "" or set:find(",PLAIN,", 1, true) then return "PLAIN" end
+end
+
+local function sasl_send(payload)
+  local b64 = payload == "" and "" or crypto.base64_encode(payload)
+  for i = 1, #b64, 400 do send_now(fmt.line("AUTHENTICATE", b64:sub(i, i + 399))) end
+  if #b64 % 400 == 0 then send_now("AUTHENTICATE +") end
+end
+
+local function sasl_start()
+  local mech, alg = sasl_mechanism(offered.sasl)
+  sasl_state = { mech = mech, step = 0, buf = {} }
+  if alg then sasl_state.session = sasl.scram(alg, opt.sasl_user, opt.sasl_password) end
+  send_now("AUTHENTICATE " .. mech)
+end
+
+local function sasl_abort(why)
+  log.error("SASL " .. sasl_state.mech .. " failed: " .. why .. "; continuing without logging in")
+  sasl_state = nil
+  send_now("AUTHENTICATE *")
+end
+
 local function request_caps(list)
   local want = {}
   for _, c in ipairs(WANTED) do
@@ -412,10 +446,11 @@ local function request_caps(list)
   end
   if opt.sasl_user and list.sasl ~= nil and not caps.sasl then
     local mechs = list.sasl
-    if mechs == "" or ("," .. mechs .. ","):find(",PLAIN,", 1, true) then
+    if mechs == "" or sasl_mechanism(mechs) then
       want[#want + 1] = "sasl"
     else
-      log.error("the server offers SASL " .. mechs .. " but not PLAIN; continuing without logging in")
+      log.error("the server offers SASL " .. mechs .. " but neither SCRAM-SHA-256, SCRAM-SHA-1 nor PLAIN;"
+        .. " continuing without logging in")
     end
   end
   if #want == 0 then return false end
@@ -450,7 +485,7 @@ handlers.CAP = function(m)
     end
     log.info("IRCv3 capabilities: " .. (m.params[3] or ""))
     if list.sasl and not registered then
-      send_now("AUTHENTICATE PLAIN")
+      sasl_start()
     else
       cap_end()
     end
@@ -465,15 +500,42 @@ handlers.CAP = function(m)
   end
 end
 
+-- A server message comes in 400-byte base64 chunks; a shorter one (or "+")
+-- ends it.
 handlers.AUTHENTICATE = function(m)
-  if m.params[1] ~= "+" then return end
-  for _, chunk in ipairs(fmt.sasl_plain(opt.sasl_user, opt.sasl_password)) do
-    send_now(fmt.line("AUTHENTICATE", chunk))
+  local st = sasl_state
+  local chunk = m.params[1] or ""
+  if not st then return end
+  if chunk ~= "+" then st.buf[#st.buf + 1] = chunk end
+  if #chunk == 400 then return end
+  local joined = table.concat(st.buf)
+  st.buf = {}
+  local data, err = "", nil
+  if joined ~= "" then data, err = crypto.base64_decode(joined) end
+  if not data then return sasl_abort("the server sent bad base64: " .. tostring(err)) end
+  st.step = st.step + 1
+  if st.mech == "PLAIN" then
+    if st.step == 1 then sasl_send(sasl.plain(opt.sasl_user, opt.sasl_password, opt.sasl_user)) end
+  elseif st.step == 1 then
+    sasl_send(st.session.first())
+  elseif st.step == 2 then
+    local final, e = st.session:final(data)
+    if not final then return sasl_abort(e) end
+    sasl_send(final)
+  elseif st.step == 3 then
+    local ok, e = st.session:verify(data)
+    if not ok then return sasl_abort(e) end
+    sasl_send("")  -- "AUTHENTICATE +": the server then says 903
   end
 end
 
-handlers["903"] = function() log.info("SASL login succeeded"); cap_end() end
+handlers["903"] = function()
+  log.info("SASL login succeeded" .. (sasl_state and " (" .. sasl_state.mech .. ")" or ""))
+  sasl_state = nil
+  cap_end()
+end
 local function sasl_failed(m)
+  sasl_state = nil
   log.error("SASL login failed: " .. tostring(m.params[#m.params]) .. "; continuing without logging in")
   cap_end()
 end

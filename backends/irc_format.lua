@@ -351,33 +351,4 @@ function M.budget(source_len, command, target, action)
   return n
 end
 
--- SASL -------------------------------------------------------------------------
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-function M.base64(s)
-  return (s:gsub("..?.?", function(chunk)
-    local a, b, c = chunk:byte(1, 3)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local out = {}
-    for k = 1, 4 do
-      local shift = 18 - 6 * (k - 1)
-      local idx = (n >> shift) & 63
-      out[k] = B64:sub(idx + 1, idx + 1)
-    end
-    if not b then out[3], out[4] = "=", "=" elseif not c then out[4] = "=" end
-    return table.concat(out)
-  end))
-end
-
---- sasl_plain(user, password) -> the AUTHENTICATE payloads (at most 400
---- bytes each; a final "+" when the last one is exactly 400).
-function M.sasl_plain(user, password)
-  local b64 = M.base64(user .. "\0" .. user .. "\0" .. password)
-  local out = {}
-  for i = 1, #b64, 400 do out[#out + 1] = b64:sub(i, i + 399) end
-  if #b64 % 400 == 0 then out[#out + 1] = "+" end
-  return out
-end
-
 return M

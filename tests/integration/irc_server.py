@@ -172,8 +172,12 @@ class FakeIrc:
     one client; every line it sends is kept with its arrival time. It offers
     one capability, sasl (CAP LS 302)."""
 
-    def __init__(self):
+    def __init__(self, sasl_mechs=None, password=None):
+        """sasl_mechs: the CAP LS 302 value of sasl ("SCRAM-SHA-256,PLAIN");
+        password: what a SCRAM login must prove (the server's side of RFC
+        5802, with hashlib)."""
         import threading
+        self.sasl_mechs, self.password = sasl_mechs, password
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1)
@@ -189,12 +193,17 @@ class FakeIrc:
     def _answer(self, conn, line, state):
         cmd = line.split(" ")[0]
         if line.startswith("CAP LS"):
-            self._reply(conn, ":fake CAP * LS :sasl")
+            self._reply(conn, ":fake CAP * LS :sasl" + ("=" + self.sasl_mechs if self.sasl_mechs else ""))
             state["cap"] = True
         elif line == "CAP REQ :sasl":
             self._reply(conn, ":fake CAP * ACK :sasl")
         elif line == "AUTHENTICATE PLAIN":
             self._reply(conn, "AUTHENTICATE +")
+        elif line.startswith("AUTHENTICATE SCRAM-"):
+            state["scram"] = {"alg": line.split("-")[-1].lower().replace("sha", "sha")}
+            self._reply(conn, "AUTHENTICATE +")
+        elif cmd == "AUTHENTICATE" and "scram" in state:
+            self._scram(conn, line.split(" ", 1)[1], state)
         elif cmd == "AUTHENTICATE":
             self._reply(conn, ":fake 903 * :SASL authentication successful")
         elif cmd == "NICK":
@@ -205,6 +214,36 @@ class FakeIrc:
             self._reply(conn, ":fake 001 %s :Welcome" % state["nick"])
         if line.startswith("CAP REQ"):
             state["cap"] = True
+
+    def _scram(self, conn, payload, state):
+        import base64, hashlib, hmac
+        sc = state["scram"]
+        alg = {"256": "sha256", "1": "sha1"}[sc["alg"]]
+        H = lambda d: hashlib.new(alg, d).digest()
+        mac = lambda k, d: hmac.new(k, d, alg).digest()
+        data = base64.b64decode(payload) if payload != "+" else b""
+        if "first" not in sc:
+            sc["first"] = data.decode()[3:]  # without "n,,"
+            cnonce = dict(kv.split("=", 1) for kv in sc["first"].split(","))["r"]
+            sc["salt"], sc["iter"] = b"segue-salt", 4096
+            sc["server_first"] = "r=%sSERVER,s=%s,i=%d" % (cnonce, base64.b64encode(sc["salt"]).decode(), sc["iter"])
+            self._reply(conn, "AUTHENTICATE " + base64.b64encode(sc["server_first"].encode()).decode())
+        elif "done" not in sc:
+            final = data.decode()
+            without_proof, proof = final.rsplit(",p=", 1)
+            auth = ("%s,%s,%s" % (sc["first"], sc["server_first"], without_proof)).encode()
+            salted = hashlib.pbkdf2_hmac(alg, self.password.encode(), sc["salt"], sc["iter"])
+            client_key = mac(salted, b"Client Key")
+            signature = mac(H(client_key), auth)
+            expected = bytes(a ^ b for a, b in zip(client_key, signature))
+            if not hmac.compare_digest(expected, base64.b64decode(proof)):
+                self._reply(conn, ":fake 904 * :SASL authentication failed")
+                return
+            sc["done"] = True
+            server_sig = mac(mac(salted, b"Server Key"), auth)
+            self._reply(conn, "AUTHENTICATE " + base64.b64encode(b"v=" + base64.b64encode(server_sig)).decode())
+        else:
+            self._reply(conn, ":fake 903 * :SASL authentication successful")
 
     def _serve(self):
         conn, _ = self.sock.accept()

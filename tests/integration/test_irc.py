@@ -299,8 +299,8 @@ class IrcStandalone(unittest.TestCase):
 class IrcScripted(unittest.TestCase):
     """Against a scripted server: SASL, which ngircd lacks, and timing."""
 
-    def run_irc(self, options, body, tries=10):
-        server = FakeIrc()
+    def run_irc(self, options, body, tries=10, server=None):
+        server = server or FakeIrc()
         self.addCleanup(server.close)
         opts = {"host": "127.0.0.1", "port": server.port, "nick": "bot"}
         opts.update(options)
@@ -322,6 +322,28 @@ class IrcScripted(unittest.TestCase):
         self.assertEqual(order, ["CAP LS 302", "NICK bot", "USER bot 0 * :segue bridge", "CAP REQ :sasl",
                                  "AUTHENTICATE PLAIN", "AUTHENTICATE Ym9iAGJvYgBodW50ZXIy", "CAP END", "JOIN #x"])
         self.assertIn("SASL login succeeded", r.stderr)
+
+    def test_sasl_uses_scram_sha_256_when_the_server_lists_it(self):
+        server, r = self.run_irc({"sasl_user": "bob", "sasl_password": "hunter2"}, """
+            local ok, err = irc:request { type = "RoomJoin", value = "#x" }
+            return { ok = ok and ok.type, err = err }
+        """, server=FakeIrc(sasl_mechs="PLAIN,SCRAM-SHA-1,SCRAM-SHA-256", password="hunter2"))
+        self.assertEqual(r.values(), [{"ok": "Success"}], r.stderr)
+        auth = [l for _, l in server.lines if l.startswith("AUTHENTICATE")]
+        self.assertEqual(auth[0], "AUTHENTICATE SCRAM-SHA-256")
+        self.assertEqual(len(auth), 4, auth)  # client-first, client-final, then "+" after the server's proof
+        self.assertNotIn("hunter2", " ".join(l for _, l in server.lines))
+        self.assertIn("SASL login succeeded (SCRAM-SHA-256)", r.stderr)
+
+    def test_a_wrong_scram_password_is_refused_and_the_session_goes_on(self):
+        server, r = self.run_irc({"sasl_user": "bob", "sasl_password": "wrong"}, """
+            local ok, err = irc:request { type = "RoomJoin", value = "#x" }
+            return { ok = ok and ok.type, err = err }
+        """, server=FakeIrc(sasl_mechs="SCRAM-SHA-1", password="hunter2"))
+        self.assertEqual(r.values(), [{"ok": "Success"}], r.stderr)
+        self.assertIn("AUTHENTICATE SCRAM-SHA-1", [l for _, l in server.lines])
+        self.assertIn("SASL login failed", r.stderr)
+        self.assertNotIn("SASL login succeeded", r.stderr)
 
     def test_a_silent_server_is_pinged_and_then_left(self):
         server, r = self.run_irc({"idle_ms": 300}, """

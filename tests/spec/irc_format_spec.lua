@@ -137,13 +137,6 @@ describe("splitting into IRC lines", function()
   end)
 end)
 
-describe("SASL PLAIN", function()
-  it("encodes authzid, authcid and password in base64", function()
-    assert.are.same({ "dXNlcgB1c2VyAHBhc3M=" }, f.sasl_plain("user", "pass"))
-    assert.are.equal("YWI=", f.base64("ab"))
-  end)
-end)
-
 describe("IRCv3 message tags and server times", function()
   it("reads tags with their escapes and tags without a value", function()
     local t = f.tags("msgid=abc;time=2026-11-26T14:49:24.277Z;+draft/reply=x\\sy\\:z\\\\;flag")
