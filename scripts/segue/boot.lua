@@ -178,10 +178,32 @@ end
 -- with what it runs, for `segue status`.
 local LEASE = "backends"
 
+local lease_tick_body
+
+-- Not renewed for 80% of the lease: another instance may take it soon, so
+-- the backends stop here first. Also run by a timer of its own, since a
+-- renewal may wait on an unreachable database far longer than the lease.
+function leases.check()
+  local cfg = current
+  if not (leases.renewed and cfg) or loop.now() - leases.renewed <= cfg.lease_ms * 0.8 then return end
+  leases.renewed = nil
+  for name in pairs(leases.owned) do
+    core.log("warn", ("instance %s stops backend %s: its lease could not be renewed"):format(cfg.instance, name))
+    core.stop_backend(name)
+    leases.owned[name] = nil
+  end
+end
+
 local function lease_tick()
-  local db, cfg = M.store, current
-  if leases.busy or not db or not cfg then return end
+  if leases.busy or not M.store or not current then return end
   leases.busy = true
+  -- busy is cleared whatever happens, or renewals would stop for good.
+  local ok, err = pcall(lease_tick_body, M.store, current)
+  leases.busy = false
+  if not ok then core.log("error", "lease renewal: " .. tostring(err)) end
+end
+
+lease_tick_body = function(db, cfg)
   local now = loop.now()
   local holder, err = db:lease_claim(LEASE, cfg.instance, cfg.lease_ms)
   if holder == cfg.instance then
@@ -203,15 +225,7 @@ local function lease_tick()
   else
     core.log("warn", "lease renewal failed: " .. tostring(err))
   end
-  -- Not renewed for 80% of the lease: another instance may take it soon.
-  if leases.renewed and now - leases.renewed > cfg.lease_ms * 0.8 then
-    leases.renewed = nil
-    for name in pairs(leases.owned) do
-      core.log("warn", ("instance %s stops backend %s: its lease could not be renewed"):format(cfg.instance, name))
-      core.stop_backend(name)
-      leases.owned[name] = nil
-    end
-  end
+  leases.check()
   local owned, states = {}, {}
   for name in pairs(leases.owned) do owned[#owned + 1] = name end
   table.sort(owned)
@@ -219,14 +233,16 @@ local function lease_tick()
   local json = require "segue.json"
   db:instance_beat(cfg.instance, json.encode { pid = fs.getpid(), backends = owned,
     states = json_object(states), lease_ms = cfg.lease_ms })
-  leases.busy = false
 end
 
 local function start_leases()
   segue.spawn(lease_tick)
   leases.timer = segue.every(math.max(current.lease_ms // 3, 50), lease_tick)
+  leases.watchdog = loop.timer(math.max(current.lease_ms // 10, 20), math.max(current.lease_ms // 10, 20),
+    leases.check)
   segue.on("stopping", function()
     if leases.timer then leases.timer:stop() end
+    if leases.watchdog then leases.watchdog:stop() end
     local db, cfg = M.store, current
     if next(leases.owned) then db:lease_release(LEASE, cfg.instance, function() end) end
   end)

@@ -252,5 +252,22 @@ backends = {
         self.assertEqual(first, ids, "out of order")
 
 
+    def test_the_database_away_stops_the_backends_and_back_they_run_again(self):
+        # PostgreSQL stopped: no instance can renew, so the owner stops its
+        # backends before the lease could pass to anyone (80% of lease_ms,
+        # watched by a timer of its own while the renewal waits). Started
+        # again: the instances reconnect and one runs the backends.
+        for name in ("i1", "i2"):
+            self.start(name)
+        self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
+        self.pg.stop()
+        self.assertTrue(wait_for(lambda: all(running_backends(self.states[b]) == 0 for b in ("a", "b")),
+                                 3 * LEASE_MS / 1000 + 10), self.log("i1") + self.log("i2"))
+        self.assertTrue(any("its lease could not be renewed" in self.log(n) for n in ("i1", "i2")))
+        self.pg.start()
+        self.assertTrue(wait_for(self.all_running, 90), self.log("i1") + self.log("i2"))
+        self.assertTrue(wait_for(lambda: all(running_backends(self.states[b]) == 1 for b in ("a", "b")), 30))
+
+
 if __name__ == "__main__":
     unittest.main()
