@@ -61,7 +61,7 @@ run_tests() {
   set -e
   # ctest's own summary is "100% tests passed, 0 tests failed out of N";
   # close with the plain counts.
-  summary=$(grep -E "tests passed, [0-9]+ tests? failed out of [0-9]+" "$log" | tail -n 1)
+  summary=$(grep -a -E "tests passed, [0-9]+ tests? failed out of [0-9]+" "$log" | tail -n 1)
   if [ -z "$summary" ]; then
     echo "build.sh: ctest did not report a summary" >&2
     exit 1
