@@ -12,7 +12,7 @@
 ---
 --- How `segue watch` gets the events: through the store (data_dir/segue.db),
 --- which both processes already open. The watcher writes the time into the
---- kv key "watch.alive" every second; while that is less than 3 s old the
+--- kv key "watch.alive" every second; while that is less than 10 s old the
 --- running segue collects events and writes them, every 100 ms, as one
 --- batch "watch.batch.<seq % RING>" (a JSON object { seq, events }) and the
 --- newest seq as "watch.seq". The watcher polls "watch.seq" and prints each
@@ -21,7 +21,9 @@
 local M = {}
 
 M.RING = 64
-M.ALIVE_MS = 3000
+-- The heartbeat is in whole seconds and a watcher on a loaded machine can
+-- be late by seconds (3 s lost the events of such a stall, silently).
+M.ALIVE_MS = 10000
 
 local backends, bridges = {}, {}
 M.backends, M.bridges = backends, bridges
