@@ -191,7 +191,8 @@ class Plain(unittest.TestCase):
         self.assertIn("connect without a callback must run inside a coroutine", r.stderr)
 
     def test_closing_wakes_a_waiting_reader_with_ecanceled(self):
-        s = self.serve(lambda srv, c: time.sleep(1))
+        # The server holds the connection, silent, until segue closes it.
+        s = self.serve(lambda srv, c: c.recv(1))
         r = run_lua(NET + """
             local c
             local result
@@ -200,9 +201,10 @@ class Plain(unittest.TestCase):
               local line, err, code = c:read_line()
               result = { line = line, err = err, code = code }
             end)
-            segue.wait(200)
+            -- c is set just before read_line waits: connected and reading
+            segue.await(function() while not c do segue.sleep(10) end end, 30000)
             c:close()
-            segue.wait(100)
+            segue.await(function() while not result do segue.sleep(10) end end, 30000)
             out(result)
         """ % s.port)
         self.assertEqual(r.values()[0]["code"], "ECANCELED", r.stderr)
