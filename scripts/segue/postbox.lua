@@ -37,6 +37,7 @@ local pb          -- the segue.postbox_core object while started
 local opts        -- M.defaults overlaid with the config's federation keys
 local timers = {} -- server_id -> the timer of its next Pull
 local failures = {} -- server_id -> consecutive failed Pulls
+local moved = {}    -- old server_id -> new (NotifyNewId): its Pulls end
 
 local function segue() return require "segue" end
 
@@ -93,10 +94,14 @@ end
 
 local function pull_and_schedule(server_id)
   if not pb then return nil, "ECLOSING: the postbox is closed" end
+  if moved[server_id] then return nil, "the peer moved to " .. moved[server_id] end
   local ok, err = pull_now(server_id)
   metrics.inc("segue_postbox_pulls_total", { peer = server_id, outcome = ok and "ok" or "error" })
   if not pb then return ok, err end
   pb:release(server_id)
+  -- Renamed while this Pull ran: a note or a next Pull would bring the old
+  -- id's row back (and pull a server id that is gone).
+  if moved[server_id] then return ok, err end
   if ok then
     pb:note(server_id, "pulled")
     failures[server_id] = nil
@@ -134,6 +139,7 @@ end
 
 local function on_push(server_id, req)
   if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
+  moved[server_id] = nil  -- a server uses that id (again)
   remember_key(server_id)
   local bytes, err = harmony.encode(EVENT, req.event or {})
   if not bytes then return nil, err, E.BAD_UNARY.identifier, E.BAD_UNARY.status end
@@ -173,6 +179,10 @@ local function on_new_id(server_id, req)
   end
   local ok, err = pb:rename(server_id, new_id)
   if ok == nil then return nil, tostring(err), E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
+  -- The old id's Pulls end: retried, each would add its row back.
+  moved[server_id], moved[new_id] = new_id, nil
+  if timers[server_id] then timers[server_id]:stop() timers[server_id] = nil end
+  failures[server_id] = nil
   local key = pb:key_get(new_id)
   local fed = harmony.running()
   if key and fed then fed:key_put(new_id, key) end
@@ -232,6 +242,7 @@ end
 function M.stop()
   if not pb then return end
   for id, t in pairs(timers) do t:stop() timers[id] = nil end
+  moved = {}
   local p = pb
   pb = nil
   p:close()

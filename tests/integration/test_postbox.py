@@ -82,7 +82,7 @@ class Delivery(unittest.TestCase):
                 f.write(text.replace(json.dumps(A), json.dumps(A2)))
             a.start()  # same key, new id: NotifyNewId to B, signed as the old id
             self.assertTrue(wait_for(lambda: [r[0] for r in b.db("SELECT server_id FROM peers")] == [A2], 20),
-                            b.stderr())
+                            "peers: %r\n%s" % (b.db("SELECT * FROM peers"), b.stderr()))
             self.assertIn("peer moved to a new server id", b.stderr())
         finally:
             a.stop()
