@@ -110,6 +110,34 @@ int sg__lown_gc(sg__lown *o) {
   return 0;
 }
 
+void *sg__lown_new(lua_State *L, sg__lenv *e, const char *mt, size_t size) {
+  void **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = NULL;
+  luaL_setmetatable(L, mt);
+  sg__lown *o = calloc(1, size);
+  if (!o) luaL_error(L, "out of memory");
+  sg__lown_init(o, e);
+  *ud = o;
+  return o;
+}
+
+void *sg__lown_get(lua_State *L, int idx, const char *mt) {
+  return *(void **)luaL_checkudata(L, idx, mt);
+}
+
+void *sg__lown_take(lua_State *L, int idx, const char *mt) {
+  void **ud = luaL_checkudata(L, idx, mt);
+  void *o = *ud;
+  *ud = NULL;
+  return o;
+}
+
+void sg__lown_discard(lua_State *L, int idx, sg__lown *o) {
+  void **ud = lua_touserdata(L, idx);
+  if (ud && *ud == o) *ud = NULL;
+  free(o);
+}
+
 /* ---- the failure convention ----------------------------------------------- */
 
 int sg__lua_fail(lua_State *L, int err, const char *msg) {

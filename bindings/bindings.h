@@ -98,6 +98,18 @@ void sg__lown_c_done(sg__lown *o);
  * and its close callback frees `o`; 0 when it was closed already (`o` is
  * freed here if the C side ended too: do not touch it after). */
 int sg__lown_gc(sg__lown *o);
+/* Pushes a new userdata of metatable `mt` holding a pointer to `size`
+ * zeroed bytes, which start with an sg__lown initialized for e; raises when
+ * out of memory. */
+void *sg__lown_new(lua_State *L, sg__lenv *e, const char *mt, size_t size);
+/* The memory behind the userdata at idx (of metatable mt): NULL after __gc. */
+void *sg__lown_get(lua_State *L, int idx, const char *mt);
+/* For __gc: the memory behind the userdata at idx, which no longer points
+ * to it (NULL when it was taken already). */
+void *sg__lown_take(lua_State *L, int idx, const char *mt);
+/* The C side never started (its init failed): frees o, which the userdata
+ * at idx (from sg__lown_new) no longer points to. */
+void sg__lown_discard(lua_State *L, int idx, sg__lown *o);
 
 /* Terminated by {NULL, NULL}. */
 extern const sg__binding sg__bindings[];

@@ -30,6 +30,7 @@
  * calling into Lua again.
  */
 #include <lauxlib.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,13 +43,12 @@
 #define FED_MT "segue.federation"
 #define REQ_MT "segue.federation.request"
 
+/* The federation's C memory: its life is an sg__lown's (bindings.h), whose
+ * refs hold the request and key handlers. */
+enum { HANDLER = 0, KEY_CB = 1 };
 typedef struct lfed {
+  sg__lown own;
   sg__federation f;
-  sg__lenv *h;
-  int handler_ref, key_ref, self_ref;
-  int closed;                       /* close was asked */
-  int lua_gone;                     /* the state is closing: never call into it */
-  int handle_gone, userdata_gone;   /* freed when both are true */
 } lfed;
 
 typedef struct lcall {
@@ -57,8 +57,8 @@ typedef struct lcall {
 } lcall;
 
 static lfed *check_fed(lua_State *L) {
-  lfed *lf = *(lfed **)luaL_checkudata(L, 1, FED_MT);
-  if (!lf || lf->closed) luaL_argerror(L, 1, "the federation is closed");
+  lfed *lf = sg__lown_get(L, 1, FED_MT);
+  if (!lf || lf->own.closed) luaL_argerror(L, 1, "the federation is closed");
   return lf;
 }
 
@@ -97,14 +97,14 @@ typedef struct ldone {
 
 static void on_done(sg__hrpc_request *req, void *ud, int status) {
   ldone *d = ud;
-  lua_State *L = d->lf->h->L;
-  if (!d->lf->lua_gone && L) {
+  lua_State *L = d->lf->own.e->L;
+  if (!d->lf->own.lua_gone && L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, d->cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, d->cb_ref);
     lua_pushboolean(L, status == 0);
     if (status) lua_pushfstring(L, "%s: %s", sg_err_name(status), sg_strerror(status));
     else lua_pushnil(L);
-    sg__lenv_pcall(d->lf->h, 2, 0, "federation write completion");
+    sg__lenv_pcall(d->lf->own.e, 2, 0, "federation write completion");
   }
   free(d);
 }
@@ -144,12 +144,12 @@ static int l_req_gc(lua_State *L) {
 static void on_request(sg__federation *f, sg__fed_method m, const char *server_id,
                        sg__hrpc_request *req, void *ud) {
   lfed *lf = ud;
-  lua_State *L = lf->h->L;
-  if (lf->lua_gone || !L || lf->handler_ref == LUA_NOREF) {
+  lua_State *L = lf->own.e->L;
+  if (lf->own.lua_gone || !L || lf->own.refs[HANDLER] == LUA_NOREF) {
     sg__hrpc_respond_error(req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
     return;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lf->handler_ref);
+  sg__lown_push(L, &lf->own, HANDLER);
   lua_pushstring(L, sg__fed_method_name(m));
   lua_pushstring(L, server_id);
   lua_pushlstring(L, req->body ? (const char *)req->body : "", req->body_len);
@@ -157,18 +157,17 @@ static void on_request(sg__federation *f, sg__fed_method m, const char *server_i
   sg__hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
   *r = req;
   luaL_setmetatable(L, REQ_MT);
-  sg__lenv_pcall(lf->h, 4, 0, "federation request handler");
+  sg__lenv_pcall(lf->own.e, 4, 0, "federation request handler");
 }
 
-static void set_ref(lua_State *L, int *ref) {
+static void set_ref(lua_State *L, int slot) {
+  lfed *lf = check_fed(L);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  lua_settop(L, 2);
-  luaL_unref(L, LUA_REGISTRYINDEX, *ref);
-  *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_ref(L, &lf->own, slot, 2);
 }
 
 static int l_on_request(lua_State *L) {
-  set_ref(L, &check_fed(L)->handler_ref);
+  set_ref(L, HANDLER);
   return 0;
 }
 
@@ -177,16 +176,16 @@ static int l_on_request(lua_State *L) {
 static void on_key(sg__federation *f, const char *server_id,
                    const unsigned char pk[SG_KEYS_PUBLIC_BYTES], void *ud) {
   lfed *lf = ud;
-  lua_State *L = lf->h->L;
-  if (lf->lua_gone || !L || lf->key_ref == LUA_NOREF) return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lf->key_ref);
+  lua_State *L = lf->own.e->L;
+  if (lf->own.lua_gone || !L || lf->own.refs[KEY_CB] == LUA_NOREF) return;
+  sg__lown_push(L, &lf->own, KEY_CB);
   lua_pushstring(L, server_id);
   lua_pushlstring(L, (const char *)pk, SG_KEYS_PUBLIC_BYTES);
-  sg__lenv_pcall(lf->h, 2, 0, "federation key handler");
+  sg__lenv_pcall(lf->own.e, 2, 0, "federation key handler");
 }
 
 static int l_on_key(lua_State *L) {
-  set_ref(L, &check_fed(L)->key_ref);
+  set_ref(L, KEY_CB);
   return 0;
 }
 
@@ -240,12 +239,12 @@ static void on_call(void *ud, int err, int status, const uint8_t *body, size_t l
                     const char *identifier, const char *message) {
   lcall *c = ud;
   lfed *lf = c->lf;
-  lua_State *L = lf->h->L;
-  if (!lf->lua_gone && L) {
+  lua_State *L = lf->own.e->L;
+  if (!lf->own.lua_gone && L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, c->cb_ref);
     push_call_result(L, err, status, body, len, identifier, message);
-    sg__lenv_pcall(lf->h, err ? 5 : 1, 0, "federation call callback");
+    sg__lenv_pcall(lf->own.e, err ? 5 : 1, 0, "federation call callback");
   }
   free(c);
 }
@@ -400,38 +399,18 @@ static void check_options(lua_State *L, sg__fed_options *o, sg__hrpc_limits *lim
 /* ---- life cycle ------------------------------------------------------------ */
 
 static void fed_closed(sg__federation *f) {
-  lfed *lf = (lfed *)f;
-  lf->handle_gone = 1;
-  if (lf->userdata_gone) free(lf);
-}
-
-static void fed_close(lua_State *L, lfed *lf) {
-  if (lf->closed) return;
-  lf->closed = 1;
-  if (!lf->lua_gone) {
-    luaL_unref(L, LUA_REGISTRYINDEX, lf->handler_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lf->key_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lf->self_ref);
-    lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
-  }
-  sg__federation_close(&lf->f, fed_closed);
+  sg__lown_c_done(&((lfed *)((char *)f - offsetof(lfed, f)))->own);
 }
 
 static int l_close(lua_State *L) {
-  lfed *lf = *(lfed **)luaL_checkudata(L, 1, FED_MT);
-  if (lf) fed_close(L, lf);
+  lfed *lf = sg__lown_get(L, 1, FED_MT);
+  if (lf && sg__lown_close(&lf->own)) sg__federation_close(&lf->f, fed_closed);
   return 0;
 }
 
 static int l_gc(lua_State *L) {
-  lfed **ud = luaL_checkudata(L, 1, FED_MT);
-  lfed *lf = *ud;
-  *ud = NULL;
-  if (!lf) return 0;
-  lf->lua_gone = 1;
-  fed_close(L, lf);
-  lf->userdata_gone = 1;
-  if (lf->handle_gone) free(lf);
+  lfed *lf = sg__lown_take(L, 1, FED_MT);
+  if (lf && sg__lown_gc(&lf->own)) sg__federation_close(&lf->f, fed_closed);
   return 0;
 }
 
@@ -442,24 +421,16 @@ static int l_start(lua_State *L) {
   sg__fed_options o;
   sg__hrpc_limits limits;
   check_options(L, &o, &limits);
-  lfed **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, FED_MT);
-  lfed *lf = calloc(1, sizeof *lf);
-  if (!lf) return luaL_error(L, "out of memory");
-  *ud = lf;
-  lf->h = h;
-  lf->handler_ref = lf->key_ref = lf->self_ref = LUA_NOREF;
+  lfed *lf = sg__lown_new(L, h, FED_MT, sizeof *lf);
   char err[512];
   int rc = sg__federation_init(h->loop, &lf->f, &o, &h->log, err, sizeof err);
   if (rc) {
-    fed_close(L, lf);
+    if (sg__lown_close(&lf->own)) sg__federation_close(&lf->f, fed_closed);
     return sg__lua_fail(L, rc, err);
   }
   sg__federation_set_handler(&lf->f, on_request, lf);
   sg__federation_set_key_cb(&lf->f, on_key, lf);
-  lua_pushvalue(L, -1);
-  lf->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_pin(L, &lf->own, -1);
   return 1;
 }
 

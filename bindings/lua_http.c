@@ -23,6 +23,7 @@
  * of its stream). An open server stays referenced until server:close(). */
 #include <lauxlib.h>
 #include <sodium.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,11 +34,12 @@
 #define SRV_MT "segue.http.server"
 #define REQ_MT "segue.http.request"
 
+/* The server's C memory: its life is an sg__lown's (bindings.h); refs[HANDLER]
+ * is the request handler. */
+enum { HANDLER = 0 };
 typedef struct lsrv {
+  sg__lown own;
   sg__http_server srv;
-  sg__lenv *h;
-  int handler_ref, self_ref;
-  int closed, lua_gone, handle_gone, userdata_gone;
 } lsrv;
 
 /* Lives in the request's userdata. `h` outlives every userdata; `ls` is
@@ -140,15 +142,15 @@ static int l_req_pending(lua_State *L) {
 
 static void on_gone(sg__http_request *r, void *ud, int status) {
   lreq *q = ud;
-  lua_State *L = q->ls->h->L;
+  lua_State *L = q->ls->own.e->L;
   int ref = q->gone_ref;
   q->gone_ref = LUA_NOREF;
-  if (q->ls->lua_gone || !L || ref == LUA_NOREF) return;
+  if (q->ls->own.lua_gone || !L || ref == LUA_NOREF) return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ref);
   lua_pushfstring(L, "%s: %s", sg_err_name(status), sg_strerror(status));
   lua_pushstring(L, sg_err_name(status));
-  sg__lenv_pcall(q->ls->h, 2, 0, "http stream close handler");
+  sg__lenv_pcall(q->ls->own.e, 2, 0, "http stream close handler");
 }
 
 static int l_req_on_gone(lua_State *L) {
@@ -178,17 +180,17 @@ static void set_str(lua_State *L, const char *k, const char *v, size_t len) {
 
 static void on_request(sg__http_request *r, void *ud) {
   lsrv *ls = ud;
-  lua_State *L = ls->h->L;
-  if (ls->lua_gone || !L || ls->closed) {
+  lua_State *L = ls->own.e->L;
+  if (ls->own.lua_gone || !L || ls->own.closed) {
     sg__http_request_release(r);
     return;
   }
   luaL_checkstack(L, 8, "http request");
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
+  sg__lown_push(L, &ls->own, HANDLER);
   lreq *q = lua_newuserdatauv(L, sizeof *q, 0);
   q->r = r;
   q->ls = ls;
-  q->h = ls->h;
+  q->h = ls->own.e;
   q->gone_ref = LUA_NOREF;
   luaL_setmetatable(L, REQ_MT);
   lua_createtable(L, 0, 6);
@@ -201,47 +203,28 @@ static void on_request(sg__http_request *r, void *ud) {
   for (size_t i = 0; i < r->nheaders; i++)
     set_str(L, r->headers[i].name, r->headers[i].value, strlen(r->headers[i].value));
   lua_setfield(L, -2, "headers");
-  sg__lenv_pcall(ls->h, 2, 0, "http request handler");
+  sg__lenv_pcall(ls->own.e, 2, 0, "http request handler");
 }
 
 static lsrv *check_srv(lua_State *L) {
-  lsrv *ls = *(lsrv **)luaL_checkudata(L, 1, SRV_MT);
-  if (!ls || ls->closed) luaL_argerror(L, 1, "the server is closed");
+  lsrv *ls = sg__lown_get(L, 1, SRV_MT);
+  if (!ls || ls->own.closed) luaL_argerror(L, 1, "the server is closed");
   return ls;
 }
 
 static void srv_closed(sg__http_server *s) {
-  lsrv *ls = (lsrv *)s;
-  ls->handle_gone = 1;
-  if (ls->userdata_gone) free(ls);
-}
-
-static void srv_close(lua_State *L, lsrv *ls) {
-  if (ls->closed) return;
-  ls->closed = 1;
-  if (!ls->lua_gone) {
-    luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
-    ls->handler_ref = ls->self_ref = LUA_NOREF;
-  }
-  sg__http_server_close(&ls->srv, srv_closed);
+  sg__lown_c_done(&((lsrv *)((char *)s - offsetof(lsrv, srv)))->own);
 }
 
 static int l_close(lua_State *L) {
-  lsrv *ls = *(lsrv **)luaL_checkudata(L, 1, SRV_MT);
-  if (ls) srv_close(L, ls);
+  lsrv *ls = sg__lown_get(L, 1, SRV_MT);
+  if (ls && sg__lown_close(&ls->own)) sg__http_server_close(&ls->srv, srv_closed);
   return 0;
 }
 
 static int l_gc(lua_State *L) {
-  lsrv **ud = luaL_checkudata(L, 1, SRV_MT);
-  lsrv *ls = *ud;
-  *ud = NULL;
-  if (!ls) return 0;
-  ls->lua_gone = 1;
-  srv_close(L, ls);
-  ls->userdata_gone = 1;
-  if (ls->handle_gone) free(ls);
+  lsrv *ls = sg__lown_take(L, 1, SRV_MT);
+  if (ls && sg__lown_gc(&ls->own)) sg__http_server_close(&ls->srv, srv_closed);
   return 0;
 }
 
@@ -270,31 +253,22 @@ static int l_listen(lua_State *L) {
     lim.max_connections = (unsigned)opt_limit(L, 2, "max_connections");
   }
   luaL_checktype(L, 3, LUA_TFUNCTION);
-  lsrv **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, SRV_MT);
-  lsrv *ls = calloc(1, sizeof *ls);
-  if (!ls) return luaL_error(L, "out of memory");
-  ls->h = h;
-  ls->handler_ref = ls->self_ref = LUA_NOREF;
+  lsrv *ls = sg__lown_new(L, h, SRV_MT, sizeof *ls);
   int rc = sg__http_server_init(h->loop, &ls->srv, &lim, &h->log, on_request, ls);
   if (rc) {
-    free(ls);
+    sg__lown_discard(L, -1, &ls->own);
     return sg__lua_fail(L, rc, NULL);
   }
-  *ud = ls;
   rc = sg__http_server_listen(&ls->srv, address);
   if (rc) {
-    srv_close(L, ls);
+    if (sg__lown_close(&ls->own)) sg__http_server_close(&ls->srv, srv_closed);
     char msg[300];
     snprintf(msg, sizeof msg, "cannot listen on %s: %s", address,
              rc == SG_EINVAL ? "expected an IP address and port" : uv_strerror(rc));
     return sg__lua_fail(L, rc, msg);
   }
-  lua_pushvalue(L, 3);
-  ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
-  ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_ref(L, &ls->own, HANDLER, 3);
+  sg__lown_pin(L, &ls->own, -1);
   return 1;
 }
 

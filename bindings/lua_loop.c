@@ -35,14 +35,8 @@ static void handle_close(lhandle *lh) {
 static lhandle *handle_new(lua_State *L, const char *mt, int fn_idx) {
   sg__lenv *e = sg__lenv_check(L);
   if (e->closing) luaL_error(L, "the host is closing");
-  lhandle **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, mt);
-  lhandle *lh = calloc(1, sizeof *lh);
-  if (!lh) luaL_error(L, "out of memory");
-  sg__lown_init(&lh->own, e);
+  lhandle *lh = sg__lown_new(L, e, mt, sizeof *lh);
   sg__lown_ref(L, &lh->own, CB, fn_idx);
-  *ud = lh;
   return lh;
 }
 
