@@ -206,6 +206,19 @@ class XmppBridge(unittest.TestCase):
         self.assertEqual(dm["sender"], "bob@localhost")
         self.assertEqual(dm["recipient"], "bridge@localhost")
         self.assertIn({"type": "Bold", "value": {"type": "Text", "value": "secret"}}, dm["content"]["value"])
+        # History of a 1:1 chat comes from our own archive (MAM), with that peer only.
+        self.assertTrue(dm["id"].startswith("bridge@localhost#"), dm["id"])
+        bob.command(chat="bridge@localhost", say="psst again")
+        dm2 = s.value(lambda v: self.upsert(v, "xmpp", "psst again"), what="the second 1:1 message")["u"]["value"]
+        self.command(xmpp={"type": "MessageGetBefore", "value": dm2["id"]}, tag="dm history")
+        self.assertEqual(s.value(lambda v: v.get("tag") == "dm history", what="the answer")["answer"],
+                         {"type": "Success"})
+        s.wait_for(lambda: len([v for v in s.values() if self.upsert(v, "xmpp", "psst *secret*")
+                                or self.upsert(v, "xmpp", '"secret"')]) >= 2, 20, "the archived 1:1 message")
+        replay = [v["u"]["value"] for v in s.values() if self.upsert(v, "xmpp", '"secret"')][-1]
+        self.assertEqual(replay["id"], dm["id"])
+        self.assertEqual(replay["sender"], "bob@localhost")
+
         self.command(xmpp={"type": "MessageSend", "value": {"recipient": "bob@localhost", "content": text("psst back"),
                                                             "attachments": [{"mime": "image/png", "data": "AAAA"}]}})
         back = bob.wait(lambda e: e.get("body", "").startswith("psst back"), what="the 1:1 answer")
