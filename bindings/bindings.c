@@ -9,9 +9,44 @@
 
 static const char lenv_key = 'e';
 
+/* Every SG_LENV_HOOK_PERIOD instructions of any thread: an interrupt asked
+ * by a signal, then the sandbox's instruction limit. Raises only in Lua
+ * functions. Once tripped, it raises again on every tick, so a pcall that
+ * catches the error gains nothing. */
+static void count_hook(lua_State *L, lua_Debug *ar) {
+  sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
+  if (!e) return;
+  if (e->interrupted) {
+    /* Every instruction from now on: the code around a pcall that caught
+     * it is interrupted too, not only the loop inside. */
+    if (lua_gethookcount(L) != 1) lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+    luaL_error(L, "interrupted by signal %d", (int)e->interrupted);
+  }
+  if (lua_gethookcount(L) != SG_LENV_HOOK_PERIOD) {  /* back from an interrupt */
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
+    return;
+  }
+  if (e->instr_limit == 0) return;
+  e->instr_count += SG_LENV_HOOK_PERIOD;
+  if (e->instr_count <= e->instr_limit) return;
+  if (!e->tripped[0] || e->tripped[0] == '?') {
+    const char *what = e->tripped[0] == '?' ? e->tripped + 1 : "Lua code";
+    char where[160] = "";
+    if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
+      snprintf(where, sizeof where, "%s:%d: ", ar->short_src, ar->currentline);
+    char msg[sizeof e->tripped];
+    snprintf(msg, sizeof msg, "%s%s stopped after %llu instructions", where, what,
+             (unsigned long long)e->instr_limit);
+    memcpy(e->tripped, msg, sizeof msg);
+  }
+  luaL_error(L, "%s", e->tripped);
+}
+
 void sg__lenv_set(lua_State *L, sg__lenv *e) {
   lua_pushlightuserdata(L, e);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &lenv_key);
+  *(sg__lenv **)lua_getextraspace(L) = e;
+  lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
 }
 
 sg__lenv *sg__lenv_of(lua_State *L) {
@@ -45,12 +80,28 @@ void sg__lenv_report(sg__lenv *e, int err, const char *message) {
   if (e->on_error) e->on_error(e, err, message);
 }
 
+/* Back in C from the outermost call: nothing of a sandbox or an interrupt
+ * may outlive it (an error can skip segue.core.sandbox_leave). */
+static void outermost_returned(sg__lenv *e) {
+  if (e->sandbox_depth) {
+    e->sandbox_depth = 0;
+    e->mem_limit = e->max_string = e->max_subject = 0;
+    e->instr_count = e->instr_limit = 0;
+    e->tripped[0] = '\0';
+    e->mem_exceeded = 0;
+  }
+  e->interrupted = 0;
+}
+
 int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
   lua_State *L = e->L;
+  if (e->busy == 0) outermost_returned(e);  /* a signal that came too late */
   int base = lua_gettop(L) - nargs;
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
+  e->busy++;
   int rc = lua_pcall(L, nargs, nres, base);
+  if (--e->busy == 0) outermost_returned(e);
   lua_remove(L, base);
   if (rc == LUA_OK) return 0;
   char buf[4096];
@@ -136,6 +187,67 @@ void sg__lown_discard(lua_State *L, int idx, sg__lown *o) {
   void **ud = lua_touserdata(L, idx);
   if (ud && *ud == o) *ud = NULL;
   free(o);
+}
+
+/* ---- bounded string functions ------------------------------------------------
+ * Each wrapper checks its bound, then runs the original C function on the
+ * same stack frame (upvalue 1 is the original, upvalue 2 the environment). */
+
+static int bound_fail(lua_State *L, const char *fn, const char *what, size_t n, size_t max) {
+  return luaL_error(L, "string.%s: %s of %I bytes is over the sandbox's limit of %I bytes", fn, what,
+                    (lua_Integer)n, (lua_Integer)max);
+}
+
+static int bounded_rep(lua_State *L) {
+  sg__lenv *e = lua_touserdata(L, lua_upvalueindex(2));
+  if (e->max_string) {
+    size_t len, seplen = 0;
+    luaL_checklstring(L, 1, &len);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    luaL_optlstring(L, 3, "", &seplen);
+    if (n > 0) {
+      /* (len + seplen) * n, saturating: compared with a bound far below */
+      double total = ((double)len + (double)seplen) * (double)n;
+      if (total > (double)e->max_string)
+        return bound_fail(L, "rep", "a result", total > 1e18 ? (size_t)1e18 : (size_t)total,
+                          e->max_string);
+    }
+  }
+  return lua_tocfunction(L, lua_upvalueindex(1))(L);
+}
+
+static int bounded_pattern(lua_State *L) {
+  sg__lenv *e = lua_touserdata(L, lua_upvalueindex(2));
+  if (e->max_subject) {
+    size_t len;
+    luaL_checklstring(L, 1, &len);
+    /* string.find(s, p, init, true) matches plainly: no pattern to bound */
+    const char *fn = lua_tostring(L, lua_upvalueindex(3));
+    int plain = fn[0] == 'f' && lua_toboolean(L, 4);
+    if (len > e->max_subject && !plain) return bound_fail(L, fn, "a subject", len, e->max_subject);
+  }
+  return lua_tocfunction(L, lua_upvalueindex(1))(L);
+}
+
+void sg__lenv_bound_strings(lua_State *L, sg__lenv *e) {
+  static const char *const patterns[] = {"find", "match", "gmatch", "gsub", NULL};
+  lua_getglobal(L, "string");
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_getfield(L, -1, "rep");
+  lua_pushlightuserdata(L, e);
+  lua_pushcclosure(L, bounded_rep, 2);
+  lua_setfield(L, -2, "rep");
+  for (const char *const *p = patterns; *p; p++) {
+    lua_getfield(L, -1, *p);
+    lua_pushlightuserdata(L, e);
+    lua_pushstring(L, *p);
+    lua_pushcclosure(L, bounded_pattern, 3);
+    lua_setfield(L, -2, *p);
+  }
+  lua_pop(L, 1);
 }
 
 /* ---- the failure convention ----------------------------------------------- */

@@ -5,6 +5,7 @@
 #define SEGUE_BINDINGS_H
 #include <lua.h>
 #include <lauxlib.h>
+#include <signal.h>
 #include <uv.h>
 
 #include "backend.h"  /* flubber: the backends segue.core manages */
@@ -39,8 +40,38 @@ struct sg__lenv {
                      int (*attach)(sg__backend *b, const void *arg), const void *attach_arg,
                      sg__backend **out);
   void (*remove_backend)(sg__lenv *e, sg__backend *b);
+  /* ---- the sandbox of rules and config (docs/hardening.md) ----------------
+   * The owner's allocator counts the Lua heap in mem_used and refuses to grow
+   * it past mem_limit (0: no limit), setting mem_exceeded. The string
+   * functions refuse a string.rep result over max_string and pattern
+   * subjects over max_subject (0: no bound). The owner's count hook (on
+   * every thread, every SG_LENV_HOOK_PERIOD instructions) counts
+   * instructions against instr_limit and, once past it, raises `tripped` on
+   * every later tick. segue.core.sandbox_enter/leave set these around a run
+   * of rules or config; sg__lenv_pcall clears what an error left set when
+   * it returns to C. */
+  size_t mem_used, mem_limit;
+  int mem_exceeded;
+  size_t max_string, max_subject;
+  uint64_t instr_count, instr_limit;
+  char tripped[256];           /* "" or the limit's message */
+  int sandbox_depth;
+  struct sg__sandbox_frame {
+    size_t mem_limit, max_string, max_subject;
+    uint64_t instr_count, instr_limit;
+    int mem_exceeded;
+    char tripped[256];
+  } sandbox_saved[8];
+  /* Lua calls in progress from C (sg__lenv_pcall), and a signal that asked
+   * to interrupt them (set by a signal handler; the count hook raises it;
+   * cleared when the outermost call returns). */
+  volatile sig_atomic_t busy, interrupted;
 };
 
+#define SG_LENV_HOOK_PERIOD 1000
+
+/* Stores e for L and every thread made from it (Lua's extra space), and
+ * installs the count hook that enforces instr_limit and interrupts. */
 void sg__lenv_set(lua_State *L, sg__lenv *e);
 /* The environment of L, or NULL when L has no owner (plain `lua`). */
 sg__lenv *sg__lenv_of(lua_State *L);
@@ -54,6 +85,10 @@ sg__backend *sg__lenv_find_backend(sg__lenv *e, const char *name);
  * and returns SG_ELUA; else leaves `nres` results and returns 0. Every call
  * from C into Lua goes through here. */
 int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what);
+/* Wraps string.rep, find, match, gmatch and gsub of L's string library so
+ * they honour e->max_string and e->max_subject (the string metatable shares
+ * the table, so method calls are covered too). */
+void sg__lenv_bound_strings(lua_State *L, sg__lenv *e);
 /* Logs an error no Lua caller can receive and tells the owner. */
 void sg__lenv_report(sg__lenv *e, int err, const char *message);
 

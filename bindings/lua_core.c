@@ -97,6 +97,91 @@ static int l_expected_response(lua_State *L) {
   return 1;
 }
 
+/* ---- the sandbox of rules and config ---------------------------------------
+ * sandbox_enter(what, max_instructions, max_memory, max_string, max_subject):
+ * until the matching sandbox_leave, Lua code may run max_instructions more
+ * instructions ("<what> stopped after N instructions", raised again at every
+ * later hook tick), the heap may grow by max_memory bytes (allocations past
+ * it fail: "not enough memory"), string.rep results and pattern subjects are
+ * bounded. Nested runs keep the tighter bounds. */
+static size_t tighter(size_t current, size_t wanted) {
+  return current && current < wanted ? current : wanted;
+}
+
+/* Works while the host closes too (a closing handler may run rules). */
+static sg__lenv *sandbox_env(lua_State *L) {
+  sg__lenv *e = sg__lenv_of(L);
+  if (!e) luaL_error(L, "this needs the segue host (run under `segue`)");
+  return e;
+}
+
+static int l_sandbox_enter(lua_State *L) {
+  sg__lenv *e = sandbox_env(L);
+  const char *what = luaL_checkstring(L, 1);
+  lua_Integer instr = luaL_checkinteger(L, 2), mem = luaL_checkinteger(L, 3),
+              str = luaL_checkinteger(L, 4), subj = luaL_checkinteger(L, 5);
+  luaL_argcheck(L, instr > 0 && mem > 0 && str > 0 && subj > 0, 2, "bounds must be positive");
+  int max = (int)(sizeof e->sandbox_saved / sizeof *e->sandbox_saved);
+  if (e->sandbox_depth >= max) return luaL_error(L, "sandboxes nested deeper than %d", max);
+  if (e->tripped[0] && e->tripped[0] != '?') return luaL_error(L, "%s", e->tripped);
+  struct sg__sandbox_frame *f = &e->sandbox_saved[e->sandbox_depth++];
+  f->mem_limit = e->mem_limit;
+  f->max_string = e->max_string;
+  f->max_subject = e->max_subject;
+  f->instr_count = e->instr_count;
+  f->instr_limit = e->instr_limit;
+  f->mem_exceeded = e->mem_exceeded;
+  memcpy(f->tripped, e->tripped, sizeof f->tripped);
+  e->mem_limit = tighter(e->mem_limit, e->mem_used + (size_t)mem);
+  e->max_string = tighter(e->max_string, (size_t)str);
+  e->max_subject = tighter(e->max_subject, (size_t)subj);
+  e->instr_count = 0;
+  e->instr_limit = (uint64_t)instr;
+  /* "?what": not tripped yet; the hook writes the message when it trips */
+  snprintf(e->tripped, sizeof e->tripped, "?%s", what);
+  e->mem_exceeded = 0;
+  return 0;
+}
+
+/* sandbox_leave() -> the limit's message or false, whether the memory bound
+ * was hit: what happened since the matching enter */
+static int l_sandbox_leave(lua_State *L) {
+  sg__lenv *e = sandbox_env(L);
+  int exceeded = e->mem_exceeded;
+  if (e->tripped[0] && e->tripped[0] != '?') lua_pushstring(L, e->tripped);
+  else lua_pushboolean(L, 0);
+  if (e->sandbox_depth > 0) {
+    const struct sg__sandbox_frame *f = &e->sandbox_saved[--e->sandbox_depth];
+    e->mem_limit = f->mem_limit;
+    e->max_string = f->max_string;
+    e->max_subject = f->max_subject;
+    e->instr_count = f->instr_count + e->instr_count;  /* the outer run goes on counting */
+    e->instr_limit = f->instr_limit;
+    e->mem_exceeded = f->mem_exceeded || exceeded;
+    memcpy(e->tripped, f->tripped, sizeof e->tripped);
+  }
+  lua_pushboolean(L, exceeded);
+  return 2;
+}
+
+/* sandbox_state() -> limit message or false, memory bound hit, signal
+ * number or false: what a sandboxed pcall must not swallow. */
+static int l_sandbox_state(lua_State *L) {
+  sg__lenv *e = sandbox_env(L);
+  if (e->tripped[0] && e->tripped[0] != '?') lua_pushstring(L, e->tripped);
+  else lua_pushboolean(L, 0);
+  lua_pushboolean(L, e->mem_exceeded);
+  if (e->interrupted) lua_pushinteger(L, e->interrupted);
+  else lua_pushboolean(L, 0);
+  return 3;
+}
+
+/* memory() -> bytes of Lua heap in use (as the host's allocator counts) */
+static int l_memory(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)sandbox_env(L)->mem_used);
+  return 1;
+}
+
 int luaopen_segue_core(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"log", l_log},
@@ -107,6 +192,10 @@ int luaopen_segue_core(lua_State *L) {
       {"embedded_source", l_embedded_source},
       {"web_file", l_web_file},
       {"expected_response", l_expected_response},
+      {"sandbox_enter", l_sandbox_enter},
+      {"sandbox_leave", l_sandbox_leave},
+      {"sandbox_state", l_sandbox_state},
+      {"memory", l_memory},
       {NULL, NULL}};
   luaL_newlib(L, fns);
   sg__core_open_backends(L);

@@ -187,6 +187,8 @@ int main(int argc, char **argv) {
   }
   sg_host_set_data(a.host, &a);
   watch_signals(&a);
+  /* A config or rule stuck in Lua must not make us deaf to them. */
+  sg__host_catch_interrupts(a.host, (const int[]){SIGINT, SIGTERM}, 2);
   if (!fn) { /* segue.cli's: check, reload, status, key, config, ... */
     rc = sg__host_cli(a.host, (const char *const *)&argv[i - 1], argc - i + 1);
     if (rc == -1) {

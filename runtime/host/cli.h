@@ -18,6 +18,12 @@ int sg__host_cli(sg_host *h, const char *const *argv, int argc);
  * to exit with (0 when stdin ended, 1 when the script failed). */
 int sg__host_exit_code(sg_host *h);
 
+/* Makes the signals `signums` interrupt Lua code that is running when they
+ * arrive (an uncatchable error at its next instruction), then runs the
+ * handler installed before (libuv's, so the loop still sees the signal).
+ * Call after uv_signal_start for them. One host per process. */
+void sg__host_catch_interrupts(sg_host *h, const int *signums, int n);
+
 /* The host's logger (for the CLI's own lines). */
 const sg__logger *sg__host_logger(const sg_host *h);
 

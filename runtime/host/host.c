@@ -3,11 +3,14 @@
  * host hands events to `segue.boot` and the handler it registered. */
 #include "host.h"
 
+#include <errno.h>
 #include <lauxlib.h>
 #include <lualib.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "bindings.h"
 #include "embedded_scripts.h"
@@ -55,12 +58,83 @@ static void register_preloads(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The accounting allocator: counts the heap in env.mem_used and refuses to
+ * grow it past env.mem_limit while a sandbox sets one (Lua then collects
+ * garbage and retries, and raises "not enough memory" if that is not enough:
+ * always inside a protected call, as sandboxes run only there). Shrinking
+ * never fails. */
+static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  sg__lenv *e = ud;
+  size_t old = ptr ? osize : 0;
+  if (nsize == 0) {
+    free(ptr);
+    e->mem_used -= old;
+    return NULL;
+  }
+  if (e->mem_limit && nsize > old && e->mem_used - old + nsize > e->mem_limit) {
+    e->mem_exceeded = 1;
+    return NULL;
+  }
+  void *p = realloc(ptr, nsize);
+  if (p) e->mem_used = e->mem_used - old + nsize;
+  return p;
+}
+
+/* ---- interrupting Lua from a signal --------------------------------------
+ * As the standalone lua interpreter does: SIGINT/SIGTERM arriving while Lua
+ * runs make the count hook (bindings.c, on every thread) raise at its next
+ * tick, and again at every later one until the outermost call returns to C,
+ * so a pcall that catches it is interrupted again; the loop then sees the
+ * signal (libuv's handler, chained) and stops segue. A second signal while
+ * the first is still pending (Lua that escaped the hook) exits at once. */
+static sg_host *interrupt_host;
+static struct sigaction prev_action[65];
+
+static void on_interrupt(int signum) {
+  int saved = errno;
+  sg_host *h = interrupt_host;
+  if (h && h->env.L && h->env.busy > 0) {
+    if (h->env.interrupted) {
+      static const char msg[] = "segue: second signal while Lua runs, exiting now\n";
+      ssize_t w = write(2, msg, sizeof msg - 1);
+      (void)w;
+      _exit(1);
+    }
+    h->env.interrupted = signum;
+  }
+  if (signum > 0 && signum < 65) {
+    struct sigaction *p = &prev_action[signum];
+    if (p->sa_flags & SA_SIGINFO) {
+      if (p->sa_sigaction) p->sa_sigaction(signum, NULL, NULL);
+    } else if (p->sa_handler != SIG_DFL && p->sa_handler != SIG_IGN && p->sa_handler) {
+      p->sa_handler(signum);
+    }
+  }
+  errno = saved;
+}
+
+void sg__host_catch_interrupts(sg_host *h, const int *signums, int n) {
+  interrupt_host = h;
+  for (int i = 0; i < n; i++) {
+    if (signums[i] <= 0 || signums[i] >= 65) continue;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_interrupt;
+    sigfillset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(signums[i], &sa, &prev_action[signums[i]]);
+  }
+}
+
 static int open_lua(sg_host *h) {
   lua_State *L = luaL_newstate();
   if (!L) return SG_ENOMEM;
   h->env.L = L;
+  h->env.mem_used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+  lua_setallocf(L, host_alloc, &h->env);
   luaL_openlibs(L);
   sg__lenv_set(L, &h->env);
+  sg__lenv_bound_strings(L, &h->env);
   register_preloads(L);
   /* segue.boot is the Lua half of the host: it must load. */
   lua_getglobal(L, "require");
@@ -392,6 +466,7 @@ static void maybe_free_host(sg_host *h) {
     return;
   }
   if (h->env.L) {
+    if (interrupt_host == h) interrupt_host = NULL;
     /* Lua objects (timers, watchers) close their handles from __gc. */
     lua_close(h->env.L);
     h->env.L = NULL;

@@ -1,5 +1,6 @@
--- The config loader: a config is a Lua file evaluated in a sandbox (no io,
--- no require, no load); it sets globals (`data_dir = "..."`) or returns a
+-- The config loader: a config is a Lua file evaluated in the sandbox of
+-- segue.rules (no io, os.execute, debug, load or require; bounded in
+-- instructions, memory and string sizes); it sets globals (`data_dir = "..."`) or returns a
 -- table. Defaults come from a metatable. Every problem is collected and
 -- reported as "file:line: key.path: message", so `segue check` shows all of
 -- them at once.
@@ -26,7 +27,7 @@ M.limit_keys = {
   retry_max_tries = "tries of a request answered with retry = true (default 10)",
   retry_backoff_ms = "first retry delay, doubling (default 100)",
   max_line_bytes = "largest JSON value a backend may send (default 67108864)",
-  max_depth = "deepest JSON nesting, MessageContent included (default 64)",
+  max_depth = "deepest JSON nesting, MessageContent included (default 64, at most 128)",
   max_attachment_bytes = "largest decoded attachment (default 16777216)",
 }
 
@@ -579,34 +580,17 @@ function Checker:http(raw, cfg)
   cfg.http = out
 end
 
--- Copies, so a config that assigns string.upper changes nothing outside it.
-local function copy(t)
-  local c = {}
-  for k, v in pairs(t) do c[k] = v end
-  return c
-end
-
-local function sandbox()
-  local safe = {
-    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
-    pairs = pairs, ipairs = ipairs, next = next, select = select,
-    tostring = tostring, tonumber = tonumber, type = type,
-    error = error, assert = assert, pcall = pcall,
-    os = { getenv = os.getenv, time = os.time, date = os.date },
-  }
-  return setmetatable({}, { __index = safe })
-end
-
 --- load_string(source, chunkname, dir) -> config | nil, { "file:line: message", ... }
 --- `dir` is where relative paths start (the config file's directory).
 function M.load_string(source, chunkname, dir)
   local file = chunkname:gsub("^[@=]", "")
-  local env = sandbox()
+  local rules = require "segue.rules"
+  local env = setmetatable({}, { __index = rules.sandbox() })
   local chunk, err = load(source, "@" .. file, "t", env)
   if not chunk then return nil, { err } end
   -- A config that loops for ever would hang `segue check` and the start,
   -- where no signal is handled yet: stop it (the rules' instruction limit).
-  local ok, ret = require("segue.rules").run_as("the config", chunk)
+  local ok, ret = rules.run_as("the config", chunk)
   if not ok then return nil, { (tostring(ret):match("^[^\n]*")) } end
   local raw = {}
   for k, v in next, env do raw[k] = v end

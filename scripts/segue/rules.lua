@@ -19,10 +19,17 @@
 -- Loading compiles the file as text, runs it in a fresh environment under an
 -- instruction limit, validates everything and runs the self-test; only then
 -- is the new set handed out, so a broken file changes nothing.
+local core = require "segue.core"
+
 local M = {}
 
 M.DEFAULT_FORMAT = "<{sender}@{backend}> "
+-- The sandbox of rules and config (docs/hardening.md): what one run (a
+-- load, a filter, a handler) may spend.
 M.MAX_INSTRUCTIONS = 1000000
+M.MAX_MEMORY = 64 * 1024 * 1024     -- bytes the Lua heap may grow by
+M.MAX_STRING = 16 * 1024 * 1024     -- largest string.rep result
+M.MAX_SUBJECT = 64 * 1024           -- largest subject of find, match, gmatch, gsub
 
 local bridge_keys = {
   name = "string", format = "string", filter = "function", rewrite = "function",
@@ -38,19 +45,83 @@ local choices = {
   mode = { both = true, ["in"] = true, out = true },
 }
 
+-- What a sandboxed pcall must pass on instead of catching: the instruction
+-- limit, the memory budget, a signal's interrupt (segue.core keeps them).
+local function uncatchable()
+  local tripped, mem, sig = core.sandbox_state()
+  if tripped then return tripped end
+  if mem then return "not enough memory" end
+  if sig then return "interrupted by signal " .. sig end
+end
+
+local function guard(ok, ...)
+  if not ok then
+    local again = uncatchable()
+    if again then error(again, 0) end
+  end
+  return ok, ...
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+--- sandbox([extra]) -> the globals of rules and config: no io, os.execute,
+--- debug, load, require, coroutine or string.dump; pcall, xpcall and error
+--- cannot swallow the limits; no __gc (it would run outside any limit).
+--- Tables are copies, so assigning string.upper changes nothing outside.
+function M.sandbox(extra)
+  local string_ = copy(string)
+  string_.dump = nil
+  local safe = {
+    string = string_, table = copy(table), math = copy(math), utf8 = copy(utf8),
+    pairs = pairs, ipairs = ipairs, next = next, select = select,
+    tostring = tostring, tonumber = tonumber, type = type, assert = assert,
+    rawequal = rawequal, rawget = rawget, rawset = rawset, rawlen = rawlen,
+    os = { getenv = os.getenv, time = os.time, date = os.date, clock = os.clock },
+    _VERSION = _VERSION,
+    pcall = function(f, ...) return guard(pcall(f, ...)) end,
+    -- an error raised by the limit's hook runs the handler with hooks off:
+    -- the handler is skipped then, or it could run for ever
+    xpcall = function(f, h, ...)
+      return guard(xpcall(f, function(e)
+        if uncatchable() then return e end
+        return h(e)
+      end, ...))
+    end,
+    error = function(e, level)
+      local again = uncatchable()
+      if again then error(again, 0) end
+      level = level or 1
+      error(e, level > 0 and level + 1 or 0)
+    end,
+    getmetatable = function(v)
+      if type(v) == "table" then return getmetatable(v) end
+    end,
+    setmetatable = function(t, mt)
+      if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+        error("setmetatable: __gc is not allowed here", 2)
+      end
+      return setmetatable(t, mt)
+    end,
+  }
+  for k, v in pairs(extra or {}) do safe[k] = v end
+  return safe
+end
+
 --- run_as(what, fn, ...) -> true, results... | false, err: calls fn with an
---- instruction-count limit, so code that loops for ever is stopped
---- ("<what> stopped after N instructions").
+--- instruction limit ("<what> stopped after N instructions"), a memory
+--- budget and bounded string functions; sandboxed code cannot catch them.
 function M.run_as(what, fn, ...)
-  local count = 0
-  local limit = M.MAX_INSTRUCTIONS // 1000
-  debug.sethook(function()
-    count = count + 1
-    if count > limit then error(what .. " stopped after " .. M.MAX_INSTRUCTIONS .. " instructions", 2) end
-  end, "", 1000)
+  core.sandbox_enter(what, M.MAX_INSTRUCTIONS, M.MAX_MEMORY, M.MAX_STRING, M.MAX_SUBJECT)
   local r = table.pack(xpcall(fn, debug.traceback, ...))
-  debug.sethook()
-  return table.unpack(r, 1, r.n)
+  local tripped, mem = core.sandbox_leave()
+  if r[1] then return table.unpack(r, 1, r.n) end
+  if tripped then return false, tripped end
+  if mem then return false, ("%s used more than its memory budget of %d bytes"):format(what, M.MAX_MEMORY) end
+  return false, r[2]
 end
 
 --- run(fn, ...): run_as for rules.
@@ -89,14 +160,17 @@ local function bridge(t)
   return b
 end
 
--- A fresh environment per load; `require` of a file next to the rules file
--- is loaded fresh too (and watched), anything else is the normal require.
+-- A fresh sandboxed environment per load; `require` loads a file next to
+-- the rules file, fresh each time (and watched), and nothing else.
 local function environment(dir, state, files)
-  local env = setmetatable({ bridge = bridge, state = state }, { __index = _G })
+  local env = setmetatable({ bridge = bridge, state = state }, { __index = M.sandbox() })
   env.require = function(name)
+    if type(name) ~= "string" then error("require: expected a module name", 2) end
     local path = dir .. "/" .. name:gsub("%.", "/") .. ".lua"
     local f = io.open(path, "r")
-    if not f then return require(name) end
+    if not f then
+      error(("require %q: rules may require only Lua files next to them (%s not found)"):format(name, path), 2)
+    end
     local src = f:read("a")
     f:close()
     files[#files + 1] = path

@@ -139,5 +139,109 @@ class Files(unittest.TestCase):
         self.assertIsNone(s.proc.poll())
 
 
+class Sandbox(unittest.TestCase):
+    """Item 8: the instruction limit was catchable, work inside one C call
+    was not counted, rules had the whole standard library, and a segue busy
+    in Lua ignored SIGTERM."""
+
+    def setUp(self):
+        self.d = tmpdir()
+        self.addCleanup(shutil.rmtree, self.d, True)
+
+    def check(self, config):
+        write(os.path.join(self.d, "cfg.lua"), config)
+        return run(["check", "cfg.lua"], cwd=self.d, timeout=60)
+
+    def test_a_config_spinning_inside_pcall_is_stopped(self):
+        for spin in ("while true do pcall(function() while true do end end) end",
+                     "while true do xpcall(function() while true do end end, function() while true do end end) end",
+                     "while true do pcall(error, 'x') pcall(function() error('y', 0) end) end",
+                     "local function f() pcall(f) end while true do f() end"):
+            r = self.check(spin + "\n")
+            self.assertEqual(r.code, 1, spin)
+            self.assertIn("the config stopped after 1000000 instructions", r.stderr, spin)
+
+    def test_the_config_sandbox_has_no_way_out(self):
+        for code, err in (("os.execute('true')", "field 'execute'"),
+                          ("io.open('/etc/passwd')", "global 'io'"),
+                          ("require('segue.fs')", "global 'require'"),
+                          ("load('return 1')", "global 'load'"),
+                          ("loadfile('cfg.lua')", "global 'loadfile'"),
+                          ("debug.sethook()", "global 'debug'"),
+                          ("coroutine.wrap(print)", "global 'coroutine'"),
+                          ("string.dump(print)", "field 'dump'"),
+                          ("setmetatable({}, { __gc = function() end })", "__gc is not allowed here"),
+                          ("getmetatable('').__index.upper = nil", "index a nil value")):
+            r = self.check(code + "\n")
+            self.assertEqual(r.code, 1, code)
+            self.assertIn(err, r.stderr, code)
+
+    def test_a_config_cannot_allocate_past_its_memory_budget_even_inside_pcall(self):
+        r = self.check("""
+            local s = ("x"):rep(16 * 1024 * 1024)
+            pcall(function()
+              local t = {}
+              for i = 1, 8 do t[i] = s .. i end
+            end)
+            data_dir = "never"
+        """)
+        self.assertEqual(r.code, 1, r.stderr)
+        self.assertIn("the config used more than its memory budget of 67108864 bytes", r.stderr)
+
+    def test_string_rep_and_pattern_subjects_are_bounded(self):
+        for code, err in (("string.rep('x', 1 << 30)",
+                           "string.rep: a result of 1073741824 bytes is over the sandbox's limit of 16777216 bytes"),
+                          ("local s = ('ab'):rep(1 << 29, ',')",
+                           "string.rep: a result of"),
+                          ("local s = ('a'):rep(70000) s:find('a*a*a*b')",
+                           "string.find: a subject of 70000 bytes is over the sandbox's limit of 65536 bytes"),
+                          ("local s = ('a'):rep(70000) s:gsub('.-b', '')",
+                           "string.gsub: a subject of 70000")):
+            r = self.check(code + "\n")
+            self.assertEqual(r.code, 1, code)
+            self.assertIn(err, r.stderr, code)
+        # plain find is linear: not bounded
+        self.assertEqual(self.check("assert(('a'):rep(70000):find('b', 1, true) == nil)\n").code, 0)
+
+    def test_a_spinning_filter_is_stopped_and_segue_keeps_bridging(self):
+        from test_router import Bridge
+        br = Bridge(self, '''return {
+            bridge { "a:#f", "b:#f",
+              filter = function(msg, ctx)
+                if ctx.text == "spin" then while true do pcall(function() while true do end end) end end
+                if ctx.text == "rep" then return ("x"):rep(1 << 30) end
+                return true
+              end },
+        }''', d=self.d)
+        for t in ("before", "spin", "rep", "after"):
+            br.say("a", "#f", "alice", t)
+        self.assertTrue(br.wait_for(lambda: "<alice@a> after" in br.texts("b")))
+        self.assertEqual(br.texts("b"), ["<alice@a> before", "<alice@a> after"])
+        err = br.stop()
+        self.assertIn("rule stopped after 1000000 instructions", err)
+        self.assertIn("string.rep: a result of 1073741824 bytes", err)
+
+    def spinning_segue(self):
+        write(os.path.join(self.d, "spin.lua"), """
+            local segue = require "segue"
+            segue.timer(50, function()
+              io.stderr:write("spinning\\n")
+              while true do pcall(function() while true do end end) end
+            end)
+        """)
+        write(os.path.join(self.d, "cfg.lua"), 'data_dir = "data"\nscripts = { "spin.lua" }\n')
+        s = Segue(self, self.d)
+        self.assertTrue(s.log.wait_for("spinning"), s.log.text())
+        return s
+
+    def test_sigterm_stops_a_segue_stuck_in_lua(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            s = self.spinning_segue()
+            s.proc.send_signal(sig)
+            s.proc.wait(timeout=30)
+            self.assertEqual(s.proc.returncode, 0, s.log.text())
+            self.assertTrue(s.log.wait_for("interrupted by signal %d" % sig), s.log.text())
+
+
 if __name__ == "__main__":
     unittest.main()
