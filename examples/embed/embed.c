@@ -192,6 +192,9 @@ int main(int argc, char **argv) {
 
   int rc = start(&a, argv[1]);
   if (rc == 0) {
+    /* The start may take long (valgrind, a loaded machine): time the
+     * timers from now, not from the loop's creation. */
+    uv_update_time(&a.loop);
     uv_timer_start(&a.hello, say_hello, 50, 0);
     uv_timer_start(&a.watchdog, give_up, 10000, 0);
   } else {
