@@ -62,6 +62,7 @@ void sg__core_check_backend_config(lua_State *L, int idx, sg__backend_config *c)
   c->retry_max_tries = (int)opt_ms(L, idx, "retry_max_tries", (uint64_t)c->retry_max_tries);
   c->retry_initial_ms = opt_ms(L, idx, "retry_backoff_ms", c->retry_initial_ms);
   c->max_value_bytes = opt_ms(L, idx, "max_line_bytes", c->max_value_bytes);
+  c->max_queue_bytes = opt_ms(L, idx, "max_queue_bytes", c->max_queue_bytes);
   uint64_t depth = opt_ms(L, idx, "max_depth", (uint64_t)c->limits.max_depth);
   /* Values go on into Lua tables: no deeper than the converter follows. */
   if (depth > SG_LUA_JSON_MAX_DEPTH) {
@@ -167,7 +168,7 @@ static int l_pause_backend(lua_State *L) {
   return 1;
 }
 
-/* backends() -> { {name=, kind=, state=, restarts=, pid=, inflight=}, ... } */
+/* backends() -> { {name=, kind=, state=, restarts=, pid=, inflight=, queued_bytes=}, ... } */
 static int l_backends(lua_State *L) {
   sg__lenv *h = sg__lenv_check(L);
   lua_newtable(L);
@@ -184,6 +185,8 @@ static int l_backends(lua_State *L) {
     lua_setfield(L, -2, "restarts");
     lua_pushinteger(L, (lua_Integer)b->inflight);
     lua_setfield(L, -2, "inflight");
+    lua_pushinteger(L, (lua_Integer)sg__backend_waiting_bytes(b));
+    lua_setfield(L, -2, "queued_bytes");
     if (b->tp == &sg__child_transport) {
       lua_pushinteger(L, sg__child_pid(b));
       lua_setfield(L, -2, "pid");
@@ -309,8 +312,9 @@ static void lua_tp_free(sg__backend *b) {
   b->transport_data = NULL;
 }
 
-static const sg__transport sg__lua_transport = {"lua", lua_tp_start, lua_tp_send, lua_tp_stop,
-                                                lua_tp_free, NULL};
+static const sg__transport sg__lua_transport = {
+    .kind = "lua", .start = lua_tp_start, .send = lua_tp_send, .stop = lua_tp_stop,
+    .free = lua_tp_free};
 
 /* emit(name, value): what a Lua backend sends (InitInfo, Response, Update). */
 static int l_emit(lua_State *L) {

@@ -16,6 +16,7 @@ struct sg__request {
   uint32_t seq;
   int tries;
   int where;
+  size_t weight;          /* about the bytes of its line (queue accounting) */
   int timed;              /* in the backend's time-out list */
   uint64_t due;           /* loop time of the time-out, or of the retry */
   sg__request_cb cb;
@@ -41,6 +42,7 @@ void sg__backend_config_defaults(sg__backend_config *c) {
   c->retry_max_tries = 10;
   c->retry_initial_ms = 100;
   c->max_value_bytes = SG_FL_DEFAULT_MAX_VALUE;
+  c->max_queue_bytes = (size_t)16 << 20;
   c->limits.max_depth = SG_FL_DEFAULT_MAX_DEPTH;
   c->limits.max_attachment_bytes = SG_FL_DEFAULT_MAX_ATTACHMENT;
 }
@@ -90,6 +92,10 @@ static int inflight_grow(sg__backend *b) {
   return 0;
 }
 
+int sg__backend_in_flight(sg__backend *b, uint32_t seq) {
+  return b->nbuckets > 0 && inflight_find(b, seq) != NULL;
+}
+
 static void inflight_remove(sg__backend *b, sg__request *req) {
   for (sg__request **p = bucket_of(b, req->seq); *p; p = &(*p)->next) {
     if (*p == req) {
@@ -132,6 +138,26 @@ static sg__request *list_take(struct sg__reqlist *l) {
   sg__request *all = l->head;
   l->head = l->tail = NULL;
   return all;
+}
+
+/* `queue` with its weight kept in b->queue_bytes. */
+static void queue_remove(sg__backend *b, sg__request *req) {
+  list_remove(&b->queue, req);
+  b->queue_bytes -= req->weight;
+}
+
+static sg__request *queue_take(sg__backend *b) {
+  b->queue_bytes = 0;
+  return list_take(&b->queue);
+}
+
+/* About the bytes of v's JSON text: strings and keys, plus a little per
+ * value. Recursion is bounded by the validated depth. */
+static size_t json_weight(const cJSON *v) {
+  size_t w = 8 + (v->string ? strlen(v->string) : 0);
+  if (cJSON_IsString(v) && v->valuestring) w += strlen(v->valuestring);
+  for (const cJSON *c = v->child; c; c = c->next) w += json_weight(c);
+  return w;
 }
 
 /* ---- time-outs: one timer per backend ------------------------------------ *
@@ -187,7 +213,7 @@ static void arm(sg__backend *b) {
 static void detach(sg__request *req) {
   sg__backend *b = req->b;
   if (req->where == REQ_INFLIGHT) inflight_remove(b, req);
-  else if (req->where == REQ_QUEUED) list_remove(&b->queue, req);
+  else if (req->where == REQ_QUEUED) queue_remove(b, req);
   else if (req->where == REQ_RETRY_WAIT) list_remove(&b->retrying, req);
   timed_remove(b, req);
   req->where = REQ_DONE;
@@ -235,7 +261,7 @@ static void fail_inflight(sg__backend *b, int err, const char *msg) {
 /* Requests waiting for a start or a retry fail only when the backend is
  * gone for good; a restart sends them. */
 static void fail_waiting(sg__backend *b, int err, const char *msg) {
-  fail_list(b, list_take(&b->queue), err, msg);
+  fail_list(b, queue_take(b), err, msg);
   fail_list(b, list_take(&b->retrying), err, msg);
 }
 
@@ -263,14 +289,21 @@ static void transmit(sg__backend *b, sg__request *req) {
       cJSON_AddItemReferenceToObject(msg, "body", req->body))
     rc = b->tp->send(b, msg);
   cJSON_Delete(msg);
-  if (rc != 0) sg__backend_violation(b, "cannot write to the backend");
+  if (rc == SG_ELIMIT) {
+    char why[256];
+    snprintf(why, sizeof why, "backend %s's queue is full (max_queue_bytes = %zu)", b->name,
+             b->cfg.max_queue_bytes);
+    complete(req, SG_ELIMIT, NULL, why);
+  } else if (rc != 0) {
+    sg__backend_violation(b, "cannot write to the backend");
+  }
 }
 
 static void flush_queue(sg__backend *b) {
   int sent = 0;
   while (b->queue.head && b->state == SG_BACKEND_RUNNING) {
     sg__request *req = b->queue.head;
-    list_remove(&b->queue, req);
+    queue_remove(b, req);
     transmit(b, req);
     sent = 1;
   }
@@ -290,6 +323,7 @@ static void kick_fired(uv_timer_t *t) { flush_queue(t->data); }
  * request call returned. Requests made in one turn go out together. */
 static void send_or_queue(sg__backend *b, sg__request *req) {
   list_push(&b->queue, req);
+  b->queue_bytes += req->weight;
   req->where = REQ_QUEUED;
   timed_append(b, req);
   arm(b);
@@ -303,7 +337,14 @@ static void timed_out(sg__backend *b, sg__request *req) {
            req->type, b->name, (unsigned long long)b->cfg.request_timeout_ms,
            req->where == REQ_QUEUED ? " waiting for the backend to start" : "");
   sg__backend_log(b, SG_LOG_WARN, "%s", msg);
+  int was_sent = req->where == REQ_INFLIGHT;
   complete(req, SG_ETIMEDOUT, NULL, msg);
+  /* Its line may still wait in the transport (a backend not reading). */
+  if (was_sent && b->tp->drop_stale) b->tp->drop_stale(b);
+}
+
+size_t sg__backend_waiting_bytes(sg__backend *b) {
+  return b->queue_bytes + (b->tp->queued_bytes ? b->tp->queued_bytes(b) : 0);
 }
 
 static void deadline_fired(uv_timer_t *t) {
@@ -335,6 +376,14 @@ int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, vo
     cJSON_Delete(body);
     return rc;
   }
+  /* Fail fast rather than hold without bound what a backend does not read. */
+  size_t weight = json_weight(body), waiting = sg__backend_waiting_bytes(b);
+  if (waiting > 0 && waiting + weight > b->cfg.max_queue_bytes) {
+    cJSON_Delete(body);
+    snprintf(err, errlen, "backend %s's queue is full: %zu bytes wait to be read (max_queue_bytes = %zu)",
+             b->name, waiting, b->cfg.max_queue_bytes);
+    return SG_ELIMIT;
+  }
   sg__request *req = calloc(1, sizeof *req);
   if (!req) {
     cJSON_Delete(body);
@@ -347,6 +396,7 @@ int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, vo
   req->expect = sg__fl_expected_response(req->type);
   req->cb = cb;
   req->ud = ud;
+  req->weight = weight;
   send_or_queue(b, req);
   return 0;
 }

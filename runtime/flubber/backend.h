@@ -48,6 +48,12 @@ typedef struct sg__transport {
   /* Stops (paused != 0) or resumes reading what the backend sends: flow
    * control towards a backend that floods. May be NULL (cannot pause). */
   void (*pause)(sg__backend *b, int paused);
+  /* Bytes sent and not yet taken by the backend (a pipe's write queue), for
+   * cfg.max_queue_bytes. May be NULL (the transport holds nothing). */
+  size_t (*queued_bytes)(sg__backend *b);
+  /* Requests left the in-flight table (timed out): drop what of theirs the
+   * transport still holds unsent (sg__backend_in_flight tells). May be NULL. */
+  void (*drop_stale)(sg__backend *b);
 } sg__transport;
 
 typedef struct sg__backend_config {
@@ -59,6 +65,10 @@ typedef struct sg__backend_config {
   int retry_max_tries;          /* default 10 */
   uint64_t retry_initial_ms;    /* default 100, doubling */
   size_t max_value_bytes;       /* framer limit; default 64 MiB */
+  /* Bound on requests waiting for the backend, in bytes: queued here and
+   * held by the transport unread. A request that would pass it fails at
+   * once with SG_ELIMIT (one request alone always goes). Default 16 MiB. */
+  size_t max_queue_bytes;
   sg__fl_limits limits;
 } sg__backend_config;
 
@@ -107,6 +117,7 @@ struct sg__backend {
   /* segue's InitInfo extension: the "capabilities" object of the last
    * InitInfo (owned; NULL when it announced none). */
   cJSON *capabilities;
+  size_t queue_bytes;         /* weight of the requests in `queue` */
 };
 
 /* Initializes `b` (caller allocates; free it in ev->on_closed). The name is
@@ -124,7 +135,8 @@ void sg__backend_close(sg__backend *b);
 /* Sends RequestBody `body` (borrowed; validated here). On success `cb` is
  * called exactly once, later, never from inside this call. On failure
  * (SG_EPROTO for an invalid body, with the reason in err; SG_EDEAD when the
- * backend gave up or is stopped) `cb` is never called. */
+ * backend gave up or is stopped; SG_ELIMIT when cfg.max_queue_bytes are
+ * already waiting for it) `cb` is never called. */
 int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
                         void *ud, char *err, size_t errlen);
 /* The same, taking `body` over (freed here whatever happens): no copy. */
@@ -135,6 +147,14 @@ int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, vo
  * responses) until resumed; a no-op for transports that cannot pause. A
  * restart reads again. Returns 1 if the transport paused, else 0. */
 int sg__backend_pause(sg__backend *b, int paused);
+
+/* Bytes of requests waiting for the backend (queued, and held by the
+ * transport unread): what cfg.max_queue_bytes bounds. */
+size_t sg__backend_waiting_bytes(sg__backend *b);
+
+/* Whether request `seq` is still waiting for its response (for
+ * transports dropping what timed out). */
+int sg__backend_in_flight(sg__backend *b, uint32_t seq);
 
 /* From transports. `v` is decoded and validated (ownership passes to the
  * backend). */

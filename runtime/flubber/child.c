@@ -15,6 +15,20 @@ extern char **environ;
 
 typedef struct child_run child_run;
 
+/* One request line on its way to the child's stdin. */
+typedef struct pending_line {
+  struct pending_line *next;
+  uint32_t seq;
+  size_t len;
+  char *data;
+} pending_line;
+
+/* Lines a write at a time: at most this many, and this many bytes (past
+ * the first line), go to one uv_write; what a write holds cannot be taken
+ * back when its requests time out. */
+#define WRITE_BATCH 64
+#define WRITE_BATCH_BYTES ((size_t)256 << 10)
+
 typedef struct child {
   char **argv;              /* cmd, args..., NULL */
   char **env;               /* merged environment */
@@ -36,6 +50,16 @@ struct child_run {
   int64_t exit_status;
   int term_signal;
   char reason[256];          /* why the run ended, for the log */
+  /* stdin: lines wait here (oldest first) while a write is in progress;
+   * `queued` counts their bytes and the write's. The backend bounds it
+   * (cfg.max_queue_bytes); a line whose request timed out before it was
+   * written is dropped (drop_stale), so a child that never reads costs at
+   * most the bound. */
+  pending_line *head, *tail, *batch;
+  size_t queued, batch_bytes;
+  int writing;
+  uv_write_t wreq;
+  uv_buf_t bufs[WRITE_BATCH];
   char rbuf[65536];          /* one read buffer for stdout and stderr: both
                                 consume what they read before returning */
 };
@@ -105,9 +129,20 @@ int sg__child_pid(const sg__backend *b) {
 
 /* ---- the end of a run ---------------------------------------------------- */
 
+static void free_lines(pending_line *l) {
+  while (l) {
+    pending_line *next = l->next;
+    free(l->data);
+    free(l);
+    l = next;
+  }
+}
+
 static void run_handle_closed(uv_handle_t *h) {
   child_run *r = h->data;
   if (--r->open_handles > 0) return;
+  free_lines(r->head);
+  free_lines(r->batch);
   sg__backend *b = r->b;
   child *c = child_of(b);
   char reason[256];
@@ -284,37 +319,92 @@ static int child_start(sg__backend *b) {
   return 0;
 }
 
-typedef struct {
-  uv_write_t req;
-  uv_buf_t buf;
-} child_write;
+static void write_more(child_run *r);
 
 static void on_written(uv_write_t *w, int status) {
-  child_write *cw = (child_write *)w;
-  free(cw->buf.base);
-  free(cw);
+  child_run *r = w->handle->data;
   (void)status; /* a broken pipe shows up as the child's exit */
+  free_lines(r->batch);
+  r->batch = NULL;
+  r->queued -= r->batch_bytes;
+  r->batch_bytes = 0;
+  r->writing = 0;
+  if (status == 0) write_more(r);
+}
+
+/* Starts one write of the oldest waiting lines, skipping those whose
+ * request is no longer in flight (timed out while waiting). */
+static void write_more(child_run *r) {
+  if (r->writing || !r->head || r->stopping || uv_is_closing((uv_handle_t *)&r->in)) return;
+  unsigned n = 0;
+  pending_line **last = &r->batch;
+  while (r->head && n < WRITE_BATCH && r->batch_bytes < WRITE_BATCH_BYTES) {
+    pending_line *l = r->head;
+    r->head = l->next;
+    if (!r->head) r->tail = NULL;
+    l->next = NULL;
+    if (!sg__backend_in_flight(r->b, l->seq)) {
+      r->queued -= l->len;
+      free_lines(l);
+      continue;
+    }
+    r->bufs[n++] = uv_buf_init(l->data, (unsigned)l->len);
+    r->batch_bytes += l->len;
+    *last = l;
+    last = &l->next;
+  }
+  if (n == 0) return;
+  r->writing = 1;
+  int rc = uv_write(&r->wreq, (uv_stream_t *)&r->in, r->bufs, n, on_written);
+  if (rc != 0) {  /* stdin is gone: the exit is reported soon */
+    r->writing = 0;
+    free_lines(r->batch);
+    r->batch = NULL;
+    r->queued -= r->batch_bytes;
+    r->batch_bytes = 0;
+  }
 }
 
 static int child_send(sg__backend *b, const cJSON *request) {
   child *c = child_of(b);
   child_run *r = c->run;
   if (!r || r->stopping || uv_is_closing((uv_handle_t *)&r->in)) return SG_EDEAD;
-  child_write *cw = malloc(sizeof *cw);
+  pending_line *l = malloc(sizeof *l);
   size_t len;
-  char *line = sg__fl_encode_line(request, &len);
-  if (!cw || !line) {
-    free(cw);
-    free(line);
+  char *text = sg__fl_encode_line(request, &len);
+  if (!l || !text) {
+    free(l);
+    free(text);
     return SG_ENOMEM;
   }
-  cw->buf = uv_buf_init(line, (unsigned)len);
-  int rc = uv_write(&cw->req, (uv_stream_t *)&r->in, &cw->buf, 1, on_written);
-  if (rc != 0) {
-    free(line);
-    free(cw);
+  l->next = NULL;
+  l->seq = (uint32_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(request, "sequence_number"));
+  l->len = len;
+  l->data = text;
+  if (r->tail) r->tail->next = l;
+  else r->head = l;
+  r->tail = l;
+  r->queued += len;
+  write_more(r);
+  return 0;
+}
+
+static size_t child_queued_bytes(sg__backend *b) {
+  child_run *r = child_of(b) ? child_of(b)->run : NULL;
+  return r ? r->queued : 0;
+}
+
+/* Timed-out requests are the oldest: their lines are at the head. */
+static void child_drop_stale(sg__backend *b) {
+  child_run *r = child_of(b)->run;
+  while (r && r->head && !sg__backend_in_flight(b, r->head->seq)) {
+    pending_line *l = r->head;
+    r->head = l->next;
+    if (!r->head) r->tail = NULL;
+    r->queued -= l->len;
+    l->next = NULL;
+    free_lines(l);
   }
-  return rc;
 }
 
 /* Flow control: stdout is not read while paused (the child blocks writing
@@ -375,4 +465,6 @@ const sg__transport sg__child_transport = {
     .stop = child_stop,
     .free = child_free,
     .pause = child_pause,
+    .queued_bytes = child_queued_bytes,
+    .drop_stale = child_drop_stale,
 };

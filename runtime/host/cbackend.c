@@ -93,7 +93,8 @@ static void ctp_free(sg__backend *b) {
   free(cb);
 }
 
-const sg__transport sg__c_transport = {"c", ctp_start, ctp_send, ctp_stop, ctp_free, NULL};
+const sg__transport sg__c_transport = {
+    .kind = "c", .start = ctp_start, .send = ctp_send, .stop = ctp_stop, .free = ctp_free};
 
 /* ---- registration ---------------------------------------------------------- */
 

@@ -29,6 +29,7 @@ M.limit_keys = {
   max_line_bytes = "largest JSON value a backend may send (default 67108864)",
   max_depth = "deepest JSON nesting, MessageContent included (default 64, at most 128)",
   max_attachment_bytes = "largest decoded attachment (default 16777216)",
+  max_queue_bytes = "requests waiting for a backend (not yet read by it), in bytes; past it requests fail with ELIMIT (default 16777216)",
 }
 
 local top_keys = {

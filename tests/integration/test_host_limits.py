@@ -12,6 +12,8 @@ import unittest
 from harness import run, run_lua, tmpdir, write, LogTail, PYTHON, HERE, SEGUE
 
 DEEP = os.path.join(HERE, "deep_backend.py")
+STUCK = os.path.join(HERE, "stuck_backend.py")
+SANITIZE = os.environ.get("SEGUE_BUILD_TYPE") == "Sanitize"
 
 
 def deep(depth, extra="max_depth = 300, restart_backoff_ms = 50"):
@@ -137,6 +139,79 @@ class Files(unittest.TestCase):
         self.assertIn("asked segue (pid %d) to reload" % s.proc.pid, r.stdout)
         self.assertTrue(s.log.wait_for("reloaded cfg.lua"), s.log.text())
         self.assertIsNone(s.proc.poll())
+
+
+FLOOD = """
+local function status_kb(field)
+  local f = io.open("/proc/self/status")
+  local kb = tonumber(f:read("a"):match(field .. ":%%s*(%%d+)"))
+  f:close()
+  return kb
+end
+assert(segue.add_backend("stuck", { cmd = %s, args = { %s }, request_timeout_ms = 8000, retry_max_tries = 1 }))
+fake("ok", {})
+segue.await(function() repeat segue.sleep(20) until segue.backend("stuck"):info().state == "running" end, 20000)
+local base_kb = status_kb("VmRSS")
+local body = { type = "RoomLookup", value = ("x"):rep(64 * 1024) }
+local counts, first_elimit, peak_queued = {}, nil, 0
+local sent, max_lag, last = 0, 0, segue.now()
+-- a 10 ms ticker: how late the loop runs it is the lag
+local ticker = segue.every(10, function()
+  local now = segue.now()
+  if now - last - 10 > max_lag then max_lag = now - last - 10 end
+  last = now
+end)
+-- 200 requests of 64 KiB a second for 4 s, at a backend that reads nothing
+local flood = segue.every(5, function()
+  if sent >= 800 then return end
+  sent = sent + 1
+  local ok, err, code = segue.backend("stuck"):request(body, function(r, err, code)
+    counts[code or "ok"] = (counts[code or "ok"] or 0) + 1
+  end)
+  if not ok then
+    counts[code] = (counts[code] or 0) + 1
+    first_elimit = first_elimit or err
+  end
+  local q = segue.backend("stuck"):info().queued_bytes
+  if q > peak_queued then peak_queued = q end
+end)
+local served = lookup("ok", "#ok")
+segue.await(function() repeat segue.sleep(50) until sent >= 800 end, 60000)
+local peak_kb = status_kb("VmRSS")
+segue.await(function() segue.sleep(8500) end, 20000)  -- every accepted request timed out
+flood:stop() ticker:stop()
+out({ counts = counts, first_elimit = first_elimit, peak_queued = peak_queued,
+      queued_after = segue.backend("stuck"):info().queued_bytes, served = served,
+      base_kb = base_kb, peak_kb = peak_kb, hwm_kb = status_kb("VmHWM"), max_lag_ms = max_lag })
+""" % (json.dumps(PYTHON), json.dumps(STUCK))
+
+
+class Backpressure(unittest.TestCase):
+    """Item 7: a backend that never reads stdin, sent 200 x 64 KiB requests
+    a second, made segue grow to 941 MB (the write queue was unbounded and a
+    time-out did not free queued bytes)."""
+
+    def test_a_stuck_backend_costs_at_most_its_queue_bound_and_requests_fail_fast(self):
+        r = run_lua(FLOOD, timeout=120, env={"ASAN_OPTIONS": "quarantine_size_mb=0"} if SANITIZE else None)
+        self.assertEqual(r.code, 0, r.stderr)
+        v = r.values()[-1]
+        limit = 16 * 1024 * 1024
+        print("\nfigures: stuck backend flooded with 800 x 64 KiB: RSS %d -> %d MB (peak %d MB), "
+              "loop lag max %d ms, outcomes %s, queued peak %d KiB" % (
+                  v["base_kb"] // 1024, v["peak_kb"] // 1024, v["hwm_kb"] // 1024, v["max_lag_ms"],
+                  v["counts"], v["peak_queued"] // 1024))
+        self.assertGreater(v["counts"].get("ELIMIT", 0), 0, v)
+        self.assertIn("ELIMIT: backend stuck's queue is full", v["first_elimit"])
+        self.assertIn("max_queue_bytes = 16777216", v["first_elimit"])
+        self.assertGreater(v["counts"].get("ETIMEDOUT", 0), 0, v)
+        self.assertEqual(sum(v["counts"].values()), 800, v)
+        # the bound holds (one 64 KiB request may pass it), and time-outs free
+        # what waited: what stays is the one write the pipe holds
+        self.assertLessEqual(v["peak_queued"], limit + 80 * 1024)
+        self.assertLess(v["queued_after"], 512 * 1024, v)
+        self.assertEqual(v["served"]["body"]["value"], "!ok")
+        if not SANITIZE:
+            self.assertLess(v["hwm_kb"] - v["base_kb"], 150 * 1024, v)
 
 
 class Sandbox(unittest.TestCase):

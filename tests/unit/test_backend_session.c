@@ -38,7 +38,8 @@ static void fake_stop(sg__backend *b, int graceful) {
   sg__backend_on_exit(b, "stopped by the test");
 }
 
-static const sg__transport fake_tp = {"fake", fake_start, fake_send, fake_stop, NULL, NULL};
+static const sg__transport fake_tp = {
+    .kind = "fake", .start = fake_start, .send = fake_send, .stop = fake_stop};
 
 typedef struct {
   int calls, err;
