@@ -93,6 +93,14 @@ static void outermost_returned(sg__lenv *e) {
   e->interrupted = 0;
 }
 
+int sg__lenv_pcall_raw(sg__lenv *e, int nargs, int nres) {
+  if (e->busy == 0) outermost_returned(e);
+  e->busy++;
+  int rc = lua_pcall(e->L, nargs, nres, 0);
+  if (--e->busy == 0) outermost_returned(e);
+  return rc;
+}
+
 int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
   lua_State *L = e->L;
   if (e->busy == 0) outermost_returned(e);  /* a signal that came too late */

@@ -89,6 +89,11 @@ int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what);
  * they honour e->max_string and e->max_subject (the string metatable shares
  * the table, so method calls are covered too). */
 void sg__lenv_bound_strings(lua_State *L, sg__lenv *e);
+/* lua_pcall(e->L, nargs, nres, 0) counted as a call from C (so a signal
+ * can interrupt it and what a sandbox left set is cleared after it), for C
+ * that wants the error itself: it stays on the stack as lua_pcall leaves
+ * it. Returns lua_pcall's status. */
+int sg__lenv_pcall_raw(sg__lenv *e, int nargs, int nres);
 /* Logs an error no Lua caller can receive and tells the owner. */
 void sg__lenv_report(sg__lenv *e, int err, const char *message);
 

@@ -320,7 +320,7 @@ static int call_end(lua_State *L, lcall *c, int rc, int cbidx) {
     if (!has_cb) return n;
     lua_pushvalue(L, cbidx);
     lua_insert(L, -1 - n);
-    lua_call(L, n, 0);
+    if (lua_pcall(L, n, 0, 0) != LUA_OK) return lua_error(L);  /* the caller's to catch */
     lua_pushboolean(L, 1);
     return 1;
   }

@@ -57,6 +57,22 @@ class DeepValues(unittest.TestCase):
         self.assertEqual(state["depths"], [120])
         self.assertEqual(state["info"]["restarts"], 0)
 
+    def test_no_raw_lua_call_from_c(self):
+        # every C->Lua call is protected: lua_pcall, sg__lenv_pcall[_raw]
+        import re
+        src = os.environ.get("SEGUE_SOURCE_DIR") or os.path.join(HERE, "..", "..")
+        raw = re.compile(r"\blua_callk?\s*\(")
+        found = []
+        for top in ("runtime", "bindings"):
+            for d, _, files in os.walk(os.path.join(src, top)):
+                for name in files:
+                    if name.endswith((".c", ".h")):
+                        with open(os.path.join(d, name)) as f:
+                            for n, text in enumerate(f, 1):
+                                if raw.search(text):
+                                    found.append("%s:%d" % (name, n))
+        self.assertEqual(found, [])
+
     def test_json_decode_reports_too_deep_instead_of_raising(self):
         r = run_lua("""
             local v, err = json.decode(("["):rep(200) .. ("]"):rep(200))
