@@ -4,26 +4,32 @@
 #
 #   ./build.sh run [ARGS...]    install, build, run `segue run ARGS...` (no ARGS: the embedded default)
 #   ./build.sh test             install, build, run every test through ctest
-#   ./build.sh build | deps     only build, only install packages
+#   ./build.sh build | deps     only build; only install packages (deps: the tests' too)
 #
 # SEGUE_BUILD_TYPE=Sanitize ./build.sh test   builds with ASan+UBSan and runs the same tests.
 set -eu
 cd "$(dirname "$0")"
 
 # One package per line or group, by what needs it (merges stay clean).
+# PACKAGES build and run segue; TEST_PACKAGES are what the tests start or
+# drive (servers, a browser, packaging tools), installed only for `test`.
 PACKAGES="
   gcc libc6-dev make cmake pkg-config python3 curl ca-certificates
-  lua5.4 liblua5.4-dev lua-busted
+  liblua5.4-dev
   libuv1-dev libcjson-dev libsodium-dev
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libcurl4-openssl-dev libhttp-parser-dev libsqlite3-dev
   libssl-dev openssl
   libexpat1-dev
+  libpq-dev
+"
+TEST_PACKAGES="
+  lua5.4 lua-busted
   ngircd
   inspircd
   prosody python3-slixmpp
   valgrind
-  postgresql libpq-dev
+  postgresql
   prometheus
   chromium chromium-driver python3-selenium
   dpkg-dev debhelper lintian adduser
@@ -37,7 +43,7 @@ JOBS=$(nproc 2>/dev/null || echo 2)
 
 deps() {
   missing=""
-  for p in $PACKAGES; do
+  for p in $PACKAGES ${WITH_TEST_PACKAGES:+$TEST_PACKAGES}; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
   done
   [ -z "$missing" ] && return 0
@@ -75,9 +81,9 @@ run_tests() {
 cmd=${1:-run}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  deps) deps ;;
+  deps) WITH_TEST_PACKAGES=1; deps ;;
   build) deps; build ;;
   run) deps; build; exec "$BUILD_DIR/segue" run "$@" ;;
-  test) deps; build; run_tests "$@" ;;
+  test) WITH_TEST_PACKAGES=1; deps; build; run_tests "$@" ;;
   *) echo "usage: ./build.sh run|test|build|deps" >&2; exit 2 ;;
 esac
