@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 
 #include "address.h"
+#include "buf.h"
 #include "hrpc/v1/hrpc.pb-c.h"
 #include "hrpc_errors.h"
 #include "segue.h"
@@ -21,8 +22,6 @@
 
 #define container_of(ptr, type, member) \
   ((type *)((char *)(ptr) - offsetof(type, member)))
-
-typedef struct hbuf { char *p; size_t len, cap; } hbuf;
 
 /* The server's own answer to a request it refuses. */
 typedef struct verdict {
@@ -53,8 +52,8 @@ typedef struct req {
   int answered;
   sg__hrpc_done_cb done_cb;
   void *done_ud;
-  hbuf url, body, ctype, auth, expect;
-  hbuf *hval;            /* the buffer the current header value goes to */
+  sg__buf url, body, ctype, auth, expect;
+  sg__buf *hval;            /* the buffer the current header value goes to */
   char hname[16];        /* the current header name, when short enough */
   size_t hname_len;
   int hstate;
@@ -67,14 +66,14 @@ typedef struct req {
 } req;
 
 struct sg__hrpc_conn {
+  sg__lconn link;        /* first: in srv->listener.conns */
   sg__hrpc_server *srv;
-  conn *next, *prev;
   uv_tcp_t tcp;
   uv_timer_t timer;
   uv_write_t wreq, creq;
   uv_shutdown_t sreq;
   http_parser parser;
-  int state, open_handles, reading, continue_pending;
+  int state, reading, continue_pending;
   req *req;              /* the request being read or answered */
   char *wbuf;            /* the response being written */
   verdict fail;          /* a parser callback's: answered at once, then close */
@@ -115,22 +114,6 @@ static void limits_merge(sg__hrpc_limits *out, const sg__hrpc_limits *in) {
 #undef TAKE
 }
 
-/* Appends and keeps the buffer NUL-terminated. */
-static int hbuf_append(hbuf *b, const char *s, size_t n) {
-  if (b->cap - b->len <= n) {
-    size_t cap = b->cap ? b->cap : 64;
-    while (cap - b->len <= n) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) return SG_ENOMEM;
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
-  b->p[b->len] = '\0';
-  return 0;
-}
-
 /* An hrpc.v1.Error, serialized into fresh memory the caller frees. */
 static uint8_t *error_encode(const char *id, const char *msg, const uint8_t *details,
                              size_t details_len, size_t *out_len) {
@@ -146,7 +129,7 @@ static uint8_t *error_encode(const char *id, const char *msg, const uint8_t *det
 }
 
 /* application/hrpc, any case, optionally followed by ";parameters". */
-static int content_type_ok(const hbuf *ct) {
+static int content_type_ok(const sg__buf *ct) {
   static const char want[] = CT_HRPC;
   const size_t n = sizeof want - 1;
   if (!ct->p || ct->len < n || strncasecmp(ct->p, want, n) != 0) return 0;
@@ -170,11 +153,11 @@ static req *req_new(conn *c) {
 
 static void req_unref(req *r) {
   if (--r->refs > 0) return;
-  free(r->url.p);
-  free(r->body.p);
-  free(r->ctype.p);
-  free(r->auth.p);
-  free(r->expect.p);
+  sg__buf_free(&r->url);
+  sg__buf_free(&r->body);
+  sg__buf_free(&r->ctype);
+  sg__buf_free(&r->auth);
+  sg__buf_free(&r->expect);
   free(r);
 }
 
@@ -207,7 +190,7 @@ static void req_finish(req *r) {
 static void slog(sg__hrpc_server *srv, sg_log_level lvl, const char *peer, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 static void slog(sg__hrpc_server *srv, sg_log_level lvl, const char *peer, const char *fmt, ...) {
-  uint64_t now = uv_now(srv->loop);
+  uint64_t now = uv_now(srv->listener.loop);
   if (now - srv->log_window >= LOG_PERIOD_MS) {
     if (srv->log_dropped)
       sg__log(srv->log, SG_LOG_WARN, NULL, NULL,
@@ -311,8 +294,9 @@ int sg__hrpc_request_alive(const sg__hrpc_request *pub) {
 
 /* ---- connections: timers, closing ---------------------------------------- */
 
-static void maybe_finish_close(sg__hrpc_server *srv) {
-  if (!srv->closing || !srv->tcp_closed || srv->pending > 0) return;
+/* Closing has finished: every handle is closed. */
+static void on_drained(sg__listener *l) {
+  sg__hrpc_server *srv = (sg__hrpc_server *)((char *)l - offsetof(sg__hrpc_server, listener));
   for (size_t i = 0; i < srv->nroutes; i++) free(srv->routes[i].path);
   free(srv->routes);
   srv->routes = NULL;
@@ -322,16 +306,12 @@ static void maybe_finish_close(sg__hrpc_server *srv) {
 
 static void on_conn_closed(uv_handle_t *h) {
   conn *c = h->data;
-  if (--c->open_handles > 0) return;
   sg__hrpc_server *srv = c->srv;
-  if (c->prev) c->prev->next = c->next;
-  else srv->conns = c->next;
-  if (c->next) c->next->prev = c->prev;
+  if (!sg__listener_conn_closed(&srv->listener, &c->link)) return;
   free(c);
   srv->stats.active--;
-  srv->pending--;
   limit_check_over(srv);
-  maybe_finish_close(srv);
+  sg__listener_release(&srv->listener);
 }
 
 /* Idempotent. The request in progress, if any, is detached with `status`
@@ -431,7 +411,7 @@ static int on_message_begin(http_parser *p) {
   /* The first request's header time-out runs from accept already. */
   if (c->state == ST_IDLE) {
     conn_timer(c, c->srv->limits.header_timeout_ms);
-    c->since = uv_now(c->srv->loop);
+    c->since = uv_now(c->srv->listener.loop);
   }
   c->state = ST_HEAD;
   return 0;
@@ -440,7 +420,7 @@ static int on_message_begin(http_parser *p) {
 static int on_url(http_parser *p, const char *at, size_t n) {
   conn *c = p->data;
   if (head_count(c, n)) return -1;
-  if (hbuf_append(&c->req->url, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
+  if (sg__buf_append(&c->req->url, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
 
@@ -457,7 +437,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n) {
 }
 
 /* The buffer a header value is kept in, or NULL for a header we ignore. */
-static hbuf *header_target(req *r) {
+static sg__buf *header_target(req *r) {
   if (r->hname_len >= sizeof r->hname) return NULL;
   r->hname[r->hname_len] = '\0';
   if (strcasecmp(r->hname, "content-type") == 0) return &r->ctype;
@@ -475,7 +455,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
     r->hval = header_target(r);
     if (r->hval) r->hval->len = 0;  /* a repeated header: the last one wins */
   }
-  if (r->hval && hbuf_append(r->hval, at, n))
+  if (r->hval && sg__buf_append(r->hval, at, n))
     return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
@@ -547,7 +527,7 @@ static int on_body(http_parser *p, const char *at, size_t n) {
   if (r->body_seen > max)
     return conn_fail(c, 413, SG__HRPC_BAD_UNARY, "request body exceeds %zu bytes", max);
   if (r->kind != K_ROUTE) return 0;  /* dropped: the server answers it */
-  if (hbuf_append(&r->body, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
+  if (sg__buf_append(&r->body, at, n)) return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
   return 0;
 }
 
@@ -589,7 +569,7 @@ static void on_written(uv_write_t *w, int status) {
     conn_linger(c);
   } else {
     c->state = ST_IDLE;
-    c->since = uv_now(c->srv->loop);
+    c->since = uv_now(c->srv->listener.loop);
     conn_timer(c, c->srv->limits.idle_timeout_ms);
     http_parser_pause(&c->parser, 0);
     conn_parse(c);
@@ -605,7 +585,7 @@ static const char *reason_phrase(int status) {
  * the connection is closed and the error returned. */
 static int conn_respond(conn *c, int status, const char *ctype, const void *body, size_t len) {
   req *r = c->req;
-  if (c->srv->closing) r->keep_alive = 0;
+  if (c->srv->listener.closing) r->keep_alive = 0;
   const char *conn_hdr = !r->keep_alive ? "Connection: close\r\n"
                          : r->http10    ? "Connection: keep-alive\r\n"
                                         : "";
@@ -709,13 +689,6 @@ static void conn_parse(conn *c) {
 
 /* ---- accepting ----------------------------------------------------------- */
 
-static void on_rejected_closed(uv_handle_t *h) {
-  sg__hrpc_server *srv = h->data;
-  free(h);
-  srv->pending--;
-  maybe_finish_close(srv);
-}
-
 unsigned sg__hrpc_connection_limit(unsigned configured) {
   struct rlimit rl;
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return configured ? configured : 1024;
@@ -744,20 +717,6 @@ static void limit_check_over(sg__hrpc_server *srv) {
           (unsigned long long)srv->stats.evicted, (unsigned long long)srv->stats.rejected);
 }
 
-/* No room: accept (to take it off the backlog) and close. */
-static void reject_connection(sg__hrpc_server *srv) {
-  uv_tcp_t *t = malloc(sizeof *t);
-  if (!t || uv_tcp_init(srv->loop, t) != 0) {
-    free(t);
-    return;
-  }
-  t->data = srv;
-  uv_accept((uv_stream_t *)&srv->tcp, (uv_stream_t *)t);
-  srv->stats.rejected++;
-  srv->pending++;
-  uv_close((uv_handle_t *)t, on_rejected_closed);
-}
-
 static int same_address(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
   if (a->ss_family != b->ss_family) return 0;
   if (a->ss_family == AF_INET)
@@ -775,7 +734,7 @@ static int same_address(const struct sockaddr_storage *a, const struct sockaddr_
 static conn *slowest_waiting(sg__hrpc_server *srv, const struct sockaddr_storage *addr,
                              const conn *except) {
   conn *best = NULL;
-  for (conn *c = srv->conns; c; c = c->next) {
+  for (conn *c = (conn *)srv->listener.conns; c; c = (conn *)c->link.next) {
     int waiting = c->state == ST_HEAD || c->state == ST_IDLE || c->state == ST_LINGER;
     if (!waiting || c == except || (addr && !same_address(&c->addr, addr))) continue;
     if (!best || c->since < best->since) best = c;
@@ -785,7 +744,7 @@ static conn *slowest_waiting(sg__hrpc_server *srv, const struct sockaddr_storage
 
 static unsigned count_from(sg__hrpc_server *srv, const struct sockaddr_storage *addr) {
   unsigned n = 0;
-  for (conn *c = srv->conns; c; c = c->next)
+  for (conn *c = (conn *)srv->listener.conns; c; c = (conn *)c->link.next)
     if (c->state != ST_CLOSING && same_address(&c->addr, addr)) n++;
   return n;
 }
@@ -799,18 +758,11 @@ static conn *conn_new(sg__hrpc_server *srv) {
   conn *c = calloc(1, sizeof *c);
   if (!c) return NULL;
   c->srv = srv;
-  uv_tcp_init(srv->loop, &c->tcp);
-  uv_timer_init(srv->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->open_handles = 2;
+  sg__listener_add(&srv->listener, &c->link, &c->tcp, &c->timer, c);
   c->state = ST_HEAD;
-  c->since = uv_now(srv->loop);
+  c->since = uv_now(srv->listener.loop);
   http_parser_init(&c->parser, HTTP_REQUEST);
   c->parser.data = c;
-  c->next = srv->conns;
-  if (c->next) c->next->prev = c;
-  srv->conns = c;
-  srv->pending++;
   srv->stats.active++;
   srv->live++;
   return c;
@@ -843,7 +795,8 @@ static void on_connection(uv_stream_t *server, int status) {
     limit_reached(srv, "the connection limit");
     conn *victim = slowest_waiting(srv, NULL, NULL);
     if (!victim) {
-      reject_connection(srv);
+      srv->stats.rejected++;
+      sg__listener_reject(&srv->listener);
       return;
     }
     evict(victim);
@@ -867,7 +820,6 @@ static void on_connection(uv_stream_t *server, int status) {
 int sg__hrpc_server_init(uv_loop_t *loop, sg__hrpc_server *srv, const sg__hrpc_limits *limits,
                         const sg__logger *log) {
   memset(srv, 0, sizeof *srv);
-  srv->loop = loop;
   srv->log = log;
   limits_merge(&srv->limits, limits);
   unsigned asked = srv->limits.max_connections;
@@ -880,31 +832,20 @@ int sg__hrpc_server_init(uv_loop_t *loop, sg__hrpc_server *srv, const sg__hrpc_l
     unsigned per = srv->limits.max_connections / 8;
     srv->limits.max_connections_per_address = per < 16 ? 16 : per;
   }
-  int rc = uv_tcp_init(loop, &srv->tcp);
-  if (rc) return rc;
-  srv->tcp.data = srv;
-  return 0;
+  return sg__listener_init(&srv->listener, loop, srv, on_drained);
 }
 
 int sg__hrpc_server_listen(sg__hrpc_server *srv, const char *address) {
-  struct sockaddr_storage ss;
-  if (!address || srv->closing || srv->listening) return SG_EINVAL;
-  int rc = sg__address_parse(address, &ss);
-  if (rc) return rc;
-  if ((rc = uv_tcp_bind(&srv->tcp, (const struct sockaddr *)&ss, 0))) return rc;
-  if ((rc = uv_listen((uv_stream_t *)&srv->tcp, 511, on_connection))) return rc;
-  srv->listening = 1;
-  return 0;
+  return sg__listener_listen(&srv->listener, address, on_connection);
 }
 
 int sg__hrpc_server_port(const sg__hrpc_server *srv) {
-  if (!srv->listening) return UV_EINVAL;
-  return sg__address_port(&srv->tcp);
+  return sg__listener_port(&srv->listener);
 }
 
 int sg__hrpc_server_route(sg__hrpc_server *srv, const char *path, sg__hrpc_handler handler,
                          void *ud) {
-  if (!path || path[0] != '/' || !handler || srv->closing) return SG_EINVAL;
+  if (!path || path[0] != '/' || !handler || srv->listener.closing) return SG_EINVAL;
   for (size_t i = 0; i < srv->nroutes; i++)
     if (strcmp(srv->routes[i].path, path) == 0) return SG_EEXIST;
   if (srv->nroutes == srv->route_cap) {
@@ -924,16 +865,10 @@ void sg__hrpc_server_stats_get(const sg__hrpc_server *srv, sg__hrpc_server_stats
   *out = srv->stats;
 }
 
-static void on_listener_closed(uv_handle_t *h) {
-  sg__hrpc_server *srv = h->data;
-  srv->tcp_closed = 1;
-  maybe_finish_close(srv);
-}
-
 void sg__hrpc_server_close(sg__hrpc_server *srv, sg__hrpc_server_close_cb close_cb) {
-  if (srv->closing) return;
-  srv->closing = 1;
+  if (srv->listener.closing) return;
   srv->close_cb = close_cb;
-  uv_close((uv_handle_t *)&srv->tcp, on_listener_closed);
-  for (conn *c = srv->conns; c; c = c->next) conn_close(c, SG_ECANCELED);
+  sg__listener_close(&srv->listener);
+  for (conn *c = (conn *)srv->listener.conns; c; c = (conn *)c->link.next)
+    conn_close(c, SG_ECANCELED);
 }

@@ -51,6 +51,7 @@
 #include <stdint.h>
 #include <uv.h>
 #include "log.h"
+#include "listener.h"
 
 /* A field left 0 takes its default. */
 typedef struct sg__hrpc_limits {
@@ -168,19 +169,15 @@ typedef struct sg__hrpc_server_stats {
 struct sg__hrpc_server {
   void *data;  /* the embedder's; the server never touches it */
   /* private */
-  uv_loop_t *loop;
-  uv_tcp_t tcp;
+  sg__listener listener;
   sg__hrpc_limits limits;
   const sg__logger *log;
   struct sg__hrpc_route *routes;
   size_t nroutes, route_cap;
-  struct sg__hrpc_conn *conns;  /* every open connection, to close them all */
-  unsigned pending;             /* handles still to close (besides tcp) */
   unsigned live;                /* connections open and not closing */
   int at_limit;                 /* a connection limit was hit (logged once) */
   uint64_t log_window;          /* start of the current 10 s log period */
   unsigned log_lines, log_dropped;
-  int listening, closing, tcp_closed;
   sg__hrpc_server_close_cb close_cb;
   sg__hrpc_server_stats stats;
 };

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "address.h"
+#include "buf.h"
 #include "segue.h"
 
 #define RBUF_SIZE 16384
@@ -17,24 +18,22 @@
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
-typedef struct buf { char *p; size_t len, cap; } buf;
-
 /* Reading the request, waiting for the handler, writing, and closing. */
 enum { ST_HEAD, ST_BODY, ST_HANDLER, ST_STREAM, ST_FLUSH, ST_LINGER, ST_CLOSED };
 
 typedef struct sg__http_conn {
   sg__http_request pub;  /* first: the handler's view */
   sg__http_server *srv;  /* NULL once the handles are closed */
-  struct sg__http_conn *next, *prev;
+  sg__lconn link;        /* in srv->listener.conns */
   uv_tcp_t tcp;
   uv_timer_t timer;
   uv_shutdown_t sreq;
   http_parser parser;
-  int state, open_handles, held, answered, in_field;
+  int state, held, answered, in_field;
   size_t head_bytes, pending, nwrites;
   sg__http_gone_cb gone_cb;
   void *gone_ud;
-  buf url, body, hdrs;            /* hdrs: "name\0value\0" pairs */
+  sg__buf url, body, hdrs;            /* hdrs: "name\0value\0" pairs */
   sg__http_header *headers;
   size_t nheaders, headers_cap;
   char method[16];
@@ -65,25 +64,10 @@ static void limits_merge(sg__http_limits *out, const sg__http_limits *in) {
 #undef TAKE
 }
 
-static int buf_append(buf *b, const char *s, size_t n) {
-  if (b->cap - b->len <= n) {
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap - b->len <= n) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) return SG_ENOMEM;
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
-  b->p[b->len] = '\0';
-  return 0;
-}
-
 static void conn_free(conn *c) {
-  free(c->url.p);
-  free(c->body.p);
-  free(c->hdrs.p);
+  sg__buf_free(&c->url);
+  sg__buf_free(&c->body);
+  sg__buf_free(&c->hdrs);
   free(c->headers);
   free(c);
 }
@@ -97,16 +81,12 @@ static const char *reason(int status) {
 
 static void on_handle_closed(uv_handle_t *h) {
   conn *c = h->data;
-  if (--c->open_handles > 0) return;
   sg__http_server *srv = c->srv;
-  if (c->prev) c->prev->next = c->next;
-  else srv->conns = c->next;
-  if (c->next) c->next->prev = c->prev;
+  if (!sg__listener_conn_closed(&srv->listener, &c->link)) return;
   c->srv = NULL;
   srv->stats.active--;
-  srv->pending--;
   if (!c->held) conn_free(c);
-  if (srv->closing && srv->tcp_closed && srv->pending == 0 && srv->close_cb) srv->close_cb(srv);
+  sg__listener_release(&srv->listener);
 }
 
 static void conn_close(conn *c, int status) {
@@ -197,17 +177,17 @@ static int write_response(conn *c, int status, const char *headers, const void *
   else
     hn = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\nConnection: close\r\n",
                   status, reason(status), len);
-  buf h = {0};
-  int rc = buf_append(&h, head, (size_t)hn);
-  if (!rc && headers) rc = buf_append(&h, headers, strlen(headers));
-  if (!rc) rc = buf_append(&h, "\r\n", 2);
+  sg__buf h = {0};
+  int rc = sg__buf_append(&h, head, (size_t)hn);
+  if (!rc && headers) rc = sg__buf_append(&h, headers, strlen(headers));
+  if (!rc) rc = sg__buf_append(&h, "\r\n", 2);
   if (rc) {
-    free(h.p);
+    sg__buf_free(&h);
     conn_close(c, rc);
     return rc;
   }
   rc = conn_write(c, h.p, h.len, body, len);
-  free(h.p);
+  sg__buf_free(&h);
   if (!rc) c->srv->stats.requests++;
   return rc;
 }
@@ -325,7 +305,7 @@ static int oom(conn *c) {
 static int on_url(http_parser *p, const char *at, size_t n) {
   conn *c = p->data;
   if (head_count(c, n)) return -1;
-  return buf_append(&c->url, at, n) ? oom(c) : 0;
+  return sg__buf_append(&c->url, at, n) ? oom(c) : 0;
 }
 
 static int on_header_field(http_parser *p, const char *at, size_t n) {
@@ -336,7 +316,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n) {
       conn_refuse(c, 431, "ELIMIT", "more than %u header lines", c->srv->limits.max_headers);
       return -1;
     }
-    if (c->nheaders && buf_append(&c->hdrs, "", 1)) return oom(c);  /* ends the value */
+    if (c->nheaders && sg__buf_append(&c->hdrs, "", 1)) return oom(c);  /* ends the value */
     c->nheaders++;
     c->in_field = 1;
   }
@@ -347,7 +327,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n) {
       char ch = at[off + i];
       low[i] = ch >= 'A' && ch <= 'Z' ? (char)(ch - 'A' + 'a') : ch;
     }
-    if (buf_append(&c->hdrs, low, k)) return oom(c);
+    if (sg__buf_append(&c->hdrs, low, k)) return oom(c);
   }
   return 0;
 }
@@ -357,15 +337,15 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
   if (head_count(c, n)) return -1;
   if (c->in_field) {
     c->in_field = 0;
-    if (buf_append(&c->hdrs, "", 1)) return oom(c);  /* ends the name */
+    if (sg__buf_append(&c->hdrs, "", 1)) return oom(c);  /* ends the name */
   }
-  return buf_append(&c->hdrs, at, n) ? oom(c) : 0;
+  return sg__buf_append(&c->hdrs, at, n) ? oom(c) : 0;
 }
 
 /* The header buffer becomes the request's name/value list. */
 static int headers_index(conn *c) {
   if (c->nheaders == 0) return 0;
-  if (c->in_field && buf_append(&c->hdrs, "", 1)) return SG_ENOMEM;  /* a name, no value */
+  if (c->in_field && sg__buf_append(&c->hdrs, "", 1)) return SG_ENOMEM;  /* a name, no value */
   c->headers = calloc(c->nheaders, sizeof *c->headers);
   if (!c->headers) return SG_ENOMEM;
   const char *s = c->hdrs.p, *end = c->hdrs.p + c->hdrs.len;
@@ -399,7 +379,7 @@ static int on_body(http_parser *p, const char *at, size_t n) {
     conn_refuse(c, 413, "ELIMIT", "request body exceeds %zu bytes", c->srv->limits.max_body_bytes);
     return -1;
   }
-  return buf_append(&c->body, at, n) ? oom(c) : 0;
+  return sg__buf_append(&c->body, at, n) ? oom(c) : 0;
 }
 
 static int on_message_complete(http_parser *p) {
@@ -467,26 +447,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   /* Later bytes (pipelining, what a lingering peer sends) are dropped. */
 }
 
-static void on_rejected_closed(uv_handle_t *h) {
-  sg__http_server *srv = h->data;
-  free(h);
-  srv->pending--;
-  if (srv->closing && srv->tcp_closed && srv->pending == 0 && srv->close_cb) srv->close_cb(srv);
-}
-
 static void reject_connection(sg__http_server *srv) {
-  uv_tcp_t *t = malloc(sizeof *t);
-  if (!t || uv_tcp_init(srv->loop, t) != 0) {
-    free(t);
-    return;
-  }
-  t->data = srv;
-  uv_accept((uv_stream_t *)&srv->tcp, (uv_stream_t *)t);
   sg__log(srv->log, SG_LOG_WARN, NULL, NULL, "http: %u connections open, refusing another",
           srv->stats.active);
   srv->stats.rejected++;
-  srv->pending++;
-  uv_close((uv_handle_t *)t, on_rejected_closed);
+  sg__listener_reject(&srv->listener);
 }
 
 static void on_connection(uv_stream_t *server, int status) {
@@ -502,16 +467,9 @@ static void on_connection(uv_stream_t *server, int status) {
   conn *c = calloc(1, sizeof *c);
   if (!c) return;
   c->srv = srv;
-  uv_tcp_init(srv->loop, &c->tcp);
-  uv_timer_init(srv->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->open_handles = 2;
+  sg__listener_add(&srv->listener, &c->link, &c->tcp, &c->timer, c);
   http_parser_init(&c->parser, HTTP_REQUEST);
   c->parser.data = c;
-  c->next = srv->conns;
-  if (c->next) c->next->prev = c;
-  srv->conns = c;
-  srv->pending++;
   srv->stats.active++;
   int rc = uv_accept(server, (uv_stream_t *)&c->tcp);
   if (rc == 0) rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
@@ -526,50 +484,38 @@ static void on_connection(uv_stream_t *server, int status) {
 
 /* ---- the server -------------------------------------------------------------- */
 
+static void on_drained(sg__listener *l) {
+  sg__http_server *srv = (sg__http_server *)((char *)l - offsetof(sg__http_server, listener));
+  if (srv->close_cb) srv->close_cb(srv);
+}
+
 int sg__http_server_init(uv_loop_t *loop, sg__http_server *srv, const sg__http_limits *limits,
                          const sg__logger *log, sg__http_handler handler, void *ud) {
   if (!handler) return SG_EINVAL;
   memset(srv, 0, sizeof *srv);
-  srv->loop = loop;
   srv->log = log;
   srv->handler = handler;
   srv->handler_ud = ud;
   limits_merge(&srv->limits, limits);
-  int rc = uv_tcp_init(loop, &srv->tcp);
-  if (rc) return rc;
-  srv->tcp.data = srv;
-  return 0;
+  return sg__listener_init(&srv->listener, loop, srv, on_drained);
 }
 
 int sg__http_server_listen(sg__http_server *srv, const char *address) {
-  struct sockaddr_storage ss;
-  if (srv->closing || srv->listening) return SG_EINVAL;
-  int rc = sg__address_parse(address, &ss);
-  if (rc) return rc;
-  if ((rc = uv_tcp_bind(&srv->tcp, (const struct sockaddr *)&ss, 0))) return rc;
-  if ((rc = uv_listen((uv_stream_t *)&srv->tcp, 511, on_connection))) return rc;
-  srv->listening = 1;
-  return 0;
+  return sg__listener_listen(&srv->listener, address, on_connection);
 }
 
 int sg__http_server_port(const sg__http_server *srv) {
-  return srv->listening ? sg__address_port(&srv->tcp) : UV_EINVAL;
+  return sg__listener_port(&srv->listener);
 }
 
 void sg__http_server_stats_get(const sg__http_server *srv, sg__http_stats *out) {
   *out = srv->stats;
 }
 
-static void on_listener_closed(uv_handle_t *h) {
-  sg__http_server *srv = h->data;
-  srv->tcp_closed = 1;
-  if (srv->pending == 0 && srv->close_cb) srv->close_cb(srv);
-}
-
 void sg__http_server_close(sg__http_server *srv, sg__http_server_close_cb close_cb) {
-  if (srv->closing) return;
-  srv->closing = 1;
+  if (srv->listener.closing) return;
   srv->close_cb = close_cb;
-  uv_close((uv_handle_t *)&srv->tcp, on_listener_closed);
-  for (conn *c = srv->conns; c; c = c->next) conn_close(c, SG_ECANCELED);
+  sg__listener_close(&srv->listener);
+  for (sg__lconn *l = srv->listener.conns; l; l = l->next)
+    conn_close(container_of(l, conn, link), SG_ECANCELED);
 }

@@ -34,6 +34,7 @@
 #include <uv.h>
 
 #include "log.h"
+#include "listener.h"
 
 /* A field left 0 takes its default. */
 typedef struct sg__http_limits {
@@ -127,15 +128,11 @@ typedef void (*sg__http_server_close_cb)(sg__http_server *srv);
 struct sg__http_server {
   void *data;  /* the embedder's */
   /* private */
-  uv_loop_t *loop;
-  uv_tcp_t tcp;
+  sg__listener listener;
   sg__http_limits limits;
   const sg__logger *log;
   sg__http_handler handler;
   void *handler_ud;
-  struct sg__http_conn *conns;
-  unsigned pending;  /* handles still to close besides tcp */
-  int listening, closing, tcp_closed;
   sg__http_server_close_cb close_cb;
   sg__http_stats stats;
 };

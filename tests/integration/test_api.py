@@ -26,6 +26,21 @@ def plain(content):
     return str(content["value"])
 
 
+def raw_exchange(port, data):
+    """Sends `data` on a new connection; returns all the server sends until it closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(data)
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return got
+            got += chunk
+    finally:
+        s.close()
+
+
 class Auth(unittest.TestCase):
     def test_tokens_users_and_admin_routes(self):
         api = Api(self)
@@ -38,6 +53,12 @@ class Auth(unittest.TestCase):
         self.assertEqual((st, body["code"]), (401, "EAUTH"))
         st, _, body = api.request("GET", "/api/v1/backends", headers={"Authorization": "Basic eDp5"})
         self.assertEqual(st, 401)
+        # a header with an empty value (with or without a space) before the
+        # token does not take the next header's name with it
+        for empty in (b"X-Empty:\r\n", b"X-Empty: \r\n", b"X-A:\r\nX-B:\r\n"):
+            got = raw_exchange(api.port, b"GET /api/v1/backends HTTP/1.1\r\nHost: x\r\n" + empty +
+                               b"Authorization: Bearer " + api.admin.encode() + b"\r\n\r\n")
+            self.assertTrue(got.startswith(b"HTTP/1.1 200 "), (empty, got[:200]))
         # a user: API yes, admin routes no
         st, _, backends = api.get("/api/v1/backends", bob)
         self.assertEqual(st, 200)
@@ -312,15 +333,7 @@ class Limits(unittest.TestCase):
         # garbage and too many header lines: a JSON error, then the connection closes
         for raw, status in ((b"NOT HTTP AT ALL\r\n\r\n", 400),
                             (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(70)) + b"\r\n", 431)):
-            s = socket.create_connection(("127.0.0.1", api.port), timeout=10)
-            s.sendall(raw)
-            got = b""
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
-            s.close()
+            got = raw_exchange(api.port, raw)
             self.assertTrue(got.startswith(b"HTTP/1.1 %d " % status), got)
             self.assertIn(b'"code":"', got)
         # still serving; /metrics passes promtool and counts what happened
