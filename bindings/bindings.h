@@ -110,8 +110,9 @@ int sg__lua_result(lua_State *L, int err);
  * That memory starts with an sg__lown and is freed when both owners let go:
  * the C side ended (the uv close callback ran) and the userdata was
  * collected, whichever comes last. Registry references (callbacks, and the
- * userdata itself while the handle is open) are released by sg__lown_close,
- * from Lua, never from a close callback (the state may be gone by then). */
+ * userdata itself while the handle is open) are released by sg__lown_close:
+ * from Lua, or from the C side's close callback just before sg__lown_c_done
+ * (it touches the state only while the state and the userdata live). */
 #define SG__LOWN_REFS 4
 typedef struct sg__lown {
   sg__lenv *e;

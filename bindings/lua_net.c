@@ -22,14 +22,15 @@ typedef struct {
   int is_thread;
 } waiter;
 
+/* The connection's C memory: its life is an sg__lown's (bindings.h). The
+ * userdata is pinned while the connection is open; the close callback
+ * cancels the waiters, then releases it. */
 typedef struct lconn {
+  sg__lown own;
   sg__net_conn c;
-  sg__lenv *h;
-  int self_ref;           /* keeps the userdata alive until closed */
   waiter connect_w, read_w, drain_w;
   int read_lines;         /* what read_w waits for: a line (1) or bytes (0) */
-  int closed;
-  int handle_gone, userdata_gone;  /* freed when both are true */
+  int closed;             /* closing was asked (or the connection never opened) */
 } lconn;
 
 /* ---- waiters ------------------------------------------------------------- */
@@ -114,26 +115,25 @@ static int push_read(lua_State *L, lconn *lc) {
 /* Answers the read and drain waiters that can be answered now. */
 static void deliver(sg__net_conn *c) {
   lconn *lc = c->data;
-  lua_State *L = lc->h->L;
+  lua_State *L = lc->own.e->L;
   if (!L || lc->closed) return;
   int n;
-  if (lc->read_w.ref != LUA_NOREF && (n = push_read(L, lc)) > 0) waiter_fire(lc->h, &lc->read_w, n);
+  if (lc->read_w.ref != LUA_NOREF && (n = push_read(L, lc)) > 0) waiter_fire(lc->own.e, &lc->read_w, n);
   if (lc->drain_w.ref != LUA_NOREF && !lc->closed && sg__net_write_queue_size(&lc->c) == 0) {
     lua_pushboolean(L, 1);
-    waiter_fire(lc->h, &lc->drain_w, 1);
+    waiter_fire(lc->own.e, &lc->drain_w, 1);
   }
 }
 
 static void conn_closed(sg__net_conn *c) {
   lconn *lc = c->data;
-  if (!lc->userdata_gone && lc->h->L) {
-    waiter_cancel(lc->h, &lc->connect_w);
-    waiter_cancel(lc->h, &lc->read_w);
-    waiter_cancel(lc->h, &lc->drain_w);
-    luaL_unref(lc->h->L, LUA_REGISTRYINDEX, lc->self_ref);
+  if (!lc->own.lua_gone && lc->own.e->L) {
+    waiter_cancel(lc->own.e, &lc->connect_w);
+    waiter_cancel(lc->own.e, &lc->read_w);
+    waiter_cancel(lc->own.e, &lc->drain_w);
   }
-  lc->handle_gone = 1;
-  if (lc->userdata_gone) free(lc);
+  sg__lown_close(&lc->own);
+  sg__lown_c_done(&lc->own);
 }
 
 static void conn_close(lconn *lc) {
@@ -144,16 +144,16 @@ static void conn_close(lconn *lc) {
 
 static void connected(sg__net_conn *c, int status) {
   lconn *lc = c->data;
-  lua_State *L = lc->h->L;
+  lua_State *L = lc->own.e->L;
   if (!L) return;
   if (status == 0) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lc->self_ref);
-    waiter_fire(lc->h, &lc->connect_w, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lc->own.self_ref);
+    waiter_fire(lc->own.e, &lc->connect_w, 1);
     return;
   }
   int n = sg__lua_fail(L, status, sg__net_error(c));
   conn_close(lc);
-  waiter_fire(lc->h, &lc->connect_w, n);
+  waiter_fire(lc->own.e, &lc->connect_w, n);
 }
 
 static const sg__net_events events = {connected, deliver, deliver};
@@ -162,25 +162,22 @@ static const sg__net_events events = {connected, deliver, deliver};
 
 /* A new conn object on the stack, registered so it lives until closed. */
 static lconn *new_conn(lua_State *L, sg__lenv *h) {
-  lconn **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, CONN_MT);
-  lconn *lc = calloc(1, sizeof *lc);
-  if (!lc) luaL_error(L, "out of memory");
-  lc->h = h;
+  lconn *lc = sg__lown_new(L, h, CONN_MT, sizeof *lc);
   lc->c.data = lc;
   lc->connect_w.ref = lc->read_w.ref = lc->drain_w.ref = LUA_NOREF;
-  lc->self_ref = LUA_NOREF;
-  *ud = lc;
   return lc;
 }
 
-/* Registered only once the runtime accepted the conn: a refused one has no
- * close callback to release it, so __gc frees it. */
-static void anchor(lua_State *L, lconn *lc) {
-  lc->handle_gone = 0;
-  lua_pushvalue(L, -1);
-  lc->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+/* After the runtime answered: a refused conn has no C side and no close
+ * callback (__gc frees it); an accepted one is pinned until it closes. */
+static void opened(lua_State *L, lconn *lc, int rc) {
+  if (rc == 0) {
+    sg__lown_pin(L, &lc->own, -1);
+    return;
+  }
+  lc->closed = 1;
+  sg__lown_close(&lc->own);
+  sg__lown_c_done(&lc->own);
 }
 
 static sg__lenv *live_host(lua_State *L) {
@@ -238,11 +235,9 @@ static int l_connect(lua_State *L) {
   sg__net_options o;
   check_options(L, cb == 3 ? 0 : 3, &o);
   lconn *lc = new_conn(L, h);
-  lc->handle_gone = 1;
   int rc = sg__net_connect(h->loop, &lc->c, host, (int)port, &o, &events);
-  lc->closed = rc != 0;  /* refused: nothing to close, __gc frees it */
+  opened(L, lc, rc);
   if (rc != 0) return sg__lua_fail(L, rc, lc->c.error[0] ? lc->c.error : NULL);
-  anchor(L, lc);
   waiter_arm(L, &lc->connect_w, cb, "connect");
   return waiter_wait(L, &lc->connect_w);
 }
@@ -253,21 +248,19 @@ static int l_stdin(lua_State *L) {
   lua_Integer max_line = luaL_optinteger(L, 1, 0);
   luaL_argcheck(L, max_line >= 0, 1, "must not be negative");
   lconn *lc = new_conn(L, h);
-  lc->handle_gone = 1;
   int rc = sg__net_open_fd(h->loop, &lc->c, 0, (size_t)max_line, &events);
-  lc->closed = rc != 0;
+  opened(L, lc, rc);
   if (rc == SG_EINVAL) return sg__lua_fail(L, rc, "stdin is not a terminal or a pipe");
   if (rc != 0) return sg__lua_fail(L, rc, NULL);
-  anchor(L, lc);
   return 1;
 }
 
 /* ---- methods --------------------------------------------------------------- */
 
 static lconn *check_conn(lua_State *L) {
-  lconn **ud = luaL_checkudata(L, 1, CONN_MT);
-  if (!*ud) luaL_argerror(L, 1, "connection already collected");
-  return *ud;
+  lconn *lc = sg__lown_get(L, 1, CONN_MT);
+  if (!lc) luaL_argerror(L, 1, "connection already collected");
+  return lc;
 }
 
 static int do_read(lua_State *L, int lines) {
@@ -359,13 +352,8 @@ static int l_tostring(lua_State *L) {
 
 /* Collected: open only when the state is closing (the registry held it). */
 static int l_gc(lua_State *L) {
-  lconn **ud = luaL_checkudata(L, 1, CONN_MT);
-  lconn *lc = *ud;
-  *ud = NULL;
-  if (!lc) return 0;
-  lc->userdata_gone = 1;
-  conn_close(lc);
-  if (lc->handle_gone) free(lc);
+  lconn *lc = sg__lown_take(L, 1, CONN_MT);
+  if (lc && sg__lown_gc(&lc->own)) conn_close(lc);
   return 0;
 }
 

@@ -37,12 +37,13 @@
 #define BATCH_MT "segue.postbox.batch"
 #define DONE_MT "segue.postbox.done"
 
+/* The postbox's C memory: its life is an sg__lown's (bindings.h), whose
+ * refs hold the store and the transport's functions; the userdata stays
+ * pinned until close (done closures use it). `pb` is NULL once closed. */
+enum { STORE = 0, PUSH = 1, DELIVER = 2 };
 typedef struct lpostbox {
+  sg__lown own;
   sg__postbox *pb;
-  sg__lenv *h;
-  int store_ref, push_ref, deliver_ref;
-  int self_ref;  /* the userdata, referenced until close (done closures use it) */
-  int lua_gone;  /* the state is closing: never call into it again */
 } lpostbox;
 
 /* What a push callback needs: the Lua callback and who to tell. */
@@ -52,7 +53,7 @@ typedef struct lcb {
 } lcb;
 
 static lpostbox *check_pb(lua_State *L) {
-  lpostbox *lp = *(lpostbox **)luaL_checkudata(L, 1, PB_MT);
+  lpostbox *lp = sg__lown_get(L, 1, PB_MT);
   if (!lp || !lp->pb) luaL_argerror(L, 1, "the postbox is closed");
   return lp;
 }
@@ -71,7 +72,7 @@ static lcb *lcb_new(lua_State *L, lpostbox *lp, int idx) {
  * host, or NULL (nothing pushed) if Lua is gone. */
 static sg__lenv *lcb_take(lcb *c) {
   lpostbox *lp = c->lp;
-  sg__lenv *h = lp->lua_gone || !lp->h->L ? NULL : lp->h;
+  sg__lenv *h = lp->own.lua_gone || !lp->own.e->L ? NULL : lp->own.e;
   if (h) {
     lua_rawgeti(h->L, LUA_REGISTRYINDEX, c->ref);
     luaL_unref(h->L, LUA_REGISTRYINDEX, c->ref);
@@ -96,18 +97,18 @@ static int l_done(lua_State *L) {
 
 static int tp_push(void *ud, const char *peer, const uint8_t *ev, size_t len, void *call) {
   lpostbox *lp = ud;
-  lua_State *L = lp->h->L;
-  if (lp->lua_gone || !L) return SG_ECLOSING;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->push_ref);
+  lua_State *L = lp->own.e->L;
+  if (lp->own.lua_gone || !L) return SG_ECLOSING;
+  sg__lown_push(L, &lp->own, PUSH);
   lua_pushstring(L, peer);
   lua_pushlstring(L, (const char *)ev, len);
   void **slot = lua_newuserdatauv(L, sizeof *slot, 0);
   *slot = call;
-  /* The postbox's userdata, not lp: after close it holds NULL, so a late
-   * done() finds out instead of touching freed memory. */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->self_ref);
+  /* The postbox's userdata, not lp: it keeps lp alive, and lp->pb is NULL
+   * after close, so a late done() finds out. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->own.self_ref);
   lua_pushcclosure(L, l_done, 2);
-  int err = sg__lenv_pcall(lp->h, 3, 0, "postbox push");
+  int err = sg__lenv_pcall(lp->own.e, 3, 0, "postbox push");
   /* A transport that raised counts as a failed try, and its done() as nothing. */
   if (err) *slot = NULL;
   return err;
@@ -116,10 +117,10 @@ static int tp_push(void *ud, const char *peer, const uint8_t *ev, size_t len, vo
 static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len, char *err,
                       size_t errlen) {
   lpostbox *lp = ud;
-  lua_State *L = lp->h->L;
-  if (lp->lua_gone || !L) return SG_ECLOSING;
+  lua_State *L = lp->own.e->L;
+  if (lp->own.lua_gone || !L) return SG_ECLOSING;
   int top = lua_gettop(L);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, lp->deliver_ref);
+  sg__lown_push(L, &lp->own, DELIVER);
   lua_pushstring(L, peer);
   lua_pushlstring(L, (const char *)ev, len);
   int rc = sg__lenv_pcall_raw(lp->h, 2, 2);
@@ -361,38 +362,28 @@ static int l_rename(lua_State *L) {
 
 /* ---- life cycle ------------------------------------------------------------------ */
 
-/* Lua references go first: when the postbox has nothing to close, lp is
- * freed inside sg__postbox_close. */
-static void pb_close(lua_State *L, lpostbox *lp) {
-  if (!lp->pb) return;
+static void pb_closed(void *lp) { sg__lown_c_done(&((lpostbox *)lp)->own); }
+
+/* After sg__lown_close: closes the postbox, which may call pb_closed at once. */
+static void pb_close(lpostbox *lp) {
   sg__postbox *pb = lp->pb;
   lp->pb = NULL;
-  if (!lp->lua_gone) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->store_ref);
-    sg__lua_store_hold(L, -1, -1);
-    lua_pop(L, 1);
-    luaL_unref(L, LUA_REGISTRYINDEX, lp->store_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lp->push_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lp->deliver_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, lp->self_ref);
-  }
-  sg__postbox_close(pb, free, lp);  /* lp is freed once the postbox is */
+  sg__postbox_close(pb, pb_closed, lp);
 }
 
 static int l_close(lua_State *L) {
-  lpostbox **ud = luaL_checkudata(L, 1, PB_MT);
-  if (*ud) pb_close(L, *ud);
-  *ud = NULL;
+  lpostbox *lp = sg__lown_get(L, 1, PB_MT);
+  if (!lp || lp->own.closed) return 0;
+  sg__lown_push(L, &lp->own, STORE);  /* the store may close again */
+  sg__lua_store_hold(L, -1, -1);
+  lua_pop(L, 1);
+  if (sg__lown_close(&lp->own)) pb_close(lp);
   return 0;
 }
 
 static int l_gc(lua_State *L) {
-  lpostbox **ud = luaL_checkudata(L, 1, PB_MT);
-  if (*ud) {
-    (*ud)->lua_gone = 1;  /* collected: the state is going, or nobody can call us */
-    pb_close(L, *ud);
-  }
-  *ud = NULL;
+  lpostbox *lp = sg__lown_take(L, 1, PB_MT);
+  if (lp && sg__lown_gc(&lp->own)) pb_close(lp);
   return 0;
 }
 
@@ -431,28 +422,18 @@ static int l_new(lua_State *L) {
   lua_getfield(L, 3, "deliver");
   luaL_argcheck(L, lua_isfunction(L, -2) && lua_isfunction(L, -1), 3,
                 "push and deliver functions expected");
-  lpostbox **ud = lua_newuserdatauv(L, sizeof *ud, 0);
-  *ud = NULL;
-  luaL_setmetatable(L, PB_MT);
-  lpostbox *lp = calloc(1, sizeof *lp);
-  if (!lp) return luaL_error(L, "out of memory");
-  lp->h = h;
+  lpostbox *lp = sg__lown_new(L, h, PB_MT, sizeof *lp);
   sg__postbox_transport tp = {tp_push, tp_deliver, lp};
   int rc = sg__postbox_new(h->loop, store, &tp, &o, &lp->pb);
   if (rc < 0) {
-    free(lp);
+    sg__lown_discard(L, -1, &lp->own);
     return sg__lua_fail(L, rc, "cannot open the postbox");
   }
-  *ud = lp;
-  lua_pushvalue(L, -3);
-  lp->push_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -2);
-  lp->deliver_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, 1);
-  lp->store_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_ref(L, &lp->own, PUSH, -3);
+  sg__lown_ref(L, &lp->own, DELIVER, -2);
+  sg__lown_ref(L, &lp->own, STORE, 1);
   sg__lua_store_hold(L, 1, 1);
-  lua_pushvalue(L, -1);
-  lp->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  sg__lown_pin(L, &lp->own, -1);
   return 1;
 }
 
