@@ -119,6 +119,24 @@ int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
   return SG_ELUA;
 }
 
+int sg__lenv_resume(sg__lenv *e, int nargs) {
+  lua_State *L = e->L;
+  lua_State *co = lua_tothread(L, -1 - nargs);
+  lua_xmove(L, co, nargs);
+  int nres = 0, err = 0;
+  int rc = lua_resume(co, L, nargs, &nres);
+  if (rc == LUA_OK || rc == LUA_YIELD) {
+    lua_pop(co, nres);
+  } else {
+    luaL_traceback(L, co, lua_tostring(co, -1), 0);
+    sg__lenv_report(e, SG_ELUA, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    err = SG_ELUA;
+  }
+  lua_pop(L, 1);  /* the thread, anchored on L while it ran */
+  return err;
+}
+
 /* ---- the life of C memory behind a userdata ------------------------------- */
 
 void sg__lown_init(sg__lown *o, sg__lenv *e) {

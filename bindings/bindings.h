@@ -94,6 +94,10 @@ void sg__lenv_bound_strings(lua_State *L, sg__lenv *e);
  * that wants the error itself: it stays on the stack as lua_pcall leaves
  * it. Returns lua_pcall's status. */
 int sg__lenv_pcall_raw(sg__lenv *e, int nargs, int nres);
+/* Resumes the coroutine on e->L's stack below its `nargs` arguments (which
+ * move to it) and pops it; an error that escapes it is reported with its
+ * traceback (returns SG_ELUA), as sg__lenv_pcall does for functions. */
+int sg__lenv_resume(sg__lenv *e, int nargs);
 /* Logs an error no Lua caller can receive and tells the owner. */
 void sg__lenv_report(sg__lenv *e, int err, const char *message);
 

@@ -60,24 +60,6 @@ static int waiter_wait(lua_State *L, const waiter *w) {
   return 1;
 }
 
-/* Resumes `co` (on L's stack below its nargs arguments) and reports an error
- * that escapes it, as segue.spawn's coroutines would. */
-static void resume_thread(sg__lenv *h, int nargs) {
-  lua_State *L = h->L;
-  lua_State *co = lua_tothread(L, -1 - nargs);
-  lua_xmove(L, co, nargs);
-  int nres = 0;
-  int rc = lua_resume(co, L, nargs, &nres);
-  if (rc == LUA_OK || rc == LUA_YIELD) {
-    lua_pop(co, nres);
-  } else {
-    luaL_traceback(L, co, lua_tostring(co, -1), 0);
-    sg__lenv_report(h, SG_ELUA, lua_tostring(L, -1));
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);  /* the thread, anchored on L while it ran */
-}
-
 /* Hands the nargs values on top of the host's stack to whoever waits on w. */
 static void waiter_fire(sg__lenv *h, waiter *w, int nargs) {
   lua_State *L = h->L;
@@ -86,7 +68,7 @@ static void waiter_fire(sg__lenv *h, waiter *w, int nargs) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, armed.ref);
   luaL_unref(L, LUA_REGISTRYINDEX, armed.ref);
   lua_insert(L, -1 - nargs);
-  if (armed.is_thread) resume_thread(h, nargs);
+  if (armed.is_thread) sg__lenv_resume(h, nargs);
   else sg__lenv_pcall(h, nargs, 0, "segue.net callback");
 }
 

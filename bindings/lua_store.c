@@ -268,17 +268,7 @@ static void on_reply(void *ud, const sg__store_reply *r) {
   if (!c->is_thread) {
     sg__lenv_pcall(h, n, 0, "segue.store callback");
   } else {
-    lua_State *co = lua_tothread(L, -1 - n);
-    lua_xmove(L, co, n);
-    int nres = 0, rc = lua_resume(co, L, n, &nres);
-    if (rc == LUA_OK || rc == LUA_YIELD) {
-      lua_pop(co, nres);
-    } else {
-      luaL_traceback(L, co, lua_tostring(co, -1), 0);
-      sg__lenv_report(h, SG_ELUA, lua_tostring(L, -1));
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1);  /* the thread */
+    sg__lenv_resume(h, n);
   }
   free(c);
 }
