@@ -123,7 +123,7 @@ static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len,
   sg__lown_push(L, &lp->own, DELIVER);
   lua_pushstring(L, peer);
   lua_pushlstring(L, (const char *)ev, len);
-  int rc = sg__lenv_pcall_raw(lp->h, 2, 2);
+  int rc = sg__lenv_pcall_raw(lp->own.e, 2, 2);
   int ok = rc == LUA_OK && lua_toboolean(L, -2);
   if (!ok) {
     const char *msg = lua_tostring(L, -1);
