@@ -74,7 +74,6 @@ local source_len           -- length of "nick!user@host" as others see us
 local channels = {}        -- id -> display name: where we want to be (rejoined on reconnect)
 local joined = {}          -- id -> true: where we are on this connection
 local joining = {}         -- id -> true: JOIN sent on this connection, no answer yet
-local waiting = {}         -- key -> { coroutines }: see wait_for
 
 -- IRCv3 state of this connection.
 local WANTED = { "message-tags", "server-time", "echo-message", "batch", "labeled-response",
@@ -86,60 +85,10 @@ local cap_ended = false    -- CAP END sent on this connection
 local batches = {}         -- reference -> { type, target, msgs }: open BATCHes
 local history_limit = 50   -- CHATHISTORY=N of ISUPPORT, at most 100
 
--- Timers: ours stop when the backend stops. (backend.timer keeps every
--- timer it made until then; a long session makes many.)
-local timers = {}
-
-local function after(ms, fn)
-  local t
-  t = segue.timer(ms, function()
-    timers[t] = nil
-    fn()
-  end)
-  timers[t] = true
-  return t
-end
-
-local function cancel(t)
-  if t then t:stop(); timers[t] = nil end
-end
-
--- Waiting for the server ------------------------------------------------------
-
--- Suspends the calling handler until wake(key, ...) or the time-out.
-local function wait_for(key, ms)
-  local co = coroutine.running()
-  local list = waiting[key] or {}
-  waiting[key] = list
-  list[#list + 1] = co
-  local timer = after(ms, function()
-    for i, c in ipairs(list) do
-      if c == co then
-        table.remove(list, i)
-        coroutine.resume(co, nil, "timed out after " .. ms .. " ms")
-        return
-      end
-    end
-  end)
-  local ok, err = coroutine.yield()
-  cancel(timer)
-  return ok, err
-end
-
-local function wake(key, ok, err)
-  local list = waiting[key]
-  waiting[key] = nil
-  for _, co in ipairs(list or {}) do
-    local fine, e = coroutine.resume(co, ok, err)
-    if not fine then log.error(debug.traceback(co, e)) end
-  end
-end
-
-local function pause(ms)
-  local co = coroutine.running()
-  after(ms, function() coroutine.resume(co) end)
-  coroutine.yield()
-end
+-- Timers and handlers waiting for the server (segue.waits): ours stop when
+-- the backend stops.
+local waits = require("segue.waits").new(log)
+local after, cancel, wait_for, wake, pause = waits.after, waits.cancel, waits.wait_for, waits.wake, waits.pause
 
 -- Sending: immediate, or through the flood-control token bucket ------------------
 
@@ -559,9 +508,7 @@ end
 handlers.FAIL = function(m)
   if m.params[1] ~= "CHATHISTORY" then return log.warn("FAIL " .. table.concat(m.params, " ")) end
   local why = "the server refused CHATHISTORY: " .. tostring(m.params[#m.params])
-  for key in pairs(waiting) do
-    if key:match("^history ") then wake(key, nil, why) end
-  end
+  waits.wake_matching("^history ", nil, why)
 end
 
 handlers["464"] = function(m) log.error("the server refused the password: " .. tostring(m.params[2])) end
@@ -794,7 +741,7 @@ return {
 
   stop = function()
     stopped = true
-    for t in pairs(timers) do t:stop() end
+    waits.stop_all()
     if conn then
       conn:write("QUIT :segue stopping\r\n")
       conn:close()

@@ -6,6 +6,8 @@
 -- its only user, and is embedded as the module `segue.irc_format` (a file
 -- backends/<name>_<part>.lua beside backends/<name>.lua is a helper module,
 -- not a backend: cmake/embed_scripts.cmake).
+local utc = require "segue.utc"
+
 local M = {}
 
 M.LINE_BYTES = 512   -- RFC 1459/2812: a line with its CRLF
@@ -59,17 +61,6 @@ function M.tags(raw)
   return t
 end
 
--- Days from 1970-01-01 to a civil date (proleptic Gregorian), without the
--- C library's time zone: the server's times are UTC.
-local function days_from_civil(y, m, d)
-  y = m <= 2 and y - 1 or y
-  local era = (y >= 0 and y or y - 399) // 400
-  local yoe = y - era * 400
-  local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
-  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  return era * 146097 + doe - 719468
-end
-
 --- parse_time(s) -> milliseconds since the epoch for an IRCv3 server-time
 --- value ("2026-11-26T14:49:24.277Z", UTC), or nil for anything else.
 function M.parse_time(s)
@@ -79,7 +70,7 @@ function M.parse_time(s)
   y, mo, d, h, mi, sec = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(sec)
   if mo < 1 or mo > 12 or d < 1 or d > 31 or h > 23 or mi > 59 or sec > 60 then return nil end
   local ms = frac ~= "" and math.tointeger(tonumber((frac .. "00"):sub(1, 3))) or 0
-  return ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000 + sec * 1000 + ms
+  return ((utc.days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60000 + sec * 1000 + ms
 end
 
 --- line(command, params...) -> "COMMAND p1 :last" (no CRLF). Raises on a

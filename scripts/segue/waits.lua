@@ -63,6 +63,16 @@ function M.new(log)
     for _, co in ipairs(list or {}) do resume(co, a, b) end
   end
 
+  --- wake_matching(pattern, a, b): wake(key, a, b) for every key waited
+  --- for that matches the Lua pattern (a refusal that names no one key).
+  function w.wake_matching(pattern, a, b)
+    local keys = {}
+    for key in pairs(waiting) do
+      if key:match(pattern) then keys[#keys + 1] = key end
+    end
+    for _, key in ipairs(keys) do w.wake(key, a, b) end
+  end
+
   --- pause(ms): the calling coroutine sleeps.
   function w.pause(ms)
     local co = coroutine.running()

@@ -1,6 +1,8 @@
 -- The XMPP backend's pure half: JIDs, message styling (XEP-0393) to and
 -- from MessageContent, XEP-0082 time stamps, and text made safe for XML.
 -- No I/O, so busted tests it directly (tests/spec/xmpp_format_spec.lua).
+local utc = require "segue.utc"
+
 local M = {}
 
 -- JIDs -----------------------------------------------------------------------
@@ -54,21 +56,12 @@ end
 
 -- Time (XEP-0082) ------------------------------------------------------------------
 
-local function days_from_civil(y, m, d)
-  y = m <= 2 and y - 1 or y
-  local era = (y >= 0 and y or y - 399) // 400
-  local yoe = y - era * 400
-  local doy = (153 * (m + (m > 2 and -3 or 9)) + 2) // 5 + d - 1
-  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  return era * 146097 + doe - 719468
-end
-
 --- stamp_ms("2026-11-26T14:05:00.123Z") -> ms since the epoch, or nil.
 function M.stamp_ms(s)
   if type(s) ~= "string" then return nil end
   local y, mo, d, h, mi, sec, frac, tz = s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(%.?%d*)(.*)$")
   if not y then return nil end
-  local t = days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
+  local t = utc.days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
     + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
   local off = 0
   if tz ~= "Z" and tz ~= "" then

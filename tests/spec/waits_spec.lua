@@ -20,6 +20,20 @@ describe("segue.waits", function()
     assert.are.same({ { true, "ok" }, { true, "ok" } }, got)
   end)
 
+  it("wakes only the keys matching a pattern with wake_matching", function()
+    local w = waits.new(log)
+    local got = segue.await(function()
+      local results = {}
+      for i, key in ipairs { "history #a", "history #b", "join #a" } do
+        segue.spawn(function() results[i] = { w.wait_for(key, 300) } end)
+      end
+      w.after(10, function() w.wake_matching("^history ", nil, "refused") end)
+      segue.sleep(400)
+      return results
+    end)
+    assert.are.same({ { nil, "refused" }, { nil, "refused" }, { nil, "timed out after 300 ms" } }, got)
+  end)
+
   it("answers nil and the time-out when nobody wakes the key", function()
     local w = waits.new(log)
     local a, b = segue.await(function() return w.wait_for("iq 1", 20) end)
