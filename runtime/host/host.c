@@ -190,39 +190,6 @@ void sg_host_set_data(sg_host *h, void *data) { h->data = data; }
 uv_loop_t *sg_host_loop(const sg_host *h) { return h->env.loop; }
 const char *sg_host_last_error(const sg_host *h) { return h->last_error; }
 
-/* Calls segue.boot.<fn>(args...) which returns true or nil, err. */
-static int boot_call(sg_host *h, const char *fn, int nargs) {
-  lua_State *L = h->env.L;
-  if (h->env.closing) {
-    lua_pop(L, nargs);
-    return SG_ECLOSING;
-  }
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "segue.boot");
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-    lua_pop(L, 1 + nargs);
-    return SG_ELUA;
-  }
-  lua_getfield(L, -1, fn);
-  lua_remove(L, -2);
-  lua_insert(L, -1 - nargs);
-  char what[64];
-  snprintf(what, sizeof what, "segue.boot.%s", fn);
-  if (sg__lenv_pcall(&h->env, nargs, 2, what) != 0) return SG_ELUA;
-  int ok = lua_toboolean(L, -2);
-  int code = SG_ECONFIG;
-  snprintf(h->last_error, sizeof h->last_error, "%s", ok ? "" : luaL_optstring(L, -1, "failed"));
-
-  lua_pop(L, 2);
-  return ok ? 0 : code;
-}
-
-int sg__host_call_boot(sg_host *h, const char *fn, const char *const *argv, int argc) {
-  luaL_checkstack(h->env.L, argc + 8, "arguments");
-  for (int i = 0; i < argc; i++) lua_pushstring(h->env.L, argv[i]);
-  return boot_call(h, fn, argc);
-}
-
 /* Pushes require(module)[field]; 0, or SG_ELUA (logged). */
 static int push_module_field(sg_host *h, const char *module, const char *field) {
   lua_State *L = h->env.L;
@@ -234,12 +201,42 @@ static int push_module_field(sg_host *h, const char *module, const char *field) 
   return 0;
 }
 
+static void push_strings(lua_State *L, const char *const *argv, int argc) {
+  luaL_checkstack(L, argc + 8, "arguments");
+  for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
+}
+
+/* Calls segue.boot.<fn>(args...) which returns true or nil, err. */
+static int boot_call(sg_host *h, const char *fn, int nargs) {
+  lua_State *L = h->env.L;
+  if (h->env.closing) {
+    lua_pop(L, nargs);
+    return SG_ECLOSING;
+  }
+  if (push_module_field(h, "segue.boot", fn) != 0) {
+    lua_pop(L, nargs);
+    return SG_ELUA;
+  }
+  lua_insert(L, -1 - nargs);
+  char what[64];
+  snprintf(what, sizeof what, "segue.boot.%s", fn);
+  if (sg__lenv_pcall(&h->env, nargs, 2, what) != 0) return SG_ELUA;
+  int ok = lua_toboolean(L, -2);
+  snprintf(h->last_error, sizeof h->last_error, "%s", ok ? "" : luaL_optstring(L, -1, "failed"));
+  lua_pop(L, 2);
+  return ok ? 0 : SG_ECONFIG;
+}
+
+int sg__host_call_boot(sg_host *h, const char *fn, const char *const *argv, int argc) {
+  push_strings(h->env.L, argv, argc);
+  return boot_call(h, fn, argc);
+}
+
 int sg__host_cli(sg_host *h, const char *const *argv, int argc) {
   lua_State *L = h->env.L;
   if (argc < 1) return -1;
   if (push_module_field(h, "segue.cli", "run") != 0) return 1;
-  luaL_checkstack(L, argc + 8, "arguments");
-  for (int i = 0; i < argc; i++) lua_pushstring(L, argv[i]);
+  push_strings(L, argv, argc);
   char what[64];
   snprintf(what, sizeof what, "segue %s", argv[0]);
   if (sg__lenv_pcall(&h->env, argc, 1, what) != 0) return 1;
