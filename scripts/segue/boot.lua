@@ -390,11 +390,9 @@ function M.check(path)
   return true
 end
 
---- signal_reload(config_path): `segue reload [CONFIG]` asks the segue
---- running with that config's data_dir to reload (SIGHUP).
-function M.signal_reload(path)
-  local cfg, errors = require("segue.cli").load_config(path)
-  if not cfg then return report(errors) end
+--- signal_reload(cfg): `segue reload [CONFIG]` asks the segue running
+--- with that (loaded) config's data_dir to reload (SIGHUP).
+function M.signal_reload(cfg)
   local pid, err = fs.pidfile_holder(cfg.data_dir .. "/segue.pid")
   if not pid then return nil, err end
   local ok

@@ -43,13 +43,18 @@ end
 
 -- segue reload [CONFIG] ---------------------------------------------------------
 function commands.reload(path)
+  local cfg, errors = M.load_config(path)
+  if not cfg then
+    for _, e in ipairs(errors) do core.log("error", e) end
+    err("reload: %s", table.concat(errors, "\n"))
+    return 1
+  end
   -- rules_check = "dry-run": the rules must first replay the log cleanly
-  local cfg = M.load_config(path)
-  if cfg and cfg.rules_check == "dry-run" then
+  if cfg.rules_check == "dry-run" then
     local clean, why = require("segue.dryrun").check_before_reload(cfg)
     if not clean then err("reload: not reloaded: %s (rules_check = \"dry-run\")", why) return 1 end
   end
-  local ok, e = require("segue.boot").signal_reload(path)
+  local ok, e = require("segue.boot").signal_reload(cfg)
   if not ok then err("reload: %s", e) return 1 end
   return 0
 end
