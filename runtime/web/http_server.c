@@ -1,6 +1,7 @@
-/* The client API's HTTP server: http-parser on uv TCP, one request per
- * connection. A connection is freed when both its handles are closed and
- * its handler gave the request back, whichever comes last. */
+/* The client API's HTTP server: http-parser on uv TCP, persistent
+ * connections, one request at a time per connection. A connection is freed
+ * when both its handles are closed and its handler gave the request back,
+ * whichever comes last. */
 #include "http_server.h"
 
 #include <http_parser.h>
@@ -30,10 +31,13 @@ typedef struct sg__http_conn {
   uv_shutdown_t sreq;
   http_parser parser;
   int state, held, answered, in_field;
+  int keep;              /* the request asked to keep the connection open */
+  unsigned served;       /* requests answered on this connection */
   size_t head_bytes, pending, nwrites;
   sg__http_gone_cb gone_cb;
   void *gone_ud;
   sg__buf url, body, hdrs;            /* hdrs: "name\0value\0" pairs */
+  sg__buf rest;                       /* bytes read past the request (pipelined) */
   sg__http_header *headers;
   size_t nheaders, headers_cap;
   char method[16];
@@ -49,6 +53,10 @@ typedef struct wreq {
 } wreq;
 
 static void conn_close(conn *c, int status);
+static void conn_next(conn *c);
+static void conn_done(conn *c);
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static int conn_write(conn *c, const char *head, size_t hn, const void *body, size_t len);
 
 void sg__http_limits_default(sg__http_limits *l) {
@@ -64,10 +72,16 @@ static void limits_merge(sg__http_limits *out, const sg__http_limits *in) {
 #undef TAKE
 }
 
+static void buf_clear(sg__buf *b) {
+  b->len = 0;
+  if (b->p) b->p[0] = '\0';
+}
+
 static void conn_free(conn *c) {
   sg__buf_free(&c->url);
   sg__buf_free(&c->body);
   sg__buf_free(&c->hdrs);
+  sg__buf_free(&c->rest);
   free(c->headers);
   free(c);
 }
@@ -101,7 +115,9 @@ static void conn_close(conn *c, int status) {
 
 static void on_timer(uv_timer_t *t) {
   conn *c = t->data;
-  if (c->state <= ST_BODY)
+  if (c->state == ST_HEAD && c->served && c->head_bytes == 0 && c->rest.len == 0)
+    sg__log(c->srv->log, SG_LOG_DEBUG, "peer", c->peer, "http: idle connection closed");
+  else if (c->state <= ST_BODY)
     sg__log(c->srv->log, SG_LOG_WARN, "peer", c->peer, "http: request not complete in time, closing");
   else if (c->state == ST_FLUSH)
     sg__log(c->srv->log, SG_LOG_WARN, "peer", c->peer, "http: response not written in time, closing");
@@ -116,7 +132,9 @@ static void on_shutdown(uv_shutdown_t *s, int status) {
 /* Every byte written: FIN, then drop what the peer still sends for a while. */
 static void conn_linger(conn *c) {
   c->state = ST_LINGER;
-  if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+  uv_read_stop((uv_stream_t *)&c->tcp);  /* reading may have waited for the answer */
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0 ||
+      uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
     conn_close(c, 0);
     return;
   }
@@ -133,7 +151,7 @@ static void on_written(uv_write_t *w, int status) {
   free(wr);
   if (c->state == ST_CLOSED) return;
   if (status < 0) conn_close(c, status);
-  else if (c->state == ST_FLUSH && c->nwrites == 0) conn_linger(c);
+  else if (c->state == ST_FLUSH && c->nwrites == 0) conn_done(c);
 }
 
 /* Queues head + body as one write. On failure the connection is closed. */
@@ -159,24 +177,33 @@ static int conn_write(conn *c, const char *head, size_t hn, const void *body, si
   return 0;
 }
 
-/* After the last write: close once everything is out. */
+/* The response is out and the handler gave the request back: the next
+ * request on a persistent connection, or FIN. */
+static void conn_done(conn *c) {
+  if (!c->answered) return;  /* sg__http_request_release comes back here */
+  if (c->keep && !c->srv->listener.closing) conn_next(c);
+  else conn_linger(c);
+}
+
+/* After the last write: go on once everything is out. */
 static void conn_finish(conn *c) {
   if (c->state == ST_CLOSED || c->state >= ST_FLUSH) return;
   c->state = ST_FLUSH;
-  if (c->nwrites == 0) conn_linger(c);
-  else uv_timer_start(&c->timer, on_timer, c->srv->limits.write_timeout_ms, 0);
+  uv_timer_start(&c->timer, on_timer, c->srv->limits.write_timeout_ms, 0);
 }
 
 static int write_response(conn *c, int status, const char *headers, const void *body,
                           size_t len, int stream) {
   char head[512];
   int hn;
+  if (stream || c->srv->listener.closing) c->keep = 0;
+  const char *connection = c->keep ? "keep-alive" : "close";
   if (stream)
-    hn = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nConnection: close\r\n", status,
-                  reason(status));
+    hn = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nConnection: %s\r\n", status,
+                  reason(status), connection);
   else
-    hn = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\nConnection: close\r\n",
-                  status, reason(status), len);
+    hn = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\nConnection: %s\r\n",
+                  status, reason(status), len, connection);
   sg__buf h = {0};
   int rc = sg__buf_append(&h, head, (size_t)hn);
   if (!rc && headers) rc = sg__buf_append(&h, headers, strlen(headers));
@@ -205,6 +232,8 @@ static void conn_refuse(conn *c, int status, const char *code, const char *fmt, 
   int n = snprintf(body, sizeof body, "{\"error\":\"%s\",\"code\":\"%s\"}", msg, code);
   uv_timer_stop(&c->timer);
   c->state = ST_HANDLER;
+  c->keep = 0;
+  c->answered = 1;  /* no handler saw it */
   if (write_response(c, status, "Content-Type: application/json\r\n", body, (size_t)n, 0) == 0)
     conn_finish(c);
 }
@@ -272,6 +301,7 @@ void sg__http_request_release(sg__http_request *pub) {
   c->held = 0;
   c->gone_cb = NULL;
   if (!c->srv) conn_free(c);
+  else if (c->state == ST_FLUSH && c->nwrites == 0) conn_done(c);
 }
 
 int sg__http_request_on_gone(sg__http_request *pub, sg__http_gone_cb cb, void *ud) {
@@ -383,6 +413,8 @@ static int on_body(http_parser *p, const char *at, size_t n) {
 }
 
 static int on_message_complete(http_parser *p) {
+  conn *c = p->data;
+  c->keep = http_should_keep_alive(p);
   http_parser_pause(p, 1);
   return 0;
 }
@@ -418,6 +450,12 @@ static void conn_parse(conn *c, const char *data, size_t len) {
   enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
   if (c->state == ST_CLOSED || c->state > ST_BODY) return;  /* refused in a callback */
   if (e == HPE_PAUSED) {
+    /* One request at a time: what follows waits, unread, until it is
+     * answered; at most one read buffer of it is kept. */
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    if (n < len && sg__buf_append(&c->rest, data + n, len - n)) {
+      c->keep = 0;
+    }
     conn_dispatch(c);
   } else if (e != HPE_OK) {
     if (e == HPE_HEADER_OVERFLOW)
@@ -427,6 +465,32 @@ static void conn_parse(conn *c, const char *data, size_t len) {
   } else if (n < len) {
     conn_refuse(c, 400, "EPROTO", "protocol upgrades are not supported");
   }
+}
+
+/* The request is answered and its response written: the connection waits
+ * for the next one (parsing what was pipelined first). */
+static void conn_next(conn *c) {
+  c->served++;
+  buf_clear(&c->url);
+  buf_clear(&c->body);
+  buf_clear(&c->hdrs);
+  free(c->headers);
+  c->headers = NULL;
+  c->nheaders = c->head_bytes = 0;
+  c->in_field = c->answered = c->keep = 0;
+  memset(&c->pub, 0, sizeof c->pub);
+  c->state = ST_HEAD;
+  http_parser_pause(&c->parser, 0);
+  uv_timer_start(&c->timer, on_timer, c->srv->limits.header_timeout_ms, 0);
+  if (c->rest.len) {
+    sg__buf pipelined = c->rest;
+    c->rest = (sg__buf){0};
+    conn_parse(c, pipelined.p, pipelined.len);
+    sg__buf_free(&pipelined);
+  }
+  if (c->state > ST_BODY) return;
+  int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  if (rc) conn_close(c, rc);
 }
 
 /* ---- reading and accepting ------------------------------------------------ */
@@ -444,7 +508,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   } else if (nread > 0 && c->state <= ST_BODY) {
     conn_parse(c, b->base, (size_t)nread);
   }
-  /* Later bytes (pipelining, what a lingering peer sends) are dropped. */
+  /* What a lingering peer still sends is dropped. */
 }
 
 static void reject_connection(sg__http_server *srv) {

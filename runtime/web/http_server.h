@@ -1,5 +1,5 @@
 /* A small HTTP/1.1 server for the client API (http-parser on a uv TCP
- * listener): one request per connection, answered by one handler that sees
+ * listener): persistent connections, one request at a time each, answered by one handler that sees
  * every request, either with a whole response or with a stream (Server-Sent
  * Events). Routing, authentication and bodies are the handler's business
  * (scripts/segue/api.lua through bindings/lua_http.c); this layer only
@@ -11,10 +11,14 @@
  * a negative SG_E* / UV_E* code.
  *
  * What the server does on its own:
- * - Every response carries "Connection: close" and the connection closes
- *   after it (no keep-alive: a browser opens a few connections, and a stream
- *   holds its own anyway). Pipelined bytes after the first request are
- *   dropped.
+ * - Connections persist (HTTP/1.1's default, or HTTP/1.0 with
+ *   "Connection: keep-alive"): after a response is written the next request
+ *   is read; one that asked for "Connection: close", a stream, a refused
+ *   request and a closing server get "Connection: close" and the connection
+ *   ends after it. Requests sent before the previous one is answered
+ *   (pipelining) wait unread and are answered in order: reading stops while
+ *   the handler holds a request, so at most one read buffer of them is kept.
+ *   An idle connection closes after header_timeout_ms.
  * - Limits (sg__http_limits): a header over max_header_bytes or
  *   max_headers is 431, a body over max_body_bytes 413 (at once when
  *   Content-Length announces it), a malformed request 400, each as a small
@@ -41,7 +45,7 @@ typedef struct sg__http_limits {
   size_t max_header_bytes;     /* target + names + values; default 16 KiB */
   unsigned max_headers;        /* header lines; default 64 */
   size_t max_body_bytes;       /* decoded body; default 1 MiB */
-  uint64_t header_timeout_ms;  /* accept to end of headers; default 10 s */
+  uint64_t header_timeout_ms;  /* accept (or the last response) to end of headers; default 10 s */
   uint64_t body_timeout_ms;    /* end of headers to end of body; default 30 s */
   uint64_t write_timeout_ms;   /* writing a whole response; default 30 s */
   size_t max_pending_bytes;    /* unwritten bytes of a stream; default 4 MiB */
@@ -89,7 +93,8 @@ const char *sg__http_header_get(const sg__http_request *req, const char *name);
 
 /* Answers `status` (100..599) with `headers` (whole lines "Name: value\r\n",
  * may be NULL; the caller guarantees no bare CR/LF inside) and `body`
- * (copied), then closes the connection. Consumes the handler's reference.
+ * (copied); the connection then waits for the next request or closes (see
+ * above). Consumes the handler's reference.
  * SG_ECANCELED when the connection is gone (nothing is sent), SG_EINVAL when
  * already answered (the reference is not consumed then). */
 int sg__http_respond(sg__http_request *req, int status, const char *headers,
