@@ -173,6 +173,46 @@ static int push_message(void *ud, const sg__store_message *m) {
 
 
 
+static int push_user(void *ud, const char *name, int admin, int64_t created, int tokens) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  set_field(L, "name", name);
+  lua_pushboolean(L, admin);
+  lua_setfield(L, -2, "admin");
+  lua_pushinteger(L, created);
+  lua_setfield(L, -2, "created");
+  lua_pushinteger(L, tokens);
+  lua_setfield(L, -2, "tokens");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+static int push_event(void *ud, int64_t id, const char *backend, const char *type,
+                      const char *value_json) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "id");
+  set_field(L, "backend", backend);
+  set_field(L, "type", type);
+  set_field(L, "value_json", value_json);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+static int push_room(void *ud, const char *backend, const char *id, const char *name,
+                     int64_t unread) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 4);
+  set_field(L, "backend", backend);
+  set_field(L, "id", id);
+  set_field(L, "name", name ? name : id);
+  lua_pushinteger(L, unread);
+  lua_setfield(L, -2, "unread");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
 /* ---- calls: one API on both engines -------------------------------------------
  * Every method is the store's _async operation. SQLite answers before the call
  * returns, so the method returns its results at once; PostgreSQL answers on a
@@ -180,7 +220,8 @@ static int push_message(void *ud, const sg__store_message *m) {
  * the same results when it is resumed. A function as the last argument gets
  * the results instead (and the method returns true). */
 
-enum { K_OK, K_VALUE, K_ORIGIN, K_COPIES, K_DELETED, K_MESSAGES, K_HOLDER, K_INSTANCES, K_LEASES };
+enum { K_OK, K_VALUE, K_ORIGIN, K_COPIES, K_DELETED, K_MESSAGES, K_HOLDER, K_INSTANCES, K_LEASES,
+       K_USERS, K_TOKEN_USER, K_NUM, K_EVENTS, K_ROOMS, K_HELD };
 
 typedef struct lcall {
   lua_State *L;   /* the caller, until the method returned */
@@ -241,6 +282,37 @@ static int push_reply(lua_State *L, int kind, const sg__store_reply *r) {
         }
         lua_rawseti(L, -2, (lua_Integer)i + 1);
       }
+      return 1;
+    case K_USERS:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++)
+        push_user(L, r->users[i].name, r->users[i].admin, r->users[i].created, r->users[i].tokens);
+      return 1;
+    case K_TOKEN_USER:
+      if (r->err == SG_STORE_NOTFOUND) {
+        lua_pushnil(L);
+        return 1;
+      }
+      lua_pushstring(L, r->text[0]);
+      lua_pushboolean(L, r->num != 0);
+      return 2;
+    case K_NUM:
+      lua_pushinteger(L, (lua_Integer)r->num);
+      return 1;
+    case K_EVENTS:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++) {
+        const sg__store_api_event_row *e = &r->api_events[i];
+        push_event(L, e->id, e->backend, e->type, e->value_json);
+      }
+      return 1;
+    case K_ROOMS:
+      lua_createtable(L, (int)r->n, 0);
+      for (size_t i = 0; i < r->n; i++)
+        push_room(L, r->rooms[i].backend, r->rooms[i].id, r->rooms[i].name, r->rooms[i].unread);
+      return 1;
+    case K_HELD:
+      lua_pushboolean(L, r->err == 0);  /* false: not held, nothing written */
       return 1;
     default:
       lua_pushboolean(L, 1);
@@ -404,20 +476,6 @@ static int l_messages(lua_State *L) {
                   cbidx);
 }
 
-/* db:messages_page(backend, room, limit [, before_id]) -> list, oldest first:
- * the last `limit` messages (with their attachments), or the last `limit`
- * older than before_id. SQLite only (the client API's paging). */
-static int l_messages_page(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  const char *backend = luaL_checkstring(L, 2), *room = luaL_checkstring(L, 3);
-  lua_Integer limit = luaL_checkinteger(L, 4);
-  const char *before = luaL_optstring(L, 5, NULL);
-  luaL_argcheck(L, limit > 0 && limit <= 0x7fffffff, 4, "out of range");
-  lua_newtable(L);
-  int err = sg__store_messages_before(s, backend, room, before, (int)limit, push_message, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
-}
-
 /* db:kv_get(key [, cb]) -> value | nil [, err, code] */
 static int l_kv_get(lua_State *L) {
   lstore *ls = check_lstore(L, 1);
@@ -483,81 +541,53 @@ static int l_engine(lua_State *L) {
   return 1;
 }
 
-/* true, or nil, "ESTORE: <SQLite's message>", "ESTORE" (luv's convention):
- * the client API's operations are synchronous (SQLite). */
-static int push_result(lua_State *L, sg__store *s, int err) {
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushboolean(L, 1);
-  return 1;
-}
+/* ---- the client API's tables (docs/api.md) ------------------------------------
+ * On both engines, like the methods above (a coroutine or a callback). */
 
-/* ---- the client API's tables (docs/api.md) ------------------------------------ */
-
-/* db:user_add(name, admin, token_hash) -> true | nil, err, code ("EEXIST") */
+/* db:user_add(name, admin, token_hash [, cb]) -> true | nil, err, code ("EEXIST") */
 static int l_user_add(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
+  lstore *ls = check_lstore(L, 1);
   const char *name = luaL_checkstring(L, 2), *hash = luaL_checkstring(L, 4);
-  int err = sg__store_user_add(s, name, lua_toboolean(L, 3), hash);
-  if (err == SG_EEXIST) return sg__lua_fail(L, err, "a user of that name exists");
-  return push_result(L, s, err);
+  int admin = lua_toboolean(L, 3);
+  lcall *c = call_begin(L, ls, K_OK, 5);
+  return call_end(L, c, sg__store_user_add_async(ls->s, name, admin, hash, on_reply, c), 5);
 }
 
-/* db:user_remove(name) -> true | false (unknown) | nil, err, code */
+/* db:user_remove(name [, cb]) -> true | false (unknown) | nil, err, code */
 static int l_user_remove(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int err = sg__store_user_remove(s, luaL_checkstring(L, 2));
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushboolean(L, err == 0);
-  return 1;
+  lstore *ls = check_lstore(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  lcall *c = call_begin(L, ls, K_DELETED, 3);
+  return call_end(L, c, sg__store_user_remove_async(ls->s, name, on_reply, c), 3);
 }
 
-static int push_user(void *ud, const char *name, int admin, int64_t created, int tokens) {
-  lua_State *L = ud;
-  lua_createtable(L, 0, 4);
-  set_field(L, "name", name);
-  lua_pushboolean(L, admin);
-  lua_setfield(L, -2, "admin");
-  lua_pushinteger(L, created);
-  lua_setfield(L, -2, "created");
-  lua_pushinteger(L, tokens);
-  lua_setfield(L, -2, "tokens");
-  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  return 0;
-}
-
-/* db:users() -> { {name, admin, created, tokens}, ... } by name */
+/* db:users([cb]) -> { {name, admin, created, tokens}, ... } by name */
 static int l_users(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  lua_newtable(L);
-  int err = sg__store_users(s, push_user, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+  lstore *ls = check_lstore(L, 1);
+  lcall *c = call_begin(L, ls, K_USERS, 2);
+  return call_end(L, c, sg__store_users_async(ls->s, on_reply, c), 2);
 }
 
-/* db:token_user(hash) -> name, admin | nil */
+/* db:token_user(hash [, cb]) -> name, admin | nil */
 static int l_token_user(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  char *name;
-  int admin;
-  int err = sg__store_token_user(s, luaL_checkstring(L, 2), &name, &admin);
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  if (err == SG_STORE_NOTFOUND) {
-    lua_pushnil(L);
-    return 1;
-  }
-  lua_pushstring(L, name);
-  lua_pushboolean(L, admin);
-  free(name);
-  return 2;
+  lstore *ls = check_lstore(L, 1);
+  const char *hash = luaL_checkstring(L, 2);
+  lcall *c = call_begin(L, ls, K_TOKEN_USER, 3);
+  return call_end(L, c, sg__store_token_user_async(ls->s, hash, on_reply, c), 3);
 }
 
-/* The JSON text of the value at idx (caller frees with cJSON_free). */
-static char *json_text(lua_State *L, int idx, const char *what) {
-  char err[256];
-  cJSON *v = sg__lua_to_json(L, idx, err, sizeof err);
-  if (!v) luaL_error(L, "%s: %s", what, err);
+/* The JSON text of the value at idx (caller frees with cJSON_free), or NULL
+ * and the message in err. */
+static char *json_text(lua_State *L, int idx, const char *what, char *err, size_t errlen) {
+  char why[256];
+  cJSON *v = sg__lua_to_json(L, idx, why, sizeof why);
+  if (!v) {
+    snprintf(err, errlen, "%s: %s", what, why);
+    return NULL;
+  }
   char *t = cJSON_PrintUnformatted(v);
   cJSON_Delete(v);
-  if (!t) luaL_error(L, "out of memory");
+  if (!t) snprintf(err, errlen, "out of memory");
   return t;
 }
 
@@ -568,117 +598,147 @@ static const char *opt_string_field(lua_State *L, int idx, const char *key) {
   return v;
 }
 
-/* db:event_append(backend, update) -> id | nil, err, code: the update
+/* db:event_append(backend, update [, cb]) -> id | nil, err, code: the update
  * ({type, value}) as a durable event, with its effect on the log (message
  * upserted or marked deleted, room recorded or forgotten), in one
  * transaction. */
 static int l_event_append(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
+  lstore *ls = check_lstore(L, 1);
   sg__store_api_event ev = {0};
   ev.backend = luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
-  lua_settop(L, 3);
+  int has_cb = lua_isfunction(L, 4);
+  lua_settop(L, 4);
   lua_getfield(L, 3, "type");
-  ev.type = luaL_checkstring(L, -1);      /* 4 */
-  lua_getfield(L, 3, "value");            /* 5 */
-  char *value = json_text(L, 5, "update.value"), *content = NULL, *att = NULL;
+  ev.type = luaL_checkstring(L, -1);      /* 5 */
+  lua_getfield(L, 3, "value");            /* 6 */
+  /* No raise below while texts are held: they would leak. */
+  char err[300];
+  char *value = json_text(L, 6, "update.value", err, sizeof err), *content = NULL, *att = NULL;
+  int bad = value == NULL;
   ev.value_json = value;
   int msg = strcmp(ev.type, "MessageUpsert") == 0, room = strcmp(ev.type, "RoomUpsert") == 0;
-  if ((msg || room) && lua_istable(L, 5)) {
-    ev.id = opt_string_field(L, 5, "id");
-    if (room) ev.room_name = opt_string_field(L, 5, "name");
+  if (!bad && (msg || room) && lua_istable(L, 6)) {
+    ev.id = opt_string_field(L, 6, "id");
+    if (room) ev.room_name = opt_string_field(L, 6, "name");
     if (msg) {
-      ev.room = opt_string_field(L, 5, "recipient");
-      ev.sender = opt_string_field(L, 5, "sender");
-      ev.create_time = opt_int_field(L, 5, "create_time");
-      ev.edit_time = opt_int_field(L, 5, "edit_time");
-      lua_getfield(L, 5, "content");
-      if (!lua_isnil(L, -1)) content = json_text(L, lua_gettop(L), "update.value.content");
-      lua_getfield(L, 5, "attachments");
-      if (lua_istable(L, -1)) att = json_text(L, lua_gettop(L), "update.value.attachments");
+      ev.room = opt_string_field(L, 6, "recipient");
+      ev.sender = opt_string_field(L, 6, "sender");
+      lua_getfield(L, 6, "create_time");
+      lua_getfield(L, 6, "edit_time");
+      ev.create_time = lua_tointegerx(L, -2, NULL);
+      ev.edit_time = lua_tointegerx(L, -1, NULL);
+      lua_pop(L, 2);
+      lua_getfield(L, 6, "content");
+      if (!lua_isnil(L, -1))
+        bad = !(content = json_text(L, lua_gettop(L), "update.value.content", err, sizeof err));
+      lua_getfield(L, 6, "attachments");
+      if (!bad && lua_istable(L, -1))
+        bad = !(att = json_text(L, lua_gettop(L), "update.value.attachments", err, sizeof err));
       ev.content_json = content;
       ev.attachments_json = att;
     }
-  } else if (lua_type(L, 5) == LUA_TSTRING) {
-    ev.id = lua_tostring(L, 5);           /* MessageDelete, RoomDelete */
+  } else if (!bad && lua_type(L, 6) == LUA_TSTRING) {
+    ev.id = lua_tostring(L, 6);           /* MessageDelete, RoomDelete */
   }
-  int64_t id = 0;
-  int err = sg__store_event_append(s, &ev, &id);
+  if (!bad && sg__store_is_async(ls->s) && !has_cb && !lua_isyieldable(L)) {
+    bad = 1;
+    snprintf(err, sizeof err, "segue.store on engine %s: call it inside a coroutine (see"
+             " segue.spawn) or pass a callback", sg__store_engine(ls->s));
+  }
+  lcall *c = bad ? NULL : calloc(1, sizeof *c);
+  if (!bad && !c) {
+    bad = 1;
+    snprintf(err, sizeof err, "out of memory");
+  }
+  int rc = 0;
+  if (!bad) {
+    c->L = L;
+    c->h = sg__lenv_of(L);
+    c->ls = ls;
+    c->kind = K_NUM;
+    c->in_call = 1;
+    c->ref = LUA_NOREF;
+    rc = sg__store_event_append_async(ls->s, &ev, on_reply, c);
+  }
   cJSON_free(value);
   cJSON_free(content);
   cJSON_free(att);
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushinteger(L, id);
-  return 1;
+  if (bad) return luaL_error(L, "%s", err);  /* the calling script's bug */
+  return call_end(L, c, rc, 4);
 }
 
-static int push_event(void *ud, int64_t id, const char *backend, const char *type,
-                      const char *value_json) {
-  lua_State *L = ud;
-  lua_createtable(L, 0, 4);
-  lua_pushinteger(L, id);
-  lua_setfield(L, -2, "id");
-  set_field(L, "backend", backend);
-  set_field(L, "type", type);
-  set_field(L, "value_json", value_json);
-  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  return 0;
-}
-
-/* db:events_after(id, limit) -> { {id, backend, type, value_json}, ... } */
+/* db:events_after(id [, limit [, cb]]) -> { {id, backend, type, value_json}, ... } */
 static int l_events_after(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  lua_Integer after = luaL_checkinteger(L, 2), limit = luaL_optinteger(L, 3, 1000);
+  lstore *ls = check_lstore(L, 1);
+  lua_Integer after = luaL_checkinteger(L, 2);
+  lua_Integer limit = lua_isfunction(L, 3) ? 1000 : luaL_optinteger(L, 3, 1000);
   luaL_argcheck(L, limit > 0 && limit <= 0x7fffffff, 3, "out of range");
-  lua_newtable(L);
-  int err = sg__store_events_after(s, after, (int)limit, push_event, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+  int cbidx = lua_isfunction(L, 3) ? 3 : 4;
+  lcall *c = call_begin(L, ls, K_EVENTS, cbidx);
+  return call_end(L, c, sg__store_events_after_async(ls->s, after, (int)limit, on_reply, c),
+                  cbidx);
 }
 
-/* db:events_prune(keep) -> true | nil, err, code */
+/* db:events_prune(keep [, cb]) -> true | nil, err, code */
 static int l_events_prune(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  return push_result(L, s, sg__store_events_prune(s, luaL_checkinteger(L, 2)));
+  lstore *ls = check_lstore(L, 1);
+  lua_Integer keep = luaL_checkinteger(L, 2);
+  lcall *c = call_begin(L, ls, K_OK, 3);
+  return call_end(L, c, sg__store_events_prune_async(ls->s, keep, on_reply, c), 3);
 }
 
-/* db:events_last() -> id (0 when none) */
+/* db:events_last([cb]) -> id (0 when none) */
 static int l_events_last(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int64_t id;
-  int err = sg__store_events_last(s, &id);
-  if (err < 0) return sg__lua_fail(L, err, sg__store_errmsg(s));
-  lua_pushinteger(L, id);
-  return 1;
+  lstore *ls = check_lstore(L, 1);
+  lcall *c = call_begin(L, ls, K_NUM, 2);
+  return call_end(L, c, sg__store_events_last_async(ls->s, on_reply, c), 2);
 }
 
-static int push_room(void *ud, const char *backend, const char *id, const char *name,
-                     int64_t unread) {
-  lua_State *L = ud;
-  lua_createtable(L, 0, 4);
-  set_field(L, "backend", backend);
-  set_field(L, "id", id);
-  set_field(L, "name", name ? name : id);
-  lua_pushinteger(L, unread);
-  lua_setfield(L, -2, "unread");
-  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  return 0;
-}
-
-/* db:rooms(user) -> { {backend, id, name, unread}, ... } */
+/* db:rooms(user [, cb]) -> { {backend, id, name, unread}, ... } */
 static int l_rooms(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
+  lstore *ls = check_lstore(L, 1);
   const char *user = luaL_checkstring(L, 2);
-  lua_newtable(L);
-  int err = sg__store_rooms(s, user, push_room, L);
-  return err < 0 ? sg__lua_fail(L, err, sg__store_errmsg(s)) : 1;
+  lcall *c = call_begin(L, ls, K_ROOMS, 3);
+  return call_end(L, c, sg__store_rooms_async(ls->s, user, on_reply, c), 3);
 }
 
-/* db:read_mark(user, backend, room, time_ms) -> true | nil, err, code */
+/* db:read_mark(user, backend, room, time_ms [, cb]) -> true | nil, err, code */
 static int l_read_mark(lua_State *L) {
-  sg__store *s = check_lstore(L, 1)->s;
-  int err = sg__store_read_mark(s, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
-                               luaL_checkstring(L, 4), luaL_checkinteger(L, 5));
-  return push_result(L, s, err);
+  lstore *ls = check_lstore(L, 1);
+  const char *user = luaL_checkstring(L, 2), *backend = luaL_checkstring(L, 3);
+  const char *room = luaL_checkstring(L, 4);
+  lua_Integer time = luaL_checkinteger(L, 5);
+  lcall *c = call_begin(L, ls, K_OK, 6);
+  return call_end(L, c, sg__store_read_mark_async(ls->s, user, backend, room, time, on_reply, c),
+                  6);
+}
+
+/* db:messages_page(backend, room, limit [, before_id [, cb]]) -> list, oldest
+ * first: the last `limit` messages (with their attachments), or the last
+ * `limit` older than before_id (the client API's paging). */
+static int l_messages_page(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *backend = luaL_checkstring(L, 2), *room = luaL_checkstring(L, 3);
+  lua_Integer limit = luaL_checkinteger(L, 4);
+  luaL_argcheck(L, limit > 0 && limit <= 0x7fffffff, 4, "out of range");
+  int cbidx = lua_isfunction(L, 5) ? 5 : 6;
+  const char *before = cbidx == 5 ? NULL : luaL_optstring(L, 5, NULL);
+  lcall *c = call_begin(L, ls, K_MESSAGES, cbidx);
+  return call_end(L, c, sg__store_messages_before_async(ls->s, backend, room, before, (int)limit,
+                                                        on_reply, c),
+                  cbidx);
+}
+
+/* db:kv_set_held(key, value, lease, instance [, cb]) -> true (written) | false
+ * (`instance` does not hold `lease`: nothing written) | nil, err, code */
+static int l_kv_set_held(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *key = luaL_checkstring(L, 2), *value = luaL_checkstring(L, 3);
+  const char *lease = luaL_checkstring(L, 4), *inst = luaL_checkstring(L, 5);
+  lcall *c = call_begin(L, ls, K_HELD, 6);
+  return call_end(L, c, sg__store_kv_set_held_async(ls->s, key, value, lease, inst, on_reply, c),
+                  6);
 }
 
 static int l_tostring(lua_State *L) {
@@ -720,7 +780,7 @@ int luaopen_segue_store(lua_State *L) {
       {"event_append", l_event_append}, {"events_after", l_events_after},
       {"events_prune", l_events_prune}, {"events_last", l_events_last},
       {"rooms", l_rooms},             {"read_mark", l_read_mark},
-      {"messages_page", l_messages_page},
+      {"messages_page", l_messages_page}, {"kv_set_held", l_kv_set_held},
       {"batch", l_batch},             {"commit", l_commit},
       {"close", l_close},             {NULL, NULL},
   };

@@ -1373,3 +1373,194 @@ int sg__store_messages_before(sg__store *s, const char *backend, const char *roo
   sqlite3_clear_bindings(st);
   return err;
 }
+
+/* ---- the client API's operations, asynchronous (both engines) -------------------- */
+
+/* answer() with a message of our own for a code SQLite did not give. */
+static int answer_msg(sg__store *s, sg__store_reply *r, int err, const char *msg,
+                      sg__store_reply_cb cb, void *ud) {
+  r->err = err;
+  r->message = err < 0 ? (msg ? msg : s->errmsg) : NULL;
+  cb(ud, r);
+  return 0;
+}
+
+int sg__store_user_add_async(sg__store *s, const char *name, int admin, const char *token_hash,
+                            sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_user_add(s->pg, name, admin, token_hash, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_user_add(s, name, admin, token_hash);
+  return answer_msg(s, &r, err, err == SG_EEXIST ? "a user of that name exists" : NULL, cb, ud);
+}
+
+int sg__store_user_remove_async(sg__store *s, const char *name, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_user_remove(s->pg, name, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_user_remove(s, name), cb, ud);
+}
+
+static int collect_user(void *ud, const char *name, int admin, int64_t created, int tokens) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_user *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  row->name = collect_str(c, name, &err);
+  row->admin = admin;
+  row->created = created;
+  row->tokens = tokens;
+  return err;
+}
+
+int sg__store_users_async(sg__store *s, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_users(s->pg, cb, ud);
+  collect c = {.size = sizeof(sg__store_user)};
+  sg__store_reply r = {0};
+  int err = sg__store_users(s, collect_user, &c);
+  r.n = c.n;
+  r.users = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_token_user_async(sg__store *s, const char *token_hash, sg__store_reply_cb cb,
+                              void *ud) {
+  if (s->pg) return sg__pg_token_user(s->pg, token_hash, cb, ud);
+  char *name;
+  int admin;
+  sg__store_reply r = {0};
+  int err = sg__store_token_user(s, token_hash, &name, &admin);
+  r.text[0] = name;
+  r.num = admin;
+  answer(s, &r, err, cb, ud);
+  free(name);
+  return 0;
+}
+
+int sg__store_event_append_async(sg__store *s, const sg__store_api_event *ev,
+                                sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_event_append(s->pg, ev, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_event_append(s, ev, &r.num);
+  return answer(s, &r, err, cb, ud);
+}
+
+static int collect_event(void *ud, int64_t id, const char *backend, const char *type,
+                         const char *value_json) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_api_event_row *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  row->id = id;
+  row->backend = collect_str(c, backend, &err);
+  row->type = collect_str(c, type, &err);
+  row->value_json = collect_str(c, value_json, &err);
+  return err;
+}
+
+int sg__store_events_after_async(sg__store *s, int64_t after, int limit, sg__store_reply_cb cb,
+                                void *ud) {
+  if (s->pg) return sg__pg_events_after(s->pg, after, limit, cb, ud);
+  collect c = {.size = sizeof(sg__store_api_event_row)};
+  sg__store_reply r = {0};
+  int err = sg__store_events_after(s, after, limit, collect_event, &c);
+  r.n = c.n;
+  r.api_events = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_events_prune_async(sg__store *s, int64_t keep, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_events_prune(s->pg, keep, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_events_prune(s, keep), cb, ud);
+}
+
+int sg__store_events_last_async(sg__store *s, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_events_last(s->pg, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_events_last(s, &r.num);
+  return answer(s, &r, err, cb, ud);
+}
+
+static int collect_room(void *ud, const char *backend, const char *id, const char *name,
+                        int64_t unread) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_room *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  row->backend = collect_str(c, backend, &err);
+  row->id = collect_str(c, id, &err);
+  row->name = collect_str(c, name, &err);
+  row->unread = unread;
+  return err;
+}
+
+int sg__store_rooms_async(sg__store *s, const char *user, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_rooms(s->pg, user, cb, ud);
+  collect c = {.size = sizeof(sg__store_room)};
+  sg__store_reply r = {0};
+  int err = sg__store_rooms(s, user, collect_room, &c);
+  r.n = c.n;
+  r.rooms = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_read_mark_async(sg__store *s, const char *user, const char *backend,
+                             const char *room, int64_t time, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_read_mark(s->pg, user, backend, room, time, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_read_mark(s, user, backend, room, time), cb, ud);
+}
+
+static int collect_page_message(void *ud, const sg__store_message *m) {
+  collect *c = ud;
+  int err = collect_message(ud, m);
+  if (err) return err;
+  sg__store_message *row = (sg__store_message *)c->rows + (c->n - 1);
+  row->attachments_json = collect_str(c, m->attachments_json, &err);
+  return err;
+}
+
+int sg__store_messages_before_async(sg__store *s, const char *backend, const char *room,
+                                   const char *before_id, int limit, sg__store_reply_cb cb,
+                                   void *ud) {
+  if (s->pg) return sg__pg_messages_before(s->pg, backend, room, before_id, limit, cb, ud);
+  collect c = {.size = sizeof(sg__store_message)};
+  sg__store_reply r = {0};
+  int err = sg__store_messages_before(s, backend, room, before_id, limit, collect_page_message, &c);
+  r.n = c.n;
+  r.messages = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+typedef struct {
+  const char *key, *value, *lease, *instance;
+} held_args;
+
+static int kv_set_held_tx(sg__store *s, void *ud) {
+  held_args *a = ud;
+  sqlite3_stmt *st = stmt1(s, SQL_LEASE_HOLDER, a->lease);
+  if (!st) return SG_ESTORE;
+  int rc = sqlite3_step(st), held = rc == SQLITE_ROW && strcmp(col_text(st, 0), a->instance) == 0;
+  int err = rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : sg__store_fail(s);
+  sqlite3_reset(st);
+  if (err) return err;
+  if (!held) return SG_STORE_NOTFOUND;
+  return sg__store_kv_set(s, a->key, a->value);
+}
+
+int sg__store_kv_set_held_async(sg__store *s, const char *key, const char *value,
+                               const char *lease, const char *instance, sg__store_reply_cb cb,
+                               void *ud) {
+  if (!value) return SG_EINVAL;
+  if (s->pg) return sg__pg_kv_set_held(s->pg, key, value, lease, instance, cb, ud);
+  held_args a = {key, value, lease, instance};
+  sg__store_reply r = {0};
+  return answer(s, &r, sg__store_atomic(s, kv_set_held_tx, &a), cb, ud);
+}

@@ -224,16 +224,36 @@ typedef struct sg__store_copy {
   const char *backend, *id, *room;
 } sg__store_copy;
 
+/* Rows of the client API's listings (users, events_after, rooms). */
+typedef struct sg__store_user {
+  const char *name;
+  int admin, tokens;
+  int64_t created;
+} sg__store_user;
+typedef struct sg__store_api_event_row {
+  int64_t id;
+  const char *backend, *type, *value_json;
+} sg__store_api_event_row;
+typedef struct sg__store_room {
+  const char *backend, *id, *name;  /* name: NULL if never announced */
+  int64_t unread;
+} sg__store_room;
+
 /* The outcome of an _async call, borrowed for the callback. */
 typedef struct sg__store_reply {
   int err;              /* 0, SG_STORE_NOTFOUND, or < 0 (then `message` says why) */
   const char *message;
-  const char *text[2];  /* kv_get: the value; map_origin: backend, id; lease_claim: holder */
+  const char *text[2];  /* kv_get: the value; map_origin: backend, id; lease_claim: holder;
+                           token_user: the user's name */
+  int64_t num;          /* event_append, events_last: an event id; token_user: admin */
   size_t n;             /* rows of the list below that the call fills */
   const sg__store_copy *copies;          /* map_copies */
-  const sg__store_message *messages;     /* messages */
+  const sg__store_message *messages;     /* messages, messages_before */
   const sg__store_instance *instances;   /* instances */
   const sg__store_lease *leases;         /* leases */
+  const sg__store_user *users;           /* users */
+  const sg__store_api_event_row *api_events; /* events_after */
+  const sg__store_room *rooms;           /* rooms */
 } sg__store_reply;
 typedef void (*sg__store_reply_cb)(void *ud, const sg__store_reply *r);
 
@@ -312,5 +332,41 @@ int sg__store_read_mark(sg__store *s, const char *user, const char *backend, con
 int sg__store_messages_before(sg__store *s, const char *backend, const char *room,
                              const char *before_id, int limit, sg__store_message_cb cb,
                              void *ud);
+
+/* The client API's operations on both engines (see "engines and asynchronous
+ * calls" above): the same contracts, answered through sg__store_reply.
+ * user_add: SG_EEXIST if the name is taken; user_remove: SG_STORE_NOTFOUND if
+ * unknown; token_user: text[0] the name and num the admin flag, or
+ * SG_STORE_NOTFOUND; event_append and events_last: num the id. On
+ * PostgreSQL every instance sees the same users, events and read marks; an
+ * event's id is given when it commits, and one instance's appends commit in
+ * call order (writes run one at a time), so events_after never skips one of
+ * them. */
+int sg__store_user_add_async(sg__store *s, const char *name, int admin, const char *token_hash,
+                            sg__store_reply_cb cb, void *ud);
+int sg__store_user_remove_async(sg__store *s, const char *name, sg__store_reply_cb cb, void *ud);
+int sg__store_users_async(sg__store *s, sg__store_reply_cb cb, void *ud);
+int sg__store_token_user_async(sg__store *s, const char *token_hash, sg__store_reply_cb cb,
+                              void *ud);
+int sg__store_event_append_async(sg__store *s, const sg__store_api_event *ev,
+                                sg__store_reply_cb cb, void *ud);
+int sg__store_events_after_async(sg__store *s, int64_t after, int limit, sg__store_reply_cb cb,
+                                void *ud);
+int sg__store_events_prune_async(sg__store *s, int64_t keep, sg__store_reply_cb cb, void *ud);
+int sg__store_events_last_async(sg__store *s, sg__store_reply_cb cb, void *ud);
+int sg__store_rooms_async(sg__store *s, const char *user, sg__store_reply_cb cb, void *ud);
+int sg__store_read_mark_async(sg__store *s, const char *user, const char *backend,
+                             const char *room, int64_t time, sg__store_reply_cb cb, void *ud);
+int sg__store_messages_before_async(sg__store *s, const char *backend, const char *room,
+                                   const char *before_id, int limit, sg__store_reply_cb cb,
+                                   void *ud);
+
+/* Sets `key` (value not NULL: SG_EINVAL) only while `instance` holds the lease
+ * `name`, in one transaction: SG_STORE_NOTFOUND (nothing written) if it does
+ * not. State kept by the lease's holder (the rules' state, docs/scaling.md)
+ * is so never overwritten by an instance that lost the lease. */
+int sg__store_kv_set_held_async(sg__store *s, const char *key, const char *value,
+                               const char *lease, const char *instance, sg__store_reply_cb cb,
+                               void *ud);
 
 #endif

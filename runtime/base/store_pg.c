@@ -17,7 +17,7 @@
 
 #include "segue.h"
 
-#define MAX_PARAMS 8
+#define MAX_PARAMS 12
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 1000
 /* Consecutive failed connection attempts after which waiting calls fail:
@@ -650,11 +650,13 @@ static void parse_copies(req *q, PGresult *res, sg__store_reply *r) {
 
 static void parse_messages(req *q, PGresult *res, sg__store_reply *r) {
   sg__store_message *rows = rows_for(q, res, sizeof *rows, r);
+  int att = PQnfields(res) > 8;  /* messages_before: with attachments */
   for (size_t i = 0; rows && i < r->n; i++) {
     int k = (int)i;
     rows[i] = (sg__store_message){val(res, k, 0),  val(res, k, 1),  val(res, k, 2),
                                  val(res, k, 3),  val(res, k, 4),  ival(res, k, 5),
-                                 ival(res, k, 6), (int)ival(res, k, 7), NULL};
+                                 ival(res, k, 6), (int)ival(res, k, 7),
+                                 att ? val(res, k, 8) : NULL};
   }
   r->messages = rows;
 }
@@ -816,4 +818,214 @@ int sg__pg_lease_release(sg__pg *pg, const char *name, const char *instance,
                          sg__store_reply_cb cb, void *ud) {
   return SUBMIT(pg, "DELETE FROM leases WHERE name = $1 AND holder = $2", parse_none, cb, ud,
                 name, instance);
+}
+
+/* ---- the client API (docs/api.md) -------------------------------------------------
+ * The same tables and meaning as SQLite's (store.c). Writes that belong
+ * together are one statement (data-modifying WITH), so one transaction. */
+
+/* The first column of the first row as num (event ids, counts). */
+static void parse_num(req *q, PGresult *res, sg__store_reply *r) {
+  r->num = PQntuples(res) > 0 ? ival(res, 0, 0) : 0;
+}
+
+static void parse_user_add(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) == 1 && ival(res, 0, 0) > 0) return;
+  snprintf(q->msg, sizeof q->msg, "a user of that name exists");
+  r->err = SG_EEXIST;
+}
+
+static void parse_users(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_user *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++) {
+    int k = (int)i;
+    rows[i] = (sg__store_user){val(res, k, 0), (int)ival(res, k, 1), (int)ival(res, k, 3),
+                              ival(res, k, 2)};
+  }
+  r->users = rows;
+}
+
+static void parse_token_user(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) < 1) {
+    r->err = SG_STORE_NOTFOUND;
+    return;
+  }
+  r->text[0] = val(res, 0, 0);
+  r->num = ival(res, 0, 1);
+}
+
+static void parse_api_events(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_api_event_row *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++) {
+    int k = (int)i;
+    rows[i] = (sg__store_api_event_row){ival(res, k, 0), val(res, k, 1), val(res, k, 2),
+                                       val(res, k, 3)};
+  }
+  r->api_events = rows;
+}
+
+static void parse_rooms(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_room *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++) {
+    int k = (int)i;
+    rows[i] = (sg__store_room){val(res, k, 0), val(res, k, 1), val(res, k, 2), ival(res, k, 3)};
+  }
+  r->rooms = rows;
+}
+
+int sg__pg_user_add(sg__pg *pg, const char *name, int admin, const char *token_hash,
+                    sg__store_reply_cb cb, void *ud) {
+  /* The token's foreign key is checked at the end of the statement, when the
+   * user's row is there. No user row made: the name is taken. */
+  return SUBMIT(pg,
+                "WITH u AS (INSERT INTO api_users(name, admin, created)"
+                "  VALUES ($1, $2::integer, " NOW_MS ") ON CONFLICT (name) DO NOTHING"
+                "  RETURNING name),"
+                " t AS (INSERT INTO api_tokens(hash, user_name, created)"
+                "  SELECT $3, name, " NOW_MS " FROM u RETURNING 1)"
+                " SELECT count(*) FROM t",
+                parse_user_add, cb, ud, name, admin ? "1" : "0", token_hash);
+}
+
+int sg__pg_user_remove(sg__pg *pg, const char *name, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg, "DELETE FROM api_users WHERE name = $1", parse_changed, cb, ud, name);
+}
+
+int sg__pg_users(sg__pg *pg, sg__store_reply_cb cb, void *ud) {
+  return submit(pg,
+                "SELECT u.name, u.admin, u.created,"
+                " (SELECT count(*) FROM api_tokens t WHERE t.user_name = u.name)"
+                " FROM api_users u ORDER BY u.name",
+                parse_users, cb, ud, 0, NULL);
+}
+
+int sg__pg_token_user(sg__pg *pg, const char *token_hash, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "SELECT u.name, u.admin FROM api_tokens t JOIN api_users u"
+                " ON u.name = t.user_name WHERE t.hash = $1",
+                parse_token_user, cb, ud, token_hash);
+}
+
+/* The event row, after the update's effect on the log ($1 backend, $2 type,
+ * $3 value, $4 id, then the effect's own parameters). */
+#define EVENT_INSERT \
+  " INSERT INTO api_events(backend, type, value_json, time)" \
+  " VALUES ($1, $2, $3, " NOW_MS ") RETURNING id"
+
+int sg__pg_event_append(sg__pg *pg, const sg__store_api_event *ev, sg__store_reply_cb cb,
+                        void *ud) {
+  const char *t = ev->type;
+  if (ev->id && strcmp(t, "MessageUpsert") == 0) {
+    char ct[24], et[24];
+    snprintf(ct, sizeof ct, "%lld", (long long)ev->create_time);
+    snprintf(et, sizeof et, "%lld", (long long)ev->edit_time);
+    return SUBMIT(pg,
+                  "WITH m AS (INSERT INTO messages(backend, id, room, sender, content_json,"
+                  "  create_time, edit_time, attachments_json)"
+                  "  VALUES ($1, $4, $5, $6, $7, $8::bigint, $9::bigint, $10)"
+                  "  ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
+                  "  edit_time = excluded.edit_time, attachments_json = excluded.attachments_json)"
+                  EVENT_INSERT,
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id, ev->room, ev->sender,
+                  ev->content_json, ct, ev->edit_time ? et : NULL, ev->attachments_json);
+  }
+  if (ev->id && strcmp(t, "MessageDelete") == 0)
+    return SUBMIT(pg,
+                  "WITH m AS (UPDATE messages SET deleted = 1, content_json = NULL"
+                  "  WHERE backend = $1 AND id = $4)" EVENT_INSERT,
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id);
+  if (ev->id && strcmp(t, "RoomUpsert") == 0)
+    return SUBMIT(pg,
+                  "WITH r AS (INSERT INTO api_rooms(backend, id, name) VALUES ($1, $4, $5)"
+                  "  ON CONFLICT (backend, id) DO UPDATE SET name = excluded.name)" EVENT_INSERT,
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id, ev->room_name);
+  if (ev->id && strcmp(t, "RoomDelete") == 0)
+    return SUBMIT(pg,
+                  "WITH r AS (DELETE FROM api_rooms WHERE backend = $1 AND id = $4)"
+                  EVENT_INSERT,
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id);
+  return SUBMIT(pg, EVENT_INSERT + 1, parse_num, cb, ud, ev->backend, t, ev->value_json);
+}
+
+int sg__pg_events_after(sg__pg *pg, int64_t after, int limit, sg__store_reply_cb cb, void *ud) {
+  char a[24], l[16];
+  snprintf(a, sizeof a, "%lld", (long long)after);
+  snprintf(l, sizeof l, "%d", limit);
+  return SUBMIT(pg,
+                "SELECT id, backend, type, value_json FROM api_events WHERE id > $1::bigint"
+                " ORDER BY id LIMIT $2::bigint",
+                parse_api_events, cb, ud, a, limit > 0 ? l : NULL);
+}
+
+int sg__pg_events_prune(sg__pg *pg, int64_t keep, sg__store_reply_cb cb, void *ud) {
+  char k[24];
+  snprintf(k, sizeof k, "%lld", (long long)keep);
+  return SUBMIT(pg,
+                "DELETE FROM api_events WHERE id <= (SELECT max(id) FROM api_events) - $1::bigint",
+                parse_none, cb, ud, k);
+}
+
+int sg__pg_events_last(sg__pg *pg, sg__store_reply_cb cb, void *ud) {
+  return submit(pg, "SELECT COALESCE(max(id), 0) FROM api_events", parse_num, cb, ud, 0, NULL);
+}
+
+int sg__pg_rooms(sg__pg *pg, const char *user, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "SELECT k.backend, k.id, r.name,"
+                "  (SELECT count(*) FROM messages m WHERE m.backend = k.backend AND m.room = k.id"
+                "    AND m.deleted = 0 AND m.create_time > COALESCE((SELECT last_time"
+                "      FROM api_reads d WHERE d.user_name = $1 AND d.backend = k.backend"
+                "      AND d.room = k.id), 0))"
+                " FROM (SELECT backend, id FROM api_rooms"
+                "       UNION SELECT backend, room FROM messages WHERE room IS NOT NULL) k"
+                " LEFT JOIN api_rooms r ON r.backend = k.backend AND r.id = k.id"
+                " ORDER BY k.backend, k.id",
+                parse_rooms, cb, ud, user);
+}
+
+int sg__pg_read_mark(sg__pg *pg, const char *user, const char *backend, const char *room,
+                     int64_t time, sg__store_reply_cb cb, void *ud) {
+  char t[24];
+  snprintf(t, sizeof t, "%lld", (long long)time);
+  return SUBMIT(pg,
+                "INSERT INTO api_reads(user_name, backend, room, last_time)"
+                " VALUES ($1, $2, $3, $4::bigint)"
+                " ON CONFLICT (user_name, backend, room) DO UPDATE SET last_time ="
+                "  GREATEST(api_reads.last_time, excluded.last_time)",
+                parse_none, cb, ud, user, backend, room, t);
+}
+
+int sg__pg_messages_before(sg__pg *pg, const char *backend, const char *room,
+                           const char *before_id, int limit, sg__store_reply_cb cb, void *ud) {
+  char lim[16];
+  snprintf(lim, sizeof lim, "%d", limit);
+  if (!before_id)
+    return SUBMIT(pg,
+                  "SELECT backend, id, room, sender, content_json, create_time, edit_time,"
+                  " deleted, attachments_json FROM (SELECT * FROM messages WHERE backend = $1"
+                  "  AND room IS NOT DISTINCT FROM $2::text"
+                  "  ORDER BY create_time DESC, seq DESC LIMIT $3::bigint) t"
+                  " ORDER BY create_time, seq",
+                  parse_messages, cb, ud, backend, room, limit > 0 ? lim : NULL);
+  return SUBMIT(pg,
+                "SELECT backend, id, room, sender, content_json, create_time, edit_time,"
+                " deleted, attachments_json FROM (SELECT * FROM messages WHERE backend = $1"
+                "  AND room IS NOT DISTINCT FROM $2::text"
+                "  AND (create_time, seq) < (SELECT create_time, seq FROM messages"
+                "                            WHERE backend = $1 AND id = $4)"
+                "  ORDER BY create_time DESC, seq DESC LIMIT $3::bigint) t"
+                " ORDER BY create_time, seq",
+                parse_messages, cb, ud, backend, room, limit > 0 ? lim : NULL, before_id);
+}
+
+int sg__pg_kv_set_held(sg__pg *pg, const char *key, const char *value, const char *lease,
+                       const char *instance, sg__store_reply_cb cb, void *ud) {
+  /* The lease's row is locked (FOR SHARE) until the write commits, so a
+   * takeover waits for it and then reads what was written. */
+  if (!value) return SG_EINVAL;
+  return SUBMIT(pg,
+                "WITH h AS (SELECT 1 FROM leases WHERE name = $3 AND holder = $4 FOR SHARE)"
+                " INSERT INTO kv(key, value) SELECT $1, $2 FROM h"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                parse_changed, cb, ud, key, value, lease, instance);
 }

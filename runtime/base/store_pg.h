@@ -42,4 +42,24 @@ int sg__pg_lease_claim(sg__pg *pg, const char *name, const char *instance, int64
 int sg__pg_lease_release(sg__pg *pg, const char *name, const char *instance,
                          sg__store_reply_cb cb, void *ud);
 
+/* The client API's operations (store.h: "the client API's operations on both
+ * engines"). */
+int sg__pg_user_add(sg__pg *pg, const char *name, int admin, const char *token_hash,
+                    sg__store_reply_cb cb, void *ud);
+int sg__pg_user_remove(sg__pg *pg, const char *name, sg__store_reply_cb cb, void *ud);
+int sg__pg_users(sg__pg *pg, sg__store_reply_cb cb, void *ud);
+int sg__pg_token_user(sg__pg *pg, const char *token_hash, sg__store_reply_cb cb, void *ud);
+int sg__pg_event_append(sg__pg *pg, const sg__store_api_event *ev, sg__store_reply_cb cb,
+                        void *ud);
+int sg__pg_events_after(sg__pg *pg, int64_t after, int limit, sg__store_reply_cb cb, void *ud);
+int sg__pg_events_prune(sg__pg *pg, int64_t keep, sg__store_reply_cb cb, void *ud);
+int sg__pg_events_last(sg__pg *pg, sg__store_reply_cb cb, void *ud);
+int sg__pg_rooms(sg__pg *pg, const char *user, sg__store_reply_cb cb, void *ud);
+int sg__pg_read_mark(sg__pg *pg, const char *user, const char *backend, const char *room,
+                     int64_t time, sg__store_reply_cb cb, void *ud);
+int sg__pg_messages_before(sg__pg *pg, const char *backend, const char *room,
+                           const char *before_id, int limit, sg__store_reply_cb cb, void *ud);
+int sg__pg_kv_set_held(sg__pg *pg, const char *key, const char *value, const char *lease,
+                       const char *instance, sg__store_reply_cb cb, void *ud);
+
 #endif

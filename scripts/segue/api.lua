@@ -7,6 +7,13 @@
 --- `id:`), in the same transaction as its effect on the message log, so a
 --- client that reconnects with Last-Event-ID is replayed exactly what it
 --- missed, in order, from the store.
+---
+--- The store's methods run on both engines: inside a coroutine (every
+--- request is handled in one) or with a callback. On a shared store
+--- (PostgreSQL, docs/scaling.md) every instance serves the API; the events
+--- are appended by the instance that runs the backends, and every instance
+--- with stream clients reads the events it has not sent yet from the store
+--- every LIVE_POLL_MS, so a client connected to any instance gets them all.
 local segue = require "segue"
 local core = require "segue.core"
 local json = require "segue.json"
@@ -23,8 +30,11 @@ M.defaults = {
 local PAGE = 50            -- messages per page when no limit is given
 local REPLAY_PAGE = 200    -- events read from the store at a time during playback
 local PRUNE_EVERY = 1000   -- appends between prunes of the event log
+M.LIVE_POLL_MS = 250       -- shared store: how often new events are read for the streams
 
-local server, db, opts, data_dir
+local server, db, opts, data_dir, cfg_now
+local shared = false       -- the store is shared by instances (postgresql)
+local live = 0             -- shared: the newest event id sent to the streams (or known)
 local streams = {}         -- req -> client; bounded by opts.max_streams
 local nstreams = 0
 local appended = 0
@@ -191,6 +201,14 @@ function routes.send(req, user, backend, room)
 end
 
 function routes.status(req)
+  if shared then
+    -- every instance, what it owns, the leases, and this instance's backends
+    local instances, err, code = db:instances()
+    local leases = instances and db:leases() or {}
+    if not instances then return fail(req, 500, code or "ESTORE", "%s", tostring(err)) end
+    return reply(req, 200, json.object { engine = "postgresql", instance = cfg_now.instance,
+      instances = instances, leases = leases, backends = segue.backends() })
+  end
   local st, err, code = require("segue.status").read(data_dir)
   if not st then return fail(req, 500, code or "ESTORE", "%s", tostring(err)) end
   reply(req, 200, st)
@@ -227,16 +245,23 @@ end
 -- Writes stored events after client.cursor while the client keeps up; a
 -- client that falls behind stays in playback (live events are read from the
 -- store later) until it has caught up.
+-- Runs in a coroutine (the store may yield); one catch-up per client at a time.
 local function catch_up(client)
+  if client.catching then return end
+  client.catching = true
   while streams[client.req] do
-    if client.req:pending() > opts.stream_buffer_bytes // 2 then return end
+    if client.req:pending() > opts.stream_buffer_bytes // 2 then break end
     local events = db:events_after(client.cursor, REPLAY_PAGE)
-    if not events or #events == 0 then client.replaying = false return end
+    if not events or #events == 0 then client.replaying = false break end
     for _, ev in ipairs(events) do
-      if not send(client, frame(ev)) then return end
-      client.cursor = ev.id
+      if not streams[client.req] then break end
+      if ev.id > client.cursor then
+        if not send(client, frame(ev)) then break end
+        client.cursor = ev.id
+      end
     end
   end
+  client.catching = false
 end
 
 local function broadcast(ev)
@@ -260,10 +285,16 @@ function routes.stream(req, user, query)
   if last and (not cursor or math.type(cursor) ~= "integer" or cursor < 0) then
     return fail(req, 400, "EINVAL", "Last-Event-ID must be an event id")
   end
+  local replaying = cursor ~= nil
+  if not cursor then  -- live from now: after the newest event
+    local lerr, lcode
+    cursor, lerr, lcode = db:events_last()
+    if not cursor then return fail(req, 500, lcode or "ESTORE", "%s", tostring(lerr)) end
+  end
   local ok, err = req:stream(200, { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-store",
     ["X-Accel-Buffering"] = "no" })
   if not ok then return segue.log.info("api: stream not started: " .. tostring(err)) end
-  local client = { req = req, user = user, cursor = cursor or db:events_last(), replaying = cursor ~= nil }
+  local client = { req = req, user = user, cursor = cursor, replaying = replaying }
   streams[req] = client
   nstreams = nstreams + 1
   req:on_gone(function(why) drop(client, why) end)
@@ -274,12 +305,20 @@ end
 -- Stream clients whose user or token is gone are closed (checked every
 -- second, one query per token); keep-alive comments
 -- keep proxies from closing quiet streams; clients in playback go on.
+-- Runs in a coroutine (the store may yield).
 local function tick_streams(keepalive, check_tokens)
   local valid = {}  -- token hash -> still valid, asked once per tick
-  for _, client in pairs(streams) do
+  local list = {}
+  for _, client in pairs(streams) do list[#list + 1] = client end
+  for _, client in ipairs(list) do
     local hash = client.user.hash
-    if check_tokens and valid[hash] == nil then valid[hash] = db:token_user(hash) ~= nil end
-    if valid[hash] == false then
+    if check_tokens and valid[hash] == nil then
+      local name, _, code = db:token_user(hash)
+      valid[hash] = name ~= nil or code ~= nil  -- a failed query revokes nothing
+    end
+    if not streams[client.req] then
+      -- gone meanwhile
+    elseif valid[hash] == false then
       drop(client, "the token was revoked")
     elseif client.replaying then
       catch_up(client)
@@ -293,14 +332,36 @@ end
 
 local EVENT_TYPES = { MessageUpsert = true, MessageDelete = true, RoomUpsert = true, RoomDelete = true }
 
+-- With a callback, so it works whatever called the update handlers: on
+-- SQLite it runs at once, on PostgreSQL when the append committed (answers
+-- come in call order, so events are broadcast in order).
 local function on_update(backend, update)
   if not db or not EVENT_TYPES[update.type] then return end
-  local id, err = db:event_append(backend, update)
-  if not id then return segue.log.error("api: cannot store an event: " .. tostring(err)) end
-  appended = appended + 1
-  if appended % PRUNE_EVERY == 0 then db:events_prune(opts.max_events) end
-  if nstreams > 0 then
-    broadcast { id = id, backend = backend, type = update.type, value_json = json.encode(update.value) }
+  local value_json = nstreams > 0 and json.encode(update.value) or nil
+  db:event_append(backend, update, function(id, err)
+    if not id then return segue.log.error("api: cannot store an event: " .. tostring(err)) end
+    if id == live + 1 then live = id end
+    appended = appended + 1
+    if appended % PRUNE_EVERY == 0 then db:events_prune(opts.max_events, function() end) end
+    if nstreams > 0 then
+      broadcast { id = id, backend = backend, type = update.type,
+        value_json = value_json or json.encode(update.value) }
+    end
+  end)
+end
+
+-- Shared store: events appended by another instance (the one running the
+-- backends) reach this instance's streams within LIVE_POLL_MS. Runs in a
+-- coroutine.
+local function poll_live()
+  for _ = 1, 10 do  -- at most 10 pages a poll; the rest at the next
+    local events = db:events_after(live, REPLAY_PAGE)
+    if not events or #events == 0 then return end
+    for _, ev in ipairs(events) do
+      live = math.max(live, ev.id)
+      broadcast(ev)
+    end
+    if #events < REPLAY_PAGE then return end
   end
 end
 
@@ -385,10 +446,9 @@ metrics.collect(function() if db then collect() end end)
 function M.start(cfg, store)
   if server then return nil, "the API is running already" end
   if not store then return nil, "the API needs the store" end
-  if store.engine and store:engine() ~= "sqlite" then
-    return nil, "the client API's tables are SQLite's only so far (store.engine = \"sqlite\")"
-  end
-  db, data_dir = store, cfg.data_dir
+  db, data_dir, cfg_now = store, cfg.data_dir, cfg
+  shared = store:engine() == "postgresql"
+  live = 0
   opts = setmetatable({}, { __index = M.defaults })
   for k, v in pairs(cfg.http) do opts[k] = v end
   local limits = { max_body_bytes = opts.max_body_bytes, max_header_bytes = opts.max_header_bytes,
@@ -402,10 +462,36 @@ function M.start(cfg, store)
   local offs = { segue.on("update", on_update) }
   local ticks = 0
   local keep_every = math.max(1, opts.keepalive_ms // 250)
+  local busy = false
   timers[#timers + 1] = loop.timer(250, 250, function()
     ticks = ticks + 1
-    if nstreams > 0 then tick_streams(ticks % keep_every == 0, ticks % 4 == 0) end
+    if nstreams == 0 or busy then return end
+    busy = true
+    local keepalive, check = ticks % keep_every == 0, ticks % 4 == 0
+    segue.spawn(function()
+      local ok, err = pcall(tick_streams, keepalive, check)
+      busy = false
+      if not ok then segue.log.error("api: streams: " .. tostring(err)) end
+    end)
   end)
+  if shared then
+    -- the newest event now: streams get what comes after it
+    local polling = true
+    segue.spawn(function()
+      local last = db:events_last()
+      live = math.max(live, last or 0)
+      polling = false
+    end)
+    timers[#timers + 1] = loop.timer(M.LIVE_POLL_MS, M.LIVE_POLL_MS, function()
+      if nstreams == 0 or polling then return end
+      polling = true
+      segue.spawn(function()
+        local ok, err = pcall(poll_live)
+        polling = false
+        if not ok then segue.log.error("api: live events: " .. tostring(err)) end
+      end)
+    end)
+  end
   offs[#offs + 1] = segue.on("stopping", M.stop)
   M.offs = offs
   segue.log.info(("api: listening on %s (port %d)"):format(cfg.http.listen, srv:port()))

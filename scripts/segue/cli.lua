@@ -125,18 +125,31 @@ function commands.migrate(path)
 end
 
 -- segue user add NAME [--admin] [CONFIG] | list [CONFIG] | remove NAME [CONFIG] ----
--- Users of the client API (docs/api.md), in the store of CONFIG's data_dir;
--- a running segue sees the change at its next request.
+-- Users of the client API (docs/api.md), in CONFIG's store (data_dir/segue.db,
+-- or the PostgreSQL database every instance shares); a running segue sees
+-- the change at its next request.
 local USER_USAGE = "usage: segue user add NAME [--admin] [CONFIG] | segue user list [CONFIG] | segue user remove NAME [CONFIG]\n"
 
-local function user_store(path)
+-- Runs fn(db) on CONFIG's store inside segue.await (the store may answer
+-- later: PostgreSQL); returns fn's results, or nil after printing why.
+local function with_user_store(path, what, fn)
   local cfg = M.config_or_fail(path)
   if not cfg then return nil end
-  local ok, merr = require("segue.fs").mkdir_p(cfg.data_dir, tonumber("700", 8))
-  if not ok then err("user: %s", merr) return nil end
-  local db, serr = require("segue.store").open(cfg.data_dir .. "/segue.db")
-  if not db then err("user: %s", serr) return nil end
-  return db
+  local opts = config.store_options(cfg)
+  if opts.engine == "sqlite" then
+    local ok, merr = require("segue.fs").mkdir_p(cfg.data_dir, tonumber("700", 8))
+    if not ok then err("%s: %s", what, merr) return nil end
+  end
+  local ok, a, b, c = pcall(require("segue").await, function()
+    local db, serr = require("segue.store").open(opts)
+    if not db then return nil, serr end
+    local x, y, z = fn(db)
+    db:close()
+    return true, { x, y, z }
+  end, 60000)
+  if not ok then a, b = nil, tostring(a) end
+  if not a then err("%s: %s", what, tostring(b)) return nil end
+  return table.unpack(b, 1, 3)
 end
 
 local user_commands = {}
@@ -150,12 +163,11 @@ function user_commands.add(...)
     else return nil end
   end
   if not name or name:match("^%-") then return nil end
-  local db = user_store(path)
-  if not db then return 1 end
-  local token, e, code = require("segue.api").user_add(db, name, admin)
-  db:close()
+  local token, e, code = with_user_store(path, "user add " .. name, function(db)
+    return require("segue.api").user_add(db, name, admin)
+  end)
   if not token then
-    err("user add %s: %s", name, code == "EEXIST" and "a user of that name exists" or e)
+    if e then err("user add %s: %s", name, code == "EEXIST" and "a user of that name exists" or e) end
     return 1
   end
   io.stdout:write("user ", name, admin and " (admin)" or "", " added; the token is shown only now:\n")
@@ -165,11 +177,11 @@ end
 
 function user_commands.list(path, extra)
   if extra then return nil end
-  local db = user_store(path)
-  if not db then return 1 end
-  local users, e = db:users()
-  db:close()
-  if not users then err("user list: %s", e) return 1 end
+  local users, e = with_user_store(path, "user list", function(db) return db:users() end)
+  if not users then
+    if e then err("user list: %s", e) end
+    return 1
+  end
   for _, u in ipairs(users) do
     io.stdout:write(("%s%s tokens=%d created=%s\n"):format(u.name, u.admin and " admin" or "", u.tokens,
       os.date("!%Y-%m-%dT%H:%M:%SZ", u.created // 1000)))
@@ -179,11 +191,14 @@ end
 
 function user_commands.remove(name, path, extra)
   if not name or extra then return nil end
-  local db = user_store(path)
-  if not db then return 1 end
-  local removed, e = db:user_remove(name)
-  db:close()
-  if removed == nil then err("user remove %s: %s", name, e) return 1 end
+  local removed, e = with_user_store(path, "user remove " .. name, function(db)
+    local r, rerr = db:user_remove(name)
+    return r, rerr
+  end)
+  if removed == nil then
+    if e then err("user remove %s: %s", name, e) end
+    return 1
+  end
   if not removed then err("user remove: no user %s", name) return 1 end
   io.stdout:write("user ", name, " removed; its tokens no longer work\n")
   return 0

