@@ -10,7 +10,8 @@
  *                key_refetch_ms =, key_fetch_rate =, key_fetch_private =,
  *                key_cache_size =, verify_in_pool = (default true) }
  *   load_key(data_dir) -> public_key_base64 | nil, err, code  (creates it)
- *   fed:on_request(fn(method, server_id, body, req))   "Push", "Pull", "NotifyNewId"
+ *   fed:on_request(fn(method, server_id, body, req [, event]))   "Push", "Pull",
+ *       "NotifyNewId"; a Push's `event` is the Event's bytes (decoded once, in C)
  *   req:respond(bytes) / req:error(status, identifier [, message]) -> true | nil, err, code
  *   req:alive() -> boolean
  *   req:on_done(fn(ok, err)) -> true | nil, err, code: once the response was
@@ -39,6 +40,7 @@
 
 #include "federation.h"
 #include "hrpc_errors.h"
+#include "protocol/sync/v1/sync.pb-c.h"
 
 #define FED_MT "segue.federation"
 #define REQ_MT "segue.federation.request"
@@ -141,8 +143,11 @@ static int l_req_gc(lua_State *L) {
   return 0;
 }
 
+/* handler(method, server_id, body, req [, event]): for a Push, `event` is
+ * the Event's bytes, packed from the one decode of the body in C (Lua need
+ * not decode the PushRequest to store its event). */
 static void on_request(sg__federation *f, sg__fed_method m, const char *server_id,
-                       sg__hrpc_request *req, void *ud) {
+                       const ProtobufCMessage *msg, sg__hrpc_request *req, void *ud) {
   lfed *lf = ud;
   lua_State *L = lf->own.e->L;
   if (lf->own.lua_gone || !L || lf->own.refs[HANDLER] == LUA_NOREF) {
@@ -157,7 +162,16 @@ static void on_request(sg__federation *f, sg__fed_method m, const char *server_i
   sg__hrpc_request **r = lua_newuserdatauv(L, sizeof *r, 0);
   *r = req;
   luaL_setmetatable(L, REQ_MT);
-  sg__lenv_pcall(lf->own.e, 4, 0, "federation request handler");
+  int nargs = 4;
+  const Protocol__Sync__V1__PushRequest *push = (const void *)msg;
+  if (m == SG_FED_PUSH && push && push->event) {
+    size_t n = protobuf_c_message_get_packed_size(&push->event->base);
+    luaL_Buffer b;
+    protobuf_c_message_pack(&push->event->base, (uint8_t *)luaL_buffinitsize(L, &b, n));
+    luaL_pushresultsize(&b, n);
+    nargs = 5;
+  }
+  sg__lenv_pcall(lf->own.e, nargs, 0, "federation request handler");
 }
 
 static void set_ref(lua_State *L, int slot) {

@@ -129,35 +129,52 @@ static void release_arena(void *p) {
 
 /* ---- conversion context: path for errors, depth, arena ----------------- */
 
+/* The path of the field being converted, kept as a stack of segments and
+ * written out only when a conversion fails (most never do). */
+typedef struct seg {
+  const char *name;        /* ".name", or the top's name when index is 0 */
+  size_t index;            /* "[index]" when non-zero */
+} seg;
+#define MAX_SEGS (2 * HARMONY_MAX_DEPTH + 4)
+
 typedef struct conv {
   lua_State *L;
   ablock **arena;          /* encoding only */
   int depth;
-  size_t path_len;
-  char path[256];          /* "PushRequest.event.user_invited" */
+  size_t nsegs;            /* may pass MAX_SEGS: the path is then cut */
+  seg segs[MAX_SEGS];      /* "PushRequest" ".event" ".user_invited" */
   char err[512];           /* "<path>: <what>" after a failure */
 } conv;
 
-static size_t path_push(conv *c, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static size_t path_push(conv *c, const char *fmt, ...) {
-  size_t mark = c->path_len, room = sizeof c->path - mark;
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(c->path + mark, room, fmt, ap);
-  va_end(ap);
-  c->path_len = n < 0 ? mark : (size_t)n < room ? mark + (size_t)n : sizeof c->path - 1;
+/* Pushes a segment; returns the mark path_pop restores. */
+static size_t path_push(conv *c, const char *name, size_t index) {
+  size_t mark = c->nsegs++;
+  if (mark < MAX_SEGS) c->segs[mark] = (seg){name, index};
   return mark;
 }
+#define path_name(c, name) path_push(c, name, 0)
+#define path_index(c, i) path_push(c, NULL, i)
 
-static void path_pop(conv *c, size_t mark) {
-  c->path_len = mark;
-  c->path[mark] = '\0';
+static void path_pop(conv *c, size_t mark) { c->nsegs = mark; }
+
+/* The path, at most 255 bytes, into buf[256]. */
+static void path_format(const conv *c, char *buf, size_t size) {
+  size_t len = 0, n = c->nsegs < MAX_SEGS ? c->nsegs : MAX_SEGS;
+  buf[0] = '\0';
+  for (size_t i = 0; i < n && len + 1 < size; i++) {
+    const seg *g = &c->segs[i];
+    int w = g->name ? snprintf(buf + len, size - len, "%s%s", i ? "." : "", g->name)
+                    : snprintf(buf + len, size - len, "[%zu]", g->index);
+    if (w < 0) break;
+    len = (size_t)w < size - len ? len + (size_t)w : size - 1;
+  }
 }
 
 static int conv_fail(conv *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int conv_fail(conv *c, const char *fmt, ...) {
-  int n = snprintf(c->err, sizeof c->err, "%s: ", c->path);
+  char path[256];
+  path_format(c, path, sizeof path);
+  int n = snprintf(c->err, sizeof c->err, "%s: ", path);
   va_list ap;
   va_start(ap, fmt);
   if (n > 0 && (size_t)n < sizeof c->err)
@@ -167,9 +184,12 @@ static int conv_fail(conv *c, const char *fmt, ...) {
 }
 
 static void conv_init(conv *c, lua_State *L, const char *top) {
-  memset(c, 0, sizeof *c);
   c->L = L;
-  path_push(c, "%s", top);
+  c->arena = NULL;
+  c->depth = 0;
+  c->nsegs = 0;
+  c->err[0] = '\0';
+  path_name(c, top);
 }
 
 static void *arena_alloc(conv *c, size_t size) {
@@ -383,7 +403,7 @@ static int set_repeated(conv *c, const ProtobufCFieldDescriptor *f, char *base, 
   if (n && !arr) return -1;
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, idx, (lua_Integer)i + 1);
-    size_t mark = path_push(c, "[%zu]", i + 1);
+    size_t mark = path_index(c, i + 1);
     if (set_value(c, f, arr + i * size, lua_gettop(L))) return -1;
     path_pop(c, mark);
     lua_pop(L, 1);
@@ -396,7 +416,7 @@ static int set_repeated(conv *c, const ProtobufCFieldDescriptor *f, char *base, 
 static int set_field(conv *c, ProtobufCMessage *m, const ProtobufCFieldDescriptor *f,
                      int idx) {
   char *base = (char *)m;
-  size_t mark = path_push(c, ".%s", f->name);
+  size_t mark = path_name(c, f->name);
   int rc = f->label == PROTOBUF_C_LABEL_REPEATED
                ? set_repeated(c, f, base, idx)
                : set_value(c, f, base + f->offset, idx);
@@ -430,7 +450,7 @@ static int unknown_key(conv *c, int idx, const ProtobufCMessageDescriptor *d) {
       return conv_fail(c, "field names are strings, found a %s key", luaL_typename(L, -1));
     const char *key = lua_tostring(L, -1);
     if (!protobuf_c_message_descriptor_get_field_by_name(d, key)) {
-      path_push(c, ".%s", key);
+      path_name(c, key);
       return conv_fail(c, "unknown field");
     }
   }
@@ -504,7 +524,7 @@ static int push_repeated(conv *c, const ProtobufCFieldDescriptor *f, const char 
   const char *arr = load_ptr(base + f->offset);
   lua_createtable(c->L, n < INT32_MAX ? (int)n : 0, 0);
   for (size_t i = 0; i < n; i++) {
-    size_t mark = path_push(c, "[%zu]", i + 1);
+    size_t mark = path_index(c, i + 1);
     if (push_value(c, f, arr + i * size)) return -1;
     path_pop(c, mark);
     lua_rawseti(c->L, -2, (lua_Integer)i + 1);
@@ -537,7 +557,7 @@ static int message_to_table(conv *c, const ProtobufCMessage *m) {
   for (unsigned i = 0; i < d->n_fields; i++) {
     const ProtobufCFieldDescriptor *f = &d->fields[i];
     if (!field_present(f, base)) continue;
-    size_t mark = path_push(c, ".%s", f->name);
+    size_t mark = path_name(c, f->name);
     if (f->label == PROTOBUF_C_LABEL_REPEATED ? push_repeated(c, f, base)
                                              : push_value(c, f, base + f->offset))
       return -1;

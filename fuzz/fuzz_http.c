@@ -119,9 +119,10 @@ static void handle_key(sg__hrpc_request *req, void *ud) {
 
 /* Only FUZZ_PEER's requests, signed with its key, may get here. */
 static void handle_federated(sg__federation *f, sg__fed_method m, const char *server_id,
-                             sg__hrpc_request *req, void *ud) {
+                             const struct ProtobufCMessage *msg, sg__hrpc_request *req, void *ud) {
   (void)f;
   (void)ud;
+  FUZZ_REQUIRE(msg != NULL, "method %d reached the handler without its decoded body", (int)m);
   char why[SG_TOKEN_WHY_SIZE];
   sg__token tok;
   sg__token_policy pol;

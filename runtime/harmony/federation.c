@@ -98,39 +98,72 @@ const char *sg__federation_base_url(const sg__federation *f, const char *server_
 
 /* ---- the verified-token cache ----------------------------------------------- */
 
-/* A direct-mapped table of BLAKE2b(key, signature, signed bytes): a token
- * seen again with the same key needs no Ed25519 verify. Only verified
- * tokens go in, so nothing in it came from an attacker's say-so; the time
- * window and the lists are still checked on every request. */
-static void token_hash(const waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
-                       unsigned char h[32]) {
-  crypto_generichash_state st;
-  crypto_generichash_init(&st, NULL, 0, 32);
-  crypto_generichash_update(&st, pk, SG_KEYS_PUBLIC_BYTES);
-  crypto_generichash_update(&st, w->tok.sig, SG_KEYS_SIG_BYTES);
-  crypto_generichash_update(&st, w->tok.data, w->tok.data_len);
-  crypto_generichash_final(&st, h, 32);
+/* One verified header: its bytes, what they parse to (the token's strings
+ * and data point into the same block) and the key that verified it. */
+typedef struct sg__fed_vtok {
+  uint64_t hash;
+  size_t hlen;
+  const char *header;
+  sg__token tok;           /* borrowed pointers: never sg__token_clear'ed */
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
+} vtok;
+
+static uint64_t vtok_hash(const sg__federation *f, const char *header, size_t len) {
+  unsigned char h[crypto_shorthash_BYTES];
+  uint64_t v;
+  crypto_shorthash(h, (const unsigned char *)header, len, f->vkey);
+  memcpy(&v, h, sizeof v);
+  return v;
 }
 
-static unsigned char *verified_slot(sg__federation *f, const unsigned char h[32]) {
-  uint32_t i;
-  memcpy(&i, h, sizeof i);
-  return f->verified[i & (SG_FED_VERIFIED_SLOTS - 1)];
+/* The entry for exactly these header bytes, or NULL. */
+static vtok *vtok_find(const sg__federation *f, const char *header, size_t len) {
+  uint64_t h = vtok_hash(f, header, len);
+  vtok *v = f->vtoks[h & (SG_FED_VERIFIED_SLOTS - 1)];
+  if (!v || v->hash != h || v->hlen != len || memcmp(v->header, header, len) != 0) return NULL;
+  return v;
+}
+
+/* w's token verified with `pk`: remembered under its header (replacing
+ * whatever was in the slot). Out of memory only means a miss later. */
+static void vtok_put(sg__federation *f, const waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES]) {
+  const char *header = w->req ? w->req->authorization : NULL;
+  if (!header || !f->vtoks) return;
+  size_t hlen = strlen(header), idlen = strlen(w->tok.server_id) + 1;
+  size_t audlen = w->tok.audience ? strlen(w->tok.audience) + 1 : 0;
+  uint64_t h = vtok_hash(f, header, hlen);
+  vtok **slot = &f->vtoks[h & (SG_FED_VERIFIED_SLOTS - 1)];
+  free(*slot);
+  *slot = NULL;
+  vtok *v = malloc(sizeof *v + hlen + idlen + audlen + w->tok.data_len + 1);
+  if (!v) return;
+  char *p = (char *)(v + 1);
+  v->hash = h;
+  v->hlen = hlen;
+  v->header = memcpy(p, header, hlen);
+  p += hlen;
+  v->tok = w->tok;
+  v->tok.server_id = memcpy(p, w->tok.server_id, idlen);
+  p += idlen;
+  v->tok.audience = audlen ? memcpy(p, w->tok.audience, audlen) : NULL;
+  p += audlen;
+  v->tok.data = memcpy(p, w->tok.data, w->tok.data_len);
+  memcpy(v->pk, pk, SG_KEYS_PUBLIC_BYTES);
+  *slot = v;
+}
+
+static void vtoks_free(sg__federation *f) {
+  for (size_t i = 0; f->vtoks && i < SG_FED_VERIFIED_SLOTS; i++) free(f->vtoks[i]);
+  free(f->vtoks);
+  f->vtoks = NULL;
 }
 
 static sg__token_reason verify(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES], char *why,
                               size_t whylen) {
   sg__federation *f = w->route->f;
-  unsigned char h[32];
-  token_hash(w, pk, h);
-  unsigned char *slot = verified_slot(f, h);
-  if (sodium_memcmp(slot, h, 32) == 0) {
-    f->stats.verified_hits++;
-    return SG_TOKEN_OK;
-  }
   f->stats.verifies++;
   sg__token_reason r = sg__token_verify(&w->tok, pk, why, whylen);
-  if (r == SG_TOKEN_OK) memcpy(slot, h, 32);
+  if (r == SG_TOKEN_OK) vtok_put(f, w, pk);
   return r;
 }
 
@@ -198,7 +231,7 @@ static void hand_over(waiter *w) {
   sg__log(f->log, SG_LOG_DEBUG, "peer", w->tok.server_id, "accepted %s",
           methods[w->route->method].name);
   if (f->handler)
-    f->handler(f, w->route->method, w->tok.server_id, w->req, f->handler_ud);
+    f->handler(f, w->route->method, w->tok.server_id, w->msg, w->req, f->handler_ud);
   else
     sg__hrpc_respond_error(w->req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
   w->req = NULL;
@@ -261,7 +294,7 @@ static void cached_outcome(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTE
 typedef struct vjob {
   uv_work_t work;
   waiter *w;
-  unsigned char pk[SG_KEYS_PUBLIC_BYTES], h[32];
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
   int ok;
 } vjob;
 
@@ -283,7 +316,7 @@ static void vjob_done(uv_work_t *req, int status) {
     sg__hrpc_respond_error(w->req, 503, SG__HRPC_UNAVAILABLE, "request refused", NULL, 0);
     waiter_free(w);
   } else if (j->ok) {
-    memcpy(verified_slot(f, j->h), j->h, 32);
+    vtok_put(f, w, j->pk);
     authenticated(w, j->pk);
   } else {
     char why[SG_TOKEN_WHY_SIZE], b64[SG_KEYS_PUBLIC_B64_SIZE];
@@ -298,15 +331,13 @@ static void vjob_done(uv_work_t *req, int status) {
 
 /* Starts the check of w's signature on the thread pool; 0, or an error
  * (then the caller checks on the loop). */
-static int verify_in_pool(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES],
-                          const unsigned char h[32]) {
+static int verify_in_pool(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES]) {
   sg__federation *f = w->route->f;
   vjob *j = malloc(sizeof *j);
   if (!j) return SG_ENOMEM;
   j->work.data = j;
   j->w = w;
   memcpy(j->pk, pk, SG_KEYS_PUBLIC_BYTES);
-  memcpy(j->h, h, 32);
   int rc = uv_queue_work(f->loop, &j->work, vjob_run, vjob_done);
   if (rc) {
     free(j);
@@ -317,20 +348,14 @@ static int verify_in_pool(waiter *w, const unsigned char pk[SG_KEYS_PUBLIC_BYTES
   return 0;
 }
 
-/* Checks w's signature with the key `e` holds (from the cache): the
- * verified-token cache first, then Ed25519 on the thread pool (or here). */
+/* Checks w's signature with the key `e` holds (from the cache): Ed25519 on
+ * the thread pool (or here). */
 static void authenticate_cached(waiter *w, sg__keycache_entry *e) {
   sg__federation *f = w->route->f;
   char why[SG_TOKEN_WHY_SIZE];
-  unsigned char pk[SG_KEYS_PUBLIC_BYTES], h[32];
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
   memcpy(pk, e->pk, sizeof pk);
-  token_hash(w, pk, h);
-  if (sodium_memcmp(verified_slot(f, h), h, 32) == 0) {
-    f->stats.verified_hits++;
-    authenticated(w, pk);
-    return;
-  }
-  if (f->verify_pool && !f->closing && verify_in_pool(w, pk, h) == 0) return;
+  if (f->verify_pool && !f->closing && verify_in_pool(w, pk) == 0) return;
   sg__token_reason r = verify(w, pk, why, sizeof why);
   cached_outcome(w, pk, r, why);
 }
@@ -583,9 +608,41 @@ static ProtobufCMessage *decode_body(sg__federation *f, sg__hrpc_request *req,
   return NULL;
 }
 
+/* A Push or Pull whose Authorization header is in the verified-token
+ * cache: the lists, audience and time window are checked as for any token,
+ * the server's cached key must still be the one that verified it, and the
+ * body is decoded once and handed to the handler. 0 when the request must
+ * take the full path (nothing was answered), 1 when it was taken care of. */
+static int from_verified(sg__federation *f, sg__fed_route *rt, sg__hrpc_request *req,
+                         const vtok *v) {
+  char why[SG_TOKEN_WHY_SIZE], id[SG_TOKEN_MAX_SERVER_ID + 1];
+  if (sg__token_admit(&v->tok, &f->policy, (uint64_t)time(NULL), why, sizeof why) != SG_TOKEN_OK)
+    return 0;  /* the full path refuses it, and logs why */
+  sg__keycache_entry *e = sg__keycache_find(&f->cache, v->tok.server_id);
+  if (!e || e->negative || sodium_memcmp(e->pk, v->pk, SG_KEYS_PUBLIC_BYTES) != 0) return 0;
+  f->stats.verified_hits++;
+  ProtobufCMessage *msg = decode_body(f, req, methods[rt->method].request);
+  if (!msg) return 1;
+  /* the entry is replaced only after a verify, never during this call; a
+   * copy all the same, as the handler may run anything */
+  snprintf(id, sizeof id, "%s", v->tok.server_id);
+  sg__log(f->log, SG_LOG_DEBUG, "peer", id, "accepted %s", methods[rt->method].name);
+  if (f->handler)
+    f->handler(f, rt->method, id, msg, req, f->handler_ud);
+  else
+    sg__hrpc_respond_error(req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
+  protobuf_c_message_free_unpacked(msg, NULL);
+  return 1;
+}
+
 static void on_postbox(sg__hrpc_request *req, void *ud) {
   sg__fed_route *rt = ud;
   sg__federation *f = rt->f;
+  const char *a = req->authorization;
+  if (a && rt->method != SG_FED_NOTIFY_NEW_ID) {
+    const vtok *v = vtok_find(f, a, strlen(a));
+    if (v && from_verified(f, rt, req, v)) return;
+  }
   waiter *w = calloc(1, sizeof *w);
   if (!w) {
     sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
@@ -594,7 +651,6 @@ static void on_postbox(sg__hrpc_request *req, void *ud) {
   w->route = rt;
   w->req = req;
   char why[SG_TOKEN_WHY_SIZE];
-  const char *a = req->authorization;
   sg__token_reason r = sg__token_parse(a, a ? strlen(a) : 0, &w->tok, why, sizeof why);
   if (r == SG_TOKEN_OK) r = sg__token_admit(&w->tok, &f->policy, (uint64_t)time(NULL), why, sizeof why);
   if (r != SG_TOKEN_OK) {
@@ -684,7 +740,8 @@ static int copy_options(sg__federation *f, const sg__fed_options *o) {
   f->verify_pool = !o->verify_on_loop;
   size_t pos = o->key_cache_size ? o->key_cache_size : SG_KEYCACHE_DEFAULT_POSITIVE;
   if (sg__keycache_init(&f->cache, pos, pos / 4 + 1)) failed = 1;
-  if (!(f->verified = calloc(SG_FED_VERIFIED_SLOTS, sizeof *f->verified))) failed = 1;
+  if (!(f->vtoks = calloc(SG_FED_VERIFIED_SLOTS, sizeof *f->vtoks))) failed = 1;
+  randombytes_buf(f->vkey, sizeof f->vkey);
   return failed || !f->server_id ? SG_ENOMEM : 0;
 }
 
@@ -769,8 +826,7 @@ int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *s
 
 static void free_all(sg__federation *f) {
   sg__keycache_free(&f->cache);
-  free(f->verified);
-  f->verified = NULL;
+  vtoks_free(f);
   free_strings((char **)f->policy.allow, f->policy.n_allow);
   free_strings((char **)f->policy.block, f->policy.n_block);
   free_strings((char **)f->policy.bound, f->policy.n_bound);

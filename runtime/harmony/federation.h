@@ -22,16 +22,24 @@
  *      addresses (unless key_fetch_private), at most key_fetch_rate new
  *      servers a second; a failed fetch is remembered (negative entry) for
  *      key_refetch_ms.
- *   -> signature verified (a token already verified with this key is found
- *      in the verified-token cache instead; with a cached key the Ed25519
- *      check runs on libuv's thread pool unless verify_on_loop); on a bad signature the key is
+ *   -> signature verified (with a cached key the Ed25519 check runs on
+ *      libuv's thread pool unless verify_on_loop); on a bad signature the key is
  *      fetched once more (at most once per key_refetch_ms per server: the
  *      peer may have rotated its key) and the check repeated. Only a key
  *      that verified a signature is cached.
  *   -> NotifyNewId only: the token is accepted once; the new id must be
  *      host[:port] and pass the allow/block lists, and its own Key endpoint
  *      must serve the key that signed the request (same server, new name).
- *   -> the handler.
+ *   -> the handler, with the decoded body.
+ * The verified-token cache (SG_FED_VERIFIED_SLOTS entries, direct-mapped by
+ * SipHash of the Authorization header with a random key) keeps what a
+ * verified header parsed to and the key that verified it. A Push or Pull
+ * whose header is byte for byte one in it skips the parse and the Ed25519
+ * check, not the rest: the lists, the audience and the time window are
+ * checked on every request, and the server's cached key must still be the
+ * one that verified it (else the full path runs). Only verified tokens go
+ * in, so nothing in it is an attacker's say-so; a new token replaces the one
+ * in its slot, so it stays bounded.
  * A refusal is answered with the reason's hRPC identifier and status
  * (runtime/harmony_token.h) and a generic human_message; the reason's text
  * goes to the log only (warn, peer=<server id or address>). A key that cannot
@@ -54,7 +62,7 @@
 #define SG_FED_DEFAULT_KEY_REFETCH_MS 60000
 #define SG_FED_DEFAULT_KEY_FETCH_RATE 10      /* new servers' key fetches a second */
 #define SG_FED_MAX_FETCHES 256                /* key fetches under way at once */
-#define SG_FED_VERIFIED_SLOTS 4096            /* the verified-token cache */
+#define SG_FED_VERIFIED_SLOTS 4096            /* the verified-token cache (a power of 2) */
 #define SG_FED_NEW_ID_SEEN 256                /* NotifyNewId tokens remembered */
 #define SG_FED_FAILED_FETCH_MS 5000           /* a failed key fetch is remembered this long */
 #define SG_FED_PATH_KEY "/protocol.auth.v1.AuthService/Key"
@@ -82,10 +90,13 @@ typedef struct sg__federation sg__federation;
 /* An accepted request from `server_id` (authenticated; borrowed for the
  * call). The handler owns `req` as an sg__hrpc_handler does: it finishes it
  * exactly once, now or later, with sg__hrpc_respond / sg__hrpc_respond_error /
- * sg__hrpc_request_release. req->body holds the request message's bytes,
- * already known to decode as that method's request type. */
+ * sg__hrpc_request_release. req->body holds the request message's bytes and
+ * `msg` the same decoded as that method's request type (borrowed for the
+ * call: the one decode of the body; a Push's holds an event). */
+struct ProtobufCMessage;
 typedef void (*sg__fed_handler)(sg__federation *f, sg__fed_method m, const char *server_id,
-                               sg__hrpc_request *req, void *ud);
+                               const struct ProtobufCMessage *msg, sg__hrpc_request *req,
+                               void *ud);
 
 /* Called when a peer's key was fetched and differs from what the cache held
  * (or the cache held none), so a store can persist it. May be NULL. */
@@ -145,7 +156,8 @@ struct sg__federation {
   unsigned log_lines, log_dropped;
   double fetch_tokens;             /* the key_fetch_rate bucket */
   uint64_t fetch_tokens_at;
-  unsigned char (*verified)[32];   /* SG_FED_VERIFIED_SLOTS hashes */
+  struct sg__fed_vtok **vtoks;     /* the verified-token cache: SG_FED_VERIFIED_SLOTS */
+  unsigned char vkey[16];          /* its SipHash key */
   struct { unsigned char h[32]; uint64_t until; } seen[SG_FED_NEW_ID_SEEN];
   sg__fed_stats stats;
   sg__fed_route *routes;           /* one per PostboxService method */

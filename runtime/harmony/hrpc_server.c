@@ -52,7 +52,8 @@ typedef struct req {
   int answered;
   sg__hrpc_done_cb done_cb;
   void *done_ud;
-  sg__buf url, body, ctype, auth, expect;
+  sg__buf url, body, ctype, auth, expect;  /* kept (emptied) when recycled */
+  int has_auth;          /* an Authorization header came (auth may hold "") */
   sg__buf *hval;            /* the buffer the current header value goes to */
   char hname[16];        /* the current header name, when short enough */
   size_t hname_len;
@@ -75,7 +76,9 @@ struct sg__hrpc_conn {
   http_parser parser;
   int state, reading, continue_pending;
   req *req;              /* the request being read or answered */
-  char *wbuf;            /* the response being written */
+  req *spare;            /* the last request, recycled for the next one */
+  char *wbuf;            /* the response being written (kept for the next) */
+  size_t wcap;
   verdict fail;          /* a parser callback's: answered at once, then close */
   size_t roff, rlen;     /* rbuf[roff..rlen) is read but not parsed yet */
   uint64_t since;        /* uv_now when its current wait (head, idle) began */
@@ -140,9 +143,47 @@ static int content_type_ok(const sg__buf *ct) {
 
 /* ---- requests ----------------------------------------------------------- */
 
+/* Keep-alive: a connection reuses its last request's memory (the struct
+ * and its buffers) for the next, unless a buffer grew past this. */
+#define KEEP_BYTES 65536
+
+static void req_free(req *r) {
+  sg__buf_free(&r->url);
+  sg__buf_free(&r->body);
+  sg__buf_free(&r->ctype);
+  sg__buf_free(&r->auth);
+  sg__buf_free(&r->expect);
+  free(r);
+}
+
+/* Empties `b` (absent again: its users test len or the has_ flags), keeping
+ * its memory unless it is large. */
+static sg__buf buf_emptied(sg__buf b) {
+  if (b.cap > KEEP_BYTES) {
+    sg__buf_free(&b);
+  } else if (b.p) {
+    b.len = 0;
+    b.p[0] = '\0';
+  }
+  return b;
+}
+
+/* A finished request of a connection that goes on: made ready for the next. */
+static void req_recycle(conn *c, req *r) {
+  sg__buf keep[5] = {r->url, r->body, r->ctype, r->auth, r->expect};
+  memset(r, 0, sizeof *r);
+  r->url = buf_emptied(keep[0]);
+  r->body = buf_emptied(keep[1]);
+  r->ctype = buf_emptied(keep[2]);
+  r->auth = buf_emptied(keep[3]);
+  r->expect = buf_emptied(keep[4]);
+  c->spare = r;
+}
+
 static req *req_new(conn *c) {
-  req *r = calloc(1, sizeof *r);
-  if (!r) return NULL;
+  req *r = c->spare;
+  c->spare = NULL;
+  if (!r && !(r = calloc(1, sizeof *r))) return NULL;
   r->conn = c;
   r->refs = 1;
   memcpy(r->peer, c->peer, sizeof r->peer);
@@ -153,12 +194,11 @@ static req *req_new(conn *c) {
 
 static void req_unref(req *r) {
   if (--r->refs > 0) return;
-  sg__buf_free(&r->url);
-  sg__buf_free(&r->body);
-  sg__buf_free(&r->ctype);
-  sg__buf_free(&r->auth);
-  sg__buf_free(&r->expect);
-  free(r);
+  conn *c = r->conn;
+  if (c && !c->spare && c->state != ST_CLOSING)
+    req_recycle(c, r);
+  else
+    req_free(r);
 }
 
 /* Runs the done callback, at most once. */
@@ -308,6 +348,8 @@ static void on_conn_closed(uv_handle_t *h) {
   conn *c = h->data;
   sg__hrpc_server *srv = c->srv;
   if (!sg__listener_conn_closed(&srv->listener, &c->link)) return;
+  if (c->spare) req_free(c->spare);
+  free(c->wbuf);
   free(c);
   srv->stats.active--;
   limit_check_over(srv);
@@ -454,6 +496,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n) {
     r->hstate = H_VALUE;
     r->hval = header_target(r);
     if (r->hval) r->hval->len = 0;  /* a repeated header: the last one wins */
+    if (r->hval == &r->auth) r->has_auth = 1;
   }
   if (r->hval && sg__buf_append(r->hval, at, n))
     return conn_fail(c, 503, SG__HRPC_UNAVAILABLE, "out of memory");
@@ -554,8 +597,11 @@ static void conn_linger(conn *c);
 
 static void on_written(uv_write_t *w, int status) {
   conn *c = container_of(w, conn, wreq);
-  free(c->wbuf);
-  c->wbuf = NULL;
+  if (c->wcap > KEEP_BYTES) {  /* a large response: not kept */
+    free(c->wbuf);
+    c->wbuf = NULL;
+    c->wcap = 0;
+  }
   if (c->state == ST_CLOSING) return;  /* the request was detached already */
   req *r = c->req;
   c->req = NULL;
@@ -581,30 +627,57 @@ static const char *reason_phrase(int status) {
   return s[0] == '<' ? "Unknown" : s;
 }
 
-/* Writes the response to c->req (head and body in one buffer). On failure
- * the connection is closed and the error returned. */
+static char *put(char *p, const char *s) {
+  size_t n = strlen(s);
+  memcpy(p, s, n);
+  return p + n;
+}
+
+static char *put_number(char *p, size_t v) {
+  char digits[24];
+  int n = 0;
+  do digits[n++] = (char)('0' + v % 10);
+  while ((v /= 10) != 0);
+  while (n) *p++ = digits[--n];
+  return p;
+}
+
+/* Writes the response to c->req (head and body in one buffer, the
+ * connection's, reused from one response to the next). On failure the
+ * connection is closed and the error returned. */
 static int conn_respond(conn *c, int status, const char *ctype, const void *body, size_t len) {
   req *r = c->req;
   if (c->srv->listener.closing) r->keep_alive = 0;
   const char *conn_hdr = !r->keep_alive ? "Connection: close\r\n"
                          : r->http10    ? "Connection: keep-alive\r\n"
                                         : "";
-  char head[256];
-  int hn = snprintf(head, sizeof head,
-                    "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                    "Hrpc-Version: 1\r\n%s\r\n",
-                    status, reason_phrase(status), ctype, len, conn_hdr);
-  if (!(c->wbuf = malloc((size_t)hn + len + 1))) {
-    conn_close(c, SG_ENOMEM);
-    return SG_ENOMEM;
+  const char *reason = reason_phrase(status);
+  /* the head's fixed text, the status, reason, type, length and Connection */
+  size_t need = 96 + 4 + strlen(reason) + strlen(ctype) + 24 + strlen(conn_hdr) + len;
+  if (need > c->wcap) {
+    char *buf = realloc(c->wbuf, need);
+    if (!buf) {
+      conn_close(c, SG_ENOMEM);
+      return SG_ENOMEM;
+    }
+    c->wbuf = buf;
+    c->wcap = need;
   }
-  memcpy(c->wbuf, head, (size_t)hn);
-  if (len) memcpy(c->wbuf + hn, body, len);
-  uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)((size_t)hn + len));
+  char *p = put(c->wbuf, "HTTP/1.1 ");
+  p = put_number(p, (size_t)status);
+  *p++ = ' ';
+  p = put(p, reason);
+  p = put(p, "\r\nContent-Type: ");
+  p = put(p, ctype);
+  p = put(p, "\r\nContent-Length: ");
+  p = put_number(p, len);
+  p = put(p, "\r\nHrpc-Version: 1\r\n");
+  p = put(p, conn_hdr);
+  p = put(p, "\r\n");
+  if (len) memcpy(p, body, len);
+  uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)((size_t)(p - c->wbuf) + len));
   int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
   if (rc) {
-    free(c->wbuf);
-    c->wbuf = NULL;
     conn_close(c, rc);
     return rc;
   }
@@ -644,7 +717,7 @@ static void conn_dispatch(conn *c) {
   } else {
     r->pub.body = r->body.len ? (const uint8_t *)r->body.p : NULL;
     r->pub.body_len = r->body.len;
-    r->pub.authorization = r->auth.p;
+    r->pub.authorization = r->has_auth ? (r->auth.p ? r->auth.p : "") : NULL;
     r->refs++;  /* the handler's, given back by respond or release */
     r->handler(&r->pub, r->handler_ud);
   }
@@ -809,6 +882,7 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   if (per_address_room(srv, c)) return;
+  uv_tcp_nodelay(&c->tcp, 1);  /* one write per response: nothing to coalesce */
   srv->stats.accepted++;
   sg__address_peer(&c->tcp, c->peer, sizeof c->peer);
   conn_timer(c, srv->limits.header_timeout_ms);

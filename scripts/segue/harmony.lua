@@ -21,6 +21,14 @@
 --       answers an authenticated request; runs in its own coroutine.
 --       written(ok, err), when given, runs once the response was written
 --       to the socket whole (ok = true) or never will be (M.write_completion).
+--   segue.harmony.handle_bytes(method, fn) -> previous fn
+--       fn(server_id, bytes, req): the hot path's form of handle, for
+--       handlers that keep bytes: no decode into a table, no coroutine. A
+--       Push's `bytes` are its Event's (the body was decoded once, in C);
+--       other methods get the request message's bytes. fn answers now or
+--       later with req:respond(response_bytes) or req:error(status,
+--       identifier [, message]) (req:on_done(fn) as for `written` above).
+--       Replaces the method's handle(); handle() replaces it in turn.
 --   segue.harmony.stop(), .port(), .public_key(), .server_id(), .running()
 --
 -- Until the postbox gives them their delivery semantics, the handlers are:
@@ -70,11 +78,22 @@ local handlers = {
   end,
 }
 
+local byte_handlers = {}  -- method -> fn(server_id, bytes, req), see handle_bytes
+
 function M.handle(method, fn)
   assert(handlers[method], "method must be Push, Pull or NotifyNewId")
   assert(type(fn) == "function", "handler must be a function")
-  local prev = handlers[method]
+  local prev = byte_handlers[method] or handlers[method]
   handlers[method] = fn
+  byte_handlers[method] = nil
+  return prev
+end
+
+function M.handle_bytes(method, fn)
+  assert(handlers[method], "method must be Push, Pull or NotifyNewId")
+  assert(type(fn) == "function", "handler must be a function")
+  local prev = byte_handlers[method] or handlers[method]
+  byte_handlers[method] = fn
   return prev
 end
 
@@ -104,7 +123,16 @@ local function answer(method, server_id, msg, req)
   return req:respond(bytes)
 end
 
-local function dispatch(method, server_id, body, req)
+local function dispatch(method, server_id, body, req, event)
+  local raw = byte_handlers[method]
+  if raw then
+    local ok, err = pcall(raw, server_id, event or body, req)
+    if not ok then
+      core.log("error", "federation handler: " .. tostring(err), "peer", server_id, "method", method)
+      if req:alive() then req:error(500, INTERNAL, "the handler failed") end
+    end
+    return
+  end
   local msg, err = codec.decode(M.methods[short[method]][1], body)
   if not msg then return req:error(M.errors.BAD_UNARY.status, M.errors.BAD_UNARY.identifier, err) end
   segue().spawn(answer, method, server_id, msg, req)

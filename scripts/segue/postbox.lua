@@ -116,12 +116,27 @@ local function pull_and_schedule(server_id)
   return ok, err
 end
 
+local due = {}  -- server_id -> loop.now() at which its Pull is due, later than its timer
+
+local function pull_timer_fired(server_id)
+  timers[server_id] = nil
+  local at = due[server_id]
+  due[server_id] = nil
+  if at and at > loop.now() then return schedule_pull(server_id, at - loop.now()) end
+  segue().spawn(pull_and_schedule, server_id)
+end
+
 function schedule_pull(server_id, ms)
+  due[server_id] = nil
   if timers[server_id] then timers[server_id]:stop() end
-  timers[server_id] = loop.timer(ms, 0, function()
-    timers[server_id] = nil
-    segue().spawn(pull_and_schedule, server_id)
-  end)
+  timers[server_id] = loop.timer(ms, 0, function() pull_timer_fired(server_id) end)
+end
+
+-- The next Pull `ms` after this Push (the last one): a timer that is already
+-- there (never due later: ms is the longest wait) is moved when it fires,
+-- not made anew per Push.
+local function pull_after_push(server_id, ms)
+  if timers[server_id] then due[server_id] = loop.now() + ms else schedule_pull(server_id, ms) end
 end
 
 function M.pull(server_id) return pull_and_schedule(server_id) end
@@ -130,27 +145,36 @@ function M.pull(server_id) return pull_and_schedule(server_id) end
 
 -- The key that verified an accepted request is persisted, so the next start
 -- needs no fetch. Only here: a refused token (which may have made the
--- federation fetch a key) leaves nothing in the store.
+-- federation fetch a key) leaves nothing in the store. `persisted` remembers
+-- what the store holds, so that a Push reads no key from the store.
+local persisted = {}   -- server_id -> key, as stored (bounded: cleared when full)
+local persisted_n = 0
 local function remember_key(server_id)
   local fed = harmony.running()
   local key = fed and fed:key_get(server_id)
-  if key and key ~= pb:key_get(server_id) then pb:key_set(server_id, key) end
+  if not key or persisted[server_id] == key then return end
+  if key ~= pb:key_get(server_id) then pb:key_set(server_id, key) end
+  if persisted_n >= 4096 then persisted, persisted_n = {}, 0 end
+  if persisted[server_id] == nil then persisted_n = persisted_n + 1 end
+  persisted[server_id] = key
 end
 
-local function on_push(server_id, req)
-  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
+local PUSH_RESPONSE = assert(harmony.encode("protocol.sync.v1.PushResponse", {}))
+
+-- A Push: its Event's bytes (decoded once, by the federation) go into the
+-- inbox as they are; answered once they are stored (durable).
+local function on_push(server_id, event, req)
+  if not pb then return req:error(E.UNAVAILABLE.status, E.UNAVAILABLE.identifier, "the postbox is closed") end
   moved[server_id] = nil  -- a server uses that id (again)
   remember_key(server_id)
-  local bytes, err = harmony.encode(EVENT, req.event or {})
-  if not bytes then return nil, err, E.BAD_UNARY.identifier, E.BAD_UNARY.status end
-  local ok, serr = wait_for(function(cb)
-    local r, e, c = pb:receive_push(server_id, bytes, cb)
-    if r == "stored" then cb(true) end
-    return r, e, c
-  end)
-  if not ok then return nil, tostring(serr), E.INTERNAL.identifier, E.INTERNAL.status end
-  schedule_pull(server_id, opts.pull_interval_ms)
-  return {}
+  local function stored(ok, err)
+    if not ok then return req:error(E.INTERNAL.status, E.INTERNAL.identifier, tostring(err)) end
+    if pb then pull_after_push(server_id, opts.pull_interval_ms) end
+    return req:respond(PUSH_RESPONSE)
+  end
+  local r, e = pb:receive_push(server_id, event, stored)
+  if r == "stored" then return stored(true) end
+  if not r then return stored(nil, e) end
 end
 
 local function on_pull(server_id)
@@ -182,6 +206,7 @@ local function on_new_id(server_id, req)
   -- The old id's Pulls end: retried, each would add its row back.
   moved[server_id], moved[new_id] = new_id, nil
   if timers[server_id] then timers[server_id]:stop() timers[server_id] = nil end
+  due[server_id], persisted[server_id], persisted[new_id] = nil, nil, nil
   failures[server_id] = nil
   local key = pb:key_get(new_id)
   local fed = harmony.running()
@@ -222,7 +247,7 @@ function M.start(cfg, db)
   local p, err, code = pbc.new(db, opts, { push = transport_push, deliver = transport_deliver })
   if not p then return nil, err, code end
   pb = p
-  harmony.handle("Push", on_push)
+  harmony.handle_bytes("Push", on_push)
   harmony.handle("Pull", on_pull)
   harmony.handle("NotifyNewId", on_new_id)
   local s = segue()
@@ -242,7 +267,7 @@ end
 function M.stop()
   if not pb then return end
   for id, t in pairs(timers) do t:stop() timers[id] = nil end
-  moved = {}
+  moved, due, persisted, persisted_n = {}, {}, {}, 0
   local p = pb
   pb = nil
   p:close()
