@@ -200,6 +200,7 @@ int luaopen_segue_core(lua_State *L) {
   luaL_newlib(L, fns);
   sg__core_open_backends(L);
   sg__core_open_stdio(L);
+  sg__core_open_route(L);
   lua_pushstring(L, sg_version_string());
   lua_setfield(L, -2, "version");
   return 1;

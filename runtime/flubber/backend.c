@@ -498,7 +498,11 @@ void sg__backend_on_value(sg__backend *b, sg__fl_kind kind, cJSON *v) {
     on_response(b, v);
   } else if (kind == SG_FL_UPDATE && live) {
     b->doublings = 0;
-    if (b->ev && b->ev->on_update) b->ev->on_update(b, v);
+    if (b->tap) {
+      if (b->tap(b->tap_data, b, v)) return;  /* kept: the tap frees it */
+    } else if (b->ev && b->ev->on_update) {
+      b->ev->on_update(b, v);
+    }
   } else if (b->state == SG_BACKEND_STARTING) {
     sg__backend_violation(b, "sent something other than InitInfo first");
   }

@@ -118,6 +118,10 @@ struct sg__backend {
    * InitInfo (owned; NULL when it announced none). */
   cJSON *capabilities;
   size_t queue_bytes;         /* weight of the requests in `queue` */
+  /* When set, every Update goes here instead of ev->on_update (the router's
+   * hot path, route.h): it returns 1 when it kept the value. */
+  int (*tap)(void *tap_data, sg__backend *b, cJSON *update);
+  void *tap_data;
 };
 
 /* Initializes `b` (caller allocates; free it in ev->on_closed). The name is

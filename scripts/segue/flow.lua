@@ -115,6 +115,26 @@ function M.copied(bridge, origin, msg, dest, room, content, err)
   end
 end
 
+--- add(by_backend, by_bridge): what the router's C path carried since it
+--- last said, { name = { in =, sent =, first_origin =, first_dest =,
+--- first_room = } } (first_*: its first copy sent, for the info line).
+function M.add(by_backend, by_bridge)
+  for name, d in pairs(by_backend) do
+    local c = counter(backends, name)
+    c["in"], c.sent = c["in"] + d["in"], c.sent + d.sent
+    M.dirty = true
+  end
+  for name, d in pairs(by_bridge) do
+    local c = counter(bridges, name)
+    if c.sent == 0 and d.sent > 0 and d.first_origin then
+      require("segue").log.info(("bridge %s carried its first message: %s -> %s:%s")
+        :format(name, d.first_origin, d.first_dest, d.first_room))
+    end
+    c["in"], c.sent = c["in"] + d["in"], c.sent + d.sent
+    M.dirty = true
+  end
+end
+
 --- counters(): { backends = {...}, bridges = {...} } for `segue status`.
 function M.counters()
   M.dirty = false
@@ -154,6 +174,9 @@ function M.publish(db)
     local was = M.watching
     M.watching = alive ~= nil and os.time() * 1000 - alive < M.ALIVE_MS
     if was and not M.watching then pending = {} end
+    -- The router carries messages in C only while nobody watches: told
+    -- before the watcher hears it is heard, so it misses nothing.
+    if was ~= M.watching and M.on_watching then M.on_watching(M.watching) end
     if M.watching and alive ~= acked then  -- tells the watcher it is heard
       acked = alive
       db:kv_set("watch.ack", tostring(alive))

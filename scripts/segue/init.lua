@@ -232,6 +232,20 @@ function segue.backends() return core.backends() end
 -- Events --------------------------------------------------------------------
 
 local handlers = {}
+local handler_watchers = {}  -- event -> fn(list): told each time its handlers change
+
+--- segue.watch_handlers(event, fn): fn(handlers) now and whenever the list
+--- of `event`'s handlers changes (the router carries plain messages in C
+--- only while it alone listens to "update").
+function segue.watch_handlers(event, fn)
+  handler_watchers[event] = fn
+  fn(handlers[event] or {})
+end
+
+local function handlers_changed(event)
+  local w = handler_watchers[event]
+  if w then w(handlers[event] or {}) end
+end
 
 --- segue.on(event, fn) -> a function that removes the handler.
 --- Events: "update" (backend_name, update), "backend" (name, state, reason),
@@ -245,6 +259,7 @@ function segue.on(event, fn)
   local list = { table.unpack(handlers[event] or {}) }
   list[#list + 1] = fn
   handlers[event] = list
+  handlers_changed(event)
   return function()
     local cur = handlers[event] or {}
     for i, f in ipairs(cur) do
@@ -252,6 +267,7 @@ function segue.on(event, fn)
         local copy = { table.unpack(cur) }
         table.remove(copy, i)
         handlers[event] = copy
+        handlers_changed(event)
         return true
       end
     end

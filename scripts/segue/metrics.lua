@@ -142,8 +142,7 @@ M.define("segue_rules_load_failures_total", "counter", "Rule loads that failed (
 --- and outcome: this runs for every request.
 local hrtime = require("segue.loop").hrtime
 local request_series = {}  -- backend -> { histogram, [outcome] = counter }
-function M.request(backend, outcome, t0)
-  outcome = outcome or "error"
+local function request_of(backend, outcome)
   local r = request_series[backend]
   if not r then
     r = { hist = series("segue_backend_request_duration_seconds", { backend = backend }) }
@@ -154,8 +153,24 @@ function M.request(backend, outcome, t0)
     c = series("segue_backend_requests_total", { backend = backend, outcome = outcome })
     r[outcome] = c
   end
+  return c, r.hist
+end
+
+--- requests(backend, outcome, n, sum, buckets): n requests at once, their
+--- durations summed (seconds) and counted per bucket of M.BUCKETS (the
+--- router's C path says so once per loop turn).
+function M.requests(backend, outcome, n, sum, buckets)
+  local c, s = request_of(backend, outcome)
+  c.value = c.value + n
+  s.value, s.sum = s.value + n, s.sum + sum
+  for i = 1, #M.BUCKETS do s.buckets[i] = s.buckets[i] + (buckets[i] or 0) end
+end
+
+function M.request(backend, outcome, t0)
+  outcome = outcome or "error"
+  local c, s = request_of(backend, outcome)
   c.value = c.value + 1
-  local s, v = r.hist, (hrtime() - t0) / 1e9
+  local v = (hrtime() - t0) / 1e9
   s.value, s.sum = s.value + 1, s.sum + v
   for i, le in ipairs(M.BUCKETS) do
     if v <= le then s.buckets[i] = s.buckets[i] + 1 end

@@ -20,16 +20,21 @@ local index = {}       -- backend -> room name -> { {bridge, endpoint}, ... }
 local room_ids = {}    -- backend -> room name -> room id
 local room_names = {}  -- backend -> room id -> room name
 local loop_now = require("segue.loop").now
-local dests = {}       -- backend -> its sends in flight and its held updates (dest_of)
 local unresolved = {}  -- "backend\0room" -> copies waiting for that room to resolve
 M.MAX_WAITING = 1000   -- copies kept per room that is not resolved yet
-M.MAX_IN_FLIGHT = 10000 -- copies in flight to one backend; beyond, copies are lost (counted)
-M.MAX_HELD = 100000    -- updates of one backend waiting for sends to it
-M.PAUSE_AT = 2000      -- copies in flight to one backend that pause the backends feeding it
-M.PAUSE_MS = 1000      -- a source is paused at most this long at a time
-M.EDITS_KEPT = 10000   -- last_edit keeps between this and twice this many ids
-local last_edit, last_edit_old = {}, {}  -- "backend\0id" -> edit_time already handled
-local status = { loads = 0, failures = 0, bridged = 0, lost = 0, lost_by = {}, pauses = 0 }
+-- The bookkeeping of copies in flight, held updates, flow control and the
+-- edits seen lives in C (segue.core route_*, runtime/flubber/route.h), which
+-- also carries the messages of compiled rooms (see "Compiled routes"); these
+-- bounds are its, and setting one here sets it there.
+local limits = {
+  MAX_IN_FLIGHT = 10000, -- copies in flight to one backend; beyond, copies are lost (counted)
+  MAX_HELD = 100000,     -- updates of one backend waiting for sends to it
+  PAUSE_AT = 2000,       -- copies in flight to one backend that pause the backends feeding it
+  PAUSE_MS = 1000,       -- a source is paused at most this long at a time
+  EDITS_KEPT = 10000,    -- the edits seen: between this and twice this many ids
+}
+local status = { loads = 0, failures = 0, bridged = 0, lost = 0, lost_by = {}, pauses = 0, compiled = 0 }
+local compile_around   -- see "Compiled routes"
 local db               -- the store (segue.store), or nil
 local state = {}       -- carried from one rule set to the next
 
@@ -56,7 +61,14 @@ local function memory_store()
   }
 end
 
-function M.set_store(s) db = s or memory_store() end
+local core = require "segue.core"
+
+function M.set_store(s)
+  db = s or memory_store()
+  -- The C path writes the store itself: only segue.store's (SQLite; on an
+  -- engine answering later every message goes through Lua).
+  core.route_store(type(s) == "userdata" and s or nil)
+end
 
 -- The router's writes of one loop turn (message log, id maps) share one
 -- transaction, committed by a zero-delay timer at the start of the next
@@ -160,6 +172,7 @@ local function resolve(backend, room)
   -- A target once joined (or refused: some services need no join).
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value
+  compile_around(backend, room)
   local waiting = unresolved[backend .. "\0" .. room]
   unresolved[backend .. "\0" .. room] = nil
   for _, send in ipairs(waiting or {}) do send() end
@@ -195,15 +208,6 @@ end
 -- head and a tail.
 
 local handle
-
-local function dest_of(backend)
-  local d = dests[backend]
-  if not d then
-    d = { next = 1, low = 1, count = 0, live = {}, head = 1, tail = 0, held = {} }
-    dests[backend] = d
-  end
-  return d
-end
 
 -- Losses: every copy that is not bridged is counted (status.lost, and by
 -- reason in status.lost_by) and logged; a burst of losses to one place is
@@ -247,71 +251,29 @@ local function lost(reason, where, msg_id, why)
 end
 M.lost = lost
 
--- Flow control: when the copies in flight to a backend reach PAUSE_AT, the
--- backend whose message made the copy stops being read (its process blocks
--- writing, its messages wait in the pipe) until they are down to half, or
--- at most PAUSE_MS: a backend that never answers cannot stall its sources
--- for long, and copies beyond MAX_IN_FLIGHT are lost (counted). A backend
--- with sends of ours in flight is never paused: we need its answers.
-local core = require "segue.core"
-local paused = {}   -- backend -> the time it was paused
-local pause_timer
+-- Sends in flight, held updates, flow control (C: segue.core route_*).
+-- Per destination backend, sends are numbered in the order they are made;
+-- an update of a backend waits while sends to it made before it are in
+-- flight (their echoes may come before the ids that recognise them), and
+-- only for those: a busy bridge never starves a backend's updates. When the
+-- copies in flight to a backend reach PAUSE_AT, the backend whose message
+-- made the copy stops being read (its process blocks writing, its messages
+-- wait in the pipe) until they are down to half, or at most PAUSE_MS: a
+-- backend that never answers cannot stall its sources for long, and copies
+-- beyond MAX_IN_FLIGHT are lost (counted). A backend with sends of ours in
+-- flight is never paused: we need its answers. All of it is O(1) per message.
+local route_send_begin, route_send_end = core.route_send_begin, core.route_send_end
 
-local function resume(backend)
-  if paused[backend] then
-    paused[backend] = nil
-    core.pause_backend(backend, false)
-  end
+local function push_limits()
+  core.route_limits { max_in_flight = limits.MAX_IN_FLIGHT, max_held = limits.MAX_HELD,
+    pause_at = limits.PAUSE_AT, pause_ms = limits.PAUSE_MS, edits_kept = limits.EDITS_KEPT }
 end
-
-local function pause(source, d)
-  local sd = dests[source]
-  if paused[source] or (sd and sd.count > 0) then return end
-  if not core.pause_backend(source, true) then return end
-  paused[source] = loop_now()
-  status.pauses = status.pauses + 1
-  d.sources = d.sources or {}
-  d.sources[source] = true
-  if not pause_timer then
-    pause_timer = segue.every(M.PAUSE_MS // 4 + 1, function()
-      local now = loop_now()
-      for b, since in pairs(paused) do
-        if now - since >= M.PAUSE_MS then resume(b) end
-      end
-      if not next(paused) and pause_timer then pause_timer:stop() pause_timer = nil end
-    end)
-  end
-end
-
--- An update waits only for the sends that were in flight when it arrived,
--- not for later ones: a busy bridge never starves a backend's updates.
-local function release(d, n)
-  d.live[n] = nil
-  d.count = d.count - 1
-  local live, low, next_n = d.live, d.low, d.next
-  while low < next_n and not live[low] do low = low + 1 end
-  d.low = low
-  if d.sources and d.count <= M.PAUSE_AT // 2 then
-    for source in pairs(d.sources) do resume(source) end
-    d.sources = nil
-  end
-  -- A held update's handling may end a send at once (a request that cannot
-  -- be made): the outer loop goes on with the next update, in order.
-  if d.releasing then return end
-  d.releasing = true
-  local held = d.held
-  while d.head <= d.tail do
-    local h = held[d.head]
-    if h.after >= d.low then break end
-    held[d.head] = nil
-    d.head = d.head + 1
-    -- In a coroutine of its own, as every update is handled (a store that
-    -- answers later, PostgreSQL, makes it wait); errors are reported there.
-    segue.spawn(handle, h.set, h.backend, h.update)
-  end
-  d.releasing = nil
-  if d.head > d.tail then d.head, d.tail = 1, 0 end
-end
+setmetatable(M, {
+  __index = limits,
+  __newindex = function(t, k, v)
+    if limits[k] ~= nil then limits[k] = v push_limits() else rawset(t, k, v) end
+  end,
+})
 
 local send_copy
 
@@ -339,18 +301,11 @@ send_copy = function(origin_backend, msg, target, content, attachments)
   local e = target.endpoint
   local room_id = (room_ids[e.backend] or {})[e.room]
   if not room_id then return wait_for_room(origin_backend, msg, target, content, attachments) end
-  local d = dest_of(e.backend)
-  if d.count >= M.MAX_IN_FLIGHT then
+  local n, count = route_send_begin(origin_backend, e.backend)
+  if not n then
     return lost("overloaded", e.key, msg.id,
-      ("%d copies are in flight to %s already"):format(d.count, e.backend))
+      ("%d copies are in flight to %s already"):format(count, e.backend))
   end
-  local n = d.next
-  d.next = n + 1
-  if d.count == 0 then d.low = n end
-  d.count = d.count + 1
-  d.live[n] = true
-  if paused[e.backend] then resume(e.backend) end
-  if d.count >= M.PAUSE_AT and origin_backend ~= e.backend then pause(origin_backend, d) end
   local t0 = hrtime()
   local ok, err, code = request(e.backend, { type = "MessageSend", value = {
     recipient = room_id, content = content, attachments = attachments,
@@ -369,13 +324,13 @@ send_copy = function(origin_backend, msg, target, content, attachments)
       else
         lost(rcode == "ELIMIT" and "queue_full" or "failed", e.key, origin_backend .. ":" .. msg.id, rerr)
       end
-      release(d, n)
+      route_send_end(e.backend, n)
     end)
   if not ok then
     metrics.request(e.backend, code or "EINVAL", t0)
     flow.copied(target.bridge, origin_backend, msg, e.backend, e.room, content, err)
     lost(code == "ELIMIT" and "queue_full" or "failed", e.key, origin_backend .. ":" .. msg.id, err)
-    release(d, n)
+    route_send_end(e.backend, n)
   end
 end
 
@@ -505,36 +460,21 @@ local function is_copy(backend, msg)
   return db and db:map_origin(backend, msg.id) ~= nil
 end
 
--- last_edit in two generations: a lookup sees both, a new entry goes into the
--- young one, and when that is full the old one is dropped. Bounded, O(1).
-local function edit_seen(key)
-  local v = last_edit[key]
-  if v == nil then v = last_edit_old[key] end
-  return v
-end
-
-local edits_kept = 0
-local function edit_note(key, t)
-  if last_edit[key] == nil then
-    edits_kept = edits_kept + 1
-    if edits_kept > M.EDITS_KEPT then
-      last_edit_old, last_edit, edits_kept = last_edit, {}, 1
-    end
-  end
-  last_edit[key] = t
-end
+-- The edits seen (C, shared with the compiled path): two generations of
+-- EDITS_KEPT ids; a lookup sees both, a new entry goes into the young one,
+-- and when that is full the old one is dropped. Bounded, O(1).
+local edit_seen, edit_note = core.route_edit_seen, core.route_edit_note
 
 local function on_upsert(set, backend, msg)
   local room = (room_names[backend] or {})[msg.recipient]
   if db then batched() db:log_message(backend, msg) end
   if is_copy(backend, msg) then return end
-  local key = backend .. "\0" .. msg.id
-  local seen = edit_seen(key)
+  local seen = edit_seen(backend, msg.id)
   local copies = seen == nil and db and db:map_copies(backend, msg.id) or nil
   if seen ~= nil or (copies and #copies > 0) then
     -- Seen before: an edit if its edit time moved, else a replay.
     if seen == msg.edit_time or msg.edit_time == msg.create_time then return end
-    edit_note(key, msg.edit_time)
+    edit_note(backend, msg.id, msg.edit_time)
     if not room then return end
     local resend = false
     for _, t in ipairs(targets_of(index, backend, room)) do
@@ -543,7 +483,7 @@ local function on_upsert(set, backend, msg)
     if resend then deliver(set, backend, room, msg, "(edited) ") end
     return
   end
-  edit_note(key, msg.edit_time)
+  edit_note(backend, msg.id, msg.edit_time)
   flow.arrived(backend, room, msg)
   if set.on_message then
     local ok, r = rules.run(set.on_message, msg, { backend = backend, room = room, state = set.state })
@@ -575,24 +515,145 @@ handle = function(set, backend, update)
   end
 end
 
+-- Updates reach Lua through the C core, which held them while sends to
+-- their backend were in flight (see above): an update is handled with the
+-- rules it arrived under (messages in flight finish on the rules they
+-- started with).
 local function process(backend, update)
-  local set = current  -- messages in flight finish on the rules they started with
+  local set = core.route_dispatching() or current
   if not set then return end
-  local d = dests[backend]
-  if d and (d.count > 0 or d.head <= d.tail) then
-    -- Our own sends to this backend are in flight: their echoes may arrive
-    -- before the ids we need to recognise them; wait for those ids.
-    if d.tail - d.head + 1 >= M.MAX_HELD then
-      local v = type(update.value) == "table" and update.value.id or "?"
-      return lost("held", backend, backend .. ":" .. tostring(v),
-        ("%d updates of %s wait for sends to it already"):format(M.MAX_HELD, backend))
-    end
-    d.tail = d.tail + 1
-    d.held[d.tail] = { update = update, set = set, backend = backend, after = d.next - 1 }
-    return
-  end
   handle(set, backend, update)
 end
+
+-- Compiled routes ------------------------------------------------------------
+--
+-- A room whose every route is a plain bridge (no filter, no rewrite, a format
+-- naming only {sender}, {backend}, {room}, {bridge}; no on_message in the
+-- rules) and whose targets are resolved is compiled into the C core's table
+-- (runtime/flubber/route.h): a plain message there (Text, no attachments,
+-- new, not a copy, within each destination's length) is carried by C the
+-- way deliver and send_copy carry it, with no Lua per message; anything
+-- else still comes here. The table is rebuilt for each rule set (swapped in
+-- the same step as the rules, filled on the next loop turn) and a room is
+-- compiled again when it or a room it sends to resolves, or a backend of
+-- its bridges (re)starts. Only while the router is the only "update"
+-- listener and nobody watches (segue watch): they see every message.
+
+local compiled = {}       -- "backend\0room" -> the room id it is compiled under
+local to_compile = {}     -- "backend\0room" -> { backend, room }: on the next turn
+local compile_timer
+
+-- The prefix of a format as pieces: text, or false for the sender; nil if
+-- the format names another field or the text is not UTF-8.
+local function prefix_pieces(format, values)
+  local pieces, pos = {}, 1
+  for at, k, after in format:gmatch("(){(%w+)}()") do
+    if not fixed_keys[k] then return nil end
+    if at > pos then pieces[#pieces + 1] = format:sub(pos, at - 1) end
+    if k == "sender" then pieces[#pieces + 1] = false else pieces[#pieces + 1] = tostring(values[k] or "") end
+    pos = after
+  end
+  if pos <= #format then pieces[#pieces + 1] = format:sub(pos) end
+  for _, p in ipairs(pieces) do
+    if p and not utf8.len(p) then return nil end
+  end
+  return pieces
+end
+
+-- What C carries for messages of (backend, room), or nil if it cannot.
+local function compile_room(set, backend, room)
+  if set.on_message then return nil end
+  local targets = {}
+  for _, g in ipairs(routes_of(index, backend, room)) do
+    local b = g.bridge
+    if b.filter or b.rewrite then return nil end
+    for i, t in ipairs(g.targets) do
+      local e = t.endpoint
+      local room_id = (room_ids[e.backend] or {})[e.room]
+      if not room_id then return nil end
+      local pieces = prefix_pieces(e.format or b.format, { backend = backend, room = room, bridge = b.name })
+      if not pieces then return nil end
+      local caps = degrade.of(e.backend)
+      targets[#targets + 1] = { bridge = b.name, dest = e.backend, room = e.room, room_id = room_id,
+        key = e.key, prefix = pieces, max_length = caps.max_length or 0,
+        bytes = caps.length_unit == "bytes", first = i == 1 }
+    end
+  end
+  return targets
+end
+
+local function compile_now()
+  if compile_timer then compile_timer:stop() compile_timer = nil end
+  local set = current
+  local todo = to_compile
+  to_compile = {}
+  for key, r in pairs(todo) do
+    local backend, room = r[1], r[2]
+    local id = set and (room_ids[backend] or {})[room]
+    local targets = id and (room_names[backend] or {})[id] == room and (index[backend] or {})[room]
+      and compile_room(set, backend, room)
+    if compiled[key] and compiled[key] ~= id then core.route_put(backend, compiled[key], nil) end
+    if targets then
+      core.route_put(backend, id, targets)
+      compiled[key] = id
+    else
+      if id and compiled[key] == id then core.route_put(backend, id, nil) end
+      compiled[key] = nil
+    end
+  end
+end
+
+local function compile_later(backend, room)
+  to_compile[backend .. "\0" .. room] = { backend, room }
+  if not compile_timer then compile_timer = require("segue.loop").timer(0, 0, compile_now) end
+end
+
+-- (backend, room) and every room that sends to it.
+compile_around = function(backend, room)
+  compile_later(backend, room)
+  for _, src in ipairs((index[backend] or {})[room] or {}) do
+    for _, e in ipairs(src.bridge.endpoints) do compile_later(e.backend, e.room) end
+  end
+end
+
+-- A new rule set: an empty table now, its rooms compiled on the next turn.
+local function compile_set(set)
+  core.route_table(set)
+  compiled, to_compile = {}, {}
+  for backend, rooms in pairs(index) do
+    for room in pairs(rooms) do compile_later(backend, room) end
+  end
+end
+
+-- A backend (re)started: its capabilities may have changed.
+local function compile_backend(name)
+  for room in pairs(index[name] or {}) do compile_around(name, room) end
+end
+
+local exclusive = false  -- the router is the only "update" listener
+local function enable()
+  core.route_enable(exclusive and not flow.watching)
+end
+
+-- The counters of the C path, once per loop turn in which it counted.
+local function drain()
+  local d = core.route_drain()
+  status.bridged = status.bridged + (d.bridged or 0)
+  status.pauses = status.pauses + (d.pauses or 0)
+  status.compiled = status.compiled + (d.compiled or 0)  -- messages C carried
+  flow.add(d.backends, d.bridges)
+  for backend, r in pairs(d.requests) do metrics.requests(backend, "ok", r.n, r.sum, r.buckets) end
+end
+
+-- A copy made by C that failed: counted and logged as send_copy does.
+local function copy_failed(f)
+  metrics.request(f.dest, f.code, f.t0)
+  flow.copied({ name = f.bridge }, f.origin, { id = f.id }, f.dest, f.room, nil, f.message)
+  lost(f.code == "ELIMIT" and "queue_full" or "failed", f.key, f.origin .. ":" .. f.id, f.message)
+end
+
+core.route_install { on_lost = lost, on_failed = copy_failed, on_flush = drain, buckets = metrics.BUCKETS }
+push_limits()
 
 -- Loading -----------------------------------------------------------------
 
@@ -688,6 +749,7 @@ function M.load(path, backends)
   end
   local first = current == nil
   current, index, state = set, build_index(set), set.state
+  compile_set(set)
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
   loaded.texts, loaded.backends = {}, key
@@ -715,8 +777,19 @@ end
 --- install(): routes updates and federation events through the rules.
 function M.install()
   degrade.install()
-  segue.on("update", function(backend, update) process(backend, update) end)
-  segue.on("backend", function(name, st) if st == "running" then M.resolve_backend(name, true) end end)
+  local function on_update(backend, update) process(backend, update) end
+  segue.watch_handlers("update", function(list)
+    exclusive = #list == 1 and list[1] == on_update
+    enable()
+  end)
+  flow.on_watching = enable
+  segue.on("update", on_update)
+  core.route_attach()
+  segue.on("backend", function(name, st)
+    core.route_attach()
+    compile_backend(name)
+    if st == "running" then M.resolve_backend(name, true) end
+  end)
   segue.on("federation", function(server_id, event)
     local set = current
     if set and set.on_federation then
