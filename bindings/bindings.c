@@ -124,7 +124,10 @@ int sg__lenv_resume(sg__lenv *e, int nargs) {
   lua_State *co = lua_tothread(L, -1 - nargs);
   lua_xmove(L, co, nargs);
   int nres = 0, err = 0;
+  if (e->busy == 0) outermost_returned(e);
+  e->busy++;  /* Lua runs: a signal interrupts it, a sandbox ends with it */
   int rc = lua_resume(co, L, nargs, &nres);
+  if (--e->busy == 0) outermost_returned(e);
   if (rc == LUA_OK || rc == LUA_YIELD) {
     lua_pop(co, nres);
   } else {

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import unittest
@@ -312,8 +313,8 @@ class Sandbox(unittest.TestCase):
         self.assertIn("rule stopped after 1000000 instructions", err)
         self.assertIn("string.rep: a result of 1073741824 bytes", err)
 
-    def spinning_segue(self):
-        write(os.path.join(self.d, "spin.lua"), """
+    def spinning_segue(self, script=None):
+        write(os.path.join(self.d, "spin.lua"), script or """
             local segue = require "segue"
             segue.timer(50, function()
               io.stderr:write("spinning\\n")
@@ -332,6 +333,27 @@ class Sandbox(unittest.TestCase):
             s.proc.wait(timeout=30)
             self.assertEqual(s.proc.returncode, 0, s.log.text())
             self.assertTrue(s.log.wait_for("interrupted by signal %d" % sig), s.log.text())
+
+    def test_sigterm_stops_lua_spinning_in_a_coroutine_resumed_from_c(self):
+        # segue.net resumes the waiting coroutine from C (not from a pcall):
+        # the signal must reach that Lua too.
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        self.addCleanup(srv.close)
+        s = self.spinning_segue("""
+            local segue = require "segue"
+            local net = require "segue.net"
+            segue.spawn(function()
+              local conn = assert(net.connect("127.0.0.1", %d))
+              io.stderr:write("spinning\\n")
+              while true do pcall(function() while true do end end) end
+            end)
+        """ % srv.getsockname()[1])
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(timeout=30)
+        self.assertEqual(s.proc.returncode, 0, s.log.text())
+        self.assertTrue(s.log.wait_for("interrupted by signal %d" % signal.SIGTERM), s.log.text())
 
 
 if __name__ == "__main__":
