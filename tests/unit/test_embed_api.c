@@ -146,12 +146,16 @@ static void on_reply(void *data, int err, const char *body, const char *msg) {
   snprintf(r->msg, sizeof r->msg, "%s", msg ? msg : "");
 }
 
+#define ROOM_LOOKUP(v) "{\"type\":\"RoomLookup\",\"value\":\"" v "\"}"
+#define ROOM_ID(v) "{\"type\":\"RoomID\",\"value\":\"" v "\"}"
+
 typedef struct tb {
   sg_cbackend *b;
   int starts, stops, closed;
   const char *answer;       /* answers every request with this text (NULL: later) */
   const char *early;        /* an update emitted inside start */
   int early_rc, respond_rc;
+  int dead_respond_rc, dead_update_rc;  /* right after an answer that was a violation */
   int requests;
   uint32_t last_seq;
   char seen[4096];          /* every request body, '\n'-separated */
@@ -175,6 +179,12 @@ static void tb_request(sg_cbackend *b, uint32_t seq, const char *body) {
     t->respond_rc = sg_cbackend_respond(b, seq, "{\"type\":\"Success\"}");
   else if (t->answer)
     t->respond_rc = sg_cbackend_respond(b, seq, t->answer);
+  if (t->respond_rc == SG_EPROTO) {
+    /* Stopped now, before the restart's backoff can run (under load the
+     * loop may well reach it before the test looks again). */
+    t->dead_respond_rc = sg_cbackend_respond(b, seq, ROOM_ID("!late"));
+    t->dead_update_rc = sg_cbackend_update(b, "{\"type\":\"RoomDelete\",\"value\":\"!r\"}");
+  }
 }
 
 static void tb_stop(sg_cbackend *b) { ((tb *)sg_cbackend_data(b))->stops++; }
@@ -182,8 +192,6 @@ static void tb_closed(sg_cbackend *b) { ((tb *)sg_cbackend_data(b))->closed++; }
 
 static const sg_backend_vtable tb_vt = {sizeof tb_vt, tb_start, tb_request, tb_stop, tb_closed};
 
-#define ROOM_LOOKUP(v) "{\"type\":\"RoomLookup\",\"value\":\"" v "\"}"
-#define ROOM_ID(v) "{\"type\":\"RoomID\",\"value\":\"" v "\"}"
 
 /* A running host with one C backend, `name`, and no configured backend. */
 static void setup_running(fixture *fx, tb *t, const char *name) {
@@ -361,8 +369,8 @@ static void test_cbackend_invalid_values(void) {
   CHECK(r.err == SG_EPROTO && strstr(r.msg, "violated the protocol") != NULL);
   CHECK(t.respond_rc == SG_EPROTO && t.stops == 1);
   CHECK(logged(&fx, "backend=bad", "protocol violation: invalid JSON at byte offset 16"));
-  CHECK(sg_cbackend_respond(t.b, t.last_seq, ROOM_ID("!late")) == SG_EDEAD);
-  CHECK(sg_cbackend_update(t.b, "{\"type\":\"RoomDelete\",\"value\":\"!r\"}") == SG_EDEAD);
+  CHECK(t.dead_respond_rc == SG_EDEAD);
+  CHECK(t.dead_update_rc == SG_EDEAD);
   wait_restart(&fx, &t, 2);
 
   /* Valid JSON, wrong variant for a RoomLookup. */
