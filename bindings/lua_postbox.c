@@ -46,11 +46,16 @@ typedef struct lpostbox {
   sg__postbox *pb;
 } lpostbox;
 
-/* What a push callback needs: the Lua callback and who to tell. */
-typedef struct lcb {
+/* A call answered through a Lua callback: while the C call has not
+ * returned (SQLite answers at once) the values go on the caller's stack and
+ * the callback runs on the caller's thread when the method returns; later
+ * (PostgreSQL) on the host's state. */
+typedef struct lreq {
   lpostbox *lp;
-  int ref;
-} lcb;
+  lua_State *L;  /* the caller, while in_call */
+  int in_call, done, nres;
+  int ref;       /* the callback */
+} lreq;
 
 static lpostbox *check_pb(lua_State *L) {
   lpostbox *lp = sg__lown_get(L, 1, PB_MT);
@@ -58,27 +63,66 @@ static lpostbox *check_pb(lua_State *L) {
   return lp;
 }
 
-static lcb *lcb_new(lua_State *L, lpostbox *lp, int idx) {
+static lreq *lreq_new(lua_State *L, lpostbox *lp, int idx) {
   luaL_checktype(L, idx, LUA_TFUNCTION);
-  lcb *c = malloc(sizeof *c);
-  if (!c) luaL_error(L, "out of memory");
-  c->lp = lp;
+  lreq *r = calloc(1, sizeof *r);
+  if (!r) luaL_error(L, "out of memory");
+  r->lp = lp;
+  r->L = L;
+  r->in_call = 1;
   lua_pushvalue(L, idx);
-  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return c;
+  r->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return r;
 }
 
-/* Pushes the callback of `c` on the host's state and frees `c`; returns the
- * host, or NULL (nothing pushed) if Lua is gone. */
-static sg__lenv *lcb_take(lcb *c) {
-  lpostbox *lp = c->lp;
-  sg__lenv *h = lp->own.lua_gone || !lp->own.e->L ? NULL : lp->own.e;
-  if (h) {
-    lua_rawgeti(h->L, LUA_REGISTRYINDEX, c->ref);
-    luaL_unref(h->L, LUA_REGISTRYINDEX, c->ref);
+/* The state to push an answer's values on, or NULL (r freed) when Lua is
+ * gone. Later answers have the callback pushed first. */
+static lua_State *lreq_state(lreq *r) {
+  if (r->in_call) {
+    luaL_checkstack(r->L, 4, "postbox");
+    return r->L;
   }
-  free(c);
-  return h;
+  lpostbox *lp = r->lp;
+  sg__lenv *h = lp->own.lua_gone || !lp->own.e->L ? NULL : lp->own.e;
+  if (!h) {
+    free(r);
+    return NULL;
+  }
+  lua_rawgeti(h->L, LUA_REGISTRYINDEX, r->ref);
+  luaL_unref(h->L, LUA_REGISTRYINDEX, r->ref);
+  return h->L;
+}
+
+/* The `n` values are pushed: call back (or leave them for lreq_end). */
+static void lreq_answer(lreq *r, int n, const char *what) {
+  if (r->in_call) {
+    r->done = 1;
+    r->nres = n;
+    return;
+  }
+  sg__lenv_pcall(r->lp->own.e, n, 0, what);
+  free(r);
+}
+
+/* Ends a method after its C call returned rc: true (the callback ran or
+ * will), or the failure (the callback never runs). */
+static int lreq_end(lua_State *L, lreq *r, int rc, const char *errmsg) {
+  r->in_call = 0;
+  if (rc < 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, r->ref);
+    free(r);
+    return sg__lua_fail(L, rc, errmsg);
+  }
+  if (r->done) {
+    int n = r->nres;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, r->ref);
+    free(r);
+    lua_insert(L, -1 - n);
+    if (lua_pcall(L, n, 0, 0) != LUA_OK) return lua_error(L);  /* the caller's to catch */
+  }
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* ---- the transport, in Lua ---------------------------------------------- */
@@ -136,66 +180,67 @@ static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len,
 /* ---- outbound ---------------------------------------------------------------- */
 
 static void push_answered(void *ud, int err, int how, const char *message) {
-  sg__lenv *h = lcb_take(ud);
-  if (!h) return;
-  lua_State *L = h->L;
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) return;
   if (err) {
     lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s", sg_err_name(err), message);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err), message ? message : sg_strerror(err));
   } else {
     lua_pushboolean(L, 1);
     lua_pushstring(L, how == SG_POSTBOX_PUSHED ? "pushed" : "queued");
   }
-  sg__lenv_pcall(h, 2, 0, "postbox push callback");
+  lreq_answer(r, 2, "postbox push callback");
 }
 
-/* The calls taking (server_id, event, cb): rc 0 means cb runs later; any
- * other rc means it never will, so its reference goes now. Returns `later`
- * or `now` (rc > 0), or the failure. */
-typedef int (*event_call)(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len,
-                          lcb *c);
-
-static int call_with_event(lua_State *L, event_call call, const char *now, const char *later) {
+/* pb:push(server_id, event, cb) -> true | nil, err, code */
+static int l_push(lua_State *L) {
   lpostbox *lp = check_pb(L);
   const char *peer = luaL_checkstring(L, 2);
   size_t len;
   const char *ev = luaL_checklstring(L, 3, &len);
-  lcb *c = lcb_new(L, lp, 4);
-  int rc = call(lp->pb, peer, (const uint8_t *)ev, len, c);
-  if (rc != 0) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
-    free(c);
+  lreq *r = lreq_new(L, lp, 4);
+  int rc = sg__postbox_push(lp->pb, peer, (const uint8_t *)ev, len, push_answered, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
+}
+
+static void batch_ready(void *ud, int err, sg__postbox_batch *b) {
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) {
+    /* Lua is gone: nobody writes the response; the events stay queued. */
+    return;
   }
-  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
-  lua_pushstring(L, rc ? now : later);
-  return 1;
+  if (err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err),
+                    r->lp->pb ? sg__postbox_errmsg(r->lp->pb) : sg_strerror(err));
+    lreq_answer(r, 2, "postbox pull callback");
+    return;
+  }
+  lua_createtable(L, (int)b->n, 0);
+  for (size_t i = 0; i < b->n; i++) {
+    lua_pushlstring(L, (const char *)b->events[i], b->lens[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  sg__postbox_batch **ud2 = lua_newuserdatauv(L, sizeof *ud2, 1);
+  *ud2 = b;
+  luaL_setmetatable(L, BATCH_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->lp->own.self_ref);  /* so __gc can end it */
+  lua_setiuservalue(L, -2, 1);
+  lreq_answer(r, 2, "postbox pull callback");
 }
 
-static int do_push(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len, lcb *c) {
-  return sg__postbox_push(pb, peer, ev, len, push_answered, c);
-}
-
-static int l_push(lua_State *L) { return call_with_event(L, do_push, "queued", "pending"); }
-
+/* pb:pull_begin(server_id, max_bytes, cb) -> true | nil, err, code;
+ * cb({ event, ... }, batch) or cb(nil, err) */
 static int l_pull_begin(lua_State *L) {
   lpostbox *lp = check_pb(L);
   const char *peer = luaL_checkstring(L, 2);
   lua_Integer max = luaL_optinteger(L, 3, 512 * 1024);
   luaL_argcheck(L, max > 0, 3, "must be positive");
-  sg__postbox_batch **ud = lua_newuserdatauv(L, sizeof *ud, 1);
-  *ud = NULL;
-  luaL_setmetatable(L, BATCH_MT);
-  lua_pushvalue(L, 1);  /* the postbox, so __gc can end a forgotten batch */
-  lua_setiuservalue(L, -2, 1);
-  int rc = sg__postbox_pull_begin(lp->pb, peer, (size_t)max, ud);
-  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
-  lua_createtable(L, (int)(*ud)->n, 0);
-  for (size_t i = 0; i < (*ud)->n; i++) {
-    lua_pushlstring(L, (const char *)(*ud)->events[i], (*ud)->lens[i]);
-    lua_rawseti(L, -2, (lua_Integer)i + 1);
-  }
-  lua_insert(L, -2);
-  return 2;
+  lreq *r = lreq_new(L, lp, 4);
+  int rc = sg__postbox_pull_begin(lp->pb, peer, (size_t)max, batch_ready, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
 static int l_pull_end(lua_State *L) {
@@ -211,6 +256,22 @@ static int l_pull_end(lua_State *L) {
 
 /* ---- inbound ------------------------------------------------------------------ */
 
+static void stored(void *ud, int err) {
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) return;
+  if (err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err),
+                    r->lp->pb ? sg__postbox_errmsg(r->lp->pb) : sg_strerror(err));
+  } else {
+    lua_pushboolean(L, 1);
+    lua_pushnil(L);
+  }
+  lreq_answer(r, 2, "postbox stored callback");
+}
+
+/* pb:receive(server_id, { event, ... }, cb) -> true | nil, err, code; cb(true) | cb(nil, err) */
 static int l_receive(lua_State *L) {
   lpostbox *lp = check_pb(L);
   const char *peer = luaL_checkstring(L, 2);
@@ -223,33 +284,20 @@ static int l_receive(lua_State *L) {
     evs[i] = (const uint8_t *)luaL_checklstring(L, -1, &lens[i]);
     lua_pop(L, 1);  /* still referenced by the table */
   }
-  int rc = sg__postbox_receive(lp->pb, peer, evs, lens, n);
-  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
-  lua_pushboolean(L, 1);
-  return 1;
+  lreq *r = lreq_new(L, lp, 4);
+  int rc = sg__postbox_receive(lp->pb, peer, evs, lens, n, stored, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
-static void push_stored(void *ud, int err) {
-  sg__lenv *h = lcb_take(ud);
-  if (!h) return;
-  lua_State *L = h->L;
-  if (err) {
-    lua_pushnil(L);
-    lua_pushstring(L, sg_err_name(err));
-  } else {
-    lua_pushboolean(L, 1);
-    lua_pushnil(L);
-  }
-  sg__lenv_pcall(h, 2, 0, "postbox stored callback");
-}
-
-static int do_receive_push(sg__postbox *pb, const char *peer, const uint8_t *ev, size_t len,
-                           lcb *c) {
-  return sg__postbox_receive_push(pb, peer, ev, len, push_stored, c);
-}
-
+/* pb:receive_push(server_id, event, cb) -> true | nil, err, code; cb once stored */
 static int l_receive_push(lua_State *L) {
-  return call_with_event(L, do_receive_push, "stored", "held");
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  size_t len;
+  const char *ev = luaL_checklstring(L, 3, &len);
+  lreq *r = lreq_new(L, lp, 4);
+  int rc = sg__postbox_receive_push(lp->pb, peer, (const uint8_t *)ev, len, stored, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
 static int l_hold(lua_State *L) {
@@ -288,8 +336,7 @@ static void set_int(lua_State *L, const char *k, int64_t v) {
   lua_setfield(L, -2, k);
 }
 
-static int push_peer(void *ud, const sg__postbox_peer_status *s) {
-  lua_State *L = ud;
+static void push_peer(lua_State *L, const sg__postbox_peer_status *s) {
   lua_createtable(L, 0, 12);
   lua_pushstring(L, s->server_id);
   lua_setfield(L, -2, "server_id");
@@ -311,53 +358,128 @@ static int push_peer(void *ud, const sg__postbox_peer_status *s) {
   }
   lua_pushboolean(L, s->held);
   lua_setfield(L, -2, "held");
-  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  return 0;
 }
 
+static void push_peers(lua_State *L, int err, const char *message,
+                       const sg__postbox_peer_status *st, size_t n) {
+  if (err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err), message ? message : sg_strerror(err));
+    return;
+  }
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_peer(L, &st[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  lua_pushnil(L);
+}
+
+static void peers_listed(void *ud, int err, const char *message,
+                         const sg__postbox_peer_status *st, size_t n) {
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) return;
+  push_peers(L, err, message, st, n);
+  lreq_answer(r, 2, "postbox peers callback");
+}
+
+/* pb:peers(cb) -> true | nil, err, code; cb({ {server_id, queued, ...}, ... }) | cb(nil, err) */
 static int l_peers(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  lua_newtable(L);
-  int rc = sg__postbox_peers(lp->pb, push_peer, L);
-  return rc < 0 ? sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb)) : 1;
+  lreq *r = lreq_new(L, lp, 2);
+  int rc = sg__postbox_peers(lp->pb, peers_listed, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
-/* peers_of(db) -> the peers' rows of a store, without a postbox (segue status) */
+typedef struct {
+  lua_State *L;
+  int done;
+} sync_peers;
+
+static void peers_now(void *ud, int err, const char *message, const sg__postbox_peer_status *st,
+                      size_t n) {
+  sync_peers *sp = ud;
+  push_peers(sp->L, err, message, st, n);
+  sp->done = 1;
+}
+
+/* peers_of(db) -> the peers' rows of a store, without a postbox (segue
+ * status, /metrics); nil, err on an engine that answers later. */
 static int l_peers_of(lua_State *L) {
   sg__store *s = sg__lua_check_store(L, 1);
-  lua_newtable(L);
-  int rc = sg__postbox_store_peers(s, push_peer, L);
-  return rc < 0 ? sg__lua_fail(L, rc, sg__store_errmsg(s)) : 1;
-}
-
-static int l_key_get(lua_State *L) {
-  lpostbox *lp = check_pb(L);
-  uint8_t key[32];
-  int rc = sg__postbox_key_get(lp->pb, luaL_checkstring(L, 2), key);
-  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
-  if (rc == SG_STORE_NOTFOUND) lua_pushnil(L);
-  else lua_pushlstring(L, (const char *)key, sizeof key);
+  if (sg__store_is_async(s))
+    return sg__lua_fail(L, SG_EINVAL, "peers_of: the store answers later (postgresql)");
+  sync_peers sp = {L, 0};
+  int rc = sg__postbox_store_peers(s, peers_now, &sp);
+  if (rc < 0) return sg__lua_fail(L, rc, sg__store_errmsg(s));
+  if (!sp.done) return sg__lua_fail(L, SG_ESTORE, "no answer");
+  if (lua_isnil(L, -2)) return 2;  /* nil, err */
+  lua_pop(L, 1);
   return 1;
 }
 
-static int l_key_set(lua_State *L) {
+static void key_read(void *ud, int err, const uint8_t *key) {
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) return;
+  if (err < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, sg_err_name(err));
+  } else if (err == SG_STORE_NOTFOUND || !key) {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  } else {
+    lua_pushlstring(L, (const char *)key, 32);
+    lua_pushnil(L);
+  }
+  lreq_answer(r, 2, "postbox key callback");
+}
+
+/* pb:key_get(server_id, cb) -> true; cb(key | nil [, err]) */
+static int l_key_get(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  const char *peer = luaL_checkstring(L, 2);
+  lreq *r = lreq_new(L, lp, 3);
+  int rc = sg__postbox_key_get(lp->pb, peer, key_read, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
+}
+
+/* pb:key_remember(server_id, key) -> true: persisted unless already known */
+static int l_key_remember(lua_State *L) {
   lpostbox *lp = check_pb(L);
   size_t len;
   const char *peer = luaL_checkstring(L, 2);
   const char *key = luaL_checklstring(L, 3, &len);
   luaL_argcheck(L, len == 32, 3, "a 32-byte Ed25519 public key expected");
-  int rc = sg__postbox_key_set(lp->pb, peer, (const uint8_t *)key);
+  int rc = sg__postbox_key_remember(lp->pb, peer, (const uint8_t *)key);
   if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
   lua_pushboolean(L, 1);
   return 1;
 }
 
+static void renamed(void *ud, int err) {
+  lreq *r = ud;
+  lua_State *L = lreq_state(r);
+  if (!L) return;
+  if (err < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", sg_err_name(err),
+                    r->lp->pb ? sg__postbox_errmsg(r->lp->pb) : sg_strerror(err));
+  } else {
+    lua_pushboolean(L, err == 0);
+    lua_pushnil(L);
+  }
+  lreq_answer(r, 2, "postbox rename callback");
+}
+
+/* pb:rename(old_id, new_id, cb) -> true | nil, err, code; cb(true | false (unknown) | nil, err) */
 static int l_rename(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  int rc = sg__postbox_rename_peer(lp->pb, luaL_checkstring(L, 2), luaL_checkstring(L, 3));
-  if (rc < 0) return sg__lua_fail(L, rc, sg__postbox_errmsg(lp->pb));
-  lua_pushboolean(L, rc == 0);
-  return 1;
+  const char *old_id = luaL_checkstring(L, 2), *new_id = luaL_checkstring(L, 3);
+  lreq *r = lreq_new(L, lp, 4);
+  int rc = sg__postbox_rename_peer(lp->pb, old_id, new_id, renamed, r);
+  return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
 /* ---- life cycle ------------------------------------------------------------------ */
@@ -418,6 +540,10 @@ static int l_new(lua_State *L) {
   o.queue_limit = opt_uint(L, 2, "queue_limit", o.queue_limit);
   o.deliver_tries = opt_uint(L, 2, "deliver_tries", o.deliver_tries);
   o.deliver_backoff_ms = opt_uint(L, 2, "deliver_backoff_ms", (unsigned)o.deliver_backoff_ms);
+  o.claim_ms = opt_uint(L, 2, "claim_ms", (unsigned)o.claim_ms);
+  lua_getfield(L, 2, "instance");
+  o.instance = luaL_optstring(L, -1, NULL);  /* copied by sg__postbox_new */
+  lua_pop(L, 1);  /* the option table keeps the string */
   lua_getfield(L, 3, "push");
   lua_getfield(L, 3, "deliver");
   luaL_argcheck(L, lua_isfunction(L, -2) && lua_isfunction(L, -1), 3,
@@ -442,7 +568,7 @@ int luaopen_segue_postbox_core(lua_State *L) {
       {"push", l_push},           {"pull_begin", l_pull_begin}, {"pull_end", l_pull_end},
       {"receive", l_receive},     {"receive_push", l_receive_push}, {"hold", l_hold},
       {"release", l_release},     {"note", l_note},             {"peers", l_peers},
-      {"key_get", l_key_get},     {"key_set", l_key_set},       {"rename", l_rename},
+      {"key_get", l_key_get},     {"key_remember", l_key_remember}, {"rename", l_rename},
       {"close", l_close},         {NULL, NULL}};
   static const luaL_Reg fns[] = {{"new", l_new}, {"peers_of", l_peers_of}, {NULL, NULL}};
   static const luaL_Reg pb_meta[] = {{"__gc", l_gc}, {NULL, NULL}};

@@ -24,8 +24,50 @@ struct sg__store {
   int nstmts;
   int batch;         /* a batch transaction is open (sg__store_batch) */
   int batch_writer;  /* inside a write that joins it (message log, id maps) */
+  /* Callbacks of batched writes (the postbox's): `pending` wait for the
+   * batch's commit; `ready` know their outcome and run in sg__store_commit. */
+  struct deferred *pending, **pending_tail, *ready, **ready_tail;
   char errmsg[512];
 };
+
+typedef struct deferred {
+  struct deferred *next;
+  sg__store_reply_cb cb;
+  void *ud;
+  int err;
+  int64_t count;
+  char msg[512];
+} deferred;
+
+/* The batch ended (committed: err 0, or rolled back): its callbacks know. */
+static void settle_pending(sg__store *s, int err) {
+  for (deferred *d = s->pending; d; d = d->next) {
+    d->err = err;
+    if (err) snprintf(d->msg, sizeof d->msg, "%s", s->errmsg);
+  }
+  if (s->pending) {
+    *s->ready_tail = s->pending;
+    s->ready_tail = s->pending_tail;
+  }
+  s->pending = NULL;
+  s->pending_tail = &s->pending;
+}
+
+static void run_ready(sg__store *s) {
+  deferred *d;
+  while ((d = s->ready)) {
+    s->ready = d->next;
+    if (!s->ready) s->ready_tail = &s->ready;
+    sg__store_reply r = {0};
+    r.err = d->err;
+    r.message = d->err ? d->msg : NULL;
+    r.count = d->count;
+    d->cb(d->ud, &r);
+    free(d);
+  }
+}
+
+int sg__store_pending(const sg__store *s) { return s->batch || s->pending || s->ready; }
 
 /* Forward migrations: entry i takes the schema from version i to i + 1.
  * Never edit a released entry; append a new one (and bump
@@ -141,8 +183,10 @@ static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
     if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
       sg__store_fail(s);
       sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+      settle_pending(s, SG_ESTORE);
       return NULL;
     }
+    settle_pending(s, 0);
   }
   return st;
 }
@@ -180,11 +224,22 @@ int sg__store_batch(sg__store *s) {
   return err;
 }
 
-int sg__store_commit(sg__store *s) {
+/* Commits an open batch; its callbacks learn the outcome but run only in
+ * sg__store_commit, never inside another store call. */
+static int commit_batch(sg__store *s) {
   if (!s->db || !s->batch) return 0;
   s->batch = 0;
   int err = exec(s, "COMMIT");
   if (err) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  settle_pending(s, err);
+  return err;
+}
+
+int sg__store_commit(sg__store *s) { return commit_batch(s); }
+
+int sg__store_flush(sg__store *s) {
+  int err = commit_batch(s);
+  run_ready(s);
   return err;
 }
 
@@ -193,7 +248,7 @@ int sg__store_commit(sg__store *s) {
 static int atomic_impl(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud,
                        int keep_batch) {
   if (!s->db) return sg__store_stmt(s, "") ? 0 : SG_EINVAL;
-  int err = keep_batch ? 0 : sg__store_commit(s);
+  int err = keep_batch ? 0 : commit_batch(s);
   if (err) return err;
   err = exec(s, "SAVEPOINT sg__atomic");
   if (err) return err;
@@ -275,6 +330,8 @@ int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) 
     snprintf(err, errlen, "out of memory");
     return SG_ENOMEM;
   }
+  s->pending_tail = &s->pending;
+  s->ready_tail = &s->ready;
   int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
   int rc = sqlite3_open_v2(path, &s->db, flags, NULL);
   if (rc != SQLITE_OK || configure(s) != 0) {
@@ -290,8 +347,8 @@ int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) 
 void sg__store_close(sg__store *s) {
   if (!s) return;
   if (s->pg) sg__pg_close(s->pg);
+  if (s->db) sg__store_flush(s);  /* and what waited for it hears */
   for (int i = 0; i < s->nstmts; i++) sqlite3_finalize(s->stmts[i].st);
-  if (s->batch) sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
   sqlite3_close(s->db);  /* db may be NULL after a failed malloc: a no-op */
   free(s);
 }
@@ -675,7 +732,7 @@ static int append(sg__store *s, const char *sql, const char *peer,
                   const uint8_t *const *events, const size_t *lens, size_t n) {
   append_args a = {sql, peer, events, lens, n};
   /* Appends are acknowledged to their sender: never inside a batch. */
-  int err = sg__store_commit(s);
+  int err = commit_batch(s);
   if (err) return err;
   return n == 1 ? append_tx(s, &a) : sg__store_atomic(s, append_tx, &a);
 }
@@ -871,6 +928,8 @@ int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, s
     snprintf(err, errlen, "out of memory");
     return SG_ENOMEM;
   }
+  s->pending_tail = &s->pending;
+  s->ready_tail = &s->ready;
   int rc = sg__pg_open(c->loop, c->dsn, c->pool ? c->pool : 3, &s->pg, err, errlen);
   if (rc < 0) {
     free(s);
@@ -1121,6 +1180,258 @@ int sg__store_lease_release_async(sg__store *s, const char *name, const char *in
   if (s->pg) return sg__pg_lease_release(s->pg, name, instance, cb, ud);
   sg__store_reply r = {0};
   return answer(s, &r, sg__store_lease_release(s, name, instance), cb, ud);
+}
+
+/* ---- the postbox, asynchronous ------------------------------------------------ */
+
+/* Writes that join the batch, opened if none is: join_begin, the write,
+ * join_end(s, its result). */
+static int join_begin(sg__store *s) {
+  int err = sg__store_batch(s);
+  if (!err) s->batch_writer++;
+  return err;
+}
+
+static int join_end(sg__store *s, int err) {
+  s->batch_writer--;
+  return err;
+}
+
+#define JOIN(s, call) (join_begin(s) ? SG_ESTORE : join_end(s, (call)))
+
+/* A batched write whose callback waits for the commit (err < 0: answered
+ * at once, the batch goes on without it). */
+static int deferred_answer(sg__store *s, int err, int64_t count, sg__store_reply_cb cb,
+                           void *ud) {
+  if (err < 0) {
+    sg__store_reply r = {0};
+    return answer(s, &r, err, cb, ud);
+  }
+  deferred *d = calloc(1, sizeof *d);
+  if (!d) {
+    sg__store_reply r = {0};
+    snprintf(s->errmsg, sizeof s->errmsg, "out of memory");
+    return answer(s, &r, SG_ENOMEM, cb, ud);
+  }
+  d->cb = cb;
+  d->ud = ud;
+  d->count = count;
+  if (s->batch) {
+    *s->pending_tail = d;
+    s->pending_tail = &d->next;
+  } else {  /* committed already (a write of others committed the batch) */
+    *s->ready_tail = d;
+    s->ready_tail = &d->next;
+  }
+  return 0;
+}
+
+int sg__store_peer_add_async(sg__store *s, const char *peer, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peer_add(s->pg, peer, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, JOIN(s, sg__store_peer_add(s, peer)), cb, ud);
+}
+
+int sg__store_peer_stamp_async(sg__store *s, const char *peer, sg__store_stamp which,
+                              sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peer_stamp(s->pg, peer, which, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, JOIN(s, sg__store_peer_stamp(s, peer, which)), cb, ud);
+}
+
+int sg__store_peer_error_async(sg__store *s, const char *peer, const char *error,
+                              sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peer_error(s->pg, peer, error, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, JOIN(s, sg__store_peer_error(s, peer, error)), cb, ud);
+}
+
+int sg__store_peer_key_get_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                                void *ud) {
+  if (s->pg) return sg__pg_peer_key_get(s->pg, peer, cb, ud);
+  uint8_t key[32];
+  sg__store_reply r = {0};
+  int err = sg__store_peer_key_get(s, peer, key);
+  r.key = err == 0 ? key : NULL;
+  return answer(s, &r, err, cb, ud);
+}
+
+int sg__store_peer_key_set_async(sg__store *s, const char *peer, const uint8_t key[32],
+                                sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peer_key_set(s->pg, peer, key, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, JOIN(s, sg__store_peer_key_set(s, peer, key)), cb, ud);
+}
+
+static int collect_peer(void *ud, const sg__store_peer *p) {
+  collect *c = ud;
+  int err = 0;
+  sg__store_peer *row = collect_row(c);
+  if (!row) return SG_ENOMEM;
+  *row = *p;
+  row->server_id = collect_str(c, p->server_id, &err);
+  row->last_error = collect_str(c, p->last_error, &err);
+  return err;
+}
+
+int sg__store_peers_async(sg__store *s, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peers(s->pg, cb, ud);
+  collect c = {.size = sizeof(sg__store_peer)};
+  sg__store_reply r = {0};
+  int err = sg__store_peers(s, collect_peer, &c);
+  r.n = c.n;
+  r.peers = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_peer_rename_async(sg__store *s, const char *old_id, const char *new_id,
+                               sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_peer_rename(s->pg, old_id, new_id, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_peer_known(s, old_id);
+  if (err == 0) err = sg__store_peer_rename(s, old_id, new_id);
+  return answer(s, &r, err, cb, ud);
+}
+
+int sg__store_outbox_count_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                                void *ud) {
+  if (s->pg) return sg__pg_outbox_count(s->pg, peer, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_outbox_count(s, peer, &r.count);
+  return answer(s, &r, err, cb, ud);
+}
+
+/* Appends inside the batch: a savepoint keeps them all or none. */
+static int batch_append(sg__store *s, const char *sql, const char *peer,
+                        const uint8_t *const *events, const size_t *lens, size_t n) {
+  int err = sg__store_peer_add(s, peer);
+  if (err) return err;
+  append_args a = {sql, peer, events, lens, n};
+  return n == 1 ? append_tx(s, &a) : atomic_impl(s, append_tx, &a, 1);
+}
+
+int sg__store_outbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
+                              const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_queue_add(s->pg, 1, peer, events, lens, n, cb, ud);
+  int64_t count = 0;
+  int err = JOIN(s, batch_append(s, SQL_QUEUE_ADD, peer, events, lens, n));
+  if (!err) err = sg__store_outbox_count(s, peer, &count);
+  return deferred_answer(s, err, count, cb, ud);
+}
+
+int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
+                             const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_queue_add(s->pg, 0, peer, events, lens, n, cb, ud);
+  int err = JOIN(s, batch_append(s, SQL_INBOX_ADD, peer, events, lens, n));
+  return deferred_answer(s, err, 0, cb, ud);
+}
+
+static int collect_queued(void *ud, int64_t seq, const uint8_t *ev, size_t len,
+                         int64_t attempts) {
+  collect *c = ud;
+  sg__store_event *row = collect_row(c);
+  uint8_t *copy = row ? malloc(len ? len : 1) : NULL;
+  if (!copy) return SG_ENOMEM;
+  if (len) memcpy(copy, ev, len);
+  *row = (sg__store_event){seq, copy, len, attempts};
+  /* the bytes are freed with the strings */
+  int err = 0;
+  if (c->nstr == c->capstr) {
+    size_t cap = c->capstr ? c->capstr * 2 : 16;
+    char **r = realloc(c->strings, cap * sizeof *r);
+    if (!r) err = SG_ENOMEM;
+    else {
+      c->strings = r;
+      c->capstr = cap;
+    }
+  }
+  if (err) {
+    free(copy);
+    c->n--;
+    return err;
+  }
+  c->strings[c->nstr++] = (char *)copy;
+  return 0;
+}
+
+int sg__store_outbox_head_async(sg__store *s, const char *peer, size_t max_bytes,
+                               sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_outbox_head(s->pg, peer, max_bytes, cb, ud);
+  collect c = {.size = sizeof(sg__store_event)};
+  sg__store_reply r = {0};
+  int err = sg__store_outbox_head(s, peer, max_bytes, collect_queued, &c);
+  r.n = c.n;
+  r.events = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+static const char SQL_QUEUE_DROP_ONE[] = "DELETE FROM outbox WHERE peer = ?1 AND seq = ?2";
+
+int sg__store_outbox_drop_async(sg__store *s, const char *peer, const int64_t *seqs, size_t n,
+                               sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_outbox_drop(s->pg, peer, seqs, n, cb, ud);
+  int64_t dropped = 0;
+  if (join_begin(s)) return deferred_answer(s, SG_ESTORE, 0, cb, ud);
+  int err = 0;
+  for (size_t i = 0; !err && i < n; i++) {
+    sqlite3_stmt *st = stmt1(s, SQL_QUEUE_DROP_ONE, peer);
+    if (!st) {
+      err = SG_ESTORE;
+      break;
+    }
+    sqlite3_bind_int64(st, 2, seqs[i]);
+    err = run(s, st);
+    if (!err) dropped += sqlite3_changes(s->db);
+  }
+  if (!err) err = sg__store_peer_stamp(s, peer, SG_STORE_STAMP_SERVED);
+  join_end(s, 0);
+  return deferred_answer(s, err, dropped, cb, ud);
+}
+
+int sg__store_inbox_head_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                              void *ud) {
+  if (s->pg) return sg__pg_inbox_head(s->pg, peer, cb, ud);
+  collect c = {.size = sizeof(sg__store_event)};
+  sg__store_reply r = {0};
+  int err = sg__store_inbox_head(s, peer, collect_queued, &c);
+  r.n = c.n;
+  r.events = c.rows;
+  answer(s, &r, err, cb, ud);
+  collect_free(&c);
+  return 0;
+}
+
+int sg__store_inbox_done_async(sg__store *s, int64_t seq, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_done(s->pg, seq, cb, ud);
+  int err = JOIN(s, run_seq(s, SQL_INBOX_DONE, seq));
+  return deferred_answer(s, err, 0, cb, ud);
+}
+
+int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
+                                sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_failed(s->pg, seq, why, dead, cb, ud);
+  failed_args a = {seq, why, dead};
+  int err = JOIN(s, atomic_impl(s, failed_tx, &a, 1));
+  return deferred_answer(s, err, 0, cb, ud);
+}
+
+int sg__store_claim_async(sg__store *s, const char *name, const char *instance, int64_t ttl_ms,
+                         sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_claim(s->pg, name, instance, ttl_ms, cb, ud);
+  sg__store_reply r = {0};
+  r.text[0] = instance;
+  return answer(s, &r, 0, cb, ud);
+}
+
+int sg__store_claim_release_async(sg__store *s, const char *name, const char *instance,
+                                 sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_lease_release(s->pg, name, instance, cb, ud);
+  sg__store_reply r = {0};
+  return answer(s, &r, 0, cb, ud);
 }
 
 /* ==== the client API (docs/api.md): users and token hashes, the event log

@@ -55,6 +55,11 @@ int sg__store_atomic(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud);
  * no-ops. */
 int sg__store_batch(sg__store *s);
 int sg__store_commit(sg__store *s);
+/* Commits an open batch and runs the callbacks of batched _async writes
+ * that know their outcome (sg__store_commit leaves them for this, so they
+ * never run inside someone else's commit: the postbox flushes from its own
+ * end-of-turn handle). */
+int sg__store_flush(sg__store *s);
 
 /* ---- message id maps ----------------------------------------------------- */
 
@@ -254,6 +259,11 @@ typedef struct sg__store_reply {
   const sg__store_user *users;           /* users */
   const sg__store_api_event_row *api_events; /* events_after */
   const sg__store_room *rooms;           /* rooms */
+  int64_t count;        /* outbox_count; outbox_add: the peer's queue afterwards;
+                         * outbox_drop: rows that left */
+  const struct sg__store_event *events;  /* outbox_head, inbox_head */
+  const sg__store_peer *peers;           /* peers */
+  const uint8_t *key;   /* peer_key_get: 32 bytes */
 } sg__store_reply;
 typedef void (*sg__store_reply_cb)(void *ud, const sg__store_reply *r);
 
@@ -282,6 +292,79 @@ int sg__store_leases_async(sg__store *s, sg__store_reply_cb cb, void *ud);
 int sg__store_lease_claim_async(sg__store *s, const char *name, const char *instance,
                                int64_t ttl_ms, sg__store_reply_cb cb, void *ud);
 int sg__store_lease_release_async(sg__store *s, const char *name, const char *instance,
+                                 sg__store_reply_cb cb, void *ud);
+
+/* ---- the postbox, asynchronous (runtime/harmony/postbox.c) -----------------
+ * The same operations as above, on both engines. On SQLite the queue writes
+ * (outbox_add, outbox_drop, inbox_add, inbox_done, inbox_failed) join the
+ * open batch, opening one if none is (sg__store_batch), and their callbacks
+ * run after the commit (sg__store_flush; err is the commit's): a loop
+ * turn's appends and deletes cost one transaction, and nothing is
+ * acknowledged before it is durable. The peers' bookkeeping (peer_add,
+ * stamps, errors, keys) joins the batch and answers at once (nobody is told
+ * anything on its strength). Reads answer at once and see the batch. On
+ * PostgreSQL each call is one statement (one transaction), answered after
+ * it committed; calls take effect and answer in call order. */
+typedef struct sg__store_event {
+  int64_t seq;           /* never reused */
+  const uint8_t *event;
+  size_t len;
+  int64_t attempts;      /* inbox: failed deliveries so far */
+} sg__store_event;
+
+/* 1 while a batch is open or callbacks of batched writes wait for
+ * sg__store_flush. */
+int sg__store_pending(const sg__store *s);
+
+int sg__store_peer_add_async(sg__store *s, const char *peer, sg__store_reply_cb cb, void *ud);
+int sg__store_peer_stamp_async(sg__store *s, const char *peer, sg__store_stamp which,
+                              sg__store_reply_cb cb, void *ud);
+int sg__store_peer_error_async(sg__store *s, const char *peer, const char *error,
+                              sg__store_reply_cb cb, void *ud);
+/* key: the 32 bytes, or err SG_STORE_NOTFOUND. */
+int sg__store_peer_key_get_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                                void *ud);
+int sg__store_peer_key_set_async(sg__store *s, const char *peer, const uint8_t key[32],
+                                sg__store_reply_cb cb, void *ud);
+/* peers, n: every peer by server id. */
+int sg__store_peers_async(sg__store *s, sg__store_reply_cb cb, void *ud);
+int sg__store_peer_rename_async(sg__store *s, const char *old_id, const char *new_id,
+                               sg__store_reply_cb cb, void *ud);
+/* count: rows in the peer's outbound queue. */
+int sg__store_outbox_count_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                                void *ud);
+/* Appends `n` events (copied) to the peer's queue, in order, all or none;
+ * the peer's row is created if needed. count: the queue's rows afterwards. */
+int sg__store_outbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
+                              const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud);
+/* events, n: the head of the queue, oldest first, within max_bytes (the
+ * first event always). */
+int sg__store_outbox_head_async(sg__store *s, const char *peer, size_t max_bytes,
+                               sg__store_reply_cb cb, void *ud);
+/* The events `seqs` (served by a Pull) leave the queue and last_served is
+ * stamped, one transaction; count: how many left. By seq, not by range: on
+ * PostgreSQL another instance's append may commit a lower seq later. */
+int sg__store_outbox_drop_async(sg__store *s, const char *peer, const int64_t *seqs, size_t n,
+                               sg__store_reply_cb cb, void *ud);
+/* Appends `n` received events to the peer's inbox, in order, all or none;
+ * the peer's row is created if needed. */
+int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
+                             const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud);
+/* events[0]: the oldest event of the inbox; err SG_STORE_NOTFOUND if empty. */
+int sg__store_inbox_head_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
+                              void *ud);
+int sg__store_inbox_done_async(sg__store *s, int64_t seq, sg__store_reply_cb cb, void *ud);
+int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
+                                sg__store_reply_cb cb, void *ud);
+/* Claims (or renews) `name` for `instance` for ttl_ms: err 0 when it is
+ * ours afterwards, SG_STORE_NOTFOUND when another instance holds it (or is
+ * claiming it right now: PostgreSQL's FOR UPDATE SKIP LOCKED, no wait).
+ * Claims are rows of the leases table; an expired one is anybody's. On
+ * SQLite (one instance per file) every claim is granted and nothing is
+ * written. */
+int sg__store_claim_async(sg__store *s, const char *name, const char *instance, int64_t ttl_ms,
+                         sg__store_reply_cb cb, void *ud);
+int sg__store_claim_release_async(sg__store *s, const char *name, const char *instance,
                                  sg__store_reply_cb cb, void *ud);
 
 /* ---- the client API (runtime/base/store_api.c, docs/api.md) -------------- */

@@ -1029,3 +1029,290 @@ int sg__pg_kv_set_held(sg__pg *pg, const char *key, const char *value, const cha
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 parse_changed, cb, ud, key, value, lease, instance);
 }
+
+/* ---- the postbox: peers, queues, inbox, claims -------------------------------
+ * Events travel as hex text (decode/encode(..., 'hex')): parameters stay
+ * text, and several events go in one statement as a text[] of hex strings
+ * (unnest ... WITH ORDINALITY keeps their order, so their seqs too). */
+
+static const char HEX[] = "0123456789abcdef";
+
+/* `n` byte strings as a PostgreSQL array literal of hex strings:
+ * {"0a1b","",...}; malloc'd. */
+static char *hex_array(const uint8_t *const *events, const size_t *lens, size_t n) {
+  size_t total = 3;
+  for (size_t i = 0; i < n; i++) total += lens[i] * 2 + 3;
+  char *s = malloc(total), *w = s;
+  if (!s) return NULL;
+  *w++ = '{';
+  for (size_t i = 0; i < n; i++) {
+    if (i) *w++ = ',';
+    *w++ = '"';
+    for (size_t j = 0; j < lens[i]; j++) {
+      *w++ = HEX[events[i][j] >> 4];
+      *w++ = HEX[events[i][j] & 15];
+    }
+    *w++ = '"';
+  }
+  *w++ = '}';
+  *w = '\0';
+  return s;
+}
+
+static int unhex(int c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                        : c >= 'A' && c <= 'F' ? c - 'A' + 10 : 0;
+}
+
+static void parse_count(req *q, PGresult *res, sg__store_reply *r) {
+  r->count = PQntuples(res) > 0 ? ival(res, 0, 0) : 0;
+}
+
+/* Rows (seq, hex event[, attempts]) into sg__store_event rows whose bytes
+ * live in the same block. */
+static void parse_events(req *q, PGresult *res, sg__store_reply *r) {
+  size_t n = (size_t)PQntuples(res), bytes = 0;
+  for (size_t i = 0; i < n; i++) bytes += (size_t)PQgetlength(res, (int)i, 1) / 2;
+  q->rows = malloc(n * sizeof(sg__store_event) + bytes + 1);
+  if (!q->rows) {
+    r->err = SG_ENOMEM;
+    snprintf(q->msg, sizeof q->msg, "out of memory");
+    return;
+  }
+  sg__store_event *rows = q->rows;
+  uint8_t *b = (uint8_t *)(rows + n);
+  for (size_t i = 0; i < n; i++) {
+    int k = (int)i;
+    const char *h = PQgetvalue(res, k, 1);
+    size_t len = (size_t)PQgetlength(res, k, 1) / 2;
+    for (size_t j = 0; j < len; j++) b[j] = (uint8_t)(unhex(h[2 * j]) << 4 | unhex(h[2 * j + 1]));
+    rows[i] = (sg__store_event){ival(res, k, 0), b, len,
+                                PQnfields(res) > 2 ? ival(res, k, 2) : 0};
+    b += len;
+  }
+  r->n = n;
+  r->events = rows;
+}
+
+static void parse_inbox_head(req *q, PGresult *res, sg__store_reply *r) {
+  parse_events(q, res, r);
+  if (!r->err && r->n == 0) r->err = SG_STORE_NOTFOUND;
+}
+
+static void parse_key(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) < 1 || PQgetisnull(res, 0, 0) || PQgetlength(res, 0, 0) != 64) {
+    r->err = SG_STORE_NOTFOUND;
+    return;
+  }
+  q->rows = malloc(32);
+  if (!q->rows) {
+    r->err = SG_ENOMEM;
+    return;
+  }
+  const char *h = PQgetvalue(res, 0, 0);
+  uint8_t *k = q->rows;
+  for (int j = 0; j < 32; j++) k[j] = (uint8_t)(unhex(h[2 * j]) << 4 | unhex(h[2 * j + 1]));
+  r->key = k;
+}
+
+static void parse_peers(req *q, PGresult *res, sg__store_reply *r) {
+  sg__store_peer *rows = rows_for(q, res, sizeof *rows, r);
+  for (size_t i = 0; rows && i < r->n; i++) {
+    int k = (int)i;
+    rows[i] = (sg__store_peer){val(res, k, 0),  ival(res, k, 8),  ival(res, k, 9),
+                               ival(res, k, 1), ival(res, k, 2),  ival(res, k, 3),
+                               ival(res, k, 4), ival(res, k, 5),  ival(res, k, 7),
+                               val(res, k, 6)};
+  }
+  r->peers = rows;
+}
+
+/* No row back: another instance holds the claim. */
+static void parse_claim(req *q, PGresult *res, sg__store_reply *r) {
+  if (PQntuples(res) < 1) r->err = SG_STORE_NOTFOUND;
+  else r->text[0] = val(res, 0, 0);
+}
+
+int sg__pg_peer_add(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "INSERT INTO peers(server_id, first_seen) VALUES ($1, " NOW_MS ")"
+                " ON CONFLICT DO NOTHING",
+                parse_none, cb, ud, peer);
+}
+
+int sg__pg_peer_stamp(sg__pg *pg, const char *peer, sg__store_stamp which, sg__store_reply_cb cb,
+                      void *ud) {
+  static const char *const sql[] = {
+      "UPDATE peers SET last_push = " NOW_MS " WHERE server_id = $1",
+      "UPDATE peers SET last_pull = " NOW_MS " WHERE server_id = $1",
+      "UPDATE peers SET last_push_in = " NOW_MS " WHERE server_id = $1",
+      "UPDATE peers SET last_served = " NOW_MS " WHERE server_id = $1"};
+  if ((unsigned)which > SG_STORE_STAMP_SERVED) return SG_EINVAL;
+  return SUBMIT(pg, sql[which], parse_none, cb, ud, peer);
+}
+
+int sg__pg_peer_error(sg__pg *pg, const char *peer, const char *error, sg__store_reply_cb cb,
+                      void *ud) {
+  return SUBMIT(pg,
+                "UPDATE peers SET last_error = $2, last_error_time = " NOW_MS
+                " WHERE server_id = $1",
+                parse_none, cb, ud, peer, error);
+}
+
+int sg__pg_peer_key_get(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg, "SELECT encode(public_key, 'hex') FROM peers WHERE server_id = $1",
+                parse_key, cb, ud, peer);
+}
+
+int sg__pg_peer_key_set(sg__pg *pg, const char *peer, const uint8_t key[32],
+                        sg__store_reply_cb cb, void *ud) {
+  char hex[65];
+  for (int i = 0; i < 32; i++) {
+    hex[2 * i] = HEX[key[i] >> 4];
+    hex[2 * i + 1] = HEX[key[i] & 15];
+  }
+  hex[64] = '\0';
+  return SUBMIT(pg, "UPDATE peers SET public_key = decode($2, 'hex') WHERE server_id = $1",
+                parse_none, cb, ud, peer, hex);
+}
+
+int sg__pg_peers(sg__pg *pg, sg__store_reply_cb cb, void *ud) {
+  return submit(pg,
+                "SELECT server_id, first_seen, last_push, last_push_in, last_pull, last_served,"
+                " last_error, last_error_time,"
+                " (SELECT count(*) FROM outbox o WHERE o.peer = server_id),"
+                " (SELECT count(*) FROM inbox i WHERE i.peer = server_id)"
+                " FROM peers ORDER BY server_id",
+                parse_peers, cb, ud, 0, NULL);
+}
+
+int sg__pg_peer_rename(sg__pg *pg, const char *old_id, const char *new_id, sg__store_reply_cb cb,
+                       void *ud) {
+  /* One statement: the key (unless the new id has one), the queues (the
+   * foreign keys are checked at its end, when the rows name new_id), the
+   * message maps (a copy the new id has already stays), the old row. */
+  return SUBMIT(pg,
+                "WITH k AS (UPDATE peers SET public_key = coalesce(public_key,"
+                "   (SELECT public_key FROM peers WHERE server_id = $1)) WHERE server_id = $2),"
+                " o AS (UPDATE outbox SET peer = $2 WHERE peer = $1),"
+                " i AS (UPDATE inbox SET peer = $2 WHERE peer = $1),"
+                " m1 AS (UPDATE msg_map SET origin_backend = $2 WHERE origin_backend = $1),"
+                " m2 AS (UPDATE msg_map m SET copy_backend = $2 WHERE copy_backend = $1"
+                "   AND NOT EXISTS (SELECT 1 FROM msg_map x WHERE x.copy_backend = $2"
+                "   AND x.copy_id = m.copy_id))"
+                " DELETE FROM peers WHERE server_id = $1",
+                parse_changed, cb, ud, old_id, new_id);
+}
+
+int sg__pg_outbox_count(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg, "SELECT count(*) FROM outbox WHERE peer = $1", parse_count, cb, ud, peer);
+}
+
+int sg__pg_queue_add(sg__pg *pg, int outbox, const char *peer, const uint8_t *const *events,
+                     const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud) {
+  char *arr = hex_array(events, lens, n);
+  if (!arr) return SG_ENOMEM;
+  /* The peer's row first (the foreign key is checked at the statement's
+   * end); the count is the snapshot's plus what this statement added. */
+  int rc = outbox
+               ? SUBMIT(pg,
+                        "WITH p AS (INSERT INTO peers(server_id, first_seen)"
+                        "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING),"
+                        " ins AS (INSERT INTO outbox(peer, event, created)"
+                        "   SELECT $1, decode(e, 'hex'), " NOW_MS
+                        "   FROM unnest($2::text[]) WITH ORDINALITY AS t(e, i) ORDER BY i"
+                        "   RETURNING 1)"
+                        " SELECT (SELECT count(*) FROM outbox WHERE peer = $1)"
+                        "  + (SELECT count(*) FROM ins)",
+                        parse_count, cb, ud, peer, arr)
+               : SUBMIT(pg,
+                        "WITH p AS (INSERT INTO peers(server_id, first_seen)"
+                        "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING)"
+                        " INSERT INTO inbox(peer, event, received)"
+                        "   SELECT $1, decode(e, 'hex'), " NOW_MS
+                        "   FROM unnest($2::text[]) WITH ORDINALITY AS t(e, i) ORDER BY i",
+                        parse_none, cb, ud, peer, arr);
+  free(arr);
+  return rc;
+}
+
+int sg__pg_outbox_head(sg__pg *pg, const char *peer, size_t max_bytes, sg__store_reply_cb cb,
+                       void *ud) {
+  char max[24];
+  snprintf(max, sizeof max, "%zu", max_bytes);
+  /* Oldest first while the bytes so far stay within max (the first always). */
+  return SUBMIT(pg,
+                "SELECT seq, encode(event, 'hex') FROM (SELECT seq, event,"
+                "  sum(length(event)) OVER (ORDER BY seq) AS upto,"
+                "  row_number() OVER (ORDER BY seq) AS k"
+                "  FROM outbox WHERE peer = $1) t"
+                " WHERE k = 1 OR upto <= $2::bigint ORDER BY seq",
+                parse_events, cb, ud, peer, max);
+}
+
+int sg__pg_outbox_drop(sg__pg *pg, const char *peer, const int64_t *seqs, size_t n,
+                       sg__store_reply_cb cb, void *ud) {
+  char *arr = malloc(n * 21 + 3), *w = arr;
+  if (!arr) return SG_ENOMEM;
+  *w++ = '{';
+  for (size_t i = 0; i < n; i++) w += sprintf(w, i ? ",%lld" : "%lld", (long long)seqs[i]);
+  *w++ = '}';
+  *w = '\0';
+  int rc = SUBMIT(pg,
+                  "WITH d AS (DELETE FROM outbox WHERE peer = $1 AND seq = ANY($2::bigint[])"
+                  "   RETURNING 1),"
+                  " s AS (UPDATE peers SET last_served = " NOW_MS " WHERE server_id = $1)"
+                  " SELECT count(*) FROM d",
+                  parse_count, cb, ud, peer, arr);
+  free(arr);
+  return rc;
+}
+
+int sg__pg_inbox_head(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "SELECT seq, encode(event, 'hex'), attempts FROM inbox WHERE peer = $1"
+                " ORDER BY seq LIMIT 1",
+                parse_inbox_head, cb, ud, peer);
+}
+
+int sg__pg_inbox_done(sg__pg *pg, int64_t seq, sg__store_reply_cb cb, void *ud) {
+  char s[24];
+  snprintf(s, sizeof s, "%lld", (long long)seq);
+  return SUBMIT(pg, "DELETE FROM inbox WHERE seq = $1::bigint", parse_none, cb, ud, s);
+}
+
+int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int dead,
+                        sg__store_reply_cb cb, void *ud) {
+  char s[24];
+  snprintf(s, sizeof s, "%lld", (long long)seq);
+  if (!dead)
+    return SUBMIT(pg,
+                  "UPDATE inbox SET attempts = attempts + 1, last_error = $2"
+                  " WHERE seq = $1::bigint",
+                  parse_none, cb, ud, s, why);
+  /* One statement, so the event is in one table only. */
+  return SUBMIT(pg,
+                "WITH d AS (DELETE FROM inbox WHERE seq = $1::bigint RETURNING *)"
+                " INSERT INTO dead_letters(peer, direction, event, error, attempts, created, died)"
+                " SELECT peer, 'in', event, $2, attempts + 1, received, " NOW_MS " FROM d",
+                parse_none, cb, ud, s, why);
+}
+
+int sg__pg_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,
+                 sg__store_reply_cb cb, void *ud) {
+  char ttl[24];
+  snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+  /* Inserted when nobody ever claimed it; else taken when ours or expired,
+   * skipping a row another instance is claiming this instant (SKIP LOCKED:
+   * it will have it; we do not wait). No row back: not ours. */
+  return SUBMIT(pg,
+                "WITH ins AS (INSERT INTO leases(name, holder, expires)"
+                "   VALUES ($1, $2, " NOW_MS " + $3::bigint)"
+                "   ON CONFLICT (name) DO NOTHING RETURNING holder),"
+                " cur AS (SELECT name FROM leases WHERE name = $1"
+                "   AND (holder = $2 OR expires < " NOW_MS ") FOR UPDATE SKIP LOCKED),"
+                " upd AS (UPDATE leases l SET holder = $2, expires = " NOW_MS " + $3::bigint"
+                "   FROM cur WHERE l.name = cur.name RETURNING l.holder)"
+                " SELECT holder FROM ins UNION ALL SELECT holder FROM upd",
+                parse_claim, cb, ud, name, instance, ttl);
+}

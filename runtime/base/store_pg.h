@@ -61,5 +61,29 @@ int sg__pg_messages_before(sg__pg *pg, const char *backend, const char *room,
                            const char *before_id, int limit, sg__store_reply_cb cb, void *ud);
 int sg__pg_kv_set_held(sg__pg *pg, const char *key, const char *value, const char *lease,
                        const char *instance, sg__store_reply_cb cb, void *ud);
+int sg__pg_peer_add(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud);
+int sg__pg_peer_stamp(sg__pg *pg, const char *peer, sg__store_stamp which, sg__store_reply_cb cb,
+                      void *ud);
+int sg__pg_peer_error(sg__pg *pg, const char *peer, const char *error, sg__store_reply_cb cb,
+                      void *ud);
+int sg__pg_peer_key_get(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud);
+int sg__pg_peer_key_set(sg__pg *pg, const char *peer, const uint8_t key[32],
+                        sg__store_reply_cb cb, void *ud);
+int sg__pg_peers(sg__pg *pg, sg__store_reply_cb cb, void *ud);
+int sg__pg_peer_rename(sg__pg *pg, const char *old_id, const char *new_id, sg__store_reply_cb cb,
+                       void *ud);
+int sg__pg_outbox_count(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud);
+int sg__pg_queue_add(sg__pg *pg, int outbox, const char *peer, const uint8_t *const *events,
+                     const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud);
+int sg__pg_outbox_head(sg__pg *pg, const char *peer, size_t max_bytes, sg__store_reply_cb cb,
+                       void *ud);
+int sg__pg_outbox_drop(sg__pg *pg, const char *peer, const int64_t *seqs, size_t n,
+                       sg__store_reply_cb cb, void *ud);
+int sg__pg_inbox_head(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud);
+int sg__pg_inbox_done(sg__pg *pg, int64_t seq, sg__store_reply_cb cb, void *ud);
+int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int dead,
+                        sg__store_reply_cb cb, void *ud);
+int sg__pg_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,
+                 sg__store_reply_cb cb, void *ud);
 
 #endif

@@ -1,5 +1,7 @@
-/* The postbox's delivery rules on the store. See postbox.h for the contract
- * and docs/postbox.md for why each rule is there. */
+/* The postbox's delivery rules on the store's asynchronous operations, one
+ * code path for SQLite and PostgreSQL. See postbox.h for the contract and
+ * docs/postbox.md (the rules) and docs/scaling.md (several instances) for
+ * why each rule is there. */
 #include "postbox.h"
 
 #include <stdio.h>
@@ -26,17 +28,31 @@ typedef struct peer {
   struct peer *next;
   sg__postbox *pb;
   char *id;
+  char *out_claim, *in_claim;  /* "postbox.out/<id>", "postbox.in/<id>" */
+  /* outbound */
   item_list out;        /* head is being Pushed when `pushing` or backing off */
   unsigned tries;
   int pushing;          /* a transport->push is outstanding */
+  int backing_off;      /* push_timer runs */
+  int busy;             /* a claim, count or spill of the outbound side runs */
+  unsigned spilling;    /* events of the spill that runs */
+  int refused;          /* another instance holds the outbound claim: spill */
+  int claimed;          /* we hold the outbound claim */
+  uint64_t claimed_at;  /* uv_now of the last claim or renewal */
+  int64_t queued;       /* rows in the outbox as far as we know: -1 unknown */
   uv_timer_t push_timer;
   int serving;          /* a Pull response of this peer is being written */
+  /* inbound */
   int held;
   item_list held_in;
   uv_timer_t deliver_timer;
-  int delivering;       /* guards against a handler re-entering delivery */
-  int timers_closed;    /* freed when both timers closed */
-  int64_t queued;       /* rows in the outbox, cached: -1 until counted */
+  int delivering;       /* the delivery loop runs (a store call or the handler) */
+  int in_claimed;
+  uint64_t in_claimed_at;
+  int in_head, head_again;  /* trampoline: SQLite answers before the call returns */
+  int key_known;
+  uint8_t key[32];      /* the key last persisted or read */
+  int gone;             /* renamed away: kept until the postbox goes */
 } peer;
 
 struct sg__postbox {
@@ -44,9 +60,14 @@ struct sg__postbox {
   sg__store *store;
   sg__postbox_transport tp;
   sg__postbox_options opt;
+  char *instance;
+  int multi;            /* the store is shared (PostgreSQL): claims matter */
   peer *peers;
-  unsigned handles;     /* timers still to close */
-  int closing;
+  uv_idle_t commit_idle;  /* SQLite: commits the turn's batch */
+  uv_timer_t scan_timer;  /* shared store: inboxes whose instance died */
+  unsigned handles;     /* handles still to close */
+  unsigned calls;       /* store calls not answered yet */
+  int closing, closed;
   void (*close_cb)(void *data);
   void *close_data;
   char errmsg[512];
@@ -55,7 +76,7 @@ struct sg__postbox {
 struct batch {
   sg__postbox_batch pub;
   peer *p;
-  int64_t last_seq, dropped;
+  int64_t *seqs;
   uint8_t **events;
   size_t *lens;
 };
@@ -66,6 +87,8 @@ void sg__postbox_options_default(sg__postbox_options *o) {
   o->queue_limit = 10000;
   o->deliver_tries = 5;
   o->deliver_backoff_ms = 1000;
+  o->claim_ms = 10000;
+  o->instance = NULL;
 }
 
 const char *sg__postbox_errmsg(const sg__postbox *pb) { return pb->errmsg; }
@@ -75,21 +98,57 @@ static int fail(sg__postbox *pb, int err, const char *msg) {
   return err;
 }
 
-static int store_fail(sg__postbox *pb, int err) {
-  return fail(pb, err, sg__store_errmsg(pb->store));
+/* ---- store calls ------------------------------------------------------------
+ * Every call is counted until its callback ran, so the postbox's memory
+ * stays until the last answer (PostgreSQL answers after close too). On
+ * SQLite a batched write's callback waits for the commit, which the idle
+ * handle makes at the end of the loop turn. */
+
+static void maybe_free(sg__postbox *pb);
+
+static void commit_turn(uv_idle_t *h) {
+  sg__postbox *pb = h->data;
+  sg__store_flush(pb->store);
+  if (!sg__store_pending(pb->store)) uv_idle_stop(h);
 }
 
-/* Failures of the store: its message becomes the postbox's. */
-static int checked(sg__postbox *pb, int err) {
-  return err < 0 ? store_fail(pb, err) : err;
+/* Before a store call. */
+static void call_begin(sg__postbox *pb) { pb->calls++; }
+
+/* After the call returned rc (its callback may have run). */
+static int call_sent(sg__postbox *pb, int rc) {
+  if (rc != 0) {
+    pb->calls--;
+    fail(pb, rc, sg__store_errmsg(pb->store));
+  }
+  if (!pb->closed && sg__store_pending(pb->store)) uv_idle_start(&pb->commit_idle, commit_turn);
+  return rc;
 }
 
-static int stamp(sg__postbox *pb, const char *id, sg__store_stamp which) {
-  return checked(pb, sg__store_peer_stamp(pb->store, id, which));
+/* First thing in a callback: the answer came. */
+static void call_done(sg__postbox *pb) { pb->calls--; }
+
+/* Last thing in a callback. */
+static void call_end(sg__postbox *pb) {
+  if (pb->closed) maybe_free(pb);
 }
 
-static int record_error(sg__postbox *pb, const char *id, const char *error) {
-  return checked(pb, sg__store_peer_error(pb->store, id, error));
+#define CALL(pb, expr) (call_begin(pb), call_sent(pb, (expr)))
+
+/* Fire and forget: the peers' bookkeeping. */
+static void ignored(void *ud, const sg__store_reply *r) {
+  sg__postbox *pb = ud;
+  (void)r;
+  call_done(pb);
+  call_end(pb);
+}
+
+static void stamp(sg__postbox *pb, const char *id, sg__store_stamp which) {
+  CALL(pb, sg__store_peer_stamp_async(pb->store, id, which, ignored, pb));
+}
+
+static void record_error(sg__postbox *pb, const char *id, const char *error) {
+  CALL(pb, sg__store_peer_error_async(pb->store, id, error, ignored, pb));
 }
 
 /* ---- peers in memory ------------------------------------------------------- */
@@ -131,36 +190,67 @@ static void item_free(item *it) {
   free(it);
 }
 
-static void timer_closed(uv_handle_t *h) {
-  peer *p = h->data;
-  sg__postbox *pb = p->pb;
-  if (++p->timers_closed == 2) {
-    free(p->id);
-    free(p);
+static void peer_free(peer *p) {
+  free(p->id);
+  free(p->out_claim);
+  free(p->in_claim);
+  free(p);
+}
+
+static void maybe_free(sg__postbox *pb) {
+  if (!pb->closed || pb->handles || pb->calls) return;
+  while (pb->peers) {
+    peer *p = pb->peers;
+    pb->peers = p->next;
+    peer_free(p);
   }
-  if (--pb->handles == 0) {
-    void (*cb)(void *) = pb->close_cb;
-    void *data = pb->close_data;
-    free(pb);
-    if (cb) cb(data);
-  }
+  void (*cb)(void *) = pb->close_cb;
+  void *data = pb->close_data;
+  free(pb->instance);
+  free(pb);
+  if (cb) cb(data);
+}
+
+static void handle_closed(uv_handle_t *h) {
+  sg__postbox *pb = h->data;
+  pb->handles--;
+  maybe_free(pb);
+}
+
+static void peer_timer_closed(uv_handle_t *h) {
+  sg__postbox *pb = ((peer *)h->data)->pb;
+  pb->handles--;
+  maybe_free(pb);
 }
 
 static peer *find_peer(sg__postbox *pb, const char *id) {
   for (peer *p = pb->peers; p; p = p->next)
-    if (strcmp(p->id, id) == 0) return p;
+    if (!p->gone && strcmp(p->id, id) == 0) return p;
   return NULL;
 }
 
-/* The peer's state, created (in memory and in the peers table) if new. */
+static char *claim_name(const char *kind, const char *id) {
+  size_t n = strlen(kind) + strlen(id) + 1;
+  char *s = malloc(n);
+  if (s) snprintf(s, n, "%s%s", kind, id);
+  return s;
+}
+
+/* The peer's state, created in memory if new (its row is created by the
+ * first write that needs it: appends create it, and a stamp of an unknown
+ * peer is a no-op, added first here). */
 static peer *get_peer(sg__postbox *pb, const char *id) {
   peer *p = find_peer(pb, id);
   if (p) return p;
-  if (checked(pb, sg__store_peer_add(pb->store, id)) != 0) return NULL;
   p = calloc(1, sizeof *p);
-  if (!p || !(p->id = strdup(id))) {
-    free(p);
+  if (!p || !(p->id = strdup(id)) || !(p->out_claim = claim_name("postbox.out/", id))
+      || !(p->in_claim = claim_name("postbox.in/", id))) {
+    if (p) peer_free(p);
     fail(pb, SG_ENOMEM, NULL);
+    return NULL;
+  }
+  if (CALL(pb, sg__store_peer_add_async(pb->store, id, ignored, pb))) {
+    peer_free(p);
     return NULL;
   }
   p->pb = pb;
@@ -174,112 +264,215 @@ static peer *get_peer(sg__postbox *pb, const char *id) {
   return p;
 }
 
-/* ---- outbound ---------------------------------------------------------------- */
-
-/* Counted once, then kept up to date by every change to the peer's rows:
- * a count per push would cost a scan of the queue. */
-static int64_t queue_len(sg__postbox *pb, peer *p) {
-  if (p->queued < 0 && checked(pb, sg__store_outbox_count(pb->store, p->id, &p->queued)))
-    p->queued = -1;
-  return p->queued;
+static int stale(sg__postbox *pb, uint64_t at) {
+  return pb->multi && uv_now(pb->loop) - at >= pb->opt.claim_ms / 3;
 }
 
-static void start_push(peer *p);
+/* ---- outbound ---------------------------------------------------------------- */
 
-/* Appends the waiting events to the durable queue, all or none. */
-static int spill_all(peer *p) {
+static void advance(peer *p);
+
+typedef struct spill_call {
+  peer *p;
+  item_list items;
+} spill_call;
+
+static void spilled(void *ud, const sg__store_reply *r) {
+  spill_call *c = ud;
+  peer *p = c->p;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  if (r->err == 0) p->queued = r->count;
+  else fail(pb, r->err, r->message);
+  item *it;
+  while ((it = item_shift(&c->items))) {
+    ((sg__postbox_push_cb)it->cb)(it->ud, r->err < 0 ? r->err : 0, SG_POSTBOX_QUEUED,
+                                  r->err < 0 ? r->message : "queued");
+    item_free(it);
+  }
+  free(c);
+  p->busy = 0;
+  p->spilling = 0;
+  p->refused = 0;
+  advance(p);
+  call_end(pb);
+}
+
+/* The waiting events (the head first) go to the durable queue, all or
+ * none, and their callers hear how it went once that committed. */
+static void spill(peer *p, const char *why) {
+  sg__postbox *pb = p->pb;
   size_t n = p->out.count, i = 0;
+  spill_call *c = calloc(1, sizeof *c);
   const uint8_t **events = malloc((n ? n : 1) * sizeof *events);
   size_t *lens = malloc((n ? n : 1) * sizeof *lens);
-  int err = events && lens ? 0 : fail(p->pb, SG_ENOMEM, NULL);
-  for (item *it = p->out.head; !err && it; it = it->next, i++) {
+  if (why) record_error(pb, p->id, why);
+  p->tries = 0;
+  if (!c || !events || !lens) {
+    free(c);
+    free(events);
+    free(lens);
+    item *it;
+    while ((it = item_shift(&p->out))) {
+      ((sg__postbox_push_cb)it->cb)(it->ud, SG_ENOMEM, SG_POSTBOX_QUEUED, "out of memory");
+      item_free(it);
+    }
+    return;
+  }
+  c->p = p;
+  c->items = p->out;
+  p->spilling = p->out.count;
+  p->out = (item_list){0};
+  for (item *it = c->items.head; it; it = it->next, i++) {
     events[i] = it->event;
     lens[i] = it->len;
   }
-  if (!err) err = checked(p->pb, sg__store_outbox_add(p->pb->store, p->id, events, lens, n));
+  p->busy = 1;
+  int rc = CALL(pb, sg__store_outbox_add_async(pb->store, p->id, events, lens, n, spilled, c));
   free(events);
   free(lens);
-  return err;
+  if (rc) {
+    sg__store_reply r = {.err = rc, .message = pb->errmsg};
+    call_begin(pb);  /* spilled() counts it done */
+    spilled(c, &r);
+  }
 }
 
-/* The waiting events (the one that failed first) go to the durable queue,
- * all or none, and their callers hear how it went. */
-static void spill(peer *p, const char *why) {
+static void counted(void *ud, const sg__store_reply *r) {
+  peer *p = ud;
   sg__postbox *pb = p->pb;
-  int err = spill_all(p);
-  const char *msg = err ? pb->errmsg : why;
-  if (!err && p->queued >= 0) p->queued += p->out.count;
-  record_error(pb, p->id, why);
-  item *it;
-  while ((it = item_shift(&p->out))) {
-    ((sg__postbox_push_cb)it->cb)(it->ud, err, SG_POSTBOX_QUEUED, msg);
-    item_free(it);
-  }
-  p->tries = 0;
+  call_done(pb);
+  p->busy = 0;
+  if (r->err == 0) p->queued = r->count;
+  else p->refused = 1;  /* cannot tell: the queue keeps the order */
+  advance(p);
+  call_end(pb);
 }
 
-static void push_timer_fired(uv_timer_t *t) { start_push(t->data); }
-
-static void push_failed(peer *p, const char *why) {
-  if (++p->tries >= p->pb->opt.push_tries || p->pb->closing) {
-    spill(p, why);
-    return;
+static void claimed(void *ud, const sg__store_reply *r) {
+  peer *p = ud;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  p->busy = 0;
+  if (r->err == 0) {
+    if (!p->claimed) p->queued = -1;  /* count it now that we hold it */
+    p->claimed = 1;
+    p->claimed_at = uv_now(pb->loop);
+  } else {
+    p->claimed = 0;
+    p->refused = 1;
   }
-  uint64_t delay = p->pb->opt.push_backoff_ms << (p->tries - 1 < 16 ? p->tries - 1 : 16);
-  uv_timer_start(&p->push_timer, push_timer_fired, delay, 0);
+  advance(p);
+  call_end(pb);
+}
+
+static void claim_out(peer *p) {
+  sg__postbox *pb = p->pb;
+  p->busy = 1;
+  if (CALL(pb, sg__store_claim_async(pb->store, p->out_claim, pb->instance,
+                                     (int64_t)pb->opt.claim_ms, claimed, p))) {
+    p->busy = 0;
+    p->refused = 1;
+    advance(p);
+  }
+}
+
+/* Nothing to Push and nothing being served: the claim goes, so another
+ * instance may Push or serve; what we knew of the queue may change. */
+static void release_out(peer *p) {
+  sg__postbox *pb = p->pb;
+  if (!p->claimed || !pb->multi || p->serving) return;
+  p->claimed = 0;
+  p->queued = -1;
+  CALL(pb, sg__store_claim_release_async(pb->store, p->out_claim, pb->instance, ignored, pb));
+}
+
+static void push_timer_fired(uv_timer_t *t) {
+  peer *p = t->data;
+  p->backing_off = 0;
+  advance(p);
 }
 
 static void start_push(peer *p) {
   item *it = p->out.head;
-  if (!it || p->pushing) return;
   p->pushing = 1;
   int err = p->pb->tp.push(p->pb->tp.ud, p->id, it->event, it->len, p);
-  if (err) {
-    p->pushing = 0;
-    push_failed(p, sg_strerror(err));
+  if (err) sg__postbox_push_done(p->pb, p, err, sg_strerror(err));
+}
+
+/* The outbound side's next step: one store call or Push at a time per peer,
+ * so events leave (Pushed or queued) in the order they came. */
+static void advance(peer *p) {
+  sg__postbox *pb = p->pb;
+  if (p->busy || p->pushing || p->backing_off) return;
+  if (!p->out.head) {
+    release_out(p);
+    return;
   }
+  if (pb->closing) {
+    spill(p, NULL);
+    return;
+  }
+  if (p->refused) {  /* another instance Pushes to this peer: queue */
+    spill(p, NULL);
+    return;
+  }
+  if (!p->claimed || stale(pb, p->claimed_at)) {
+    claim_out(p);
+    return;
+  }
+  if (p->queued < 0) {
+    p->busy = 1;
+    if (CALL(pb, sg__store_outbox_count_async(pb->store, p->id, counted, p))) {
+      p->busy = 0;
+      spill(p, NULL);
+    }
+    return;
+  }
+  /* Order: while anything is queued, nothing is Pushed. */
+  if (p->queued > 0) spill(p, NULL);
+  else start_push(p);
 }
 
 void sg__postbox_push_done(sg__postbox *pb, void *call, int err, const char *message) {
   peer *p = call;
   p->pushing = 0;
   if (err) {
-    push_failed(p, message ? message : sg_strerror(err));
+    const char *why = message ? message : sg_strerror(err);
+    if (++p->tries >= pb->opt.push_tries || pb->closing) {
+      spill(p, why);
+      return;
+    }
+    uint64_t delay = pb->opt.push_backoff_ms << (p->tries - 1 < 16 ? p->tries - 1 : 16);
+    p->backing_off = 1;
+    uv_timer_start(&p->push_timer, push_timer_fired, delay, 0);
     return;
   }
   stamp(pb, p->id, SG_STORE_STAMP_PUSH);
   p->tries = 0;
   item *it = item_shift(&p->out);
-  if (!it) return;  /* closed while the transport was still pushing: spilled */
-  ((sg__postbox_push_cb)it->cb)(it->ud, 0, SG_POSTBOX_PUSHED, "pushed");
-  item_free(it);
-  if (pb->closing) spill(p, "closing");
-  else start_push(p);
+  if (it) {
+    ((sg__postbox_push_cb)it->cb)(it->ud, 0, SG_POSTBOX_PUSHED, "pushed");
+    item_free(it);
+  }
+  advance(p);
 }
 
 int sg__postbox_push(sg__postbox *pb, const char *id, const uint8_t *event, size_t len,
                     sg__postbox_push_cb cb, void *ud) {
   if (pb->closing) return fail(pb, SG_ECLOSING, NULL);
   peer *p = get_peer(pb, id);
-  if (!p) return SG_ESTORE;
-  int64_t queued = queue_len(pb, p);
-  if (queued < 0) return SG_ESTORE;
-  if (queued + p->out.count >= pb->opt.queue_limit) {
+  if (!p) return SG_ENOMEM;
+  int64_t queued = p->queued > 0 ? p->queued : 0;
+  if (queued + p->spilling + p->out.count >= pb->opt.queue_limit) {
     snprintf(pb->errmsg, sizeof pb->errmsg, "%s: queue full (%u events)", id,
              pb->opt.queue_limit);
     return SG_ELIMIT;
   }
-  /* Order: while anything is queued, nothing is Pushed. */
-  if (queued > 0) {
-    int err = checked(pb, sg__store_outbox_add(pb->store, id, &event, &len, 1));
-    if (err) return err;
-    p->queued++;
-    return SG_POSTBOX_QUEUED;
-  }
   item *it = item_new(event, len, (void (*)(void))cb, ud);
   if (!it) return fail(pb, SG_ENOMEM, NULL);
   item_push(&p->out, it);
-  if (p->out.count == 1) start_push(p);
+  advance(p);
   return 0;
 }
 
@@ -289,155 +482,304 @@ static void batch_free(struct batch *b) {
   for (size_t i = 0; i < b->pub.n; i++) free(b->events[i]);
   free(b->events);
   free(b->lens);
+  free(b->seqs);
   free(b);
 }
 
-static int batch_add(struct batch *b, const void *ev, size_t len, size_t *cap) {
-  if (b->pub.n == *cap) {
-    size_t ncap = *cap ? *cap * 2 : 16;
-    uint8_t **e = realloc(b->events, ncap * sizeof *e);
-    if (e) b->events = e;
-    size_t *l = e ? realloc(b->lens, ncap * sizeof *l) : NULL;
-    if (!l) return SG_ENOMEM;
-    b->lens = l;
-    *cap = ncap;
-  }
-  uint8_t *copy = malloc(len ? len : 1);
-  if (!copy) return SG_ENOMEM;
-  if (len) memcpy(copy, ev, len);
-  b->events[b->pub.n] = copy;
-  b->lens[b->pub.n++] = len;
-  return 0;
-}
-
-typedef struct {
+typedef struct pull_call {
   struct batch *b;
-  size_t cap;
-} fill_args;
+  size_t max_bytes;
+  sg__postbox_batch_cb cb;
+  void *ud;
+} pull_call;
 
-static int fill_one(void *ud, int64_t seq, const uint8_t *ev, size_t len, int64_t attempts) {
-  (void)attempts;
-  fill_args *a = ud;
-  a->b->last_seq = seq;
-  return batch_add(a->b, ev, len, &a->cap);
+static void pull_answer(pull_call *c, int err) {
+  struct batch *b = c->b;
+  if (err || !b->pub.n) b->p->serving = 0;
+  if (err) {
+    batch_free(b);
+    b = NULL;
+  }
+  sg__postbox_batch_cb cb = c->cb;
+  void *ud = c->ud;
+  free(c);
+  cb(ud, err, b ? &b->pub : NULL);
 }
 
-static int batch_fill(sg__postbox *pb, struct batch *b, size_t max_bytes) {
-  fill_args a = {b, 0};
-  int err = sg__store_outbox_head(pb->store, b->p->id, max_bytes, fill_one, &a);
-  if (err == SG_ENOMEM) fail(pb, err, NULL);
-  else checked(pb, err);
+static void head_read(void *ud, const sg__store_reply *r) {
+  pull_call *c = ud;
+  struct batch *b = c->b;
+  peer *p = b->p;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  int err = r->err < 0 ? fail(pb, r->err, r->message) : 0;
+  size_t n = err ? 0 : r->n;
+  if (n) {
+    b->events = calloc(n, sizeof *b->events);
+    b->lens = calloc(n, sizeof *b->lens);
+    b->seqs = calloc(n, sizeof *b->seqs);
+    if (!b->events || !b->lens || !b->seqs) err = fail(pb, SG_ENOMEM, NULL);
+  }
+  for (size_t i = 0; !err && i < n; i++) {
+    const sg__store_event *e = &r->events[i];
+    if (!(b->events[i] = malloc(e->len ? e->len : 1))) {
+      err = fail(pb, SG_ENOMEM, NULL);
+      break;
+    }
+    if (e->len) memcpy(b->events[i], e->event, e->len);
+    b->lens[i] = e->len;
+    b->seqs[i] = e->seq;
+    b->pub.n = i + 1;
+  }
   b->pub.events = (const uint8_t **)b->events;
   b->pub.lens = b->lens;
-  return err;
+  pull_answer(c, err);  /* frees b on error */
+  if (!p->serving) advance(p);
+  call_end(pb);
+}
+
+static void serve_claimed(void *ud, const sg__store_reply *r) {
+  pull_call *c = ud;
+  peer *p = c->b->p;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  if (r->err != 0) {  /* another instance serves or Pushes: nothing here */
+    pull_answer(c, 0);
+  } else {
+    if (!p->claimed) p->queued = -1;
+    p->claimed = 1;
+    p->claimed_at = uv_now(pb->loop);
+    if (CALL(pb, sg__store_outbox_head_async(pb->store, p->id, c->max_bytes, head_read, c)))
+      pull_answer(c, SG_ESTORE);
+  }
+  call_end(pb);
 }
 
 int sg__postbox_pull_begin(sg__postbox *pb, const char *id, size_t max_bytes,
-                          sg__postbox_batch **out) {
-  *out = NULL;
+                          sg__postbox_batch_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
-  if (!p) return SG_ESTORE;
+  if (!p) return SG_ENOMEM;
   struct batch *b = calloc(1, sizeof *b);
-  if (!b) return fail(pb, SG_ENOMEM, NULL);
+  pull_call *c = calloc(1, sizeof *c);
+  if (!b || !c) {
+    free(b);
+    free(c);
+    return fail(pb, SG_ENOMEM, NULL);
+  }
   b->p = p;
+  *c = (pull_call){b, max_bytes, cb, ud};
   /* A second Pull while the first response is on its way gets nothing, so
    * no event goes out twice. */
-  int err = p->serving ? 0 : batch_fill(pb, b, max_bytes);
-  if (err) {
-    batch_free(b);
-    return err;
+  if (p->serving) {
+    free(c);
+    cb(ud, 0, &b->pub);
+    return 0;
   }
-  if (b->pub.n) p->serving = 1;
-  *out = &b->pub;
+  p->serving = 1;
+  int rc = p->claimed && !stale(pb, p->claimed_at)
+               ? CALL(pb, sg__store_outbox_head_async(pb->store, id, max_bytes, head_read, c))
+               : CALL(pb, sg__store_claim_async(pb->store, p->out_claim, pb->instance,
+                                                (int64_t)pb->opt.claim_ms, serve_claimed, c));
+  if (rc) {
+    p->serving = 0;
+    free(c);
+    free(b);
+    return rc;
+  }
   return 0;
+}
+
+static void dropped(void *ud, const sg__store_reply *r) {
+  peer *p = ud;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  p->serving = 0;
+  if (r->err < 0) record_error(pb, p->id, r->message);
+  else if (p->queued >= 0) p->queued = p->queued > r->count ? p->queued - r->count : 0;
+  advance(p);
+  call_end(pb);
 }
 
 int sg__postbox_pull_end(sg__postbox *pb, sg__postbox_batch *batch, int status) {
   struct batch *b = (struct batch *)batch;
-  int err = 0;
+  peer *p = b->p;
+  int rc = 0;
   if (b->pub.n) {
-    b->p->serving = 0;
-    if (status == 0)
-      err = checked(pb, sg__store_outbox_drop(pb->store, b->p->id, b->last_seq, &b->dropped));
-    if (status == 0 && !err && b->p->queued >= 0) b->p->queued -= b->dropped;
+    if (status == 0) {
+      rc = CALL(pb, sg__store_outbox_drop_async(pb->store, p->id, b->seqs, b->pub.n, dropped, p));
+      if (rc) p->serving = 0;
+    } else {
+      p->serving = 0;
+      advance(p);
+    }
   }
   batch_free(b);
-  return err;
+  return rc;
 }
 
 /* ---- inbound ------------------------------------------------------------------- */
 
 static void deliver_timer_fired(uv_timer_t *t);
+static void fetch_head(peer *p);
 
 static void schedule_delivery(peer *p, uint64_t delay) {
-  if (!p->pb->closing && !p->held) uv_timer_start(&p->deliver_timer, deliver_timer_fired, delay, 0);
+  if (!p->pb->closing && !p->held && !p->gone)
+    uv_timer_start(&p->deliver_timer, deliver_timer_fired, delay, 0);
 }
 
-typedef struct {
-  peer *p;
-  int go_on;  /* 1: deliver the next event at once */
-} deliver_args;
-
-/* Hands one event to the application (outside any transaction: the handler
- * may use the store) and settles it: done, or one more failed attempt, and
- * past deliver_tries dead_letters. */
-static int deliver_event(void *ud, int64_t seq, const uint8_t *ev, size_t len,
-                         int64_t attempts) {
-  deliver_args *a = ud;
-  peer *p = a->p;
+/* The loop stops: the inbox is empty, or it waits for a retry. */
+static void delivery_stops(peer *p, int empty) {
   sg__postbox *pb = p->pb;
-  char why[256] = "handler failed";
-  int err = pb->tp.deliver(pb->tp.ud, p->id, ev, len, why, sizeof why);
-  if (err == 0) {
-    a->go_on = checked(pb, sg__store_inbox_done(pb->store, seq)) == 0;
-    return 0;
+  p->delivering = 0;
+  if (empty && p->in_claimed && pb->multi) {
+    p->in_claimed = 0;
+    CALL(pb, sg__store_claim_release_async(pb->store, p->in_claim, pb->instance, ignored, pb));
   }
-  record_error(pb, p->id, why);
-  int dead = attempts + 1 >= pb->opt.deliver_tries;
-  if (checked(pb, sg__store_inbox_failed(pb->store, seq, why, dead)) != 0) return 0;
-  if (dead) a->go_on = 1;  /* dead: the next one */
-  else schedule_delivery(p, pb->opt.deliver_backoff_ms << (attempts < 16 ? attempts : 16));
-  return 0;
 }
 
-/* Delivers the head of the peer's inbox. Returns 1 to go on with the next
- * event, 0 to stop (inbox empty, or a retry is scheduled). */
-static int deliver_one(peer *p) {
-  deliver_args a = {p, 0};
-  sg__store_inbox_head(p->pb->store, p->id, deliver_event, &a);
-  return a.go_on;
+static void in_claimed(void *ud, const sg__store_reply *r) {
+  peer *p = ud;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  if (r->err != 0) {
+    /* Another instance delivers; ask again later, so the inbox of one that
+     * died is taken over once its claim expired. */
+    p->in_claimed = 0;
+    delivery_stops(p, 0);
+    schedule_delivery(p, pb->opt.claim_ms / 2);
+  } else {
+    p->in_claimed = 1;
+    p->in_claimed_at = uv_now(pb->loop);
+    p->head_again = 0;
+    fetch_head(p);
+  }
+  call_end(pb);
+}
+
+/* Hands one event to the application (outside any store call: the handler
+ * may use the store) and settles it: done, or one more failed attempt, and
+ * past deliver_tries dead_letters. The next head is read after the write:
+ * both engines see it. */
+static void head_arrived(void *ud, const sg__store_reply *r) {
+  peer *p = ud;
+  sg__postbox *pb = p->pb;
+  call_done(pb);
+  if (pb->closing || p->gone) {
+    delivery_stops(p, 0);
+  } else if (r->err == SG_STORE_NOTFOUND) {
+    delivery_stops(p, 1);
+  } else if (r->err < 0) {
+    record_error(pb, p->id, r->message);
+    delivery_stops(p, 0);
+    schedule_delivery(p, pb->opt.deliver_backoff_ms);
+  } else {
+    const sg__store_event *e = &r->events[0];
+    char why[256] = "handler failed";
+    int err = pb->tp.deliver(pb->tp.ud, p->id, e->event, e->len, why, sizeof why);
+    if (err == 0) {
+      CALL(pb, sg__store_inbox_done_async(pb->store, e->seq, ignored, pb));
+      fetch_head(p);
+    } else {
+      record_error(pb, p->id, why);
+      int dead = e->attempts + 1 >= pb->opt.deliver_tries;
+      CALL(pb, sg__store_inbox_failed_async(pb->store, e->seq, why, dead, ignored, pb));
+      if (dead) {
+        fetch_head(p);  /* dead: the next one */
+      } else {
+        delivery_stops(p, 0);
+        int64_t a = e->attempts;
+        schedule_delivery(p, pb->opt.deliver_backoff_ms << (a < 16 ? a : 16));
+      }
+    }
+  }
+  call_end(pb);
+}
+
+static void fetch_head(peer *p) {
+  sg__postbox *pb = p->pb;
+  p->head_again = 1;
+  if (p->in_head) return;  /* inside the loop below: it goes on */
+  p->in_head = 1;
+  while (p->head_again) {
+    p->head_again = 0;
+    if (pb->closing || p->held || p->gone) {
+      delivery_stops(p, 0);
+      break;
+    }
+    if (stale(pb, p->in_claimed_at)) {  /* renew it before it lapses */
+      if (CALL(pb, sg__store_claim_async(pb->store, p->in_claim, pb->instance,
+                                         (int64_t)pb->opt.claim_ms, in_claimed, p)))
+        delivery_stops(p, 0);
+      break;
+    }
+    if (CALL(pb, sg__store_inbox_head_async(pb->store, p->id, head_arrived, p))) {
+      delivery_stops(p, 0);
+      schedule_delivery(p, pb->opt.deliver_backoff_ms);
+    }
+  }
+  p->in_head = 0;
 }
 
 static void deliver_timer_fired(uv_timer_t *t) {
   peer *p = t->data;
-  if (p->delivering || p->held) return;
+  sg__postbox *pb = p->pb;
+  if (p->delivering || p->held || pb->closing) return;
   p->delivering = 1;
-  while (!p->pb->closing && !p->held && deliver_one(p)) {
+  if (pb->multi && !p->in_claimed) {
+    if (CALL(pb, sg__store_claim_async(pb->store, p->in_claim, pb->instance,
+                                       (int64_t)pb->opt.claim_ms, in_claimed, p)))
+      delivery_stops(p, 0);
+    return;
   }
-  p->delivering = 0;
+  if (!pb->multi) p->in_claimed_at = uv_now(pb->loop);
+  fetch_head(p);
 }
 
-static int store_received(peer *p, const uint8_t *const *events, const size_t *lens, size_t n) {
-  int err = checked(p->pb, sg__store_inbox_add(p->pb->store, p->id, events, lens, n));
-  if (!err) schedule_delivery(p, 0);
-  return err;
+typedef struct store_call {
+  peer *p;
+  sg__postbox_stored_cb cb;
+  void *ud;
+} store_call;
+
+static void stored(void *ud, const sg__store_reply *r) {
+  store_call *c = ud;
+  sg__postbox *pb = c->p->pb;
+  call_done(pb);
+  if (r->err < 0) fail(pb, r->err, r->message);
+  else schedule_delivery(c->p, 0);
+  if (c->cb) c->cb(c->ud, r->err < 0 ? r->err : 0);
+  free(c);
+  call_end(pb);
+}
+
+static int store_received(peer *p, const uint8_t *const *events, const size_t *lens, size_t n,
+                          sg__postbox_stored_cb cb, void *ud) {
+  sg__postbox *pb = p->pb;
+  store_call *c = malloc(sizeof *c);
+  if (!c) return fail(pb, SG_ENOMEM, NULL);
+  *c = (store_call){p, cb, ud};
+  int rc = CALL(pb, sg__store_inbox_add_async(pb->store, p->id, events, lens, n, stored, c));
+  if (rc) free(c);
+  return rc;
 }
 
 int sg__postbox_receive(sg__postbox *pb, const char *id, const uint8_t *const *events,
-                       const size_t *lens, size_t n) {
+                       const size_t *lens, size_t n, sg__postbox_stored_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
-  return p ? store_received(p, events, lens, n) : SG_ESTORE;
+  if (!p) return SG_ENOMEM;
+  if (n == 0) {
+    cb(ud, 0);
+    return 0;
+  }
+  return store_received(p, events, lens, n, cb, ud);
 }
 
 int sg__postbox_receive_push(sg__postbox *pb, const char *id, const uint8_t *event,
                             size_t len, sg__postbox_stored_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
-  if (!p) return SG_ESTORE;
+  if (!p) return SG_ENOMEM;
   stamp(pb, id, SG_STORE_STAMP_PUSH_IN);
-  if (!p->held) {
-    int err = store_received(p, &event, &len, 1);
-    return err ? err : 1;
-  }
+  if (!p->held) return store_received(p, &event, &len, 1, cb, ud);
   item *it = item_new(event, len, (void (*)(void))cb, ud);
   if (!it) return fail(pb, SG_ENOMEM, NULL);
   item_push(&p->held_in, it);
@@ -446,20 +788,21 @@ int sg__postbox_receive_push(sg__postbox *pb, const char *id, const uint8_t *eve
 
 int sg__postbox_hold(sg__postbox *pb, const char *id) {
   peer *p = get_peer(pb, id);
-  if (!p) return SG_ESTORE;
+  if (!p) return SG_ENOMEM;
   p->held = 1;
   return 0;
 }
 
 /* Held Pushes are stored one by one in arrival order, after what the Pull
- * brought, and each caller answers its Push. */
+ * brought, and each caller answers its Push once its event is stored. */
 static void release_peer(peer *p) {
   p->held = 0;
   item *it;
   while ((it = item_shift(&p->held_in))) {
     const uint8_t *ev = it->event;
-    int err = store_received(p, &ev, &it->len, 1);
-    ((sg__postbox_stored_cb)it->cb)(it->ud, err);
+    sg__postbox_stored_cb cb = (sg__postbox_stored_cb)it->cb;
+    int err = store_received(p, &ev, &it->len, 1, cb, it->ud);
+    if (err) cb(it->ud, err);
     item_free(it);
   }
   schedule_delivery(p, 0);
@@ -475,90 +818,183 @@ int sg__postbox_release(sg__postbox *pb, const char *id) {
 
 int sg__postbox_note(sg__postbox *pb, const char *id, sg__postbox_note_kind kind,
                     const char *error) {
-  if (!get_peer(pb, id)) return SG_ESTORE;
-  if (kind == SG_POSTBOX_NOTE_ERROR) return record_error(pb, id, error ? error : "error");
-  return stamp(pb, id, kind == SG_POSTBOX_NOTE_PULLED ? SG_STORE_STAMP_PULL : SG_STORE_STAMP_PUSH_IN);
-}
-
-typedef struct {
-  sg__postbox *pb;  /* NULL: no running postbox */
-  int (*cb)(void *ud, const sg__postbox_peer_status *st);
-  void *ud;
-} walk_args;
-
-/* A peer's row, with what only a running postbox knows. */
-static int walk_one(void *ud, const sg__store_peer *r) {
-  walk_args *a = ud;
-  peer *p = a->pb ? find_peer(a->pb, r->server_id) : NULL;
-  sg__postbox_peer_status st = {r->server_id,   r->queued,      r->inbox,
-                               p ? p->out.count : 0,          r->first_seen,
-                               r->last_push,    r->last_push_in, r->last_pull,
-                               r->last_served,  r->last_error_time, r->last_error,
-                               p ? p->held : 0};
-  return a->cb(a->ud, &st);
-}
-
-static int walk_peers(sg__store *store, sg__postbox *pb,
-                      int (*cb)(void *ud, const sg__postbox_peer_status *st), void *ud) {
-  walk_args a = {pb, cb, ud};
-  return sg__store_peers(store, walk_one, &a);
-}
-
-int sg__postbox_peers(sg__postbox *pb, int (*cb)(void *ud, const sg__postbox_peer_status *st),
-                     void *ud) {
-  int err = walk_peers(pb->store, pb, cb, ud);
-  return err == SG_ESTORE ? store_fail(pb, err) : err;
-}
-
-int sg__postbox_store_peers(sg__store *store,
-                           int (*cb)(void *ud, const sg__postbox_peer_status *st), void *ud) {
-  return walk_peers(store, NULL, cb, ud);
-}
-
-int sg__postbox_key_get(sg__postbox *pb, const char *id, uint8_t key[32]) {
-  return checked(pb, sg__store_peer_key_get(pb->store, id, key));
-}
-
-int sg__postbox_key_set(sg__postbox *pb, const char *id, const uint8_t key[32]) {
-  if (!get_peer(pb, id)) return SG_ESTORE;
-  return checked(pb, sg__store_peer_key_set(pb->store, id, key));
-}
-
-static void forget_peer(sg__postbox *pb, peer *p) {
-  for (peer **pp = &pb->peers; *pp; pp = &(*pp)->next)
-    if (*pp == p) {
-      *pp = p->next;
-      break;
-    }
-  uv_close((uv_handle_t *)&p->push_timer, timer_closed);
-  uv_close((uv_handle_t *)&p->deliver_timer, timer_closed);
-}
-
-int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new_id) {
-  if (strcmp(old_id, new_id) == 0) return 0;
-  peer *p = find_peer(pb, old_id);
-  if (p && (p->out.count || p->held_in.count || p->serving || p->delivering))
-    return fail(pb, SG_EINVAL, "the peer has events in flight; try again");
-  int err = checked(pb, sg__store_peer_known(pb->store, old_id));
-  if (err) return err;
-  peer *np = get_peer(pb, new_id);
-  if (!np) return SG_ESTORE;
-  err = checked(pb, sg__store_peer_rename(pb->store, old_id, new_id));
-  if (err) return err;
-  if (p) forget_peer(pb, p);
-  np->queued = -1;  /* the old id's rows joined */
-  schedule_delivery(np, 0);
+  if (!get_peer(pb, id)) return SG_ENOMEM;
+  if (kind == SG_POSTBOX_NOTE_ERROR) record_error(pb, id, error ? error : "error");
+  else stamp(pb, id, kind == SG_POSTBOX_NOTE_PULLED ? SG_STORE_STAMP_PULL : SG_STORE_STAMP_PUSH_IN);
   return 0;
+}
+
+typedef struct peers_call {
+  sg__postbox *pb;  /* NULL: no running postbox */
+  sg__postbox_peers_cb cb;
+  void *ud;
+} peers_call;
+
+/* The peers' rows, with what only a running postbox knows. */
+static void peers_listed(void *ud, const sg__store_reply *r) {
+  peers_call *c = ud;
+  sg__postbox *pb = c->pb;
+  if (pb) call_done(pb);
+  sg__postbox_peer_status *st = r->err < 0 ? NULL : calloc(r->n ? r->n : 1, sizeof *st);
+  if (r->err < 0 || !st) {
+    c->cb(c->ud, r->err < 0 ? r->err : SG_ENOMEM, r->err < 0 ? r->message : "out of memory",
+          NULL, 0);
+  } else {
+    for (size_t i = 0; i < r->n; i++) {
+      const sg__store_peer *row = &r->peers[i];
+      peer *p = pb ? find_peer(pb, row->server_id) : NULL;
+      st[i] = (sg__postbox_peer_status){row->server_id,   row->queued,      row->inbox,
+                                        p ? p->out.count : 0, row->first_seen,
+                                        row->last_push,    row->last_push_in, row->last_pull,
+                                        row->last_served,  row->last_error_time,
+                                        row->last_error,   p ? p->held : 0};
+    }
+    c->cb(c->ud, 0, NULL, st, r->n);
+  }
+  free(st);
+  free(c);
+  if (pb) call_end(pb);
+}
+
+static int list_peers(sg__store *store, sg__postbox *pb, sg__postbox_peers_cb cb, void *ud) {
+  peers_call *c = malloc(sizeof *c);
+  if (!c) return SG_ENOMEM;
+  *c = (peers_call){pb, cb, ud};
+  int rc = pb ? CALL(pb, sg__store_peers_async(store, peers_listed, c))
+              : sg__store_peers_async(store, peers_listed, c);
+  if (rc) free(c);
+  return rc;
+}
+
+int sg__postbox_peers(sg__postbox *pb, sg__postbox_peers_cb cb, void *ud) {
+  return list_peers(pb->store, pb, cb, ud);
+}
+
+int sg__postbox_store_peers(sg__store *store, sg__postbox_peers_cb cb, void *ud) {
+  return list_peers(store, NULL, cb, ud);
+}
+
+typedef struct key_call {
+  peer *p;
+  sg__postbox_key_cb cb;
+  void *ud;
+} key_call;
+
+static void key_read(void *ud, const sg__store_reply *r) {
+  key_call *c = ud;
+  sg__postbox *pb = c->p->pb;
+  call_done(pb);
+  if (r->err == 0 && r->key) {
+    memcpy(c->p->key, r->key, 32);
+    c->p->key_known = 1;
+  }
+  c->cb(c->ud, r->err, r->err == 0 ? r->key : NULL);
+  free(c);
+  call_end(pb);
+}
+
+int sg__postbox_key_get(sg__postbox *pb, const char *id, sg__postbox_key_cb cb, void *ud) {
+  peer *p = get_peer(pb, id);
+  if (!p) return SG_ENOMEM;
+  key_call *c = malloc(sizeof *c);
+  if (!c) return fail(pb, SG_ENOMEM, NULL);
+  *c = (key_call){p, cb, ud};
+  int rc = CALL(pb, sg__store_peer_key_get_async(pb->store, id, key_read, c));
+  if (rc) free(c);
+  return rc;
+}
+
+int sg__postbox_key_remember(sg__postbox *pb, const char *id, const uint8_t key[32]) {
+  peer *p = get_peer(pb, id);
+  if (!p) return SG_ENOMEM;
+  if (p->key_known && memcmp(p->key, key, 32) == 0) return 0;
+  memcpy(p->key, key, 32);
+  p->key_known = 1;
+  return CALL(pb, sg__store_peer_key_set_async(pb->store, id, key, ignored, pb));
+}
+
+typedef struct rename_call {
+  sg__postbox *pb;
+  char *old_id, *new_id;
+  sg__postbox_stored_cb cb;
+  void *ud;
+} rename_call;
+
+static void renamed(void *ud, const sg__store_reply *r) {
+  rename_call *c = ud;
+  sg__postbox *pb = c->pb;
+  call_done(pb);
+  if (r->err < 0) {
+    fail(pb, r->err, r->message);
+  } else if (r->err == 0) {
+    peer *p = find_peer(pb, c->old_id);
+    if (p && !(p->out.count || p->held_in.count || p->serving || p->delivering || p->busy)) {
+      p->gone = 1;  /* kept (answers may still name it) until the postbox goes */
+      uv_timer_stop(&p->push_timer);
+      uv_timer_stop(&p->deliver_timer);
+    }
+    peer *np = get_peer(pb, c->new_id);
+    if (np) {
+      np->queued = -1;  /* the old id's rows joined */
+      schedule_delivery(np, 0);
+    }
+  }
+  c->cb(c->ud, r->err);
+  free(c->old_id);
+  free(c->new_id);
+  free(c);
+  call_end(pb);
+}
+
+int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new_id,
+                           sg__postbox_stored_cb cb, void *ud) {
+  if (strcmp(old_id, new_id) == 0) {
+    cb(ud, 0);
+    return 0;
+  }
+  peer *p = find_peer(pb, old_id);
+  if (p && (p->out.count || p->held_in.count || p->serving || p->delivering || p->busy))
+    return fail(pb, SG_EINVAL, "the peer has events in flight; try again");
+  if (!get_peer(pb, new_id)) return SG_ENOMEM;  /* its row, before the move */
+  rename_call *c = calloc(1, sizeof *c);
+  if (!c || !(c->old_id = strdup(old_id)) || !(c->new_id = strdup(new_id))) {
+    if (c) free(c->old_id);
+    free(c);
+    return fail(pb, SG_ENOMEM, NULL);
+  }
+  c->pb = pb;
+  c->cb = cb;
+  c->ud = ud;
+  int rc = CALL(pb, sg__store_peer_rename_async(pb->store, old_id, new_id, renamed, c));
+  if (rc) {
+    free(c->old_id);
+    free(c->new_id);
+    free(c);
+  }
+  return rc;
 }
 
 /* ---- life cycle ------------------------------------------------------------------- */
 
-static int load_peer(void *ud, const sg__postbox_peer_status *st) {
+/* Peers with undelivered events get a delivery: at start (a previous run
+ * left them), and on a shared store every claim_ms (an instance that died
+ * left them under a claim that expired). */
+static void loaded(void *ud, int err, const char *message, const sg__postbox_peer_status *st,
+                   size_t n) {
   sg__postbox *pb = ud;
-  peer *p = get_peer(pb, st->server_id);
-  if (!p) return SG_ESTORE;
-  if (st->inbox) schedule_delivery(p, 0);
-  return 0;
+  (void)message;
+  if (err || pb->closing) return;
+  for (size_t i = 0; i < n; i++) {
+    if (!st[i].inbox) continue;
+    peer *p = get_peer(pb, st[i].server_id);
+    if (p && !p->delivering && !uv_is_active((uv_handle_t *)&p->deliver_timer))
+      schedule_delivery(p, 0);
+  }
+}
+
+static void scan_fired(uv_timer_t *t) {
+  sg__postbox *pb = t->data;
+  if (!pb->closing) sg__postbox_peers(pb, loaded, pb);
 }
 
 int sg__postbox_new(uv_loop_t *loop, sg__store *store, const sg__postbox_transport *tp,
@@ -573,9 +1009,22 @@ int sg__postbox_new(uv_loop_t *loop, sg__store *store, const sg__postbox_transpo
   else sg__postbox_options_default(&pb->opt);
   if (pb->opt.push_tries == 0) pb->opt.push_tries = 1;
   if (pb->opt.deliver_tries == 0) pb->opt.deliver_tries = 1;
-  int err = sg__postbox_peers(pb, load_peer, pb);
+  if (pb->opt.claim_ms < 30) pb->opt.claim_ms = 30;
+  pb->instance = strdup(pb->opt.instance ? pb->opt.instance : "segue");
+  if (!pb->instance) {
+    free(pb);
+    return SG_ENOMEM;
+  }
+  pb->opt.instance = NULL;
+  pb->multi = sg__store_is_async(store);
+  uv_idle_init(loop, &pb->commit_idle);
+  pb->commit_idle.data = pb;
+  uv_timer_init(loop, &pb->scan_timer);
+  pb->scan_timer.data = pb;
+  pb->handles = 2;
+  if (pb->multi) uv_timer_start(&pb->scan_timer, scan_fired, pb->opt.claim_ms, pb->opt.claim_ms);
+  int err = sg__postbox_peers(pb, loaded, pb);
   if (err) {
-    pb->closing = 1;
     sg__postbox_close(pb, NULL, NULL);
     return err;
   }
@@ -591,13 +1040,22 @@ void sg__postbox_close(sg__postbox *pb, void (*cb)(void *data), void *data) {
     /* A Push still outstanding completes when the transport closes; the
      * transport is closed first, so what is left waits: queue it. */
     uv_timer_stop(&p->push_timer);
-    if (p->out.count) spill(p, "closing");
+    p->backing_off = 0;
+    advance(p);
     release_peer(p);
   }
-  if (pb->handles == 0) {
-    free(pb);
-    if (cb) cb(data);
-    return;
+  /* SQLite: what waits for the commit hears now (their callbacks may
+   * write once more: the stored Pushes' deliveries are not scheduled). */
+  for (int i = 0; i < 3 && sg__store_pending(pb->store); i++) sg__store_flush(pb->store);
+  pb->closed = 1;
+  for (peer *p = pb->peers; p; p = p->next) {
+    if (p->claimed && pb->multi)
+      CALL(pb, sg__store_claim_release_async(pb->store, p->out_claim, pb->instance, ignored, pb));
+    if (p->in_claimed && pb->multi)
+      CALL(pb, sg__store_claim_release_async(pb->store, p->in_claim, pb->instance, ignored, pb));
+    uv_close((uv_handle_t *)&p->push_timer, peer_timer_closed);
+    uv_close((uv_handle_t *)&p->deliver_timer, peer_timer_closed);
   }
-  while (pb->peers) forget_peer(pb, pb->peers);
+  uv_close((uv_handle_t *)&pb->commit_idle, handle_closed);
+  uv_close((uv_handle_t *)&pb->scan_timer, handle_closed);
 }

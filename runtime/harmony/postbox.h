@@ -23,13 +23,26 @@
  * - While a peer is held (its start-up Pull is running), its Pushes wait in
  *   memory, unanswered, and are stored after the Pull's events.
  *
- * Contract (libuv's): functions return 0, a positive status where stated, or
- * a negative SG_E* code; when one that takes a callback returns anything but
- * 0 the callback is never called. The store is borrowed and must outlive the
- * postbox. Close the transport first (its outstanding calls complete), then
- * the postbox. Acknowledged means: the callback said PUSHED or QUEUED, or
- * the call returned SG_POSTBOX_QUEUED; such an event is delivered or durably
- * queued. */
+ * Several instances on one PostgreSQL (docs/scaling.md): any instance
+ * stores Pushes and serves Pulls; per peer, one instance at a time Pushes
+ * and serves (the claim "postbox.out/<peer>") and one delivers its inbox
+ * ("postbox.in/<peer>"). Claims are rows of the leases table taken with
+ * FOR UPDATE SKIP LOCKED, held while there is work and renewed every
+ * claim_ms / 3, so a killed instance's peers are taken over within about
+ * claim_ms. An instance without the outbound claim appends its events to
+ * the queue (the peer Pulls them); so does one whose queue is not empty.
+ *
+ * Every store call is asynchronous (one code path on both engines): on
+ * SQLite the queue writes of a loop turn share one transaction, committed
+ * by the postbox at the end of the turn, and what they acknowledge is
+ * acknowledged after that commit.
+ *
+ * Contract (libuv's): functions return 0 or a negative SG_E* code; when one
+ * that takes a callback returns anything but 0 the callback is never called
+ * (it may be called before the function returns). The store is borrowed and
+ * must outlive the postbox. Close the transport first (its outstanding
+ * calls complete), then the postbox. Acknowledged means: the callback said
+ * PUSHED or QUEUED; such an event is delivered or durably queued. */
 #ifndef SEGUE_POSTBOX_H
 #define SEGUE_POSTBOX_H
 #include <stddef.h>
@@ -46,6 +59,8 @@ typedef struct sg__postbox_options {
   unsigned queue_limit;         /* events per peer, queued + waiting; 10000 */
   unsigned deliver_tries;       /* handler attempts before dead_letters; 5 */
   uint64_t deliver_backoff_ms;  /* first redelivery delay, doubled; 1000 */
+  uint64_t claim_ms;            /* claims last this long unrenewed; 10000 */
+  const char *instance;         /* this instance's name in the claims (copied) */
 } sg__postbox_options;
 
 /* Fills every field with its default. */
@@ -64,7 +79,8 @@ typedef struct sg__postbox_transport {
 } sg__postbox_transport;
 
 /* Creates a postbox on `loop` over `store` (both borrowed); the transport is
- * copied. Events a previous run left in the inbox are delivered again. */
+ * copied. Events a previous run left in the inbox are delivered again (once
+ * the store listed the peers). */
 int sg__postbox_new(uv_loop_t *loop, sg__store *store, const sg__postbox_transport *tp,
                    const sg__postbox_options *opts, sg__postbox **out);
 /* Appends events still waiting for a Push to the durable queue (so a clean
@@ -83,10 +99,9 @@ const char *sg__postbox_errmsg(const sg__postbox *pb);
  * delivered and not queued (a store failure), `message` says why. */
 typedef void (*sg__postbox_push_cb)(void *ud, int err, int how, const char *message);
 
-/* Sends `event` (copied) to `peer`. Returns SG_POSTBOX_QUEUED when it was
- * appended to the queue at once (cb not called), 0 when a Push is under way
- * or waiting (cb runs later), SG_ELIMIT past queue_limit, SG_ESTORE,
- * SG_ECLOSING. */
+/* Sends `event` (copied) to `peer`: 0 (cb runs later: PUSHED, or QUEUED
+ * once the append committed), SG_ELIMIT past queue_limit (as far as this
+ * instance knows the queue), SG_ENOMEM, SG_ECLOSING. */
 int sg__postbox_push(sg__postbox *pb, const char *peer, const uint8_t *event, size_t len,
                     sg__postbox_push_cb cb, void *ud);
 /* The transport's answer to transport->push: 0 when the peer accepted it. */
@@ -98,27 +113,30 @@ typedef struct sg__postbox_batch {
   const uint8_t **events;
   const size_t *lens;
 } sg__postbox_batch;
+/* err 0 and the batch (end it with sg__postbox_pull_end), or err < 0 and
+ * NULL (the postbox's errmsg says why). */
+typedef void (*sg__postbox_batch_cb)(void *ud, int err, sg__postbox_batch *batch);
 /* Takes up to `max_bytes` of event bytes (at least one event) from the head
  * of `peer`'s queue without removing them. While an earlier batch of that
- * peer is being written, the batch is empty (the events go out once). The
- * batch must be ended with sg__postbox_pull_end. */
+ * peer is being written (here, or by another instance: the claim), the
+ * batch is empty (the events go out once). */
 int sg__postbox_pull_begin(sg__postbox *pb, const char *peer, size_t max_bytes,
-                          sg__postbox_batch **out);
+                          sg__postbox_batch_cb cb, void *ud);
 /* status 0: the response was written completely, the events leave the
- * queue (one transaction); else they stay. Frees the batch. */
+ * queue (one transaction; a failure is recorded as the peer's last error);
+ * else they stay. Frees the batch. */
 int sg__postbox_pull_end(sg__postbox *pb, sg__postbox_batch *batch, int status);
 
 /* ---- inbound --------------------------------------------------------------- */
 
-/* Stores `n` events pulled from `peer` in the inbox (one transaction) and
- * schedules their delivery. */
-int sg__postbox_receive(sg__postbox *pb, const char *peer, const uint8_t *const *events,
-                       const size_t *lens, size_t n);
-
-/* err 0: the event is stored (answer the Push); else why not. */
+/* err 0: the events are stored (answer the Push); else why not. */
 typedef void (*sg__postbox_stored_cb)(void *ud, int err);
-/* A Push from `peer`: stored now (returns 1, cb not called), or, while the
- * peer is held, kept in memory and stored on release (returns 0, cb later). */
+/* Stores `n` events pulled from `peer` in the inbox (one transaction), then
+ * cb, and schedules their delivery. */
+int sg__postbox_receive(sg__postbox *pb, const char *peer, const uint8_t *const *events,
+                       const size_t *lens, size_t n, sg__postbox_stored_cb cb, void *ud);
+/* A Push from `peer`: stored, then cb (answer the Push only then); while the
+ * peer is held, kept in memory and stored on release. */
 int sg__postbox_receive_push(sg__postbox *pb, const char *peer, const uint8_t *event,
                             size_t len, sg__postbox_stored_cb cb, void *ud);
 /* Holds `peer`'s Pushes (its start-up Pull runs) / stores them and goes on. */
@@ -143,22 +161,28 @@ typedef struct sg__postbox_peer_status {
   const char *last_error;           /* NULL if none */
   int held;
 } sg__postbox_peer_status;
-/* Calls cb for every peer known to the store, by server id; borrowed. */
-int sg__postbox_peers(sg__postbox *pb,
-                     int (*cb)(void *ud, const sg__postbox_peer_status *st), void *ud);
+/* err 0 and every peer known to the store, by server id (borrowed for the
+ * call); or err < 0 (message: why). */
+typedef void (*sg__postbox_peers_cb)(void *ud, int err, const char *message,
+                                    const sg__postbox_peer_status *peers, size_t n);
+int sg__postbox_peers(sg__postbox *pb, sg__postbox_peers_cb cb, void *ud);
 /* The same from the store alone (no running postbox: waiting 0, held 0),
- * for `segue status` beside a running segue; errors in sg__store_errmsg. */
-int sg__postbox_store_peers(sg__store *store,
-                           int (*cb)(void *ud, const sg__postbox_peer_status *st), void *ud);
+ * for `segue status` beside a running segue. */
+int sg__postbox_store_peers(sg__store *store, sg__postbox_peers_cb cb, void *ud);
 
-/* The peer's persisted Ed25519 public key (32 bytes): 0, or
- * SG_STORE_NOTFOUND. Setting creates the peer's row if needed. */
-int sg__postbox_key_get(sg__postbox *pb, const char *peer, uint8_t key[32]);
-int sg__postbox_key_set(sg__postbox *pb, const char *peer, const uint8_t key[32]);
+/* err 0 and the peer's persisted Ed25519 public key (32 bytes), or
+ * SG_STORE_NOTFOUND and NULL, or err < 0. */
+typedef void (*sg__postbox_key_cb)(void *ud, int err, const uint8_t *key);
+int sg__postbox_key_get(sg__postbox *pb, const char *peer, sg__postbox_key_cb cb, void *ud);
+/* Persists the key that verified the peer's request, unless it is the one
+ * this postbox last persisted or read for it (no store call per request). */
+int sg__postbox_key_remember(sg__postbox *pb, const char *peer, const uint8_t key[32]);
 
 /* NotifyNewId received: everything held under `old_id` (queue, inbox, key,
- * message maps) moves to `new_id` in one transaction. SG_STORE_NOTFOUND if
- * old_id is unknown. Refused (SG_EINVAL) while old_id has events in memory. */
-int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new_id);
+ * message maps) moves to `new_id` in one transaction; cb(ud, 0) or
+ * cb(ud, SG_STORE_NOTFOUND) if old_id is unknown, or an error. Refused
+ * (SG_EINVAL, no cb) while old_id has events in memory. */
+int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new_id,
+                           sg__postbox_stored_cb cb, void *ud);
 
 #endif

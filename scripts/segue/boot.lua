@@ -319,9 +319,7 @@ function M.start()
   if current.listen or current.server_id then
     ok, err = segue.harmony.start(current)
     if not ok then return report { "federation: " .. err } end
-    if shared then
-      return report { "postbox: the postbox runs on engine sqlite only for now (docs/scaling.md)" }
-    elseif M.store then  -- the postbox needs the store: durable queues
+    if M.store then  -- the postbox needs the store: durable queues (shared ones on postgresql)
       ok, err = require("segue.postbox").start(current, M.store)
       if not ok then return report { "postbox: " .. err } end
     end

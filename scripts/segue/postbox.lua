@@ -45,6 +45,18 @@ local function segue() return require "segue" end
 -- may run at once: the outcome is known without waiting).
 local function wait_for(fn) return segue().call("segue.postbox", fn) end
 
+-- pb:method(..., cb) waited for: the store answers at once (SQLite) or on
+-- a later loop turn (PostgreSQL); the values cb received.
+local function ask(method, ...)
+  local args = table.pack(...)
+  return wait_for(function(cb)
+    args[args.n + 1] = cb
+    local ok, err, code = pb[method](pb, table.unpack(args, 1, args.n + 1))
+    if not ok then return nil, err, code end
+    return true
+  end)
+end
+
 -- The transport -----------------------------------------------------------------
 
 local function transport_push(server_id, bytes, done)
@@ -86,7 +98,7 @@ local function pull_now(server_id)
     if #events == 0 then return true end
     local list = {}
     for i, e in ipairs(events) do list[i] = assert(harmony.encode(EVENT, e)) end
-    local ok, serr = pb:receive(server_id, list)
+    local ok, serr = ask("receive", server_id, list)
     if not ok then return nil, serr end
   end
   return true
@@ -153,7 +165,7 @@ local function remember_key(server_id)
   local fed = harmony.running()
   local key = fed and fed:key_get(server_id)
   if not key or persisted[server_id] == key then return end
-  if key ~= pb:key_get(server_id) then pb:key_set(server_id, key) end
+  pb:key_remember(server_id, key)  -- a store write only when it changed
   if persisted_n >= 4096 then persisted, persisted_n = {}, 0 end
   if persisted[server_id] == nil then persisted_n = persisted_n + 1 end
   persisted[server_id] = key
@@ -172,16 +184,17 @@ local function on_push(server_id, event, req)
     if pb then pull_after_push(server_id, opts.pull_interval_ms) end
     return req:respond(PUSH_RESPONSE)
   end
+  -- stored(...) once the event is committed (held while the start-up Pull runs)
   local r, e = pb:receive_push(server_id, event, stored)
-  if r == "stored" then return stored(true) end
   if not r then return stored(nil, e) end
 end
 
 local function on_pull(server_id)
   if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   remember_key(server_id)
-  local events, batch = pb:pull_begin(server_id, opts.pull_max_bytes)
+  local events, batch = ask("pull_begin", server_id, opts.pull_max_bytes)
   if not events then return nil, tostring(batch), E.INTERNAL.identifier, E.INTERNAL.status end
+  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   local list = {}
   for i, bytes in ipairs(events) do list[i] = assert(harmony.decode(EVENT, bytes)) end
   local function written(ok) if pb then pb:pull_end(batch, ok) end end
@@ -201,14 +214,15 @@ local function on_new_id(server_id, req)
   if type(new_id) ~= "string" or new_id == "" then
     return nil, "new_server_id is empty", E.BAD_UNARY.identifier, E.BAD_UNARY.status
   end
-  local ok, err = pb:rename(server_id, new_id)
+  local ok, err = ask("rename", server_id, new_id)
   if ok == nil then return nil, tostring(err), E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
+  if not pb then return nil, "the postbox is closed", E.UNAVAILABLE.identifier, E.UNAVAILABLE.status end
   -- The old id's Pulls end: retried, each would add its row back.
   moved[server_id], moved[new_id] = new_id, nil
   if timers[server_id] then timers[server_id]:stop() timers[server_id] = nil end
   due[server_id], persisted[server_id], persisted[new_id] = nil, nil, nil
   failures[server_id] = nil
-  local key = pb:key_get(new_id)
+  local key = ask("key_get", new_id)
   local fed = harmony.running()
   if key and fed then fed:key_put(new_id, key) end
   core.log("info", "peer moved to a new server id", "peer", server_id, "new_id", new_id)
@@ -220,7 +234,7 @@ end
 local function announce_new_id(db, server_id)
   local old = db:kv_get(SERVER_ID_KEY)
   if old and old ~= server_id then
-    for _, p in ipairs(pb:peers()) do
+    for _, p in ipairs(ask("peers") or {}) do
       -- signed as the old id: the peer knows that one (spec: NotifyNewId)
       local ok, err = harmony.call(p.server_id, "NotifyNewId", { new_server_id = server_id },
         { sign_as = old })
@@ -244,6 +258,8 @@ end
 function M.start(cfg, db)
   if pb then return nil, "EEXIST: the postbox is already running", "EEXIST" end
   opts = options(cfg)
+  opts.instance = cfg.instance
+  opts.claim_ms = cfg.lease_ms
   local p, err, code = pbc.new(db, opts, { push = transport_push, deliver = transport_deliver })
   if not p then return nil, err, code end
   pb = p
@@ -254,13 +270,22 @@ function M.start(cfg, db)
   s.on("stopping", M.stop)
   s.postbox = M
   local fed = harmony.running()
-  for _, peer in ipairs(pb:peers()) do
-    local key = pb:key_get(peer.server_id)
-    if key and fed then fed:key_put(peer.server_id, key) end
-    pb:hold(peer.server_id)
-    schedule_pull(peer.server_id, 0)
-  end
-  if cfg.server_id and fed then s.spawn(announce_new_id, db, cfg.server_id) end
+  -- Every known peer: its key for the federation, and a first Pull (its
+  -- Pushes held until that Pull ran). The store may answer later.
+  s.spawn(function()
+    local peers = ask("peers") or {}
+    for _, peer in ipairs(peers) do
+      if not pb then return end
+      pb:hold(peer.server_id)
+      schedule_pull(peer.server_id, 0)
+    end
+    for _, peer in ipairs(peers) do
+      if not pb then return end
+      local key = ask("key_get", peer.server_id)
+      if key and fed then fed:key_put(peer.server_id, key) end
+    end
+    if cfg.server_id and fed then announce_new_id(db, cfg.server_id) end
+  end)
   return true
 end
 
@@ -285,7 +310,6 @@ function M.push(server_id, event, cb)
     local r, e, c = pb:push(server_id, bytes, function(ok, how)
       if ok then done(how) else done(nil, how) end
     end)
-    if r == "queued" then done("queued") end
     if not r then return nil, e, c end
     return true
   end
@@ -295,7 +319,7 @@ end
 
 function M.peers()
   if not pb then return {} end
-  return pb:peers()
+  return ask("peers")
 end
 
 return M

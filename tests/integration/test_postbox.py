@@ -151,8 +151,24 @@ class Delivery(unittest.TestCase):
             wait_for(lambda: acked <= set(b.received_ids()), 30)
             got = b.received_ids()
             self.assertTrue(acked <= set(got), "lost: %r" % sorted(acked - set(got)))
-            self.assertEqual(len(got), len(set(got)), "duplicates")
-            self.assertEqual(got, sorted(got))
+            # The documented window (docs/postbox.md): a Pull response written
+            # out whole, then kill -9 before its rows left A's queue: B gets
+            # that one response again when it pulls from the restarted A (the
+            # Event carries no sequence number B could drop it by). So: at
+            # most one response's events twice (pull_max_bytes 120, events of
+            # 6 or 7 bytes: at most 20), consecutive, and in order the first
+            # time each arrived.
+            first, seen = [], set()
+            for x in got:
+                if x not in seen:
+                    first.append(x)
+                    seen.add(x)
+            self.assertEqual(first, sorted(first))
+            twice = sorted(x for x in seen if got.count(x) > 1)
+            self.assertTrue(all(got.count(x) == 2 for x in twice), "more than twice: %r" % got)
+            self.assertLessEqual(len(twice), 20, "more than one Pull response again: %r" % twice)
+            if twice:
+                self.assertEqual(twice, list(range(twice[0], twice[-1] + 1)), twice)
         finally:
             a.stop()
             b.stop()

@@ -117,6 +117,40 @@ static void run_until(const char *buf, const char *want) {
   while (strcmp(buf, want) != 0 && uv_now(&loop) < end) run_for(1);
 }
 
+/* A Pull's batch: answered at once on SQLite, awaited anyway. */
+static sg__postbox_batch *batch_got;
+static int batch_err = 1;
+static void on_batch(void *ud, int err, sg__postbox_batch *b) {
+  (void)ud;
+  batch_err = err;
+  batch_got = b;
+}
+
+static sg__postbox_batch *pull(const char *peer, size_t max) {
+  batch_got = NULL;
+  batch_err = 1;
+  CHECK(sg__postbox_pull_begin(pb, peer, max, on_batch, NULL) == 0);
+  uint64_t end = uv_now(&loop) + 5000;
+  while (batch_err == 1 && uv_now(&loop) < end) run_for(1);
+  CHECK(batch_err == 0 && batch_got != NULL);
+  return batch_got;
+}
+
+static int stored_calls;
+static void on_stored(void *ud, int err) {
+  (void)ud;
+  CHECK(err == 0);
+  stored_calls++;
+}
+
+/* Stores pulled events and waits until they are committed. */
+static void receive(const char *peer, const uint8_t *const *evs, const size_t *lens, size_t n) {
+  int before = stored_calls;
+  CHECK(sg__postbox_receive(pb, peer, evs, lens, n, on_stored, NULL) == 0);
+  uint64_t end = uv_now(&loop) + 5000;
+  while (stored_calls == before && uv_now(&loop) < end) run_for(1);
+}
+
 static int push(const char *peer, const char *ev) {
   return sg__postbox_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_ack, (void *)ev);
 }
@@ -172,7 +206,8 @@ static void test_spill_then_queue(void) {
   CHECK_STR(q_text("SELECT last_error FROM peers WHERE server_id = 'c:1'"), "peer down;");
   /* The queue is not empty: the peer is up again, but nothing is Pushed. */
   push_result = 0;
-  CHECK(push("c:1", "f3") == SG_POSTBOX_QUEUED);
+  CHECK(push("c:1", "f3") == 0);
+  run_until(acks, "f1=queued;f2=queued;f3=queued;");
   run_for(20);
   CHECK_STR(pushed, "");
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 3);
@@ -180,34 +215,39 @@ static void test_spill_then_queue(void) {
 
 static void test_limit(void) {
   /* c:1 holds 3 events; the limit is 4. */
-  CHECK(push("c:1", "f4") == SG_POSTBOX_QUEUED);
+  CHECK(push("c:1", "f4") == 0);
   CHECK(push("c:1", "f5") == SG_ELIMIT);
   CHECK(strstr(sg__postbox_errmsg(pb), "queue full") != NULL);
+  run_until(acks, "f1=queued;f2=queued;f3=queued;f4=queued;");
+  CHECK_STR(acks, "f1=queued;f2=queued;f3=queued;f4=queued;");
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
 }
 
 static void test_pull(void) {
   sg__postbox_batch *b, *second;
   /* At most ~4 bytes: two events of 2 bytes. */
-  CHECK(sg__postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  b = pull("c:1", 4);
   CHECK(b->n == 2);
   CHECK(memcmp(b->events[0], "f1", 2) == 0 && memcmp(b->events[1], "f2", 2) == 0);
   /* A concurrent Pull gets nothing rather than the same events twice. */
-  CHECK(sg__postbox_pull_begin(pb, "c:1", 1000, &second) == 0);
+  second = pull("c:1", 1000);
   CHECK(second->n == 0);
   CHECK(sg__postbox_pull_end(pb, second, 0) == 0);
   /* The write failed: everything stays. */
   CHECK(sg__postbox_pull_end(pb, b, SG_ECANCELED) == 0);
+  run_for(5);
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 4);
   /* Written: those events leave, the rest stays in order. */
-  CHECK(sg__postbox_pull_begin(pb, "c:1", 4, &b) == 0);
+  b = pull("c:1", 4);
   CHECK(b->n == 2);
   CHECK(sg__postbox_pull_end(pb, b, 0) == 0);
+  run_for(5);
   CHECK_STR(q_text("SELECT CAST(event AS TEXT) FROM outbox WHERE peer = 'c:1' ORDER BY seq"),
             "f3;f4;");
-  CHECK(sg__postbox_pull_begin(pb, "c:1", 1 << 20, &b) == 0);
+  b = pull("c:1", 1 << 20);
   CHECK(b->n == 2);
   CHECK(sg__postbox_pull_end(pb, b, 0) == 0);
+  run_for(5);
   CHECK(q("SELECT count(*) FROM outbox WHERE peer = 'c:1'") == 0);
   CHECK(q("SELECT last_served > 0 FROM peers WHERE server_id = 'c:1'") == 1);
   /* Drained: Pushes again. */
@@ -215,13 +255,6 @@ static void test_pull(void) {
   CHECK(push("c:1", "f6") == 0);
   run_until(pushed, "f6;");
   CHECK_STR(pushed, "f6;");
-}
-
-static int stored_calls;
-static void on_stored(void *ud, int err) {
-  (void)ud;
-  CHECK(err == 0);
-  stored_calls++;
 }
 
 static void test_inbound_hold(void) {
@@ -234,16 +267,18 @@ static void test_inbound_hold(void) {
   CHECK(q("SELECT count(*) FROM inbox") == 0);  /* held, unanswered */
   const uint8_t *pulled[2] = {(const uint8_t *)"p1", (const uint8_t *)"p2"};
   size_t lens[2] = {2, 2};
-  CHECK(sg__postbox_receive(pb, "d:1", pulled, lens, 2) == 0);
+  receive("d:1", pulled, lens, 2);
   run_for(10);
   CHECK_STR(delivered, "");  /* still held */
+  CHECK(stored_calls == 1);  /* the Pull's; the held Push is unanswered */
   CHECK(sg__postbox_release(pb, "d:1") == 0);
-  CHECK(stored_calls == 1);
+  run_for(5);
+  CHECK(stored_calls == 2);
   run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
   /* Not held: stored at once. */
-  CHECK(sg__postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 1);
+  CHECK(sg__postbox_receive_push(pb, "d:1", (const uint8_t *)"x", 1, on_stored, NULL) == 0);
   run_until(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
   CHECK_STR(delivered, "d:1:p1;d:1:p2;d:1:pushed-late;d:1:x;");
 }
@@ -253,7 +288,7 @@ static void test_redelivery_and_dead_letters(void) {
   deliver_fail = 2;  /* fails twice, then succeeds (deliver_tries is 3) */
   const uint8_t *ev[1] = {(const uint8_t *)"r1"};
   size_t len[1] = {2};
-  CHECK(sg__postbox_receive(pb, "e:1", ev, len, 1) == 0);
+  receive("e:1", ev, len, 1);
   run_until(delivered, "e:1:r1;");
   CHECK_STR(delivered, "e:1:r1;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
@@ -261,7 +296,7 @@ static void test_redelivery_and_dead_letters(void) {
   deliver_fail = 3;  /* every try fails: dead letter, and the next one goes on */
   const uint8_t *two[2] = {(const uint8_t *)"bad", (const uint8_t *)"good"};
   size_t lens[2] = {3, 4};
-  CHECK(sg__postbox_receive(pb, "e:1", two, lens, 2) == 0);
+  receive("e:1", two, lens, 2);
   run_until(delivered, "e:1:good;");
   CHECK_STR(delivered, "e:1:good;");
   CHECK(q("SELECT count(*) FROM inbox") == 0);
@@ -270,21 +305,39 @@ static void test_redelivery_and_dead_letters(void) {
             "bad/in/handler raised/3;");
 }
 
+static int renamed_err = 99, key_err = 99;
+static uint8_t key_got[32];
+static void on_renamed(void *ud, int err) {
+  (void)ud;
+  renamed_err = err;
+}
+static void on_key(void *ud, int err, const uint8_t *key) {
+  (void)ud;
+  key_err = err;
+  if (key) memcpy(key_got, key, 32);
+}
+
 static void test_rename(void) {
   reset();
-  uint8_t key[32], got[32];
+  uint8_t key[32];
   memset(key, 7, sizeof key);
-  CHECK(sg__postbox_key_set(pb, "old:1", key) == 0);
+  CHECK(sg__postbox_key_remember(pb, "old:1", key) == 0);
   push_result = SG_EHTTP;
   CHECK(push("old:1", "o1") == 0);
   run_until(acks, "o1=queued;");
   CHECK(sg__store_map_put(store, "old:1", "m1", "irc", "i1", NULL) == 0);
-  CHECK(sg__postbox_rename_peer(pb, "old:1", "new:1") == 0);
+  CHECK(sg__postbox_rename_peer(pb, "old:1", "new:1", on_renamed, NULL) == 0);
+  run_for(5);
+  CHECK(renamed_err == 0);
   CHECK(q("SELECT count(*) FROM peers WHERE server_id = 'old:1'") == 0);
   CHECK_STR(q_text("SELECT peer FROM outbox WHERE CAST(event AS TEXT) = 'o1'"), "new:1;");
-  CHECK(sg__postbox_key_get(pb, "new:1", got) == 0 && memcmp(got, key, 32) == 0);
+  CHECK(sg__postbox_key_get(pb, "new:1", on_key, NULL) == 0);
+  run_for(5);
+  CHECK(key_err == 0 && memcmp(key_got, key, 32) == 0);
   CHECK_STR(q_text("SELECT origin_backend FROM msg_map WHERE copy_id = 'i1'"), "new:1;");
-  CHECK(sg__postbox_rename_peer(pb, "nobody:1", "x:1") == SG_STORE_NOTFOUND);
+  CHECK(sg__postbox_rename_peer(pb, "nobody:1", "x:1", on_renamed, NULL) == 0);
+  run_for(5);
+  CHECK(renamed_err == SG_STORE_NOTFOUND);
 }
 
 static void test_survives_reopen(void) {
@@ -293,7 +346,7 @@ static void test_survives_reopen(void) {
   deliver_fail = 1000;
   const uint8_t *ev[1] = {(const uint8_t *)"left"};
   size_t len[1] = {4};
-  CHECK(sg__postbox_receive(pb, "f:1", ev, len, 1) == 0);
+  receive("f:1", ev, len, 1);
   close_all();
   reset();
   open_postbox(4);
