@@ -91,6 +91,7 @@ int main(int argc, char **argv) {
   CHECK(sg__store_is_async(s));
   CHECK_STR(sg__store_engine(s), "postgresql");
   check_async_ops(s);
+  check_postbox_ops(s);
   /* The synchronous operations are SQLite's: refused, never a crash. */
   char *v = NULL;
   CHECK(sg__store_kv_get(s, "x", &v) == SG_ESTORE);

@@ -20,6 +20,9 @@ typedef struct {
   int done, err;
   char text0[256], text1[256], rows[1024], message[512];
   size_t n;
+  int64_t count, seqs[8], attempts[8];
+  int has_key;
+  uint8_t key[32];
 } outcome;
 
 static void keep(char *dst, size_t cap, const char *src) {
@@ -45,13 +48,34 @@ static void record(void *ud, const sg__store_reply *r) {
     if (r->messages) rowcat(o, r->messages[i].id, r->messages[i].content_json);
     if (r->instances) rowcat(o, r->instances[i].name, r->instances[i].info);
     if (r->leases) rowcat(o, r->leases[i].name, r->leases[i].holder);
+    if (r->events) {
+      char ev[64];
+      snprintf(ev, sizeof ev, "%.*s", (int)r->events[i].len, (const char *)r->events[i].event);
+      rowcat(o, ev, NULL);
+      if (i < 8) {
+        o->seqs[i] = r->events[i].seq;
+        o->attempts[i] = r->events[i].attempts;
+      }
+    }
+    if (r->peers) {
+      char q[64];
+      snprintf(q, sizeof q, "%lld,%lld,%s", (long long)r->peers[i].queued,
+               (long long)r->peers[i].inbox, r->peers[i].last_error ? r->peers[i].last_error : "-");
+      rowcat(o, r->peers[i].server_id, q);
+    }
   }
+  o->count = r->count;
+  o->has_key = r->key != NULL;
+  if (r->key) memcpy(o->key, r->key, 32);
   chk_pending--;
 }
+
+static sg__store *chk_store;  /* SQLite: batched writes answer at its flush */
 
 /* Runs the loop until every call answered, at most `ms`. */
 static void settle(uint64_t ms) {
   uint64_t end = uv_now(chk_loop) + ms;
+  if (chk_store) sg__store_flush(chk_store);
   while (chk_pending > 0 && uv_now(chk_loop) < end) {
     uv_run(chk_loop, UV_RUN_ONCE);
     uv_update_time(chk_loop);
@@ -149,5 +173,102 @@ static void check_async_ops(sg__store *s) {
   CHECK(a.err == 0 && b.err == 0);
   CHECK_STR(c.rows, "backend:irc/one;");
   CHECK(chk_pending == 0);
+}
+
+/* The postbox's operations (runtime/harmony/postbox.c): queues, inbox,
+ * peers, keys, renames, claims. */
+static void check_postbox_ops(sg__store *s) {
+  outcome a, b, c, d, e;
+  chk_store = s;
+  const uint8_t *ab[2] = {(const uint8_t *)"a", (const uint8_t *)"bb"};
+  const uint8_t *cc[1] = {(const uint8_t *)"c"};
+  size_t ablen[2] = {1, 2}, clen[1] = {1};
+  /* the outbound queue: appends in order, the count after each, the head
+   * within a byte budget, drops by seq */
+  CALL(a, sg__store_outbox_add_async(s, "p1.example:1", ab, ablen, 2, record, &a));
+  CALL(b, sg__store_outbox_add_async(s, "p1.example:1", cc, clen, 1, record, &b));
+  CALL(c, sg__store_outbox_count_async(s, "p1.example:1", record, &c));
+  CALL(d, sg__store_outbox_head_async(s, "p1.example:1", 3, record, &d));
+  CALL(e, sg__store_outbox_head_async(s, "p1.example:1", 1, record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && a.count == 2);
+  CHECK(b.err == 0 && b.count == 3);
+  CHECK(c.err == 0 && c.count == 3);
+  CHECK(d.err == 0);
+  CHECK_STR(d.rows, "a/-;bb/-;");
+  CHECK_STR(e.rows, "a/-;");  /* the first always, even past the budget */
+  CHECK(d.seqs[0] < d.seqs[1]);
+  int64_t seqs[2] = {d.seqs[0], d.seqs[1]};
+  CALL(a, sg__store_outbox_drop_async(s, "p1.example:1", seqs, 2, record, &a));
+  CALL(b, sg__store_outbox_head_async(s, "p1.example:1", 1000, record, &b));
+  settle(20000);
+  CHECK(a.err == 0 && a.count == 2);
+  CHECK_STR(b.rows, "c/-;");
+
+  /* the inbox: oldest first, failures counted, the dead move out */
+  const uint8_t *xy[2] = {(const uint8_t *)"x", (const uint8_t *)"y"};
+  size_t xylen[2] = {1, 1};
+  CALL(a, sg__store_inbox_add_async(s, "p2.example:1", xy, xylen, 2, record, &a));
+  CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
+  settle(20000);
+  CHECK(a.err == 0);
+  CHECK(b.err == 0 && b.n == 1 && b.attempts[0] == 0);
+  CHECK_STR(b.rows, "x/-;");
+  int64_t x = b.seqs[0];
+  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 0, record, &a));
+  CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
+  settle(20000);
+  CHECK(a.err == 0 && b.attempts[0] == 1);
+  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 1, record, &a));
+  CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
+  settle(20000);
+  CHECK(a.err == 0);
+  CHECK_STR(b.rows, "y/-;");
+  CALL(a, sg__store_inbox_done_async(s, b.seqs[0], record, &a));
+  CALL(c, sg__store_inbox_head_async(s, "p2.example:1", record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && c.err == SG_STORE_NOTFOUND);
+
+  /* peers: bookkeeping, keys, the listing */
+  uint8_t key[32];
+  memset(key, 0xab, sizeof key);
+  CALL(a, sg__store_peer_key_set_async(s, "p1.example:1", key, record, &a));
+  CALL(b, sg__store_peer_error_async(s, "p1.example:1", "oops", record, &b));
+  CALL(c, sg__store_peer_stamp_async(s, "p1.example:1", SG_STORE_STAMP_PUSH, record, &c));
+  CALL(d, sg__store_peer_key_get_async(s, "p1.example:1", record, &d));
+  CALL(e, sg__store_peer_key_get_async(s, "nobody.example:1", record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == 0);
+  CHECK(d.err == 0 && d.has_key && memcmp(d.key, key, 32) == 0);
+  CHECK(e.err == SG_STORE_NOTFOUND && !e.has_key);
+  CALL(a, sg__store_peer_add_async(s, "p3.example:1", record, &a));
+  CALL(b, sg__store_peer_rename_async(s, "p1.example:1", "p3.example:1", record, &b));
+  CALL(c, sg__store_peer_rename_async(s, "nobody.example:1", "z.example:1", record, &c));
+  CALL(d, sg__store_peers_async(s, record, &d));
+  CALL(e, sg__store_peer_key_get_async(s, "p3.example:1", record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK(c.err == SG_STORE_NOTFOUND);
+  CHECK_STR(d.rows, "p2.example:1/0,0,-;p3.example:1/1,0,-;");
+  CHECK(e.err == 0 && memcmp(e.key, key, 32) == 0);  /* the key moved along */
+
+  /* claims: one holder at a time on a shared store; SQLite grants all */
+  CALL(a, sg__store_claim_async(s, "postbox.out/p3", "one", 60000, record, &a));
+  CALL(b, sg__store_claim_async(s, "postbox.out/p3", "two", 60000, record, &b));
+  CALL(c, sg__store_claim_async(s, "postbox.out/p3", "one", 60000, record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && c.err == 0);
+  CHECK(b.err == (sg__store_is_async(s) ? SG_STORE_NOTFOUND : 0));
+  CALL(a, sg__store_claim_release_async(s, "postbox.out/p3", "one", record, &a));
+  CALL(b, sg__store_claim_async(s, "postbox.out/p3", "two", 60000, record, &b));
+  CALL(c, sg__store_claim_async(s, "postbox.in/p3", "two", 1, record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == 0);
+  uv_sleep(20);  /* the 1 ms claim expired: anybody's */
+  CALL(a, sg__store_claim_async(s, "postbox.in/p3", "one", 60000, record, &a));
+  settle(20000);
+  CHECK(a.err == 0);
+  CHECK(chk_pending == 0);
+  chk_store = NULL;
 }
 #endif

@@ -27,6 +27,7 @@ int main(void) {
   CHECK(sg__store_kv_set_async(s, "k", "v", immediate, &got) == 0);
   CHECK(got == 1);
   check_async_ops(s);
+  check_postbox_ops(s);
   sg__store_close(s);
 
   c.engine = "oracle";
