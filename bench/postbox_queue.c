@@ -1,6 +1,12 @@
-/* Queue append+drain rate of the postbox on SQLite, against raw SQLite
- * INSERTs (one transaction each, same pragmas) in the same run.
- *   postbox_queue DIR SECONDS -> "postbox_rate baseline_rate" (events/s) */
+/* Queue append+drain rate of the postbox on SQLite through its real path
+ * (sg__postbox_push, pull_begin/pull_end on a loop: the appends and deletes
+ * of a loop turn share one transaction, acknowledged after its commit),
+ * against raw SQLite INSERTs (one transaction each, same pragmas) in the
+ * same run.
+ *   postbox_queue DIR SECONDS -> "postbox_rate baseline_rate" (events/s)
+ *   postbox_queue DIR SECONDS DSN -> "postbox_rate" on PostgreSQL (its own
+ *   peer's queue, so several processes at once measure instances side by
+ *   side; bench/store_pg.py) */
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,19 +29,55 @@ static int ignore(void *ud, const char *peer, const uint8_t *ev, size_t len, cha
   (void)ud, (void)peer, (void)ev, (void)len, (void)e, (void)n;
   return 0;
 }
+static long acks;
 static void acked(void *ud, int err, int how, const char *msg) {
-  (void)how, (void)msg;
-  if (err) *(int *)ud = err;
+  (void)how;
+  if (err) {
+    fprintf(stderr, "push: %s\n", msg);
+    exit(1);
+  }
+  (void)ud;
+  acks++;
 }
 
-static double postbox_rate(const char *dir, double secs) {
-  char path[512], err[600];
+static sg__postbox_batch *got;
+static void batch_cb(void *ud, int err, sg__postbox_batch *b) {
+  (void)ud;
+  if (err) exit(1);
+  got = b;
+}
+
+/* Rows in the peer's queue, as the store says (-1 until it answered). */
+static int64_t queued;
+static const char *queued_peer;
+static void peers_cb(void *ud, int err, const char *msg, const sg__postbox_peer_status *st,
+                     size_t n) {
+  (void)ud;
+  if (err) {
+    fprintf(stderr, "peers: %s\n", msg);
+    exit(1);
+  }
+  queued = 0;
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(st[i].server_id, queued_peer) == 0) queued = st[i].queued;
+}
+
+/* Through the real postbox path: sg__postbox_push to a peer that is down
+ * (everything goes to the durable queue, acknowledged after the commit of
+ * the loop turn's batch), then drained as the peer's Pulls would (a batch
+ * read, then deleted once "written"). */
+static double postbox_rate(const char *dir, const char *dsn, double secs) {
+  char path[512], err[600], peer[128];
   snprintf(path, sizeof path, "%s/postbox.db", dir);
+  /* One queue per process: several at once on PostgreSQL do not share one. */
+  snprintf(peer, sizeof peer, "peer-%d.example:2289", (int)uv_os_getpid());
   sg__store *s;
   uv_loop_t loop;
   sg__postbox *pb;
   uv_loop_init(&loop);
-  if (sg__store_open(path, &s, err, sizeof err)) {
+  sg__store_config c = {.engine = dsn ? "postgresql" : "sqlite", .path = path, .dsn = dsn,
+                        .loop = &loop};
+  if (sg__store_open_with(&c, &s, err, sizeof err)) {
     fprintf(stderr, "%s\n", err);
     exit(1);
   }
@@ -46,24 +88,29 @@ static double postbox_rate(const char *dir, double secs) {
   o.queue_limit = 1u << 30;
   sg__postbox_new(&loop, s, &tp, &o, &pb);
   long n = 0;
-  int failed = 0;
   double t0 = now_s();
   while (now_s() - t0 < secs) {
     for (int i = 0; i < 1000; i++) {
-      int rc = sg__postbox_push(pb, "peer.example:2289", EVENT, sizeof EVENT, acked, &failed);
-      if (rc < 0 || failed) {
+      if (sg__postbox_push(pb, peer, EVENT, sizeof EVENT, acked, NULL) < 0) {
         fprintf(stderr, "push: %s\n", sg__postbox_errmsg(pb));
         exit(1);
       }
     }
-    sg__postbox_batch *b;
-    do {  /* drain as a peer's Pulls would */
-      sg__postbox_pull_begin(pb, "peer.example:2289", 512 * 1024, &b);
-      size_t got = b->n;
-      sg__postbox_pull_end(pb, b, 0);
-      if (!got) break;
-    } while (1);
     n += 1000;
+    while (acks < n) uv_run(&loop, UV_RUN_ONCE);  /* acknowledged: committed */
+    for (;;) {  /* drain as a peer's Pulls would */
+      got = NULL;
+      sg__postbox_pull_begin(pb, peer, 512 * 1024, batch_cb, NULL);
+      while (!got) uv_run(&loop, UV_RUN_ONCE);
+      size_t k = got->n;
+      sg__postbox_pull_end(pb, got, 0);
+      if (k) continue;  /* the next Pull waits for this one's delete */
+      queued = -1;      /* empty: drained, or the last delete still runs */
+      queued_peer = peer;
+      sg__postbox_peers(pb, peers_cb, NULL);
+      while (queued < 0) uv_run(&loop, UV_RUN_ONCE);
+      if (queued == 0) break;
+    }
   }
   double rate = (double)n / (now_s() - t0);
   sg__postbox_close(pb, NULL, NULL);
@@ -103,6 +150,10 @@ static double baseline_rate(const char *dir, double secs) {
 int main(int argc, char **argv) {
   if (argc < 3) return 2;
   double secs = atof(argv[2]);
-  printf("%.0f %.0f\n", postbox_rate(argv[1], secs), baseline_rate(argv[1], secs));
+  if (argc > 3) {  /* PostgreSQL: the postbox's rate only */
+    printf("%.0f\n", postbox_rate(argv[1], argv[3], secs));
+    return 0;
+  }
+  printf("%.0f %.0f\n", postbox_rate(argv[1], NULL, secs), baseline_rate(argv[1], secs));
   return 0;
 }

@@ -4,6 +4,9 @@ beside SQLite, measured in the same run, with 1, 2 and 3 instances (segue
 processes at once on one database; their rates add up).
   - the router's store work per message (log, map_put, map_origin, map_copies)
   - messages routed between two subprocess backends through the router
+  - the postbox's queue, append+drain through its real path (bench/
+    postbox_queue.c: sg__postbox_push to a peer that is down, then Pulls),
+    one queue per instance
 SQLite is the baseline: one instance on one file (SQLite has no several
 instances). PostgreSQL is a real server started here (tests/integration/
 pg_server.py) on a Unix socket; skipped (no rows) without its binaries."""
@@ -21,6 +24,38 @@ SEGUE = os.environ["SEGUE"]
 SECS = int(os.environ.get("BENCH_SECONDS", "3"))
 TMP = os.environ.get("BENCH_TMP") or tempfile.mkdtemp()
 BACKEND = os.path.join(TMP, "bench_backend")
+QUEUE = os.path.join(TMP, "postbox_queue")
+ROOT = os.path.join(HERE, "..")
+
+
+def build_queue():
+    """bench/postbox_queue.c, built from the runtime's sources (as postbox.row)."""
+    if os.path.exists(QUEUE):
+        return
+    with open(os.path.join(TMP, "segue_version.h"), "w") as f:
+        f.write('#define SEGUE_VERSION "bench"\n#define SEGUE_INSTALL_PREFIX ""\n')
+    pq = subprocess.run(["pkg-config", "--cflags", "--libs", "libpq"], stdout=subprocess.PIPE,
+                        check=True).stdout.decode().split()
+    src = [os.path.join(ROOT, x) for x in ("bench/postbox_queue.c", "runtime/base/store.c",
+                                           "runtime/base/store_pg.c", "runtime/harmony/postbox.c",
+                                           "runtime/base/error.c")]
+    inc = ["-I" + os.path.join(ROOT, x) for x in ("runtime/base", "runtime/harmony", "runtime/include")]
+    subprocess.run(["cc", "-O2"] + inc + ["-I" + TMP, "-o", QUEUE] + src + ["-lsqlite3", "-luv"] + pq,
+                   check=True)
+
+
+def queue_many(where, dsn, k):
+    """k processes at once, each its own peer's queue; the sum of their rates."""
+    os.makedirs(where, exist_ok=True)
+    args = [QUEUE, where, str(SECS)] + ([dsn] if dsn else [])
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(k)]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise SystemExit("postbox_queue %s failed" % ("postgresql" if dsn else "sqlite"))
+        total += float(out.split()[0])
+    return total
 
 
 def run_many(mode, engine, where, n, k):
@@ -44,9 +79,11 @@ def main():
         sys.stderr.write("store_pg: %s; no rows\n" % pg_server.MISSING)
         return
     d = tempfile.mkdtemp(prefix="segue-bench-")
+    build_queue()
     pg = pg_server.PgServer()
     try:
         pg.start()
+        sqlite_queue = queue_many(os.path.join(d, "queue"), None, 1)
         n_ops, n_route = 300 * SECS, 1000 * SECS
         sqlite_ops = run_many("ops", "sqlite", os.path.join(d, "ops.db"), n_ops, 1)
         sqlite_route = run_many("route", "sqlite", os.path.join(d, "route.db"), n_route, 1)
@@ -58,6 +95,8 @@ def main():
             route = run_many("route", "postgresql", dsn, n_route, k)
             print("store work per routed message, PostgreSQL, %d instance(s)|%.0f|%.0f|SQLite, 1 instance|msgs/s" % (k, ops, sqlite_ops))
             print("messages routed with the store, PostgreSQL, %d instance(s)|%.0f|%.0f|SQLite, 1 instance|msgs/s" % (k, route, sqlite_route))
+            queue = queue_many(os.path.join(d, "queue%d" % k), dsn, k)
+            print("postbox queue append+drain, PostgreSQL, %d instance(s)|%.0f|%.0f|SQLite, 1 instance|events/s" % (k, queue, sqlite_queue))
     finally:
         pg.cleanup()
         shutil.rmtree(d, ignore_errors=True)

@@ -37,6 +37,7 @@ typedef struct peer {
   int busy;             /* a claim, count or spill of the outbound side runs */
   unsigned spilling;    /* events of the spill that runs */
   int refused;          /* another instance holds the outbound claim: spill */
+  uint64_t refused_since;  /* uv_now of the first refusal of this wait, or 0 */
   int claimed;          /* we hold the outbound claim */
   uint64_t claimed_at;  /* uv_now of the last claim or renewal */
   int64_t queued;       /* rows in the outbox as far as we know: -1 unknown */
@@ -271,6 +272,7 @@ static int stale(sg__postbox *pb, uint64_t at) {
 /* ---- outbound ---------------------------------------------------------------- */
 
 static void advance(peer *p);
+static void push_timer_fired(uv_timer_t *t);
 
 typedef struct spill_call {
   peer *p;
@@ -354,13 +356,29 @@ static void claimed(void *ud, const sg__store_reply *r) {
   sg__postbox *pb = p->pb;
   call_done(pb);
   p->busy = 0;
+  uint64_t now = uv_now(pb->loop);
   if (r->err == 0) {
     if (!p->claimed) p->queued = -1;  /* count it now that we hold it */
     p->claimed = 1;
-    p->claimed_at = uv_now(pb->loop);
+    p->claimed_at = now;
+    p->refused_since = 0;
+  } else if (r->err == SG_STORE_NOTFOUND && !pb->closing
+             && (!p->refused_since || now - p->refused_since < pb->opt.claim_ms / 3)) {
+    /* Another instance Pushes to this peer: wait a little for its turn to
+     * end rather than queue at once (a queue stops every instance's Pushes
+     * until the peer Pulls, and a peer that never had a Push from us does
+     * not know to Pull). */
+    p->claimed = 0;
+    if (!p->refused_since) p->refused_since = now;
+    uint64_t delay = pb->opt.claim_ms / 20;
+    p->backing_off = 1;
+    uv_timer_start(&p->push_timer, push_timer_fired, delay < 20 ? 20 : delay > 200 ? 200 : delay, 0);
+    call_end(pb);
+    return;
   } else {
     p->claimed = 0;
     p->refused = 1;
+    p->refused_since = 0;
   }
   advance(p);
   call_end(pb);

@@ -4,7 +4,11 @@ subprocess backends, which run on exactly one instance (the holder of the
 lease "backends": all together, so copies between them stay in one process),
 `segue status` shows every instance and what it owns, `kill -9` of the
 instance owning a backend hands it to another within the lease time, and
-`segue migrate` applies the schema."""
+`segue migrate` applies the schema. The postbox on PostgreSQL: three
+instances speaking for one server id behind a failover proxy exchange
+events with an independent segue (SQLite) while one instance is killed
+with -9 and while PostgreSQL restarts: nothing acknowledged is lost, per
+producer the order holds, each instance's `segue key` prints one key."""
 import json
 import os
 import random
@@ -16,7 +20,9 @@ import time
 import unittest
 
 import pg_server
-from harness import SEGUE, FAKE, PYTHON, run, tmpdir, write, wait_for
+import socket
+from harness import SEGUE, FAKE, PYTHON, run, tmpdir, write, wait_for, free_port
+from postbox_util import PostboxNode
 
 # An instance stops its backends when it could not renew for 80% of the
 # lease (renewals every lease_ms / 3); 1 s let a loaded machine under ASan
@@ -43,6 +49,74 @@ def running_backends(marker):
         if marker in cmd:
             n += 1
     return n
+
+
+class Proxy:
+    """The load balancer in front of the instances: each connection goes to
+    the next live backend (round robin; one that refuses is skipped)."""
+
+    def __init__(self, ports):
+        self.ports = ports
+        self.next = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        up = None
+        for _ in range(len(self.ports)):
+            port = self.ports[self.next % len(self.ports)]
+            self.next += 1
+            try:
+                up = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                up = None
+        if up is None:
+            c.close()
+            return
+        up.settimeout(None)
+
+        def pipe(a, b):
+            try:
+                while True:
+                    d = a.recv(65536)
+                    if not d:
+                        break
+                    b.sendall(d)
+            except OSError:
+                pass
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        t = threading.Thread(target=pipe, args=(up, c), daemon=True)
+        t.start()
+        pipe(c, up)
+        t.join(30)
+        c.close()
+        up.close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+S, P = "s.example:2289", "p.example:2289"
+FAST = {"push_tries": 2, "push_backoff_ms": 20, "pull_interval_ms": 500, "pull_backoff_ms": 100}
 
 
 @unittest.skipUnless(pg_server.available(), pg_server.MISSING)
@@ -267,6 +341,112 @@ backends = {
         self.pg.start()
         self.assertTrue(wait_for(self.all_running, 90), self.log("i1") + self.log("i2"))
         self.assertTrue(wait_for(lambda: all(running_backends(self.states[b]) == 1 for b in ("a", "b")), 30))
+
+    # -- the postbox on PostgreSQL ------------------------------------------------
+
+    def fed_instances(self, proxy_port, ports, p_url):
+        """Three instances speaking for S (one key pair: the first one's key
+        file copied to the others), each a postbox sender and handler."""
+        nodes = []
+        shared = os.path.join(self.dir, "s-events.jsonl")  # every handler appends here
+        for i, port in enumerate(ports):
+            n = PostboxNode(S, sender=True, port=port, federation=dict(FAST, peers={P: p_url}))
+            n.events = n.env["FED_EVENTS"] = shared
+            with open(n.config, "a") as f:
+                f.write('instance = "f%d"\nlease_ms = %d\nstore = { engine = "postgresql", dsn = %s }\n'
+                        % (i + 1, LEASE_MS, json.dumps(self.dsn)))
+            nodes.append(n)
+        r = run(["key", nodes[0].config], timeout=60, cwd=nodes[0].dir)
+        self.assertEqual(r.code, 0, r.stderr)
+        for n in nodes[1:]:
+            os.makedirs(os.path.dirname(n.key_file()), mode=0o700, exist_ok=True)
+            shutil.copyfile(nodes[0].key_file(), n.key_file())
+            os.chmod(n.key_file(), 0o600)
+        keys = {run(["key", n.config], timeout=60, cwd=n.dir).stdout for n in nodes}
+        self.assertEqual(len(keys), 1, keys)  # `segue key`: one key on every instance
+        return nodes
+
+    def check_stream(self, got, acked_by, label):
+        """Nothing acknowledged lost; per producer (ids k * 100000 + n), in
+        order the first time each arrived."""
+        seen = set(got)
+        for k, acked in acked_by.items():
+            self.assertTrue(acked <= seen, "%s: lost from f%d: %r" % (label, k, sorted(acked - seen)[:10]))
+        first, s2 = {}, set()
+        for x in got:
+            if x not in s2:
+                s2.add(x)
+                first.setdefault(x // 100000, []).append(x)
+        for k, xs in first.items():
+            self.assertEqual(xs, sorted(xs), "%s: out of order from producer %d" % (label, k))
+
+    def test_postbox_three_instances_kill_9_and_a_restart_of_postgresql(self):
+        ports = [free_port() for _ in range(3)]
+        proxy = Proxy(ports)
+        self.addCleanup(proxy.close)
+        proxy_url = "http://127.0.0.1:%d" % proxy.port
+        p = PostboxNode(P, sender=True, federation=dict(FAST, peers={S: proxy_url}))
+        nodes = self.fed_instances(proxy.port, ports, p.url)
+        p.start()
+        self.addCleanup(p.stop)
+        for n in nodes:
+            n.start()
+            self.addCleanup(n.stop)
+        # S's instances push to P, P pushes to S (through the proxy: any
+        # instance takes it), while instance 1 is killed and PostgreSQL
+        # restarts.
+        total, step = 120, 10
+        for r in range(0, total, step):
+            for k, n in enumerate(nodes):
+                if n.proc:
+                    n.push(P, range((k + 1) * 100000 + r, (k + 1) * 100000 + r + step))
+            p.push(S, range(r, r + step))
+            time.sleep(0.1)
+            if r == 40:  # kill -9 of an instance mid-stream
+                victim = nodes[0]
+                self.assertTrue(wait_for(lambda: len(victim.read_acks()) >= 30, 30), victim.stderr())
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait()
+                victim.proc = None
+                victim.log.close()
+            if r == 80:  # PostgreSQL restarted under load
+                self.pg.restart()
+        acked_by = {}
+        for k, n in enumerate(nodes):
+            if n.proc:
+                self.assertTrue(n.wait_acks(total, 60), n.stderr())
+            acked_by[k + 1] = {x["id"] for x in n.read_acks() if x.get("how") in ("pushed", "queued")}
+        self.assertEqual(len(acked_by[2]), total, nodes[1].read_acks()[-3:])
+        self.assertGreaterEqual(len(acked_by[1]), 30)
+        self.assertTrue(wait_for(lambda: all(a <= set(p.received_ids()) for a in acked_by.values()), 90),
+                        "P lacks %r\n%s" % ([sorted(a - set(p.received_ids()))[:5] for a in acked_by.values()],
+                                             p.stderr() + self.pg_rows("SELECT server_id, last_error, last_push, last_push_in, last_pull, last_served FROM peers") + self.pg_rows("SELECT * FROM leases") + self.pg_rows("SELECT count(*) FROM outbox")))
+        self.check_stream(p.received_ids(), acked_by, "S -> P")
+        # P's events, acknowledged by whichever instance took the Push, are
+        # delivered to S's handlers (one instance at a time per peer): in
+        # order overall, each at least once.
+        self.assertTrue(p.wait_acks(total, 60), p.stderr())
+        p_acked = {x["id"] for x in p.read_acks() if x.get("how") in ("pushed", "queued")}
+        self.assertEqual(len(p_acked), total)
+
+        def delivered():  # in the order the handlers ran, whichever instance
+            return nodes[0].received_ids()
+        self.assertTrue(wait_for(lambda: p_acked <= set(delivered()), 90),
+                        "S lacks %r" % sorted(p_acked - set(delivered()))[:10])
+        self.check_stream(delivered(), {0: p_acked}, "P -> S")
+        # Nothing left behind in PostgreSQL: the queue to P is drained and
+        # every inbox row was delivered.
+        self.assertTrue(wait_for(lambda: self.pg_count("outbox") == 0 and self.pg_count("inbox") == 0, 60),
+                        "outbox %s inbox %s" % (self.pg_count("outbox"), self.pg_count("inbox")))
+
+    def pg_rows(self, sql):
+        return subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c", sql],
+                              stdout=subprocess.PIPE, timeout=60).stdout.decode()
+
+    def pg_count(self, table):
+        return int(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
+                                   "SELECT count(*) FROM %s" % table],
+                                  stdout=subprocess.PIPE, timeout=60).stdout.decode().strip() or -1)
 
 
 if __name__ == "__main__":
