@@ -3,6 +3,7 @@
  * callbacks into Lua. What to do with a backend or an update is decided in
  * Lua. This file: logging, events, embedded scripts; see core.h. */
 #include <lauxlib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,6 +177,306 @@ static int l_sandbox_state(lua_State *L) {
   return 3;
 }
 
+/* ---- rules: bridge{...} ------------------------------------------------------
+ * rule_bridge(t, default_format, level, kept, token) -> bridge | nil: the bridge
+ * record rules.lua's bridge{...} makes from t, built here because a rules
+ * file of a thousand bridges runs it a thousand times per reload. It
+ * answers only for a valid plain table (no metatables): anything else
+ * returns nil and rules.lua's Lua version raises the exact error.
+ *
+ * The record: { kind = "bridge", where = "src:line", endpoints = {
+ * {backend=, room=, mode=, format=, key=}... }, options..., sig =, hash = }.
+ * sig identifies the definition (every option and endpoint, in order) and
+ * hash is its 64-bit FNV-1a; neither when the bridge has a filter or
+ * rewrite (functions cannot be compared) or a definition over 2 KiB.
+ * `kept` (a table or nil) maps hash -> a record of the running rules: a
+ * bridge whose sig equals one there is that record (its `where` updated to
+ * this line), once per load: its field `taken` is set to `token` (a
+ * value of this load only); nothing new is made for it, and what the
+ * router keyed on it stays valid. `where` names
+ * the function `level` calls up (2: the caller of rules.lua's bridge). */
+enum { BK_STRING, BK_FUNCTION, BK_NUMBER };
+static const char *const fallbacks[] = {"drop", "pass", NULL};
+static const char *const edits[] = {"resend", "ignore", NULL};
+static const char *const deletes[] = {"ignore", "notice", NULL};
+static const char *const longs[] = {"split", "cut", NULL};
+static const char *const modes[] = {"both", "in", "out", NULL};
+static const struct bridge_key {
+  const char *name;
+  int type;
+  const char *const *choices;
+  const char *dflt;  /* set when absent (format: the default format) */
+} bridge_keys[] = {
+    {"name", BK_STRING, NULL, NULL},
+    {"format", BK_STRING, NULL, NULL},
+    {"filter", BK_FUNCTION, NULL, NULL},
+    {"rewrite", BK_FUNCTION, NULL, NULL},
+    {"fallback", BK_STRING, fallbacks, "drop"},
+    {"edits", BK_STRING, edits, "resend"},
+    {"deletes", BK_STRING, deletes, "ignore"},
+    {"max_attachment_bytes", BK_NUMBER, NULL, NULL},
+    {"long", BK_STRING, longs, NULL},
+};
+#define N_BRIDGE_KEYS ((int)(sizeof bridge_keys / sizeof *bridge_keys))
+#define FORMAT_KEY 1
+
+static int one_of(const char *s, const char *const *choices) {
+  for (; *choices; choices++)
+    if (strcmp(s, *choices) == 0) return 1;
+  return 0;
+}
+
+/* Lua's %w (C locale), _, - and . */
+static int backend_char(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+         c == '-' || c == '.';
+}
+
+/* The length of the backend of "backend:room", or 0 when s is not that. */
+static size_t endpoint_split(const char *s, size_t len) {
+  size_t i = 0;
+  while (i < len && backend_char((unsigned char)s[i])) i++;
+  if (i == 0 || i + 1 >= len || s[i] != ':') return 0;
+  return i;
+}
+
+/* A bridge's signature, built in a fixed buffer: too long, it has none. */
+typedef struct {
+  char b[2048];
+  size_t n;
+  int over;
+} sigbuf;
+
+static void sig_bytes(sigbuf *g, const void *p, size_t len) {
+  if (g->over || len > sizeof g->b - g->n) {
+    g->over = 1;
+    return;
+  }
+  memcpy(g->b + g->n, p, len);
+  g->n += len;
+}
+
+static void sig_str(sigbuf *g, char tag, const char *s, size_t len) {
+  uint32_t n = (uint32_t)len;
+  sig_bytes(g, &tag, 1);
+  sig_bytes(g, &n, sizeof n);
+  sig_bytes(g, s, len);
+}
+
+/* Checks the endpoint value at the top and adds it to the signature: 1
+ * when the fast path takes it. Pops it. */
+static int endpoint_sig(lua_State *L, sigbuf *g) {
+  int t = lua_type(L, -1), ok = 0;
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    ok = endpoint_split(s, len) != 0;
+    sig_str(g, 'e', s, len);
+  } else if (t == LUA_TTABLE && !lua_getmetatable(L, -1)) {
+    if (lua_rawgeti(L, -1, 1) == LUA_TSTRING) {
+      size_t len;
+      const char *s = lua_tolstring(L, -1, &len);
+      ok = endpoint_split(s, len) != 0;
+      sig_str(g, 'e', s, len);
+    }
+    lua_pop(L, 1);
+    if (ok) {
+      int mt = lua_getfield(L, -1, "mode");  /* no metatable: raw */
+      ok = mt == LUA_TNIL || (mt == LUA_TSTRING && one_of(lua_tostring(L, -1), modes));
+      if (ok && mt == LUA_TSTRING) sig_str(g, 'm', lua_tostring(L, -1), lua_rawlen(L, -1));
+      lua_pop(L, 1);
+    }
+    if (ok) {
+      int ft = lua_getfield(L, -1, "format");
+      ok = ft == LUA_TNIL || ft == LUA_TSTRING;
+      if (ft == LUA_TSTRING) sig_str(g, 'f', lua_tostring(L, -1), lua_rawlen(L, -1));
+      lua_pop(L, 1);
+    }
+    sig_bytes(g, "t", 1);
+  } else if (t == LUA_TTABLE) {
+    lua_pop(L, 1);  /* its metatable */
+  }
+  lua_pop(L, 1);
+  return ok;
+}
+
+/* Replaces the (checked) endpoint value at the top by its record. */
+static void endpoint_record(lua_State *L) {
+  int spec = lua_gettop(L);
+  int tbl = lua_type(L, spec) == LUA_TTABLE;
+  if (tbl) lua_rawgeti(L, spec, 1);
+  else lua_pushvalue(L, spec);
+  int key = lua_gettop(L);
+  size_t len;
+  const char *s = lua_tolstring(L, key, &len);
+  size_t blen = endpoint_split(s, len);
+  lua_createtable(L, 0, 5);
+  lua_pushvalue(L, key);
+  lua_setfield(L, -2, "key");
+  lua_pushlstring(L, s, blen);
+  lua_setfield(L, -2, "backend");
+  lua_pushlstring(L, s + blen + 1, len - blen - 1);
+  lua_setfield(L, -2, "room");
+  if (!tbl || lua_getfield(L, spec, "mode") != LUA_TSTRING) {
+    if (tbl) lua_pop(L, 1);
+    lua_pushliteral(L, "both");
+  }
+  lua_setfield(L, -2, "mode");
+  if (tbl && lua_getfield(L, spec, "format") == LUA_TSTRING) lua_setfield(L, -2, "format");
+  else if (tbl) lua_pop(L, 1);
+  lua_replace(L, spec);
+  lua_settop(L, spec);
+}
+
+static uint64_t fnv1a(const char *p, size_t n) {
+  uint64_t h = 14695981039346656037ULL;
+  for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+  return h;
+}
+
+/* "short_src:line" into buf (size LUA_IDSIZE + 24) */
+static void format_where(char *buf, const lua_Debug *ar) {
+  size_t n = strlen(ar->short_src);
+  memcpy(buf, ar->short_src, n);
+  buf[n++] = ':';
+  char digits[24];
+  int d = 0;
+  unsigned long v = ar->currentline > 0 ? (unsigned long)ar->currentline : 0;
+  do digits[d++] = (char)('0' + v % 10); while ((v /= 10) && d < (int)sizeof digits);
+  if (ar->currentline < 0) buf[n++] = '-', digits[0] = '1', d = 1;
+  while (d) buf[n++] = digits[--d];
+  buf[n] = '\0';
+}
+
+static int l_rule_bridge(lua_State *L) {
+  luaL_checkstring(L, 2);
+  int level = (int)luaL_checkinteger(L, 3);
+  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+  lua_settop(L, 5);
+  if (lua_type(L, 1) != LUA_TTABLE || lua_getmetatable(L, 1)) return 0;
+  sigbuf g;
+  g.n = 0;
+  g.over = 0;
+  /* the endpoints: 1..n until the first nil, as ipairs */
+  lua_Integer n = 0;
+  for (;;) {
+    if (lua_rawgeti(L, 1, n + 1) == LUA_TNIL) {
+      lua_pop(L, 1);
+      break;
+    }
+    if (!endpoint_sig(L, &g)) return 0;
+    n++;
+  }
+  if (n < 2) return 0;
+  /* the options: known, of their type, a known choice */
+  int has_fn = 0, set = 0;
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    if (lua_isinteger(L, -2)) {
+      lua_pop(L, 1);
+      continue;
+    }
+    if (lua_type(L, -2) != LUA_TSTRING) return 0;
+    const char *k = lua_tostring(L, -2);
+    int i = 0;
+    while (i < N_BRIDGE_KEYS && strcmp(k, bridge_keys[i].name) != 0) i++;
+    if (i == N_BRIDGE_KEYS) return 0;
+    int vt = lua_type(L, -1);
+    int ok = bridge_keys[i].type == BK_STRING     ? vt == LUA_TSTRING
+             : bridge_keys[i].type == BK_FUNCTION ? vt == LUA_TFUNCTION
+                                                   : vt == LUA_TNUMBER;
+    if (ok && bridge_keys[i].choices) ok = one_of(lua_tostring(L, -1), bridge_keys[i].choices);
+    if (!ok) return 0;
+    if (vt == LUA_TFUNCTION) has_fn = 1;
+    set |= 1 << i;
+    lua_pop(L, 1);
+  }
+  /* the options in a fixed order, for the signature */
+  for (int i = 0; i < N_BRIDGE_KEYS && !has_fn; i++) {
+    if (!(set & (1 << i))) {
+      sig_bytes(&g, "-", 1);
+      continue;
+    }
+    lua_getfield(L, 1, bridge_keys[i].name);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      size_t len;
+      const char *s = lua_tolstring(L, -1, &len);
+      sig_str(&g, 's', s, len);
+    } else if (lua_isinteger(L, -1)) {
+      lua_Integer v = lua_tointeger(L, -1);
+      sig_bytes(&g, "i", 1);
+      sig_bytes(&g, &v, sizeof v);
+    } else {
+      lua_Number v = lua_tonumber(L, -1);
+      sig_bytes(&g, "n", 1);
+      sig_bytes(&g, &v, sizeof v);
+    }
+    lua_pop(L, 1);
+  }
+  if (!(set & (1 << FORMAT_KEY))) {  /* the default format is part of the definition */
+    size_t len;
+    const char *s = lua_tolstring(L, 2, &len);
+    sig_str(&g, 'd', s, len);
+  }
+  int has_sig = !has_fn && !g.over;
+  lua_Integer hash = has_sig ? (lua_Integer)fnv1a(g.b, g.n) : 0;
+  char where[LUA_IDSIZE + 24] = "rules";
+  lua_Debug ar;
+  if (lua_getstack(L, level, &ar) && lua_getinfo(L, "Sl", &ar)) format_where(where, &ar);
+  /* a bridge of the running rules with this very definition, not taken yet */
+  if (has_sig && lua_istable(L, 4) && !lua_isnil(L, 5) && lua_rawgeti(L, 4, hash) == LUA_TTABLE) {
+    size_t olen;
+    lua_getfield(L, 6, "sig");
+    const char *osig = lua_tolstring(L, -1, &olen);
+    int same = osig && olen == g.n && memcmp(osig, g.b, g.n) == 0;
+    lua_pop(L, 1);
+    lua_getfield(L, 6, "taken");
+    if (same && !lua_rawequal(L, -1, 5)) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, 5);
+      lua_setfield(L, 6, "taken");
+      lua_getfield(L, 6, "where");
+      const char *ow = lua_tostring(L, -1);
+      int moved = !ow || strcmp(ow, where) != 0;
+      lua_pop(L, 1);
+      if (moved) {
+        lua_pushstring(L, where);
+        lua_setfield(L, 6, "where");
+      }
+      return 1;
+    }
+  }
+  lua_settop(L, 5);
+  /* a new record */
+  lua_createtable(L, 0, 13);  /* 6: the bridge */
+  lua_pushliteral(L, "bridge");
+  lua_setfield(L, 6, "kind");
+  lua_pushstring(L, where);
+  lua_setfield(L, 6, "where");
+  lua_createtable(L, (int)n, 0);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, 1, i);
+    endpoint_record(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_setfield(L, 6, "endpoints");
+  for (int i = 0; i < N_BRIDGE_KEYS; i++) {
+    const struct bridge_key *k = &bridge_keys[i];
+    if (set & (1 << i)) lua_getfield(L, 1, k->name);
+    else if (k->dflt) lua_pushstring(L, k->dflt);
+    else if (i == FORMAT_KEY) lua_pushvalue(L, 2);
+    else continue;
+    lua_setfield(L, 6, k->name);
+  }
+  if (has_sig) {
+    lua_pushlstring(L, g.b, g.n);
+    lua_setfield(L, 6, "sig");
+    lua_pushinteger(L, hash);
+    lua_setfield(L, 6, "hash");
+  }
+  return 1;
+}
+
 /* memory() -> bytes of Lua heap in use (as the host's allocator counts) */
 static int l_memory(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)sandbox_env(L)->mem_used);
@@ -196,6 +497,7 @@ int luaopen_segue_core(lua_State *L) {
       {"sandbox_leave", l_sandbox_leave},
       {"sandbox_state", l_sandbox_state},
       {"memory", l_memory},
+      {"rule_bridge", l_rule_bridge},
       {NULL, NULL}};
   luaL_newlib(L, fns);
   sg__core_open_backends(L);

@@ -723,6 +723,109 @@ local function resolve_running()
   end
 end
 
+-- Reloading one bridge of many -------------------------------------------
+--
+-- A reload runs the whole rules file again, but a bridge whose name and
+-- definition did not change (rules.lua's `sig`: every option and endpoint,
+-- in order; bridges with a filter or rewrite have none, functions cannot be
+-- compared) keeps its object from the running set (rules.load hands it out
+-- again): what is keyed on it (its compiled routes and prefix caches, sends
+-- in flight) goes on as if nothing happened. Only the index entries and
+-- routes of rooms that a changed, added or removed bridge names are
+-- computed again, in place, after the new set passed every check, in one
+-- step (nothing yields in between).
+
+-- changed_rooms(old, new) -> touched, pos: puts the running set's object in
+-- `new` for every bridge that did not change; touched: "backend\0room" ->
+-- { backend =, room =, fresh = { new bridges naming it } } for the rooms
+-- whose index entries and routes may differ, or nil when all may (no
+-- running set, the bridges that stayed changed order, or so many changed
+-- that building the index anew is cheaper); pos: bridge -> its position in
+-- `new`.
+local function changed_rooms(old, new)
+  local changes, most = 0, 16 + #new // 8
+  if not old or #new - (new.reused or 0) > most then return nil end
+  local by_name = {}
+  for i = 1, #old do by_name[old[i].name] = i end
+  local touched, kept, pos, last = {}, {}, {}, 0
+  local function touch(b, fresh)
+    local eps = b.endpoints
+    for j = 1, #eps do
+      local e = eps[j]
+      local key = e.backend .. "\0" .. e.room
+      local t = touched[key]
+      if not t then
+        t = { backend = e.backend, room = e.room, fresh = {} }
+        touched[key] = t
+      end
+      if fresh and t.fresh[#t.fresh] ~= b then t.fresh[#t.fresh + 1] = b end
+    end
+  end
+  for i = 1, #new do
+    local b = new[i]
+    local at = by_name[b.name]
+    local o = at and old[at]
+    if o and (o == b or (b.sig and o.sig == b.sig)) then
+      if at < last then return nil end   -- the bridges that stayed moved: rule order matters
+      last = at
+      if o ~= b then o.where = b.where end
+      new[i], kept[at] = o, true
+    else
+      changes = changes + 1
+      if changes > most then return nil end
+      touch(b, true)
+      if o then touch(o) end
+    end
+    pos[new[i]] = i
+  end
+  for i = 1, #old do
+    if not kept[i] then
+      changes = changes + 1
+      if changes > most then return nil end
+      touch(old[i])
+    end
+  end
+  return touched, pos
+end
+
+-- update_index(idx, touched, pos): makes idx, the index of the running
+-- set, that of the new one: the entries of each touched room again, in
+-- rule order, from the bridges that stayed and the new ones; the routes
+-- computed for those rooms are dropped.
+local function update_index(idx, touched, pos)
+  local cache = route_cache[idx]
+  for key, t in pairs(touched) do
+    if cache then cache[key] = nil end
+    local per = idx[t.backend]
+    local bridges, seen = {}, {}
+    local old = per and per[t.room]
+    for i = 1, old and #old or 0 do
+      local b = old[i].bridge
+      if pos[b] and not seen[b] then seen[b], bridges[#bridges + 1] = true, b end
+    end
+    for i = 1, #t.fresh do
+      local b = t.fresh[i]
+      if not seen[b] then seen[b], bridges[#bridges + 1] = true, b end
+    end
+    table.sort(bridges, function(a, b) return pos[a] < pos[b] end)
+    local list = {}
+    for i = 1, #bridges do
+      local eps = bridges[i].endpoints
+      for j = 1, #eps do
+        local e = eps[j]
+        if e.backend == t.backend and e.room == t.room then list[#list + 1] = { bridge = bridges[i], endpoint = e } end
+      end
+    end
+    if #list > 0 then
+      if not per then per = {} idx[t.backend] = per end
+      per[t.room] = list
+    elseif per then
+      per[t.room] = nil
+      if next(per) == nil then idx[t.backend] = nil end
+    end
+  end
+end
+
 function M.load(path, backends)
   local key = backends_key(backends)
   if unchanged(path, key) then
@@ -735,7 +838,7 @@ function M.load(path, backends)
   -- Read before the load: if the file changes meanwhile, what is kept is
   -- older than what loaded, and the next reload runs it again.
   local text = read_all(path)
-  local set, errors = rules.load(path, { backends = backends, state = state })
+  local set, errors = rules.load(path, { backends = backends, state = state, previous = current })
   if set and set.test then
     local ok, err = rules.run(set.test, simulator(set, build_index(set)))
     if not ok then errors, set = { path .. ": self-test failed: " .. tostring(err):match("^[^\n]*") }, nil end
@@ -748,7 +851,10 @@ function M.load(path, backends)
     return nil, status.last_error
   end
   local first = current == nil
-  current, index, state = set, build_index(set), set.state
+  local touched, pos = changed_rooms(current, set)
+  if touched then update_index(index, touched, pos)
+  else index = build_index(set) end
+  current, state = set, set.state
   compile_set(set)
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
@@ -762,6 +868,10 @@ function M.load(path, backends)
 end
 
 function M.files() return current and current.files or {} end
+
+--- bridges() -> the running rules' bridges, in rule order (a reload keeps
+--- the object of every bridge that did not change); do not modify them.
+function M.bridges() return current or {} end
 
 --- ready() -> true once every room the rules name is resolved and joined.
 function M.ready()

@@ -139,9 +139,13 @@ local function parse_endpoint(spec, where)
   return { backend = backend, room = room, mode = mode, format = t.format, key = s }
 end
 
--- bridge{...} in a rules file: checked when the file runs.
-local function bridge(t)
-  local info = debug.getinfo(2, "Sl")
+-- bridge{...} in a rules file: checked when the file runs. segue.core's
+-- rule_bridge builds the record of a valid plain table (with `sig`, what
+-- a reload compares to keep a bridge that did not change); anything else
+-- goes through the Lua version below, which raises the exact error.
+-- `level`: where the caller of bridge{...} is, for "file:line".
+local function checked_bridge(t, level)
+  local info = debug.getinfo(level, "Sl")
   local where = info and (info.short_src .. ":" .. info.currentline) or "rules"
   if type(t) ~= "table" then error(where .. ": bridge takes a table", 0) end
   local b = { kind = "bridge", where = where, endpoints = {} }
@@ -160,10 +164,21 @@ local function bridge(t)
   return b
 end
 
+local rule_bridge = core.rule_bridge
+-- The bridge{...} of one load. kept: hash -> a bridge of the running rules;
+-- rule_bridge hands such a record out again when its definition is the
+-- same, once per load (its field `taken` is then this load's token).
+local function bridge_maker(kept, token)
+  return function(t)
+    local b = rule_bridge(t, M.DEFAULT_FORMAT, 2, kept, token) or checked_bridge(t, 3)
+    return b
+  end
+end
+
 -- A fresh sandboxed environment per load; `require` loads a file next to
 -- the rules file, fresh each time (and watched), and nothing else.
-local function environment(dir, state, files)
-  local env = setmetatable({ bridge = bridge, state = state }, { __index = M.sandbox() })
+local function environment(dir, state, files, kept, token)
+  local env = setmetatable({ bridge = bridge_maker(kept, token), state = state }, { __index = M.sandbox() })
   env.require = function(name)
     if type(name) ~= "string" then error("require: expected a module name", 2) end
     local path = dir .. "/" .. name:gsub("%.", "/") .. ".lua"
@@ -181,34 +196,63 @@ local function environment(dir, state, files)
   return env
 end
 
-local function validate(set, ctx, file)
-  local errors, names = {}, {}
+local default_names = setmetatable({}, { __index = function(t, i)
+  local name = "bridge" .. i
+  t[i] = name
+  return name
+end })
+
+-- -> errors, by_hash (hash -> bridge, for the next load's `kept`), how
+-- many bridges of the previous load were handed out again
+local function validate(set, ctx, file, token)
+  local errors, names, by_hash, reused = {}, {}, {}, 0
   if type(set) ~= "table" then return { file .. ":1: the rules file must return a table, not a " .. type(set) } end
-  for k, v in pairs(set) do
+  -- the keys after the list part (next from #set skips the bridges)
+  local n = #set
+  for k, v in next, set, n > 0 and n or nil do
     if math.type(k) ~= "integer" then
       if not set_keys[k] then errors[#errors + 1] = file .. ":1: unknown key " .. tostring(k)
       elseif type(v) ~= "function" then errors[#errors + 1] = file .. ":1: " .. k .. " must be a function" end
     end
   end
-  for i, b in ipairs(set) do
+  local backends = ctx.backends
+  for i = 1, n do
+    local b = set[i]
+    if b == nil then break end  -- as ipairs
     if type(b) ~= "table" or b.kind ~= "bridge" then
       errors[#errors + 1] = ("%s:1: entry %d is not a bridge{...}"):format(file, i)
     else
-      b.name = b.name or ("bridge" .. i)
-      if names[b.name] then errors[#errors + 1] = b.where .. ": duplicate bridge name " .. b.name end
-      names[b.name] = true
-      for _, e in ipairs(b.endpoints) do
-        if ctx.backends and not ctx.backends[e.backend] then
+      -- the default name follows the position: a bridge of the running
+      -- rules handed out again at another place gets a copy named for it
+      local default = default_names[i]
+      if b.name == nil then
+        b.name, b.default_name = default, true
+      elseif b.default_name and b.name ~= default and b.taken == token then
+        b = copy(b)
+        b.name = default
+        set[i] = b
+      end
+      local name = b.name
+      if names[name] then errors[#errors + 1] = b.where .. ": duplicate bridge name " .. name end
+      names[name] = true
+      if b.hash then by_hash[b.hash] = b end
+      if b.taken == token then reused = reused + 1 end
+      local eps = b.endpoints
+      for j = 1, backends and #eps or 0 do
+        local e = eps[j]
+        if not backends[e.backend] then
           errors[#errors + 1] = b.where .. ": endpoint " .. e.key .. ": no backend named " .. e.backend
         end
       end
     end
   end
-  return errors
+  return errors, by_hash, reused
 end
 
 --- load(path, ctx) -> set | nil, errors
---- ctx: { backends = { name = true }, state = table carried over }
+--- ctx: { backends = { name = true }, state = table carried over,
+--- previous = the running set (its bridges that did not change are reused:
+--- set.reused counts them) }
 function M.load(path, ctx)
   local f, err = io.open(path, "r")
   if not f then return nil, { path .. ":1: cannot read the rules: " .. tostring(err) } end
@@ -216,14 +260,15 @@ function M.load(path, ctx)
   f:close()
   local dir = path:match("^(.*)/[^/]*$") or "."
   local files = { path }
-  local env = environment(dir, ctx.state or {}, files)
+  local token = {}
+  local env = environment(dir, ctx.state or {}, files, ctx.previous and ctx.previous.by_hash, token)
   local chunk, cerr = load(src, "@" .. path, "t", env)
   if not chunk then return nil, { cerr } end
   local ok, set = M.run(chunk)
   if not ok then return nil, { (tostring(set):match("^[^\n]*")) } end
-  local errors = validate(set, ctx, path)
+  local errors, by_hash, reused = validate(set, ctx, path, token)
   if #errors > 0 then return nil, errors end
-  set.files, set.state, set.path = files, env.state, path
+  set.files, set.state, set.path, set.by_hash, set.reused = files, env.state, path, by_hash, reused
   return set
 end
 

@@ -158,4 +158,149 @@ describe("reloading the rules", function()
   end)
 end)
 
+describe("reloading one bridge of many", function()
+  local backends = { src = true, gated = true, dst = true }
+  local function by_name()
+    local t = {}
+    for _, b in ipairs(router.bridges()) do t[b.name] = b end
+    return t
+  end
+  -- what dst receives in `name` from now on (plain text)
+  local function dst_texts(name)
+    local dst_room, got = room("dst", name), {}
+    local off = segue.on("update", function(backend, u)
+      if backend == "dst" and u.type == "MessageUpsert" and u.value.recipient == dst_room then
+        got[#got + 1] = router.plain(u.value.content)
+      end
+    end)
+    return got, off
+  end
+
+  it("keeps the bridges that did not change, with their copies in flight, and routes the changed one anew", function()
+    local path = file("incr.lua", [[return {
+      bridge { name = "a", "src:#i1", "gated:#i1" },
+      bridge { name = "b", "src:#i2", "dst:#i2" },
+      bridge { "src:#i3", "dst:#i3" },
+    }]])
+    assert(router.load(path, backends))
+    wait_until("the rooms resolve", router.ready)
+    local before = by_name()
+    local gated = sdk.api("gated")
+    gated.stuck = true
+    local sent0, lost0, bridged0 = #gated.got, router.status.lost, router.status.bridged
+    local i1 = room("src", "#i1")
+    for i = 1, 3 do sdk.api("src").post(i1, "dan", "in flight " .. i) end
+    wait_until("three copies wait in gated", function() return #gated.got == sent0 + 3 end)
+    file("incr.lua", [[return {
+      bridge { name = "a", "src:#i1", "gated:#i1" },
+      bridge { name = "b", "src:#i2", "dst:#i2", format = "[{sender}] " },
+
+      bridge { "src:#i3", "dst:#i3" },
+    }]])
+    assert(router.load(path, backends))
+    local after = by_name()
+    assert.are.equal(before.a, after.a)              -- the same objects
+    assert.are.equal(before.bridge3, after.bridge3)
+    assert.are.equal(dir .. "/incr.lua:5", after.bridge3.where)  -- where it is now
+    assert.are_not.equal(before.b, after.b)
+    assert.are.equal("[{sender}] ", after.b.format)
+    gated.unstick()
+    wait_until("the copies in flight complete", function() return router.status.bridged >= bridged0 + 3 end)
+    assert.are.equal(lost0, router.status.lost)
+    local got, off = dst_texts("#i2")
+    local got3, off3 = dst_texts("#i3")
+    sdk.api("src").post(room("src", "#i2"), "erin", "changed")
+    sdk.api("src").post(room("src", "#i3"), "erin", "kept")
+    wait_until("both copies arrive", function() return #got == 1 and #got3 == 1 end)
+    off() off3()
+    assert.are.same({ "[erin] changed" }, got)
+    assert.are.same({ "<erin@src> kept" }, got3)
+  end)
+
+  it("drops the routes of a removed bridge and adds those of a new one", function()
+    local path = file("incr2.lua", [[return {
+      bridge { name = "a", "src:#j1", "dst:#j1" },
+      bridge { name = "b", "src:#j2", "dst:#j2" },
+    }]])
+    assert(router.load(path, backends))
+    wait_until("the rooms resolve", router.ready)
+    local before = by_name()
+    -- route through b once, so its routes are computed, then remove it
+    local got2, off2 = dst_texts("#j2")
+    sdk.api("src").post(room("src", "#j2"), "fay", "one")
+    wait_until("b bridges", function() return #got2 == 1 end)
+    file("incr2.lua", [[return {
+      bridge { name = "a", "src:#j1", "dst:#j1" },
+      bridge { name = "c", "src:#j3", "dst:#j3", format = "{bridge}: " },
+    }]])
+    assert(router.load(path, backends))
+    local after = by_name()
+    assert.are.equal(before.a, after.a)
+    assert.is_nil(after.b)
+    wait_until("the new room resolves", router.ready)
+    local got1, off1 = dst_texts("#j1")
+    local got3, off3 = dst_texts("#j3")
+    sdk.api("src").post(room("src", "#j2"), "fay", "two")
+    sdk.api("src").post(room("src", "#j1"), "fay", "kept")
+    sdk.api("src").post(room("src", "#j3"), "fay", "new")
+    wait_until("a and c bridge", function() return #got1 == 1 and #got3 == 1 end)
+    segue.wait(50)
+    off1() off2() off3()
+    assert.are.same({ "<fay@src> one" }, got2)      -- nothing through the removed bridge
+    assert.are.same({ "<fay@src> kept" }, got1)
+    assert.are.same({ "c: new" }, got3)
+  end)
+
+  it("names unnamed bridges by their new position when one is added before them", function()
+    local path = file("incr3.lua", [[return {
+      bridge { "src:#k1", "dst:#k1", format = "{bridge}: " },
+      bridge { "src:#k2", "dst:#k2", format = "{bridge}: " },
+    }]])
+    assert(router.load(path, backends))
+    wait_until("the rooms resolve", router.ready)
+    local got, off = dst_texts("#k2")
+    sdk.api("src").post(room("src", "#k2"), "gil", "before")
+    wait_until("a copy", function() return #got == 1 end)
+    file("incr3.lua", [[return {
+      bridge { "src:#k0", "dst:#k0", format = "{bridge}: " },
+      bridge { "src:#k1", "dst:#k1", format = "{bridge}: " },
+      bridge { "src:#k2", "dst:#k2", format = "{bridge}: " },
+    }]])
+    assert(router.load(path, backends))
+    local names = {}
+    for i, b in ipairs(router.bridges()) do names[i] = b.name .. "=" .. b.endpoints[1].room end
+    assert.are.same({ "bridge1=#k0", "bridge2=#k1", "bridge3=#k2" }, names)
+    wait_until("the rooms resolve", router.ready)
+    sdk.api("src").post(room("src", "#k2"), "gil", "after")
+    wait_until("a second copy", function() return #got == 2 end)
+    off()
+    assert.are.same({ "bridge2: before", "bridge3: after" }, got)
+  end)
+
+  it("keeps the running rules, objects and routes when a reload fails", function()
+    local path = file("incr4.lua", [[return {
+      bridge { name = "a", "src:#l1", "dst:#l1" },
+      bridge { name = "b", "src:#l2", "dst:#l2" },
+    }]])
+    assert(router.load(path, backends))
+    wait_until("the rooms resolve", router.ready)
+    local before = by_name()
+    file("incr4.lua", [[return {
+      bridge { name = "a", "src:#l1", "dst:#l1" },
+      bridge { name = "b", "src:#l2", "ghost:#l2" },
+    }]])
+    local ok, err = router.load(path, backends)
+    assert.is_nil(ok)
+    assert.matches("no backend named ghost", err)
+    local after = by_name()
+    assert.are.equal(before.a, after.a)
+    assert.are.equal(before.b, after.b)
+    local got, off = dst_texts("#l2")
+    sdk.api("src").post(room("src", "#l2"), "hal", "still")
+    wait_until("the old bridge b still bridges", function() return #got == 1 end)
+    off()
+    assert.are.same({ "<hal@src> still" }, got)
+  end)
+end)
+
 teardown(function() os.execute("rm -rf " .. dir) end)

@@ -75,6 +75,58 @@ describe("the rule DSL", function()
   end)
 end)
 
+describe("bridge records", function()
+  local function fields(b)
+    local t = {}
+    for k, v in pairs(b) do
+      if k ~= "sig" and k ~= "hash" and k ~= "endpoints" then t[k] = v end
+    end
+    t.endpoints = {}
+    for i, e in ipairs(b.endpoints) do
+      t.endpoints[i] = {}
+      for k, v in pairs(e) do t.endpoints[i][k] = v end
+    end
+    return t
+  end
+
+  it("are the same whether made in C or, for a table with a metatable, in Lua", function()
+    local set = assert(rules.load(file [[
+      local def = { "irc:#a", { "memory:#b", mode = "out", format = "{sender}: " }, "notes:x:y",
+        fallback = "pass", long = "cut", max_attachment_bytes = 5, deletes = "notice" }
+      local t = {}
+      for k, v in pairs(def) do t[k] = v end
+      return { bridge(def), bridge(setmetatable(t, {})) }
+    ]], { backends = backends }))
+    local c, lua = fields(set[1]), fields(set[2])
+    assert.is_string(set[1].sig)
+    assert.is_nil(set[2].sig)
+    assert.are.same({ backend = "memory", room = "#b", mode = "out", format = "{sender}: ", key = "memory:#b" }, c.endpoints[2])
+    assert.are.same({ backend = "notes", room = "x:y", mode = "both", key = "notes:x:y" }, c.endpoints[3])
+    assert.are.equal("resend", c.edits)
+    assert.is_nil(c.filter)
+    c.where, lua.where = c.where:match(":%d+$"), lua.where:match(":%d+$")
+    assert.are.equal(":5", c.where)
+    assert.are.same({ "bridge1", "bridge2" }, { c.name, lua.name })
+    lua.name = c.name
+    assert.are.same(lua, c)
+  end)
+
+  it("of a previous load are handed out again when their definition did not change", function()
+    local path = file 'return {\n  bridge { "irc:#a", "memory:#a" },\n  bridge { "irc:#b", "memory:#b" },\n  bridge { "irc:#c", "memory:#c", filter = function() return true end },\n}\n'
+    local first = assert(rules.load(path, { backends = backends }))
+    local f = assert(io.open(path, "w"))
+    f:write('return {\n\n  bridge { "irc:#a", "memory:#a" },\n  bridge { "irc:#b", "memory:#b", edits = "ignore" },\n  bridge { "irc:#c", "memory:#c", filter = function() return true end },\n}\n')
+    f:close()
+    local second = assert(rules.load(path, { backends = backends, previous = first }))
+    assert.are.equal(first[1], second[1])
+    assert.are.equal(path .. ":3", second[1].where)   -- moved down one line
+    assert.are_not.equal(first[2], second[2])
+    assert.are.equal("ignore", second[2].edits)
+    assert.are_not.equal(first[3], second[3])       -- functions cannot be compared
+    assert.are.equal("bridge1", second[1].name)
+  end)
+end)
+
 describe("the router's self-test", function()
   it("simulates where a message goes and refuses rules whose test fails", function()
     local ok = router.load(file [[

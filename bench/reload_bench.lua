@@ -1,0 +1,79 @@
+-- segue exec bench/reload_bench.lua BRIDGES [REPS]
+-- Reloads of a rules file of BRIDGES bridges between two in-process
+-- backends ("memory"), each timed REPS times (default 21): the file
+-- unchanged; one bridge changed (its name, back and forth); every bridge
+-- changed (rooms renamed, back and forth: a full rebuild; the new rooms are
+-- resolved between two reloads, untimed). Prints the median milliseconds
+-- "unchanged one full". Exits 1 (saying why on stderr) when the rooms are
+-- not resolved within 60 s.
+local segue = require "segue"
+local loop = require "segue.loop"
+local router = require "segue.router"
+local nrules, reps = tonumber(arg[1]), tonumber(arg[2] or "21")
+local dir = os.tmpname()
+os.remove(dir)
+assert(os.execute("mkdir -m 700 " .. dir))
+local path = dir .. "/rules.lua"
+local function cleanup() os.execute("rm -rf " .. dir) end
+local function fail(why)
+  io.stderr:write("reload_bench: ", why, "\n")
+  cleanup()
+  os.exit(1)
+end
+
+-- the texts, made before any timing
+local texts = {}
+local function text(first, salt)
+  local key = (first or "") .. "|" .. (salt or "")
+  if not texts[key] then
+    local parts = { 'return {\n  bridge { "src:#bench", "dst:#bench"', first or "", " },\n" }
+    for i = 2, nrules do
+      parts[#parts + 1] = ('  bridge { "src:#r%d%s", "dst:#r%d%s" },\n'):format(i, salt or "", i, salt or "")
+    end
+    parts[#parts + 1] = "}\n"
+    texts[key] = table.concat(parts)
+  end
+  return texts[key]
+end
+local function write(t)
+  local f = assert(io.open(path, "w"))
+  f:write(t)
+  f:close()
+end
+
+local backends = { src = true, dst = true }
+for name in pairs(backends) do
+  assert(segue.add_backend(name, { script = "memory" }))
+end
+local function ready()
+  local ok = pcall(segue.await, function() while not router.ready() do segue.sleep(2) end end, 60000)
+  if not ok then fail("the rooms were not resolved within 60 s") end
+end
+segue.await(function()
+  for name in pairs(backends) do
+    while (segue.backend(name):info() or {}).state ~= "running" do segue.sleep(2) end
+  end
+end, 10000)
+router.install()
+write(text())
+assert(router.load(path, backends))
+ready()
+
+local function median(mode)
+  local times = {}
+  for i = 1, reps do
+    if mode == "one" then write(text(i % 2 == 1 and ', name = "changed"' or nil))
+    elseif mode == "full" then write(text(nil, i % 2 == 1 and "x" or nil)) end
+    local t0 = loop.hrtime()
+    assert(router.load(path, backends))
+    times[i] = (loop.hrtime() - t0) / 1e6
+    if mode == "full" then ready() end
+  end
+  table.sort(times)
+  return times[(reps + 1) // 2]
+end
+local unchanged = median("unchanged")
+local one = median("one")
+local full = median("full")
+cleanup()
+io.write(("%.2f %.2f %.2f\n"):format(unchanged, one, full))
