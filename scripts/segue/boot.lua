@@ -187,6 +187,7 @@ function leases.check()
   local cfg = current
   if not (leases.renewed and cfg) or loop.now() - leases.renewed <= cfg.lease_ms * 0.8 then return end
   leases.renewed = nil
+  require("segue.shared_state").lost()
   for name in pairs(leases.owned) do
     core.log("warn", ("instance %s stops backend %s: its lease could not be renewed"):format(cfg.instance, name))
     core.stop_backend(name)
@@ -206,8 +207,18 @@ end
 lease_tick_body = function(db, cfg)
   local now = loop.now()
   local holder, err = db:lease_claim(LEASE, cfg.instance, cfg.lease_ms)
+  local shared_state = require "segue.shared_state"  -- the rules' state (docs/scaling.md)
+  if holder == cfg.instance and not shared_state.held() then
+    -- loaded before any backend starts; not loaded: nothing starts yet
+    local ok, serr = shared_state.take(db)
+    if not ok then
+      core.log("warn", "rules state not loaded, backends not started yet: " .. tostring(serr))
+      holder = nil
+    end
+  end
   if holder == cfg.instance then
     leases.renewed = now
+    shared_state.save(db, cfg)
     for _, b in ipairs(cfg.backends) do
       if not leases.owned[b.name] then
         leases.owned[b.name] = true
@@ -217,6 +228,7 @@ lease_tick_body = function(db, cfg)
     end
   elseif holder then
     leases.renewed = nil
+    shared_state.lost()
     for name in pairs(leases.owned) do
       core.log("warn", ("instance %s lost backend %s to %s"):format(cfg.instance, name, holder))
       core.stop_backend(name)
@@ -244,7 +256,10 @@ local function start_leases()
     if leases.timer then leases.timer:stop() end
     if leases.watchdog then leases.watchdog:stop() end
     local db, cfg = M.store, current
-    if next(leases.owned) then db:lease_release(LEASE, cfg.instance, function() end) end
+    local shared_state = require "segue.shared_state"
+    local held = shared_state.held()
+    shared_state.release(db, cfg)  -- written before the release
+    if next(leases.owned) or held then db:lease_release(LEASE, cfg.instance, function() end) end
   end)
 end
 
@@ -312,8 +327,10 @@ function M.start()
         loaded_at = r.loaded_at, last_error = r.last_error } or nil,
         counters = { backends = json_object(c.backends), bridges = json_object(c.bridges) } }
     end)
-    require("segue.flow").publish(M.store)  -- `segue watch`
   end
+  -- `segue watch`: on a shared store every instance publishes, and the one
+  -- that routes has events to write
+  if M.store then require("segue.flow").publish(M.store) end
   -- Federation before the scripts, so they can call peers; it stops itself
   -- when the host stops (segue.on "stopping").
   if current.listen or current.server_id then

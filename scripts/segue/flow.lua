@@ -18,6 +18,13 @@
 --- newest seq as "watch.seq". The watcher polls "watch.seq" and prints each
 --- batch it has not seen; a batch overwritten before it was read is
 --- reported as missed. With nobody watching nothing is written.
+---
+--- On a shared store (several instances on one PostgreSQL, docs/scaling.md)
+--- the kv table is the database's: every instance reads the heartbeat, the
+--- one running the backends (the only one the router gives events to)
+--- answers it and writes the batches, numbering them after the newest
+--- "watch.seq" in the store, so the numbers go on when another instance
+--- takes the backends over.
 local M = {}
 
 M.RING = 64
@@ -167,9 +174,8 @@ end
 function M.publish(db)
   local json = require "segue.json"
   local segue = require "segue"
-  local seq, acked
+  local acked
   local check = every(250, function()
-    seq = seq or tonumber(db:kv_get("watch.seq") or "") or 0
     local alive = tonumber(db:kv_get("watch.alive") or "")
     local was = M.watching
     M.watching = alive ~= nil and os.time() * 1000 - alive < M.ALIVE_MS
@@ -177,16 +183,21 @@ function M.publish(db)
     -- The router carries messages in C only while nobody watches: told
     -- before the watcher hears it is heard, so it misses nothing.
     if was ~= M.watching and M.on_watching then M.on_watching(M.watching) end
-    if M.watching and alive ~= acked then  -- tells the watcher it is heard
+    -- tells the watcher it is heard; on a shared store only the instance
+    -- running the backends does (the others have nothing to show)
+    local routes = db:engine() ~= "postgresql" or require("segue.shared_state").held()
+    if M.watching and routes and alive ~= acked then
       acked = alive
       db:kv_set("watch.ack", tostring(alive))
     end
   end)
   local flush = every(100, function()
-    if #pending == 0 or not seq then return end
-    seq = seq + 1
-    local batch = { seq = seq, events = pending }
+    if #pending == 0 then return end
+    local events = pending
     pending = {}
+    -- after the newest batch in the store, whoever wrote it
+    local seq = (tonumber(db:kv_get("watch.seq") or "") or 0) + 1
+    local batch = { seq = seq, events = events }
     db:kv_set("watch.batch." .. seq % M.RING, json.encode(batch))
     db:kv_set("watch.seq", tostring(seq))
   end)
@@ -225,6 +236,7 @@ function M.watch(cfg, out)
   local segue = require "segue"
   local data_dir = cfg.data_dir
   local opts = require("segue.config").store_options(cfg)
+  local shared = opts.engine == "postgresql"
   if opts.engine == "sqlite" then
     -- As `segue run` does, so the watcher can wait for a segue not started yet.
     local made, merr = require("segue.fs").mkdir_p(data_dir, tonumber("700", 8))
@@ -253,13 +265,18 @@ function M.watch(cfg, out)
     hello = every(50, function()
       if not hello then return end
       if (tonumber(db:kv_get("watch.ack") or "") or 0) >= first then
-        io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid() or "?", data_dir))
+        if shared then
+          io.stderr:write("watching the segue instances on the postgresql store; Ctrl-C stops\n")
+        else
+          io.stderr:write(("watching segue (pid %s, data in %s); Ctrl-C stops\n"):format(pid() or "?", data_dir))
+        end
         hello:stop()
         hello = nil
       elseif not told and loop.now() - started > 3000 then
         told = true
-        local p = pid()
-        io.stderr:write(p and ("segue (pid %s) has not answered yet; waiting\n"):format(p)
+        local p = not shared and pid()
+        io.stderr:write(shared and "no segue instance on the postgresql store has answered yet; waiting; Ctrl-C stops\n"
+          or p and ("segue (pid %s) has not answered yet; waiting\n"):format(p)
           or ("no segue is running with data in %s (no segue.pid); waiting for one; Ctrl-C stops\n"):format(data_dir))
       end
     end)

@@ -873,6 +873,10 @@ function M.files() return current and current.files or {} end
 --- the object of every bridge that did not change); do not modify them.
 function M.bridges() return current or {} end
 
+--- rules_state(): the rules' `state` table, carried from one rule set to the
+--- next (segue.shared_state keeps it across instances).
+function M.rules_state() return state end
+
 --- ready() -> true once every room the rules name is resolved and joined.
 function M.ready()
   if not current then return false end

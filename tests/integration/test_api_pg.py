@@ -224,5 +224,156 @@ store = { engine = "postgresql", dsn = %s }
         self.assertIn("a user of that name exists", r.stderr)
 
 
+    # ---- stream backends: a chat service in files (stream_backend.py) -------
+
+    def stream_config(self, name, rules):
+        self.a_in = os.path.join(self.dir, "a.in")
+        self.b_out = os.path.join(self.dir, "b.out")
+        write(os.path.join(self.dir, "rules.lua"), rules)
+        return self.config(name, """
+rules = "rules.lua"
+backends = {
+  a = { cmd = %s, args = { %s, "--in=%s" } },
+  b = { cmd = %s, args = { %s, "--out=%s" } },
+}
+""" % (json.dumps(PYTHON), json.dumps(STREAM), self.a_in, json.dumps(PYTHON), json.dumps(STREAM), self.b_out))
+
+    def say(self, mid, text, t):
+        with open(self.a_in, "a") as f:
+            f.write(json.dumps({"id": mid, "text": text, "t": t}) + "\n")
+
+    def copies(self):
+        """What b received: {origin id: [texts]}, and the texts in order."""
+        if not os.path.exists(self.b_out):
+            return []
+        with open(self.b_out) as f:
+            out = []
+            for l in f:
+                if l.endswith("\n"):
+                    c = json.loads(l)
+                    v = c["content"]["value"]  # the prefix and the text: a list of Text
+                    out.append((c["origin"]["id"], v if isinstance(v, str) else "".join(x["value"] for x in v)))
+            return out
+
+    def bridged(self, mid):
+        """The texts of the copies of `mid`, without the bridge's prefix."""
+        return [re.sub(r"^<u@a> ", "", t) for i, t in self.copies() if i == mid]
+
+    def kill9(self, name):
+        p, _ = self.procs[name]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+    def stored_state(self):
+        v = self.sql("SELECT value FROM kv WHERE key = 'rules.state'")
+        return json.loads(v) if v else None
+
+    def test_rules_state_survives_kill_9_and_a_clean_stop(self):
+        # Each copy says how many messages the rules have counted so far, in
+        # `state`, and keeps a list and a function there: the list is kept,
+        # the function is not (and says so in the log).
+        rules = """return {
+  bridge { "a:#s", "b:#s", rewrite = function(msg, ctx)
+    ctx.state.n = (ctx.state.n or 0) + 1
+    ctx.state.seen = ctx.state.seen or {}
+    table.insert(ctx.state.seen, ctx.text)
+    ctx.state.fn = function() end
+    msg.content = { type = "Text", value = ctx.text .. " #" .. ctx.state.n }
+    return msg
+  end },
+}
+"""
+        for n in ("i1", "i2", "i3"):
+            self.stream_config(n, rules)
+        self.start("i1")
+        self.assertEqual(self.owner(("i1",)), "i1")
+        self.start("i2")
+        self.assertTrue(self.procs["i2"][1].wait_for("running with", 60), self.logs())
+        t = 1000
+        for i in range(1, 4):
+            self.say("m%d" % i, "one%d" % i, t + i)
+        self.assertTrue(wait_for(lambda: self.bridged("m3"), 30), self.logs())
+        self.assertEqual([self.bridged("m%d" % i) for i in range(1, 4)], [["one1 #1"], ["one2 #2"], ["one3 #3"]])
+        # Written at a renewal (lease_ms / 3) without the function.
+        self.assertTrue(wait_for(lambda: (self.stored_state() or {}).get("n") == 3, 20), self.logs())
+        self.assertEqual(self.stored_state(), {"n": 3, "seen": ["one1", "one2", "one3"]})
+        self.assertIn("rules state: not kept across instances: state.fn (function)", self.log("i1"))
+
+        # kill -9 of the owner: i2 takes over with the state i1 left.
+        self.kill9("i1")
+        self.assertEqual(self.owner(("i2",)), "i2")
+        self.assertIn("rules state loaded", self.log("i2"))
+        self.say("m4", "two", t + 4)
+        self.assertTrue(wait_for(lambda: self.bridged("m4"), 30), self.logs())
+        self.assertEqual(self.bridged("m4"), ["two #4"])
+
+        # A clean stop writes the state as it releases the lease: i3 goes on
+        # from there, even for a message counted just before the stop.
+        self.start("i3")
+        self.assertTrue(self.procs["i3"][1].wait_for("running with", 60), self.logs())
+        self.say("m5", "three", t + 5)
+        self.assertTrue(wait_for(lambda: self.bridged("m5"), 30), self.logs())
+        p, _ = self.procs["i2"]
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(30), 0, self.log("i2"))
+        self.assertEqual(self.stored_state()["n"], 5)
+        self.assertEqual(self.owner(("i3",)), "i3")
+        self.say("m6", "four", t + 6)
+        self.assertTrue(wait_for(lambda: self.bridged("m6"), 30), self.logs())
+        self.assertEqual(self.bridged("m6"), ["four #6"])
+        # Nothing was bridged twice through the takeovers.
+        ids = [i for i, _ in self.copies()]
+        self.assertEqual(ids, ["m1", "m2", "m3", "m4", "m5", "m6"])
+
+    # ---- segue watch ---------------------------------------------------------
+
+    def test_watch_on_postgresql_follows_whichever_instance_routes(self):
+        for n in ("i1", "i2"):
+            self.stream_config(n, 'return { bridge { "a:#s", "b:#s" } }\n')
+        self.start("i1")
+        self.assertEqual(self.owner(("i1",)), "i1")
+        self.start("i2")
+        self.assertTrue(self.procs["i2"][1].wait_for("running with", 60), self.logs())
+        # Watched through the config of the instance that does not route.
+        w = subprocess.Popen([SEGUE, "watch", "i2.lua"], cwd=self.dir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        lines, err = [], LogTail(w)
+
+        def read():
+            for line in w.stdout:
+                lines.append(line)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def cleanup():
+            if w.poll() is None:
+                w.send_signal(signal.SIGINT)
+                try:
+                    w.wait(10)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+                    w.wait()
+            reader.join(5)
+            err.thread.join(5)
+            w.stdout.close()
+            w.stderr.close()
+        self.addCleanup(cleanup)
+        self.assertTrue(err.wait_for("watching the segue instances on the postgresql store", 30),
+                        err.text() + self.logs())
+        self.say("w1", "first words", 2001)
+
+        def shown(text):
+            got = "".join(lines)
+            return (" in      a:#s  <u> %s" % text) in got and \
+                re.search(r" sent    b:#s  .*%s  bridge=bridge1 from=a  ok" % text, got)
+        self.assertTrue(wait_for(lambda: shown("first words"), 30), "".join(lines) + self.logs())
+        # The owner dies: the other instance routes, the watch goes on.
+        self.kill9("i1")
+        self.assertEqual(self.owner(("i2",)), "i2")
+        self.say("w2", "after the takeover", 2002)
+        self.assertTrue(wait_for(lambda: shown("after the takeover"), 30), "".join(lines) + self.logs())
+        self.assertNotIn("missed", "".join(lines))
+
+
 if __name__ == "__main__":
     unittest.main()
