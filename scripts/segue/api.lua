@@ -181,7 +181,103 @@ function routes.messages(req, user, backend, room, query)
   reply(req, 200, json.object { messages = msgs })
 end
 
+-- Shared store: a backend runs on the instance holding the lease
+-- "backends" only. A send to a backend that does not run here goes to that
+-- instance's API (its address is in its row of `instances`, written by
+-- segue.boot at each renewal), with the caller's token, and its answer
+-- comes back as is. A request forwarded once is not forwarded again.
+M.FORWARD_TIMEOUT_MS = 15000
+
+local function holder_api()
+  local leases, err = db:leases()
+  if not leases then return nil, err end
+  local holder
+  for _, l in ipairs(leases) do if l.name == "backends" then holder = l.holder end end
+  if not holder then return nil, "no instance runs the backends now" end
+  if holder == cfg_now.instance then return nil, "the backends are starting on this instance" end
+  local instances
+  instances, err = db:instances()
+  if not instances then return nil, err end
+  for _, i in ipairs(instances) do
+    if i.name == holder then
+      local info = i.info and json.decode(i.info)
+      if type(info) == "table" and type(info.api) == "string" then return info.api, holder end
+      return nil, ("instance %s, which runs the backends, serves no client API"):format(holder)
+    end
+  end
+  return nil, ("instance %s is not known"):format(holder)
+end
+
+-- One HTTP/1.1 exchange with another instance's API: status, body | nil, err.
+local function exchange(addr, method, path, headers, body)
+  local host, port = addr:match("^%[(.+)%]:(%d+)$")
+  if not host then host, port = addr:match("^(.+):(%d+)$") end
+  if not host then return nil, "malformed address " .. addr end
+  local conn, err = require("segue.net").connect(host, tonumber(port), { timeout_ms = M.FORWARD_TIMEOUT_MS })
+  if not conn then return nil, err end
+  local timer = segue.timer(M.FORWARD_TIMEOUT_MS, function() conn:close() end)
+  local lines = { ("%s %s HTTP/1.1"):format(method, path), "Host: " .. addr, "Connection: close",
+    "Content-Length: " .. #body }
+  for k, v in pairs(headers) do lines[#lines + 1] = k .. ": " .. v end
+  local status, got, want = nil, {}, nil
+  local ok
+  ok, err = conn:write(table.concat(lines, "\r\n") .. "\r\n\r\n" .. body)
+  if ok then
+    local line
+    line, err = conn:read_line()
+    status = line and tonumber(line:match("^HTTP/1%.%d (%d%d%d)"))
+    if line and not status then err = "not an HTTP answer" end
+    while status do
+      line, err = conn:read_line()
+      if not line then status = nil break end
+      if line == "" then break end
+      local n = line:match("^[Cc]ontent%-[Ll]ength: *(%d+)")
+      if n then want = tonumber(n) end
+    end
+    local size = 0
+    while status and (not want or size < want) do
+      local chunk, rerr, rcode = conn:read()
+      if not chunk then  -- the end: fine only when no length was given
+        if want or rcode ~= "EOF" then status, err = nil, rerr end
+        break
+      end
+      got[#got + 1] = chunk
+      size = size + #chunk
+    end
+  end
+  timer:stop()
+  conn:close()
+  if not status then return nil, tostring(err or "no answer") end
+  return status, table.concat(got)
+end
+
+local function forward(req, backend)
+  local info = infos[req]
+  if info.headers["x-segue-forwarded"] then
+    return fail(req, 502, "EBACKEND", "backend %s does not run on this instance (%s) either", backend,
+      cfg_now.instance)
+  end
+  local addr, who = holder_api()
+  if not addr then return fail(req, 502, "EBACKEND", "backend %s does not run here: %s", backend, tostring(who)) end
+  local status, body = exchange(addr, info.method, info.path .. (info.query and info.query ~= "" and "?" .. info.query or ""),
+    { Authorization = info.headers.authorization or "", ["Content-Type"] = "application/json",
+      ["X-Segue-Forwarded"] = cfg_now.instance }, info.body or "")
+  if not status then
+    return fail(req, 502, "EBACKEND", "backend %s runs on instance %s, which did not answer: %s", backend, who, body)
+  end
+  metrics.inc("segue_api_requests_total", { status = tostring(status) })
+  req:respond(status, JSON_HEADERS, body)
+end
+
+-- Shared store: the backend is configured but runs on another instance.
+local function elsewhere(backend)
+  if not shared then return false end
+  local b = segue.backend(backend):info()
+  return b ~= nil and b.state ~= "running"
+end
+
 function routes.send(req, user, backend, room)
+  if elsewhere(backend) then return forward(req, backend) end
   local body = json.decode(infos[req].body)
   if type(body) ~= "table" then return fail(req, 400, "EDECODE", "the body must be a JSON object") end
   local content = body.content
@@ -509,6 +605,17 @@ function M.stop()
 end
 
 function M.port() return server and server:port() end
+
+--- address() -> "host:port" other instances reach this API at (http.advertise,
+--- else the listen address; a wildcard listen address is given as loopback),
+--- or nil when the API does not run.
+function M.address()
+  if not server then return nil end
+  if opts.advertise then return opts.advertise end
+  local host = cfg_now.http.listen:match("^(.*):%d+$")
+  if host == "0.0.0.0" then host = "127.0.0.1" elseif host == "[::]" then host = "[::1]" end
+  return host .. ":" .. server:port()
+end
 
 -- `segue user ...` ----------------------------------------------------------------------------------
 

@@ -244,7 +244,8 @@ lease_tick_body = function(db, cfg)
   for _, st in ipairs(segue.backends()) do states[st.name] = st.state end
   local json = require "segue.json"
   db:instance_beat(cfg.instance, json.encode { pid = fs.getpid(), backends = owned,
-    states = json_object(states), lease_ms = cfg.lease_ms })
+    states = json_object(states), lease_ms = cfg.lease_ms,
+    api = cfg.http and require("segue.api").address() or nil })  -- where sends are forwarded
 end
 
 local function start_leases()

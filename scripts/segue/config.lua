@@ -564,11 +564,17 @@ function Checker:http(raw, cfg)
       else
         out.listen = v
       end
+    elseif k == "advertise" then
+      if type(v) ~= "string" or not (v:match("^[%w%.%-]+:%d+$") or v:match("^%[[%x:%.]+%]:%d+$")) then
+        self:error(p, "expected a host and port (\"10.0.0.5:7070\", \"[fd00::5]:7070\"), found %s", describe(v))
+      else
+        out.advertise = v
+      end
     elseif not M.http_keys[k] then
       local names = {}
       for name in pairs(M.http_keys) do names[#names + 1] = name end
       table.sort(names)
-      self:error(p, "unknown key (expected listen, %s)", table.concat(names, ", "))
+      self:error(p, "unknown key (expected listen, advertise, %s)", table.concat(names, ", "))
     elseif math.type(v) ~= "integer" or v <= 0 then
       self:error(p, "expected a positive integer, found %s", describe(v))
     else

@@ -206,6 +206,19 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual([e["id"] for e in replay], sorted(e["id"] for e in replay))
         self.assertIn(last_id, [e["id"] for e in replay] + [first["id"]])
 
+        # A send on the instance that does not run the backends goes to the
+        # one that does (forwarded with the caller's token): the message is
+        # said in a:#general and bridged to b.
+        status, _, sent = off.post(off.messages_path("a", room), {"text": "sent via the other"}, token=bob)
+        self.assertEqual(status, 201, (sent, self.logs()))
+        self.assertTrue(wait_for(lambda: "sent via the other" in json.dumps(
+            on.get(on.messages_path("b", on.room_id("b", "#general")))[2]), 30), self.logs())
+        self.assertIn("api: bob sent %s to a:%s" % (sent["id"], room), self.log(owner))
+        status, _, body = off.post(off.messages_path("a", room), {"text": "x"}, token="sgt_nope")
+        self.assertEqual(status, 401, body)
+        status, _, body = off.post(off.messages_path("nope", room), {"text": "x"}, token=bob)
+        self.assertEqual(status, 404, body)
+
         # /status on any instance: every instance and the lease.
         status, _, st = off.get("/status")
         self.assertEqual(status, 200, st)
