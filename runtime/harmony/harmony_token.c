@@ -160,10 +160,63 @@ int sg__token_create_for(const sg__keypair *kp, const char *server_id, const cha
 
 /* ---- parse -------------------------------------------------------------- */
 
+/* Canonical standard base64 with padding (what segue and most senders
+ * send): decoded with a table into bin, its length in *n; 0, or -1 for
+ * anything else (other variants, whitespace, non-zero spare bits), which
+ * libsodium's decoder then judges. Where this succeeds libsodium's
+ * VARIANT_ORIGINAL gives the same bytes: a fast path, not another format
+ * (libsodium's decoder is constant-time, ~50 instructions a character,
+ * which a public token does not need). */
+static int decode_standard(const char *value, size_t len, unsigned char *bin, size_t *n) {
+  /* the standard alphabet's values; -1 elsewhere */
+  static const signed char table[256] = {
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 62, -1, -1, -1, 63,
+      52, 53, 54, 55, 56, 57, 58, 59, 60, 61, -1, -1, -1, -1, -1, -1,
+      -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+      15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, -1, -1, -1, -1, -1,
+      -1, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
+      41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+  };
+  if (len == 0 || len % 4 != 0) return -1;
+  size_t pad = value[len - 1] == '=' ? (value[len - 2] == '=' ? 2 : 1) : 0;
+  size_t chars = len - pad, out = 0;
+  uint32_t acc = 0;
+  unsigned bits = 0;
+  for (size_t i = 0; i < chars; i++) {
+    int v = table[(unsigned char)value[i]];
+    if (v < 0) return -1;
+    acc = (acc << 6) | (uint32_t)v;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      bin[out++] = (unsigned char)(acc >> bits);
+      acc &= (1u << bits) - 1;
+    }
+  }
+  if (acc != 0) return -1;  /* spare bits must be zero */
+  *n = out;
+  return 0;
+}
+
 /* The value as base64 in any variant segue accepts, decoded into `bin`
  * (at least len bytes) and unpacked; NULL if no variant yields a Token. */
 static Protocol__Harmonytypes__V1__Token *unpack_base64(const char *value, size_t len,
                                                         unsigned char *bin) {
+  size_t fast_n;
+  if (decode_standard(value, len, bin, &fast_n) == 0) {
+    Protocol__Harmonytypes__V1__Token *t = protocol__harmonytypes__v1__token__unpack(NULL, fast_n, bin);
+    if (t) return t;
+  }
   static const int variants[] = {
       sodium_base64_VARIANT_ORIGINAL, sodium_base64_VARIANT_ORIGINAL_NO_PADDING,
       sodium_base64_VARIANT_URLSAFE, sodium_base64_VARIANT_URLSAFE_NO_PADDING};

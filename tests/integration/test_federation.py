@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import unittest
 
@@ -195,6 +196,41 @@ class Tokens(unittest.TestCase):
         refused = {str(103 + i) for i in range(len(cases))}
         self.assertEqual(refused & set(self.user_ids()), set())
         self.assertRegex(self.b.stderr(), r"level=warn peer=other\.example:2289 .*reason=HOST_NOT_ALLOWED")
+
+    def test_fresh_tokens_at_once_are_each_verified_and_answered(self):
+        # More distinct tokens at once than the thread pool has threads: each
+        # is checked (on the pool) and answered.
+        fresh = lua_json("""
+local h = require("segue").harmony
+local secret = assert(io.open(%s, "rb")):read("a")
+local now, list = os.time(), {}
+for i = 1, 12 do list[i] = h.token_create(secret, %s, now + i - 6) end
+print(json.encode(list))
+""" % (json.dumps(self.c.key_file()), json.dumps(C)))
+        self.assertEqual(len(set(fresh)), 12)
+        results = [None] * 12
+
+        def one(i):
+            results[i] = self.push(fresh[i], i % 2)[0]  # 101, 102: the ones that pass
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(results, [200] * 12)
+
+    def test_a_verified_token_changed_in_one_byte_is_checked_in_full(self):
+        # The verified-token cache matches the whole header: the same token
+        # with its signature altered is parsed and checked again (refused),
+        # while the original still passes.
+        status, _, _ = self.push(self.t["valid"], 0)
+        self.assertEqual(status, 200)
+        raw = bytearray(base64.b64decode(self.t["valid"]))
+        raw[5] ^= 1  # inside the signature (field 1 comes first)
+        status, _, body = self.push(b64(bytes(raw)), 0)
+        self.assertEqual((status, error_fields(body)["identifier"]), (400, "h.token-verify-failure"))
+        status, _, _ = self.push(self.t["valid"], 0)
+        self.assertEqual(status, 200)
 
     def test_a_token_made_by_one_process_is_verified_by_another(self):
         made = lua_json("""
