@@ -130,6 +130,7 @@ static void vtok_put(sg__federation *f, const waiter *w, const unsigned char pk[
   const char *header = w->req ? w->req->authorization : NULL;
   if (!header || !f->vtoks) return;
   size_t hlen = strlen(header), idlen = strlen(w->tok.server_id) + 1;
+  if (hlen > SG_FED_VERIFIED_HEADER) return;  /* bounds the cache's memory */
   size_t audlen = w->tok.audience ? strlen(w->tok.audience) + 1 : 0;
   uint64_t h = vtok_hash(f, header, hlen);
   vtok **slot = &f->vtoks[h & (SG_FED_VERIFIED_SLOTS - 1)];

@@ -33,7 +33,8 @@
  *   -> the handler, with the decoded body.
  * The verified-token cache (SG_FED_VERIFIED_SLOTS entries, direct-mapped by
  * SipHash of the Authorization header with a random key) keeps what a
- * verified header parsed to and the key that verified it. A Push or Pull
+ * verified header of at most SG_FED_VERIFIED_HEADER bytes parsed to and the
+ * key that verified it (under 3 KB an entry, so at most ~3 MB). A Push or Pull
  * whose header is byte for byte one in it skips the parse and the Ed25519
  * check, not the rest: the lists, the audience and the time window are
  * checked on every request, and the server's cached key must still be the
@@ -62,7 +63,8 @@
 #define SG_FED_DEFAULT_KEY_REFETCH_MS 60000
 #define SG_FED_DEFAULT_KEY_FETCH_RATE 10      /* new servers' key fetches a second */
 #define SG_FED_MAX_FETCHES 256                /* key fetches under way at once */
-#define SG_FED_VERIFIED_SLOTS 4096            /* the verified-token cache (a power of 2) */
+#define SG_FED_VERIFIED_SLOTS 1024            /* the verified-token cache (a power of 2) */
+#define SG_FED_VERIFIED_HEADER 1024           /* longer headers are not cached */
 #define SG_FED_NEW_ID_SEEN 256                /* NotifyNewId tokens remembered */
 #define SG_FED_FAILED_FETCH_MS 5000           /* a failed key fetch is remembered this long */
 #define SG_FED_PATH_KEY "/protocol.auth.v1.AuthService/Key"
