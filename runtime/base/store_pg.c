@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pq_lazy.h"
 #include "segue.h"
 
 #define MAX_PARAMS 12
@@ -467,6 +468,11 @@ static void dispatch(sg__pg *pg) {
 int sg__pg_open(uv_loop_t *loop, const char *dsn, unsigned pool, sg__pg **out, char *err,
                 size_t errlen) {
   *out = NULL;
+  char why[300];
+  if (sg__pq_load(why, sizeof why) != 0) {  /* libpq is loaded on first use */
+    snprintf(err, errlen, "store: %s", why);
+    return SG_EINVAL;
+  }
   sg__pg *pg = calloc(1, sizeof *pg);
   if (pg) pg->conns = calloc(pool, sizeof *pg->conns);
   if (pg) pg->dsn = strdup(dsn);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "curl_lazy.h"
 #include "hrpc/v1/hrpc.pb-c.h"
 #include "segue.h"
 
@@ -59,8 +60,17 @@ struct sg__hrpc_sock {
 static uv_once_t curl_once = UV_ONCE_INIT;
 static CURLcode curl_init_rc;
 
-/* curl_global_init is process-wide and must run once. */
-static void curl_init_once(void) { curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT); }
+static char curl_load_error[256];
+
+/* libcurl is loaded on first use (curl_lazy.h); curl_global_init is
+ * process-wide and must run once. */
+static void curl_init_once(void) {
+  if (sg__curl_load(curl_load_error, sizeof curl_load_error) != 0) {
+    curl_init_rc = CURLE_FAILED_INIT;
+    return;
+  }
+  curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
 
 static void maybe_finish_close(sg__hrpc_client *c) {
   if (!c->closing || !c->timer_closed || c->pending > 0) return;
@@ -403,7 +413,11 @@ int sg__hrpc_error_retry_after(const uint8_t *error_body, size_t len, uint32_t *
 int sg__hrpc_client_init(uv_loop_t *loop, sg__hrpc_client *c, const sg__logger *log) {
   memset(c, 0, sizeof *c);
   uv_once(&curl_once, curl_init_once);
-  if (curl_init_rc != CURLE_OK) return SG_EHTTP;
+  if (curl_init_rc != CURLE_OK) {
+    sg__log(log, SG_LOG_ERROR, NULL, NULL, "the hRPC client cannot start: %s",
+            curl_load_error[0] ? curl_load_error : "curl_global_init failed");
+    return SG_EHTTP;
+  }
   c->loop = loop;
   c->log = log;
   c->max_response_bytes = SG_HRPC_CLIENT_DEFAULT_MAX_RESPONSE_BYTES;

@@ -6,15 +6,22 @@
 local core = require "segue.core"
 local loop = require "segue.loop"
 local json = require "segue.json"
-local harmony = require "segue.harmony"  -- requires no "segue": no cycle
 local metrics = require "segue.metrics"
 
 local segue = {
   version = core.version,
   json = json,
-  harmony = harmony,
   null = json.null,
 }
+-- segue.harmony (federation) is loaded when first used: a segue without
+-- federation never needs it (nor its C modules).
+setmetatable(segue, { __index = function(t, k)
+  if k == "harmony" then
+    local harmony = require "segue.harmony"  -- requires no "segue": no cycle
+    rawset(t, k, harmony)
+    return harmony
+  end
+end })
 
 -- Logging -------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ local loop = require "segue.loop"
 local json = require "segue.json"
 local fs = require "segue.fs"
 local store = require "segue.store"
-local pbc = require "segue.postbox_core"
 
 local M = {}
 local function segue() return require "segue" end
@@ -41,7 +40,7 @@ end
 function M.read(data_dir)
   local db, err, code = store.open(data_dir .. "/segue.db")
   if not db then return nil, err, code end
-  local peers, perr, pcode = pbc.peers_of(db)
+  local peers, perr, pcode = require("segue.postbox_core").peers_of(db)
   local host = db:kv_get(STATUS_KEY)
   db:close()
   if not peers then return nil, perr, pcode end
