@@ -245,15 +245,25 @@ int sg__store_flush(sg__store *s) {
 
 /* keep_batch: the writes join an open batch (the router's own writes);
  * otherwise the batch is committed first (see store.h). */
+static const char SQL_SAVEPOINT[] = "SAVEPOINT sg__atomic";
+static const char SQL_RELEASE[] = "RELEASE sg__atomic";
+
+/* A cached statement: SAVEPOINT and RELEASE run for every id map the router
+ * writes, and sqlite3_exec would parse them each time. */
+static int exec_cached(sg__store *s, const char *sql) {
+  sqlite3_stmt *st = stmt_get(s, sql);
+  return st ? run(s, st) : SG_ESTORE;
+}
+
 static int atomic_impl(sg__store *s, int (*fn)(sg__store *s, void *ud), void *ud,
                        int keep_batch) {
   if (!s->db) return sg__store_stmt(s, "") ? 0 : SG_EINVAL;
   int err = keep_batch ? 0 : commit_batch(s);
   if (err) return err;
-  err = exec(s, "SAVEPOINT sg__atomic");
+  err = exec_cached(s, SQL_SAVEPOINT);
   if (err) return err;
   err = fn(s, ud);
-  if (err == 0) return exec(s, "RELEASE sg__atomic");
+  if (err == 0) return exec_cached(s, SQL_RELEASE);
   /* Keep fn's error and message; the rollback of a savepoint cannot fail in a
    * way we could do anything about. */
   sqlite3_exec(s->db, "ROLLBACK TO sg__atomic; RELEASE sg__atomic", NULL, NULL, NULL);

@@ -10,7 +10,9 @@ enum { REQ_QUEUED = 1, REQ_INFLIGHT, REQ_RETRY_WAIT, REQ_DONE };
 
 struct sg__request {
   sg__backend *b;
-  cJSON *body;            /* owned RequestBody */
+  cJSON *body;            /* owned RequestBody, or NULL while `text` holds it */
+  char *text;             /* owned JSON text of a RequestBody made by segue (request_text) */
+  size_t text_len;
   const char *type;       /* body's variant, inside body */
   const char *expect;     /* the answering ResponseBody variant */
   uint32_t seq;
@@ -221,6 +223,7 @@ static void detach(sg__request *req) {
 
 static void release_request(sg__request *req) {
   cJSON_Delete(req->body);
+  free(req->text);
   free(req);
 }
 
@@ -283,12 +286,22 @@ static void transmit(sg__backend *b, sg__request *req) {
   req->tries++;
   timed_append(b, req);
 
-  cJSON *msg = cJSON_CreateObject();
   int rc = SG_ENOMEM;
-  if (msg && cJSON_AddNumberToObject(msg, "sequence_number", req->seq) &&
-      cJSON_AddItemReferenceToObject(msg, "body", req->body))
-    rc = b->tp->send(b, msg);
-  cJSON_Delete(msg);
+  if (req->text && !b->tp->send_text) {
+    /* A transport that takes values: the text becomes one, once. */
+    req->body = cJSON_ParseWithLength(req->text, req->text_len);
+    free(req->text);
+    req->text = NULL;
+  }
+  if (req->text) {
+    rc = b->tp->send_text(b, req->seq, req->text, req->text_len);
+  } else if (req->body) {
+    cJSON *msg = cJSON_CreateObject();
+    if (msg && cJSON_AddNumberToObject(msg, "sequence_number", req->seq) &&
+        cJSON_AddItemReferenceToObject(msg, "body", req->body))
+      rc = b->tp->send(b, msg);
+    cJSON_Delete(msg);
+  }
   if (rc == SG_ELIMIT) {
     char why[256];
     snprintf(why, sizeof why, "backend %s's queue is full (max_queue_bytes = %zu)", b->name,
@@ -361,28 +374,38 @@ static void deadline_fired(uv_timer_t *t) {
   arm(b);
 }
 
-int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, void *ud,
-                              char *err, size_t errlen) {
+/* The backend is gone for good (or closing): SG_EDEAD, else 0. */
+static int not_running(sg__backend *b, char *err, size_t errlen) {
   if (b->closing || b->state == SG_BACKEND_FAILED ||
       (b->state == SG_BACKEND_STOPPED && b->stop_for_good) ||
       (b->state == SG_BACKEND_STOPPING && b->stop_for_good)) {
     snprintf(err, errlen, "backend %s is not running (%s)", b->name,
              sg__backend_state_name(b->state));
-    cJSON_Delete(body);
     return SG_EDEAD;
   }
-  int rc = sg__fl_validate(body, SG_FL_REQUEST_BODY, &b->cfg.limits, err, errlen);
-  if (rc != 0) {
-    cJSON_Delete(body);
-    return rc;
-  }
-  /* Fail fast rather than hold without bound what a backend does not read. */
-  size_t weight = json_weight(body), waiting = sg__backend_waiting_bytes(b);
+  return 0;
+}
+
+/* Fail fast rather than hold without bound what a backend does not read. */
+static int queue_full(sg__backend *b, size_t weight, char *err, size_t errlen) {
+  size_t waiting = sg__backend_waiting_bytes(b);
   if (waiting > 0 && waiting + weight > b->cfg.max_queue_bytes) {
-    cJSON_Delete(body);
     snprintf(err, errlen, "backend %s's queue is full: %zu bytes wait to be read (max_queue_bytes = %zu)",
              b->name, waiting, b->cfg.max_queue_bytes);
     return SG_ELIMIT;
+  }
+  return 0;
+}
+
+int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, void *ud,
+                              char *err, size_t errlen) {
+  int rc = not_running(b, err, errlen);
+  if (!rc) rc = sg__fl_validate(body, SG_FL_REQUEST_BODY, &b->cfg.limits, err, errlen);
+  size_t weight = rc ? 0 : json_weight(body);
+  if (!rc) rc = queue_full(b, weight, err, errlen);
+  if (rc != 0) {
+    cJSON_Delete(body);
+    return rc;
   }
   sg__request *req = calloc(1, sizeof *req);
   if (!req) {
@@ -397,6 +420,28 @@ int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, vo
   req->cb = cb;
   req->ud = ud;
   req->weight = weight;
+  send_or_queue(b, req);
+  return 0;
+}
+
+int sg__backend_request_text(sg__backend *b, const char *type, char *text, size_t len,
+                             sg__request_cb cb, void *ud, char *err, size_t errlen) {
+  int rc = not_running(b, err, errlen);
+  if (!rc) rc = queue_full(b, len + 8, err, errlen);
+  sg__request *req = rc ? NULL : calloc(1, sizeof *req);
+  if (!req) {
+    free(text);
+    if (!rc) snprintf(err, errlen, "out of memory");
+    return rc ? rc : SG_ENOMEM;
+  }
+  req->b = b;
+  req->text = text;
+  req->text_len = len;
+  req->type = type;
+  req->expect = sg__fl_expected_response(type);
+  req->cb = cb;
+  req->ud = ud;
+  req->weight = len + 8;
   send_or_queue(b, req);
   return 0;
 }

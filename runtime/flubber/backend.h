@@ -40,6 +40,9 @@ typedef struct sg__transport {
   /* Delivers one validated Request (borrowed). Non-zero: the transport is
    * broken; the backend treats it as a violation. */
   int (*send)(sg__backend *b, const cJSON *request);
+  /* The same for a Request whose body is JSON text (borrowed), for
+   * transports that write text. May be NULL (the text is parsed for send). */
+  int (*send_text)(sg__backend *b, uint32_t seq, const char *body, size_t len);
   /* Stops the backend (gracefully when `graceful`); it must end with exactly
    * one sg__backend_on_exit(), possibly before returning. */
   void (*stop)(sg__backend *b, int graceful);
@@ -146,6 +149,13 @@ int sg__backend_request(sg__backend *b, const cJSON *body, sg__request_cb cb,
 /* The same, taking `body` over (freed here whatever happens): no copy. */
 int sg__backend_request_owned(sg__backend *b, cJSON *body, sg__request_cb cb, void *ud,
                               char *err, size_t errlen);
+
+/* The same for a RequestBody that segue made itself as canonical JSON text
+ * (`text`, malloc'd, taken over; not validated again), of variant `type`
+ * (a string that outlives the request): no tree is built for a transport
+ * that writes text. */
+int sg__backend_request_text(sg__backend *b, const char *type, char *text, size_t len,
+                             sg__request_cb cb, void *ud, char *err, size_t errlen);
 
 /* Flow control: stops reading what the backend sends (its updates and its
  * responses) until resumed; a no-op for transports that cannot pause. A

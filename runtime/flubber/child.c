@@ -389,6 +389,32 @@ static int child_send(sg__backend *b, const cJSON *request) {
   return 0;
 }
 
+/* {"sequence_number":N,"body":BODY}\n, as sg__fl_encode_line writes it. */
+static int child_send_text(sg__backend *b, uint32_t seq, const char *body, size_t blen) {
+  child_run *r = child_of(b)->run;
+  if (!r || r->stopping || uv_is_closing((uv_handle_t *)&r->in)) return SG_EDEAD;
+  pending_line *l = malloc(sizeof *l);
+  char *text = malloc(blen + 48);
+  if (!l || !text) {
+    free(l);
+    free(text);
+    return SG_ENOMEM;
+  }
+  int n = snprintf(text, 48, "{\"sequence_number\":%u,\"body\":", seq);
+  memcpy(text + n, body, blen);
+  memcpy(text + n + blen, "}\n", 2);
+  l->next = NULL;
+  l->seq = seq;
+  l->len = (size_t)n + blen + 2;
+  l->data = text;
+  if (r->tail) r->tail->next = l;
+  else r->head = l;
+  r->tail = l;
+  r->queued += l->len;
+  write_more(r);
+  return 0;
+}
+
 static size_t child_queued_bytes(sg__backend *b) {
   child_run *r = child_of(b) ? child_of(b)->run : NULL;
   return r ? r->queued : 0;
@@ -462,6 +488,7 @@ const sg__transport sg__child_transport = {
     .kind = "process",
     .start = child_start,
     .send = child_send,
+    .send_text = child_send_text,
     .stop = child_stop,
     .free = child_free,
     .pause = child_pause,

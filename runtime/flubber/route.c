@@ -540,20 +540,95 @@ static size_t units(const char *s, int bytes) {
   return n;
 }
 
-static char *render_prefix(const target *tg, const char *sender, char *buf, size_t cap) {
-  size_t len = 0, slen = strlen(sender);
-  for (size_t k = 0; k < tg->nprefix; k++) len += tg->prefix[k] ? strlen(tg->prefix[k]) : slen;
-  char *out = len < cap ? buf : malloc(len + 1);
-  if (!out) return NULL;
-  size_t at = 0;
-  for (size_t k = 0; k < tg->nprefix; k++) {
-    const char *p = tg->prefix[k] ? tg->prefix[k] : sender;
-    size_t n = tg->prefix[k] ? strlen(p) : slen;
-    memcpy(out + at, p, n);
-    at += n;
+/* A growing buffer of JSON text. */
+typedef struct jbuf {
+  char *s;
+  size_t len, cap;
+  int failed;
+} jbuf;
+
+static void jb_reserve(jbuf *b, size_t more) {
+  if (b->failed || b->len + more <= b->cap) return;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + more) cap *= 2;
+  char *s = realloc(b->s, cap);
+  if (!s) {
+    b->failed = 1;
+    return;
   }
-  out[at] = '\0';
-  return out;
+  b->s = s;
+  b->cap = cap;
+}
+
+static void jb_raw(jbuf *b, const char *s, size_t n) {
+  jb_reserve(b, n);
+  if (b->failed) return;
+  memcpy(b->s + b->len, s, n);
+  b->len += n;
+}
+
+#define JB_LIT(b, lit) jb_raw(b, lit, sizeof lit - 1)
+
+/* The characters of a JSON string, escaped as cJSON prints them (UTF-8
+ * passes as it is). */
+static void jb_chars(jbuf *b, const char *s) {
+  static const char hex[] = "0123456789abcdef";
+  const char *run = s;
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c >= 0x20 && c != '"' && c != '\\') continue;
+    jb_raw(b, run, (size_t)(s - run));
+    char esc[6] = {'\\', 0};
+    size_t n = 2;
+    switch (c) {
+    case '"': esc[1] = '"'; break;
+    case '\\': esc[1] = '\\'; break;
+    case '\b': esc[1] = 'b'; break;
+    case '\f': esc[1] = 'f'; break;
+    case '\n': esc[1] = 'n'; break;
+    case '\r': esc[1] = 'r'; break;
+    case '\t': esc[1] = 't'; break;
+    default:
+      memcpy(esc, "\\u00", 4);
+      esc[4] = hex[c >> 4];
+      esc[5] = hex[c & 15];
+      n = 6;
+    }
+    jb_raw(b, esc, n);
+    run = s + 1;
+  }
+  jb_raw(b, run, (size_t)(s - run));
+}
+
+static void jb_str(jbuf *b, const char *s) {
+  JB_LIT(b, "\"");
+  jb_chars(b, s);
+  JB_LIT(b, "\"");
+}
+
+/* The MessageSend of a copy, as the router makes it: Concat [Text prefix,
+ * Text text], extra.segue_origin; fields in the codec's order. */
+static char *copy_body(const target *tg, const char *origin, const char *id, const char *sender,
+                       const char *text, size_t *len) {
+  jbuf b = {0};
+  jb_reserve(&b, 256 + strlen(text));
+  JB_LIT(&b, "{\"type\":\"MessageSend\",\"value\":{\"recipient\":");
+  jb_str(&b, tg->room_id);
+  JB_LIT(&b, ",\"attachments\":[],\"content\":{\"type\":\"Concat\",\"value\":[{\"type\":\"Text\",\"value\":\"");
+  for (size_t k = 0; k < tg->nprefix; k++) jb_chars(&b, tg->prefix[k] ? tg->prefix[k] : sender);
+  JB_LIT(&b, "\"},{\"type\":\"Text\",\"value\":");
+  jb_str(&b, text);
+  JB_LIT(&b, "}]},\"extra\":{\"segue_origin\":{\"backend\":");
+  jb_str(&b, origin);
+  JB_LIT(&b, ",\"id\":");
+  jb_str(&b, id);
+  JB_LIT(&b, "}}}}");
+  if (b.failed) {
+    free(b.s);
+    return NULL;
+  }
+  *len = b.len;
+  return b.s;
 }
 
 static void copy_done(void *ud, int err, const cJSON *body, const char *msg);
@@ -580,31 +655,10 @@ static void send_copy(sg__route *r, sg__route_table *t, bstate *src, const targe
   }
   uint64_t n = begin(r, src, d);
   uint64_t t0 = uv_hrtime();
-  size_t idlen = strlen(id);
+  size_t idlen = strlen(id), blen = 0;
   copy *c = malloc(sizeof *c + idlen + 1);
-  char pbuf[512];
-  char *prefix = render_prefix(tg, sender, pbuf, sizeof pbuf);
-  cJSON *body = cJSON_CreateObject(), *value, *content, *parts, *part, *extra, *origin;
-  int ok = c && prefix && n && body && cJSON_AddStringToObject(body, "type", "MessageSend") &&
-           (value = cJSON_AddObjectToObject(body, "value")) &&
-           cJSON_AddStringToObject(value, "recipient", tg->room_id) &&
-           cJSON_AddArrayToObject(value, "attachments") &&
-           (content = cJSON_AddObjectToObject(value, "content")) &&
-           cJSON_AddStringToObject(content, "type", "Concat") &&
-           (parts = cJSON_AddArrayToObject(content, "value")) &&
-           (part = cJSON_CreateObject()) && (cJSON_AddItemToArray(parts, part), 1) &&
-           cJSON_AddStringToObject(part, "type", "Text") &&
-           cJSON_AddStringToObject(part, "value", prefix) &&
-           (part = cJSON_CreateObject()) && (cJSON_AddItemToArray(parts, part), 1) &&
-           cJSON_AddStringToObject(part, "type", "Text") &&
-           cJSON_AddStringToObject(part, "value", text) &&
-           (extra = cJSON_AddObjectToObject(value, "extra")) &&
-           (origin = cJSON_AddObjectToObject(extra, "segue_origin")) &&
-           cJSON_AddStringToObject(origin, "backend", src->name) &&
-           cJSON_AddStringToObject(origin, "id", id);
-  if (prefix && prefix != pbuf) free(prefix);
-  if (!ok) {
-    cJSON_Delete(body);
+  char *body = c && n ? copy_body(tg, src->name, id, sender, text, &blen) : NULL;
+  if (!body) {
     free(c);
     copy_failed(r, tg, src->name, id, SG_ENOMEM, "out of memory", t0);
     if (n) release(r, d, n);
@@ -622,13 +676,13 @@ static void send_copy(sg__route *r, sg__route_table *t, bstate *src, const targe
   char err[512];
   int rc;
   if (!b) {
-    cJSON_Delete(body);
+    free(body);
     snprintf(err, sizeof err, "no backend named '%s'", tg->dest);
     rc = SG_ENOBACKEND;
   } else {
     t->refs++;
     r->live_copies++;
-    rc = sg__backend_request_owned(b, body, copy_done, c, err, sizeof err);
+    rc = sg__backend_request_text(b, "MessageSend", body, blen, copy_done, c, err, sizeof err);
     if (rc != 0) {
       t->refs--;
       r->live_copies--;
