@@ -163,6 +163,56 @@ static int l_route_store(lua_State *L) {
   return 0;
 }
 
+/* route_memory(on): without a store, the id maps live in the core. */
+static int l_route_memory(lua_State *L) {
+  sg__route_set_memory(get(L, 1)->r, lua_toboolean(L, 1));
+  return 0;
+}
+
+/* route_mem_put(origin_backend, origin_id, copy_backend, copy_id [, room]) -> true */
+static int l_route_mem_put(lua_State *L) {
+  lroute *lr = get(L, 1);
+  int rc = sg__route_mem_put(lr->r, luaL_checkstring(L, 1), luaL_checkstring(L, 2),
+                             luaL_checkstring(L, 3), luaL_checkstring(L, 4), luaL_optstring(L, 5, NULL));
+  if (rc != 0) return luaL_error(L, "out of memory");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* route_mem_origin(backend, id) -> origin_backend, origin_id | nil */
+static int l_route_mem_origin(lua_State *L) {
+  lroute *lr = get(L, 1);
+  const char *ob, *oi;
+  if (sg__route_mem_origin(lr->r, luaL_checkstring(L, 1), luaL_checkstring(L, 2), &ob, &oi) != 0) return 0;
+  lua_pushstring(L, ob);
+  lua_pushstring(L, oi);
+  return 2;
+}
+
+static int push_mem_copy(void *ud, const char *backend, const char *id, const char *room) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, backend);
+  lua_setfield(L, -2, "backend");
+  lua_pushstring(L, id);
+  lua_setfield(L, -2, "id");
+  if (room) {
+    lua_pushstring(L, room);
+    lua_setfield(L, -2, "room");
+  }
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+/* route_mem_copies(origin_backend, origin_id) -> { {backend=, id=, room=}, ... } */
+static int l_route_mem_copies(lua_State *L) {
+  lroute *lr = get(L, 1);
+  const char *ob = luaL_checkstring(L, 1), *oi = luaL_checkstring(L, 2);
+  lua_newtable(L);
+  sg__route_mem_copies(lr->r, ob, oi, push_mem_copy, L);
+  return 1;
+}
+
 static int l_route_enable(lua_State *L) {
   sg__route_enable(get(L, 1)->r, lua_toboolean(L, 1));
   return 0;
@@ -387,6 +437,8 @@ void sg__core_open_route(lua_State *L) {
   static const luaL_Reg fns[] = {
       {"route_install", l_route_install}, {"route_limits", l_route_limits},
       {"route_store", l_route_store},     {"route_enable", l_route_enable},
+      {"route_memory", l_route_memory},   {"route_mem_put", l_route_mem_put},
+      {"route_mem_origin", l_route_mem_origin}, {"route_mem_copies", l_route_mem_copies},
       {"route_attach", l_route_attach},   {"route_table", l_route_table},
       {"route_put", l_route_put},         {"route_send_begin", l_route_send_begin},
       {"route_send_end", l_route_send_end}, {"route_in_flight", l_route_in_flight},

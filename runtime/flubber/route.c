@@ -157,10 +157,10 @@ typedef struct target {
   bcount *bc;
 } target;
 
-typedef struct room {
+typedef struct croom {
   size_t n;
   target t[];
-} room;
+} croom;
 
 struct sg__route_table {
   sg__route *r;
@@ -177,6 +177,9 @@ struct sg__route {
   double bounds[32];
   size_t nbounds;
   sg__store *store;
+  int memory;               /* no store: the id maps below stand in for it */
+  smap mem_origin;          /* (copy backend, copy id) -> mcopy of the origin */
+  smap mem_copies;          /* (origin backend, origin id) -> mcopy list, oldest first */
   int enabled, closing;
   bstate *states;
   sg__route_table *cur;
@@ -234,7 +237,7 @@ static bcount *bridge_count(sg__route *r, const char *name) {
 /* ---- tables ------------------------------------------------------------------ */
 
 static void free_room(void *p) {
-  room *rm = p;
+  croom *rm = p;
   for (size_t i = 0; i < rm->n; i++) {
     target *t = &rm->t[i];
     free(t->bridge);
@@ -273,7 +276,7 @@ static char *dup_or_empty(const char *s) { return strdup(s ? s : ""); }
 int sg__route_table_put(sg__route *r, const char *backend, const char *room_id,
                         const sg__route_target_spec *spec, size_t n) {
   if (!r->cur) return SG_EINVAL;
-  room *rm = calloc(1, sizeof *rm + n * sizeof(target));
+  croom *rm = calloc(1, sizeof *rm + n * sizeof(target));
   if (!rm) return SG_ENOMEM;
   rm->n = n;
   int bad = 0;
@@ -310,7 +313,7 @@ int sg__route_table_put(sg__route *r, const char *backend, const char *room_id,
 
 void sg__route_table_drop(sg__route *r, const char *backend, const char *room_id) {
   if (!r->cur) return;
-  room *rm = smap_remove(&r->cur->rooms, backend, room_id);
+  croom *rm = smap_remove(&r->cur->rooms, backend, room_id);
   if (rm) free_room(rm);
 }
 
@@ -340,6 +343,86 @@ void sg__route_edit_note(sg__route *r, const char *backend, const char *id, int6
   }
   e->num = edit_time;
 }
+
+/* ---- the id maps without a store (memory) --------------------------------------- */
+
+typedef struct mcopy {
+  struct mcopy *next;
+  char *backend, *id, *room;
+} mcopy;
+
+static void free_mcopies(void *p) {
+  for (mcopy *c = p, *next; c; c = next) {
+    next = c->next;
+    free(c->backend);
+    free(c->id);
+    free(c->room);
+    free(c);
+  }
+}
+
+static mcopy *mcopy_new(const char *backend, const char *id, const char *room) {
+  mcopy *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  c->backend = strdup(backend);
+  c->id = strdup(id);
+  c->room = room ? strdup(room) : NULL;
+  if (!c->backend || !c->id || (room && !c->room)) {
+    free_mcopies(c);
+    return NULL;
+  }
+  return c;
+}
+
+int sg__route_mem_put(sg__route *r, const char *ob, const char *oid, const char *cb,
+                      const char *cid, const char *room) {
+  ment *o = smap_get(&r->mem_origin, cb, cid, NULL);
+  mcopy *origin = o && !o->val ? mcopy_new(ob, oid, NULL) : NULL;
+  if (!o || (!o->val && !origin)) return SG_ENOMEM;
+  if (origin) {
+    o->val = origin;
+  } else {  /* the memory store kept the last origin */
+    mcopy *old = o->val;
+    char *b = strdup(ob), *i = strdup(oid);
+    if (!b || !i) {
+      free(b);
+      free(i);
+      return SG_ENOMEM;
+    }
+    free(old->backend);
+    free(old->id);
+    old->backend = b;
+    old->id = i;
+  }
+  ment *l = smap_get(&r->mem_copies, ob, oid, NULL);
+  mcopy *c = l ? mcopy_new(cb, cid, room) : NULL;
+  if (!c) return SG_ENOMEM;
+  mcopy **tail = (mcopy **)&l->val;
+  while (*tail) tail = &(*tail)->next;
+  *tail = c;
+  return 0;
+}
+
+int sg__route_mem_origin(sg__route *r, const char *backend, const char *id, const char **ob,
+                         const char **oid) {
+  ment *o = smap_find(&r->mem_origin, backend, id);
+  if (!o || !o->val) return SG_STORE_NOTFOUND;
+  *ob = ((mcopy *)o->val)->backend;
+  *oid = ((mcopy *)o->val)->id;
+  return 0;
+}
+
+int sg__route_mem_copies(sg__route *r, const char *ob, const char *oid, sg__store_copy_cb cb,
+                         void *ud) {
+  ment *l = smap_find(&r->mem_copies, ob, oid);
+  for (mcopy *c = l ? l->val : NULL; c; c = c->next) {
+    int rc = cb(ud, c->backend, c->id, c->room);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+void sg__route_set_memory(sg__route *r, int on) { r->memory = on; }
 
 /* ---- flushing: the store's batch and the counters, once per loop turn --------- */
 
@@ -719,8 +802,11 @@ static void copy_done(void *ud, int err, const cJSON *body, const char *msg) {
       d->req_sum += dt;
       for (size_t i = 0; i < r->nbounds; i++)
         if (dt <= r->bounds[i]) d->req_b[i]++;
-      if (r->store) {
-        const char *copy_id = str_field(body, "value");
+      const char *copy_id = str_field(body, "value");
+      if (!r->store && r->memory) {
+        if (sg__route_mem_put(r, c->src->name, c->id, tg->dest, copy_id ? copy_id : "", tg->room) < 0)
+          rlog(r, SG_LOG_ERROR, "cannot record a copy: out of memory");
+      } else if (r->store) {
         sg__store_batch(r->store);
         r->store_dirty = 1;
         if (sg__store_map_put(r->store, c->src->name, c->id, tg->dest, copy_id ? copy_id : "",
@@ -745,10 +831,22 @@ static int any_copy(void *ud, const char *backend, const char *id, const char *c
   return 1;
 }
 
+static void log_message(sg__route *r, const char *backend, const char *id, const char *room,
+                        const char *sender, const cJSON *content, const cJSON *m) {
+  char *cj = cJSON_PrintUnformatted(content);
+  sg__store_batch(r->store);
+  r->store_dirty = 1;
+  arm_flush(r);
+  sg__store_log_message(r->store, backend, id, room, sender, cj,
+                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "create_time")),
+                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "edit_time")));
+  cJSON_free(cj);
+}
+
 /* A plain message of a compiled room, as router.lua's on_upsert and deliver
  * would carry it; 0 when it is for Lua (before anything was done). */
 static int fast(sg__route *r, bstate *s, sg__backend *b, const cJSON *u, sg__route_table *t) {
-  if (!t || !r->enabled || !r->store || r->closing) return 0;
+  if (!t || !r->enabled || !(r->store || r->memory) || r->closing) return 0;
   const char *type = str_field(u, "type");
   if (!type || strcmp(type, "MessageUpsert") != 0) return 0;
   const cJSON *m = cJSON_GetObjectItemCaseSensitive(u, "value");
@@ -759,7 +857,7 @@ static int fast(sg__route *r, bstate *s, sg__backend *b, const cJSON *u, sg__rou
   if (!id || !sender || !recipient || !atts || atts->child || !content) return 0;
   ment *e = smap_find(&t->rooms, b->name, recipient);
   if (!e) return 0;
-  room *rm = e->val;
+  croom *rm = e->val;
   const char *ctype = str_field(content, "type"), *text = str_field(content, "value");
   if (!ctype || strcmp(ctype, "Text") != 0 || !text) return 0;
   size_t tchars = (size_t)-1, tbytes = (size_t)-1;
@@ -775,29 +873,33 @@ static int fast(sg__route *r, bstate *s, sg__backend *b, const cJSON *u, sg__rou
   const cJSON *extra = cJSON_GetObjectItemCaseSensitive(m, "extra");
   const cJSON *so = cJSON_IsObject(extra) ? cJSON_GetObjectItemCaseSensitive(extra, "segue_origin") : NULL;
   int is_copy = so && !cJSON_IsNull(so) && !cJSON_IsFalse(so);
-  if (!is_copy) {
+  sg__store *st = r->store;
+  if (!is_copy && st) {
     char *ob = NULL, *oi = NULL;
-    int rc = sg__store_map_origin(r->store, b->name, id, &ob, &oi);
+    int rc = sg__store_map_origin(st, b->name, id, &ob, &oi);
     free(ob);
     free(oi);
     if (rc < 0) return 0;
     is_copy = rc == 0;
+  } else if (!is_copy) {
+    const char *ob, *oi;
+    is_copy = sg__route_mem_origin(r, b->name, id, &ob, &oi) == 0;
   }
   int64_t seen;
   if (!is_copy) {
     if (sg__route_edit_seen(r, b->name, id, &seen)) return 0;
     int has = 0;
-    if (sg__store_map_copies(r->store, b->name, id, any_copy, &has) < 0 || has) return 0;
+    if (st ? sg__store_map_copies(st, b->name, id, any_copy, &has) < 0
+           : sg__route_mem_copies(r, b->name, id, any_copy, &has) < 0)
+      return 0;
+    if (has) return 0;
   }
-  char *cj = cJSON_PrintUnformatted(content);
-  sg__store_batch(r->store);
-  r->store_dirty = 1;
-  arm_flush(r);
-  sg__store_log_message(r->store, b->name, id, recipient, sender, cj,
-                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "create_time")),
-                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "edit_time")));
-  cJSON_free(cj);
-  if (is_copy) return 1;
+  if (!st) {  /* no store: nothing is logged */
+    if (is_copy) return 1;
+  } else {
+    log_message(r, b->name, id, recipient, sender, content, m);
+    if (is_copy) return 1;
+  }
   sg__route_edit_note(r, b->name, id,
                       (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "edit_time")));
   s->c.in++;
@@ -936,6 +1038,8 @@ static void free_bcount(void *p) {
 static void maybe_free(sg__route *r) {
   if (r->open_handles > 0 || r->live_copies > 0) return;
   smap_free(&r->bridges, free_bcount);
+  smap_free(&r->mem_origin, free_mcopies);
+  smap_free(&r->mem_copies, free_mcopies);
   free(r);
 }
 

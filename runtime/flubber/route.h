@@ -89,6 +89,17 @@ void sg__route_set_buckets(sg__route *r, const double *bounds, size_t n);
 /* The store the C path writes (NULL, or an engine answering later: no C
  * path, only the bookkeeping). Borrowed: the caller keeps it open. */
 void sg__route_set_store(sg__route *r, sg__store *s);
+/* Without a store: the id maps (origin <-> copies) kept in memory here, for
+ * the C path and for the router's memory store alike (on: use them). */
+void sg__route_set_memory(sg__route *r, int on);
+int sg__route_mem_put(sg__route *r, const char *origin_backend, const char *origin_id,
+                      const char *copy_backend, const char *copy_id, const char *room);
+/* 0 and the origin (borrowed until the next put), or SG_STORE_NOTFOUND. */
+int sg__route_mem_origin(sg__route *r, const char *backend, const char *id,
+                         const char **origin_backend, const char **origin_id);
+/* cb for every copy of the origin, oldest first (a non-zero return stops). */
+int sg__route_mem_copies(sg__route *r, const char *origin_backend, const char *origin_id,
+                         sg__store_copy_cb cb, void *ud);
 /* Whether plain messages may be carried in C (else every update goes to Lua). */
 void sg__route_enable(sg__route *r, int on);
 

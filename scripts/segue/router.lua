@@ -40,34 +40,26 @@ local state = {}       -- carried from one rule set to the next
 
 M.status = status
 
--- Without the store (segue.store), copies are remembered in memory only.
+-- Without the store (segue.store), copies are remembered in memory only:
+-- in the C core (segue.core route_mem_*), which carries compiled rooms'
+-- messages with the same maps.
+local core = require "segue.core"
 local function memory_store()
-  local origin, copies = {}, {}
   return {
-    map_put = function(_, ob, oid, cb, cid, room)
-      origin[cb .. "\0" .. cid] = { ob, oid }
-      local k = ob .. "\0" .. oid
-      copies[k] = copies[k] or {}
-      table.insert(copies[k], { backend = cb, id = cid, room = room })
-      return true
-    end,
-    map_origin = function(_, b, id)
-      local o = origin[b .. "\0" .. id]
-      if o then return o[1], o[2] end
-    end,
-    map_copies = function(_, b, id) return copies[b .. "\0" .. id] or {} end,
+    map_put = function(_, ob, oid, cb, cid, room) return core.route_mem_put(ob, oid, cb, cid, room) end,
+    map_origin = function(_, b, id) return core.route_mem_origin(b, id) end,
+    map_copies = function(_, b, id) return core.route_mem_copies(b, id) end,
     log_message = function() end,
     log_delete = function() end,
   }
 end
 
-local core = require "segue.core"
-
 function M.set_store(s)
   db = s or memory_store()
   -- The C path writes the store itself: only segue.store's (SQLite; on an
-  -- engine answering later every message goes through Lua).
+  -- engine answering later every message goes through Lua), or its maps.
   core.route_store(type(s) == "userdata" and s or nil)
+  core.route_memory(s == nil)
 end
 
 -- The router's writes of one loop turn (message log, id maps) share one
@@ -653,6 +645,7 @@ local function copy_failed(f)
 end
 
 core.route_install { on_lost = lost, on_failed = copy_failed, on_flush = drain, buckets = metrics.BUCKETS }
+core.route_memory(type(db) ~= "userdata")
 push_limits()
 
 -- Loading -----------------------------------------------------------------
