@@ -1052,7 +1052,8 @@ static void handle_closed(uv_handle_t *h) {
 void sg__route_close(sg__route *r) {
   if (!r || r->closing) return;
   r->closing = 1;
-  if (r->store && r->store_dirty) sg__store_commit(r->store);
+  /* The store may be gone already (the Lua state closes its objects in any
+   * order); closing it commits its open batch. */
   r->store = NULL;
   free_everything(r);
   sg__route_table *t = r->cur;
