@@ -226,13 +226,15 @@ static int l_route_attach(lua_State *L) {
   return 0;
 }
 
-/* route_table(set): a new, empty compiled table for rule set `set`. */
+/* route_table(set [, inherit]): a new compiled table for rule set `set`,
+ * empty or (inherit) with the current table's rooms. */
 static int l_route_table(lua_State *L) {
   lroute *lr = get(L, 1);
   luaL_checkany(L, 1);
+  int inherit = lua_toboolean(L, 2);
   lua_pushvalue(L, 1);
   int ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if (sg__route_table_begin(lr->r, (void *)(intptr_t)ref) != 0) {
+  if (sg__route_table_begin(lr->r, (void *)(intptr_t)ref, inherit) != 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     return luaL_error(L, "out of memory");
   }

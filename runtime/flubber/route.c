@@ -158,6 +158,7 @@ typedef struct target {
 } target;
 
 typedef struct croom {
+  int refs;                 /* tables holding it (a new rule set shares unchanged rooms) */
   size_t n;
   target t[];
 } croom;
@@ -238,6 +239,7 @@ static bcount *bridge_count(sg__route *r, const char *name) {
 
 static void free_room(void *p) {
   croom *rm = p;
+  if (--rm->refs > 0) return;
   for (size_t i = 0; i < rm->n; i++) {
     target *t = &rm->t[i];
     free(t->bridge);
@@ -259,12 +261,25 @@ static void table_unref(sg__route_table *t) {
   free(t);
 }
 
-int sg__route_table_begin(sg__route *r, void *owner) {
+int sg__route_table_begin(sg__route *r, void *owner, int inherit) {
   sg__route_table *t = calloc(1, sizeof *t);
   if (!t) return SG_ENOMEM;
   t->r = r;
   t->refs = 1;
   t->owner = owner;
+  for (size_t i = 0; inherit && r->cur && i < r->cur->rooms.nb; i++) {
+    for (ment *e = r->cur->rooms.b[i]; e; e = e->next) {
+      size_t la = strlen(e->key);
+      ment *n = smap_get(&t->rooms, e->key, e->key + la + 1, NULL);
+      if (!n) {
+        smap_free(&t->rooms, free_room);
+        free(t);
+        return SG_ENOMEM;
+      }
+      n->val = e->val;
+      ((croom *)e->val)->refs++;
+    }
+  }
   sg__route_table *old = r->cur;
   r->cur = t;
   table_unref(old);
@@ -278,6 +293,7 @@ int sg__route_table_put(sg__route *r, const char *backend, const char *room_id,
   if (!r->cur) return SG_EINVAL;
   croom *rm = calloc(1, sizeof *rm + n * sizeof(target));
   if (!rm) return SG_ENOMEM;
+  rm->refs = 1;
   rm->n = n;
   int bad = 0;
   for (size_t i = 0; i < n; i++) {

@@ -109,9 +109,11 @@ int sg__route_update(void *route, sg__backend *b, cJSON *update);
 /* Makes b's updates go through r. */
 void sg__route_attach(sg__route *r, sg__backend *b);
 
-/* A new, empty table for a new rule set (owner: the caller's handle of that
- * set), which becomes the current one. */
-int sg__route_table_begin(sg__route *r, void *owner);
+/* A new table for a new rule set (owner: the caller's handle of that set),
+ * which becomes the current one: empty, or with `inherit` the rooms of the
+ * current one (shared, not copied: the caller puts or drops the rooms whose
+ * routes changed). */
+int sg__route_table_begin(sg__route *r, void *owner, int inherit);
 /* Compiles room (backend, room_id) of the current table into `n` targets;
  * n == 0 with targets NULL compiles a room whose messages go nowhere;
  * sg__route_table_drop makes it go to Lua again. */

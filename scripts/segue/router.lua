@@ -574,30 +574,60 @@ local function compile_room(set, backend, room)
   return targets
 end
 
-local function compile_now()
+local compile_all = false  -- a new rule set: every room of the index, on the next turn
+M.COMPILE_SLICE = 200      -- rooms compiled per loop turn
+
+local function compile_one(set, key, r)
+  local backend, room = r[1], r[2]
+  local id = set and (room_ids[backend] or {})[room]
+  local targets = id and (room_names[backend] or {})[id] == room and (index[backend] or {})[room]
+    and compile_room(set, backend, room)
+  if compiled[key] and compiled[key] ~= id then core.route_put(backend, compiled[key], nil) end
+  if targets then
+    core.route_put(backend, id, targets)
+    compiled[key] = id
+  else
+    if id and compiled[key] == id then core.route_put(backend, id, nil) end
+    compiled[key] = nil
+  end
+end
+
+local compile_now
+-- On the next loop turn (not once the host is closing: nothing to route).
+local function schedule_compile()
+  if compile_timer then return end
+  local ok, t = pcall(require("segue.loop").timer, 0, 0, function() compile_now() end)
+  if ok then compile_timer = t end
+end
+
+compile_now = function()
   if compile_timer then compile_timer:stop() compile_timer = nil end
   local set = current
   local todo = to_compile
   to_compile = {}
-  for key, r in pairs(todo) do
-    local backend, room = r[1], r[2]
-    local id = set and (room_ids[backend] or {})[room]
-    local targets = id and (room_names[backend] or {})[id] == room and (index[backend] or {})[room]
-      and compile_room(set, backend, room)
-    if compiled[key] and compiled[key] ~= id then core.route_put(backend, compiled[key], nil) end
-    if targets then
-      core.route_put(backend, id, targets)
-      compiled[key] = id
-    else
-      if id and compiled[key] == id then core.route_put(backend, id, nil) end
-      compiled[key] = nil
+  if compile_all then
+    compile_all = false
+    for backend, rooms in pairs(index) do
+      for room in pairs(rooms) do todo[backend .. "\0" .. room] = todo[backend .. "\0" .. room] or { backend, room } end
     end
   end
+  -- At most COMPILE_SLICE rooms a turn: a thousand bridges do not stall the
+  -- loop (their messages go through Lua meanwhile); the rest on the next.
+  local n = 0
+  for key, r in pairs(todo) do
+    if n < M.COMPILE_SLICE then
+      n = n + 1
+      compile_one(set, key, r)
+    else
+      to_compile[key] = to_compile[key] or r
+    end
+  end
+  if next(to_compile) then schedule_compile() end
 end
 
 local function compile_later(backend, room)
   to_compile[backend .. "\0" .. room] = { backend, room }
-  if not compile_timer then compile_timer = require("segue.loop").timer(0, 0, compile_now) end
+  schedule_compile()
 end
 
 -- (backend, room) and every room that sends to it.
@@ -608,13 +638,25 @@ compile_around = function(backend, room)
   end
 end
 
--- A new rule set: an empty table now, its rooms compiled on the next turn.
-local function compile_set(set)
-  core.route_table(set)
-  compiled, to_compile = {}, {}
-  for backend, rooms in pairs(index) do
-    for room in pairs(rooms) do compile_later(backend, room) end
+-- A new rule set gets its table in the same step as the rules. `touched`
+-- (rooms whose routes may differ, see "Reloading one bridge of many"): the
+-- other rooms keep their compiled routes (shared with the table of the
+-- running set, which updates already held keep), the touched ones are
+-- compiled again on the next turn; nil: an empty table, every room
+-- compiled again, a slice a turn (a reload does not wait for it).
+local function compile_set(set, touched)
+  if touched then
+    core.route_table(set, true)
+    for key, t in pairs(touched) do
+      -- their old routes leave the new table now: Lua carries them until then
+      if compiled[key] then core.route_put(t.backend, compiled[key], nil) compiled[key] = nil end
+      compile_later(t.backend, t.room)
+    end
+    return
   end
+  core.route_table(set)
+  compiled, to_compile, compile_all = {}, {}, true
+  schedule_compile()
 end
 
 -- A backend (re)started: its capabilities may have changed.
@@ -848,7 +890,7 @@ function M.load(path, backends)
   if touched then update_index(index, touched, pos)
   else index = build_index(set) end
   current, state = set, set.state
-  compile_set(set)
+  compile_set(set, touched)
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
   loaded.texts, loaded.backends = {}, key

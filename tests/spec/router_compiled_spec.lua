@@ -166,4 +166,31 @@ describe("the compiled path", function()
   end)
 end)
 
+describe("reloading one bridge of many", function()
+  it("keeps the other rooms compiled and carries the changed one with its new rules at once", function()
+    file("rules.lua", [[return {
+  bridge { "a:#x", "b:#x", format = "x: " },
+  bridge { "a:#y", "b:#y", format = "y: " },
+}]])
+    assert(router.load(rules, { a = true, b = true }))
+    wait_until("the rooms resolve", function() return router.ready() end)
+    segue.await(function() segue.sleep(20) end)
+    file("rules.lua", [[return {
+  bridge { "a:#x", "b:#x", format = "x: " },
+  bridge { "a:#y", "b:#y", format = "Y! " },
+}]])
+    local before, c0 = #b.got, router.status.compiled
+    assert(router.load(rules, { a = true, b = true }))
+    a.say("#x", "eve", "kept", "k1")              -- the same turn as the reload
+    a.say("#y", "eve", "changed", "k2")
+    wait_until("the copies", function() return #b.got >= before + 2 end)
+    assert.are.same({ "x: kept", "Y! changed" }, { b.got[before + 1].text, b.got[before + 2].text })
+    assert.are.equal(1, compiled_since(c0))        -- #x stayed compiled, #y went through Lua
+    a.say("#y", "eve", "again", "k3")
+    wait_until("the copy", function() return #b.got >= before + 3 end)
+    assert.are.equal("Y! again", b.got[before + 3].text)
+    assert.are.equal(2, compiled_since(c0))        -- #y compiled again with its new format
+  end)
+end)
+
 teardown(function() os.execute("rm -rf " .. dir) end)
