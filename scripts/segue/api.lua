@@ -157,32 +157,9 @@ local function page_of(backend, room, limit, before)
   return out
 end
 
-function routes.messages(req, user, backend, room, query)
-  local limit = positive(query.limit, PAGE, opts.max_page)
-  if not limit then return fail(req, 400, "EINVAL", "limit must be a positive integer") end
-  local before = query.before
-  local msgs, err, code = page_of(backend, room, limit, before)
-  if not msgs then return fail(req, 500, code, "%s", err) end
-  if before and #msgs == 0 and segue.backend(backend):info() then
-    -- The log has nothing older: ask the backend, whose older messages
-    -- arrive as MessageUpsert updates (logged by on_update) before its answer.
-    local ok, rerr = segue.backend(backend):request { type = "MessageGetBefore", value = before }
-    if ok then
-      msgs = page_of(backend, room, limit, before) or {}
-      if #msgs == 0 then
-        segue.sleep(100)  -- a backend may send its updates just after the answer
-        msgs = page_of(backend, room, limit, before) or {}
-      end
-    else
-      segue.log.info(("api: MessageGetBefore %s on %s: %s"):format(before, backend, rerr))
-    end
-  end
-  if not before and #msgs > 0 then db:read_mark(user.name, backend, room, msgs[#msgs].create_time) end
-  reply(req, 200, json.object { messages = msgs })
-end
-
 -- Shared store: a backend runs on the instance holding the lease
--- "backends" only. A send to a backend that does not run here goes to that
+-- "backends" only. A send to a backend that does not run here (or a page of
+-- history older than the log, which only the backend has) goes to that
 -- instance's API (its address is in its row of `instances`, written by
 -- segue.boot at each renewal), with the caller's token, and its answer
 -- comes back as is. A request forwarded once is not forwarded again.
@@ -274,6 +251,34 @@ local function elsewhere(backend)
   if not shared then return false end
   local b = segue.backend(backend):info()
   return b ~= nil and b.state ~= "running"
+end
+
+function routes.messages(req, user, backend, room, query)
+  local limit = positive(query.limit, PAGE, opts.max_page)
+  if not limit then return fail(req, 400, "EINVAL", "limit must be a positive integer") end
+  local before = query.before
+  local msgs, err, code = page_of(backend, room, limit, before)
+  if not msgs then return fail(req, 500, code, "%s", err) end
+  if before and #msgs == 0 and elsewhere(backend) then
+    -- older than the shared log: the instance running the backend asks it
+    return forward(req, backend)
+  end
+  if before and #msgs == 0 and segue.backend(backend):info() then
+    -- The log has nothing older: ask the backend, whose older messages
+    -- arrive as MessageUpsert updates (logged by on_update) before its answer.
+    local ok, rerr = segue.backend(backend):request { type = "MessageGetBefore", value = before }
+    if ok then
+      msgs = page_of(backend, room, limit, before) or {}
+      if #msgs == 0 then
+        segue.sleep(100)  -- a backend may send its updates just after the answer
+        msgs = page_of(backend, room, limit, before) or {}
+      end
+    else
+      segue.log.info(("api: MessageGetBefore %s on %s: %s"):format(before, backend, rerr))
+    end
+  end
+  if not before and #msgs > 0 then db:read_mark(user.name, backend, room, msgs[#msgs].create_time) end
+  reply(req, 200, json.object { messages = msgs })
 end
 
 function routes.send(req, user, backend, room)

@@ -21,6 +21,7 @@ import unittest
 
 import pg_server
 from api_util import Api, q
+from test_api import OLD_BACKEND, texts
 from harness import SEGUE, PYTHON, LogTail, run, tmpdir, wait_for, write
 
 LEASE_MS = 4000
@@ -139,7 +140,9 @@ store = { engine = "postgresql", dsn = %s }
     def test_the_api_on_two_instances(self):
         write(os.path.join(self.dir, "inject.lua"), INJECT)
         write(os.path.join(self.dir, "rules.lua"), 'return { bridge { "a:#general", "b:#general" } }\n')
-        body = ('backends = { a = { script = "memory" }, b = { script = "memory" } }\n'
+        write(os.path.join(self.dir, "old_backend.lua"), OLD_BACKEND)
+        body = ('backends = { a = { script = "memory" }, b = { script = "memory" },'
+                ' old = { script = "old_backend.lua" } }\n'
                 'rules = "rules.lua"\nscripts = { "inject.lua" }\nhttp = { listen = "127.0.0.1:0" }\n')
         for n in ("i1", "i2"):
             self.config(n, body)
@@ -218,6 +221,14 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual(status, 401, body)
         status, _, body = off.post(off.messages_path("nope", room), {"text": "x"}, token=bob)
         self.assertEqual(status, 404, body)
+
+        # History older than the shared log comes from the backend, through
+        # the instance running it.
+        path = off.messages_path("old", "#hist")
+        self.assertTrue(wait_for(lambda: len(off.get(path)[2]["messages"]) == 1, 30), self.logs())
+        newest = off.get(path)[2]["messages"][0]
+        page = off.get(off.messages_path("old", "#hist", limit=10, before=newest["id"]))[2]["messages"]
+        self.assertEqual(texts(page), ["old %d" % i for i in range(20, 30)])
 
         # /status on any instance: every instance and the lease.
         status, _, st = off.get("/status")
