@@ -92,6 +92,7 @@ int main(int argc, char **argv) {
   CHECK_STR(sg__store_engine(s), "postgresql");
   check_async_ops(s);
   check_postbox_ops(s);
+  check_api_ops(s);
   /* The synchronous operations are SQLite's: refused, never a crash. */
   char *v = NULL;
   CHECK(sg__store_kv_get(s, "x", &v) == SG_ESTORE);

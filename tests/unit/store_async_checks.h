@@ -20,7 +20,7 @@ typedef struct {
   int done, err;
   char text0[256], text1[256], rows[1024], message[512];
   size_t n;
-  int64_t count, seqs[8], attempts[8];
+  int64_t count, num, seqs[8], attempts[8];
   int has_key;
   uint8_t key[32];
 } outcome;
@@ -57,6 +57,23 @@ static void record(void *ud, const sg__store_reply *r) {
         o->attempts[i] = r->events[i].attempts;
       }
     }
+    if (r->users) {
+      char u[64];
+      snprintf(u, sizeof u, "%d,%d", r->users[i].admin, r->users[i].tokens);
+      rowcat(o, r->users[i].name, u);
+    }
+    if (r->api_events) {
+      char ev[64];
+      snprintf(ev, sizeof ev, "%s:%s", r->api_events[i].backend, r->api_events[i].type);
+      rowcat(o, ev, r->api_events[i].value_json);
+      if (i < 8) o->seqs[i] = r->api_events[i].id;
+    }
+    if (r->rooms) {
+      char rm[96];
+      snprintf(rm, sizeof rm, "%s,%lld", r->rooms[i].name ? r->rooms[i].name : "-",
+               (long long)r->rooms[i].unread);
+      rowcat(o, r->rooms[i].id, rm);
+    }
     if (r->peers) {
       char q[64];
       snprintf(q, sizeof q, "%lld,%lld,%s", (long long)r->peers[i].queued,
@@ -65,6 +82,7 @@ static void record(void *ud, const sg__store_reply *r) {
     }
   }
   o->count = r->count;
+  o->num = r->num;
   o->has_key = r->key != NULL;
   if (r->key) memcpy(o->key, r->key, 32);
   chk_pending--;
@@ -270,5 +288,91 @@ static void check_postbox_ops(sg__store *s) {
   CHECK(a.err == 0);
   CHECK(chk_pending == 0);
   chk_store = NULL;
+}
+/* The client API's operations (docs/api.md): users and token hashes, the
+ * event log with its effect on the message log, rooms and unread counts,
+ * read marks, paging; and kv_set_held (the rules' state, docs/scaling.md). */
+static void check_api_ops(sg__store *s) {
+  outcome a, b, c, d, e;
+  /* users: a name once, tokens by hash, removal */
+  CALL(a, sg__store_user_add_async(s, "ann", 1, "hash-ann", record, &a));
+  CALL(b, sg__store_user_add_async(s, "bob", 0, "hash-bob", record, &b));
+  CALL(c, sg__store_user_add_async(s, "ann", 0, "hash-other", record, &c));
+  CALL(d, sg__store_users_async(s, record, &d));
+  CALL(e, sg__store_token_user_async(s, "hash-ann", record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK(c.err == SG_EEXIST);
+  CHECK_STR(c.message, "a user of that name exists");
+  CHECK_STR(d.rows, "ann/1,1;bob/0,1;");
+  CHECK(e.err == 0 && e.num == 1);
+  CHECK_STR(e.text0, "ann");
+  CALL(a, sg__store_token_user_async(s, "hash-other", record, &a));
+  CALL(b, sg__store_user_remove_async(s, "bob", record, &b));
+  CALL(c, sg__store_user_remove_async(s, "bob", record, &c));
+  CALL(d, sg__store_token_user_async(s, "hash-bob", record, &d));
+  settle(20000);
+  CHECK(a.err == SG_STORE_NOTFOUND);
+  CHECK(b.err == 0 && c.err == SG_STORE_NOTFOUND);
+  CHECK(d.err == SG_STORE_NOTFOUND);
+
+  /* events: increasing ids, each with its effect on the log and rooms */
+  sg__store_api_event room = {.backend = "mem", .type = "RoomUpsert", .value_json = "{}",
+                              .id = "!r", .room_name = "#room"};
+  sg__store_api_event m1 = {.backend = "mem", .type = "MessageUpsert", .value_json = "{\"n\":1}",
+                            .id = "e1", .room = "!r", .sender = "ann", .content_json = "\"one\"",
+                            .attachments_json = "[]", .create_time = 5000};
+  sg__store_api_event m2 = m1, m3 = m1;
+  m2.id = "e2", m2.content_json = "\"two\"", m2.create_time = 6000, m2.value_json = "{\"n\":2}";
+  m3.id = "e3", m3.content_json = "\"three\"", m3.create_time = 7000, m3.value_json = "{\"n\":3}";
+  sg__store_api_event del = {.backend = "mem", .type = "MessageDelete", .value_json = "\"e2\"",
+                             .id = "e2"};
+  CALL(a, sg__store_event_append_async(s, &room, record, &a));
+  CALL(b, sg__store_event_append_async(s, &m1, record, &b));
+  CALL(c, sg__store_event_append_async(s, &m2, record, &c));
+  CALL(d, sg__store_event_append_async(s, &m3, record, &d));
+  CALL(e, sg__store_event_append_async(s, &del, record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == 0 && d.err == 0 && e.err == 0);
+  CHECK(a.num > 0 && a.num < b.num && b.num < c.num && c.num < d.num && d.num < e.num);
+  int64_t first = a.num, last = e.num;
+  CALL(a, sg__store_events_after_async(s, first, 2, record, &a));
+  CALL(b, sg__store_events_last_async(s, record, &b));
+  CALL(c, sg__store_rooms_async(s, "ann", record, &c));
+  CALL(d, sg__store_messages_before_async(s, "mem", "!r", NULL, 10, record, &d));
+  CALL(e, sg__store_messages_before_async(s, "mem", "!r", "e3", 1, record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && a.n == 2);
+  CHECK_STR(a.rows, "mem:MessageUpsert/{\"n\":1};mem:MessageUpsert/{\"n\":2};");
+  CHECK(a.seqs[0] > first && a.seqs[1] > a.seqs[0]);
+  CHECK(b.err == 0 && b.num == last);
+  CHECK_STR(c.rows, "#a/-,1;#b/-,1;!r/#room,2;");  /* e2 is deleted: two unread */
+  CHECK_STR(d.rows, "e1/\"one\";e2/-;e3/\"three\";");
+  CHECK_STR(e.rows, "e2/-;");
+  /* read marks never move back; unread counts follow them */
+  CALL(a, sg__store_read_mark_async(s, "ann", "mem", "!r", 6500, record, &a));
+  CALL(b, sg__store_read_mark_async(s, "ann", "mem", "!r", 1000, record, &b));
+  CALL(c, sg__store_rooms_async(s, "ann", record, &c));
+  CALL(d, sg__store_events_prune_async(s, 2, record, &d));
+  CALL(e, sg__store_events_after_async(s, 0, 100, record, &e));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK_STR(c.rows, "#a/-,1;#b/-,1;!r/#room,1;");
+  CHECK(d.err == 0);
+  CHECK(e.n == 2 && e.seqs[1] == last);
+
+  /* kv_set_held: written only while the instance holds the lease */
+  CALL(a, sg__store_lease_claim_async(s, "state-lease", "one", 60000, record, &a));
+  CALL(b, sg__store_kv_set_held_async(s, "rules.state", "{\"n\":1}", "state-lease", "one", record,
+                                     &b));
+  CALL(c, sg__store_kv_set_held_async(s, "rules.state", "{\"n\":2}", "state-lease", "two", record,
+                                     &c));
+  CALL(d, sg__store_kv_get_async(s, "rules.state", record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK(c.err == SG_STORE_NOTFOUND);
+  CHECK_STR(d.text0, "{\"n\":1}");
+  CHECK(sg__store_kv_set_held_async(s, "k", NULL, "state-lease", "one", record, &e) == SG_EINVAL);
+  CHECK(chk_pending == 0);
 }
 #endif

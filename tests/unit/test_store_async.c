@@ -28,6 +28,7 @@ int main(void) {
   CHECK(got == 1);
   check_async_ops(s);
   check_postbox_ops(s);
+  check_api_ops(s);
   sg__store_close(s);
 
   c.engine = "oracle";
