@@ -56,8 +56,11 @@ class Auth(unittest.TestCase):
         # a header with an empty value (with or without a space) before the
         # token does not take the next header's name with it
         for empty in (b"X-Empty:\r\n", b"X-Empty: \r\n", b"X-A:\r\nX-B:\r\n"):
+            # (Connection: close: the server keeps connections open, and
+            # would close this one only after header_timeout_ms, 10 s)
             got = raw_exchange(api.port, b"GET /api/v1/backends HTTP/1.1\r\nHost: x\r\n" + empty +
-                               b"Authorization: Bearer " + api.admin.encode() + b"\r\n\r\n")
+                               b"Authorization: Bearer " + api.admin.encode() +
+                               b"\r\nConnection: close\r\n\r\n")
             self.assertTrue(got.startswith(b"HTTP/1.1 200 "), (empty, got[:200]))
         # a user: API yes, admin routes no
         st, _, backends = api.get("/api/v1/backends", bob)
