@@ -1445,7 +1445,8 @@ int sg__store_claim_release_async(sg__store *s, const char *name, const char *in
 }
 
 /* ==== the client API (docs/api.md): users and token hashes, the event log
- * the stream replays, rooms, read marks. SQLite only so far. ================ */
+ * the stream replays, rooms, read marks (their _async forms, on both engines,
+ * are at the end of this file). ============================================== */
 
 /* ---- users and tokens --------------------------------------------------------- */
 

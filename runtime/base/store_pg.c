@@ -587,8 +587,7 @@ static const char MIGRATE_SQL[] =
     "    expires BIGINT NOT NULL);"
     "  UPDATE segue_schema SET version = 2;"
     "END IF; END $m$;"
-    /* 3: the client API's tables (docs/api.md); their operations are
-     * SQLite's only so far. */
+    /* 3: the client API's tables (docs/api.md). */
     "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 3 THEN"
     "  CREATE TABLE api_users(name TEXT PRIMARY KEY, admin INTEGER NOT NULL DEFAULT 0,"
     "    created BIGINT NOT NULL);"
