@@ -114,9 +114,9 @@ static double postbox_rate(const char *dir, const char *dsn, double secs) {
   }
   double rate = (double)n / (now_s() - t0);
   sg__postbox_close(pb, NULL, NULL);
+  sg__store_close(s);  /* PostgreSQL: its connections' handles close in the loop */
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
-  sg__store_close(s);
   return rate;
 }
 

@@ -62,5 +62,6 @@ else
   segue.await(function() while not done do segue.sleep(2) end end, 600000)
   io.write(string.format("%.0f\n", n / ((loop.hrtime() - t0) / 1e9)))
   os.remove(path)
+  router.set_store(nil)  -- the router's C path holds the store while it has it
 end
 db:close()
