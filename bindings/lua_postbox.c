@@ -404,12 +404,68 @@ static void peers_now(void *ud, int err, const char *message, const sg__postbox_
   sp->done = 1;
 }
 
-/* peers_of(db) -> the peers' rows of a store, without a postbox (segue
- * status, /metrics); nil, err on an engine that answers later. */
+/* A peers_of call with a callback: answered in the call (SQLite) or later
+ * on the host's state (PostgreSQL). */
+typedef struct of_req {
+  sg__lenv *h;
+  lua_State *L;
+  int in_call, done, ref;
+} of_req;
+
+static void peers_of_answer(void *ud, int err, const char *message,
+                            const sg__postbox_peer_status *st, size_t n) {
+  of_req *r = ud;
+  if (r->in_call) {
+    luaL_checkstack(r->L, 4, "peers_of");
+    push_peers(r->L, err, message, st, n);
+    r->done = 1;
+    return;
+  }
+  lua_State *L = r->h ? r->h->L : NULL;
+  if (L) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, r->ref);
+    push_peers(L, err, message, st, n);
+    sg__lenv_pcall(r->h, 2, 0, "postbox peers_of callback");
+  }
+  free(r);
+}
+
+/* peers_of(db [, cb]) -> the peers' rows of a store, without a postbox
+ * (segue status, /metrics). Without cb: at once, SQLite only (nil, err on
+ * an engine that answers later); with cb: cb(rows) | cb(nil, err), and
+ * true. */
 static int l_peers_of(lua_State *L) {
   sg__store *s = sg__lua_check_store(L, 1);
+  if (lua_isfunction(L, 2)) {
+    sg__lenv *h = sg__lenv_of(L);
+    if (sg__store_is_async(s) && !h) return luaL_error(L, "peers_of needs the segue host");
+    of_req *r = calloc(1, sizeof *r);
+    if (!r) return luaL_error(L, "out of memory");
+    r->h = h;
+    r->L = L;
+    r->in_call = 1;
+    lua_pushvalue(L, 2);
+    r->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    int rc = sg__postbox_store_peers(s, peers_of_answer, r);
+    r->in_call = 0;
+    if (rc < 0 || r->done) {
+      int done = r->done, ref = r->ref;
+      free(r);
+      if (!done) {
+        luaL_unref(L, LUA_REGISTRYINDEX, ref);
+        return sg__lua_fail(L, rc, sg__store_errmsg(s));
+      }
+      lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+      luaL_unref(L, LUA_REGISTRYINDEX, ref);
+      lua_insert(L, -3);
+      if (lua_pcall(L, 2, 0, 0) != LUA_OK) return lua_error(L);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   if (sg__store_is_async(s))
-    return sg__lua_fail(L, SG_EINVAL, "peers_of: the store answers later (postgresql)");
+    return sg__lua_fail(L, SG_EINVAL, "peers_of: the store answers later (postgresql): pass a callback");
   sync_peers sp = {L, 0};
   int rc = sg__postbox_store_peers(s, peers_now, &sp);
   if (rc < 0) return sg__lua_fail(L, rc, sg__store_errmsg(s));

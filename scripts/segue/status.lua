@@ -60,6 +60,10 @@ function M.read_shared(cfg)
     if not db then return nil, oerr, ocode end
     local instances, ierr, icode = db:instances()
     local leases = instances and db:leases() or {}
+    -- the postbox's peers (queue, inbox, times) from the shared store
+    local peers = instances and s.call("segue.status", function(cb)
+      return pbc.peers_of(db, cb)
+    end) or nil
     db:close()
     if not instances then return nil, ierr, icode end
     local now = os.time() * 1000
@@ -70,7 +74,8 @@ function M.read_shared(cfg)
       list[#list + 1] = { name = i.name, seen = i.seen, alive = now - i.seen <= 2 * lease_ms,
         pid = info.pid, backends = info.backends or {}, states = info.states }
     end
-    return { engine = "postgresql", instance = cfg.instance, instances = list, leases = leases }
+    return { engine = "postgresql", instance = cfg.instance, instances = list, leases = leases,
+      peers = peers or {} }
   end, 30000)
   if not ok then return nil, tostring(out), "ESTORE" end
   return out, err, code

@@ -438,6 +438,14 @@ backends = {
         # every inbox row was delivered.
         self.assertTrue(wait_for(lambda: self.pg_count("outbox") == 0 and self.pg_count("inbox") == 0, 60),
                         "outbox %s inbox %s" % (self.pg_count("outbox"), self.pg_count("inbox")))
+        # `segue status` on any instance: the peer's row from the shared store.
+        r = run(["status", nodes[1].config], timeout=60, cwd=nodes[1].dir)
+        self.assertEqual(r.code, 0, r.stderr)
+        st = json.loads(r.stdout)
+        peer = [x for x in st["peers"] if x["server_id"] == P]
+        self.assertEqual(len(peer), 1, st)
+        self.assertEqual((peer[0]["queued"], peer[0]["inbox"]), (0, 0))
+        self.assertGreater(peer[0].get("last_push_in", 0), 0)
 
     def pg_rows(self, sql):
         return subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c", sql],
