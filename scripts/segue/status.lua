@@ -62,7 +62,7 @@ function M.read_shared(cfg)
     local leases = instances and db:leases() or {}
     -- the postbox's peers (queue, inbox, times) from the shared store
     local peers = instances and s.call("segue.status", function(cb)
-      return pbc.peers_of(db, cb)
+      return require("segue.postbox_core").peers_of(db, cb)
     end) or nil
     db:close()
     if not instances then return nil, ierr, icode end
