@@ -152,7 +152,12 @@ struct sg__federation {
   sg__fed_fetch *fetches;          /* key fetches under way */
   unsigned n_fetches, fetch_rate;
   int fetch_private, verify_pool;
-  unsigned jobs;                   /* signature checks on the thread pool */
+  unsigned jobs;                   /* jobs of signature checks on the thread pool */
+  uv_check_t vflush;               /* hands the turn's checks to the pool */
+  int vflush_ready;                /* initialized and not closing */
+  unsigned cores;                  /* jobs a turn's checks are split into, at most */
+  struct waiter *vpending, *vpending_tail;  /* the checks this turn asked for */
+  size_t n_vpending;
   uint64_t limit_logged_at;        /* uv_now of the last "key fetch limit" line */
   uint64_t log_window;             /* refusals logged: the current 10 s period */
   unsigned log_lines, log_dropped;
