@@ -18,6 +18,7 @@
 #define P_DELAY "/test.Echo/Delay"
 #define P_LIMITED "/test.Echo/Limited"
 #define P_HOLD "/test.Echo/Hold"
+#define P_PROBE "/test.Echo/Probe"
 #define ID_BAD "hrpc.http.bad-unary-request"
 #define HEADER_TIMEOUT_MS 400
 #define BODY_TIMEOUT_MS 600
@@ -84,6 +85,16 @@ static char seen_auth[128];
 static void echo(sg__hrpc_request *req, void *ud) {
   snprintf(seen_auth, sizeof seen_auth, "%s", req->authorization ? req->authorization : "");
   CHECK(sg__hrpc_respond(req, req->body, req->body_len) == 0);
+}
+
+/* Answers what it was given: "auth=<header>" or "noauth", then the body. */
+static void probe(sg__hrpc_request *req, void *ud) {
+  char out[512];
+  int n = req->authorization ? snprintf(out, sizeof out, "auth=%s|", req->authorization)
+                             : snprintf(out, sizeof out, "noauth|");
+  n += snprintf(out + n, sizeof out - (size_t)n, "%.*s", (int)req->body_len,
+                req->body ? (const char *)req->body : "");
+  CHECK(sg__hrpc_respond(req, (const uint8_t *)out, (size_t)n) == 0);
 }
 
 static void limited(sg__hrpc_request *req, void *ud) {
@@ -494,6 +505,27 @@ static void test_pipelined(void) {
   CHECK(delay_done_count == 1 && delay_done_status == 0);  /* written out completely */
 }
 
+/* A connection reuses its request's memory for the next one: nothing of a
+ * request (its Authorization, Content-Type, body) shows in the next. */
+static void test_consecutive_requests_start_clean(void) {
+  static const char three[] =
+      "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\n" CT "Authorization: secret-token\r\n"
+      "Content-Length: 10\r\n\r\n0123456789"
+      "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\n" CT "Content-Length: 1\r\n\r\nx"
+      "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\ny"
+      "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\n" CT "Authorization: b\r\n"
+      "Content-Length: 0\r\n\r\n";
+  raw w;
+  raw_start(&w, port, three, sizeof three - 1, 4);
+  CHECK(run_until(&w.done, 5000) == 0);
+  CHECK(w.n == 4);
+  CHECK(w.r[0].status == 200 && w.r[0].body_len == 28 &&
+        memcmp(w.r[0].body, "auth=secret-token|0123456789", 28) == 0);
+  CHECK(w.r[1].status == 200 && w.r[1].body_len == 8 && memcmp(w.r[1].body, "noauth|x", 8) == 0);
+  CHECK(w.r[2].status == 400);  /* no Content-Type: the first one's is not kept */
+  CHECK(w.r[3].status == 200 && w.r[3].body_len == 7 && memcmp(w.r[3].body, "auth=b|", 7) == 0);
+}
+
 static void test_expect_continue(void) {
   static const char req[] = POST_ECHO CT "Expect: 100-continue\r\nContent-Length: 2\r\n\r\nhi";
   raw w;
@@ -693,6 +725,7 @@ int main(void) {
   CHECK(sg__hrpc_server_route(&server, P_DELAY, delay, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_LIMITED, limited, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_HOLD, hold, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_PROBE, probe, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_ECHO, echo, NULL) == SG_EEXIST);
   CHECK(sg__hrpc_server_listen(&server, "127.0.0.1:0") == 0);
   port = sg__hrpc_server_port(&server);
@@ -704,6 +737,7 @@ int main(void) {
   test_client_timeout_cancels_request();
   for (size_t i = 0; i < sizeof raw_cases / sizeof *raw_cases; i++) check_raw_case(&raw_cases[i]);
   test_pipelined();
+  test_consecutive_requests_start_clean();
   test_expect_continue();
   test_timeouts();
   test_max_connections();
