@@ -8,6 +8,8 @@
 -- Prints "rate reload_unchanged_ms reload_one_ms reload_full_ms lost"; dst
 -- writes "p50_us p99_us" of the latency to LATENCY_FILE. Exits 1 (and says
 -- why on stderr) when the messages do not all arrive within the deadline.
+-- ROUTER_BENCH_DEBUG=1 says on stderr how many messages the compiled path
+-- carried.
 local segue = require "segue"
 local loop = require "segue.loop"
 local router = require "segue.router"
