@@ -662,6 +662,14 @@ end
 -- A backend (re)started: its capabilities may have changed.
 local function compile_backend(name)
   for room in pairs(index[name] or {}) do compile_around(name, room) end
+  -- what was compiled with its old capabilities leaves the table now
+  for key in pairs(to_compile) do
+    local id = compiled[key]
+    if id then
+      core.route_put(to_compile[key][1], id, nil)
+      compiled[key] = nil
+    end
+  end
 end
 
 local exclusive = false  -- the router is the only "update" listener
