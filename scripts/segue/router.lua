@@ -525,10 +525,11 @@ end
 -- (runtime/flubber/route.h): a plain message there (Text, no attachments,
 -- new, not a copy, within each destination's length) is carried by C the
 -- way deliver and send_copy carry it, with no Lua per message; anything
--- else still comes here. The table is rebuilt for each rule set (swapped in
--- the same step as the rules, filled on the next loop turn) and a room is
--- compiled again when it or a room it sends to resolves, or a backend of
--- its bridges (re)starts. Only while the router is the only "update"
+-- else still comes here. Each rule set gets its table in the same step as
+-- the rules (see compile_set: rooms whose routes may have changed are
+-- compiled again on the next loop turn, meanwhile Lua carries them), and a
+-- room is compiled again when it or a room it sends to resolves, or a
+-- backend of its bridges (re)starts. Only while the router is the only "update"
 -- listener and nobody watches (segue watch): they see every message.
 
 local compiled = {}       -- "backend\0room" -> the room id it is compiled under
