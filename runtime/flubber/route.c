@@ -364,29 +364,26 @@ void sg__route_edit_note(sg__route *r, const char *backend, const char *id, int6
 
 typedef struct mcopy {
   struct mcopy *next;
-  char *backend, *id, *room;
+  const char *backend, *id, *room;  /* in the same allocation, after it */
 } mcopy;
 
 static void free_mcopies(void *p) {
   for (mcopy *c = p, *next; c; c = next) {
     next = c->next;
-    free(c->backend);
-    free(c->id);
-    free(c->room);
     free(c);
   }
 }
 
+/* One allocation: the struct, then its strings. */
 static mcopy *mcopy_new(const char *backend, const char *id, const char *room) {
-  mcopy *c = calloc(1, sizeof *c);
+  size_t lb = strlen(backend) + 1, li = strlen(id) + 1, lr = room ? strlen(room) + 1 : 0;
+  mcopy *c = malloc(sizeof *c + lb + li + lr);
   if (!c) return NULL;
-  c->backend = strdup(backend);
-  c->id = strdup(id);
-  c->room = room ? strdup(room) : NULL;
-  if (!c->backend || !c->id || (room && !c->room)) {
-    free_mcopies(c);
-    return NULL;
-  }
+  char *at = (char *)(c + 1);
+  c->next = NULL;
+  c->backend = memcpy(at, backend, lb);
+  c->id = memcpy(at + lb, id, li);
+  c->room = room ? memcpy(at + lb + li, room, lr) : NULL;
   return c;
 }
 
@@ -398,17 +395,10 @@ int sg__route_mem_put(sg__route *r, const char *ob, const char *oid, const char 
   if (origin) {
     o->val = origin;
   } else {  /* the memory store kept the last origin */
-    mcopy *old = o->val;
-    char *b = strdup(ob), *i = strdup(oid);
-    if (!b || !i) {
-      free(b);
-      free(i);
-      return SG_ENOMEM;
-    }
-    free(old->backend);
-    free(old->id);
-    old->backend = b;
-    old->id = i;
+    mcopy *last = mcopy_new(ob, oid, NULL);
+    if (!last) return SG_ENOMEM;
+    free(o->val);
+    o->val = last;
   }
   ment *l = smap_get(&r->mem_copies, ob, oid, NULL);
   mcopy *c = l ? mcopy_new(cb, cid, room) : NULL;
