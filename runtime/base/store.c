@@ -11,7 +11,7 @@
 #include "segue.h"
 #include "store_pg.h"
 
-#define STMT_CACHE 64
+#define STMT_CACHE 96
 #define BUSY_TIMEOUT_MS 5000
 
 struct sg__store {
@@ -454,6 +454,26 @@ int sg__store_map_copies(sg__store *s, const char *origin_backend, const char *o
     err = cb(ud, (const char *)sqlite3_column_text(st, 0),
              (const char *)sqlite3_column_text(st, 1), (const char *)sqlite3_column_text(st, 2));
   if (!err && rc != SQLITE_DONE) err = sg__store_fail(s);
+  sqlite3_reset(st);
+  return err;
+}
+
+static const char SQL_MAP_KNOWN[] =
+    "SELECT EXISTS (SELECT 1 FROM msg_map WHERE copy_backend = ?1 AND copy_id = ?2),"
+    " EXISTS (SELECT 1 FROM msg_map WHERE origin_backend = ?1 AND origin_id = ?2)";
+
+int sg__store_map_known(sg__store *s, const char *backend, const char *id, int *is_copy,
+                        int *has_copies) {
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_MAP_KNOWN);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, id}, 2);
+  int err = 0;
+  if (sqlite3_step(st) == SQLITE_ROW) {
+    *is_copy = sqlite3_column_int(st, 0);
+    *has_copies = sqlite3_column_int(st, 1);
+  } else {
+    err = sg__store_fail(s);
+  }
   sqlite3_reset(st);
   return err;
 }

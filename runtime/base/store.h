@@ -79,6 +79,10 @@ typedef int (*sg__store_copy_cb)(void *ud, const char *backend, const char *id,
                                 const char *room);
 int sg__store_map_copies(sg__store *s, const char *origin_backend, const char *origin_id,
                         sg__store_copy_cb cb, void *ud);
+/* Both at once, in one statement (the router's hot path, SQLite only):
+ * whether (backend, id) is a copy, and whether it has copies. */
+int sg__store_map_known(sg__store *s, const char *backend, const char *id, int *is_copy,
+                        int *has_copies);
 
 /* ---- the room and message log --------------------------------------------- */
 

@@ -880,24 +880,18 @@ static int fast(sg__route *r, bstate *s, sg__backend *b, const cJSON *u, sg__rou
   const cJSON *so = cJSON_IsObject(extra) ? cJSON_GetObjectItemCaseSensitive(extra, "segue_origin") : NULL;
   int is_copy = so && !cJSON_IsNull(so) && !cJSON_IsFalse(so);
   sg__store *st = r->store;
-  if (!is_copy && st) {
-    char *ob = NULL, *oi = NULL;
-    int rc = sg__store_map_origin(st, b->name, id, &ob, &oi);
-    free(ob);
-    free(oi);
-    if (rc < 0) return 0;
-    is_copy = rc == 0;
+  int mapped_copy = 0, has = 0;
+  if (st) {  /* a copy? copied before (a replay)? one statement */
+    if (sg__store_map_known(st, b->name, id, &mapped_copy, &has) < 0) return 0;
   } else if (!is_copy) {
     const char *ob, *oi;
-    is_copy = sg__route_mem_origin(r, b->name, id, &ob, &oi) == 0;
+    mapped_copy = sg__route_mem_origin(r, b->name, id, &ob, &oi) == 0;
   }
+  is_copy = is_copy || mapped_copy;
   int64_t seen;
   if (!is_copy) {
     if (sg__route_edit_seen(r, b->name, id, &seen)) return 0;
-    int has = 0;
-    if (st ? sg__store_map_copies(st, b->name, id, any_copy, &has) < 0
-           : sg__route_mem_copies(r, b->name, id, any_copy, &has) < 0)
-      return 0;
+    if (!st && sg__route_mem_copies(r, b->name, id, any_copy, &has) < 0) return 0;
     if (has) return 0;
   }
   if (!st) {  /* no store: nothing is logged */
