@@ -26,7 +26,8 @@ segue.every(20, function()
   end
   local s = router.status
   local f = io.open("counters.tmp", "w")
-  f:write(segue.json.encode { bridged = s.bridged, lost = s.lost, pauses = s.pauses }) f:close()
+  f:write(segue.json.encode { bridged = s.bridged, lost = s.lost, pauses = s.pauses,
+    compiled = s.compiled }) f:close()
   os.rename("counters.tmp", "counters.json")
 end)
 """
@@ -81,6 +82,9 @@ scripts = { "go.lua" }
         c = counters()
         self.assertEqual(c["lost"], 0)
         self.assertGreater(c["pauses"], 0, "the flooding backend was never paused")
+        # a plain bridge and no other update handler: C carried the flood
+        # (flow control, bounds and order included), not Lua
+        self.assertEqual(c["compiled"], N)
 
 
 if __name__ == "__main__":
