@@ -11,30 +11,8 @@ import subprocess
 import time
 import urllib.parse
 
-from harness import SEGUE, LogTail, run, tmpdir, wait_for, write
+from harness import SEGUE, LogTail, inject_lua, run, say, tmpdir, wait_for, write
 
-# inject.lua: lines {"backend", "room", "sender", "text"} appended to
-# inject.jsonl are said by a user of that memory backend (room by name).
-INJECT = r"""
-local segue = require "segue"
-local sdk = require "segue.backend_sdk"
-local done = 0
-segue.every(20, function()
-  local f = io.open("inject.jsonl")
-  if not f then return end
-  local n = 0
-  for line in f:lines() do
-    n = n + 1
-    if n > done then
-      done = n
-      local c = segue.json.decode(line)
-      local room = segue.backend(c.backend):request { type = "RoomLookup", value = c.room }
-      sdk.api(c.backend).post(room.value, c.sender, c.text)
-    end
-  end
-  f:close()
-end)
-"""
 
 
 def q(s):
@@ -52,7 +30,7 @@ class Api:
         self.backends = backends or 'a = { script = "memory" }, b = { script = "memory" }'
         self.rules = rules if rules is not None else 'return { bridge { "a:#general", "b:#general" } }'
         self.http_extra = http_extra
-        write(os.path.join(self.d, "inject.lua"), INJECT)
+        write(os.path.join(self.d, "inject.lua"), inject_lua())
         write(os.path.join(self.d, "rules.lua"), self.rules)
         write(os.path.join(self.d, "cfg.lua"),
               'data_dir = "data"\nbackends = { %s }\nrules = "rules.lua"\nscripts = { "inject.lua" }\n'
@@ -99,8 +77,7 @@ class Api:
         self.test.assertEqual(self.p.returncode, 0, self.log.text())
 
     def say(self, backend, room, sender, text):
-        with open(os.path.join(self.d, "inject.jsonl"), "a") as f:
-            f.write(json.dumps({"backend": backend, "room": room, "sender": sender, "text": text}) + "\n")
+        say(self.d, backend, room, sender, text)
 
     def request(self, method, path, token=None, body=None, headers=None, raw_body=None):
         """(status, headers dict with lower-case names, decoded JSON or text)."""

@@ -22,36 +22,12 @@ import unittest
 import pg_server
 from api_util import Api, q
 from test_api import OLD_BACKEND, texts
-from harness import SEGUE, PYTHON, LogTail, run, tmpdir, wait_for, write
+from harness import SEGUE, PYTHON, LogTail, inject_lua, run, say, tmpdir, wait_for, write
 
 LEASE_MS = 4000
 HERE = os.path.dirname(os.path.abspath(__file__))
 STREAM = os.path.join(HERE, "stream_backend.py")
 
-# Lines {"backend", "room", "sender", "text"} appended to inject.jsonl are
-# said by a user of that memory backend, by the instance that runs it.
-INJECT = r"""
-local segue = require "segue"
-local sdk = require "segue.backend_sdk"
-local done = 0
-segue.every(20, function()
-  local f = io.open("inject.jsonl")
-  if not f then return end
-  local n = 0
-  for line in f:lines() do
-    n = n + 1
-    if n > done then
-      local c = segue.json.decode(line)
-      local info = segue.backend(c.backend):info()
-      if not (info and info.state == "running") then break end  -- not running here
-      done = n
-      local room = segue.backend(c.backend):request { type = "RoomLookup", value = c.room }
-      sdk.api(c.backend).post(room.value, c.sender, c.text)
-    end
-  end
-  f:close()
-end)
-"""
 
 
 class Node(Api):
@@ -138,7 +114,7 @@ store = { engine = "postgresql", dsn = %s }
     # ---- the client API on every instance ------------------------------------
 
     def test_the_api_on_two_instances(self):
-        write(os.path.join(self.dir, "inject.lua"), INJECT)
+        write(os.path.join(self.dir, "inject.lua"), inject_lua(only_running=True))
         write(os.path.join(self.dir, "rules.lua"), 'return { bridge { "a:#general", "b:#general" } }\n')
         write(os.path.join(self.dir, "old_backend.lua"), OLD_BACKEND)
         body = ('backends = { a = { script = "memory" }, b = { script = "memory" },'
@@ -177,8 +153,7 @@ store = { engine = "postgresql", dsn = %s }
         # A message routed by the owner reaches a stream on the other instance.
         s = off.stream(token=bob)
         self.assertEqual(s.status, 200, s.head)
-        with open(os.path.join(self.dir, "inject.jsonl"), "a") as f:
-            f.write(json.dumps({"backend": "a", "room": "#general", "sender": "alice", "text": "hello there"}) + "\n")
+        say(self.dir, "a", "#general", "alice", "hello there")
 
         def said(events, text, backend="a"):
             return [e for e in events if e["event"] == "MessageUpsert" and e["data"]["backend"] == backend
@@ -198,8 +173,7 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual([x["unread"] for x in rooms if x["backend"] == "a" and x["id"] == room], [0])
 
         # Missed while disconnected: replayed on the other instance from Last-Event-ID.
-        with open(os.path.join(self.dir, "inject.jsonl"), "a") as f:
-            f.write(json.dumps({"backend": "a", "room": "#general", "sender": "alice", "text": "while away"}) + "\n")
+        say(self.dir, "a", "#general", "alice", "while away")
         self.assertTrue(wait_for(lambda: "while away" in json.dumps(on.get(on.messages_path("a", room))[2]), 30))
         s = off.stream(token=bob, last_event_id=first["id"])
         replay = s.events(20, 5)
@@ -216,7 +190,8 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual(status, 201, (sent, self.logs()))
         self.assertTrue(wait_for(lambda: "sent via the other" in json.dumps(
             on.get(on.messages_path("b", on.room_id("b", "#general")))[2]), 30), self.logs())
-        self.assertIn("api: bob sent %s to a:%s" % (sent["id"], room), self.log(owner))
+        line = "api: bob sent %s to a:%s" % (sent["id"], room)
+        self.assertTrue(wait_for(lambda: line in self.log(owner), 10), self.log(owner))  # read by a thread
         status, _, body = off.post(off.messages_path("a", room), {"text": "x"}, token="sgt_nope")
         self.assertEqual(status, 401, body)
         status, _, body = off.post(off.messages_path("nope", room), {"text": "x"}, token=bob)
@@ -321,12 +296,12 @@ backends = {
         # Written at a renewal (lease_ms / 3) without the function.
         self.assertTrue(wait_for(lambda: (self.stored_state() or {}).get("n") == 3, 20), self.logs())
         self.assertEqual(self.stored_state(), {"n": 3, "seen": ["one1", "one2", "one3"]})
-        self.assertIn("rules state: not kept across instances: state.fn (function)", self.log("i1"))
+        self.assertTrue(self.procs["i1"][1].wait_for("rules state: not kept across instances: state.fn (function)", 20), self.log("i1"))
 
         # kill -9 of the owner: i2 takes over with the state i1 left.
         self.kill9("i1")
         self.assertEqual(self.owner(("i2",)), "i2")
-        self.assertIn("rules state loaded", self.log("i2"))
+        self.assertTrue(self.procs["i2"][1].wait_for("rules state loaded", 20), self.log("i2"))
         self.say("m4", "two", t + 4)
         self.assertTrue(wait_for(lambda: self.bridged("m4"), 30), self.logs())
         self.assertEqual(self.bridged("m4"), ["two #4"])

@@ -9,15 +9,14 @@ import subprocess
 import time
 import unittest
 
-from harness import SEGUE, PYTHON, HERE, tmpdir, write, run, wait_for
+from harness import SEGUE, PYTHON, HERE, inject_lua, say, tmpdir, write, run, wait_for
 
 CHAT = os.path.join(HERE, "router_chat_backend.py")
 
-# observe.lua: every MessageUpsert as a JSON line; inject.jsonl lines
-# {"backend", "room", "sender", "text"} are posted into memory backends.
+# observe.lua: every MessageUpsert as a JSON line (seen.jsonl); inject.lua
+# (harness.inject_lua) says what say() appends to inject.jsonl.
 OBSERVE = r"""
 local segue = require "segue"
-local sdk = require "segue.backend_sdk"
 local out = assert(io.open("seen.jsonl", "a"))
 out:setvbuf("line")
 segue.on("update", function(name, u)
@@ -32,22 +31,6 @@ segue.every(20, function()
     local r = io.open("ready", "w") r:write("1") r:close()
   end
 end)
-local done = 0
-segue.every(20, function()
-  local f = io.open("inject.jsonl")
-  if not f then return end
-  local n = 0
-  for line in f:lines() do
-    n = n + 1
-    if n > done then
-      done = n
-      local c = segue.json.decode(line)
-      local room = segue.backend(c.backend):request { type = "RoomLookup", value = c.room }
-      sdk.api(c.backend).post(room.value, c.sender, c.text)
-    end
-  end
-  f:close()
-end)
 """
 
 
@@ -59,12 +42,13 @@ class Bridge:
         self.test = test
         self.chat_file = os.path.join(self.d, "chat-in.jsonl")
         write(os.path.join(self.d, "observe.lua"), OBSERVE)
+        write(os.path.join(self.d, "inject.lua"), inject_lua())
         write(os.path.join(self.d, "rules.lua"), rules)
         backends = backends or """
             a = { script = "memory" }, b = { script = "memory" },
             chat = { cmd = %s, args = { %s, %s } },
         """ % (json.dumps(PYTHON), json.dumps(CHAT), json.dumps(self.chat_file))
-        write(os.path.join(self.d, "cfg.lua"), "backends = { %s }\nrules = \"rules.lua\"\nscripts = { \"observe.lua\" }\n" % backends)
+        write(os.path.join(self.d, "cfg.lua"), "backends = { %s }\nrules = \"rules.lua\"\nscripts = { \"observe.lua\", \"inject.lua\" }\n" % backends)
         self.start()
 
     def start(self):
@@ -84,8 +68,7 @@ class Bridge:
         return err
 
     def say(self, backend, room, sender, text):
-        with open(os.path.join(self.d, "inject.jsonl"), "a") as f:
-            f.write(json.dumps({"backend": backend, "room": room, "sender": sender, "text": text}) + "\n")
+        say(self.d, backend, room, sender, text)
 
     def chat(self, **cmd):
         with open(self.chat_file, "a") as f:
