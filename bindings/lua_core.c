@@ -220,9 +220,13 @@ static const struct bridge_key {
 #define N_BRIDGE_KEYS ((int)(sizeof bridge_keys / sizeof *bridge_keys))
 #define FORMAT_KEY 1
 
-static int one_of(const char *s, const char *const *choices) {
+/* Whether the Lua string at idx is one of choices (its whole length: an
+ * embedded NUL makes it none). */
+static int one_of(lua_State *L, int idx, const char *const *choices) {
+  size_t len;
+  const char *s = lua_tolstring(L, idx, &len);
   for (; *choices; choices++)
-    if (strcmp(s, *choices) == 0) return 1;
+    if (strlen(*choices) == len && memcmp(s, *choices, len) == 0) return 1;
   return 0;
 }
 
@@ -282,7 +286,7 @@ static int endpoint_sig(lua_State *L, sigbuf *g) {
     lua_pop(L, 1);
     if (ok) {
       int mt = lua_getfield(L, -1, "mode");  /* no metatable: raw */
-      ok = mt == LUA_TNIL || (mt == LUA_TSTRING && one_of(lua_tostring(L, -1), modes));
+      ok = mt == LUA_TNIL || (mt == LUA_TSTRING && one_of(L, -1, modes));
       if (ok && mt == LUA_TSTRING) sig_str(g, 'm', lua_tostring(L, -1), lua_rawlen(L, -1));
       lua_pop(L, 1);
     }
@@ -377,15 +381,18 @@ static int l_rule_bridge(lua_State *L) {
       continue;
     }
     if (lua_type(L, -2) != LUA_TSTRING) return 0;
-    const char *k = lua_tostring(L, -2);
+    size_t klen;
+    const char *k = lua_tolstring(L, -2, &klen);
     int i = 0;
-    while (i < N_BRIDGE_KEYS && strcmp(k, bridge_keys[i].name) != 0) i++;
+    while (i < N_BRIDGE_KEYS &&
+           (strlen(bridge_keys[i].name) != klen || memcmp(k, bridge_keys[i].name, klen) != 0))
+      i++;
     if (i == N_BRIDGE_KEYS) return 0;
     int vt = lua_type(L, -1);
     int ok = bridge_keys[i].type == BK_STRING     ? vt == LUA_TSTRING
              : bridge_keys[i].type == BK_FUNCTION ? vt == LUA_TFUNCTION
                                                    : vt == LUA_TNUMBER;
-    if (ok && bridge_keys[i].choices) ok = one_of(lua_tostring(L, -1), bridge_keys[i].choices);
+    if (ok && bridge_keys[i].choices) ok = one_of(L, -1, bridge_keys[i].choices);
     if (!ok) return 0;
     if (vt == LUA_TFUNCTION) has_fn = 1;
     set |= 1 << i;

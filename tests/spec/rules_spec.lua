@@ -111,6 +111,21 @@ describe("bridge records", function()
     assert.are.same(lua, c)
   end)
 
+  it("refuse keys and choices with an embedded NUL, as the Lua version does", function()
+    local set, errs = rules.load(file 'return { bridge { "irc:#a", "memory:#b", fallback = "drop\\0x" } }',
+      { backends = backends })
+    assert.is_nil(set)
+    assert.matches("bridge.fallback: unknown choice drop", errs[1], 1, true)
+    set, errs = rules.load(file 'return { bridge { "irc:#a", "memory:#b", ["name\\0x"] = "n" } }',
+      { backends = backends })
+    assert.is_nil(set)
+    assert.matches("bridge: unknown key name", errs[1], 1, true)
+    set, errs = rules.load(file 'return { bridge { "irc:#a", { "memory:#b", mode = "in\\0" } } }',
+      { backends = backends })
+    assert.is_nil(set)
+    assert.matches("mode must be both, in or out", errs[1], 1, true)
+  end)
+
   it("of a previous load are handed out again when their definition did not change", function()
     local path = file 'return {\n  bridge { "irc:#a", "memory:#a" },\n  bridge { "irc:#b", "memory:#b" },\n  bridge { "irc:#c", "memory:#c", filter = function() return true end },\n}\n'
     local first = assert(rules.load(path, { backends = backends }))
