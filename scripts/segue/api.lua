@@ -315,7 +315,14 @@ function routes.status(req)
   reply(req, 200, st)
 end
 
+-- The postbox's queues as the last /metrics asked the store for them: asked
+-- in the request, which may wait (a shared store answers later).
+local queue_peers = {}
+
 function routes.metrics(req)
+  queue_peers = segue.call("metrics", function(cb)
+    return require("segue.postbox_core").peers_of(db, cb)
+  end) or {}
   metrics.set("segue_api_stream_clients", nil, nstreams)
   metrics.inc("segue_api_requests_total", { status = "200" })
   req:respond(200, { ["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8", ["Cache-Control"] = "no-store" },
@@ -527,8 +534,7 @@ local function collect()
     metrics.set("segue_backend_restarts_total", { backend = b.name }, b.restarts or 0)
   end
   metrics.reset("segue_postbox_queue_depth")
-  local peers = require("segue.postbox_core").peers_of(db)
-  for _, p in ipairs(peers or {}) do
+  for _, p in ipairs(queue_peers) do
     metrics.set("segue_postbox_queue_depth", { peer = p.server_id }, p.queued or 0)
   end
   -- segue.flow keeps the router's per-bridge counters (also for `segue status`)

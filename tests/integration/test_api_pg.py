@@ -146,6 +146,16 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual(r.code, 0, r.stderr)
         self.assertEqual([l.split()[0] for l in r.stdout.splitlines()], ["bob", "root"])
 
+        # /metrics on either instance shows the postbox's queues of the
+        # shared store (asked without blocking: the store answers later).
+        self.sql("INSERT INTO peers(server_id, first_seen) VALUES ('peer.example', 0);"
+                 "INSERT INTO outbox(peer, event, created) VALUES ('peer.example', '\\x01', 0),"
+                 " ('peer.example', '\\x02', 0)")
+        for node in (on, off):
+            status, _, text = node.get("/metrics")
+            self.assertEqual(status, 200, text)
+            self.assertIn('segue_postbox_queue_depth{peer="peer.example"} 2', text)
+
         # The rooms the owner's backends announced are known on the other.
         room = off.room_id("a", "#general", 60)
         self.assertEqual(on.room_id("a", "#general", 60), room)
