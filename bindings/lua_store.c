@@ -16,7 +16,7 @@
 typedef struct lstore {
   sg__store *s;   /* NULL once closed */
   int closing;    /* answers arriving now are dropped */
-  int holds;     /* users in C (postboxes) that forbid an explicit close */
+  int holds;     /* users in C (postboxes, the router's route core) that forbid an explicit close */
 } lstore;
 
 static lstore *check_lstore(lua_State *L, int idx) {
@@ -70,7 +70,7 @@ static int l_open(lua_State *L) {
 
 static int l_close(lua_State *L) {
   lstore *ls = *(lstore **)luaL_checkudata(L, 1, STORE_MT);
-  if (ls && ls->holds) return luaL_error(L, "the store is in use by a postbox");
+  if (ls && ls->holds) return luaL_error(L, "the store is in use by %d user(s) in C (a postbox, the router: router.set_store(nil) gives it back)", ls->holds);
   if (ls) {
     ls->closing = 1;
     sg__store_close(ls->s);

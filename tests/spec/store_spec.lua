@@ -106,6 +106,19 @@ describe("segue.store", function()
     db:close()
   end)
 
+  it("cannot be closed while the router holds it, and says who to ask", function()
+    local router = require "segue.router"
+    local db = fresh()
+    router.set_store(db)
+    local ok, err = pcall(db.close, db)
+    assert.is_false(ok)
+    assert.matches("in use by 1 user%(s%) in C", err)
+    assert.matches("router.set_store%(nil%)", err)
+    router.set_store(nil)
+    db:close()
+    assert.has_error(function() db:kv_get("x") end)
+  end)
+
   it("refuses an unknown engine and a postgresql store without a dsn, naming them", function()
     local db, err, code = store.open { engine = "oracle", path = "x" }
     assert.is_nil(db)
