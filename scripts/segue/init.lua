@@ -282,6 +282,13 @@ function segue.on(event, fn)
   end
 end
 
+--- segue.listening(event) -> true when `event` has a handler now (a producer
+--- may skip preparing what nobody would receive).
+function segue.listening(event)
+  local list = handlers[event]
+  return list ~= nil and #list > 0
+end
+
 --- segue.emit(event, ...): runs the handlers of `event` (for scripts' own events).
 function segue.emit(event, ...)
   local list = handlers[event]

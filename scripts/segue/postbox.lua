@@ -76,9 +76,12 @@ end
 -- when the host offers a checked emit, a failing handler keeps the event in
 -- the inbox to be delivered again.
 local function transport_deliver(server_id, bytes)
+  local s = segue()
+  -- Nobody listens (no rules' on_federation, no script): delivered, as an
+  -- emit to no handler is, without decoding it for nobody.
+  if not s.listening("federation") then return true end
   local event, err = harmony.decode(EVENT, bytes)
   if not event then return nil, err end
-  local s = segue()
   if s.emit_checked then return s.emit_checked("federation", server_id, event) end
   s.emit("federation", server_id, event)
   return true

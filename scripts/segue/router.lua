@@ -870,6 +870,26 @@ local function update_index(idx, touched, pos)
   end
 end
 
+-- The router listens to "federation" only while the rules have an
+-- on_federation: with no listener the postbox delivers an event without
+-- decoding it into Lua for nobody.
+local installed, stop_federation
+local function listen_federation()
+  local want = installed and current and current.on_federation
+  if want and not stop_federation then
+    stop_federation = segue.on("federation", function(server_id, event)
+      local set = current
+      if set and set.on_federation then
+        local ok, err = rules.run(set.on_federation, server_id, event)
+        if not ok then segue.log.error("on_federation failed: " .. tostring(err)) end
+      end
+    end)
+  elseif not want and stop_federation then
+    stop_federation()
+    stop_federation = nil
+  end
+end
+
 function M.load(path, backends)
   local key = backends_key(backends)
   if unchanged(path, key) then
@@ -900,6 +920,7 @@ function M.load(path, backends)
   else index = build_index(set) end
   current, state = set, set.state
   compile_set(set, touched)
+  listen_federation()
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
   loaded.texts, loaded.backends = {}, key
@@ -948,13 +969,8 @@ function M.install()
     compile_backend(name)
     if st == "running" then M.resolve_backend(name, true) end
   end)
-  segue.on("federation", function(server_id, event)
-    local set = current
-    if set and set.on_federation then
-      local ok, err = rules.run(set.on_federation, server_id, event)
-      if not ok then segue.log.error("on_federation failed: " .. tostring(err)) end
-    end
-  end)
+  installed = true
+  listen_federation()
 end
 
 return M
