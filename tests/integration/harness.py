@@ -3,6 +3,7 @@ in $SEGUE, set by ctest) over real pipes and sockets."""
 import json
 import atexit
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -125,8 +126,32 @@ class LogTail:
         return wait_for(lambda: needle in self.text(), timeout)
 
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now, chosen
+    below the kernel's ephemeral range: a port from that range (what bind to
+    port 0 hands out) can be taken by any outgoing connection of another
+    test (a database client, curl) between this check and the server's own
+    bind, which failed test_scaling once with EADDRINUSE."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(max(1024, low - 12000), low - 1)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return port
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
