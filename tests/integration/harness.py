@@ -143,7 +143,7 @@ def free_port():
     low = _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(200):
-        port = rng.randint(max(1024, low - 12000), low - 1)
+        port = rng.randint(max(1024, low - 22000), low - 1)
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", port))

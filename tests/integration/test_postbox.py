@@ -30,9 +30,9 @@ def pair():
 class Delivery(unittest.TestCase):
     def test_in_order_then_queued_while_down_then_pulled_exactly_once(self):
         a, b = pair()
-        b.start()
-        a.start()
         try:
+            b.start()
+            a.start()
             a.push(B, range(1, 6))
             self.assertTrue(a.wait_acks(5), a.stderr())
             self.assertEqual([x["how"] for x in a.read_acks()], ["pushed"] * 5)
@@ -69,9 +69,9 @@ class Delivery(unittest.TestCase):
         a = PostboxNode(A, sender=True, port=a_port,
                         federation=dict(FAST, peers={B: "http://127.0.0.1:%d" % b_port}))
         b = PostboxNode(B, port=b_port, federation=dict(FAST, peers={A: a_url, A2: a_url}, allow=[A, A2]))
-        b.start()
-        a.start()
         try:
+            b.start()
+            a.start()
             a.push(B, [1])
             self.assertTrue(wait_for(lambda: b.received_ids() == [1]), b.stderr())
             self.assertEqual([r[0] for r in b.db("SELECT server_id FROM peers")], [A])
@@ -90,9 +90,9 @@ class Delivery(unittest.TestCase):
 
     def test_kill_9_of_the_sender_loses_and_duplicates_nothing_acknowledged(self):
         a, b = pair()
-        b.start()
-        a.start()
         try:
+            b.start()
+            a.start()
             a.push(B, [1])
             self.assertTrue(a.wait_acks(1))
             self.assertEqual(b.stop(), 0)
@@ -126,9 +126,9 @@ class Delivery(unittest.TestCase):
         a = PostboxNode(A, sender=True, port=a_port,
                         federation=dict(small, peers={B: "http://127.0.0.1:%d" % b_port}))
         b = PostboxNode(B, port=b_port, federation=dict(small, peers={A: "http://127.0.0.1:%d" % a_port}))
-        b.start()
-        a.start()
         try:
+            b.start()
+            a.start()
             a.push(B, [1])  # B learns of A: it pulls from A at its next start
             self.assertTrue(wait_for(lambda: b.received_ids() == [1]), b.stderr())
             self.assertEqual(b.stop(), 0)
@@ -199,9 +199,9 @@ print(json.encode {
 class Refusals(unittest.TestCase):
     def test_bad_tokens_change_nothing_in_the_store(self):
         a, b = pair()
-        a.start()
-        b.start()
         try:
+            a.start()
+            b.start()
             q = json.dumps
             t = lua_json(TOKENS % (q(a.key_file()), q(A), q(A), q(A), q(A)))
             body = bytes.fromhex(t["body"])
