@@ -20,6 +20,15 @@ int sg__buf_append(sg__buf *b, const void *s, size_t n) {
   return 0;
 }
 
+void sg__buf_clear(sg__buf *b, size_t keep) {
+  if (b->cap > keep) {
+    sg__buf_free(b);
+  } else if (b->p) {
+    b->len = 0;
+    b->p[0] = '\0';
+  }
+}
+
 void sg__buf_free(sg__buf *b) {
   free(b->p);
   b->p = NULL;

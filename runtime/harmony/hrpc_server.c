@@ -156,27 +156,17 @@ static void req_free(req *r) {
   free(r);
 }
 
-/* Empties `b` (absent again: its users test len or the has_ flags), keeping
- * its memory unless it is large. */
-static sg__buf buf_emptied(sg__buf b) {
-  if (b.cap > KEEP_BYTES) {
-    sg__buf_free(&b);
-  } else if (b.p) {
-    b.len = 0;
-    b.p[0] = '\0';
-  }
-  return b;
-}
-
 /* A finished request of a connection that goes on: made ready for the next. */
 static void req_recycle(conn *c, req *r) {
+  /* Emptied (absent again: their users test len or the has_ flags). */
   sg__buf keep[5] = {r->url, r->body, r->ctype, r->auth, r->expect};
+  for (size_t i = 0; i < 5; i++) sg__buf_clear(&keep[i], KEEP_BYTES);
   memset(r, 0, sizeof *r);
-  r->url = buf_emptied(keep[0]);
-  r->body = buf_emptied(keep[1]);
-  r->ctype = buf_emptied(keep[2]);
-  r->auth = buf_emptied(keep[3]);
-  r->expect = buf_emptied(keep[4]);
+  r->url = keep[0];
+  r->body = keep[1];
+  r->ctype = keep[2];
+  r->auth = keep[3];
+  r->expect = keep[4];
   c->spare = r;
 }
 

@@ -16,6 +16,7 @@
 
 #define RBUF_SIZE 16384
 #define LINGER_MS 2000
+#define KEEP_BYTES 65536  /* a request buffer larger than this is freed between requests */
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
@@ -70,11 +71,6 @@ static void limits_merge(sg__http_limits *out, const sg__http_limits *in) {
   TAKE(max_header_bytes); TAKE(max_headers); TAKE(max_body_bytes); TAKE(header_timeout_ms);
   TAKE(body_timeout_ms); TAKE(write_timeout_ms); TAKE(max_pending_bytes); TAKE(max_connections);
 #undef TAKE
-}
-
-static void buf_clear(sg__buf *b) {
-  b->len = 0;
-  if (b->p) b->p[0] = '\0';
 }
 
 static void conn_free(conn *c) {
@@ -471,9 +467,9 @@ static void conn_parse(conn *c, const char *data, size_t len) {
  * for the next one (parsing what was pipelined first). */
 static void conn_next(conn *c) {
   c->served++;
-  buf_clear(&c->url);
-  buf_clear(&c->body);
-  buf_clear(&c->hdrs);
+  sg__buf_clear(&c->url, KEEP_BYTES);
+  sg__buf_clear(&c->body, KEEP_BYTES);
+  sg__buf_clear(&c->hdrs, KEEP_BYTES);
   free(c->headers);
   c->headers = NULL;
   c->nheaders = c->head_bytes = 0;
