@@ -30,6 +30,14 @@ struct sg__lenv {
   int handler_ref;           /* segue.core.set_handler's function (registry ref) */
   int loop_depth;            /* > 0 while a script runs the loop (segue.loop.run):
                                 the owner must not close L until it is back to 0 */
+  /* Store calls made and not answered yet, on every store opened through
+   * segue.store (whoever made them: scripts, the router, a postbox). The
+   * owner holds the close of L while > 0, for a bounded time, so what was
+   * written before a stop reaches the store (docs/scaling.md). segue.store
+   * calls store_settled (may be NULL) when it falls to 0, from inside a
+   * store callback: the owner must not close L from there. */
+  unsigned store_ops;
+  void (*store_settled)(sg__lenv *e);
   /* Errors no Lua caller can receive: already logged; may be NULL. */
   void (*on_error)(sg__lenv *e, int err, const char *message);
   /* The backends, linked through sg__backend.next; the owner allocates and

@@ -17,7 +17,38 @@ typedef struct lstore {
   sg__store *s;   /* NULL once closed */
   int closing;    /* answers arriving now are dropped */
   int holds;     /* users in C (postboxes, the router's route core) that forbid an explicit close */
+  sg__lenv *e;    /* the host's, or NULL (plain lua: SQLite only) */
+  unsigned ops;   /* calls not answered yet (counted in e->store_ops too) */
 } lstore;
+
+/* The store's busy hook (sg__store_set_busy): every call on it, the
+ * postbox's and the route core's too, counts for the host's stop. */
+static void on_busy(void *ud, int delta) {
+  lstore *ls = ud;
+  ls->ops += (unsigned)delta;
+  ls->e->store_ops += (unsigned)delta;
+  if (ls->e->store_ops == 0 && ls->e->store_settled) ls->e->store_settled(ls->e);
+}
+
+/* Closes the engine: what is not answered yet is dropped (its callbacks
+ * hear nothing: closing), and said in the log. By __gc that is only what a
+ * stop could not wait for (the host holds the close, bounded). */
+static void close_store(lstore *ls) {
+  sg__store *s = ls->s;
+  if (!s) return;
+  if (ls->ops && ls->e)
+    sg__log(&ls->e->log, SG_LOG_WARN, "store", sg__store_engine(s),
+            "closed with %u operation(s) not answered: they are dropped", ls->ops);
+  ls->closing = 1;
+  ls->s = NULL;
+  sg__store_close(s);
+  ls->closing = 0;
+  if (ls->e && ls->ops) {
+    ls->e->store_ops -= ls->ops;
+    ls->ops = 0;
+    if (ls->e->store_ops == 0 && ls->e->store_settled) ls->e->store_settled(ls->e);
+  }
+}
 
 static lstore *check_lstore(lua_State *L, int idx) {
   lstore *ls = *(lstore **)luaL_checkudata(L, idx, STORE_MT);
@@ -65,26 +96,22 @@ static int l_open(lua_State *L) {
   char err[600];
   int rc = sg__store_open_with(&c, &ls->s, err, sizeof err);
   if (rc < 0) return sg__lua_fail(L, rc, err);
+  ls->e = h;
+  if (h) sg__store_set_busy(ls->s, on_busy, ls);
   return 1;
 }
 
 static int l_close(lua_State *L) {
   lstore *ls = *(lstore **)luaL_checkudata(L, 1, STORE_MT);
   if (ls && ls->holds) return luaL_error(L, "the store is in use by %d user(s) in C (a postbox, the router: router.set_store(nil) gives it back)", ls->holds);
-  if (ls) {
-    ls->closing = 1;
-    sg__store_close(ls->s);
-    ls->s = NULL;
-    ls->closing = 0;
-  }
+  if (ls) close_store(ls);
   return 0;
 }
 
 static int l_gc(lua_State *L) {
   lstore **ud = luaL_checkudata(L, 1, STORE_MT);
   if (*ud) {
-    (*ud)->closing = 1;
-    sg__store_close((*ud)->s);
+    close_store(*ud);
     free(*ud);
     *ud = NULL;
   }
@@ -229,6 +256,8 @@ typedef struct lcall {
   lstore *ls;
   int kind, in_call, done, nres;
   int ref;        /* the waiting coroutine or callback, or LUA_NOREF */
+  int db_ref;     /* the store's userdata while the answer is awaited: a store
+                     with calls out is not collected (its __gc would drop them) */
   int is_thread;
 } lcall;
 
@@ -330,7 +359,10 @@ static void on_reply(void *ud, const sg__store_reply *r) {
   sg__lenv *h = c->h;
   lua_State *L = h ? h->L : NULL;
   if (!L || c->ls->closing) {  /* the store or the state is going away */
-    if (L && c->ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+    if (L) {
+      luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+      luaL_unref(L, LUA_REGISTRYINDEX, c->db_ref);
+    }
     free(c);
     return;
   }
@@ -342,6 +374,7 @@ static void on_reply(void *ud, const sg__store_reply *r) {
   } else {
     sg__lenv_resume(h, n);
   }
+  luaL_unref(L, LUA_REGISTRYINDEX, c->db_ref);  /* after: the store outlives its callback */
   free(c);
 }
 
@@ -364,6 +397,7 @@ static lcall *call_begin(lua_State *L, lstore *ls, int kind, int cbidx) {
   c->kind = kind;
   c->in_call = 1;
   c->ref = LUA_NOREF;
+  c->db_ref = LUA_NOREF;
   return c;
 }
 
@@ -390,6 +424,8 @@ static int call_end(lua_State *L, lcall *c, int rc, int cbidx) {
     free(c);
     return luaL_error(L, "segue.store: no host to answer on");
   }
+  lua_pushvalue(L, 1);  /* every method's self */
+  c->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   if (has_cb) {
     lua_pushvalue(L, cbidx);
     c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -659,6 +695,7 @@ static int l_event_append(lua_State *L) {
     c->kind = K_NUM;
     c->in_call = 1;
     c->ref = LUA_NOREF;
+    c->db_ref = LUA_NOREF;
     rc = sg__store_event_append_async(ls->s, &ev, on_reply, c);
   }
   cJSON_free(value);

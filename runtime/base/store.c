@@ -977,6 +977,9 @@ int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, s
 
 int sg__store_is_async(const sg__store *s) { return s->pg != NULL; }
 const char *sg__store_engine(const sg__store *s) { return s->pg ? "postgresql" : "sqlite"; }
+void sg__store_set_busy(sg__store *s, void (*busy)(void *ud, int delta), void *ud) {
+  if (s->pg) sg__pg_set_busy(s->pg, busy, ud);
+}
 
 /* On SQLite every _async call is the synchronous one, answered at once. */
 static int answer(sg__store *s, sg__store_reply *r, int err, sg__store_reply_cb cb, void *ud) {

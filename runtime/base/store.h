@@ -228,6 +228,14 @@ int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, s
 int sg__store_is_async(const sg__store *s);
 /* "sqlite" or "postgresql". */
 const char *sg__store_engine(const sg__store *s);
+/* busy(ud, +1) when a call is made that will be answered on a later loop
+ * turn, busy(ud, -1) just before its callback runs; whoever made the call
+ * (a script, the router, a postbox). So an owner can let the calls it made
+ * before a stop finish before it closes the store (docs/scaling.md, "a
+ * clean stop"). Never called after sg__store_close, which drops what is
+ * left (its callbacks hear SG_ECANCELED). SQLite never calls it: its calls
+ * are answered before they return, and sg__store_close commits a batch. */
+void sg__store_set_busy(sg__store *s, void (*busy)(void *ud, int delta), void *ud);
 
 typedef struct sg__store_copy {
   const char *backend, *id, *room;

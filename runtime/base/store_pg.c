@@ -78,6 +78,8 @@ struct sg__pg {
   unsigned reads, writes;  /* calls running */
   req *ohead, *otail;      /* calls not answered yet, in call order */
   int delivering;
+  void (*busy)(void *ud, int delta);  /* sg__pg_set_busy; NULL once closing */
+  void *busy_ud;
   char errmsg[512];
   char fatal[512];    /* set: every call fails with this (migration refused) */
 };
@@ -104,6 +106,8 @@ static void deliver_ready(sg__pg *pg) {
     req *q = pg->ohead;
     pg->ohead = q->onext;
     if (!pg->ohead) pg->otail = NULL;
+    /* Counted off before the callback, which may let go of what busy_ud is. */
+    if (pg->busy) pg->busy(pg->busy_ud, -1);
     sg__store_reply r = {0};
     if (q->err) {
       r.err = q->err;
@@ -179,6 +183,7 @@ static int submit(sg__pg *pg, const char *sql, parse_fn parse, sg__store_reply_c
   if (pg->otail) pg->otail->onext = q;
   else pg->ohead = q;
   pg->otail = q;
+  if (pg->busy) pg->busy(pg->busy_ud, 1);
   if (pg->fatal[0]) {
     reply_error(pg, q, SG_ESTORE, pg->fatal);
     return 0;
@@ -521,8 +526,14 @@ static void retry_closed(uv_handle_t *h) {
   }
 }
 
+void sg__pg_set_busy(sg__pg *pg, void (*busy)(void *ud, int delta), void *ud) {
+  pg->busy = busy;
+  pg->busy_ud = ud;
+}
+
 void sg__pg_close(sg__pg *pg) {
   pg->closing = 1;
+  pg->busy = NULL;  /* the caller knows how many it drops: not counted off one by one */
   for (unsigned i = 0; i < pg->n; i++) {
     conn *c = &pg->conns[i];
     req *q = c->cur;

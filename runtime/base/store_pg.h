@@ -14,8 +14,10 @@ typedef struct sg__pg sg__pg;
 int sg__pg_open(uv_loop_t *loop, const char *dsn, unsigned pool, sg__pg **out, char *err,
                 size_t errlen);
 /* Calls still waiting or running complete with SG_ECANCELED; memory goes
- * once the handles closed. */
+ * once the handles closed. The busy hook is not called from here on. */
 void sg__pg_close(sg__pg *pg);
+/* See sg__store_set_busy. */
+void sg__pg_set_busy(sg__pg *pg, void (*busy)(void *ud, int delta), void *ud);
 
 int sg__pg_kv_get(sg__pg *pg, const char *key, sg__store_reply_cb cb, void *ud);
 int sg__pg_kv_set(sg__pg *pg, const char *key, const char *value, sg__store_reply_cb cb,

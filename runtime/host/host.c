@@ -143,6 +143,7 @@ static int open_lua(sg_host *h) {
 }
 
 static void remove_backend(sg__lenv *e, sg__backend *b);
+static void store_settled(sg__lenv *e);
 
 /* ---- life cycle -------------------------------------------------------- */
 
@@ -164,6 +165,9 @@ int sg_host_new(uv_loop_t *loop, const sg_host_options *opts, sg_host **out) {
   h->error_data = o.error_data;
   uv_idle_init(loop, &h->reaper);
   h->reaper.data = h;
+  uv_timer_init(loop, &h->hold);
+  h->hold.data = h;
+  h->env.store_settled = store_settled;
   int rc = open_lua(h);
   if (rc != 0) {
     h->env.closing = 1;
@@ -454,25 +458,74 @@ static void retry_free(uv_idle_t *idle) {
   maybe_free_host(h);
 }
 
+/* ---- a clean stop keeps what was written -------------------------------
+ * Closing L closes the stores (their __gc), and a store drops the calls it
+ * has not answered yet: on PostgreSQL, the writes still queued or running
+ * (the rules' state written as the lease is released, the id map of a copy
+ * sent just before the stop). So L's close waits until every store call
+ * made before it was answered (env.store_ops, counted by segue.store), or
+ * until HOLD_MS passed (a store that does not answer: the server is down);
+ * then what is left is dropped, and the log says how many. Lua runs on in
+ * the meantime: the answers reach their callbacks and coroutines. */
+#define HOLD_MS 5000
+
+static void hold_check(uv_timer_t *t) {
+  sg_host *h = t->data;
+  uint64_t now = uv_now(h->env.loop);
+  if (h->env.store_ops > 0 && now < h->hold_until) {
+    uv_timer_start(t, hold_check, h->hold_until - now, 0);
+    return;
+  }
+  if (h->env.store_ops > 0)
+    sg__log(&h->env.log, SG_LOG_WARN, NULL, NULL,
+            "closing: %u store operation(s) still not answered after %d s: not waiting longer",
+            h->env.store_ops, HOLD_MS / 1000);
+  h->hold_state = 2;
+  maybe_free_host(h);
+}
+
+/* The count fell to 0, inside a store callback: L closes on a later turn. */
+static void store_settled(sg__lenv *e) {
+  sg_host *h = (sg_host *)e;
+  if (h->hold_state == 1 && uv_is_active((uv_handle_t *)&h->hold))
+    uv_timer_start(&h->hold, hold_check, 0, 0);
+}
+
+/* The reaper starts once the hold timer closed: uv runs a turn's close
+ * callbacks last-asked first, so closing both in one turn would free the
+ * host before the timer's close finished. */
+static void hold_closed(uv_handle_t *t) {
+  sg_host *h = t->data;
+  uv_idle_start(&h->reaper, reap);
+}
+
 static void maybe_free_host(sg_host *h) {
   if (h->backends_open > 0 || uv_is_active((uv_handle_t *)&h->reaper) ||
-      uv_is_closing((uv_handle_t *)&h->reaper))
+      uv_is_closing((uv_handle_t *)&h->reaper) || uv_is_active((uv_handle_t *)&h->hold) ||
+      uv_is_closing((uv_handle_t *)&h->hold))
     return;
   if (h->env.loop_depth > 0) {
     uv_idle_start(&h->reaper, retry_free);
     return;
   }
+  if (h->env.L && h->env.store_ops > 0 && h->hold_state == 0) {
+    h->hold_state = 1;
+    h->hold_until = uv_now(h->env.loop) + HOLD_MS;
+    uv_timer_start(&h->hold, hold_check, HOLD_MS, 0);
+    return;
+  }
   if (h->env.L) {
     if (interrupt_host == h) interrupt_host = NULL;
-    /* Lua objects (timers, watchers) close their handles from __gc. */
+    /* Lua objects (timers, watchers, stores) close their handles from __gc. */
     lua_close(h->env.L);
     h->env.L = NULL;
   }
-  uv_idle_start(&h->reaper, reap);
+  uv_close((uv_handle_t *)&h->hold, hold_closed);
 }
 
 void sg_host_close(sg_host *h, void (*cb)(void *data), void *data) {
-  if (h->close_cb || (h->env.closing && h->env.L == NULL && uv_is_closing((uv_handle_t *)&h->reaper)))
+  if (h->close_cb || (h->env.closing && h->env.L == NULL &&
+                      (uv_is_closing((uv_handle_t *)&h->reaper) || uv_is_closing((uv_handle_t *)&h->hold))))
     return;
   h->env.closing = 1;
   h->close_cb = cb;

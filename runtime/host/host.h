@@ -23,6 +23,9 @@ struct sg_host {
   void (*stop_cb)(sg_host *host);
   unsigned stops_pending;
   uv_idle_t reaper;         /* frees the host after its last handle closed */
+  uv_timer_t hold;          /* holds the close of L for store calls (maybe_free_host) */
+  uint64_t hold_until;      /* its deadline (loop time) */
+  int hold_state;           /* 0: not yet, 1: holding, 2: done */
   char last_error[1024];    /* the message of the last failed boot call */
 };
 

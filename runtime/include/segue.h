@@ -153,8 +153,9 @@ SG_EXTERN int sg_host_reload(sg_host *host);
  * Requests still in flight fail with SG_ECLOSING. SG_EINVAL if a stop is
  * already under way (then `cb` is never called). */
 SG_EXTERN int sg_host_stop(sg_host *host, void (*cb)(sg_host *host));
-/* Closes the host: stops backends, closes its handles and Lua state. The
- * host's memory is freed before `cb` runs; `cb` may be NULL.
+/* Closes the host: stops backends, closes its handles and Lua state (once
+ * the store calls made before were answered, up to 5 s: docs/scaling.md).
+ * The host's memory is freed before `cb` runs; `cb` may be NULL.
  * Asynchronous, like uv_close: returns at once; requests in flight fail
  * with SG_ECLOSING, C backends get vt->stop and vt->closed, and `cb(data)`
  * runs on a later loop turn, after which nothing of segue's is left on the
