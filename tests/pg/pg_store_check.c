@@ -6,7 +6,9 @@
  *   (the advisory lock; the test reads segue_schema afterwards);
  * - a stream of writes with the server restarted in the middle (RESTART-
  *   COMMAND, spawned on the loop): every write is acknowledged and then
- *   read back: the engine reconnected and lost nothing. */
+ *   read back: the engine reconnected and lost nothing;
+ * - the busy hook (sg__store_set_busy) counts every call made and counts it
+ *   off just before its answer; a close drops what is left without it. */
 #include <stdio.h>
 
 #include "store_async_checks.h"
@@ -27,8 +29,18 @@ static void restart_exited(uv_process_t *p, int64_t status, int sig) {
 
 static void issue(void);
 
+/* The busy hook's count, and how often it disagreed with the calls out. */
+static int busy_now, busy_max, busy_wrong;
+static void count_busy(void *ud, int delta) {
+  (void)ud;
+  busy_now += delta;
+  if (busy_now > busy_max) busy_max = busy_now;
+  if (busy_now < 0) busy_wrong++;
+}
+
 static void write_done(void *ud, const sg__store_reply *r) {
   (void)ud;
+  if (busy_now != issued - acked - 1) busy_wrong++;  /* this one counted off already */
   if (r->err) {
     failed++;
     fprintf(stderr, "write failed: %s\n", r->message);
@@ -112,6 +124,7 @@ int main(int argc, char **argv) {
 
   /* The stream, and the restart in its middle. */
   load_store = s;
+  sg__store_set_busy(s, count_busy, NULL);
   issue();
   uint64_t end = uv_now(&loop) + 90000;
   while ((acked < WRITES || restart_status < 0) && uv_now(&loop) < end) {
@@ -135,8 +148,19 @@ int main(int argc, char **argv) {
   }
   fprintf(stderr, "read back: %d of %d\n", read_ok, WRITES);
   CHECK(read_ok == WRITES);
+  fprintf(stderr, "busy: at most %d, %d wrong, %d at the end\n", busy_max, busy_wrong, busy_now);
+  CHECK(busy_wrong == 0);
+  CHECK(busy_max >= IN_FLIGHT);
+  CHECK(busy_now == 0);
 
+  /* Closed with calls out: they hear SG_ECANCELED at once; the hook is not
+   * called (the caller knows how many it had out). */
+  outcome out[5];
+  for (int i = 0; i < 5; i++) CALL(out[i], sg__store_kv_set_async(s, "late", "x", record, &out[i]));
+  CHECK(busy_now == 5);
   sg__store_close(s);
+  for (int i = 0; i < 5; i++) CHECK(out[i].done && out[i].err == SG_ECANCELED);
+  CHECK(busy_now == 5);
   uv_run(&loop, UV_RUN_DEFAULT);
   CHECK(uv_loop_close(&loop) == 0);
   return tap_done();
