@@ -24,6 +24,11 @@ struct sg__store {
   int nstmts;
   int batch;         /* a batch transaction is open (sg__store_batch) */
   int batch_writer;  /* inside a write that joins it (message log, id maps) */
+  unsigned batch_gen;  /* counts the batches opened */
+  /* inbox_push_async: the peer whose row the open batch already upserted
+   * (batch_gen then), so a turn's Pushes from one peer upsert it once */
+  unsigned pushed_gen;
+  char pushed_peer[256];
   /* Callbacks of batched writes (the postbox's): `pending` wait for the
    * batch's commit; `ready` know their outcome and run in sg__store_commit. */
   struct deferred *pending, **pending_tail, *ready, **ready_tail;
@@ -35,7 +40,7 @@ typedef struct deferred {
   sg__store_reply_cb cb;
   void *ud;
   int err;
-  int64_t count;
+  int64_t count, num;
   char msg[512];
 } deferred;
 
@@ -62,6 +67,7 @@ static void run_ready(sg__store *s) {
     r.err = d->err;
     r.message = d->err ? d->msg : NULL;
     r.count = d->count;
+    r.num = d->num;
     d->cb(d->ud, &r);
     free(d);
   }
@@ -220,7 +226,10 @@ static int exec(sg__store *s, const char *sql) {
 int sg__store_batch(sg__store *s) {
   if (!s->db || s->batch) return 0;
   int err = exec(s, "BEGIN");
-  if (err == 0) s->batch = 1;
+  if (err == 0) {
+    s->batch = 1;
+    s->batch_gen++;
+  }
   return err;
 }
 
@@ -1240,8 +1249,8 @@ static int join_end(sg__store *s, int err) {
 
 /* A batched write whose callback waits for the commit (err < 0: answered
  * at once, the batch goes on without it). */
-static int deferred_answer(sg__store *s, int err, int64_t count, sg__store_reply_cb cb,
-                           void *ud) {
+static int deferred_answer_num(sg__store *s, int err, int64_t count, int64_t num,
+                               sg__store_reply_cb cb, void *ud) {
   if (err < 0) {
     sg__store_reply r = {0};
     return answer(s, &r, err, cb, ud);
@@ -1255,6 +1264,7 @@ static int deferred_answer(sg__store *s, int err, int64_t count, sg__store_reply
   d->cb = cb;
   d->ud = ud;
   d->count = count;
+  d->num = num;
   if (s->batch) {
     *s->pending_tail = d;
     s->pending_tail = &d->next;
@@ -1263,6 +1273,11 @@ static int deferred_answer(sg__store *s, int err, int64_t count, sg__store_reply
     s->ready_tail = &d->next;
   }
   return 0;
+}
+
+static int deferred_answer(sg__store *s, int err, int64_t count, sg__store_reply_cb cb,
+                           void *ud) {
+  return deferred_answer_num(s, err, count, 0, cb, ud);
 }
 
 int sg__store_peer_add_async(sg__store *s, const char *peer, sg__store_reply_cb cb, void *ud) {
@@ -1365,6 +1380,43 @@ int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *con
   if (s->pg) return sg__pg_queue_add(s->pg, 0, peer, events, lens, n, cb, ud);
   int err = JOIN(s, batch_append(s, SQL_INBOX_ADD, peer, events, lens, n));
   return deferred_answer(s, err, 0, cb, ud);
+}
+
+/* The peer's row, created if new, stamped last_push_in: one statement. */
+static const char SQL_PEER_PUSHED_IN[] =
+    "INSERT INTO peers(server_id, first_seen, last_push_in) VALUES (?1, ?2, ?2)"
+    " ON CONFLICT (server_id) DO UPDATE SET last_push_in = excluded.last_push_in";
+
+static int pushed_in(sg__store *s, const char *peer) {
+  if (s->pushed_gen == s->batch_gen && strcmp(s->pushed_peer, peer) == 0) return 0;
+  sqlite3_stmt *st = stmt1(s, SQL_PEER_PUSHED_IN, peer);
+  if (!st) return SG_ESTORE;
+  sqlite3_bind_int64(st, 2, sg__store_now_ms());
+  int err = run(s, st);
+  size_t n = strlen(peer);
+  if (!err && n < sizeof s->pushed_peer) {
+    memcpy(s->pushed_peer, peer, n + 1);
+    s->pushed_gen = s->batch_gen;
+  }
+  return err;
+}
+
+int sg__store_inbox_push_async(sg__store *s, const char *peer, const uint8_t *event, size_t len,
+                              sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_push(s->pg, peer, event, len, cb, ud);
+  if (join_begin(s)) return deferred_answer(s, SG_ESTORE, 0, cb, ud);
+  int64_t seq = 0;
+  int err = pushed_in(s, peer);
+  sqlite3_stmt *st = err ? NULL : stmt1(s, SQL_INBOX_ADD, peer);
+  if (!err && !st) err = SG_ESTORE;
+  if (st) {
+    sqlite3_bind_blob64(st, 2, event, len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, sg__store_now_ms());
+    err = run(s, st);
+    if (!err) seq = sqlite3_last_insert_rowid(s->db);
+  }
+  join_end(s, 0);
+  return deferred_answer_num(s, err, 0, seq, cb, ud);
 }
 
 static int collect_queued(void *ud, int64_t seq, const uint8_t *ev, size_t len,

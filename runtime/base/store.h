@@ -262,7 +262,8 @@ typedef struct sg__store_reply {
   const char *message;
   const char *text[2];  /* kv_get: the value; map_origin: backend, id; lease_claim: holder;
                            token_user: the user's name */
-  int64_t num;          /* event_append, events_last: an event id; token_user: admin */
+  int64_t num;          /* event_append, events_last: an event id; token_user: admin;
+                         * inbox_push: the event's seq */
   size_t n;             /* rows of the list below that the call fills */
   const sg__store_copy *copies;          /* map_copies */
   const sg__store_message *messages;     /* messages, messages_before */
@@ -362,6 +363,12 @@ int sg__store_outbox_drop_async(sg__store *s, const char *peer, const int64_t *s
  * the peer's row is created if needed. */
 int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
                              const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud);
+/* A Push's event: its peer's row is created if new and stamped
+ * last_push_in, and the event appended to its inbox (on SQLite the batch
+ * upserts a peer's row once: its stamp is the batch's first Push from it);
+ * num: the event's seq. */
+int sg__store_inbox_push_async(sg__store *s, const char *peer, const uint8_t *event, size_t len,
+                              sg__store_reply_cb cb, void *ud);
 /* events[0]: the oldest event of the inbox; err SG_STORE_NOTFOUND if empty. */
 int sg__store_inbox_head_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
                               void *ud);

@@ -20,7 +20,7 @@ typedef struct {
   int done, err;
   char text0[256], text1[256], rows[1024], message[512];
   size_t n;
-  int64_t count, num, seqs[8], attempts[8];
+  int64_t count, num, seqs[8], attempts[8], push_in[8];
   int has_key;
   uint8_t key[32];
 } outcome;
@@ -79,6 +79,7 @@ static void record(void *ud, const sg__store_reply *r) {
       snprintf(q, sizeof q, "%lld,%lld,%s", (long long)r->peers[i].queued,
                (long long)r->peers[i].inbox, r->peers[i].last_error ? r->peers[i].last_error : "-");
       rowcat(o, r->peers[i].server_id, q);
+      if (i < 8) o->push_in[i] = r->peers[i].last_push_in;
     }
   }
   o->count = r->count;
@@ -247,6 +248,37 @@ static void check_postbox_ops(sg__store *s) {
   settle(20000);
   CHECK(a.err == 0 && c.err == SG_STORE_NOTFOUND);
 
+  /* a Push's event: the peer's row made (or stamped) and the event appended
+   * in one call, which answers its seq; twice in one batch from one peer */
+  CALL(a, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"m", 1, record, &a));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"nn", 2, record, &b));
+  CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
+  CALL(d, sg__store_peers_async(s, record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && a.num > 0 && b.num > a.num);
+  CHECK(c.err == 0 && c.seqs[0] == a.num);
+  CHECK_STR(c.rows, "m/-;");
+  CHECK_STR(d.rows, "p1.example:1/1,0,-;p2.example:1/0,0,-;p4.example:1/0,2,-;");
+  CHECK(d.push_in[0] == 0 && d.push_in[2] > 0);
+  int64_t stamped = d.push_in[2], m_seq = a.num;
+  uv_sleep(5);
+  CALL(a, sg__store_inbox_done_async(s, m_seq, record, &a));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"o", 1, record, &b));
+  settle(20000);
+  int64_t o_seq = b.num;
+  CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
+  CALL(d, sg__store_peers_async(s, record, &d));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && o_seq > 0);
+  CHECK_STR(c.rows, "nn/-;");
+  CHECK(d.push_in[2] > stamped);  /* a later batch stamps again */
+  int64_t nn_seq = c.seqs[0];
+  CALL(a, sg__store_inbox_done_async(s, nn_seq, record, &a));
+  CALL(b, sg__store_inbox_done_async(s, o_seq, record, &b));
+  CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && b.err == 0 && c.err == SG_STORE_NOTFOUND);
+
   /* peers: bookkeeping, keys, the listing */
   uint8_t key[32];
   memset(key, 0xab, sizeof key);
@@ -267,7 +299,7 @@ static void check_postbox_ops(sg__store *s) {
   settle(20000);
   CHECK(a.err == 0 && b.err == 0);
   CHECK(c.err == SG_STORE_NOTFOUND);
-  CHECK_STR(d.rows, "p2.example:1/0,0,-;p3.example:1/1,0,-;");
+  CHECK_STR(d.rows, "p2.example:1/0,0,-;p3.example:1/1,0,-;p4.example:1/0,0,-;");
   CHECK(e.err == 0 && memcmp(e.key, key, 32) == 0);  /* the key moved along */
 
   /* claims: one holder at a time on a shared store; SQLite grants all */
