@@ -15,6 +15,7 @@ typedef struct item {
   struct item *next;
   uint8_t *event;
   size_t len;
+  int64_t seq;       /* in a peer's in_mem: its inbox seq */
   void (*cb)(void);  /* sg__postbox_push_cb or sg__postbox_stored_cb */
   void *ud;
 } item;
@@ -51,6 +52,14 @@ typedef struct peer {
   int in_claimed;
   uint64_t in_claimed_at;
   int in_head, head_again;  /* trampoline: SQLite answers before the call returns */
+  /* One writer (SQLite): the inbox's events of this peer are also kept in
+   * memory, so a delivery reads nothing back. `mirror` while in_mem holds
+   * exactly the peer's inbox (set when a read found it empty with no
+   * append outstanding; dropped, and the store read again, after anything
+   * else: a failed delivery, a Pull's batch, a rename, past MIRROR_MAX). */
+  int mirror;
+  item_list in_mem;
+  unsigned appending;   /* inbox appends not answered yet */
   int key_known;
   uint8_t key[32];      /* the key last persisted or read */
   int gone;             /* renamed away: kept until the postbox goes */
@@ -191,7 +200,14 @@ static void item_free(item *it) {
   free(it);
 }
 
+static void mirror_drop(peer *p) {
+  item *it;
+  p->mirror = 0;
+  while ((it = item_shift(&p->in_mem))) item_free(it);
+}
+
 static void peer_free(peer *p) {
+  mirror_drop(p);
   free(p->id);
   free(p->out_claim);
   free(p->in_claim);
@@ -678,6 +694,28 @@ static void in_claimed(void *ud, const sg__store_reply *r) {
  * may use the store) and settles it: done, or one more failed attempt, and
  * past deliver_tries dead_letters. The next head is read after the write:
  * both engines see it. */
+static void deliver_one(peer *p, int64_t seq, const uint8_t *event, size_t len,
+                        int64_t attempts) {
+  sg__postbox *pb = p->pb;
+  char why[256] = "handler failed";
+  int err = pb->tp.deliver(pb->tp.ud, p->id, event, len, why, sizeof why);
+  if (err == 0) {
+    CALL(pb, sg__store_inbox_done_async(pb->store, seq, ignored, pb));
+    fetch_head(p);
+    return;
+  }
+  mirror_drop(p);  /* its attempts are the store's to count */
+  record_error(pb, p->id, why);
+  int dead = attempts + 1 >= pb->opt.deliver_tries;
+  CALL(pb, sg__store_inbox_failed_async(pb->store, seq, why, dead, ignored, pb));
+  if (dead) {
+    fetch_head(p);  /* dead: the next one */
+  } else {
+    delivery_stops(p, 0);
+    schedule_delivery(p, pb->opt.deliver_backoff_ms << (attempts < 16 ? attempts : 16));
+  }
+}
+
 static void head_arrived(void *ud, const sg__store_reply *r) {
   peer *p = ud;
   sg__postbox *pb = p->pb;
@@ -685,6 +723,8 @@ static void head_arrived(void *ud, const sg__store_reply *r) {
   if (pb->closing || p->gone) {
     delivery_stops(p, 0);
   } else if (r->err == SG_STORE_NOTFOUND) {
+    /* empty, and nothing on its way in: from now on memory knows it */
+    if (!pb->multi && !p->appending) p->mirror = 1;
     delivery_stops(p, 1);
   } else if (r->err < 0) {
     record_error(pb, p->id, r->message);
@@ -692,23 +732,7 @@ static void head_arrived(void *ud, const sg__store_reply *r) {
     schedule_delivery(p, pb->opt.deliver_backoff_ms);
   } else {
     const sg__store_event *e = &r->events[0];
-    char why[256] = "handler failed";
-    int err = pb->tp.deliver(pb->tp.ud, p->id, e->event, e->len, why, sizeof why);
-    if (err == 0) {
-      CALL(pb, sg__store_inbox_done_async(pb->store, e->seq, ignored, pb));
-      fetch_head(p);
-    } else {
-      record_error(pb, p->id, why);
-      int dead = e->attempts + 1 >= pb->opt.deliver_tries;
-      CALL(pb, sg__store_inbox_failed_async(pb->store, e->seq, why, dead, ignored, pb));
-      if (dead) {
-        fetch_head(p);  /* dead: the next one */
-      } else {
-        delivery_stops(p, 0);
-        int64_t a = e->attempts;
-        schedule_delivery(p, pb->opt.deliver_backoff_ms << (a < 16 ? a : 16));
-      }
-    }
+    deliver_one(p, e->seq, e->event, e->len, e->attempts);
   }
   call_end(pb);
 }
@@ -723,6 +747,16 @@ static void fetch_head(peer *p) {
     if (pb->closing || p->held || p->gone) {
       delivery_stops(p, 0);
       break;
+    }
+    if (p->mirror) {  /* one writer: the head is in memory */
+      item *it = item_shift(&p->in_mem);
+      if (!it) {
+        delivery_stops(p, 1);
+        break;
+      }
+      deliver_one(p, it->seq, it->event, it->len, 0);
+      item_free(it);
+      continue;
     }
     if (stale(pb, p->in_claimed_at)) {  /* renew it before it lapses */
       if (CALL(pb, sg__store_claim_async(pb->store, p->in_claim, pb->instance,
@@ -753,31 +787,80 @@ static void deliver_timer_fired(uv_timer_t *t) {
   fetch_head(p);
 }
 
+#define MIRROR_MAX 1024  /* events of a peer's inbox kept in memory, at most */
+
 typedef struct store_call {
   peer *p;
   sg__postbox_stored_cb cb;
   void *ud;
+  int pushed;        /* by inbox_push: its seq is the reply's num */
+  size_t len;
+  uint8_t event[];   /* pushed on one writer: the event, for in_mem */
 } store_call;
 
 static void stored(void *ud, const sg__store_reply *r) {
   store_call *c = ud;
-  sg__postbox *pb = c->p->pb;
+  peer *p = c->p;
+  sg__postbox *pb = p->pb;
   call_done(pb);
-  if (r->err < 0) fail(pb, r->err, r->message);
-  else schedule_delivery(c->p, 0);
+  p->appending--;
+  if (r->err < 0) {
+    fail(pb, r->err, r->message);
+    mirror_drop(p);
+  } else {
+    if (p->mirror) {
+      item *it = c->pushed && p->in_mem.count < MIRROR_MAX
+                     ? item_new(c->event, c->len, NULL, NULL) : NULL;
+      if (it) {
+        it->seq = r->num;
+        item_push(&p->in_mem, it);
+      } else {
+        mirror_drop(p);
+      }
+    }
+    schedule_delivery(p, 0);
+  }
   if (c->cb) c->cb(c->ud, r->err < 0 ? r->err : 0);
   free(c);
   call_end(pb);
 }
 
+static store_call *store_call_new(peer *p, const uint8_t *event, size_t len,
+                                  sg__postbox_stored_cb cb, void *ud) {
+  size_t keep = event && !p->pb->multi ? len : 0;
+  store_call *c = malloc(sizeof *c + keep);
+  if (!c) return NULL;
+  *c = (store_call){p, cb, ud, event != NULL, keep};
+  if (keep) memcpy(c->event, event, keep);
+  return c;
+}
+
 static int store_received(peer *p, const uint8_t *const *events, const size_t *lens, size_t n,
                           sg__postbox_stored_cb cb, void *ud) {
   sg__postbox *pb = p->pb;
-  store_call *c = malloc(sizeof *c);
+  store_call *c = store_call_new(p, NULL, 0, cb, ud);
   if (!c) return fail(pb, SG_ENOMEM, NULL);
-  *c = (store_call){p, cb, ud};
+  p->appending++;
   int rc = CALL(pb, sg__store_inbox_add_async(pb->store, p->id, events, lens, n, stored, c));
-  if (rc) free(c);
+  if (rc) {
+    p->appending--;
+    free(c);
+  }
+  return rc;
+}
+
+/* A Push's event: the peer's row, its last_push_in and the event in one call. */
+static int store_pushed(peer *p, const uint8_t *event, size_t len, sg__postbox_stored_cb cb,
+                        void *ud) {
+  sg__postbox *pb = p->pb;
+  store_call *c = store_call_new(p, event, len, cb, ud);
+  if (!c) return fail(pb, SG_ENOMEM, NULL);
+  p->appending++;
+  int rc = CALL(pb, sg__store_inbox_push_async(pb->store, p->id, event, len, stored, c));
+  if (rc) {
+    p->appending--;
+    free(c);
+  }
   return rc;
 }
 
@@ -796,8 +879,8 @@ int sg__postbox_receive_push(sg__postbox *pb, const char *id, const uint8_t *eve
                             size_t len, sg__postbox_stored_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
   if (!p) return SG_ENOMEM;
+  if (!p->held) return store_pushed(p, event, len, cb, ud);
   stamp(pb, id, SG_STORE_STAMP_PUSH_IN);
-  if (!p->held) return store_received(p, &event, &len, 1, cb, ud);
   item *it = item_new(event, len, (void (*)(void))cb, ud);
   if (!it) return fail(pb, SG_ENOMEM, NULL);
   item_push(&p->held_in, it);
@@ -954,6 +1037,7 @@ static void renamed(void *ud, const sg__store_reply *r) {
     peer *np = get_peer(pb, c->new_id);
     if (np) {
       np->queued = -1;  /* the old id's rows joined */
+      mirror_drop(np);
       schedule_delivery(np, 0);
     }
   }

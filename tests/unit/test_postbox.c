@@ -305,6 +305,56 @@ static void test_redelivery_and_dead_letters(void) {
             "bad/in/handler raised/3;");
 }
 
+static int push_in(const char *peer, const char *ev) {
+  return sg__postbox_receive_push(pb, peer, (const uint8_t *)ev, strlen(ev), on_stored, NULL);
+}
+
+/* Pushes: stored with the peer's last_push_in, delivered once each and in
+ * order, also once the inbox is known to be empty (then from memory: one
+ * writer), through a failed delivery (retried from the store, counted) and
+ * a dead letter. */
+static void test_pushes_in_order(void) {
+  reset();
+  int before = stored_calls;
+  CHECK(push_in("g:1", "a1") == 0);
+  CHECK(push_in("g:1", "a2") == 0);
+  CHECK(push_in("g:1", "a3") == 0);
+  run_until(delivered, "g:1:a1;g:1:a2;g:1:a3;");
+  CHECK_STR(delivered, "g:1:a1;g:1:a2;g:1:a3;");
+  CHECK(stored_calls == before + 3);
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  CHECK(q("SELECT last_push_in > 0 FROM peers WHERE server_id = 'g:1'") == 1);
+  for (int round = 0; round < 2; round++) {  /* once more after the inbox was seen empty */
+    reset();
+    CHECK(push_in("g:1", "b1") == 0);
+    run_for(1);
+    CHECK(push_in("g:1", "b2") == 0);
+    run_until(delivered, "g:1:b1;g:1:b2;");
+    CHECK_STR(delivered, "g:1:b1;g:1:b2;");
+    CHECK(q("SELECT count(*) FROM inbox") == 0);
+  }
+  reset();
+  deliver_fail = 1;  /* b3 fails once: retried before b4 */
+  CHECK(push_in("g:1", "b3") == 0);
+  CHECK(push_in("g:1", "b4") == 0);
+  run_until(delivered, "g:1:b3;g:1:b4;");
+  CHECK_STR(delivered, "g:1:b3;g:1:b4;");
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  reset();
+  CHECK(push_in("g:1", "c0") == 0);
+  run_until(delivered, "g:1:c0;");
+  reset();
+  deliver_fail = 3;  /* c1 dies (deliver_tries 3), c2 goes on */
+  CHECK(push_in("g:1", "c1") == 0);
+  CHECK(push_in("g:1", "c2") == 0);
+  run_until(delivered, "g:1:c2;");
+  CHECK_STR(delivered, "g:1:c2;");
+  CHECK(q("SELECT count(*) FROM inbox") == 0);
+  CHECK_STR(q_text("SELECT CAST(event AS TEXT) || '/' || attempts FROM dead_letters"
+                   " WHERE peer = 'g:1'"),
+            "c1/3;");
+}
+
 static int renamed_err = 99, key_err = 99;
 static uint8_t key_got[32];
 static void on_renamed(void *ud, int err) {
@@ -367,6 +417,7 @@ int main(void) {
   test_pull();
   test_inbound_hold();
   test_redelivery_and_dead_letters();
+  test_pushes_in_order();
   test_rename();
   test_survives_reopen();
   close_all();
