@@ -179,6 +179,17 @@ static sqlite3_stmt *stmt_get(sg__store *s, const char *sql) {
   return st;
 }
 
+/* The batch's BEGIN and COMMIT, cached (sqlite3_exec parses them each
+ * time, and a batch is opened and committed every loop turn). */
+static const char SQL_BEGIN[] = "BEGIN";
+static const char SQL_COMMIT[] = "COMMIT";
+static int run(sg__store *s, sqlite3_stmt *st);
+
+static int commit_now(sg__store *s) {
+  sqlite3_stmt *st = stmt_get(s, SQL_COMMIT);
+  return st ? run(s, st) : SG_ESTORE;
+}
+
 /* A statement that writes, other than the router's own (batch_writer),
  * commits an open batch first: what others write and acknowledge is never
  * held back in a batch (see sg__store_batch). */
@@ -186,8 +197,7 @@ static sqlite3_stmt *sg__store_stmt(sg__store *s, const char *sql) {
   sqlite3_stmt *st = stmt_get(s, sql);
   if (st && s->batch && !s->batch_writer && !sqlite3_stmt_readonly(st)) {
     s->batch = 0;
-    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
-      sg__store_fail(s);
+    if (commit_now(s) != 0) {
       sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
       settle_pending(s, SG_ESTORE);
       return NULL;
@@ -225,7 +235,8 @@ static int exec(sg__store *s, const char *sql) {
 
 int sg__store_batch(sg__store *s) {
   if (!s->db || s->batch) return 0;
-  int err = exec(s, "BEGIN");
+  sqlite3_stmt *st = stmt_get(s, SQL_BEGIN);
+  int err = st ? run(s, st) : SG_ESTORE;
   if (err == 0) {
     s->batch = 1;
     s->batch_gen++;
@@ -238,7 +249,7 @@ int sg__store_batch(sg__store *s) {
 static int commit_batch(sg__store *s) {
   if (!s->db || !s->batch) return 0;
   s->batch = 0;
-  int err = exec(s, "COMMIT");
+  int err = commit_now(s);
   if (err) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
   settle_pending(s, err);
   return err;
