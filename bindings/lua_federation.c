@@ -40,6 +40,7 @@
 
 #include "federation.h"
 #include "hrpc_errors.h"
+#include "lua_federation.h"
 #include "protocol/sync/v1/sync.pb-c.h"
 
 #define FED_MT "segue.federation"
@@ -62,6 +63,12 @@ static lfed *check_fed(lua_State *L) {
   lfed *lf = sg__lown_get(L, 1, FED_MT);
   if (!lf || lf->own.closed) luaL_argerror(L, 1, "the federation is closed");
   return lf;
+}
+
+sg__federation *sg__lua_check_federation(lua_State *L, int idx) {
+  lfed *lf = sg__lown_get(L, idx, FED_MT);
+  if (!lf || lf->own.closed) luaL_argerror(L, idx, "an open segue.federation expected");
+  return &lf->f;
 }
 
 /* ---- inbound requests ------------------------------------------------------ */

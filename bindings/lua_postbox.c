@@ -20,6 +20,13 @@
  *   pb:peers() -> { { server_id, queued, inbox, waiting, last_push, ... }, ... }
  *   pb:key_get(server_id) -> 32 bytes | nil;  pb:key_set(server_id, key)
  *   pb:rename(old_id, new_id) -> true | false (unknown) | nil, err, code
+ *   pb:serve_pushes(fed, pushed) / pb:serve_pushes(nil)   the federation's
+ *       Pushes (fed: segue.federation_core's object) are stored here in C:
+ *       the key that verified one is remembered, its Event stored, the Push
+ *       answered once committed (500 when not); pushed(server_id) runs as
+ *       each arrives. Replaces the Lua Push handler while set.
+ *   pb:deliver_in_lua(on)   false: nobody listens, a received event is
+ *       delivered (it leaves the inbox) without calling the deliver function
  *   pb:close()
  *   peers_of(db) -> pb:peers()'s rows from the store alone (segue status)
  *
@@ -29,9 +36,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <protobuf-c/protobuf-c.h>
+
 #include "bindings.h"
+#include "hrpc_errors.h"
+#include "lua_federation.h"
 #include "lua_store.h"
 #include "postbox.h"
+#include "protocol/sync/v1/sync.pb-c.h"
 
 #define PB_MT "segue.postbox"
 #define BATCH_MT "segue.postbox.batch"
@@ -40,10 +52,12 @@
 /* The postbox's C memory: its life is an sg__lown's (bindings.h), whose
  * refs hold the store and the transport's functions; the userdata stays
  * pinned until close (done closures use it). `pb` is NULL once closed. */
-enum { STORE = 0, PUSH = 1, DELIVER = 2 };
+enum { STORE = 0, PUSH = 1, DELIVER = 2, SINK = 3 /* { fed, pushed } */ };
 typedef struct lpostbox {
   sg__lown own;
   sg__postbox *pb;
+  sg__federation *fed;  /* whose Pushes come here (serve_pushes), or NULL */
+  int quiet;            /* deliver_in_lua(false): nobody listens */
 } lpostbox;
 
 /* A call answered through a Lua callback: while the C call has not
@@ -163,6 +177,7 @@ static int tp_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len,
   lpostbox *lp = ud;
   lua_State *L = lp->own.e->L;
   if (lp->own.lua_gone || !L) return SG_ECLOSING;
+  if (lp->quiet) return 0;  /* delivered, as an emit to no handler is */
   int top = lua_gettop(L);
   sg__lown_push(L, &lp->own, DELIVER);
   lua_pushstring(L, peer);
@@ -298,6 +313,85 @@ static int l_receive_push(lua_State *L) {
   lreq *r = lreq_new(L, lp, 4);
   int rc = sg__postbox_receive_push(lp->pb, peer, (const uint8_t *)ev, len, stored, r);
   return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
+}
+
+/* ---- Pushes served in C (pb:serve_pushes) --------------------------------------- */
+
+static void push_stored(void *ud, int err) {
+  sg__hrpc_request *req = ud;
+  lpostbox *lp = req->data;
+  if (err)
+    sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL,
+                           lp->pb ? sg__postbox_errmsg(lp->pb) : sg_strerror(err), NULL, 0);
+  else
+    sg__hrpc_respond(req, (const uint8_t *)"", 0);  /* an empty PushResponse */
+}
+
+/* An accepted Push (the federation's push handler): what postbox.lua's Lua
+ * handler does, without Lua; pushed(server_id) tells the Pull policy. */
+static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
+                    const ProtobufCMessage *msg, sg__hrpc_request *req, void *ud) {
+  lpostbox *lp = ud;
+  const Protocol__Sync__V1__PushRequest *push = (const void *)msg;
+  (void)m;
+  if (!lp->pb || lp->own.closed || lp->own.lua_gone) {
+    sg__hrpc_respond_error(req, 503, SG__HRPC_UNAVAILABLE, "the postbox is closed", NULL, 0);
+    return;
+  }
+  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
+  if (sg__federation_key_get(f, server_id, pk) == 0) sg__postbox_key_remember(lp->pb, server_id, pk);
+  /* the Event's bytes, packed from the one decode of the body */
+  uint8_t small[512], *ev = small;
+  size_t n = protobuf_c_message_get_packed_size(&push->event->base);
+  if (n > sizeof small && !(ev = malloc(n))) {
+    sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
+    return;
+  }
+  protobuf_c_message_pack(&push->event->base, ev);
+  req->data = lp;
+  int rc = sg__postbox_receive_push(lp->pb, server_id, ev, n, push_stored, req);
+  if (ev != small) free(ev);
+  if (rc) sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, sg__postbox_errmsg(lp->pb), NULL, 0);
+  lua_State *L = lp->own.e->L;
+  if (!L) return;
+  sg__lown_push(L, &lp->own, SINK);
+  lua_rawgeti(L, -1, 2);
+  lua_remove(L, -2);
+  lua_pushstring(L, server_id);
+  sg__lenv_pcall(lp->own.e, 1, 0, "postbox pushed");
+}
+
+static void serve_none(lpostbox *lp) {
+  if (lp->fed && lp->fed->push_ud == lp) sg__federation_set_push_handler(lp->fed, NULL, NULL);
+  lp->fed = NULL;
+}
+
+/* pb:serve_pushes(fed, pushed) | pb:serve_pushes(nil) */
+static int l_serve_pushes(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  serve_none(lp);
+  if (lua_isnoneornil(L, 2)) {
+    lua_pushnil(L);
+    sg__lown_ref(L, &lp->own, SINK, -1);
+    return 0;
+  }
+  sg__federation *f = sg__lua_check_federation(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  lua_createtable(L, 2, 0);  /* keeps the federation's memory while it is used */
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, 3);
+  lua_rawseti(L, -2, 2);
+  sg__lown_ref(L, &lp->own, SINK, -1);
+  lp->fed = f;
+  sg__federation_set_push_handler(f, push_in, lp);
+  return 0;
+}
+
+static int l_deliver_in_lua(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  lp->quiet = !lua_toboolean(L, 2);
+  return 0;
 }
 
 static int l_hold(lua_State *L) {
@@ -552,6 +646,7 @@ static void pb_close(lpostbox *lp) {
 static int l_close(lua_State *L) {
   lpostbox *lp = sg__lown_get(L, 1, PB_MT);
   if (!lp || lp->own.closed) return 0;
+  serve_none(lp);  /* (from __gc the federation may be gone: it is closing too) */
   sg__lown_push(L, &lp->own, STORE);  /* the store may close again */
   sg__lua_store_hold(L, -1, -1);
   lua_pop(L, 1);
@@ -625,6 +720,7 @@ int luaopen_segue_postbox_core(lua_State *L) {
       {"receive", l_receive},     {"receive_push", l_receive_push}, {"hold", l_hold},
       {"release", l_release},     {"note", l_note},             {"peers", l_peers},
       {"key_get", l_key_get},     {"key_remember", l_key_remember}, {"rename", l_rename},
+      {"serve_pushes", l_serve_pushes}, {"deliver_in_lua", l_deliver_in_lua},
       {"close", l_close},         {NULL, NULL}};
   static const luaL_Reg fns[] = {{"new", l_new}, {"peers_of", l_peers_of}, {NULL, NULL}};
   static const luaL_Reg pb_meta[] = {{"__gc", l_gc}, {NULL, NULL}};

@@ -229,14 +229,23 @@ static void refuse_token(waiter *w, sg__token_reason r, const char *why) {
          why);
 }
 
+/* An accepted request to its handler: a Push to the Push handler if one is
+ * set, the rest (and Pushes without one) to the handler. */
+static void dispatch(sg__federation *f, sg__fed_method m, const char *id,
+                     const ProtobufCMessage *msg, sg__hrpc_request *req) {
+  if (m == SG_FED_PUSH && f->push_handler)
+    f->push_handler(f, m, id, msg, req, f->push_ud);
+  else if (f->handler)
+    f->handler(f, m, id, msg, req, f->handler_ud);
+  else
+    sg__hrpc_respond_error(req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
+}
+
 static void hand_over(waiter *w) {
   sg__federation *f = w->route->f;
   sg__log(f->log, SG_LOG_DEBUG, "peer", w->tok.server_id, "accepted %s",
           methods[w->route->method].name);
-  if (f->handler)
-    f->handler(f, w->route->method, w->tok.server_id, w->msg, w->req, f->handler_ud);
-  else
-    sg__hrpc_respond_error(w->req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
+  dispatch(f, w->route->method, w->tok.server_id, w->msg, w->req);
   w->req = NULL;
   waiter_free(w);
 }
@@ -689,10 +698,7 @@ static int from_verified(sg__federation *f, sg__fed_route *rt, sg__hrpc_request 
    * copy all the same, as the handler may run anything */
   snprintf(id, sizeof id, "%s", v->tok.server_id);
   sg__log(f->log, SG_LOG_DEBUG, "peer", id, "accepted %s", methods[rt->method].name);
-  if (f->handler)
-    f->handler(f, rt->method, id, msg, req, f->handler_ud);
-  else
-    sg__hrpc_respond_error(req, 501, SG__HRPC_NOT_IMPLEMENTED, "no handler for this method", NULL, 0);
+  dispatch(f, rt->method, id, msg, req);
   protobuf_c_message_free_unpacked(msg, NULL);
   return 1;
 }
@@ -850,6 +856,11 @@ int sg__federation_init(uv_loop_t *loop, sg__federation *f, const sg__fed_option
 void sg__federation_set_handler(sg__federation *f, sg__fed_handler handler, void *ud) {
   f->handler = handler;
   f->handler_ud = ud;
+}
+
+void sg__federation_set_push_handler(sg__federation *f, sg__fed_handler handler, void *ud) {
+  f->push_handler = handler;
+  f->push_ud = ud;
 }
 
 void sg__federation_set_key_cb(sg__federation *f, sg__fed_key_cb cb, void *ud) {

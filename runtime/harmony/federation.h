@@ -170,6 +170,8 @@ struct sg__federation {
   sg__fed_route *routes;           /* one per PostboxService method */
   sg__fed_handler handler;
   void *handler_ud;
+  sg__fed_handler push_handler;    /* Pushes only, before `handler` */
+  void *push_ud;
   sg__fed_key_cb key_cb;
   void *key_ud;
   void (*close_cb)(sg__federation *f);
@@ -186,6 +188,9 @@ int sg__federation_init(uv_loop_t *loop, sg__federation *f, const sg__fed_option
 /* Sets the handler of accepted PostboxService requests (NULL: they are
  * answered 501 hrpc.not-implemented). */
 void sg__federation_set_handler(sg__federation *f, sg__fed_handler handler, void *ud);
+/* Sets a handler of accepted Pushes only (NULL: Pushes go to the handler
+ * above), so a Push can be stored without the embedder's general path. */
+void sg__federation_set_push_handler(sg__federation *f, sg__fed_handler handler, void *ud);
 void sg__federation_set_key_cb(sg__federation *f, sg__fed_key_cb cb, void *ud);
 
 /* The bound port, or a negative error when not listening. */

@@ -29,6 +29,10 @@
 --       later with req:respond(response_bytes) or req:error(status,
 --       identifier [, message]) (req:on_done(fn) as for `written` above).
 --       Replaces the method's handle(); handle() replaces it in turn.
+--   segue.harmony.serve_pushes(obj, pushed) / serve_pushes(nil)
+--       Pushes are stored in C by obj (segue.postbox_core's pb:serve_pushes:
+--       no Lua per Push but pushed(server_id)), on this federation and the
+--       next one started, until serve_pushes(nil) or handle/handle_bytes("Push").
 --   segue.harmony.stop(), .port(), .public_key(), .server_id(), .running()
 --
 -- Until the postbox gives them their delivery semantics, the handlers are:
@@ -80,12 +84,33 @@ local handlers = {
 
 local byte_handlers = {}  -- method -> fn(server_id, bytes, req), see handle_bytes
 
+local sink  -- { obj =, fn = }: who stores Pushes in C (serve_pushes)
+
+local function sink_attach()
+  if sink and running then sink.obj:serve_pushes(running, sink.fn) end
+end
+
+local function sink_detach()
+  local s = sink
+  sink = nil
+  if s then pcall(s.obj.serve_pushes, s.obj, nil) end  -- (it may be closed)
+end
+
+function M.serve_pushes(obj, fn)
+  sink_detach()
+  if obj == nil then return end
+  assert(type(fn) == "function", "pushed must be a function")
+  sink = { obj = obj, fn = fn }
+  sink_attach()
+end
+
 function M.handle(method, fn)
   assert(handlers[method], "method must be Push, Pull or NotifyNewId")
   assert(type(fn) == "function", "handler must be a function")
   local prev = byte_handlers[method] or handlers[method]
   handlers[method] = fn
   byte_handlers[method] = nil
+  if method == "Push" then sink_detach() end
   return prev
 end
 
@@ -94,6 +119,7 @@ function M.handle_bytes(method, fn)
   assert(type(fn) == "function", "handler must be a function")
   local prev = byte_handlers[method] or handlers[method]
   byte_handlers[method] = fn
+  if method == "Push" then sink_detach() end
   return prev
 end
 
@@ -156,6 +182,7 @@ function M.start(cfg)
   f:on_request(dispatch)
   f:on_key(function(id, key) segue().emit("federation_key", id, key) end)
   running = f
+  sink_attach()
   if not stop_on_stopping then
     stop_on_stopping = true
     segue().on("stopping", M.stop)

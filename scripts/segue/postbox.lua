@@ -176,8 +176,16 @@ end
 
 local PUSH_RESPONSE = assert(harmony.encode("protocol.sync.v1.PushResponse", {}))
 
+-- A Push arrived (stored in C by pb:serve_pushes, or by on_push below).
+local function pushed(server_id)
+  moved[server_id] = nil  -- a server uses that id (again)
+  if pb then pull_after_push(server_id, opts.pull_interval_ms) end
+end
+
 -- A Push: its Event's bytes (decoded once, by the federation) go into the
--- inbox as they are; answered once they are stored (durable).
+-- inbox as they are; answered once they are stored (durable). The same is
+-- done in C (pb:serve_pushes) while harmony.serve_pushes holds; this is the
+-- path without it.
 local function on_push(server_id, event, req)
   if not pb then return req:error(E.UNAVAILABLE.status, E.UNAVAILABLE.identifier, "the postbox is closed") end
   moved[server_id] = nil  -- a server uses that id (again)
@@ -267,9 +275,13 @@ function M.start(cfg, db)
   if not p then return nil, err, code end
   pb = p
   harmony.handle_bytes("Push", on_push)
+  harmony.serve_pushes(pb, pushed)
   harmony.handle("Pull", on_pull)
   harmony.handle("NotifyNewId", on_new_id)
   local s = segue()
+  -- With no handler of "federation", events are delivered without a call
+  -- into Lua (see transport_deliver).
+  s.watch_handlers("federation", function(list) if pb then pb:deliver_in_lua(#list > 0) end end)
   s.on("stopping", M.stop)
   s.postbox = M
   local fed = harmony.running()
@@ -296,6 +308,8 @@ function M.stop()
   if not pb then return end
   for id, t in pairs(timers) do t:stop() timers[id] = nil end
   moved, due, persisted, persisted_n = {}, {}, {}, 0
+  harmony.serve_pushes(nil)
+  segue().watch_handlers("federation", function() end)
   local p = pb
   pb = nil
   p:close()

@@ -247,6 +247,59 @@ describe("segue.harmony handlers", function()
     assert.are.same({ true }, outcome)
   end)
 
+  it("stores Pushes in C through a postbox's serve_pushes until a Lua Push handler replaces it", function()
+    local store, core = require "segue.store", require "segue.postbox_core"
+    local path = os.tmpname()
+    os.remove(path)
+    local db = assert(store.open(path))
+    local got, arrived = {}, {}
+    local pb = assert(core.new(db, {}, {
+      push = function(_, _, done) done("no") end,
+      deliver = function(id, ev) got[#got + 1] = { id, h.decode("protocol.sync.v1.Event", ev) } return true end,
+    }))
+    h.serve_pushes(pb, function(id) arrived[#arrived + 1] = id end)
+    local ev = { user_invited = { user_id = 7, inviter_id = 8, invite_id = "c" } }
+    local r, err = segue.await(function()
+      local a, e = h.call(me, "Push", { event = ev })
+      while #got < 1 do segue.sleep(5) end
+      return a, e
+    end)
+    assert.are.same({}, r, err)
+    assert.are.same({ { me, ev } }, got)
+    assert.are.same({ me }, arrived)
+    local peers
+    assert(pb:peers(function(list) peers = list end))
+    assert.is_number(peers[1].last_push_in)
+    assert(pb:key_get(me, function(key) assert.are.equal(h.running():public_key(), key) end))
+    -- nobody listens: delivered (the inbox empties) without the deliver function
+    pb:deliver_in_lua(false)
+    segue.await(function() assert(h.call(me, "Push", { event = ev })) end)
+    segue.await(function()
+      for _ = 1, 200 do
+        local inbox
+        pb:peers(function(list) inbox = list[1].inbox end)
+        if inbox == 0 then return end
+        segue.sleep(5)
+      end
+    end)
+    assert.are.equal(1, #got)
+    assert.are.equal(2, #arrived)
+    -- a Lua Push handler takes over from C
+    local lua_got
+    local prev = h.handle_bytes("Push", function(id, bytes, req)
+      lua_got = h.decode("protocol.sync.v1.Event", bytes)
+      req:respond("")
+    end)
+    r, err = segue.await(function() return h.call(me, "Push", { event = ev }) end)
+    h.handle_bytes("Push", prev)
+    assert.are.same({}, r, err)
+    assert.are.same(ev, lua_got)
+    assert.are.equal(2, #arrived)
+    pb:close()
+    db:close()
+    for _, suffix in ipairs { "", "-wal", "-shm" } do os.remove(path .. suffix) end
+  end)
+
   it("answers with the error a replaced handler returns", function()
     local prev = h.handle("Pull", function() return nil, "queue is busy", "hrpc.unavailable", 503 end)
     local r, err, code, status, identifier = segue.await(function() return h.call(me, "Pull", {}) end)
