@@ -23,8 +23,11 @@
  *   pb:serve_pushes(fed, pushed) / pb:serve_pushes(nil)   the federation's
  *       Pushes (fed: segue.federation_core's object) are stored here in C:
  *       the key that verified one is remembered, its Event stored, the Push
- *       answered once committed (500 when not); pushed(server_id) runs as
- *       each arrives. Replaces the Lua Push handler while set.
+ *       answered once committed (500 when not); pushed(server_id) runs for
+ *       a peer's first Push, then at most every PUSHED_EVERY_MS while it
+ *       Pushes (pb:pushed_at has the last one's time). Replaces the Lua
+ *       Push handler while set.
+ *   pb:pushed_at(server_id) -> loop.now() of its last Push received, or nil
  *   pb:deliver_in_lua(on)   false: nobody listens, a received event is
  *       delivered (it leaves the inbox) without calling the deliver function
  *   pb:close()
@@ -317,6 +320,10 @@ static int l_receive_push(lua_State *L) {
 
 /* ---- Pushes served in C (pb:serve_pushes) --------------------------------------- */
 
+/* pushed(server_id) runs at most this often per peer while it Pushes: the
+ * Pull policy reads the last Push's time (pb:pushed_at) when it needs it. */
+#define PUSHED_EVERY_MS 1000
+
 static void push_stored(void *ud, int err) {
   sg__hrpc_request *req = ud;
   lpostbox *lp = req->data;
@@ -340,6 +347,7 @@ static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
   }
   unsigned char pk[SG_KEYS_PUBLIC_BYTES];
   if (sg__federation_key_get(f, server_id, pk) == 0) sg__postbox_key_remember(lp->pb, server_id, pk);
+  uint64_t before = sg__postbox_pushed_at(lp->pb, server_id);
   /* the Event's bytes, packed from the one decode of the body */
   uint8_t small[512], *ev = small;
   size_t n = protobuf_c_message_get_packed_size(&push->event->base);
@@ -353,7 +361,7 @@ static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
   if (ev != small) free(ev);
   if (rc) sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, sg__postbox_errmsg(lp->pb), NULL, 0);
   lua_State *L = lp->own.e->L;
-  if (!L) return;
+  if (!L || (before && sg__postbox_pushed_at(lp->pb, server_id) - before < PUSHED_EVERY_MS)) return;
   sg__lown_push(L, &lp->own, SINK);
   lua_rawgeti(L, -1, 2);
   lua_remove(L, -2);
@@ -386,6 +394,14 @@ static int l_serve_pushes(lua_State *L) {
   lp->fed = f;
   sg__federation_set_push_handler(f, push_in, lp);
   return 0;
+}
+
+static int l_pushed_at(lua_State *L) {
+  lpostbox *lp = check_pb(L);
+  uint64_t at = sg__postbox_pushed_at(lp->pb, luaL_checkstring(L, 2));
+  if (at) lua_pushinteger(L, (lua_Integer)at);
+  else lua_pushnil(L);
+  return 1;
 }
 
 static int l_deliver_in_lua(lua_State *L) {
@@ -721,6 +737,7 @@ int luaopen_segue_postbox_core(lua_State *L) {
       {"release", l_release},     {"note", l_note},             {"peers", l_peers},
       {"key_get", l_key_get},     {"key_remember", l_key_remember}, {"rename", l_rename},
       {"serve_pushes", l_serve_pushes}, {"deliver_in_lua", l_deliver_in_lua},
+      {"pushed_at", l_pushed_at},
       {"close", l_close},         {NULL, NULL}};
   static const luaL_Reg fns[] = {{"new", l_new}, {"peers_of", l_peers_of}, {NULL, NULL}};
   static const luaL_Reg pb_meta[] = {{"__gc", l_gc}, {NULL, NULL}};

@@ -62,6 +62,7 @@ typedef struct peer {
   unsigned appending;   /* inbox appends not answered yet */
   int key_known;
   uint8_t key[32];      /* the key last persisted or read */
+  uint64_t pushed_at;   /* uv_now of its last Push to us */
   int gone;             /* renamed away: kept until the postbox goes */
 } peer;
 
@@ -879,12 +880,18 @@ int sg__postbox_receive_push(sg__postbox *pb, const char *id, const uint8_t *eve
                             size_t len, sg__postbox_stored_cb cb, void *ud) {
   peer *p = get_peer(pb, id);
   if (!p) return SG_ENOMEM;
+  p->pushed_at = uv_now(pb->loop);
   if (!p->held) return store_pushed(p, event, len, cb, ud);
   stamp(pb, id, SG_STORE_STAMP_PUSH_IN);
   item *it = item_new(event, len, (void (*)(void))cb, ud);
   if (!it) return fail(pb, SG_ENOMEM, NULL);
   item_push(&p->held_in, it);
   return 0;
+}
+
+uint64_t sg__postbox_pushed_at(sg__postbox *pb, const char *id) {
+  peer *p = find_peer(pb, id);
+  return p ? p->pushed_at : 0;
 }
 
 int sg__postbox_hold(sg__postbox *pb, const char *id) {

@@ -139,6 +139,8 @@ int sg__postbox_receive(sg__postbox *pb, const char *peer, const uint8_t *const 
  * peer is held, kept in memory and stored on release. */
 int sg__postbox_receive_push(sg__postbox *pb, const char *peer, const uint8_t *event,
                             size_t len, sg__postbox_stored_cb cb, void *ud);
+/* uv_now of the last Push from `peer` this postbox received, 0 if none. */
+uint64_t sg__postbox_pushed_at(sg__postbox *pb, const char *peer);
 /* Holds `peer`'s Pushes (its start-up Pull runs) / stores them and goes on. */
 int sg__postbox_hold(sg__postbox *pb, const char *peer);
 int sg__postbox_release(sg__postbox *pb, const char *peer);

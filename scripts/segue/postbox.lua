@@ -137,6 +137,9 @@ local function pull_timer_fired(server_id)
   timers[server_id] = nil
   local at = due[server_id]
   due[server_id] = nil
+  -- Pushes stored in C tell `pushed` only now and then: the last one's time
+  local last = pb and pb:pushed_at(server_id)
+  if last and last + opts.pull_interval_ms > (at or 0) then at = last + opts.pull_interval_ms end
   if at and at > loop.now() then return schedule_pull(server_id, at - loop.now()) end
   segue().spawn(pull_and_schedule, server_id)
 end
@@ -176,7 +179,8 @@ end
 
 local PUSH_RESPONSE = assert(harmony.encode("protocol.sync.v1.PushResponse", {}))
 
--- A Push arrived (stored in C by pb:serve_pushes, or by on_push below).
+-- A Push arrived (stored in C by pb:serve_pushes: its peer's first, then at
+-- most every second; or by on_push below).
 local function pushed(server_id)
   moved[server_id] = nil  -- a server uses that id (again)
   if pb then pull_after_push(server_id, opts.pull_interval_ms) end
