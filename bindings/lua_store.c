@@ -85,6 +85,7 @@ static int l_open(lua_State *L) {
   sg__lenv *h = sg__lenv_of(L);
   uv_loop_t *loop = h ? h->loop : NULL;
   c.loop = loop;
+  c.log = h ? &h->log : NULL;
   if (c.engine && strcmp(c.engine, "postgresql") == 0 && !loop)
     return luaL_error(L, "segue.store: engine postgresql needs the segue host's loop");
   lstore **ud = lua_newuserdatauv(L, sizeof *ud, 0);

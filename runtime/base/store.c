@@ -10,6 +10,7 @@
 
 #include "segue.h"
 #include "store_pg.h"
+#include "store_wal.h"
 
 #define STMT_CACHE 96
 #define BUSY_TIMEOUT_MS 5000
@@ -17,6 +18,7 @@
 struct sg__store {
   sg__pg *pg;  /* the postgresql engine, or NULL: SQLite */
   sqlite3 *db;
+  sg__wal *wal;  /* the WAL's checkpoints, off this thread (store_wal.h) */
   struct {
     const char *sql;
     sqlite3_stmt *st;
@@ -353,7 +355,7 @@ static int configure(sg__store *s) {
   return migrate(s);
 }
 
-int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) {
+static int open_sqlite(const sg__store_config *c, sg__store **out, char *err, size_t errlen) {
   *out = NULL;
   sg__store *s = calloc(1, sizeof *s);
   if (!s) {
@@ -369,22 +371,36 @@ int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) 
    * calls fail harmlessly. */
   static int configured;
   if (!configured++) sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
-  int rc = sqlite3_open_v2(path, &s->db, flags, NULL);
+  int rc = sqlite3_open_v2(c->path, &s->db, flags, NULL);
   if (rc != SQLITE_OK || configure(s) != 0) {
     if (rc != SQLITE_OK) sg__store_fail(s);
-    snprintf(err, errlen, "%s: %s", path, s->errmsg);
+    snprintf(err, errlen, "%s: %s", c->path, s->errmsg);
     sg__store_close(s);
     return SG_ESTORE;
+  }
+  if (sg__wal_start(s->db, c->path, c->log, c->wal_pages, c->wal_limit, &s->wal) != 0) {
+    snprintf(err, errlen, "%s: out of memory", c->path);
+    sg__store_close(s);
+    return SG_ENOMEM;
   }
   *out = s;
   return 0;
 }
+
+int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen) {
+  sg__store_config c = {0};
+  c.path = path;
+  return open_sqlite(&c, out, err, errlen);
+}
+
+sg__wal *sg__store_wal(sg__store *s) { return s->wal; }
 
 void sg__store_close(sg__store *s) {
   if (!s) return;
   if (s->pg) sg__pg_close(s->pg);
   if (s->db) sg__store_flush(s);  /* and what waited for it hears */
   for (int i = 0; i < s->nstmts; i++) sqlite3_finalize(s->stmts[i].st);
+  sg__wal_stop(s->wal);  /* waits for a checkpoint under way; before the db goes */
   sqlite3_close(s->db);  /* db may be NULL after a failed malloc: a no-op */
   free(s);
 }
@@ -969,7 +985,7 @@ int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, s
       snprintf(err, errlen, "store: engine sqlite needs a path");
       return SG_EINVAL;
     }
-    return sg__store_open(c->path, out, err, errlen);
+    return open_sqlite(c, out, err, errlen);
   }
   if (strcmp(c->engine, "postgresql") != 0) {
     snprintf(err, errlen, "store: unknown engine \"%s\" (sqlite or postgresql)", c->engine);

@@ -31,7 +31,9 @@ typedef struct sg__store sg__store;
  * foreign keys on and a busy timeout, and applies the pending migrations,
  * one transaction each. On failure *out is NULL and `err` says why. */
 int sg__store_open(const char *path, sg__store **out, char *err, size_t errlen);
-/* Finalizes the cached statements and closes the database. NULL is fine. */
+/* Commits an open batch, finalizes the cached statements, waits for a WAL
+ * checkpoint under way on the checkpoint thread and stops it, and closes the
+ * database. NULL is fine. */
 void sg__store_close(sg__store *s);
 /* The message of the last failed call on `s` ("" if none); borrowed. */
 const char *sg__store_errmsg(const sg__store *s);
@@ -222,8 +224,12 @@ typedef struct sg__store_config {
   const char *dsn;     /* postgresql: a libpq connection string or URI */
   uv_loop_t *loop;     /* postgresql: the loop the connections live on */
   unsigned pool;       /* postgresql: connections, default 3 */
+  const struct sg__logger *log;  /* sqlite: for the checkpoint thread's errors; NULL: stderr */
+  unsigned wal_pages, wal_limit; /* sqlite: checkpoint thresholds (store_wal.h); 0: defaults */
 } sg__store_config;
 int sg__store_open_with(const sg__store_config *c, sg__store **out, char *err, size_t errlen);
+/* SQLite: the WAL's checkpointer (store_wal.h: tests hold it); NULL on PostgreSQL. */
+struct sg__wal *sg__store_wal(sg__store *s);
 /* 1 on PostgreSQL: callbacks of _async calls run later. */
 int sg__store_is_async(const sg__store *s);
 /* "sqlite" or "postgresql". */
