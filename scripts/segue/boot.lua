@@ -249,6 +249,7 @@ lease_tick_body = function(db, cfg)
 end
 
 local function start_leases()
+  router.lease = { name = LEASE, instance = current.instance }  -- its clean-stop mark only while held
   segue.spawn(lease_tick)
   leases.timer = segue.every(math.max(current.lease_ms // 3, 50), lease_tick)
   leases.watchdog = loop.timer(math.max(current.lease_ms // 10, 20), math.max(current.lease_ms // 10, 20),

@@ -33,8 +33,10 @@ local limits = {
   PAUSE_MS = 1000,       -- a source is paused at most this long at a time
   EDITS_KEPT = 10000,    -- the edits seen: between this and twice this many ids
 }
-local status = { loads = 0, failures = 0, bridged = 0, lost = 0, lost_by = {}, pauses = 0, compiled = 0 }
+local status = { loads = 0, failures = 0, bridged = 0, lost = 0, lost_by = {}, pauses = 0, compiled = 0,
+  deduplicated = 0 }
 local compile_around   -- see "Compiled routes"
+local compile_around_backend, extend_window  -- see "Compiled routes", "Replays after an unclean stop"
 local db               -- the store (segue.store), or nil
 local state = {}       -- carried from one rule set to the next
 
@@ -164,6 +166,7 @@ local function resolve(backend, room)
   -- A target once joined (or refused: some services need no join).
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value
+  extend_window(backend)
   compile_around(backend, room)
   local waiting = unresolved[backend .. "\0" .. room]
   unresolved[backend .. "\0" .. room] = nil
@@ -326,6 +329,218 @@ send_copy = function(origin_backend, msg, target, content, attachments)
   end
 end
 
+-- Replays after an unclean stop ----------------------------------------------
+--
+-- A copy is sent, then its id is recorded (origin -> copy) once the
+-- destination answers, in the next write of the store. An instance killed
+-- in between (kill -9, a crash, a power cut) leaves copies the store does
+-- not know, and when the origin's service replays its history to the next
+-- run (or the instance that takes the backends over), those messages look
+-- new. The destination's service replays too, and its copies carry
+-- extra.segue_origin: that is the evidence. So, when the previous run did
+-- not stop cleanly (the kv key `router.open` is still "1": it is set when a
+-- run starts routing and "0" after a clean stop), each backend gets a
+-- replay window when it starts: REPLAY_MS, restarted when it starts running
+-- and when one of its rooms resolves. While a destination's window is open:
+--   * a copy it announces (extra.segue_origin) records origin -> copy if
+--     missing (learn), and is not bridged (as always);
+--   * a copy to it of a message from a backend whose window is open too
+--     (both ends restarted: the origin may be replaying what the dead run
+--     bridged) is held, in order, with every copy to it behind it;
+-- when it closes, the held copies go out in order, each only if no copy of
+-- its message to that room is known by then (counted in
+-- status.deduplicated otherwise). A destination that never replays holds
+-- for REPLAY_MS and then gets everything: at least once, as before.
+-- Rooms of a backend in its window are not compiled (C carries no copy and
+-- no echo of theirs). Nothing is held after a clean stop, nor for a backend
+-- that restarts within a run: the run's own records are complete.
+M.REPLAY_MS = 5000          -- a backend's replay window after an unclean stop
+M.MAX_REPLAY_HELD = 10000   -- copies held for one destination; beyond, its window closes
+local REPLAY_KEY = "router.open"
+local replay = {
+  session = false,  -- a routing session runs (some backend of ours runs)
+  state = nil,      -- nil: not known yet; "clean" or "unclean": how the previous run stopped
+  marked = false,   -- this run set REPLAY_KEY to "1" (and clears it on a clean stop)
+  open = {},        -- backend -> its window's timer
+  had = {},         -- backend -> true: its window was opened in this session
+  held = {},        -- destination -> { head =, tail =, [i] = copy }: held copies, in order
+  learned = {},     -- destination -> "origin\0id" -> room name (or true): copies its replay showed
+}
+M.replay = replay   -- for specs and `segue status`
+
+local function replaying(backend) return replay.open[backend] ~= nil or replay.held[backend] ~= nil end
+M.replaying = replaying
+
+local release_held, close_window
+
+local function window_timer(backend)
+  local t = replay.open[backend]
+  if t and t ~= true then t:stop() end
+  local ok, timer = pcall(require("segue.loop").timer, M.REPLAY_MS, 0, function() close_window(backend) end)
+  replay.open[backend] = ok and timer or true
+end
+
+-- (re)starts `backend`'s window if it has one open.
+extend_window = function(backend)
+  if replay.open[backend] then window_timer(backend) end
+end
+
+close_window = function(backend, why)
+  local t = replay.open[backend]
+  if not t then return end
+  if t ~= true then t:stop() end
+  replay.open[backend] = nil
+  if why then segue.log.warn(("replay window of %s closed early: %s; copies to it may be sent twice"):format(backend, why)) end
+  release_held(backend)
+  compile_around_backend(backend)
+end
+
+local function close_all()
+  local names = {}
+  for name in pairs(replay.open) do names[#names + 1] = name end
+  for _, name in ipairs(names) do close_window(name) end
+end
+
+-- A copy `backend` announced: its origin -> copy is known now.
+local function learn(backend, msg, so)
+  if type(so) ~= "table" or type(so.backend) ~= "string" or type(so.id) ~= "string" then return end
+  if not index[so.backend] then return end  -- not one of ours: another segue's copy
+  local room = (room_names[backend] or {})[msg.recipient]
+  local l = replay.learned[backend]
+  if not l then l = {} replay.learned[backend] = l end
+  l[so.backend .. "\0" .. so.id] = room or true
+  if db then
+    batched()
+    db:map_put(so.backend, so.id, backend, msg.id, room, map_recorded)
+  end
+end
+
+-- Is a copy of origin:id known at dest (in `room`)?
+local function copied(origin, id, dest, room)
+  local l = (replay.learned[dest] or {})[origin .. "\0" .. id]
+  if l == true or l == room then return true end
+  for _, c in ipairs(db and db:map_copies(origin, id) or {}) do
+    if c.backend == dest and (c.room == nil or c.room == room) then return true end
+  end
+  return false
+end
+
+-- Sends what is held for `dest`, in order, in a coroutine of its own (the
+-- store may answer later); copies made meanwhile queue behind.
+release_held = function(dest)
+  local q = replay.held[dest]
+  if not q or q.draining then return end
+  q.draining = true
+  segue.spawn(function()
+    local done, sent, known = {}, 0, 0
+    while q.head <= q.tail do
+      local c = q[q.head]
+      q[q.head], q.head = nil, q.head + 1
+      local key = c.check and (c.origin .. "\0" .. c.msg.id .. "\0" .. c.target.endpoint.room)
+      if key and (done[key] or copied(c.origin, c.msg.id, dest, c.target.endpoint.room)) then
+        status.deduplicated = status.deduplicated + 1
+        known = known + 1
+      else
+        if key then done[key] = true end
+        sent = sent + 1
+        degrade.send(send_copy, c.origin, c.msg, c.target, c.content, c.attachments, c.marker)
+      end
+    end
+    replay.held[dest] = nil
+    segue.log.info(("replay window of %s closed: %d held cop%s sent, %d already there (not sent again)")
+      :format(dest, sent, sent == 1 and "y" or "ies", known))
+    if not replay.open[dest] then
+      replay.learned[dest] = nil
+      compile_around_backend(dest)
+    end
+  end)
+end
+
+-- Every copy of deliver goes out here: held while its destination replays.
+local function copy_out(origin, msg, target, content, attachments, marker)
+  local dest = target.endpoint.backend
+  local q = replay.held[dest]
+  local check = not marker and replay.open[dest] ~= nil and replay.open[origin] ~= nil
+  if not (q or check) then
+    return degrade.send(send_copy, origin, msg, target, content, attachments, marker)
+  end
+  if not q then
+    q = { head = 1, tail = 0 }
+    replay.held[dest] = q
+  end
+  q.tail = q.tail + 1
+  q[q.tail] = { origin = origin, msg = msg, target = target, content = content,
+    attachments = attachments, marker = marker, check = check }
+  if q.tail - q.head + 1 >= M.MAX_REPLAY_HELD then
+    close_window(dest, ("%d copies held for it"):format(M.MAX_REPLAY_HELD))
+  end
+end
+
+-- How the previous run stopped (REPLAY_KEY), read once per session; this
+-- run marks it open. Windows opened meanwhile close at once if it was clean.
+local function decide()
+  if not (db and db.kv_get) then
+    replay.state = "clean"
+    return close_all()
+  end
+  replay.state = "deciding"
+  local v = db:kv_get(REPLAY_KEY)
+  local ok, err = db:kv_set(REPLAY_KEY, "1")
+  if not ok then segue.log.warn("cannot mark the routing session open: " .. tostring(err)) end
+  replay.marked = ok and true or false
+  replay.state = v == "1" and "unclean" or "clean"
+  if replay.state == "clean" then return close_all() end
+  local names = {}
+  for name in pairs(replay.open) do names[#names + 1] = name end
+  table.sort(names)
+  segue.log.info(("the previous run did not stop cleanly: copies to %s wait for their replay (up to %d ms each)")
+    :format(table.concat(names, ", "), M.REPLAY_MS))
+end
+
+local function running_backends()
+  local n = 0
+  for _, b in ipairs(segue.backends()) do
+    if b.state == "running" then n = n + 1 end
+  end
+  return n
+end
+
+-- The "backend" event: a session begins when the first backend runs
+-- (every backend of the rules gets a window, until known clean); a backend
+-- starting in it restarts its own window, once; none running ends it.
+local function replay_backend(name, st)
+  if st == "running" then
+    if not replay.session then
+      replay.session, replay.state, replay.had = true, nil, {}
+      if M.REPLAY_MS > 0 and db and db.kv_get then
+        for backend in pairs(index) do window_timer(backend) end
+      end
+      replay.had[name] = true
+      segue.spawn(decide)  -- on PostgreSQL the answer comes later: the windows hold meanwhile
+      return
+    end
+    if not replay.had[name] then
+      replay.had[name] = true
+      extend_window(name)
+    end
+  elseif replay.session and running_backends() == 0 then
+    replay.session = false
+    close_all()
+  end
+end
+
+-- On a clean stop: sends what is held and marks the session closed
+-- (REPLAY_KEY "0"), so the next run holds nothing; boot.lua's `lease`
+-- (when set) makes it a write only while this instance holds it.
+local function clean_stop()
+  close_all()  -- what is held goes out before the backends stop
+  if not (replay.marked and db and db.kv_set) then return end
+  replay.marked = false
+  local l = M.lease
+  if l and db.kv_set_held then db:kv_set_held(REPLAY_KEY, "0", l.name, l.instance, function() end)
+  else db:kv_set(REPLAY_KEY, "0", function() end) end
+end
+
 -- Runs a bridge's filter and rewrite (under the instruction limit); on an
 -- error, the bridge's fallback decides: drop, or pass the message unchanged.
 local function apply_functions(b, msg, ctx)
@@ -428,7 +643,7 @@ local function deliver(set, backend, room, msg, marker)
               capabilities = degrade.of(t.endpoint.backend) }, { __index = ctx_base }))
         end
         local content, attachments = copy_content(b, prefix, msg)
-        degrade.send(send_copy, backend, msg, t, content, attachments, marker)
+        copy_out(backend, msg, t, content, attachments, marker)
       end
     else
       ctx_base = ctx_base or { backend = backend, room = room, sender = msg.sender, text = plain(msg.content), state = set.state }
@@ -441,14 +656,18 @@ local function deliver(set, backend, room, msg, marker)
       for _, t in ipairs(m and ctx.targets or {}) do
         local prefix = (marker or "") .. render(t.endpoint.format or b.format, ctx)
         local content, attachments = copy_content(b, prefix, m)
-        degrade.send(send_copy, backend, msg, t, content, attachments, marker)
+        copy_out(backend, msg, t, content, attachments, marker)
       end
     end
   end
 end
 
 local function is_copy(backend, msg)
-  if type(msg.extra) == "table" and msg.extra.segue_origin then return true end
+  local so = type(msg.extra) == "table" and msg.extra.segue_origin
+  if so then
+    if replay.open[backend] then learn(backend, msg, so) end
+    return true
+  end
   return db and db:map_origin(backend, msg.id) ~= nil
 end
 
@@ -555,7 +774,7 @@ end
 
 -- What C carries for messages of (backend, room), or nil if it cannot.
 local function compile_room(set, backend, room)
-  if set.on_message then return nil end
+  if set.on_message or replaying(backend) then return nil end
   local targets = {}
   for _, g in ipairs(routes_of(index, backend, room)) do
     local b = g.bridge
@@ -563,7 +782,7 @@ local function compile_room(set, backend, room)
     for i, t in ipairs(g.targets) do
       local e = t.endpoint
       local room_id = (room_ids[e.backend] or {})[e.room]
-      if not room_id then return nil end
+      if not room_id or replaying(e.backend) then return nil end
       local pieces = prefix_pieces(e.format or b.format, { backend = backend, room = room, bridge = b.name })
       if not pieces then return nil end
       local caps = degrade.of(e.backend)
@@ -672,6 +891,7 @@ local function compile_backend(name)
     end
   end
 end
+compile_around_backend = compile_backend
 
 local exclusive = false  -- the router is the only "update" listener
 local function enable()
@@ -966,9 +1186,11 @@ function M.install()
   core.route_attach()
   segue.on("backend", function(name, st)
     core.route_attach()
+    replay_backend(name, st)
     compile_backend(name)
     if st == "running" then M.resolve_backend(name, true) end
   end)
+  segue.on("stopping", clean_stop)
   installed = true
   listen_federation()
 end

@@ -5,7 +5,13 @@ backend process (as a real service outlives a bridge that restarts):
               grows; a new process says them all again from the start, as a
               service replays its history on reconnect
   --out=FILE  every MessageSend the bridge makes, appended as a JSON line
-              {"origin": extra.segue_origin, "content": content}
+              {"origin": extra.segue_origin, "content": content, "id": the
+              copy's id}; a new process announces them all again (with their
+              ids and `extra`) once the bridge joined the room, as a service
+              replays its history, copies included, on reconnect
+  --reply-ms=N  answer each MessageSend N ms after it is posted (a slow
+              service: the copy exists before the bridge learns its id),
+              then append {"answered": id} to the --out file
   --room=R    the room (default #s)
 """
 import json
@@ -16,6 +22,7 @@ import time
 
 opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 IN, OUT, ROOM = opts.get("in"), opts.get("out"), opts.get("room", "#s")
+REPLY_S = int(opts.get("reply-ms", "0")) / 1000.0
 lock = threading.Lock()
 joined = threading.Event()
 
@@ -46,6 +53,32 @@ def say():
         time.sleep(0.02)
 
 
+def answer(seq, reply, cid):
+    try:
+        send({"sequence_number": seq, "body": reply})
+    except OSError:  # the bridge is gone: this copy was never answered
+        return
+    with lock, open(OUT, "a") as f:
+        f.write(json.dumps({"answered": cid}) + "\n")
+
+
+def replay_out():
+    """The copies posted before this process started, as the service shows
+    its history: each with the id it was given and its extra."""
+    if not OUT or not os.path.exists(OUT):
+        return
+    with open(OUT) as f:
+        lines = [l for l in f if l.endswith("\n")]
+    for i, line in enumerate(lines):
+        c = json.loads(line)
+        if "id" not in c or "origin" not in c:
+            continue
+        send({"type": "MessageUpsert", "value": {
+            "id": c["id"], "sender": "bridge", "recipient": ROOM, "attachments": [],
+            "content": c["content"], "create_time": i, "edit_time": i,
+            "extra": {"segue_origin": c["origin"]}}})
+
+
 def main():
     send({"backend_name": "stream", "backend_version": [0, 0, 1], "protocol_version": [0, 1, 0]})
     threading.Thread(target=say, daemon=True).start()
@@ -58,18 +91,23 @@ def main():
             reply = {"type": "RoomID", "value": body["value"]}
         elif t == "RoomJoin":
             reply = {"type": "Success", "value": None}
-            if body["value"] == ROOM:
+            if body["value"] == ROOM and not joined.is_set():
                 joined.set()
+                replay_out()
         elif t == "MessageSend":
             v = body["value"]
+            n += 1
+            cid = "c%d.%d" % (os.getpid(), n)
             if OUT:
-                with open(OUT, "a") as f:
+                with lock, open(OUT, "a") as f:
                     f.write(json.dumps({"origin": (v.get("extra") or {}).get("segue_origin"),
-                                        "content": v.get("content")}) + "\n")
+                                        "content": v.get("content"), "id": cid}) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-            n += 1
-            reply = {"type": "MessageID", "value": "c%d.%d" % (os.getpid(), n)}
+            reply = {"type": "MessageID", "value": cid}
+            if REPLY_S:  # answered later, while the next requests are read
+                threading.Timer(REPLY_S, answer, (seq, reply, cid)).start()
+                continue
         else:
             reply = {"type": "Success", "value": None}
         send({"sequence_number": seq, "body": reply})
