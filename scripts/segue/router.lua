@@ -366,7 +366,7 @@ local replay = {
   held = {},        -- destination -> { head =, tail =, [i] = copy }: held copies, in order
   learned = {},     -- destination -> "origin\0id" -> room name (or true): copies its replay showed
 }
-M.replay = replay   -- for specs and `segue status`
+M.replay = replay   -- read by specs
 
 local function replaying(backend) return replay.open[backend] ~= nil or replay.held[backend] ~= nil end
 M.replaying = replaying
@@ -377,7 +377,11 @@ local function window_timer(backend)
   local t = replay.open[backend]
   if t and t ~= true then t:stop() end
   local ok, timer = pcall(require("segue.loop").timer, M.REPLAY_MS, 0, function() close_window(backend) end)
-  replay.open[backend] = ok and timer or true
+  if ok then replay.open[backend] = timer
+  else  -- the loop is closing: nothing to wait for
+    replay.open[backend] = true
+    close_window(backend)
+  end
 end
 
 -- (re)starts `backend`'s window if it has one open.
