@@ -9,24 +9,62 @@
 
 static const char lenv_key = 'e';
 
-/* Every SG_LENV_HOOK_PERIOD instructions of any thread: an interrupt asked
- * by a signal, then the sandbox's instruction limit. Raises only in Lua
- * functions. Once tripped, it raises again on every tick, so a pcall that
- * catches the error gains nothing. */
+/* ---- the count hook: instruction limits and interrupts --------------------
+ * In Lua 5.4 any count hook, whatever its period, makes the VM trap every
+ * instruction of the thread it is set on (luaG_traceexec), so it is set
+ * only where it is needed: on the running thread while a sandbox's
+ * instruction limit or an interrupt is in force (sync_hook, called where
+ * Lua starts or goes on running: sg__lenv_pcall, sg__lenv_resume,
+ * coroutine.resume/wrap, sandbox_enter/leave). e->running names that
+ * thread, so an interrupt (a signal handler: lua_sethook may be called
+ * asynchronously) sets the hook on it and its next instruction traps; a
+ * thread left with a hook nobody needs removes it at its next tick.
+ *
+ * The hook, every SG_LENV_HOOK_PERIOD instructions: an interrupt, then the
+ * sandbox's instruction limit. Raises only in Lua functions. Once tripped,
+ * it raises again on every tick, so a pcall that catches the error gains
+ * nothing. */
+static void count_hook(lua_State *L, lua_Debug *ar);
+
+static void set_count_hook(lua_State *L, int count) {
+  if (lua_gethook(L) != count_hook || lua_gethookcount(L) != count)
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, count);
+}
+
+/* L's hook as e asks now (L runs Lua, or is about to). Removing it is
+ * checked again after: a signal between the check and the removal must
+ * not be lost. */
+static void sync_hook(sg__lenv *e, lua_State *L) {
+  if (e->interrupted) {
+    set_count_hook(L, 1);
+  } else if (e->instr_limit) {
+    if (lua_gethook(L) != count_hook) lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
+  } else if (lua_gethook(L) == count_hook) {
+    lua_sethook(L, NULL, 0, 0);
+    if (e->interrupted) set_count_hook(L, 1);
+  }
+}
+
 static void count_hook(lua_State *L, lua_Debug *ar) {
   sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
-  if (!e) return;
+  if (!e) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
   if (e->interrupted) {
     /* Every instruction from now on: the code around a pcall that caught
      * it is interrupted too, not only the loop inside. */
-    if (lua_gethookcount(L) != 1) lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+    set_count_hook(L, 1);
     luaL_error(L, "interrupted by signal %d", (int)e->interrupted);
+  }
+  if (e->instr_limit == 0) {  /* nothing asks for it any more */
+    sync_hook(e, L);
+    return;
   }
   if (lua_gethookcount(L) != SG_LENV_HOOK_PERIOD) {  /* back from an interrupt */
     lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
     return;
   }
-  if (e->instr_limit == 0) return;
   e->instr_count += SG_LENV_HOOK_PERIOD;
   if (e->instr_count <= e->instr_limit) return;
   if (!e->tripped[0] || e->tripped[0] == '?') {
@@ -42,11 +80,124 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "%s", e->tripped);
 }
 
+void sg__lenv_interrupt(sg__lenv *e, int signum) {
+  e->interrupted = signum;
+  lua_State *L = e->running;
+  if (L) lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+}
+
+void sg__lenv_sync_hook(lua_State *L) {
+  sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
+  if (e) sync_hook(e, L);
+}
+
+lua_State *sg__lenv_wait_begin(sg__lenv *e) {
+  lua_State *L = e->running;
+  e->running = NULL;
+  return L;
+}
+
+void sg__lenv_wait_end(sg__lenv *e, lua_State *L) {
+  e->running = L;
+  if (L) sync_hook(e, L);
+}
+
+/* L runs Lua from now on (after `prev`, which it returns). */
+static lua_State *run_on(sg__lenv *e, lua_State *L) {
+  lua_State *prev = e->running;
+  e->running = L;
+  sync_hook(e, L);
+  return prev;
+}
+
+/* Back on `prev` (NULL: back in C). */
+static void back_to(sg__lenv *e, lua_State *prev) {
+  e->running = prev;
+  if (prev) sync_hook(e, prev);
+}
+
+/* coroutine.resume and coroutine.wrap as Lua's own, but keeping e->running
+ * (a coroutine resumed from Lua is otherwise invisible to C). Resumes co
+ * with the narg values on top of L; moves its results, or its error, to L:
+ * returns the number of results, or -1 on an error. */
+static int resume_from_lua(lua_State *L, lua_State *co, int narg) {
+  const char *why = NULL;
+  int status = lua_status(co);
+  lua_Debug ar;
+  if (co == L) why = "cannot resume non-suspended coroutine";
+  else if (status == LUA_OK && lua_getstack(co, 0, &ar)) why = "cannot resume non-suspended coroutine";
+  else if (status == LUA_OK && lua_gettop(co) == 0) why = "cannot resume dead coroutine";
+  else if (status != LUA_OK && status != LUA_YIELD) why = "cannot resume dead coroutine";
+  else if (!lua_checkstack(co, narg)) why = "too many arguments to resume";
+  if (why) {
+    lua_pushstring(L, why);
+    return -1;
+  }
+  lua_xmove(L, co, narg);
+  sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
+  if (e) run_on(e, co);
+  int nres = 0;
+  status = lua_resume(co, L, narg, &nres);
+  if (e) back_to(e, L);  /* the caller goes on */
+  if (status == LUA_OK || status == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      lua_pushliteral(L, "too many results to resume");
+      return -1;
+    }
+    lua_xmove(co, L, nres);
+    return nres;
+  }
+  lua_xmove(co, L, 1);  /* the error */
+  return -1;
+}
+
+static int co_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  int r = resume_from_lua(L, co, lua_gettop(L) - 1);
+  lua_pushboolean(L, r >= 0);
+  lua_insert(L, r >= 0 ? -r - 1 : -2);
+  return r >= 0 ? r + 1 : 2;
+}
+
+static int co_wrapped(lua_State *L) {
+  lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+  int r = resume_from_lua(L, co, lua_gettop(L));
+  if (r >= 0) return r;
+  int status = lua_status(co);
+  if (status != LUA_OK && status != LUA_YIELD) {  /* it died: close what it left open */
+    status = lua_resetthread(co);
+    lua_xmove(co, L, 1);
+  }
+  if (status != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {  /* where, as Lua's wrap */
+    luaL_where(L, 1);
+    lua_insert(L, -2);
+    lua_concat(L, 2);
+  }
+  return lua_error(L);
+}
+
+static int co_wrap(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_State *co = lua_newthread(L);
+  lua_pushvalue(L, 1);
+  lua_xmove(L, co, 1);
+  lua_pushcclosure(L, co_wrapped, 1);
+  return 1;
+}
+
 void sg__lenv_set(lua_State *L, sg__lenv *e) {
   lua_pushlightuserdata(L, e);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &lenv_key);
   *(sg__lenv **)lua_getextraspace(L) = e;
-  lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
+  if (lua_getglobal(L, "coroutine") == LUA_TTABLE) {
+    lua_pushcfunction(L, co_resume);
+    lua_setfield(L, -2, "resume");
+    lua_pushcfunction(L, co_wrap);
+    lua_setfield(L, -2, "wrap");
+  }
+  lua_pop(L, 1);
 }
 
 sg__lenv *sg__lenv_of(lua_State *L) {
@@ -91,13 +242,16 @@ static void outermost_returned(sg__lenv *e) {
     e->mem_exceeded = 0;
   }
   e->interrupted = 0;
+  e->running = NULL;
 }
 
 int sg__lenv_pcall_raw(sg__lenv *e, int nargs, int nres) {
   if (e->busy == 0) outermost_returned(e);
   e->busy++;
+  lua_State *prev = run_on(e, e->L);
   int rc = lua_pcall(e->L, nargs, nres, 0);
   if (--e->busy == 0) outermost_returned(e);
+  else back_to(e, prev);
   return rc;
 }
 
@@ -108,8 +262,10 @@ int sg__lenv_pcall(sg__lenv *e, int nargs, int nres, const char *what) {
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
   e->busy++;
+  lua_State *prev = run_on(e, L);
   int rc = lua_pcall(L, nargs, nres, base);
   if (--e->busy == 0) outermost_returned(e);
+  else back_to(e, prev);
   lua_remove(L, base);
   if (rc == LUA_OK) return 0;
   char buf[4096];
@@ -126,8 +282,10 @@ int sg__lenv_resume(sg__lenv *e, int nargs) {
   int nres = 0, err = 0;
   if (e->busy == 0) outermost_returned(e);
   e->busy++;  /* Lua runs: a signal interrupts it, a sandbox ends with it */
+  lua_State *prev = run_on(e, co);
   int rc = lua_resume(co, L, nargs, &nres);
   if (--e->busy == 0) outermost_returned(e);
+  else back_to(e, prev);
   if (rc == LUA_OK || rc == LUA_YIELD) {
     lua_pop(co, nres);
   } else {

@@ -52,10 +52,10 @@ struct sg__lenv {
    * The owner's allocator counts the Lua heap in mem_used and refuses to grow
    * it past mem_limit (0: no limit), setting mem_exceeded. The string
    * functions refuse a string.rep result over max_string and pattern
-   * subjects over max_subject (0: no bound). The owner's count hook (on
-   * every thread, every SG_LENV_HOOK_PERIOD instructions) counts
-   * instructions against instr_limit and, once past it, raises `tripped` on
-   * every later tick. segue.core.sandbox_enter/leave set these around a run
+   * subjects over max_subject (0: no bound). The count hook (bindings.c:
+   * on the running thread while a limit or an interrupt is in force, every
+   * SG_LENV_HOOK_PERIOD instructions) counts instructions against
+   * instr_limit and, once past it, raises `tripped` on every later tick. segue.core.sandbox_enter/leave set these around a run
    * of rules or config; sg__lenv_pcall clears what an error left set when
    * it returns to C. */
   size_t mem_used, mem_limit;
@@ -71,16 +71,32 @@ struct sg__lenv {
     char tripped[256];
   } sandbox_saved[8];
   /* Lua calls in progress from C (sg__lenv_pcall), and a signal that asked
-   * to interrupt them (set by a signal handler; the count hook raises it;
+   * to interrupt them (sg__lenv_interrupt; the count hook raises it;
    * cleared when the outermost call returns). */
   volatile sig_atomic_t busy, interrupted;
+  lua_State *volatile running;  /* the thread running Lua (NULL: none, or C waits) */
 };
 
 #define SG_LENV_HOOK_PERIOD 1000
 
 /* Stores e for L and every thread made from it (Lua's extra space), and
- * installs the count hook that enforces instr_limit and interrupts. */
+ * replaces coroutine.resume and coroutine.wrap by versions that keep
+ * e->running (call it after luaL_openlibs). */
 void sg__lenv_set(lua_State *L, sg__lenv *e);
+/* Asks the Lua running now (e->busy > 0) to stop: sets e->interrupted and
+ * the count hook on e->running, which raises "interrupted by signal N" at
+ * its next instruction, and again on every later tick until the outermost
+ * call returns to C. Safe in a signal handler. */
+void sg__lenv_interrupt(sg__lenv *e, int signum);
+/* Around C that waits while Lua called it (segue.loop.run): Lua does not
+ * run meanwhile, except what the loop calls back (a signal then stops the
+ * loop rather than interrupting Lua); begin returns the running thread,
+ * which end gets back (and its hook as the limits ask then). */
+lua_State *sg__lenv_wait_begin(sg__lenv *e);
+void sg__lenv_wait_end(sg__lenv *e, lua_State *L);
+/* Sets or removes the count hook of L (the running thread) as its owner's
+ * limits ask now: after segue.core.sandbox_enter/leave change them. */
+void sg__lenv_sync_hook(lua_State *L);
 /* The environment of L, or NULL when L has no owner (plain `lua`). */
 sg__lenv *sg__lenv_of(lua_State *L);
 /* The environment of L; raises when there is none. Functions that start

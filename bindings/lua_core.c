@@ -141,6 +141,7 @@ static int l_sandbox_enter(lua_State *L) {
   /* "?what": not tripped yet; the hook writes the message when it trips */
   snprintf(e->tripped, sizeof e->tripped, "?%s", what);
   e->mem_exceeded = 0;
+  sg__lenv_sync_hook(L);
   return 0;
 }
 
@@ -161,6 +162,7 @@ static int l_sandbox_leave(lua_State *L) {
     e->mem_exceeded = f->mem_exceeded || exceeded;
     memcpy(e->tripped, f->tripped, sizeof e->tripped);
   }
+  sg__lenv_sync_hook(L);
   lua_pushboolean(L, exceeded);
   return 2;
 }

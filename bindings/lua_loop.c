@@ -163,7 +163,9 @@ static int l_run(lua_State *L) {
   if (e->loop_depth) return luaL_error(L, "segue.loop.run cannot be called from a loop callback");
   if (e->closing) return luaL_error(L, "the host is closing");
   e->loop_depth++;
+  lua_State *running = sg__lenv_wait_begin(e);
   int alive = uv_run(e->loop, uv_modes[mode]);
+  sg__lenv_wait_end(e, running);
   e->loop_depth--;
   if (e->closing) return luaL_error(L, "the host is closing");
   lua_pushboolean(L, alive);

@@ -82,8 +82,9 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 
 /* ---- interrupting Lua from a signal --------------------------------------
  * As the standalone lua interpreter does: SIGINT/SIGTERM arriving while Lua
- * runs make the count hook (bindings.c, on every thread) raise at its next
- * tick, and again at every later one until the outermost call returns to C,
+ * runs set the count hook on the running thread (sg__lenv_interrupt), which
+ * raises at its next instruction, and again at every later tick until the
+ * outermost call returns to C,
  * so a pcall that catches it is interrupted again; the loop then sees the
  * signal (libuv's handler, chained) and stops segue. A second signal while
  * the first is still pending (Lua that escaped the hook) exits at once. */
@@ -93,14 +94,14 @@ static struct sigaction prev_action[65];
 static void on_interrupt(int signum) {
   int saved = errno;
   sg_host *h = interrupt_host;
-  if (h && h->env.L && h->env.busy > 0) {
+  if (h && h->env.L && h->env.busy > 0 && h->env.running) {  /* Lua runs, not the loop */
     if (h->env.interrupted) {
       static const char msg[] = "segue: second signal while Lua runs, exiting now\n";
       ssize_t w = write(2, msg, sizeof msg - 1);
       (void)w;
       _exit(1);
     }
-    h->env.interrupted = signum;
+    sg__lenv_interrupt(&h->env, signum);
   }
   if (signum > 0 && signum < 65) {
     struct sigaction *p = &prev_action[signum];

@@ -313,7 +313,7 @@ class Sandbox(unittest.TestCase):
         self.assertIn("rule stopped after 1000000 instructions", err)
         self.assertIn("string.rep: a result of 1073741824 bytes", err)
 
-    def spinning_segue(self, script=None):
+    def spinning_segue(self, script=None, cfg=None):
         write(os.path.join(self.d, "spin.lua"), script or """
             local segue = require "segue"
             segue.timer(50, function()
@@ -321,7 +321,7 @@ class Sandbox(unittest.TestCase):
               while true do pcall(function() while true do end end) end
             end)
         """)
-        write(os.path.join(self.d, "cfg.lua"), 'data_dir = "data"\nscripts = { "spin.lua" }\n')
+        write(os.path.join(self.d, "cfg.lua"), cfg or 'data_dir = "data"\nscripts = { "spin.lua" }\n')
         s = Segue(self, self.d)
         self.assertTrue(s.log.wait_for("spinning"), s.log.text())
         return s
@@ -354,6 +354,65 @@ class Sandbox(unittest.TestCase):
         s.proc.wait(timeout=30)
         self.assertEqual(s.proc.returncode, 0, s.log.text())
         self.assertTrue(s.log.wait_for("interrupted by signal %d" % signal.SIGTERM), s.log.text())
+
+    def sigterm_stops(self, script, cfg=None):
+        s = self.spinning_segue(script, cfg)
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(timeout=30)
+        self.assertEqual(s.proc.returncode, 0, s.log.text())
+        self.assertTrue(s.log.wait_for("interrupted by signal %d" % signal.SIGTERM), s.log.text())
+
+    def test_sigterm_stops_lua_spinning_in_coroutines_resumed_from_lua(self):
+        # The count hook is set only on the thread running when the signal
+        # comes (docs/performance.md): coroutine.resume/wrap keep track of
+        # it, and the caller a coroutine returns to is interrupted too
+        # (here it catches the error and would spin on).
+        spin = "while true do pcall(function() while true do end end) end"
+        for start in ("coroutine.wrap(function() %s end)()" % spin,
+                      "assert(coroutine.resume(coroutine.create(function() %s end)))" % spin,
+                      "while true do pcall(coroutine.wrap(function() %s end)) end" % spin,
+                      "while true do coroutine.resume(coroutine.create(function() "
+                      "coroutine.wrap(function() %s end)() end)) end" % spin,
+                      "local co = coroutine.wrap(function() while true do coroutine.yield() end end) "
+                      "while true do co() end"):
+            self.sigterm_stops("""
+                local segue = require "segue"
+                segue.timer(50, function()
+                  io.stderr:write("spinning\\n")
+                  %s
+                end)
+            """ % start)
+
+    def test_sigterm_stops_a_lua_backend_spinning(self):
+        write(os.path.join(self.d, "spinner.lua"), """
+            local backend = ...
+            backend.timer(50, function()
+              io.stderr:write("spinning\\n")
+              while true do pcall(function() while true do end end) end
+            end)
+            return { info = { name = "spinner", version = { 1, 0, 0 } } }
+        """)
+        self.sigterm_stops(None, 'data_dir = "data"\nbackends = { spin = { script = "%s" } }\n'
+                           % os.path.join(self.d, "spinner.lua"))
+
+    def test_no_count_hook_outside_a_sandbox(self):
+        # In Lua 5.4 a count hook makes the VM trap every instruction: it is
+        # on only inside a sandbox with an instruction limit (or while an
+        # interrupt is pending), on the thread that runs it.
+        write(os.path.join(self.d, "hooks.lua"), """
+            local rules = require "segue.rules"
+            local function hook() return (debug.gethook()) ~= nil end
+            local co_hook = coroutine.wrap(hook)()
+            local ok, inside, co_inside = rules.run(function()
+              return hook(), coroutine.wrap(hook)()
+            end)
+            assert(ok, inside)
+            local r = coroutine.wrap(function() return select(2, rules.run(hook)) end)()
+            print(hook(), co_hook, inside, co_inside, r, hook())
+        """)
+        r = run(["exec", "hooks.lua"], cwd=self.d, timeout=60)
+        self.assertEqual(r.code, 0, r.stderr)
+        self.assertEqual(r.stdout.split(), ["false", "false", "true", "true", "true", "false"])
 
 
 if __name__ == "__main__":
