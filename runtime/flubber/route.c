@@ -63,6 +63,28 @@ static int smap_grow(smap *m) {
   return 0;
 }
 
+/* dst (empty) becomes a copy of src's entries (values shared, not copied):
+ * same buckets, hashes kept, no lookups. -1 out of memory (dst is then
+ * what was copied so far, for smap_free). */
+static int smap_clone(smap *dst, const smap *src) {
+  if (!src->nb) return 0;
+  dst->b = calloc(src->nb, sizeof *dst->b);
+  if (!dst->b) return -1;
+  dst->nb = src->nb;
+  for (size_t i = 0; i < src->nb; i++) {
+    for (const ment *e = src->b[i]; e; e = e->next) {
+      size_t size = sizeof *e + e->klen + 1;
+      ment *n = malloc(size);
+      if (!n) return -1;
+      memcpy(n, e, size);
+      n->next = dst->b[i];
+      dst->b[i] = n;
+      dst->n++;
+    }
+  }
+  return 0;
+}
+
 /* The entry of (a, b), made (val NULL, num 0) if absent; NULL out of memory. */
 static ment *smap_get(smap *m, const char *a, const char *b, int *made) {
   ment *e = smap_find(m, a, b);
@@ -267,18 +289,15 @@ int sg__route_table_begin(sg__route *r, void *owner, int inherit) {
   t->r = r;
   t->refs = 1;
   t->owner = owner;
-  for (size_t i = 0; inherit && r->cur && i < r->cur->rooms.nb; i++) {
-    for (ment *e = r->cur->rooms.b[i]; e; e = e->next) {
-      size_t la = strlen(e->key);
-      ment *n = smap_get(&t->rooms, e->key, e->key + la + 1, NULL);
-      if (!n) {
-        smap_free(&t->rooms, free_room);
-        free(t);
-        return SG_ENOMEM;
-      }
-      n->val = e->val;
-      ((croom *)e->val)->refs++;
+  if (inherit && r->cur) {
+    if (smap_clone(&t->rooms, &r->cur->rooms) != 0) {
+      smap_free(&t->rooms, NULL);
+      free(t);
+      return SG_ENOMEM;
     }
+    for (size_t i = 0; i < t->rooms.nb; i++)
+      for (ment *e = t->rooms.b[i]; e; e = e->next)
+        if (e->val) ((croom *)e->val)->refs++;
   }
   sg__route_table *old = r->cur;
   r->cur = t;
