@@ -19,6 +19,7 @@ local current          -- the active rule set
 local index = {}       -- backend -> room name -> { {bridge, endpoint}, ... }
 local room_ids = {}    -- backend -> room name -> room id
 local room_names = {}  -- backend -> room id -> room name
+local pending = {}     -- backend -> room name -> true: rooms of the index not in room_ids
 local loop_now = require("segue.loop").now
 local unresolved = {}  -- "backend\0room" -> copies waiting for that room to resolve
 M.MAX_WAITING = 1000   -- copies kept per room that is not resolved yet
@@ -167,10 +168,28 @@ local function resolve(backend, room)
   room_ids[backend] = room_ids[backend] or {}
   room_ids[backend][room] = r.value
   extend_window(backend)
+  if pending[backend] then
+    pending[backend][room] = nil
+    if next(pending[backend]) == nil then pending[backend] = nil end
+  end
   compile_around(backend, room)
   local waiting = unresolved[backend .. "\0" .. room]
   unresolved[backend .. "\0" .. room] = nil
   for _, send in ipairs(waiting or {}) do send() end
+end
+
+-- Whether (backend, room) of the index waits to be resolved (pending):
+-- after the index changed there.
+local function mark_pending(backend, room)
+  local want = (index[backend] or {})[room] ~= nil and not (room_ids[backend] or {})[room]
+  local p = pending[backend]
+  if want then
+    if not p then p = {} pending[backend] = p end
+    p[room] = true
+  elseif p then
+    p[room] = nil
+    if next(p) == nil then pending[backend] = nil end
+  end
 end
 
 -- Resolves and joins the rooms of `backend` named by the rules: all of them
@@ -179,11 +198,8 @@ end
 -- file naming a thousand new rooms starts a few coroutines, not a thousand.
 M.RESOLVERS = 16
 function M.resolve_backend(backend, all)
-  local known = room_ids[backend] or {}
   local todo = {}
-  for room in pairs(index[backend] or {}) do
-    if all or not known[room] then todo[#todo + 1] = room end
-  end
+  for room in pairs((all and index or pending)[backend] or {}) do todo[#todo + 1] = room end
   local next_room = 0
   local function worker()
     while next_room < #todo do
@@ -976,16 +992,18 @@ local function backends_key(backends)
   return table.concat(names, "\0")
 end
 
+-- unchanged(path, key) -> true | false, the text of path if it was read
 local function unchanged(path, key)
   if not current or current.path ~= path or loaded.backends ~= key then return false end
   for _, file in ipairs(current.files or {}) do
-    if loaded.texts[file] == nil or read_all(file) ~= loaded.texts[file] then return false end
+    local text = read_all(file)
+    if loaded.texts[file] == nil or text ~= loaded.texts[file] then return false, file == path and text or nil end
   end
   return true
 end
 
 local function resolve_running()
-  for backend in pairs(index) do
+  for backend in pairs(pending) do
     local info = segue.backend(backend):info()
     if info and info.state == "running" then M.resolve_backend(backend) end
   end
@@ -1116,17 +1134,17 @@ end
 
 function M.load(path, backends)
   local key = backends_key(backends)
-  if unchanged(path, key) then
+  local same, text = unchanged(path, key)
+  if same then
     status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
     segue.log.info(("rules reloaded (unchanged, nothing ran): %d bridge(s)"):format(#current))
     segue.emit("rules", true)
     resolve_running()
     return true
   end
-  -- Read before the load: if the file changes meanwhile, what is kept is
-  -- older than what loaded, and the next reload runs it again.
-  local text = read_all(path)
-  local set, errors = rules.load(path, { backends = backends, state = state, previous = current })
+  -- What is kept to compare is the very text that ran (set.texts).
+  local set, errors = rules.load(path, { backends = backends, state = state, previous = current,
+    text = text or read_all(path) })
   if set and set.test then
     local ok, err = rules.run(set.test, simulator(set, build_index(set)))
     if not ok then errors, set = { path .. ": self-test failed: " .. tostring(err):match("^[^\n]*") }, nil end
@@ -1140,16 +1158,25 @@ function M.load(path, backends)
   end
   local first = current == nil
   local touched, pos = changed_rooms(current, set)
-  if touched then update_index(index, touched, pos)
-  else index = build_index(set) end
+  if touched then
+    update_index(index, touched, pos)
+    for _, t in pairs(touched) do mark_pending(t.backend, t.room) end
+  else
+    index = build_index(set)
+    pending = {}
+    for backend, rooms in pairs(index) do
+      local known = room_ids[backend] or {}
+      for room in pairs(rooms) do
+        if not known[room] then mark_pending(backend, room) end
+      end
+    end
+  end
   current, state = set, set.state
   compile_set(set, touched)
   listen_federation()
   status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
   status.files = set.files
-  loaded.texts, loaded.backends = {}, key
-  for _, file in ipairs(set.files or {}) do loaded.texts[file] = read_all(file) end
-  loaded.texts[path] = text
+  loaded.texts, loaded.backends = set.texts, key
   segue.log.info(("rules %s: %d bridge(s)"):format(first and "loaded" or "reloaded", #set))
   segue.emit("rules", true)
   resolve_running()

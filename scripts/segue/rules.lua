@@ -177,7 +177,7 @@ end
 
 -- A fresh sandboxed environment per load; `require` loads a file next to
 -- the rules file, fresh each time (and watched), and nothing else.
-local function environment(dir, state, files, kept, token)
+local function environment(dir, state, files, texts, kept, token)
   local env = setmetatable({ bridge = bridge_maker(kept, token), state = state }, { __index = M.sandbox() })
   env.require = function(name)
     if type(name) ~= "string" then error("require: expected a module name", 2) end
@@ -189,6 +189,7 @@ local function environment(dir, state, files, kept, token)
     local src = f:read("a")
     f:close()
     files[#files + 1] = path
+    texts[path] = src
     local chunk, err = load(src, "@" .. path, "t", env)
     if not chunk then error(err, 0) end
     return chunk()
@@ -252,23 +253,28 @@ end
 --- load(path, ctx) -> set | nil, errors
 --- ctx: { backends = { name = true }, state = table carried over,
 --- previous = the running set (its bridges that did not change are reused:
---- set.reused counts them) }
+--- set.reused counts them), text = the text of path if the caller read it }
+--- set.files lists the files it ran (path first), set.texts their texts.
 function M.load(path, ctx)
-  local f, err = io.open(path, "r")
-  if not f then return nil, { path .. ":1: cannot read the rules: " .. tostring(err) } end
-  local src = f:read("a")
-  f:close()
+  local src = ctx.text
+  if not src then
+    local f, err = io.open(path, "r")
+    if not f then return nil, { path .. ":1: cannot read the rules: " .. tostring(err) } end
+    src = f:read("a")
+    f:close()
+  end
   local dir = path:match("^(.*)/[^/]*$") or "."
-  local files = { path }
+  local files, texts = { path }, { [path] = src }
   local token = {}
-  local env = environment(dir, ctx.state or {}, files, ctx.previous and ctx.previous.by_hash, token)
+  local env = environment(dir, ctx.state or {}, files, texts, ctx.previous and ctx.previous.by_hash, token)
   local chunk, cerr = load(src, "@" .. path, "t", env)
   if not chunk then return nil, { cerr } end
   local ok, set = M.run(chunk)
   if not ok then return nil, { (tostring(set):match("^[^\n]*")) } end
   local errors, by_hash, reused = validate(set, ctx, path, token)
   if #errors > 0 then return nil, errors end
-  set.files, set.state, set.path, set.by_hash, set.reused = files, env.state, path, by_hash, reused
+  set.files, set.texts, set.state, set.path = files, texts, env.state, path
+  set.by_hash, set.reused = by_hash, reused
   return set
 end
 
