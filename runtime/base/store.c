@@ -1529,6 +1529,24 @@ int sg__store_inbox_done_async(sg__store *s, int64_t seq, sg__store_reply_cb cb,
   return deferred_answer(s, err, 0, cb, ud);
 }
 
+static const char SQL_INBOX_DONE_UPTO[] = "DELETE FROM inbox WHERE peer = ?1 AND seq <= ?2";
+
+int sg__store_inbox_done_upto_async(sg__store *s, const char *peer, int64_t seq,
+                                   sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_done_upto(s->pg, peer, seq, cb, ud);
+  if (join_begin(s)) return deferred_answer(s, SG_ESTORE, 0, cb, ud);
+  int64_t n = 0;
+  sqlite3_stmt *st = stmt1(s, SQL_INBOX_DONE_UPTO, peer);
+  int err = st ? 0 : SG_ESTORE;
+  if (st) {
+    sqlite3_bind_int64(st, 2, seq);
+    err = run(s, st);
+    if (!err) n = sqlite3_changes(s->db);
+  }
+  join_end(s, 0);
+  return deferred_answer(s, err, n, cb, ud);
+}
+
 int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
                                 sg__store_reply_cb cb, void *ud) {
   if (s->pg) return sg__pg_inbox_failed(s->pg, seq, why, dead, cb, ud);

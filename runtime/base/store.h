@@ -379,6 +379,12 @@ int sg__store_inbox_push_async(sg__store *s, const char *peer, const uint8_t *ev
 int sg__store_inbox_head_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
                               void *ud);
 int sg__store_inbox_done_async(sg__store *s, int64_t seq, sg__store_reply_cb cb, void *ud);
+/* The peer's events with seq <= `seq` leave its inbox: one statement for
+ * several delivered events, for the one writer of that inbox (deliveries
+ * run in order; on a shared store another instance may commit a lower seq
+ * later: there use inbox_done). count: how many left. */
+int sg__store_inbox_done_upto_async(sg__store *s, const char *peer, int64_t seq,
+                                   sg__store_reply_cb cb, void *ud);
 int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
                                 sg__store_reply_cb cb, void *ud);
 /* Claims (or renews) `name` for `instance` for ttl_ms: err 0 when it is

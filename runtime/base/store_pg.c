@@ -1318,6 +1318,16 @@ int sg__pg_inbox_done(sg__pg *pg, int64_t seq, sg__store_reply_cb cb, void *ud) 
   return SUBMIT(pg, "DELETE FROM inbox WHERE seq = $1::bigint", parse_none, cb, ud, s);
 }
 
+int sg__pg_inbox_done_upto(sg__pg *pg, const char *peer, int64_t seq, sg__store_reply_cb cb,
+                           void *ud) {
+  char s[24];
+  snprintf(s, sizeof s, "%lld", (long long)seq);
+  return SUBMIT(pg,
+                "WITH d AS (DELETE FROM inbox WHERE peer = $1 AND seq <= $2::bigint RETURNING 1)"
+                " SELECT count(*) FROM d",
+                parse_count, cb, ud, peer, s);
+}
+
 int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int dead,
                         sg__store_reply_cb cb, void *ud) {
   char s[24];

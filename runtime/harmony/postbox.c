@@ -60,6 +60,8 @@ typedef struct peer {
   int mirror;
   item_list in_mem;
   unsigned appending;   /* inbox appends not answered yet */
+  int64_t done_upto;    /* delivered from in_mem up to this seq, not deleted yet
+                         * (one statement at the end of the turn), or 0 */
   int key_known;
   uint8_t key[32];      /* the key last persisted or read */
   uint64_t pushed_at;   /* uv_now of its last Push to us */
@@ -75,6 +77,7 @@ struct sg__postbox {
   int multi;            /* the store is shared (PostgreSQL): claims matter */
   peer *peers;
   uv_idle_t commit_idle;  /* SQLite: commits the turn's batch */
+  int dones;            /* a peer has done_upto set */
   uv_timer_t scan_timer;  /* shared store: inboxes whose instance died */
   unsigned handles;     /* handles still to close */
   unsigned calls;       /* store calls not answered yet */
@@ -117,8 +120,11 @@ static int fail(sg__postbox *pb, int err, const char *msg) {
 
 static void maybe_free(sg__postbox *pb);
 
+static void dones_write(sg__postbox *pb);
+
 static void commit_turn(uv_idle_t *h) {
   sg__postbox *pb = h->data;
+  dones_write(pb);
   sg__store_flush(pb->store);
   if (!sg__store_pending(pb->store)) uv_idle_stop(h);
 }
@@ -152,6 +158,21 @@ static void ignored(void *ud, const sg__store_reply *r) {
   (void)r;
   call_done(pb);
   call_end(pb);
+}
+
+/* The events a peer's delivery took from memory leave the inbox: one
+ * statement, before anything reads the inbox again and at the turn's end. */
+static void done_write(peer *p) {
+  if (!p->done_upto) return;
+  int64_t seq = p->done_upto;
+  p->done_upto = 0;
+  CALL(p->pb, sg__store_inbox_done_upto_async(p->pb->store, p->id, seq, ignored, p->pb));
+}
+
+static void dones_write(sg__postbox *pb) {
+  if (!pb->dones) return;
+  pb->dones = 0;
+  for (peer *p = pb->peers; p; p = p->next) done_write(p);
 }
 
 static void stamp(sg__postbox *pb, const char *id, sg__store_stamp which) {
@@ -696,16 +717,23 @@ static void in_claimed(void *ud, const sg__store_reply *r) {
  * past deliver_tries dead_letters. The next head is read after the write:
  * both engines see it. */
 static void deliver_one(peer *p, int64_t seq, const uint8_t *event, size_t len,
-                        int64_t attempts) {
+                        int64_t attempts, int from_memory) {
   sg__postbox *pb = p->pb;
   char why[256] = "handler failed";
   int err = pb->tp.deliver(pb->tp.ud, p->id, event, len, why, sizeof why);
   if (err == 0) {
-    CALL(pb, sg__store_inbox_done_async(pb->store, seq, ignored, pb));
+    if (from_memory) {  /* deleted with the others of the turn */
+      p->done_upto = seq;
+      pb->dones = 1;
+      if (!pb->closed) uv_idle_start(&pb->commit_idle, commit_turn);
+    } else {
+      CALL(pb, sg__store_inbox_done_async(pb->store, seq, ignored, pb));
+    }
     fetch_head(p);
     return;
   }
   mirror_drop(p);  /* its attempts are the store's to count */
+  done_write(p);
   record_error(pb, p->id, why);
   int dead = attempts + 1 >= pb->opt.deliver_tries;
   CALL(pb, sg__store_inbox_failed_async(pb->store, seq, why, dead, ignored, pb));
@@ -733,7 +761,7 @@ static void head_arrived(void *ud, const sg__store_reply *r) {
     schedule_delivery(p, pb->opt.deliver_backoff_ms);
   } else {
     const sg__store_event *e = &r->events[0];
-    deliver_one(p, e->seq, e->event, e->len, e->attempts);
+    deliver_one(p, e->seq, e->event, e->len, e->attempts, 0);
   }
   call_end(pb);
 }
@@ -755,7 +783,7 @@ static void fetch_head(peer *p) {
         delivery_stops(p, 1);
         break;
       }
-      deliver_one(p, it->seq, it->event, it->len, 0);
+      deliver_one(p, it->seq, it->event, it->len, 0, 1);
       item_free(it);
       continue;
     }
@@ -765,6 +793,7 @@ static void fetch_head(peer *p) {
         delivery_stops(p, 0);
       break;
     }
+    done_write(p);  /* what memory delivered is gone before the store is read */
     if (CALL(pb, sg__store_inbox_head_async(pb->store, p->id, head_arrived, p))) {
       delivery_stops(p, 0);
       schedule_delivery(p, pb->opt.deliver_backoff_ms);
@@ -1064,6 +1093,7 @@ int sg__postbox_rename_peer(sg__postbox *pb, const char *old_id, const char *new
   peer *p = find_peer(pb, old_id);
   if (p && (p->out.count || p->held_in.count || p->serving || p->delivering || p->busy))
     return fail(pb, SG_EINVAL, "the peer has events in flight; try again");
+  if (p) done_write(p);  /* delivered events do not move along */
   if (!get_peer(pb, new_id)) return SG_ENOMEM;  /* its row, before the move */
   rename_call *c = calloc(1, sizeof *c);
   if (!c || !(c->old_id = strdup(old_id)) || !(c->new_id = strdup(new_id))) {
@@ -1155,6 +1185,7 @@ void sg__postbox_close(sg__postbox *pb, void (*cb)(void *data), void *data) {
   }
   /* SQLite: what waits for the commit hears now (their callbacks may
    * write once more: the stored Pushes' deliveries are not scheduled). */
+  dones_write(pb);
   for (int i = 0; i < 3 && sg__store_pending(pb->store); i++) sg__store_flush(pb->store);
   pb->closed = 1;
   for (peer *p = pb->peers; p; p = p->next) {

@@ -272,12 +272,24 @@ static void check_postbox_ops(sg__store *s) {
   CHECK(a.err == 0 && b.err == 0 && o_seq > 0);
   CHECK_STR(c.rows, "nn/-;");
   CHECK(d.push_in[2] > stamped);  /* a later batch stamps again */
-  int64_t nn_seq = c.seqs[0];
-  CALL(a, sg__store_inbox_done_async(s, nn_seq, record, &a));
-  CALL(b, sg__store_inbox_done_async(s, o_seq, record, &b));
+  /* delivered up to a seq: those leave, in one call, the peer's only */
+  CALL(a, sg__store_inbox_push_async(s, "p5.example:1", (const uint8_t *)"q", 1, record, &a));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"p", 1, record, &b));
+  settle(20000);
+  int64_t p_seq = b.num;
+  CALL(a, sg__store_inbox_done_upto_async(s, "p4.example:1", o_seq, record, &a));
+  CALL(b, sg__store_inbox_head_async(s, "p4.example:1", record, &b));
+  CALL(c, sg__store_inbox_head_async(s, "p5.example:1", record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && a.count == 2);  /* nn and o, not p */
+  CHECK_STR(b.rows, "p/-;");
+  CHECK_STR(c.rows, "q/-;");          /* another peer's lower seq stays */
+  int64_t q_seq = c.seqs[0];
+  CALL(a, sg__store_inbox_done_upto_async(s, "p4.example:1", p_seq, record, &a));
+  CALL(b, sg__store_inbox_done_async(s, q_seq, record, &b));
   CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
   settle(20000);
-  CHECK(a.err == 0 && b.err == 0 && c.err == SG_STORE_NOTFOUND);
+  CHECK(a.err == 0 && a.count == 1 && b.err == 0 && c.err == SG_STORE_NOTFOUND);
 
   /* peers: bookkeeping, keys, the listing */
   uint8_t key[32];
@@ -299,7 +311,7 @@ static void check_postbox_ops(sg__store *s) {
   settle(20000);
   CHECK(a.err == 0 && b.err == 0);
   CHECK(c.err == SG_STORE_NOTFOUND);
-  CHECK_STR(d.rows, "p2.example:1/0,0,-;p3.example:1/1,0,-;p4.example:1/0,0,-;");
+  CHECK_STR(d.rows, "p2.example:1/0,0,-;p3.example:1/1,0,-;p4.example:1/0,0,-;p5.example:1/0,0,-;");
   CHECK(e.err == 0 && memcmp(e.key, key, 32) == 0);  /* the key moved along */
 
   /* claims: one holder at a time on a shared store; SQLite grants all */
