@@ -1409,14 +1409,15 @@ int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *con
   return deferred_answer(s, err, 0, cb, ud);
 }
 
-/* The peer's row, created if new, stamped last_push_in: one statement. */
+/* The peer's row, created if new, stamped last_push_in: one statement (or
+ * only created if new: SQL_PEER_ADD, which writes no page when it is there). */
 static const char SQL_PEER_PUSHED_IN[] =
     "INSERT INTO peers(server_id, first_seen, last_push_in) VALUES (?1, ?2, ?2)"
     " ON CONFLICT (server_id) DO UPDATE SET last_push_in = excluded.last_push_in";
 
-static int pushed_in(sg__store *s, const char *peer) {
-  if (s->pushed_gen == s->batch_gen && strcmp(s->pushed_peer, peer) == 0) return 0;
-  sqlite3_stmt *st = stmt1(s, SQL_PEER_PUSHED_IN, peer);
+static int pushed_in(sg__store *s, const char *peer, int stamp) {
+  if (!stamp && s->pushed_gen == s->batch_gen && strcmp(s->pushed_peer, peer) == 0) return 0;
+  sqlite3_stmt *st = stmt1(s, stamp ? SQL_PEER_PUSHED_IN : SQL_PEER_ADD, peer);
   if (!st) return SG_ESTORE;
   sqlite3_bind_int64(st, 2, sg__store_now_ms());
   int err = run(s, st);
@@ -1429,11 +1430,11 @@ static int pushed_in(sg__store *s, const char *peer) {
 }
 
 int sg__store_inbox_push_async(sg__store *s, const char *peer, const uint8_t *event, size_t len,
-                              sg__store_reply_cb cb, void *ud) {
-  if (s->pg) return sg__pg_inbox_push(s->pg, peer, event, len, cb, ud);
+                              int stamp, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_push(s->pg, peer, event, len, stamp, cb, ud);
   if (join_begin(s)) return deferred_answer(s, SG_ESTORE, 0, cb, ud);
   int64_t seq = 0;
-  int err = pushed_in(s, peer);
+  int err = pushed_in(s, peer, stamp);
   sqlite3_stmt *st = err ? NULL : stmt1(s, SQL_INBOX_ADD, peer);
   if (!err && !st) err = SG_ESTORE;
   if (st) {

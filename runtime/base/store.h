@@ -369,12 +369,12 @@ int sg__store_outbox_drop_async(sg__store *s, const char *peer, const int64_t *s
  * the peer's row is created if needed. */
 int sg__store_inbox_add_async(sg__store *s, const char *peer, const uint8_t *const *events,
                              const size_t *lens, size_t n, sg__store_reply_cb cb, void *ud);
-/* A Push's event: its peer's row is created if new and stamped
- * last_push_in, and the event appended to its inbox (on SQLite the batch
- * upserts a peer's row once: its stamp is the batch's first Push from it);
- * num: the event's seq. */
+/* A Push's event: its peer's row is created if new (and with `stamp`
+ * stamped last_push_in, now) and the event appended to its inbox, in one
+ * call (on SQLite a batch makes sure of a peer's row once); num: the
+ * event's seq. */
 int sg__store_inbox_push_async(sg__store *s, const char *peer, const uint8_t *event, size_t len,
-                              sg__store_reply_cb cb, void *ud);
+                              int stamp, sg__store_reply_cb cb, void *ud);
 /* events[0]: the oldest event of the inbox; err SG_STORE_NOTFOUND if empty. */
 int sg__store_inbox_head_async(sg__store *s, const char *peer, sg__store_reply_cb cb,
                               void *ud);

@@ -1285,7 +1285,7 @@ int sg__pg_outbox_drop(sg__pg *pg, const char *peer, const int64_t *seqs, size_t
 }
 
 int sg__pg_inbox_push(sg__pg *pg, const char *peer, const uint8_t *event, size_t len,
-                      sg__store_reply_cb cb, void *ud) {
+                      int stamp, sg__store_reply_cb cb, void *ud) {
   char *hex = malloc(len * 2 + 1), *w = hex;
   if (!hex) return SG_ENOMEM;
   for (size_t j = 0; j < len; j++) {
@@ -1294,10 +1294,16 @@ int sg__pg_inbox_push(sg__pg *pg, const char *peer, const uint8_t *event, size_t
   }
   *w = '\0';
   /* The peer's row first (the foreign key is checked at the statement's end). */
-  int rc = SUBMIT(pg,
+  int rc = stamp ? SUBMIT(pg,
                   "WITH p AS (INSERT INTO peers(server_id, first_seen, last_push_in)"
                   "   VALUES ($1, " NOW_MS ", " NOW_MS ")"
                   "   ON CONFLICT (server_id) DO UPDATE SET last_push_in = excluded.last_push_in)"
+                  " INSERT INTO inbox(peer, event, received)"
+                  "   VALUES ($1, decode($2, 'hex'), " NOW_MS ") RETURNING seq",
+                  parse_num, cb, ud, peer, hex)
+                 : SUBMIT(pg,
+                  "WITH p AS (INSERT INTO peers(server_id, first_seen)"
+                  "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING)"
                   " INSERT INTO inbox(peer, event, received)"
                   "   VALUES ($1, decode($2, 'hex'), " NOW_MS ") RETURNING seq",
                   parse_num, cb, ud, peer, hex);

@@ -82,7 +82,7 @@ int sg__pg_outbox_head(sg__pg *pg, const char *peer, size_t max_bytes, sg__store
 int sg__pg_outbox_drop(sg__pg *pg, const char *peer, const int64_t *seqs, size_t n,
                        sg__store_reply_cb cb, void *ud);
 int sg__pg_inbox_push(sg__pg *pg, const char *peer, const uint8_t *event, size_t len,
-                      sg__store_reply_cb cb, void *ud);
+                      int stamp, sg__store_reply_cb cb, void *ud);
 int sg__pg_inbox_head(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void *ud);
 int sg__pg_inbox_done(sg__pg *pg, int64_t seq, sg__store_reply_cb cb, void *ud);
 int sg__pg_inbox_done_upto(sg__pg *pg, const char *peer, int64_t seq, sg__store_reply_cb cb,

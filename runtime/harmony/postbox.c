@@ -65,6 +65,7 @@ typedef struct peer {
   int key_known;
   uint8_t key[32];      /* the key last persisted or read */
   uint64_t pushed_at;   /* uv_now of its last Push to us */
+  uint64_t stamped_at;  /* uv_now of the last last_push_in written, or 0 */
   int gone;             /* renamed away: kept until the postbox goes */
 } peer;
 
@@ -818,6 +819,7 @@ static void deliver_timer_fired(uv_timer_t *t) {
 }
 
 #define MIRROR_MAX 1024  /* events of a peer's inbox kept in memory, at most */
+#define STAMP_EVERY_MS 1000  /* a peer's last_push_in is this fresh, at least */
 
 typedef struct store_call {
   peer *p;
@@ -886,7 +888,12 @@ static int store_pushed(peer *p, const uint8_t *event, size_t len, sg__postbox_s
   store_call *c = store_call_new(p, event, len, cb, ud);
   if (!c) return fail(pb, SG_ENOMEM, NULL);
   p->appending++;
-  int rc = CALL(pb, sg__store_inbox_push_async(pb->store, p->id, event, len, stored, c));
+  /* last_push_in is written at most every STAMP_EVERY_MS: a commit that
+   * writes it writes the peers row's page too */
+  uint64_t now = uv_now(pb->loop);
+  int stamp = !p->stamped_at || now - p->stamped_at >= STAMP_EVERY_MS;
+  if (stamp) p->stamped_at = now;
+  int rc = CALL(pb, sg__store_inbox_push_async(pb->store, p->id, event, len, stamp, stored, c));
   if (rc) {
     p->appending--;
     free(c);

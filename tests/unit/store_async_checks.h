@@ -248,10 +248,11 @@ static void check_postbox_ops(sg__store *s) {
   settle(20000);
   CHECK(a.err == 0 && c.err == SG_STORE_NOTFOUND);
 
-  /* a Push's event: the peer's row made (or stamped) and the event appended
-   * in one call, which answers its seq; twice in one batch from one peer */
-  CALL(a, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"m", 1, record, &a));
-  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"nn", 2, record, &b));
+  /* a Push's event: the peer's row made (and stamped) and the event
+   * appended in one call, which answers its seq; twice in one batch from
+   * one peer */
+  CALL(a, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"m", 1, 1, record, &a));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"nn", 2, 0, record, &b));
   CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
   CALL(d, sg__store_peers_async(s, record, &d));
   settle(20000);
@@ -263,7 +264,7 @@ static void check_postbox_ops(sg__store *s) {
   int64_t stamped = d.push_in[2], m_seq = a.num;
   uv_sleep(5);
   CALL(a, sg__store_inbox_done_async(s, m_seq, record, &a));
-  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"o", 1, record, &b));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"o", 1, 1, record, &b));
   settle(20000);
   int64_t o_seq = b.num;
   CALL(c, sg__store_inbox_head_async(s, "p4.example:1", record, &c));
@@ -271,12 +272,17 @@ static void check_postbox_ops(sg__store *s) {
   settle(20000);
   CHECK(a.err == 0 && b.err == 0 && o_seq > 0);
   CHECK_STR(c.rows, "nn/-;");
-  CHECK(d.push_in[2] > stamped);  /* a later batch stamps again */
-  /* delivered up to a seq: those leave, in one call, the peer's only */
-  CALL(a, sg__store_inbox_push_async(s, "p5.example:1", (const uint8_t *)"q", 1, record, &a));
-  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"p", 1, record, &b));
+  CHECK(d.push_in[2] > stamped);  /* stamped again */
+  /* not stamped: the row made if new, the stamp left as it was */
+  CALL(a, sg__store_inbox_push_async(s, "p5.example:1", (const uint8_t *)"q", 1, 0, record, &a));
+  CALL(b, sg__store_inbox_push_async(s, "p4.example:1", (const uint8_t *)"p", 1, 0, record, &b));
+  CALL(c, sg__store_peers_async(s, record, &c));
   settle(20000);
   int64_t p_seq = b.num;
+  CHECK(a.err == 0 && b.err == 0);
+  CHECK_STR(c.rows, "p1.example:1/1,0,-;p2.example:1/0,0,-;p4.example:1/0,3,-;p5.example:1/0,1,-;");
+  CHECK(c.push_in[2] == d.push_in[2] && c.push_in[3] == 0);
+  /* delivered up to a seq: those leave, in one call, the peer's only */
   CALL(a, sg__store_inbox_done_upto_async(s, "p4.example:1", o_seq, record, &a));
   CALL(b, sg__store_inbox_head_async(s, "p4.example:1", record, &b));
   CALL(c, sg__store_inbox_head_async(s, "p5.example:1", record, &c));
