@@ -504,11 +504,12 @@ local function decide()
     return close_all()
   end
   replay.state = "deciding"
-  local v = db:kv_get(REPLAY_KEY)
+  local v, gerr = db:kv_get(REPLAY_KEY)
+  if gerr then segue.log.warn("cannot tell how the previous run stopped (held as if killed): " .. tostring(gerr)) end
   local ok, err = db:kv_set(REPLAY_KEY, "1")
   if not ok then segue.log.warn("cannot mark the routing session open: " .. tostring(err)) end
   replay.marked = ok and true or false
-  replay.state = v == "1" and "unclean" or "clean"
+  replay.state = (v == "1" or gerr) and "unclean" or "clean"
   if replay.state == "clean" then return close_all() end
   local names = {}
   for name in pairs(replay.open) do names[#names + 1] = name end
