@@ -142,7 +142,28 @@ static const char *const migrations[SG_STORE_SCHEMA_VERSION] = {
     "  backend TEXT NOT NULL, room TEXT NOT NULL, last_time INTEGER NOT NULL,"
     "  PRIMARY KEY (user_name, backend, room));"
     "ALTER TABLE messages ADD COLUMN attachments_json TEXT;",
+    /* 3 -> 4: the key each event append carries (sg__store_write_key), so
+     * an append run again after a lost connection is not a second event. */
+    "ALTER TABLE api_events ADD COLUMN write_key TEXT;"
+    "CREATE UNIQUE INDEX api_events_write_key ON api_events(write_key);",
 };
+
+void sg__store_write_key(char out[SG_STORE_WRITE_KEY_LEN]) {
+  static char prefix[33];
+  static uint64_t next;
+  if (!prefix[0]) {
+    unsigned char r[16];
+    /* Without the system's randomness (never on Linux >= 3.17): the time and
+     * pid, unique enough between the instances of one database. */
+    if (uv_random(NULL, NULL, r, sizeof r, 0, NULL) != 0) {
+      uint64_t a = uv_hrtime(), b = (uint64_t)uv_os_getpid() << 32 ^ (uint64_t)sg__store_now_ms();
+      memcpy(r, &a, 8);
+      memcpy(r + 8, &b, 8);
+    }
+    for (int i = 0; i < 16; i++) snprintf(prefix + 2 * i, 3, "%02x", r[i]);
+  }
+  snprintf(out, SG_STORE_WRITE_KEY_LEN, "%s-%llx", prefix, (unsigned long long)++next);
+}
 
 int64_t sg__store_now_ms(void) {
   uv_timeval64_t tv;
@@ -1581,6 +1602,8 @@ static const char SQL_USER_ADD[] =
     "INSERT INTO api_users(name, admin, created) VALUES (?1, ?2, ?3)"
     " ON CONFLICT (name) DO NOTHING";
 static const char SQL_TOKEN_ADD[] = "INSERT INTO api_tokens(hash, user_name, created) VALUES (?1, ?2, ?3)";
+static const char SQL_USER_TOKEN[] =
+    "SELECT 1 FROM api_tokens WHERE hash = ?1 AND user_name = ?2";
 static const char SQL_USER_DEL[] = "DELETE FROM api_users WHERE name = ?1";
 static const char SQL_USERS[] =
     "SELECT u.name, u.admin, u.created, (SELECT COUNT(*) FROM api_tokens t WHERE t.user_name = u.name)"
@@ -1600,7 +1623,17 @@ static int user_add_tx(sg__store *s, void *ud) {
   sqlite3_bind_int64(u, 3, now);
   int err = run(s, u);
   if (err) return err;
-  if (sqlite3_changes(s->db) == 0) return SG_EEXIST;
+  if (sqlite3_changes(s->db) == 0) {
+    /* The name is taken: by this very call if its token is there (as on
+     * PostgreSQL, where the call may run again after a lost connection). */
+    sqlite3_stmt *q = sg__store_stmt(s, SQL_USER_TOKEN);
+    if (!q) return SG_ESTORE;
+    bind_texts(q, (const char *[]){a->hash, a->name}, 2);
+    int rc = sqlite3_step(q);
+    err = rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? SG_EEXIST : sg__store_fail(s);
+    sqlite3_reset(q);
+    return err;
+  }
   bind_texts(t, (const char *[]){a->hash, a->name}, 2);
   sqlite3_bind_int64(t, 3, now);
   return run(s, t);
@@ -1652,7 +1685,8 @@ int sg__store_token_user(sg__store *s, const char *token_hash, char **name, int 
 /* ---- events ---------------------------------------------------------------------- */
 
 static const char SQL_EVENT_ADD[] =
-    "INSERT INTO api_events(backend, type, value_json, time) VALUES (?1, ?2, ?3, ?4)";
+    "INSERT INTO api_events(backend, type, value_json, time, write_key)"
+    " VALUES (?1, ?2, ?3, ?4, ?5)";
 static const char SQL_EVENT_MSG[] =
     "INSERT INTO messages(backend, id, room, sender, content_json, create_time, edit_time,"
     "  attachments_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
@@ -1707,6 +1741,9 @@ static int event_tx(sg__store *s, void *ud) {
   if (!st) return SG_ESTORE;
   bind_texts(st, (const char *[]){a->ev->backend, a->ev->type, a->ev->value_json}, 3);
   sqlite3_bind_int64(st, 4, sg__store_now_ms());
+  char key[SG_STORE_WRITE_KEY_LEN];  /* never run twice here: stored as on PostgreSQL */
+  sg__store_write_key(key);
+  sqlite3_bind_text(st, 5, key, -1, SQLITE_TRANSIENT);
   if ((err = run(s, st))) return err;
   a->id = sqlite3_last_insert_rowid(s->db);
   return 0;

@@ -22,7 +22,15 @@
 typedef struct sg__store sg__store;
 
 /* The schema version this build migrates to (PRAGMA user_version). */
-#define SG_STORE_SCHEMA_VERSION 3
+#define SG_STORE_SCHEMA_VERSION 4
+
+/* A key naming one write for as long as it may be run again (the
+ * PostgreSQL engine re-sends a statement whose connection broke, since it
+ * may have committed): 128 random bits drawn once per process, '-', a
+ * counter. Stored in a unique column, it makes the write idempotent
+ * (docs/scaling.md "Writes run again"). */
+#define SG_STORE_WRITE_KEY_LEN 52
+void sg__store_write_key(char out[SG_STORE_WRITE_KEY_LEN]);
 
 /* Returned by lookups that find nothing. */
 #define SG_STORE_NOTFOUND 1

@@ -617,6 +617,12 @@ static const char MIGRATE_SQL[] =
     "  ALTER TABLE messages ADD COLUMN attachments_json TEXT;"
     "  UPDATE segue_schema SET version = 3;"
     "END IF; END $m$;"
+    /* 4: event appends carry a key, so one run again is not a second event. */
+    "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 4 THEN"
+    "  ALTER TABLE api_events ADD COLUMN write_key TEXT;"
+    "  CREATE UNIQUE INDEX api_events_write_key ON api_events(write_key);"
+    "  UPDATE segue_schema SET version = 4;"
+    "END IF; END $m$;"
     "SELECT version FROM segue_schema;"
     "COMMIT;";
 
@@ -845,8 +851,12 @@ static void parse_num(req *q, PGresult *res, sg__store_reply *r) {
   r->num = PQntuples(res) > 0 ? ival(res, 0, 0) : 0;
 }
 
+/* (tokens made, this call's token there): the name is taken by someone
+ * else only when neither (a call run again after a lost connection finds
+ * its own user and token). */
 static void parse_user_add(req *q, PGresult *res, sg__store_reply *r) {
-  if (PQntuples(res) == 1 && ival(res, 0, 0) > 0) return;
+  if (PQntuples(res) == 1 && (ival(res, 0, 0) > 0 || strcmp(PQgetvalue(res, 0, 1), "t") == 0))
+    return;
   snprintf(q->msg, sizeof q->msg, "a user of that name exists");
   r->err = SG_EEXIST;
 }
@@ -899,7 +909,8 @@ int sg__pg_user_add(sg__pg *pg, const char *name, int admin, const char *token_h
                 "  RETURNING name),"
                 " t AS (INSERT INTO api_tokens(hash, user_name, created)"
                 "  SELECT $3, name, " NOW_MS " FROM u RETURNING 1)"
-                " SELECT count(*) FROM t",
+                " SELECT count(*), EXISTS (SELECT 1 FROM api_tokens WHERE hash = $3"
+                "  AND user_name = $1) FROM t",
                 parse_user_add, cb, ud, name, admin ? "1" : "0", token_hash);
 }
 
@@ -922,45 +933,60 @@ int sg__pg_token_user(sg__pg *pg, const char *token_hash, sg__store_reply_cb cb,
                 parse_token_user, cb, ud, token_hash);
 }
 
-/* The event row, after the update's effect on the log ($1 backend, $2 type,
- * $3 value, $4 id, then the effect's own parameters). */
+/* The event row first, with this call's key ($1 backend, $2 type, $3 value,
+ * $4 the key, then the effect's own parameters): a call run again after a
+ * lost connection finds the row its first run committed (DO UPDATE locks
+ * and returns it even when that run committed after this statement began)
+ * and returns its id, and the effect on the log runs only with a new row
+ * (xmax = 0: inserted, not updated). */
 #define EVENT_INSERT \
-  " INSERT INTO api_events(backend, type, value_json, time)" \
-  " VALUES ($1, $2, $3, " NOW_MS ") RETURNING id"
+  "WITH e AS (INSERT INTO api_events(backend, type, value_json, time, write_key)" \
+  " VALUES ($1, $2, $3, " NOW_MS ", $4) ON CONFLICT (write_key)" \
+  " DO UPDATE SET write_key = excluded.write_key RETURNING id, xmax = 0 AS fresh)"
+#define EVENT_FRESH " EXISTS (SELECT 1 FROM e WHERE fresh)"
 
 int sg__pg_event_append(sg__pg *pg, const sg__store_api_event *ev, sg__store_reply_cb cb,
                         void *ud) {
   const char *t = ev->type;
+  char key[SG_STORE_WRITE_KEY_LEN];
+  sg__store_write_key(key);
   if (ev->id && strcmp(t, "MessageUpsert") == 0) {
     char ct[24], et[24];
     snprintf(ct, sizeof ct, "%lld", (long long)ev->create_time);
     snprintf(et, sizeof et, "%lld", (long long)ev->edit_time);
     return SUBMIT(pg,
-                  "WITH m AS (INSERT INTO messages(backend, id, room, sender, content_json,"
-                  "  create_time, edit_time, attachments_json)"
-                  "  VALUES ($1, $4, $5, $6, $7, $8::bigint, $9::bigint, $10)"
+                  EVENT_INSERT ", m AS (INSERT INTO messages(backend, id, room, sender,"
+                  "  content_json, create_time, edit_time, attachments_json)"
+                  "  SELECT $1::text, $5::text, $6::text, $7::text, $8::text, $9::bigint,"
+                  "  $10::bigint, $11::text WHERE" EVENT_FRESH
                   "  ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
                   "  edit_time = excluded.edit_time, attachments_json = excluded.attachments_json)"
-                  EVENT_INSERT,
-                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id, ev->room, ev->sender,
-                  ev->content_json, ct, ev->edit_time ? et : NULL, ev->attachments_json);
+                  " SELECT id FROM e",
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, key, ev->id, ev->room,
+                  ev->sender, ev->content_json, ct, ev->edit_time ? et : NULL,
+                  ev->attachments_json);
   }
   if (ev->id && strcmp(t, "MessageDelete") == 0)
     return SUBMIT(pg,
-                  "WITH m AS (UPDATE messages SET deleted = 1, content_json = NULL"
-                  "  WHERE backend = $1 AND id = $4)" EVENT_INSERT,
-                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id);
+                  EVENT_INSERT ", m AS (UPDATE messages SET deleted = 1, content_json = NULL"
+                  "  WHERE backend = $1 AND id = $5 AND" EVENT_FRESH ")"
+                  " SELECT id FROM e",
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, key, ev->id);
   if (ev->id && strcmp(t, "RoomUpsert") == 0)
     return SUBMIT(pg,
-                  "WITH r AS (INSERT INTO api_rooms(backend, id, name) VALUES ($1, $4, $5)"
-                  "  ON CONFLICT (backend, id) DO UPDATE SET name = excluded.name)" EVENT_INSERT,
-                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id, ev->room_name);
+                  EVENT_INSERT ", r AS (INSERT INTO api_rooms(backend, id, name)"
+                  "  SELECT $1::text, $5::text, $6::text WHERE" EVENT_FRESH
+                  "  ON CONFLICT (backend, id) DO UPDATE SET name = excluded.name)"
+                  " SELECT id FROM e",
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, key, ev->id, ev->room_name);
   if (ev->id && strcmp(t, "RoomDelete") == 0)
     return SUBMIT(pg,
-                  "WITH r AS (DELETE FROM api_rooms WHERE backend = $1 AND id = $4)"
-                  EVENT_INSERT,
-                  parse_num, cb, ud, ev->backend, t, ev->value_json, ev->id);
-  return SUBMIT(pg, EVENT_INSERT + 1, parse_num, cb, ud, ev->backend, t, ev->value_json);
+                  EVENT_INSERT ", r AS (DELETE FROM api_rooms WHERE backend = $1 AND id = $5"
+                  "  AND" EVENT_FRESH ")"
+                  " SELECT id FROM e",
+                  parse_num, cb, ud, ev->backend, t, ev->value_json, key, ev->id);
+  return SUBMIT(pg, EVENT_INSERT " SELECT id FROM e", parse_num, cb, ud, ev->backend, t,
+                ev->value_json, key);
 }
 
 int sg__pg_events_after(sg__pg *pg, int64_t after, int limit, sg__store_reply_cb cb, void *ud) {

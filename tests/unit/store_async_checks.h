@@ -348,10 +348,14 @@ static void check_api_ops(sg__store *s) {
   CALL(a, sg__store_user_add_async(s, "ann", 1, "hash-ann", record, &a));
   CALL(b, sg__store_user_add_async(s, "bob", 0, "hash-bob", record, &b));
   CALL(c, sg__store_user_add_async(s, "ann", 0, "hash-other", record, &c));
+  /* The same call again (what a retry after a lost connection is): done,
+   * one user, one token. */
+  outcome f;
+  CALL(f, sg__store_user_add_async(s, "ann", 1, "hash-ann", record, &f));
   CALL(d, sg__store_users_async(s, record, &d));
   CALL(e, sg__store_token_user_async(s, "hash-ann", record, &e));
   settle(20000);
-  CHECK(a.err == 0 && b.err == 0);
+  CHECK(a.err == 0 && b.err == 0 && f.err == 0);
   CHECK(c.err == SG_EEXIST);
   CHECK_STR(c.message, "a user of that name exists");
   CHECK_STR(d.rows, "ann/1,1;bob/0,1;");

@@ -1,0 +1,236 @@
+"""A store write the PostgreSQL engine runs again after a lost connection
+applies once (docs/scaling.md, "Writes run again"), against a real
+PostgreSQL 15 started here (pg_server.py).
+
+segue reaches the server through a proxy on a Unix socket (CutProxy). Armed
+with a piece of SQL, the proxy forwards the next statement containing it,
+holds the server's answer until its ReadyForQuery (sent after the commit),
+drops it and closes the connection: the statement committed, the client
+never heard. That is the window where the engine must run the statement
+again (it cannot know it committed) and where a plain INSERT applied twice:
+- `segue user add` whose insert is cut: the command succeeds with its
+  token, and the user has exactly that one token (before: "a user of that
+  name exists", though the user was made);
+- the client API's event log while messages stream in, cut three times on
+  an event append: every message is in the log exactly once (before: the
+  cut events twice)."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import unittest
+
+import pg_server
+from harness import SEGUE, LogTail, inject_lua, run, say, tmpdir, wait_for, write
+
+READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the protocol's ReadyForQuery: 'Z', length 5
+
+
+class CutProxy:
+    """PostgreSQL's protocol passed through between a Unix socket in its own
+    directory (a libpq host=) and the server's socket."""
+
+    def __init__(self, target):
+        self.dir = tempfile.mkdtemp(prefix="segue-pgcut-")
+        os.chmod(self.dir, 0o755)
+        self.target = target
+        self.lock = threading.Lock()
+        self.armed = None
+        self.cuts = 0
+        self.socks = set()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(os.path.join(self.dir, ".s.PGSQL.5432"))
+        self.listener.listen(64)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def arm(self, sql):
+        """The next statement containing `sql` (bytes) commits unheard."""
+        with self.lock:
+            self.armed = sql
+
+    def fired(self):
+        with self.lock:
+            return self.cuts
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.target)
+            except OSError:
+                c.close()
+                continue
+            state = {"doomed": False, "tail": b""}
+            with self.lock:
+                self.socks.update((c, s))
+            threading.Thread(target=self._up, args=(c, s, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(s, c, state), daemon=True).start()
+
+    def _close(self, *socks):
+        for x in socks:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+            with self.lock:
+                self.socks.discard(x)
+
+    def _up(self, c, s, state):
+        """Client to server; marks the connection when the armed SQL passes."""
+        while True:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self._close(c, s)
+            with self.lock:
+                seen = state["tail"] + data
+                if self.armed and self.armed in seen:
+                    state["doomed"] = True
+                    self.armed = None
+                state["tail"] = seen[-256:]
+            try:
+                s.sendall(data)
+            except OSError:
+                return self._close(c, s)
+
+    def _down(self, s, c, state):
+        """Server to client; a marked connection's answer is held, then
+        dropped with the connection once the server is ready again."""
+        held = b""
+        while True:
+            try:
+                data = s.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self._close(c, s)
+            with self.lock:
+                doomed = state["doomed"]
+            if doomed:
+                held += data
+                if READY_FOR_QUERY in held:
+                    with self.lock:
+                        self.cuts += 1
+                    return self._close(c, s)
+                continue
+            try:
+                c.sendall(data)
+            except OSError:
+                return self._close(c, s)
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            socks = list(self.socks)
+        self._close(*socks)
+        self.thread.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
+class Retry(unittest.TestCase):
+    def setUp(self):
+        self.pg = pg_server.PgServer()
+        self.addCleanup(self.pg.cleanup)
+        self.pg.start()
+        self.pg.psql("CREATE DATABASE segue")
+        self.proxy = CutProxy(os.path.join(self.pg.dir, ".s.PGSQL.5432"))
+        self.addCleanup(self.proxy.close)
+        self.dsn = "host=%s user=segue dbname=segue" % self.pg.dir
+        self.dir = tmpdir()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def sql(self, query):
+        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn, "-c", query],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        return r.stdout.decode(errors="replace").strip()
+
+    def config(self, body=""):
+        # Through the proxy: libpq's host= is the directory of the socket.
+        dsn = "host=%s user=segue dbname=segue" % self.proxy.dir
+        return write(os.path.join(self.dir, "segue.lua"), """
+data_dir = %s
+instance = "one"
+store = { engine = "postgresql", dsn = %s }
+%s
+""" % (json.dumps(os.path.join(self.dir, "data")), json.dumps(dsn), body))
+
+    def test_user_add_whose_answer_is_lost(self):
+        self.config()
+        self.proxy.arm(b"INSERT INTO api_users")
+        r = run(["user", "add", "alice", "segue.lua"], cwd=self.dir, timeout=90)
+        self.assertEqual(self.proxy.fired(), 1, (r.stdout, r.stderr))
+        self.assertEqual(r.code, 0, r.stderr)
+        token = re.search(r"^token (\S+)$", r.stdout, re.M).group(1)
+        # One user, and the one token is the one printed.
+        self.assertEqual(self.sql("SELECT count(*) FROM api_users WHERE name = 'alice'"), "1")
+        self.assertEqual(self.sql("SELECT hash FROM api_tokens WHERE user_name = 'alice'"),
+                         hashlib.blake2b(token.encode(), digest_size=32).hexdigest())
+        # Another add of the name (another token) is still refused.
+        r = run(["user", "add", "alice", "segue.lua"], cwd=self.dir, timeout=90)
+        self.assertEqual(r.code, 1, r.stdout)
+        self.assertIn("a user of that name exists", r.stderr)
+        self.assertEqual(self.sql("SELECT count(*) FROM api_tokens WHERE user_name = 'alice'"), "1")
+
+    def test_event_log_through_lost_answers(self):
+        write(os.path.join(self.dir, "inject.lua"), inject_lua(only_running=True))
+        write(os.path.join(self.dir, "rules.lua"), "return {}\n")
+        self.config('backends = { a = { script = "memory" } }\nrules = "rules.lua"\n'
+                    'scripts = { "inject.lua" }\nhttp = { listen = "127.0.0.1:0" }\n')
+        p = subprocess.Popen([SEGUE, "run", "segue.lua"], cwd=self.dir, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        tail = LogTail(p)
+
+        def stop():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            tail.thread.join(5)
+            p.stderr.close()
+        self.addCleanup(stop)
+        self.assertTrue(tail.wait_for("running with", 60), tail.text())
+
+        def logged():
+            """How many times each message is in the API's event log."""
+            rows = self.sql("SELECT value_json FROM api_events WHERE type = 'MessageUpsert'")
+            n = {}
+            for m in re.findall(r"msg (\d+)", rows):
+                n[int(m)] = n.get(int(m), 0) + 1
+            return n
+
+        said = 0
+        for cut in range(4):
+            for _ in range(10):
+                say(self.dir, "a", "#general", "ann", "msg %d" % said)
+                said += 1
+            self.assertTrue(wait_for(lambda: len(logged()) == said, 60), (logged(), tail.text()))
+            if cut < 3:  # the next batch streams in while one append is cut
+                self.proxy.arm(b"INSERT INTO api_events")
+        self.assertEqual(self.proxy.fired(), 3, tail.text())
+        counts = logged()
+        self.assertEqual(sorted(counts), list(range(said)))  # nothing lost
+        self.assertEqual({k: v for k, v in counts.items() if v != 1}, {}, tail.text())  # none twice
+        # The log's rows, by the same message: one each too.
+        self.assertEqual(self.sql("SELECT count(*) FROM messages WHERE backend = 'a'"), str(said))
+
+
+if __name__ == "__main__":
+    unittest.main()
