@@ -222,7 +222,7 @@ backends = {
         self.assertIn("postgresql: schema at version 4", r.stdout)
         self.assertEqual(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
                                          "SELECT version FROM segue_schema"],
-                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "3")
+                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "4")
         for name in ("i1", "i2", "i3"):
             self.start(name)
         self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
