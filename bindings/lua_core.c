@@ -196,7 +196,8 @@ static int l_sandbox_state(lua_State *L) {
  * this line), once per load: its field `taken` is set to `token` (a
  * value of this load only); nothing new is made for it, and what the
  * router keyed on it stays valid. `where` names
- * the function `level` calls up (2: the caller of rules.lua's bridge). */
+ * the function `level` calls up (1: the caller of the bridge function that
+ * rule_bridge_maker made). */
 enum { BK_STRING, BK_FUNCTION, BK_NUMBER };
 static const char *const fallbacks[] = {"drop", "pass", NULL};
 static const char *const edits[] = {"resend", "ignore", NULL};
@@ -354,10 +355,9 @@ static void format_where(char *buf, const lua_Debug *ar) {
   buf[n] = '\0';
 }
 
-static int l_rule_bridge(lua_State *L) {
-  luaL_checkstring(L, 2);
-  int level = (int)luaL_checkinteger(L, 3);
-  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+/* The stack: t, default_format, level, kept, token (checked by the maker). */
+static int rule_bridge(lua_State *L) {
+  int level = (int)lua_tointeger(L, 3);
   lua_settop(L, 5);
   if (lua_type(L, 1) != LUA_TTABLE || lua_getmetatable(L, 1)) return 0;
   sigbuf g;
@@ -486,6 +486,34 @@ static int l_rule_bridge(lua_State *L) {
   return 1;
 }
 
+/* bridge(t): rule_bridge's record, or what the fallback returns for t. */
+static int l_bridge(lua_State *L) {
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(1));  /* default_format */
+  lua_pushinteger(L, 1);                  /* `where`: bridge's caller */
+  lua_pushvalue(L, lua_upvalueindex(2));  /* kept */
+  lua_pushvalue(L, lua_upvalueindex(3));  /* token */
+  if (rule_bridge(L)) return 1;
+  lua_pushvalue(L, lua_upvalueindex(4));
+  lua_pushvalue(L, 1);
+  lua_pushinteger(L, 3);  /* fallback(t, 3): 3 is bridge's caller seen from the fallback */
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) return lua_error(L);  /* its error is the caller's */
+  return 1;
+}
+
+/* rule_bridge_maker(default_format, kept, token, fallback) -> bridge: the
+ * bridge{...} of one load, in C (no Lua frame per bridge: a rules file
+ * runs it a thousand times, inside the sandbox's count hook). */
+static int l_rule_bridge_maker(lua_State *L) {
+  luaL_checkstring(L, 1);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_checkany(L, 3);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  lua_settop(L, 4);
+  lua_pushcclosure(L, l_bridge, 4);
+  return 1;
+}
+
 /* memory() -> bytes of Lua heap in use (as the host's allocator counts) */
 static int l_memory(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)sandbox_env(L)->mem_used);
@@ -506,7 +534,7 @@ int luaopen_segue_core(lua_State *L) {
       {"sandbox_leave", l_sandbox_leave},
       {"sandbox_state", l_sandbox_state},
       {"memory", l_memory},
-      {"rule_bridge", l_rule_bridge},
+      {"rule_bridge_maker", l_rule_bridge_maker},
       {NULL, NULL}};
   luaL_newlib(L, fns);
   sg__core_open_backends(L);

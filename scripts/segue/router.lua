@@ -1022,19 +1022,23 @@ end
 -- computed again, in place, after the new set passed every check, in one
 -- step (nothing yields in between).
 
+-- Positions in the running set, kept from one reload to the next while its
+-- bridges stay where they are (name -> position, bridge -> position; nil:
+-- made again when needed).
+local at_name, at_bridge
+
 -- changed_rooms(old, new) -> touched, pos: puts the running set's object in
 -- `new` for every bridge that did not change; touched: "backend\0room" ->
 -- { backend =, room =, fresh = { new bridges naming it } } for the rooms
 -- whose index entries and routes may differ, or nil when all may (no
 -- running set, the bridges that stayed changed order, or so many changed
 -- that building the index anew is cheaper); pos: bridge -> its position in
--- `new`.
+-- `new`. A bridge is looked for at its own position first, by name only
+-- when another is there.
 local function changed_rooms(old, new)
   local changes, most = 0, 16 + #new // 8
   if not old or #new - (new.reused or 0) > most then return nil end
-  local by_name = {}
-  for i = 1, #old do by_name[old[i].name] = i end
-  local touched, kept, pos, last = {}, {}, {}, 0
+  local touched, changed, last, in_place = {}, {}, 0, #new == #old
   local function touch(b, fresh)
     local eps = b.endpoints
     for j = 1, #eps do
@@ -1048,31 +1052,64 @@ local function changed_rooms(old, new)
       if fresh and t.fresh[#t.fresh] ~= b then t.fresh[#t.fresh + 1] = b end
     end
   end
+  -- old[j] is not in `new` (removed or changed): false past `most`
+  local function gone(j)
+    changes = changes + 1
+    touch(old[j])
+    return changes <= most
+  end
   for i = 1, #new do
     local b = new[i]
-    local at = by_name[b.name]
-    local o = at and old[at]
+    local at, o = i, old[i]
+    if not o or o.name ~= b.name then
+      if not at_name then
+        at_name = {}
+        for j = 1, #old do at_name[old[j].name] = j end
+      end
+      at = at_name[b.name]
+      o = at and old[at]
+      if o and o.name ~= b.name then o = nil end
+    end
     if o and (o == b or (b.sig and o.sig == b.sig)) then
       if at < last then return nil end   -- the bridges that stayed moved: rule order matters
+      for j = last + 1, at - 1 do
+        if not gone(j) then return nil end
+      end
       last = at
       if o ~= b then o.where = b.where end
-      new[i], kept[at] = o, true
+      new[i] = o
+      if at ~= i then in_place = false end
     else
       changes = changes + 1
       if changes > most then return nil end
       touch(b, true)
       if o then touch(o) end
-    end
-    pos[new[i]] = i
-  end
-  for i = 1, #old do
-    if not kept[i] then
-      changes = changes + 1
-      if changes > most then return nil end
-      touch(old[i])
+      changed[#changed + 1] = i
     end
   end
-  return touched, pos
+  for j = last + 1, #old do
+    if not gone(j) then return nil end
+  end
+  -- from here on the positions are those of `new`
+  if in_place then  -- only the changed positions hold other bridges
+    if not at_bridge then
+      at_bridge = {}
+      for j = 1, #old do at_bridge[old[j]] = j end
+    end
+    for _, i in ipairs(changed) do
+      local o = old[i]
+      at_bridge[o] = nil
+      if at_name and at_name[o.name] == i then at_name[o.name] = nil end
+    end
+    for _, i in ipairs(changed) do
+      at_bridge[new[i]] = i
+      if at_name then at_name[new[i].name] = i end
+    end
+  else
+    at_name, at_bridge = nil, {}
+    for i = 1, #new do at_bridge[new[i]] = i end
+  end
+  return touched, at_bridge
 end
 
 -- update_index(idx, touched, pos): makes idx, the index of the running
@@ -1159,6 +1196,7 @@ function M.load(path, backends)
   end
   local first = current == nil
   local touched, pos = changed_rooms(current, set)
+  if not touched then at_name, at_bridge = nil, nil end
   if touched then
     update_index(index, touched, pos)
     for _, t in pairs(touched) do mark_pending(t.backend, t.room) end
@@ -1166,9 +1204,12 @@ function M.load(path, backends)
     index = build_index(set)
     pending = {}
     for backend, rooms in pairs(index) do
-      local known = room_ids[backend] or {}
+      local known, p = room_ids[backend] or {}, nil
       for room in pairs(rooms) do
-        if not known[room] then mark_pending(backend, room) end
+        if not known[room] then
+          if not p then p = {} pending[backend] = p end
+          p[room] = true
+        end
       end
     end
   end

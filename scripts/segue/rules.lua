@@ -164,15 +164,13 @@ local function checked_bridge(t, level)
   return b
 end
 
-local rule_bridge = core.rule_bridge
--- The bridge{...} of one load. kept: hash -> a bridge of the running rules;
--- rule_bridge hands such a record out again when its definition is the
--- same, once per load (its field `taken` is then this load's token).
+-- The bridge{...} of one load (a C function: segue.core's
+-- rule_bridge_maker). kept: hash -> a bridge of the running rules; it hands
+-- such a record out again when its definition is the same, once per load
+-- (its field `taken` is then this load's token); checked_bridge(t, 3)
+-- answers for what it declines.
 local function bridge_maker(kept, token)
-  return function(t)
-    local b = rule_bridge(t, M.DEFAULT_FORMAT, 2, kept, token) or checked_bridge(t, 3)
-    return b
-  end
+  return core.rule_bridge_maker(M.DEFAULT_FORMAT, kept, token, checked_bridge)
 end
 
 -- A fresh sandboxed environment per load; `require` loads a file next to
@@ -225,24 +223,28 @@ local function validate(set, ctx, file, token)
     else
       -- the default name follows the position: a bridge of the running
       -- rules handed out again at another place gets a copy named for it
-      local default = default_names[i]
-      if b.name == nil then
-        b.name, b.default_name = default, true
-      elseif b.default_name and b.name ~= default and b.taken == token then
+      local name, taken = b.name, b.taken == token
+      if name == nil then
+        name = default_names[i]
+        b.name, b.default_name = name, true
+      elseif taken and b.default_name and name ~= default_names[i] then
         b = copy(b)
-        b.name = default
+        name = default_names[i]
+        b.name = name
         set[i] = b
       end
-      local name = b.name
       if names[name] then errors[#errors + 1] = b.where .. ": duplicate bridge name " .. name end
       names[name] = true
-      if b.hash then by_hash[b.hash] = b end
-      if b.taken == token then reused = reused + 1 end
-      local eps = b.endpoints
-      for j = 1, backends and #eps or 0 do
-        local e = eps[j]
-        if not backends[e.backend] then
-          errors[#errors + 1] = b.where .. ": endpoint " .. e.key .. ": no backend named " .. e.backend
+      local hash = b.hash
+      if hash then by_hash[hash] = b end
+      if taken then reused = reused + 1 end
+      if backends then
+        local eps = b.endpoints
+        for j = 1, #eps do
+          local e = eps[j]
+          if not backends[e.backend] then
+            errors[#errors + 1] = b.where .. ": endpoint " .. e.key .. ": no backend named " .. e.backend
+          end
         end
       end
     end

@@ -277,6 +277,60 @@ describe("reloading one bridge of many", function()
     assert.are.same({ "bridge2: before", "bridge3: after" }, got)
   end)
 
+  it("keeps each bridge's place through reloads that change some in place, move or reorder them", function()
+    -- what a reload keeps of the positions (router.lua's at_name, at_bridge)
+    -- must follow every step. Every bridge carries src:#all to a room of
+    -- its own, so each reload re-indexes src:#all from the bridges kept and
+    -- the new ones: a bridge whose place was lost would get no copy.
+    local function rules_of(names)
+      local lines = { "return {" }
+      for _, n in ipairs(names) do
+        lines[#lines + 1] = ('  bridge { name = "%s", "src:#all", "dst:#n%s", format = "{bridge}: " },'):format(n, n)
+      end
+      lines[#lines + 1] = "}"
+      return table.concat(lines, "\n")
+    end
+    local path = file("incr5.lua", rules_of { "p", "q", "r", "s" })
+    assert(router.load(path, backends))
+    wait_until("the rooms resolve", router.ready)
+    local all = room("src", "#all")
+    local steps = {
+      { "p", "q2", "r", "s" },      -- one replaced in place
+      { "p", "q", "r", "t" },       -- a name given back, another replaced
+      { "p", "q", "t", "u" },       -- t moves up, r goes, u comes
+      { "o", "p", "q", "t", "u" },  -- one inserted first: every place moves
+      { "o", "p", "q3", "t", "u" }, -- in place again
+      { "p", "o", "q3", "t", "u" }, -- two swapped: the index is built anew
+      { "p", "o", "q3", "t", "v" }, -- in place again
+    }
+    for i, names in ipairs(steps) do
+      local step = "step " .. i
+      local before = {}
+      for _, b in ipairs(router.bridges()) do before[b.name] = b end
+      file("incr5.lua", rules_of(names))
+      assert(router.load(path, backends))
+      wait_until(step .. ": the rooms resolve", router.ready)
+      local got = {}
+      for j, b in ipairs(router.bridges()) do
+        got[j] = b.name
+        if before[b.name] then assert.are.equal(before[b.name], b, step .. ": " .. b.name .. " kept") end
+      end
+      assert.are.same(names, got, step)
+      local texts, offs = {}, {}
+      for j, n in ipairs(names) do texts[j], offs[j] = dst_texts("#n" .. n) end
+      sdk.api("src").post(all, "ivy", step)
+      wait_until(step .. ": a copy through each bridge", function()
+        for j = 1, #names do if #texts[j] == 0 then return false end end
+        return true
+      end)
+      segue.wait(20)
+      for j, n in ipairs(names) do
+        offs[j]()
+        assert.are.same({ n .. ": " .. step }, texts[j], step)
+      end
+    end
+  end)
+
   it("keeps the running rules, objects and routes when a reload fails", function()
     local path = file("incr4.lua", [[return {
       bridge { name = "a", "src:#l1", "dst:#l1" },
