@@ -680,8 +680,12 @@ static void deliver_timer_fired(uv_timer_t *t);
 static void fetch_head(peer *p);
 
 static void schedule_delivery(peer *p, uint64_t delay) {
-  if (!p->pb->closing && !p->held && !p->gone)
-    uv_timer_start(&p->deliver_timer, deliver_timer_fired, delay, 0);
+  if (p->pb->closing || p->held || p->gone) return;
+  /* a turn's Pushes each ask for it: one timer move is enough */
+  if (delay == 0 && uv_is_active((uv_handle_t *)&p->deliver_timer) &&
+      uv_timer_get_due_in(&p->deliver_timer) == 0)
+    return;
+  uv_timer_start(&p->deliver_timer, deliver_timer_fired, delay, 0);
 }
 
 /* The loop stops: the inbox is empty, or it waits for a retry. */
