@@ -348,16 +348,33 @@ static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
   unsigned char pk[SG_KEYS_PUBLIC_BYTES];
   if (sg__federation_key_get(f, server_id, pk) == 0) sg__postbox_key_remember(lp->pb, server_id, pk);
   uint64_t before = sg__postbox_pushed_at(lp->pb, server_id);
-  /* the Event's bytes, packed from the one decode of the body */
+  /* The Event's bytes: the body's when it is that one field and nothing
+   * else (it decoded as such), else packed from the one decode of it. */
   uint8_t small[512], *ev = small;
-  size_t n = protobuf_c_message_get_packed_size(&push->event->base);
-  if (n > sizeof small && !(ev = malloc(n))) {
-    sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
-    return;
+  const uint8_t *bytes = NULL;
+  size_t n = 0;
+  if (req->body_len > 2 && req->body[0] == 0x0a) {  /* field 1, length-delimited */
+    size_t i = 1, len = 0;
+    for (int sh = 0; i < req->body_len && sh < 35; sh += 7) {
+      len |= (size_t)(req->body[i] & 0x7f) << sh;
+      if (!(req->body[i++] & 0x80)) break;
+    }
+    if (i + len == req->body_len) {
+      bytes = req->body + i;
+      n = len;
+    }
   }
-  protobuf_c_message_pack(&push->event->base, ev);
+  if (!bytes) {
+    n = protobuf_c_message_get_packed_size(&push->event->base);
+    if (n > sizeof small && !(ev = malloc(n))) {
+      sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
+      return;
+    }
+    protobuf_c_message_pack(&push->event->base, ev);
+    bytes = ev;
+  }
   req->data = lp;
-  int rc = sg__postbox_receive_push(lp->pb, server_id, ev, n, push_stored, req);
+  int rc = sg__postbox_receive_push(lp->pb, server_id, bytes, n, push_stored, req);
   if (ev != small) free(ev);
   if (rc) sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, sg__postbox_errmsg(lp->pb), NULL, 0);
   lua_State *L = lp->own.e->L;
