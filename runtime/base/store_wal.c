@@ -171,7 +171,9 @@ int sg__wal_start(sqlite3 *db, const char *path, const sg__logger *log, unsigned
                   unsigned limit, sg__wal **out) {
   *out = NULL;
   sg__wal *w = calloc(1, sizeof *w);
-  if (!w || !(w->path = strdup(path))) goto nomem;
+  /* SQLite's full path: the thread opens it later, perhaps after a chdir. */
+  const char *full = sqlite3_db_filename(db, "main");
+  if (!w || !(w->path = strdup(full && *full ? full : path))) goto nomem;
   if (uv_mutex_init(&w->mu)) goto nomem;
   if (uv_cond_init(&w->work)) {
     uv_mutex_destroy(&w->mu);

@@ -29,7 +29,8 @@
 typedef struct sg__wal sg__wal;
 
 /* Takes over the checkpoints of `db` (a WAL-mode connection used by one
- * thread), a database at `path` (copied). pages/limit: 0 for the defaults
+ * thread), a database at `path` (the name SQLite resolved is kept, for the
+ * thread's connection and the log). pages/limit: 0 for the defaults
  * above. `log` (may be NULL: stderr) must outlive the checkpointer. Returns 0
  * or SG_ENOMEM; on failure `db` keeps SQLite's automatic checkpoint. */
 int sg__wal_start(sqlite3 *db, const char *path, const sg__logger *log, unsigned pages,
