@@ -146,6 +146,13 @@ static const char *const migrations[SG_STORE_SCHEMA_VERSION] = {
      * an append run again after a lost connection is not a second event. */
     "ALTER TABLE api_events ADD COLUMN write_key TEXT;"
     "CREATE UNIQUE INDEX api_events_write_key ON api_events(write_key);",
+    /* 4 -> 5: the same for the postbox's queues, where PostgreSQL alone
+     * fills it (an append is a benchmark row; SQLite never runs one twice,
+     * and the partial index holds no entry for its NULLs). */
+    "ALTER TABLE outbox ADD COLUMN write_key TEXT;"
+    "CREATE UNIQUE INDEX outbox_write_key ON outbox(write_key) WHERE write_key IS NOT NULL;"
+    "ALTER TABLE inbox ADD COLUMN write_key TEXT;"
+    "CREATE UNIQUE INDEX inbox_write_key ON inbox(write_key) WHERE write_key IS NOT NULL;",
 };
 
 void sg__store_write_key(char out[SG_STORE_WRITE_KEY_LEN]) {

@@ -22,7 +22,7 @@
 typedef struct sg__store sg__store;
 
 /* The schema version this build migrates to (PRAGMA user_version). */
-#define SG_STORE_SCHEMA_VERSION 4
+#define SG_STORE_SCHEMA_VERSION 5
 
 /* A key naming one write for as long as it may be run again (the
  * PostgreSQL engine re-sends a statement whose connection broke, since it

@@ -623,6 +623,14 @@ static const char MIGRATE_SQL[] =
     "  CREATE UNIQUE INDEX api_events_write_key ON api_events(write_key);"
     "  UPDATE segue_schema SET version = 4;"
     "END IF; END $m$;"
+    /* 5: the same for the postbox's queues (one key per appended event). */
+    "DO $m$ BEGIN IF (SELECT version FROM segue_schema) < 5 THEN"
+    "  ALTER TABLE outbox ADD COLUMN write_key TEXT;"
+    "  CREATE UNIQUE INDEX outbox_write_key ON outbox(write_key) WHERE write_key IS NOT NULL;"
+    "  ALTER TABLE inbox ADD COLUMN write_key TEXT;"
+    "  CREATE UNIQUE INDEX inbox_write_key ON inbox(write_key) WHERE write_key IS NOT NULL;"
+    "  UPDATE segue_schema SET version = 5;"
+    "END IF; END $m$;"
     "SELECT version FROM segue_schema;"
     "COMMIT;";
 
@@ -1255,25 +1263,31 @@ int sg__pg_queue_add(sg__pg *pg, int outbox, const char *peer, const uint8_t *co
   char *arr = hex_array(events, lens, n);
   if (!arr) return SG_ENOMEM;
   /* The peer's row first (the foreign key is checked at the statement's
-   * end); the count is the snapshot's plus what this statement added. */
+   * end); the count is the snapshot's plus what this statement added. Each
+   * event's key is the call's and its place: run again after a lost
+   * connection, the statement adds none of the events the first run did. */
+  char key[SG_STORE_WRITE_KEY_LEN];
+  sg__store_write_key(key);
   int rc = outbox
                ? SUBMIT(pg,
                         "WITH p AS (INSERT INTO peers(server_id, first_seen)"
                         "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING),"
-                        " ins AS (INSERT INTO outbox(peer, event, created)"
-                        "   SELECT $1, decode(e, 'hex'), " NOW_MS
+                        " ins AS (INSERT INTO outbox(peer, event, created, write_key)"
+                        "   SELECT $1, decode(e, 'hex'), " NOW_MS ", $3::text || '/' || i"
                         "   FROM unnest($2::text[]) WITH ORDINALITY AS t(e, i) ORDER BY i"
+                        "   ON CONFLICT (write_key) WHERE write_key IS NOT NULL DO NOTHING"
                         "   RETURNING 1)"
                         " SELECT (SELECT count(*) FROM outbox WHERE peer = $1)"
                         "  + (SELECT count(*) FROM ins)",
-                        parse_count, cb, ud, peer, arr)
+                        parse_count, cb, ud, peer, arr, key)
                : SUBMIT(pg,
                         "WITH p AS (INSERT INTO peers(server_id, first_seen)"
                         "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING)"
-                        " INSERT INTO inbox(peer, event, received)"
-                        "   SELECT $1, decode(e, 'hex'), " NOW_MS
-                        "   FROM unnest($2::text[]) WITH ORDINALITY AS t(e, i) ORDER BY i",
-                        parse_none, cb, ud, peer, arr);
+                        " INSERT INTO inbox(peer, event, received, write_key)"
+                        "   SELECT $1, decode(e, 'hex'), " NOW_MS ", $3::text || '/' || i"
+                        "   FROM unnest($2::text[]) WITH ORDINALITY AS t(e, i) ORDER BY i"
+                        "   ON CONFLICT (write_key) WHERE write_key IS NOT NULL DO NOTHING",
+                        parse_none, cb, ud, peer, arr, key);
   free(arr);
   return rc;
 }
@@ -1310,6 +1324,10 @@ int sg__pg_outbox_drop(sg__pg *pg, const char *peer, const int64_t *seqs, size_t
   return rc;
 }
 
+#define INBOX_KEYED \
+  " ON CONFLICT (write_key) WHERE write_key IS NOT NULL" \
+  " DO UPDATE SET write_key = excluded.write_key RETURNING seq"
+
 int sg__pg_inbox_push(sg__pg *pg, const char *peer, const uint8_t *event, size_t len,
                       int stamp, sg__store_reply_cb cb, void *ud) {
   char *hex = malloc(len * 2 + 1), *w = hex;
@@ -1319,20 +1337,24 @@ int sg__pg_inbox_push(sg__pg *pg, const char *peer, const uint8_t *event, size_t
     *w++ = HEX[event[j] & 15];
   }
   *w = '\0';
-  /* The peer's row first (the foreign key is checked at the statement's end). */
+  /* The peer's row first (the foreign key is checked at the statement's end).
+   * Run again after a lost connection, the key finds the first run's row
+   * and answers its seq (DO UPDATE locks and returns it, as event_append). */
+  char key[SG_STORE_WRITE_KEY_LEN];
+  sg__store_write_key(key);
   int rc = stamp ? SUBMIT(pg,
                   "WITH p AS (INSERT INTO peers(server_id, first_seen, last_push_in)"
                   "   VALUES ($1, " NOW_MS ", " NOW_MS ")"
                   "   ON CONFLICT (server_id) DO UPDATE SET last_push_in = excluded.last_push_in)"
-                  " INSERT INTO inbox(peer, event, received)"
-                  "   VALUES ($1, decode($2, 'hex'), " NOW_MS ") RETURNING seq",
-                  parse_num, cb, ud, peer, hex)
+                  " INSERT INTO inbox(peer, event, received, write_key)"
+                  "   VALUES ($1, decode($2, 'hex'), " NOW_MS ", $3)" INBOX_KEYED,
+                  parse_num, cb, ud, peer, hex, key)
                  : SUBMIT(pg,
                   "WITH p AS (INSERT INTO peers(server_id, first_seen)"
                   "   VALUES ($1, " NOW_MS ") ON CONFLICT DO NOTHING)"
-                  " INSERT INTO inbox(peer, event, received)"
-                  "   VALUES ($1, decode($2, 'hex'), " NOW_MS ") RETURNING seq",
-                  parse_num, cb, ud, peer, hex);
+                  " INSERT INTO inbox(peer, event, received, write_key)"
+                  "   VALUES ($1, decode($2, 'hex'), " NOW_MS ", $3)" INBOX_KEYED,
+                  parse_num, cb, ud, peer, hex, key);
   free(hex);
   return rc;
 }

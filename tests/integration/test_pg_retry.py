@@ -13,7 +13,9 @@ again (it cannot know it committed) and where a plain INSERT applied twice:
   name exists", though the user was made);
 - the client API's event log while messages stream in, cut three times on
   an event append: every message is in the log exactly once (before: the
-  cut events twice)."""
+  cut events twice);
+- the postbox's appends (outbox, inbox, a Push's inbox row), each cut once
+  in a stream of 20: every event queued exactly once."""
 import hashlib
 import json
 import os
@@ -30,6 +32,45 @@ import pg_server
 from harness import SEGUE, LogTail, inject_lua, run, say, tmpdir, wait_for, write
 
 READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the protocol's ReadyForQuery: 'Z', length 5
+
+# The postbox on the store, its peers down: `mode` out appends to the
+# outbox (pb:push), in to the inbox (pb:receive), push one event at a time
+# (pb:receive_push, a Push's path); one event a loop turn or so, so they are
+# several statements. Prints how many were acknowledged.
+POSTBOX_SCRIPT = """
+local segue = require "segue"
+local core = require "segue.postbox_core"
+local dsn, mode, n = ...
+n = tonumber(n)
+local db = assert(require("segue.store").open { engine = "postgresql", dsn = dsn })
+local pb = assert(core.new(db, { push_tries = 1, push_backoff_ms = 600000, deliver_tries = 1000,
+  deliver_backoff_ms = 600000 }, {
+  push = function(_, _, done) done("down") end,
+  deliver = function() return nil, "not now" end }))
+local acked = 0
+local function ack(ok) if ok then acked = acked + 1 end end
+segue.await(function()
+  for i = 1, n do
+    local ev = mode .. " " .. i
+    if mode == "out" then
+      local r = assert(pb:push("out.example", ev, ack))
+      if r == "queued" then acked = acked + 1 end
+    elseif mode == "in" then
+      assert(pb:receive("in.example", { ev }, ack))
+    else
+      local r = assert(pb:receive_push("in.example", ev, function(ok) ack(ok) end))
+      if r == "held" then acked = acked + 1 end
+    end
+    segue.sleep(3)
+  end
+  for _ = 1, 3000 do
+    if acked == n then break end
+    segue.sleep(10)
+  end
+end, 60000)
+print("acknowledged " .. acked)
+pb:close()
+"""
 
 
 class CutProxy:
@@ -185,6 +226,25 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual(r.code, 1, r.stdout)
         self.assertIn("a user of that name exists", r.stderr)
         self.assertEqual(self.sql("SELECT count(*) FROM api_tokens WHERE user_name = 'alice'"), "1")
+
+    def test_postbox_appends_through_lost_answers(self):
+        write(os.path.join(self.dir, "postbox.lua"), POSTBOX_SCRIPT)
+        dsn = "host=%s user=segue dbname=segue" % self.proxy.dir
+        cuts = 0
+        for mode, table, sql in (("out", "outbox", b"INSERT INTO outbox"),
+                                 ("in", "inbox", b"INSERT INTO inbox"),
+                                 ("push", "inbox", b"INSERT INTO inbox")):
+            self.proxy.arm(sql)
+            r = run(["exec", "postbox.lua", dsn, mode, "20"], cwd=self.dir, timeout=120)
+            cuts += 1
+            self.assertEqual(self.proxy.fired(), cuts, (mode, r.stdout, r.stderr))
+            self.assertEqual(r.code, 0, r.stderr)
+            self.assertIn("acknowledged 20", r.stdout)
+            rows = self.sql("SELECT convert_from(event, 'UTF8') FROM %s WHERE"
+                            " convert_from(event, 'UTF8') LIKE '%s %%'" % (table, mode)).split("\n")
+            # Each event once: none lost, none twice.
+            self.assertEqual(sorted(rows), sorted("%s %d" % (mode, i) for i in range(1, 21)),
+                             (mode, r.stdout, r.stderr))
 
     def test_event_log_through_lost_answers(self):
         write(os.path.join(self.dir, "inject.lua"), inject_lua(only_running=True))

@@ -219,10 +219,10 @@ backends = {
     def test_migrate_status_one_owner_per_backend_and_takeover_after_kill_9(self):
         r = run(["migrate", self.config("i1")], timeout=60)
         self.assertEqual(r.code, 0, r.stderr)
-        self.assertIn("postgresql: schema at version 4", r.stdout)
+        self.assertIn("postgresql: schema at version 5", r.stdout)
         self.assertEqual(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
                                          "SELECT version FROM segue_schema"],
-                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "4")
+                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "5")
         for name in ("i1", "i2", "i3"):
             self.start(name)
         self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))

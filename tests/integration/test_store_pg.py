@@ -36,7 +36,7 @@ class StorePg(unittest.TestCase):
         out = subprocess.run(["psql", "-X", "-A", "-t", "-d", fresh_dsn, "-c",
                               "SELECT count(*), max(version) FROM segue_schema"],
                              stdout=subprocess.PIPE, timeout=60).stdout.decode().strip()
-        self.assertEqual(out, "1|4")  # schema 4: event appends carry a write key (docs/scaling.md)
+        self.assertEqual(out, "1|5")  # schema 5: appends carry a write key (docs/scaling.md)
         self.assertEqual(self.pg.psql("SELECT count(*) FROM pg_database WHERE datname = 'segue'"), "1")
         n = subprocess.run(["psql", "-X", "-A", "-t", "-d", dsn, "-c",
                             "SELECT count(*) FROM kv WHERE key LIKE 'load.%'"],
