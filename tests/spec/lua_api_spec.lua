@@ -3,6 +3,7 @@
 local segue = require "segue"
 local core = require "segue.core"
 local json = require "segue.json"
+local wait_until = require("support").wait_until
 
 local src = os.getenv("SEGUE_SOURCE_DIR") or "."
 local scripted = src .. "/tests/fixtures/backends/scripted.lua"
@@ -43,7 +44,7 @@ describe("segue.on", function()
     local states = {}
     segue.on("backend", function(name, state) states[#states + 1] = state end)
     add_scripted()
-    segue.wait(30)
+    wait_until("two state changes", function() return #states >= 2 end)
     assert.are.same({ "starting", "running" }, { states[1], states[2] })
   end)
 end)
@@ -53,7 +54,7 @@ describe("timers", function()
     local once, every = 0, 0
     segue.timer(5, function() once = once + 1 end)
     local t = segue.every(5, function() every = every + 1 end)
-    segue.wait(60)
+    wait_until("three ticks and the one-shot", function() return every >= 3 and once == 1 end)
     t:stop()
     local seen = every
     segue.wait(30)
@@ -115,7 +116,7 @@ describe("backend:request", function()
     local b = add_scripted()
     local got
     assert.is_true(b:request({ type = "RoomLookup", value = "#cb" }, function(r) got = r end))
-    segue.wait(20)
+    wait_until("the response", function() return got ~= nil end)
     assert.are.same({ type = "RoomID", value = "!cb" }, got)
   end)
 end)
@@ -161,7 +162,7 @@ describe("a Lua backend", function()
     assert.is_nil(r)
     assert.are.equal("EPROTO", code)
     assert.matches("with Room, expected RoomID", err, 1, true)
-    segue.wait(50)
+    wait_until("the restart", function() return b:info().state == "running" and b:info().restarts >= 1 end)
     assert.are.equal("running", b:info().state)
     assert.are.equal(1, b:info().restarts)
     assert.are.equal("!ok", lookup(b, "#ok").value)
@@ -228,7 +229,7 @@ describe("segue.call", function()
     local refused = function() return nil, "EDEAD: no", "EDEAD" end
     local seen
     assert.is_true(segue.call("op", later, function(...) seen = { ... } end))
-    segue.wait(30)
+    wait_until("the callback", function() return seen ~= nil end)
     assert.are.same({ "late", 2 }, seen)
     assert.are.same({ "late", 2, "now" }, { segue.await(function()
       local a, b = segue.call("op", later)

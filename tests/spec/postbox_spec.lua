@@ -32,14 +32,7 @@ local function transport(log, fail)
   }
 end
 
-local function wait_until(pred)
-  segue.await(function()
-    for _ = 1, 500 do
-      if pred() then return end
-      segue.sleep(5)
-    end
-  end, 10000)
-end
+local function wait_until(pred) require("support").wait_until("the postbox's answer", pred) end
 
 -- The methods that read or write the store answer through a callback (at
 -- once on SQLite); this waits for it.

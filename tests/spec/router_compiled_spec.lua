@@ -9,16 +9,8 @@ local segue = require "segue"
 local router = require "segue.router"
 local sdk = require "segue.backend_sdk"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir))
-local function file(name, text)
-  local path = dir .. "/" .. name
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local support = require "support"
+local dir, file = support.scratch()
 
 -- A chat service that keeps each copy it is sent and announces it as a
 -- new message, as real services do (without extra: only the store can
@@ -47,12 +39,7 @@ return {
 }
 ]])
 
-local function wait_until(what, cond, ms)
-  segue.await(function()
-    while not cond() do segue.sleep(5) end
-  end, ms or 20000)
-  assert.is_true(cond(), what)
-end
+local function wait_until(what, cond, ms) support.wait_until(what, cond, ms or 20000) end
 
 for _, name in ipairs { "a", "b" } do
   assert(segue.add_backend(name, { script = dir .. "/echo.lua" }))

@@ -4,17 +4,7 @@
 local segue = require "segue"
 local router = require "segue.router"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir))
-teardown(function() os.execute("rm -rf " .. dir) end)
-local function file(name, text)
-  local path = dir .. "/" .. name
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local dir, file = require("support").scratch()
 
 local backends = { a = true, b = true }
 local plain = file("plain.lua", 'return { bridge { "a:#x", "b:#x" } }\n')

@@ -7,16 +7,8 @@ local segue = require "segue"
 local router = require "segue.router"
 local sdk = require "segue.backend_sdk"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir))
-local function file(name, text)
-  local path = dir .. "/" .. name
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local support = require "support"
+local dir, file = support.scratch()
 
 -- A chat service whose RoomLookup answers only once backend.open() is called,
 -- and whose MessageSend answers only while not backend.stuck; it keeps what
@@ -72,12 +64,7 @@ local function room(backend, name)
   return segue.await(function() return segue.backend(backend):request { type = "RoomLookup", value = name } end).value
 end
 
-local function wait_until(what, cond, ms)
-  segue.await(function()
-    while not cond() do segue.sleep(5) end
-  end, ms or 10000)
-  assert.is_true(cond(), what)
-end
+local wait_until = support.wait_until
 
 describe("the router under load", function()
   it("counts and reports every copy beyond MAX_WAITING for an unresolved room", function()
