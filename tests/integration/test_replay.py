@@ -70,18 +70,30 @@ backends = {
         return [c["origin"]["id"] for c in self.b_lines() if "origin" in c]
 
     def say(self, ids, gap):
-        for i, mid in enumerate(ids):
+        for mid in ids:
             with open(self.a_in, "a") as f:
-                f.write(json.dumps({"id": mid, "text": "hello %s" % mid, "t": 1000 + i}) + "\n")
+                f.write(json.dumps({"id": mid, "text": "hello %s" % mid, "t": 1000 + int(mid[1:])}) + "\n")
             time.sleep(gap)
+
+    def stream(self, ids, killed):
+        """One message every 10 ms, on until 50 after the kill (so copies
+        are in flight at the kill); `ids` grows with what was said."""
+        after = 0
+        while after < 50 and len(ids) < 2000:
+            mid = "m%03d" % len(ids)
+            self.say([mid], 0.01)
+            ids.append(mid)
+            if killed.is_set():
+                after += 1
 
     def test_killed_mid_stream_and_started_again_bridges_each_message_once_in_order(self):
         self.start()
-        ids = ["m%03d" % i for i in range(150)]
-        writer = threading.Thread(target=self.say, args=(ids, 0.01))
+        ids, killed = [], threading.Event()
+        writer = threading.Thread(target=self.stream, args=(ids, killed))
         writer.start()
         self.assertTrue(wait_for(lambda: len(self.bridged()) >= 40, 60), self.log())
         self.stop(signal.SIGKILL)
+        killed.set()
         before = self.bridged()
         writer.join()
         # b (the killed run's child) sees its stdin close and exits; its

@@ -283,13 +283,18 @@ backends = {
             self.start(name, stream=True)
         self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
         owner = self.owners()["a"][0]
-        n = 200
-        ids = ["m%03d" % i for i in range(n)]
+        ids = []
+        killed = threading.Event()
 
-        def say():  # the chat service's users, one message every 10 ms
-            for i, mid in enumerate(ids):
+        def say():  # the chat service's users, one message every 10 ms, on
+            after = 0  # until 50 after the kill: copies are in flight at the kill
+            while after < 50 and len(ids) < 2000:
+                i = len(ids)
                 with open(self.a_in, "a") as f:
-                    f.write(json.dumps({"id": mid, "text": "hello %d" % i, "t": 1000 + i}) + "\n")
+                    f.write(json.dumps({"id": "m%03d" % i, "text": "hello %d" % i, "t": 1000 + i}) + "\n")
+                ids.append("m%03d" % i)
+                if killed.is_set():
+                    after += 1
                 time.sleep(0.01)
         writer = threading.Thread(target=say)
         writer.start()
@@ -300,6 +305,7 @@ backends = {
         p, _ = self.procs[owner]
         p.send_signal(signal.SIGKILL)
         p.wait()
+        killed.set()
         before = self.bridged()
         writer.join()
         self.assertTrue(wait_for(lambda: self.all_running(exclude=(owner,)), 30),
