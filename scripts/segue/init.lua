@@ -239,19 +239,31 @@ function segue.backends() return core.backends() end
 -- Events --------------------------------------------------------------------
 
 local handlers = {}
-local handler_watchers = {}  -- event -> fn(list): told each time its handlers change
+local handler_watchers = {}  -- event -> { fn(list), ... }: told each time its handlers change
 
---- segue.watch_handlers(event, fn): fn(handlers) now and whenever the list
---- of `event`'s handlers changes (the router carries plain messages in C
---- only while it alone listens to "update").
+--- segue.watch_handlers(event, fn) -> a function that removes the watcher:
+--- fn(handlers) now and whenever the list of `event`'s handlers changes
+--- (the router carries plain messages in C only while it alone listens to
+--- "update"; the postbox calls into Lua for "federation" only while
+--- someone listens). An event can have several watchers.
 function segue.watch_handlers(event, fn)
-  handler_watchers[event] = fn
+  assert(type(fn) == "function", "watcher must be a function")
+  local list = {}
+  for i, w in ipairs(handler_watchers[event] or {}) do list[i] = w end
+  list[#list + 1] = fn
+  handler_watchers[event] = list  -- copy on write, like the handlers
   fn(handlers[event] or {})
+  return function()
+    local kept = {}
+    for _, w in ipairs(handler_watchers[event] or {}) do
+      if w ~= fn then kept[#kept + 1] = w end
+    end
+    handler_watchers[event] = kept[1] and kept or nil
+  end
 end
 
 local function handlers_changed(event)
-  local w = handler_watchers[event]
-  if w then w(handlers[event] or {}) end
+  for _, w in ipairs(handler_watchers[event] or {}) do w(handlers[event] or {}) end
 end
 
 --- segue.on(event, fn) -> a function that removes the handler.

@@ -34,6 +34,7 @@ M.defaults = {
 for k, v in pairs(pbc.defaults) do M.defaults[k] = v end
 
 local pb          -- the segue.postbox_core object while started
+local unwatch     -- removes the postbox's watcher of "federation" handlers
 local opts        -- M.defaults overlaid with the config's federation keys
 local timers = {} -- server_id -> the timer of its next Pull
 local failures = {} -- server_id -> consecutive failed Pulls
@@ -285,7 +286,7 @@ function M.start(cfg, db)
   local s = segue()
   -- With no handler of "federation", events are delivered without a call
   -- into Lua (see transport_deliver).
-  s.watch_handlers("federation", function(list) if pb then pb:deliver_in_lua(#list > 0) end end)
+  unwatch = s.watch_handlers("federation", function(list) if pb then pb:deliver_in_lua(#list > 0) end end)
   s.on("stopping", M.stop)
   s.postbox = M
   local fed = harmony.running()
@@ -313,7 +314,7 @@ function M.stop()
   for id, t in pairs(timers) do t:stop() timers[id] = nil end
   moved, due, persisted, persisted_n = {}, {}, {}, 0
   harmony.serve_pushes(nil)
-  segue().watch_handlers("federation", function() end)
+  if unwatch then unwatch() unwatch = nil end
   local p = pb
   pb = nil
   p:close()

@@ -49,6 +49,21 @@ describe("segue.on", function()
   end)
 end)
 
+describe("segue.watch_handlers", function()
+  it("tells every watcher of an event when its handlers change, until removed", function()
+    local seen1, seen2 = {}, {}
+    local unwatch1 = segue.watch_handlers("watched", function(list) seen1[#seen1 + 1] = #list end)
+    local unwatch2 = segue.watch_handlers("watched", function(list) seen2[#seen2 + 1] = #list end)
+    local off = segue.on("watched", function() end)
+    unwatch1()
+    off()
+    unwatch2()
+    segue.on("watched", function() end)
+    assert.are.same({ 0, 1 }, seen1)
+    assert.are.same({ 0, 1, 0 }, seen2)
+  end)
+end)
+
 describe("timers", function()
   it("fires a one-shot timer once and a repeating one until stopped", function()
     local once, every = 0, 0
