@@ -225,10 +225,7 @@ static int l_push(lua_State *L) {
 static void batch_ready(void *ud, int err, sg__postbox_batch *b) {
   lreq *r = ud;
   lua_State *L = lreq_state(r);
-  if (!L) {
-    /* Lua is gone: nobody writes the response; the events stay queued. */
-    return;
-  }
+  if (!L) return;  /* Lua is gone: the postbox closed first, so err is set (no batch) */
   if (err) {
     lua_pushnil(L);
     lua_pushfstring(L, "%s: %s", sg_err_name(err),

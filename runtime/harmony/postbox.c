@@ -552,6 +552,10 @@ typedef struct pull_call {
 
 static void pull_answer(pull_call *c, int err) {
   struct batch *b = c->b;
+  /* Answered after the postbox began closing: nobody would end the batch
+   * (its owner, a Lua state, may be gone), so it is not handed out; the
+   * events stay queued for the next Pull. */
+  if (!err && b->p->pb->closing) err = SG_ECANCELED;
   if (err || !b->pub.n) b->p->serving = 0;
   if (err) {
     batch_free(b);
@@ -606,7 +610,9 @@ static void serve_claimed(void *ud, const sg__store_reply *r) {
     if (!p->claimed) p->queued = -1;
     p->claimed = 1;
     p->claimed_at = uv_now(pb->loop);
-    if (CALL(pb, sg__store_outbox_head_async(pb->store, p->id, c->max_bytes, head_read, c)))
+    if (pb->closing)
+      pull_answer(c, SG_ECANCELED);
+    else if (CALL(pb, sg__store_outbox_head_async(pb->store, p->id, c->max_bytes, head_read, c)))
       pull_answer(c, SG_ESTORE);
   }
   call_end(pb);

@@ -114,7 +114,8 @@ typedef struct sg__postbox_batch {
   const size_t *lens;
 } sg__postbox_batch;
 /* err 0 and the batch (end it with sg__postbox_pull_end), or err < 0 and
- * NULL (the postbox's errmsg says why). */
+ * NULL (the postbox's errmsg says why; SG_ECANCELED when the postbox began
+ * closing before the store answered: the events stay queued). */
 typedef void (*sg__postbox_batch_cb)(void *ud, int err, sg__postbox_batch *batch);
 /* Takes up to `max_bytes` of event bytes (at least one event) from the head
  * of `peer`'s queue without removing them. While an earlier batch of that

@@ -8,9 +8,12 @@
  *   COMMAND, spawned on the loop): every write is acknowledged and then
  *   read back: the engine reconnected and lost nothing;
  * - the busy hook (sg__store_set_busy) counts every call made and counts it
- *   off just before its answer; a close drops what is left without it. */
+ *   off just before its answer; a close drops what is left without it;
+ * - a postbox closed while the store has not answered a Pull yet hands out
+ *   no batch (nobody would end it) and the events stay queued. */
 #include <stdio.h>
 
+#include "postbox.h"
 #include "store_async_checks.h"
 
 #define WRITES 3000
@@ -79,6 +82,75 @@ static void read_back(void *ud, const sg__store_reply *r) {
   read_done++;
 }
 
+/* ---- a Pull answered after its postbox began closing ---------------- */
+
+static int refuse_push(void *ud, const char *peer, const uint8_t *ev, size_t len, void *call) {
+  (void)ud, (void)peer, (void)ev, (void)len, (void)call;
+  return SG_EHTTP;  /* the peer is down: the event is queued */
+}
+static int no_deliver(void *ud, const char *peer, const uint8_t *ev, size_t len, char *err,
+                      size_t errlen) {
+  (void)ud, (void)peer, (void)ev, (void)len, (void)err, (void)errlen;
+  return 0;
+}
+static int queued_acks, pb_closed_n, batch_calls, batch_err_seen;
+static sg__postbox_batch *batch_seen;
+static void on_queued(void *ud, int err, int how, const char *message) {
+  (void)ud, (void)message;
+  if (err == 0 && how == SG_POSTBOX_QUEUED) queued_acks++;
+}
+static void on_pb_closed(void *ud) { (void)ud, pb_closed_n++; }
+static void on_pull(void *ud, int err, sg__postbox_batch *b) {
+  (void)ud;
+  batch_calls++;
+  batch_err_seen = err;
+  batch_seen = b;
+}
+static void run_until_flag(int *flag, int want) {
+  uint64_t end = uv_now(chk_loop) + 20000;
+  while (*flag < want && uv_now(chk_loop) < end) {
+    uv_run(chk_loop, UV_RUN_ONCE);
+    uv_update_time(chk_loop);
+  }
+}
+static sg__postbox *new_postbox(sg__store *s) {
+  sg__postbox_transport tp = {refuse_push, no_deliver, NULL};
+  sg__postbox_options o;
+  sg__postbox_options_default(&o);
+  o.instance = "check";
+  sg__postbox *pb = NULL;
+  CHECK(sg__postbox_new(chk_loop, s, &tp, &o, &pb) == 0);
+  return pb;
+}
+
+static void check_pull_at_close(sg__store *s) {
+  sg__postbox *pb = new_postbox(s);
+  CHECK(sg__postbox_push(pb, "late.example:1", (const uint8_t *)"ev1", 3, on_queued, NULL) == 0);
+  run_until_flag(&queued_acks, 1);
+  CHECK(queued_acks == 1);
+  /* The Pull's claim is on its way to the server when the postbox closes. */
+  CHECK(sg__postbox_pull_begin(pb, "late.example:1", 1 << 20, on_pull, NULL) == 0);
+  CHECK(batch_calls == 0);
+  sg__postbox_close(pb, on_pb_closed, NULL);
+  run_until_flag(&pb_closed_n, 1);
+  CHECK(pb_closed_n == 1);
+  CHECK(batch_calls == 1);
+  CHECK(batch_err_seen == SG_ECANCELED && batch_seen == NULL);
+  /* Still queued: the next postbox serves it. */
+  pb = new_postbox(s);
+  batch_calls = 0;
+  CHECK(sg__postbox_pull_begin(pb, "late.example:1", 1 << 20, on_pull, NULL) == 0);
+  run_until_flag(&batch_calls, 1);
+  CHECK(batch_err_seen == 0 && batch_seen && batch_seen->n == 1);
+  if (batch_seen) {
+    CHECK(batch_seen->n == 1 && memcmp(batch_seen->events[0], "ev1", 3) == 0);
+    CHECK(sg__postbox_pull_end(pb, batch_seen, 0) == 0);
+  }
+  sg__postbox_close(pb, on_pb_closed, NULL);
+  run_until_flag(&pb_closed_n, 2);
+  CHECK(pb_closed_n == 2);
+}
+
 static sg__store *open_pg(const char *dsn) {
   char err[600];
   sg__store *s = NULL;
@@ -105,6 +177,7 @@ int main(int argc, char **argv) {
   check_async_ops(s);
   check_postbox_ops(s);
   check_api_ops(s);
+  check_pull_at_close(s);
   /* The synchronous operations are SQLite's: refused, never a crash. */
   char *v = NULL;
   CHECK(sg__store_kv_get(s, "x", &v) == SG_ESTORE);
