@@ -129,7 +129,7 @@ class Node:
         if not os.path.exists(self.events):
             return []
         with open(self.events) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def curl(url, body=b"", headers=(), method="POST", content_type="application/hrpc"):
