@@ -12,7 +12,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -22,7 +21,7 @@ import unittest
 import pg_server
 from api_util import Api, q
 from test_api import OLD_BACKEND, texts
-from harness import SEGUE, PYTHON, LogTail, inject_lua, run, say, tmpdir, wait_for, write
+from harness import SEGUE, PYTHON, LogTail, inject_lua, run, say, wait_for, write
 
 LEASE_MS = 4000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,23 +36,13 @@ class Node(Api):
         self.test, self.port, self.admin = test, port, admin
 
 
-@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
-class Shared(unittest.TestCase):
+class Shared(pg_server.SegueDbTest):
+    sql_check = False
+
     def setUp(self):
-        self.pg = pg_server.PgServer()
-        self.addCleanup(self.pg.cleanup)
-        self.pg.start()
-        self.pg.psql("CREATE DATABASE segue")
-        self.dsn = self.pg.dsn.replace("dbname=postgres", "dbname=segue")
-        self.dir = tmpdir()
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        super().setUp()
         self.procs = {}
         self.addCleanup(self.stop_all)
-
-    def sql(self, query):
-        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn, "-c", query],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        return r.stdout.decode(errors="replace").strip()
 
     def lock(self, table):
         """Holds a lock on `table` that blocks writes to it (reads go on)

@@ -11,14 +11,13 @@ clean stop"), against a real PostgreSQL 15 started here (pg_server.py):
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import unittest
 
 import pg_server
-from harness import SEGUE, LogTail, run, tmpdir, wait_for, write
+from harness import SEGUE, LogTail, run, wait_for, write
 
 N_CB = 300          # writes with a callback, made at once
 N_CO, N_SEQ = 20, 5  # coroutines, each writing N_SEQ times in a row
@@ -51,23 +50,10 @@ end)
 """
 
 
-@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
-class CleanStop(unittest.TestCase):
+class CleanStop(pg_server.SegueDbTest):
     def setUp(self):
-        self.pg = pg_server.PgServer()
-        self.addCleanup(self.pg.cleanup)
-        self.pg.start()
-        self.pg.psql("CREATE DATABASE segue")
-        self.dsn = self.pg.dsn.replace("dbname=postgres", "dbname=segue")
-        self.dir = tmpdir()
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        super().setUp()
         write(os.path.join(self.dir, "writes.lua"), EXEC_SCRIPT)
-
-    def sql(self, query):
-        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn, "-c", query],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        self.assertEqual(r.returncode, 0, r.stdout)
-        return r.stdout.decode(errors="replace").strip()
 
     def count(self, like):
         return int(self.sql("SELECT count(*) FROM kv WHERE key LIKE '%s'" % like))

@@ -21,7 +21,7 @@ import unittest
 
 import pg_server
 import socket
-from harness import SEGUE, FAKE, PYTHON, run, tmpdir, write, wait_for, free_port
+from harness import SEGUE, FAKE, PYTHON, run, write, wait_for, free_port
 from postbox_util import PostboxNode
 
 # An instance stops its backends when it could not renew for 80% of the
@@ -119,16 +119,9 @@ S, P = "s.example:2289", "p.example:2289"
 FAST = {"push_tries": 2, "push_backoff_ms": 20, "pull_interval_ms": 500, "pull_backoff_ms": 100}
 
 
-@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
-class Scaling(unittest.TestCase):
+class Scaling(pg_server.SegueDbTest):
     def setUp(self):
-        self.pg = pg_server.PgServer()
-        self.addCleanup(self.pg.cleanup)
-        self.pg.start()
-        self.pg.psql("CREATE DATABASE segue")
-        self.dsn = self.pg.dsn.replace("dbname=postgres", "dbname=segue")
-        self.dir = tmpdir()
-        self.addCleanup(shutil.rmtree, self.dir, True)
+        super().setUp()
         self.procs = {}
         self.addCleanup(self.stop_all)
         self.states = {b: os.path.join(self.dir, "state-" + b) for b in ("a", "b")}
@@ -220,9 +213,7 @@ backends = {
         r = run(["migrate", self.config("i1")], timeout=60)
         self.assertEqual(r.code, 0, r.stderr)
         self.assertIn("postgresql: schema at version 5", r.stdout)
-        self.assertEqual(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
-                                         "SELECT version FROM segue_schema"],
-                                        stdout=subprocess.PIPE, timeout=60).stdout.decode().strip(), "5")
+        self.assertEqual(self.sql("SELECT version FROM segue_schema"), "5")
         for name in ("i1", "i2", "i3"):
             self.start(name)
         self.assertTrue(wait_for(self.all_running, 60), self.log("i1") + self.log("i2"))
@@ -470,13 +461,10 @@ backends = {
         self.assertGreater(peer[0].get("last_push_in", 0), 0)
 
     def pg_rows(self, sql):
-        return subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c", sql],
-                              stdout=subprocess.PIPE, timeout=60).stdout.decode()
+        return self.sql(sql)
 
     def pg_count(self, table):
-        return int(subprocess.run(["psql", "-X", "-A", "-t", "-d", self.dsn, "-c",
-                                   "SELECT count(*) FROM %s" % table],
-                                  stdout=subprocess.PIPE, timeout=60).stdout.decode().strip() or -1)
+        return int(self.sql("SELECT count(*) FROM %s" % table) or -1)
 
 
 if __name__ == "__main__":
