@@ -37,6 +37,7 @@ def build_queue():
     pq = subprocess.run(["pkg-config", "--cflags", "--libs", "libpq"], stdout=subprocess.PIPE,
                         check=True).stdout.decode().split()
     src = [os.path.join(ROOT, x) for x in ("bench/postbox_queue.c", "runtime/base/store.c",
+                                           "runtime/base/store_wal.c", "runtime/base/log.c",
                                            "runtime/base/store_pg.c", "runtime/base/pq_lazy.c", "runtime/harmony/postbox.c",
                                            "runtime/base/error.c")]
     inc = ["-I" + os.path.join(ROOT, x) for x in ("runtime/base", "runtime/harmony", "runtime/include")]
