@@ -327,7 +327,8 @@ static int push_reply(lua_State *L, int kind, const sg__store_reply *r) {
       lua_pushboolean(L, r->num != 0);
       return 2;
     case K_NUM:
-      lua_pushinteger(L, (lua_Integer)r->num);
+      if (r->err == SG_STORE_NOTFOUND) lua_pushnil(L);
+      else lua_pushinteger(L, (lua_Integer)r->num);
       return 1;
     case K_EVENTS:
       lua_createtable(L, (int)r->n, 0);
@@ -499,6 +500,15 @@ static int l_log_delete(lua_State *L) {
   const char *b = luaL_checkstring(L, 2), *id = luaL_checkstring(L, 3);
   lcall *c = call_begin(L, ls, K_DELETED, 4);
   return call_end(L, c, sg__store_log_delete_async(ls->s, b, id, on_reply, c), 4);
+}
+
+/* db:message_edit_time(backend, id [, cb]) -> the logged message's edit
+ * time (0: never edited), or nil if it is not in the log */
+static int l_message_edit_time(lua_State *L) {
+  lstore *ls = check_lstore(L, 1);
+  const char *b = luaL_checkstring(L, 2), *id = luaL_checkstring(L, 3);
+  lcall *c = call_begin(L, ls, K_NUM, 4);
+  return call_end(L, c, sg__store_message_edit_time_async(ls->s, b, id, on_reply, c), 4);
 }
 
 /* db:messages(backend, room [, limit [, cb]]) -> list, oldest first */
@@ -809,6 +819,7 @@ int luaopen_segue_store(lua_State *L) {
       {"map_put", l_map_put},         {"map_origin", l_map_origin},
       {"map_copies", l_map_copies},   {"log_message", l_log_message},
       {"log_delete", l_log_delete},   {"messages", l_messages},
+      {"message_edit_time", l_message_edit_time},
       {"kv_get", l_kv_get},           {"kv_set", l_kv_set},
       {"instance_beat", l_instance_beat}, {"instances", l_instances},
       {"leases", l_leases},           {"lease_claim", l_lease_claim},

@@ -578,6 +578,26 @@ int sg__store_log_message(sg__store *s, const char *backend, const char *id,
   return run(s, st);
 }
 
+static const char SQL_LOG_EDIT_TIME[] =
+    "SELECT edit_time FROM messages WHERE backend = ?1 AND id = ?2";
+
+int sg__store_message_edit_time(sg__store *s, const char *backend, const char *id,
+                               int64_t *edit_time) {
+  *edit_time = 0;
+  sqlite3_stmt *st = sg__store_stmt(s, SQL_LOG_EDIT_TIME);
+  if (!st) return SG_ESTORE;
+  bind_texts(st, (const char *[]){backend, id}, 2);
+  int rc = sqlite3_step(st), err = SG_STORE_NOTFOUND;
+  if (rc == SQLITE_ROW) {
+    *edit_time = sqlite3_column_int64(st, 0);  /* NULL (never edited): 0 */
+    err = 0;
+  } else if (rc != SQLITE_DONE) {
+    err = sg__store_fail(s);
+  }
+  sqlite3_reset(st);
+  return err;
+}
+
 int sg__store_log_delete(sg__store *s, const char *backend, const char *id) {
   sqlite3_stmt *st = stmt_get(s, SQL_LOG_DELETE);  /* joins an open batch */
   if (!st) return SG_ESTORE;
@@ -1173,6 +1193,14 @@ int sg__store_log_message_async(sg__store *s, const char *backend, const char *i
   return answer(s, &r, sg__store_log_message(s, backend, id, room, sender, content_json,
                                              create_time, edit_time),
                 cb, ud);
+}
+
+int sg__store_message_edit_time_async(sg__store *s, const char *backend, const char *id,
+                                     sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_message_edit_time(s->pg, backend, id, cb, ud);
+  sg__store_reply r = {0};
+  int err = sg__store_message_edit_time(s, backend, id, &r.num);
+  return answer(s, &r, err, cb, ud);
 }
 
 int sg__store_log_delete_async(sg__store *s, const char *backend, const char *id,

@@ -104,6 +104,9 @@ int sg__store_log_message(sg__store *s, const char *backend, const char *id,
 /* Marks a message deleted (kept, content cleared). SG_STORE_NOTFOUND
  * if unknown. */
 int sg__store_log_delete(sg__store *s, const char *backend, const char *id);
+/* The logged message's edit time (0: never edited), or SG_STORE_NOTFOUND. */
+int sg__store_message_edit_time(sg__store *s, const char *backend, const char *id,
+                               int64_t *edit_time);
 
 typedef struct sg__store_message {
   const char *backend, *id, *room, *sender, *content_json; /* content: NULL if deleted */
@@ -310,6 +313,9 @@ int sg__store_log_message_async(sg__store *s, const char *backend, const char *i
                                int64_t edit_time, sg__store_reply_cb cb, void *ud);
 int sg__store_log_delete_async(sg__store *s, const char *backend, const char *id,
                               sg__store_reply_cb cb, void *ud);
+/* num: the logged message's edit time (0: never edited); SG_STORE_NOTFOUND. */
+int sg__store_message_edit_time_async(sg__store *s, const char *backend, const char *id,
+                                     sg__store_reply_cb cb, void *ud);
 int sg__store_messages_async(sg__store *s, const char *backend, const char *room, int limit,
                             sg__store_reply_cb cb, void *ud);
 int sg__store_instance_beat_async(sg__store *s, const char *instance, const char *info,

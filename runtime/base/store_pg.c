@@ -859,6 +859,19 @@ static void parse_num(req *q, PGresult *res, sg__store_reply *r) {
   r->num = PQntuples(res) > 0 ? ival(res, 0, 0) : 0;
 }
 
+/* num as parse_num; no row: SG_STORE_NOTFOUND. */
+static void parse_num_found(req *q, PGresult *res, sg__store_reply *r) {
+  parse_num(q, res, r);
+  if (PQntuples(res) < 1) r->err = SG_STORE_NOTFOUND;
+}
+
+int sg__pg_message_edit_time(sg__pg *pg, const char *backend, const char *id,
+                             sg__store_reply_cb cb, void *ud) {
+  return SUBMIT(pg,
+                "SELECT COALESCE(edit_time, 0) FROM messages WHERE backend = $1 AND id = $2",
+                parse_num_found, cb, ud, backend, id);
+}
+
 /* (tokens made, this call's token there): the name is taken by someone
  * else only when neither (a call run again after a lost connection finds
  * its own user and token). */

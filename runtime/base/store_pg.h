@@ -33,6 +33,8 @@ int sg__pg_log_message(sg__pg *pg, const char *backend, const char *id, const ch
                        int64_t edit_time, sg__store_reply_cb cb, void *ud);
 int sg__pg_log_delete(sg__pg *pg, const char *backend, const char *id, sg__store_reply_cb cb,
                       void *ud);
+int sg__pg_message_edit_time(sg__pg *pg, const char *backend, const char *id,
+                             sg__store_reply_cb cb, void *ud);
 int sg__pg_messages(sg__pg *pg, const char *backend, const char *room, int limit,
                     sg__store_reply_cb cb, void *ud);
 int sg__pg_instance_beat(sg__pg *pg, const char *instance, const char *info,

@@ -699,12 +699,21 @@ local edit_seen, edit_note = core.route_edit_seen, core.route_edit_note
 
 local function on_upsert(set, backend, msg)
   local room = (room_names[backend] or {})[msg.recipient]
+  local seen = edit_seen(backend, msg.id)
+  -- An edited message this run has not seen (a replay after a restart):
+  -- the log has the edit time it was last bridged with, read before this
+  -- version overwrites it, so a replayed edit is not sent again.
+  local logged
+  if seen == nil and db and msg.edit_time ~= msg.create_time then
+    logged = db:message_edit_time(backend, msg.id)
+  end
   if db then batched() db:log_message(backend, msg) end
   if is_copy(backend, msg) then return end
-  local seen = edit_seen(backend, msg.id)
   local copies = seen == nil and db and db:map_copies(backend, msg.id) or nil
   if seen ~= nil or (copies and #copies > 0) then
-    -- Seen before: an edit if its edit time moved, else a replay.
+    -- Seen before: an edit if its edit time moved (since this run or the
+    -- log last had it), else a replay.
+    if seen == nil and logged ~= 0 then seen = logged end
     if seen == msg.edit_time or msg.edit_time == msg.create_time then return end
     edit_note(backend, msg.id, msg.edit_time)
     if not room then return end

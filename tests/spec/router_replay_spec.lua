@@ -31,6 +31,10 @@ function backend.say(room, sender, text, id)
   backend:emit { type = "MessageUpsert", value = { id = id, sender = sender, recipient = room,
     content = { type = "Text", value = text }, attachments = {}, create_time = 1, edit_time = 1 } }
 end
+function backend.edit(room, sender, text, id, t)
+  backend:emit { type = "MessageUpsert", value = { id = id, sender = sender, recipient = room,
+    content = { type = "Text", value = text }, attachments = {}, create_time = 1, edit_time = t } }
+end
 function backend.replay(room, id, origin_backend, origin_id, text)
   backend:emit { type = "MessageUpsert", value = { id = id, sender = "bridge", recipient = room,
     content = { type = "Text", value = text }, attachments = {}, create_time = 1, edit_time = 1,
@@ -41,9 +45,10 @@ return {
   RoomJoin = function() return true end,
   MessageSend = function(msg)
     local n = #backend.got + 1
-    backend.got[n] = { text = require("segue.router").plain(msg.content), id = "copy" .. n,
+    local id = ("copy%d.%s"):format(n, tostring(backend.got):match("0x%x+"))  -- unique to this run
+    backend.got[n] = { text = require("segue.router").plain(msg.content), id = id,
       origin = msg.extra.segue_origin.id }
-    return "copy" .. n
+    return id
   end,
 }
 ]])
@@ -144,6 +149,29 @@ describe("after an unclean stop", function()
     wait_until("the copy", function() return #b.got >= 1 end)
     assert.are.same({ "<alice@a> at once" }, texts(b.got))
     assert.are.equal("1", db:kv_get("router.open"))  -- this run is marked open again
+    stop()
+  end)
+end)
+
+describe("an edited message replayed after a restart", function()
+  it("is not sent again as an edit: the log has the edit time it was bridged with", function()
+    assert(db:kv_set("router.open", "0"))
+    local a, b = start()
+    a.say("#x", "alice", "first", "e1")
+    wait_until("the copy", function() return #b.got >= 1 end)
+    a.edit("#x", "alice", "second", "e1", 5)
+    wait_until("the edit", function() return #b.got >= 2 end)
+    -- A new run remembers no edit (its memory starts empty): fill this
+    -- one's two generations with other ids, the way a restart empties it.
+    local core = require "segue.core"
+    for i = 1, 20001 do core.route_edit_note("other", "o" .. i, 1) end
+    assert.is_nil(core.route_edit_seen("a", "e1"))
+    a.edit("#x", "alice", "second", "e1", 5)   -- the service replays its history
+    turn(50)
+    assert.are.equal(2, #b.got)
+    a.edit("#x", "alice", "third", "e1", 9)    -- a real edit still goes out
+    wait_until("the new edit", function() return #b.got >= 3 end)
+    assert.are.same({ "<alice@a> first", "(edited) <alice@a> second", "(edited) <alice@a> third" }, texts(b.got))
     stop()
   end)
 end)

@@ -162,6 +162,14 @@ static void check_async_ops(sg__store *s) {
   CHECK(c.err == 0);
   CHECK_STR(c.rows, "m1/\"hi!\";m2/-;");
   CHECK_STR(d.rows, "m2/-;");
+  /* the edit time a message was last logged with (a replay after a restart) */
+  CALL(a, sg__store_message_edit_time_async(s, "irc", "m1", record, &a));
+  CALL(b, sg__store_message_edit_time_async(s, "irc", "m3", record, &b));
+  CALL(c, sg__store_message_edit_time_async(s, "irc", "nope", record, &c));
+  settle(20000);
+  CHECK(a.err == 0 && a.num == 3000);
+  CHECK(b.err == 0 && b.num == 0);
+  CHECK(c.err == SG_STORE_NOTFOUND);
 
   /* instances and leases */
   CALL(a, sg__store_instance_beat_async(s, "one", "{\"pid\":1}", record, &a));
