@@ -41,7 +41,9 @@ static void sync_hook(sg__lenv *e, lua_State *L) {
     if (lua_gethook(L) != count_hook) lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
   } else if (lua_gethook(L) == count_hook) {
     lua_sethook(L, NULL, 0, 0);
-    if (e->interrupted) set_count_hook(L, 1);
+    /* Unconditionally: a signal's lua_sethook can land between the fields
+     * the removal writes, leaving count_hook set but masked off. */
+    if (e->interrupted) lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
   }
 }
 
@@ -161,13 +163,47 @@ static int co_resume(lua_State *L) {
   return r >= 0 ? r + 1 : 2;
 }
 
+/* Closes co (its pending to-be-closed variables run on it: tracked as
+ * running, so a signal or the instruction limit reaches them). */
+#if LUA_VERSION_RELEASE_NUM >= 50406
+#define reset_thread(co, from) lua_closethread(co, from)
+#else
+#define reset_thread(co, from) lua_resetthread(co)
+#endif
+static int close_thread(lua_State *L, lua_State *co) {
+  sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
+  if (e) run_on(e, co);
+  int status = reset_thread(co, L);
+  if (e) back_to(e, L);
+  return status;
+}
+
+/* coroutine.close as Lua's own, through close_thread. */
+static int co_close(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  int status = lua_status(co);
+  lua_Debug ar;
+  const char *busy = NULL;
+  if (co == L) busy = "running";
+  else if (status == LUA_OK && lua_getstack(co, 0, &ar)) busy = "normal";
+  if (busy) return luaL_error(L, "cannot close a %s coroutine", busy);
+  if (close_thread(L, co) == LUA_OK) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);  /* the error */
+  return 2;
+}
+
 static int co_wrapped(lua_State *L) {
   lua_State *co = lua_tothread(L, lua_upvalueindex(1));
   int r = resume_from_lua(L, co, lua_gettop(L));
   if (r >= 0) return r;
   int status = lua_status(co);
   if (status != LUA_OK && status != LUA_YIELD) {  /* it died: close what it left open */
-    status = lua_resetthread(co);
+    status = close_thread(L, co);
     lua_xmove(co, L, 1);
   }
   if (status != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {  /* where, as Lua's wrap */
@@ -196,6 +232,8 @@ void sg__lenv_set(lua_State *L, sg__lenv *e) {
     lua_setfield(L, -2, "resume");
     lua_pushcfunction(L, co_wrap);
     lua_setfield(L, -2, "wrap");
+    lua_pushcfunction(L, co_close);
+    lua_setfield(L, -2, "close");
   }
   lua_pop(L, 1);
 }

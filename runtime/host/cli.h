@@ -21,7 +21,8 @@ int sg__host_exit_code(sg_host *h);
 /* Makes the signals `signums` interrupt Lua code that is running when they
  * arrive (an uncatchable error at its next instruction), then runs the
  * handler installed before (libuv's, so the loop still sees the signal).
- * Call after uv_signal_start for them. One host per process. */
+ * Call after uv_signal_start for them, on the thread that runs the loop
+ * (a signal another thread takes is sent on to it). One host per process. */
 void sg__host_catch_interrupts(sg_host *h, const int *signums, int n);
 
 /* The host's logger (for the CLI's own lines). */

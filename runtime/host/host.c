@@ -4,6 +4,7 @@
 #include "host.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <lauxlib.h>
 #include <lualib.h>
 #include <signal.h>
@@ -89,10 +90,18 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
  * signal (libuv's handler, chained) and stops segue. A second signal while
  * the first is still pending (Lua that escaped the hook) exits at once. */
 static sg_host *interrupt_host;
+static pthread_t interrupt_thread;  /* the loop's, where Lua runs */
 static struct sigaction prev_action[65];
 
 static void on_interrupt(int signum) {
   int saved = errno;
+  if (!pthread_equal(pthread_self(), interrupt_thread)) {
+    /* Another thread took it (a pool worker): the handler must run where
+     * Lua runs, so it sets the hook without racing the VM. */
+    pthread_kill(interrupt_thread, signum);
+    errno = saved;
+    return;
+  }
   sg_host *h = interrupt_host;
   if (h && h->env.L && h->env.busy > 0 && h->env.running) {  /* Lua runs, not the loop */
     if (h->env.interrupted) {
@@ -116,6 +125,7 @@ static void on_interrupt(int signum) {
 
 void sg__host_catch_interrupts(sg_host *h, const int *signums, int n) {
   interrupt_host = h;
+  interrupt_thread = pthread_self();
   for (int i = 0; i < n; i++) {
     if (signums[i] <= 0 || signums[i] >= 65) continue;
     struct sigaction sa;

@@ -374,7 +374,14 @@ class Sandbox(unittest.TestCase):
                       "while true do coroutine.resume(coroutine.create(function() "
                       "coroutine.wrap(function() %s end)() end)) end" % spin,
                       "local co = coroutine.wrap(function() while true do coroutine.yield() end end) "
-                      "while true do co() end"):
+                      "while true do co() end",
+                      # to-be-closed variables run by coroutine.close, and by
+                      # a wrapped coroutine that died, run on that coroutine
+                      "local co = coroutine.create(function() local x <close> = setmetatable({}, "
+                      "{ __close = function() %s end }) coroutine.yield() end) "
+                      "coroutine.resume(co) coroutine.close(co)" % spin,
+                      "coroutine.wrap(function() local x <close> = setmetatable({}, "
+                      "{ __close = function() %s end }) error('dies') end)()" % spin):
             self.sigterm_stops("""
                 local segue = require "segue"
                 segue.timer(50, function()
