@@ -219,8 +219,16 @@ lease_tick_body = function(db, cfg)
   if holder == cfg.instance then
     leases.renewed = now
     shared_state.save(db, cfg)
+    -- The renewal counts from when it was asked: one answered after most of
+    -- the lease (a slow or restarting database) would have check() stop at
+    -- once what starts now, so the backends are taken at the next renewal.
+    local late = loop.now() - now > cfg.lease_ms * 0.8
+    local states = {}
+    for _, st in ipairs(segue.backends()) do states[st.name] = st.state end
     for _, b in ipairs(cfg.backends) do
-      if not leases.owned[b.name] then
+      -- A backend still stopping (this instance gave it up a moment ago)
+      -- ignores a start: it is taken once it stopped.
+      if not leases.owned[b.name] and not late and states[b.name] ~= "stopping" then
         leases.owned[b.name] = true
         core.log("info", ("instance %s took backend %s"):format(cfg.instance, b.name))
         core.start_backend(b.name)
