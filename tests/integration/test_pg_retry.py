@@ -29,7 +29,7 @@ import threading
 import unittest
 
 import pg_server
-from harness import SEGUE, LogTail, inject_lua, run, say, tmpdir, wait_for, write
+from harness import SEGUE, LogTail, inject_lua, run, say, wait_for, write
 
 READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the protocol's ReadyForQuery: 'Z', length 5
 
@@ -182,23 +182,13 @@ class CutProxy:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@unittest.skipUnless(pg_server.available(), pg_server.MISSING)
-class Retry(unittest.TestCase):
+class Retry(pg_server.SegueDbTest):
+    sql_check = False
+
     def setUp(self):
-        self.pg = pg_server.PgServer()
-        self.addCleanup(self.pg.cleanup)
-        self.pg.start()
-        self.pg.psql("CREATE DATABASE segue")
+        super().setUp()  # self.dsn: straight to the server, for the checks
         self.proxy = CutProxy(os.path.join(self.pg.dir, ".s.PGSQL.5432"))
         self.addCleanup(self.proxy.close)
-        self.dsn = "host=%s user=segue dbname=segue" % self.pg.dir
-        self.dir = tmpdir()
-        self.addCleanup(shutil.rmtree, self.dir, True)
-
-    def sql(self, query):
-        r = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn, "-c", query],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        return r.stdout.decode(errors="replace").strip()
 
     def config(self, body=""):
         # Through the proxy: libpq's host= is the directory of the socket.

@@ -10,16 +10,7 @@ local segue = require "segue"
 local router = require "segue.router"
 local sdk = require "segue.backend_sdk"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir))
-local function file(name, text)
-  local path = dir .. "/" .. name
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local dir, file = require("support").scratch()
 
 -- A chat service that keeps each copy it is sent (and does not announce
 -- it); say() acts as its users, replay() announces a copy posted before
