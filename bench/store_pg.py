@@ -79,9 +79,13 @@ def main():
     if not pg_server.available():
         sys.stderr.write("store_pg: %s; no rows\n" % pg_server.MISSING)
         return
+    build_queue()  # before anything is made: a failed build leaves nothing behind
     d = tempfile.mkdtemp(prefix="segue-bench-")
-    build_queue()
-    pg = pg_server.PgServer()
+    try:
+        pg = pg_server.PgServer()
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     try:
         pg.start()
         sqlite_queue = queue_many(os.path.join(d, "queue"), None, 1)
