@@ -122,14 +122,27 @@ static void back_to(sg__lenv *e, lua_State *prev) {
  * (a coroutine resumed from Lua is otherwise invisible to C). Resumes co
  * with the narg values on top of L; moves its results, or its error, to L:
  * returns the number of results, or -1 on an error. */
+/* co as coroutine.status sees it from L. */
+typedef enum { CO_RUNNING, CO_SUSPENDED, CO_NORMAL, CO_DEAD } co_state;
+static const char *const co_state_names[] = {"running", "suspended", "normal", "dead"};
+
+static co_state co_status(lua_State *L, lua_State *co) {
+  lua_Debug ar;
+  if (co == L) return CO_RUNNING;
+  switch (lua_status(co)) {
+    case LUA_YIELD: return CO_SUSPENDED;
+    case LUA_OK:
+      if (lua_getstack(co, 0, &ar)) return CO_NORMAL;  /* it resumed another */
+      return lua_gettop(co) == 0 ? CO_DEAD : CO_SUSPENDED;
+    default: return CO_DEAD;  /* an error */
+  }
+}
+
 static int resume_from_lua(lua_State *L, lua_State *co, int narg) {
   const char *why = NULL;
-  int status = lua_status(co);
-  lua_Debug ar;
-  if (co == L) why = "cannot resume non-suspended coroutine";
-  else if (status == LUA_OK && lua_getstack(co, 0, &ar)) why = "cannot resume non-suspended coroutine";
-  else if (status == LUA_OK && lua_gettop(co) == 0) why = "cannot resume dead coroutine";
-  else if (status != LUA_OK && status != LUA_YIELD) why = "cannot resume dead coroutine";
+  co_state st = co_status(L, co);
+  if (st == CO_DEAD) why = "cannot resume dead coroutine";
+  else if (st != CO_SUSPENDED) why = "cannot resume non-suspended coroutine";
   else if (!lua_checkstack(co, narg)) why = "too many arguments to resume";
   if (why) {
     lua_pushstring(L, why);
@@ -139,7 +152,7 @@ static int resume_from_lua(lua_State *L, lua_State *co, int narg) {
   sg__lenv *e = *(sg__lenv **)lua_getextraspace(L);
   if (e) run_on(e, co);
   int nres = 0;
-  status = lua_resume(co, L, narg, &nres);
+  int status = lua_resume(co, L, narg, &nres);
   if (e) back_to(e, L);  /* the caller goes on */
   if (status == LUA_OK || status == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
@@ -182,12 +195,9 @@ static int close_thread(lua_State *L, lua_State *co) {
 static int co_close(lua_State *L) {
   lua_State *co = lua_tothread(L, 1);
   luaL_argexpected(L, co, 1, "coroutine");
-  int status = lua_status(co);
-  lua_Debug ar;
-  const char *busy = NULL;
-  if (co == L) busy = "running";
-  else if (status == LUA_OK && lua_getstack(co, 0, &ar)) busy = "normal";
-  if (busy) return luaL_error(L, "cannot close a %s coroutine", busy);
+  co_state st = co_status(L, co);
+  if (st == CO_RUNNING || st == CO_NORMAL)
+    return luaL_error(L, "cannot close a %s coroutine", co_state_names[st]);
   if (close_thread(L, co) == LUA_OK) {
     lua_pushboolean(L, 1);
     return 1;
@@ -228,12 +238,9 @@ void sg__lenv_set(lua_State *L, sg__lenv *e) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &lenv_key);
   *(sg__lenv **)lua_getextraspace(L) = e;
   if (lua_getglobal(L, "coroutine") == LUA_TTABLE) {
-    lua_pushcfunction(L, co_resume);
-    lua_setfield(L, -2, "resume");
-    lua_pushcfunction(L, co_wrap);
-    lua_setfield(L, -2, "wrap");
-    lua_pushcfunction(L, co_close);
-    lua_setfield(L, -2, "close");
+    static const luaL_Reg co_fns[] = {
+        {"resume", co_resume}, {"wrap", co_wrap}, {"close", co_close}, {NULL, NULL}};
+    luaL_setfuncs(L, co_fns, 0);
   }
   lua_pop(L, 1);
 }

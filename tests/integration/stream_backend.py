@@ -113,5 +113,40 @@ def main():
         send({"sequence_number": seq, "body": reply})
 
 
+# ---- for the tests that drive it (test_scaling, test_replay) ----------------
+
+def user_says(path, mid):
+    """A user of the --in service says message `mid` ("m001": time 1001)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": mid, "text": "hello " + mid, "t": 1000 + int(mid[1:])}) + "\n")
+
+
+def users_say_until(path, ids, killed, after=50, most=2000):
+    """One message every 10 ms, on until `after` of them were said after
+    `killed` is set (so copies are in flight at a kill); `ids` grows with
+    what was said."""
+    n = 0
+    while n < after and len(ids) < most:
+        mid = "m%03d" % len(ids)
+        user_says(path, mid)
+        ids.append(mid)
+        if killed.is_set():
+            n += 1
+        time.sleep(0.01)
+
+
+def out_lines(path):
+    """What the --out service holds: copies and answers (whole lines only)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def bridged(path):
+    """The origin ids of the copies the --out service received, in order."""
+    return [c["origin"]["id"] for c in out_lines(path) if "origin" in c]
+
+
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ import time
 import unittest
 
 from harness import SEGUE, PYTHON, tmpdir, write, wait_for
+from stream_backend import bridged, out_lines, user_says, users_say_until
 
 STREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stream_backend.py")
 
@@ -60,55 +61,29 @@ backends = {
         with open(self.logs[i], errors="replace") as f:
             return f.read()
 
-    def b_lines(self):
-        if not os.path.exists(self.b_out):
-            return []
-        with open(self.b_out) as f:
-            return [json.loads(l) for l in f if l.endswith("\n")]
-
-    def bridged(self):
-        return [c["origin"]["id"] for c in self.b_lines() if "origin" in c]
-
-    def say(self, ids, gap):
-        for mid in ids:
-            with open(self.a_in, "a") as f:
-                f.write(json.dumps({"id": mid, "text": "hello %s" % mid, "t": 1000 + int(mid[1:])}) + "\n")
-            time.sleep(gap)
-
-    def stream(self, ids, killed):
-        """One message every 10 ms, on until 50 after the kill (so copies
-        are in flight at the kill); `ids` grows with what was said."""
-        after = 0
-        while after < 50 and len(ids) < 2000:
-            mid = "m%03d" % len(ids)
-            self.say([mid], 0.01)
-            ids.append(mid)
-            if killed.is_set():
-                after += 1
-
     def test_killed_mid_stream_and_started_again_bridges_each_message_once_in_order(self):
         self.start()
         ids, killed = [], threading.Event()
-        writer = threading.Thread(target=self.stream, args=(ids, killed))
+        writer = threading.Thread(target=users_say_until, args=(self.a_in, ids, killed))
         writer.start()
-        self.assertTrue(wait_for(lambda: len(self.bridged()) >= 40, 60), self.log())
+        self.assertTrue(wait_for(lambda: len(bridged(self.b_out)) >= 40, 60), self.log())
         self.stop(signal.SIGKILL)
         killed.set()
-        before = self.bridged()
+        before = bridged(self.b_out)
         writer.join()
         # b (the killed run's child) sees its stdin close and exits; its
         # answers not sent by then never will be.
         time.sleep(0.5)
-        lines = self.b_lines()
+        lines = out_lines(self.b_out)
         answered = {c["answered"] for c in lines if "answered" in c}
         inflight = [c["origin"]["id"] for c in lines if "origin" in c and c["id"] not in answered]
         self.assertTrue(inflight, "no copy was in flight at the kill")
         self.start()
-        self.assertTrue(wait_for(lambda: set(self.bridged()) >= set(ids), 60),
-                        "missing %r\n%s" % (sorted(set(ids) - set(self.bridged()))[:10], self.log()))
+        self.assertTrue(wait_for(lambda: set(bridged(self.b_out)) >= set(ids), 60),
+                        "missing %r\n%s" % (sorted(set(ids) - set(bridged(self.b_out)))[:10], self.log()))
         self.assertTrue(wait_for(lambda: "replay window of b closed" in self.log(), 30), self.log())
         time.sleep(1)  # a copy sent twice would show by now
-        got = self.bridged()
+        got = bridged(self.b_out)
         self.assertIn("the previous run did not stop cleanly", self.log())
         self.assertEqual(got[:len(before)], before)
         twice = sorted({x for x in got if got.count(x) > 1})
@@ -119,10 +94,10 @@ backends = {
         self.stop()
         self.start()
         self.assertTrue(wait_for(lambda: "running with" in self.log(), 30), self.log())
-        self.say(["n1"], 0)
-        self.assertTrue(wait_for(lambda: "n1" in self.bridged(), 30), self.log())
+        user_says(self.a_in, "n1")
+        self.assertTrue(wait_for(lambda: "n1" in bridged(self.b_out), 30), self.log())
         self.assertNotIn("did not stop cleanly", self.log())
-        self.assertEqual(self.bridged(), ids + ["n1"])
+        self.assertEqual(bridged(self.b_out), ids + ["n1"])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pg_server
 import socket
 from harness import SEGUE, FAKE, PYTHON, run, write, wait_for, free_port
 from postbox_util import PostboxNode
+from stream_backend import bridged, out_lines, users_say_until
 
 # An instance stops its backends when it could not renew for 80% of the
 # lease (renewals every lease_ms / 3); 1 s let a loaded machine under ASan
@@ -257,16 +258,6 @@ backends = {
         self.assertTrue(wait_for(lambda: not [i for i in self.status()["instances"] if i["name"] == victim][0]["alive"], 20))
 
 
-    def b_lines(self):
-        if not os.path.exists(self.b_out):
-            return []
-        with open(self.b_out) as f:
-            return [json.loads(l) for l in f if l.endswith("\n")]
-
-    def bridged(self):
-        """The origin ids of the copies b received, in order."""
-        return [c["origin"]["id"] for c in self.b_lines() if "origin" in c]
-
     def test_a_stream_survives_kill_9_of_the_owner_nothing_lost_in_order(self):
         self.a_in = os.path.join(self.dir, "a.in")
         self.b_out = os.path.join(self.dir, "b.out")
@@ -277,27 +268,19 @@ backends = {
         ids = []
         killed = threading.Event()
 
-        def say():  # the chat service's users, one message every 10 ms, on
-            after = 0  # until 50 after the kill: copies are in flight at the kill
-            while after < 50 and len(ids) < 2000:
-                i = len(ids)
-                with open(self.a_in, "a") as f:
-                    f.write(json.dumps({"id": "m%03d" % i, "text": "hello %d" % i, "t": 1000 + i}) + "\n")
-                ids.append("m%03d" % i)
-                if killed.is_set():
-                    after += 1
-                time.sleep(0.01)
-        writer = threading.Thread(target=say)
+        # the chat service's users, on until 50 messages after the kill:
+        # copies are in flight at the kill
+        writer = threading.Thread(target=users_say_until, args=(self.a_in, ids, killed))
         writer.start()
         # kill -9 of the owner mid-stream, once some copies went out, at a
         # point that varies from run to run.
-        self.assertTrue(wait_for(lambda: len(self.bridged()) >= 40, 30), self.log(owner))
+        self.assertTrue(wait_for(lambda: len(bridged(self.b_out)) >= 40, 30), self.log(owner))
         time.sleep(random.random() * 0.05)
         p, _ = self.procs[owner]
         p.send_signal(signal.SIGKILL)
         p.wait()
         killed.set()
-        before = self.bridged()
+        before = bridged(self.b_out)
         writer.join()
         self.assertTrue(wait_for(lambda: self.all_running(exclude=(owner,)), 30),
                         "\n".join(self.log(x) for x in self.procs))
@@ -308,11 +291,11 @@ backends = {
         # bridged is recognised (the message map is in PostgreSQL, and b's
         # replay shows the copies whose ids the killed owner had not
         # recorded yet), the rest is bridged now.
-        self.assertTrue(wait_for(lambda: set(self.bridged()) >= set(ids), 60),
-                        "missing %r\n%s" % (sorted(set(ids) - set(self.bridged()))[:10],
+        self.assertTrue(wait_for(lambda: set(bridged(self.b_out)) >= set(ids), 60),
+                        "missing %r\n%s" % (sorted(set(ids) - set(bridged(self.b_out)))[:10],
                                              "\n".join(self.log(x) for x in self.procs)))
         time.sleep(2)  # a replay bridged twice would show by now
-        got = self.bridged()
+        got = bridged(self.b_out)
         self.assertEqual(got[:len(before)], before)
         # No message bridged twice, not even those in flight when the owner
         # died (b had posted them, their ids were not recorded yet): the new
@@ -322,7 +305,7 @@ backends = {
                          % (twice, len([x for x in twice if x in before]), self.log(new_owner)))
         # ... and there were such copies: b posted them before the kill and
         # never answered (so their ids cannot have been recorded).
-        lines = self.b_lines()
+        lines = out_lines(self.b_out)
         answered = {c["answered"] for c in lines if "answered" in c}
         first_b = lines[0]["id"].split(".")[0] + "."  # ids c<pid>.<n>: the first b process's
         inflight = [c["origin"]["id"] for c in lines
