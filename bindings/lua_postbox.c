@@ -21,10 +21,10 @@
  *   pb:key_get(server_id) -> 32 bytes | nil;  pb:key_set(server_id, key)
  *   pb:rename(old_id, new_id) -> true | false (unknown) | nil, err, code
  *   pb:serve_pushes(fed, pushed) / pb:serve_pushes(nil)   the federation's
- *       Pushes (fed: segue.federation_core's object) are stored here in C:
- *       the key that verified one is remembered, its Event stored, the Push
- *       answered once committed (500 when not); pushed(server_id) runs for
- *       a peer's first Push, then at most every PUSHED_EVERY_MS while it
+ *       Pushes (fed: segue.federation_core's object) are stored by the
+ *       postbox in C (runtime/harmony/postbox_push.h: the key remembered,
+ *       the Event stored, the Push answered once committed); pushed(server_id)
+ *       runs for a peer's first Push, then at most once a second while it
  *       Pushes (pb:pushed_at has the last one's time). Replaces the Lua
  *       Push handler while set.
  *   pb:pushed_at(server_id) -> loop.now() of its last Push received, or nil
@@ -39,14 +39,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <protobuf-c/protobuf-c.h>
-
 #include "bindings.h"
-#include "hrpc_errors.h"
 #include "lua_federation.h"
 #include "lua_store.h"
 #include "postbox.h"
-#include "protocol/sync/v1/sync.pb-c.h"
+#include "postbox_push.h"
 
 #define PB_MT "segue.postbox"
 #define BATCH_MT "segue.postbox.batch"
@@ -59,7 +56,7 @@ enum { STORE = 0, PUSH = 1, DELIVER = 2, SINK = 3 /* { fed, pushed } */ };
 typedef struct lpostbox {
   sg__lown own;
   sg__postbox *pb;
-  sg__federation *fed;  /* whose Pushes come here (serve_pushes), or NULL */
+  sg__postbox_pushes pushes;  /* a federation's Pushes stored here (serve_pushes) */
   int quiet;            /* deliver_in_lua(false): nobody listens */
 } lpostbox;
 
@@ -315,67 +312,13 @@ static int l_receive_push(lua_State *L) {
   return lreq_end(L, r, rc, sg__postbox_errmsg(lp->pb));
 }
 
-/* ---- Pushes served in C (pb:serve_pushes) --------------------------------------- */
+/* ---- Pushes served in C (pb:serve_pushes: runtime/harmony/postbox_push.h) ------- */
 
-/* pushed(server_id) runs at most this often per peer while it Pushes: the
- * Pull policy reads the last Push's time (pb:pushed_at) when it needs it. */
-#define PUSHED_EVERY_MS 1000
-
-static void push_stored(void *ud, int err) {
-  sg__hrpc_request *req = ud;
-  lpostbox *lp = req->data;
-  if (err)
-    sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL,
-                           lp->pb ? sg__postbox_errmsg(lp->pb) : sg_strerror(err), NULL, 0);
-  else
-    sg__hrpc_respond(req, (const uint8_t *)"", 0);  /* an empty PushResponse */
-}
-
-/* An accepted Push (the federation's push handler): what postbox.lua's Lua
- * handler does, without Lua; pushed(server_id) tells the Pull policy. */
-static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
-                    const ProtobufCMessage *msg, sg__hrpc_request *req, void *ud) {
+/* The runtime's pushed(server_id): the Lua function's turn. */
+static void pushed_in(void *ud, const char *server_id) {
   lpostbox *lp = ud;
-  const Protocol__Sync__V1__PushRequest *push = (const void *)msg;
-  (void)m;
-  if (!lp->pb || lp->own.closed || lp->own.lua_gone) {
-    sg__hrpc_respond_error(req, 503, SG__HRPC_UNAVAILABLE, "the postbox is closed", NULL, 0);
-    return;
-  }
-  unsigned char pk[SG_KEYS_PUBLIC_BYTES];
-  if (sg__federation_key_get(f, server_id, pk) == 0) sg__postbox_key_remember(lp->pb, server_id, pk);
-  uint64_t before = sg__postbox_pushed_at(lp->pb, server_id);
-  /* The Event's bytes: the body's when it is that one field and nothing
-   * else (it decoded as such), else packed from the one decode of it. */
-  uint8_t small[512], *ev = small;
-  const uint8_t *bytes = NULL;
-  size_t n = 0;
-  if (req->body_len > 2 && req->body[0] == 0x0a) {  /* field 1, length-delimited */
-    size_t i = 1, len = 0;
-    for (int sh = 0; i < req->body_len && sh < 35; sh += 7) {
-      len |= (size_t)(req->body[i] & 0x7f) << sh;
-      if (!(req->body[i++] & 0x80)) break;
-    }
-    if (i + len == req->body_len) {
-      bytes = req->body + i;
-      n = len;
-    }
-  }
-  if (!bytes) {
-    n = protobuf_c_message_get_packed_size(&push->event->base);
-    if (n > sizeof small && !(ev = malloc(n))) {
-      sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, "out of memory", NULL, 0);
-      return;
-    }
-    protobuf_c_message_pack(&push->event->base, ev);
-    bytes = ev;
-  }
-  req->data = lp;
-  int rc = sg__postbox_receive_push(lp->pb, server_id, bytes, n, push_stored, req);
-  if (ev != small) free(ev);
-  if (rc) sg__hrpc_respond_error(req, 500, SG__HRPC_INTERNAL, sg__postbox_errmsg(lp->pb), NULL, 0);
   lua_State *L = lp->own.e->L;
-  if (!L || (before && sg__postbox_pushed_at(lp->pb, server_id) - before < PUSHED_EVERY_MS)) return;
+  if (!L || lp->own.closed || lp->own.lua_gone) return;
   sg__lown_push(L, &lp->own, SINK);
   lua_rawgeti(L, -1, 2);
   lua_remove(L, -2);
@@ -383,15 +326,10 @@ static void push_in(sg__federation *f, sg__fed_method m, const char *server_id,
   sg__lenv_pcall(lp->own.e, 1, 0, "postbox pushed");
 }
 
-static void serve_none(lpostbox *lp) {
-  if (lp->fed && lp->fed->push_ud == lp) sg__federation_set_push_handler(lp->fed, NULL, NULL);
-  lp->fed = NULL;
-}
-
 /* pb:serve_pushes(fed, pushed) | pb:serve_pushes(nil) */
 static int l_serve_pushes(lua_State *L) {
   lpostbox *lp = check_pb(L);
-  serve_none(lp);
+  sg__postbox_serve_pushes_stop(&lp->pushes);
   if (lua_isnoneornil(L, 2)) {
     lua_pushnil(L);
     sg__lown_ref(L, &lp->own, SINK, -1);
@@ -405,8 +343,7 @@ static int l_serve_pushes(lua_State *L) {
   lua_pushvalue(L, 3);
   lua_rawseti(L, -2, 2);
   sg__lown_ref(L, &lp->own, SINK, -1);
-  lp->fed = f;
-  sg__federation_set_push_handler(f, push_in, lp);
+  sg__postbox_serve_pushes(&lp->pushes, lp->pb, f, pushed_in, lp);
   return 0;
 }
 
@@ -676,7 +613,9 @@ static void pb_close(lpostbox *lp) {
 static int l_close(lua_State *L) {
   lpostbox *lp = sg__lown_get(L, 1, PB_MT);
   if (!lp || lp->own.closed) return 0;
-  serve_none(lp);  /* (from __gc the federation may be gone: it is closing too) */
+  /* (not from __gc: the federation may be gone then; the postbox refuses
+   * Pushes once it is closing) */
+  sg__postbox_serve_pushes_stop(&lp->pushes);
   sg__lown_push(L, &lp->own, STORE);  /* the store may close again */
   sg__lua_store_hold(L, -1, -1);
   lua_pop(L, 1);

@@ -108,6 +108,8 @@ void sg__postbox_options_default(sg__postbox_options *o) {
 
 const char *sg__postbox_errmsg(const sg__postbox *pb) { return pb->errmsg; }
 
+int sg__postbox_closing(const sg__postbox *pb) { return pb->closing; }
+
 static int fail(sg__postbox *pb, int err, const char *msg) {
   snprintf(pb->errmsg, sizeof pb->errmsg, "%s", msg ? msg : sg_strerror(err));
   return err;

@@ -89,6 +89,9 @@ int sg__postbox_new(uv_loop_t *loop, sg__store *store, const sg__postbox_transpo
 void sg__postbox_close(sg__postbox *pb, void (*cb)(void *data), void *data);
 /* The last error message of a failed call ("" if none); borrowed. */
 const char *sg__postbox_errmsg(const sg__postbox *pb);
+/* Non-zero once sg__postbox_close began (the memory is still there until
+ * its callback): what arrives now is not taken. */
+int sg__postbox_closing(const sg__postbox *pb);
 
 /* ---- outbound ------------------------------------------------------------ */
 

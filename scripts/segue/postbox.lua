@@ -180,29 +180,28 @@ end
 
 local PUSH_RESPONSE = assert(harmony.encode("protocol.sync.v1.PushResponse", {}))
 
--- A Push arrived (stored in C by pb:serve_pushes: its peer's first, then at
--- most every second; or by on_push below).
+-- A Push from server_id arrived: the one place that tells the Pull policy.
+-- Pushes stored in C (pb:serve_pushes, runtime/harmony/postbox_push.h) call
+-- it for a peer's first Push, then at most once a second (the Pull timer
+-- reads the last one's time, pb:pushed_at); on_push below for each.
 local function pushed(server_id)
   moved[server_id] = nil  -- a server uses that id (again)
   if pb then pull_after_push(server_id, opts.pull_interval_ms) end
 end
 
--- A Push: its Event's bytes (decoded once, by the federation) go into the
--- inbox as they are; answered once they are stored (durable). The same is
--- done in C (pb:serve_pushes) while harmony.serve_pushes holds; this is the
--- path without it.
+-- A Push on the path without pb:serve_pushes (a script's handler of "Push"
+-- gave it back): what C does, in Lua. Its Event's bytes (decoded once, by
+-- the federation) go into the inbox as they are; answered once they are
+-- stored (durable; held while the peer's start-up Pull runs).
 local function on_push(server_id, event, req)
   if not pb then return req:error(E.UNAVAILABLE.status, E.UNAVAILABLE.identifier, "the postbox is closed") end
-  moved[server_id] = nil  -- a server uses that id (again)
   remember_key(server_id)
-  local function stored(ok, err)
+  local r, e = pb:receive_push(server_id, event, function(ok, err)
     if not ok then return req:error(E.INTERNAL.status, E.INTERNAL.identifier, tostring(err)) end
-    if pb then pull_after_push(server_id, opts.pull_interval_ms) end
     return req:respond(PUSH_RESPONSE)
-  end
-  -- stored(...) once the event is committed (held while the start-up Pull runs)
-  local r, e = pb:receive_push(server_id, event, stored)
-  if not r then return stored(nil, e) end
+  end)
+  if not r then req:error(E.INTERNAL.status, E.INTERNAL.identifier, tostring(e)) end
+  pushed(server_id)
 end
 
 local function on_pull(server_id)

@@ -42,7 +42,7 @@ end)
 
 
 class PostboxNode(Node):
-    def __init__(self, server_id, federation=None, sender=False, port=None):
+    def __init__(self, server_id, federation=None, sender=False, port=None, script=None):
         scripts = []
         super().__init__(server_id, federation=federation, scripts=scripts, port=port)
         self.cmds = os.path.join(self.dir, "cmds.jsonl")
@@ -51,6 +51,8 @@ class PostboxNode(Node):
         scripts.append(handler)
         if sender:
             scripts.append(write(os.path.join(self.dir, "sender.lua"), SENDER))
+        if script:  # one more script of the test's
+            scripts.append(write(os.path.join(self.dir, "extra.lua"), script))
         # The config was written by Node.__init__ without the scripts' paths.
         with open(self.config) as f:
             text = f.read()

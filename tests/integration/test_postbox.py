@@ -62,6 +62,45 @@ class Delivery(unittest.TestCase):
             a.stop()
             b.stop()
 
+    def test_pushes_through_a_scripts_push_handler_are_stored_by_the_postbox(self):
+        # B's script takes the Push handler and hands each Push to the one it
+        # replaced: the postbox's Lua path (not C's pb:serve_pushes), which
+        # stores, answers and tells the Pull policy as the C path does.
+        seen = "seen.txt"
+        script = """
+local h = require("segue").harmony
+local postbox_push
+postbox_push = h.handle_bytes("Push", function(server_id, bytes, req)
+  local f = assert(io.open(%s, "a"))
+  f:write(server_id, "\\n")
+  f:close()
+  return postbox_push(server_id, bytes, req)
+end)
+""" % json.dumps(seen)
+        a_port, b_port = free_port(), free_port()
+        a = PostboxNode(A, sender=True, port=a_port,
+                        federation=dict(FAST, peers={B: "http://127.0.0.1:%d" % b_port}))
+        b = PostboxNode(B, port=b_port, script=script,
+                        federation=dict(FAST, peers={A: "http://127.0.0.1:%d" % a_port}, allow=[A]))
+        try:
+            b.start()
+            a.start()
+            a.push(B, range(1, 4))
+            self.assertTrue(a.wait_acks(3), a.stderr())
+            self.assertEqual([x.get("how") for x in a.read_acks()], ["pushed"] * 3, a.read_acks())
+            self.assertTrue(wait_for(lambda: b.received_ids() == [1, 2, 3]), b.stderr())
+            with open(os.path.join(b.dir, seen)) as f:
+                self.assertEqual(f.read().split(), [A] * 3)
+            # the key that verified the Pushes is in B's store; nothing left in its inbox
+            with open(a.key_file(), "rb") as f:
+                a_key = f.read()[-32:]
+            self.assertEqual(b.db("SELECT public_key FROM peers WHERE server_id = ?", (A,)), [(a_key,)])
+            self.assertTrue(wait_for(lambda: b.db("SELECT count(*) FROM inbox")[0][0] == 0))
+            self.assertNotIn("federation handler", b.stderr())
+        finally:
+            a.stop()
+            b.stop()
+
     def test_a_new_server_id_is_announced_and_moves_what_the_peer_holds(self):
         A2 = "a2.example:2289"
         a_port, b_port = free_port(), free_port()
