@@ -1,4 +1,4 @@
-/* segue.postbox_core: runtime/postbox.h for Lua (scripts/segue/postbox.lua
+/* segue.postbox_core: runtime/harmony/postbox.h for Lua (scripts/segue/postbox.lua
  * is segue.postbox, the policy on top). The transport is two Lua
  * functions (scripts/segue/postbox.lua wires them to segue.federation):
  *
@@ -8,18 +8,21 @@
  *                deliver_backoff_ms }; push calls done(nil) when the peer
  *       accepted the event, done("why") when not; deliver returns true, or
  *       nil, err / raises (the event stays in the inbox and is retried).
- *   pb:push(server_id, event, cb) -> "queued" | "pending" | nil, err, code
- *       "pending": cb(true, "pushed" | "queued") or cb(nil, err) later.
- *   pb:pull_begin(server_id [, max_bytes]) -> { event, ... }, batch
+ * Methods that take a callback return true (cb runs once: before the method
+ * returns when the store answers at once, SQLite; later otherwise,
+ * PostgreSQL) or nil, err, code (cb never runs):
+ *   pb:push(server_id, event, cb)     cb(true, "pushed" | "queued") | cb(nil, err)
+ *   pb:pull_begin(server_id, max_bytes | nil, cb)   cb({ event, ... }, batch) | cb(nil, err)
  *   pb:pull_end(batch, written)       written: the response went out whole
  *   postbox_core.defaults               the delivery rules' defaults (C's)
- *   pb:receive(server_id, { event, ... }) -> true | nil, err, code
- *   pb:receive_push(server_id, event, cb) -> "stored" | "held" | nil, err, code
+ *   pb:receive(server_id, { event, ... }, cb)   cb(true) | cb(nil, err) once stored
+ *   pb:receive_push(server_id, event, cb)       the same; held while the peer is
  *   pb:hold(server_id), pb:release(server_id)
  *   pb:note(server_id, "pulled" | "push_in" | "error" [, message])
- *   pb:peers() -> { { server_id, queued, inbox, waiting, last_push, ... }, ... }
- *   pb:key_get(server_id) -> 32 bytes | nil;  pb:key_set(server_id, key)
- *   pb:rename(old_id, new_id) -> true | false (unknown) | nil, err, code
+ *   pb:peers(cb)   cb({ { server_id, queued, inbox, waiting, last_push, ... }, ... })
+ *   pb:key_get(server_id, cb)         cb(32 bytes | nil [, err])
+ *   pb:key_remember(server_id, key) -> true   (a store write only when it changed)
+ *   pb:rename(old_id, new_id, cb)     cb(true | false (unknown) | nil, err)
  *   pb:serve_pushes(fed, pushed) / pb:serve_pushes(nil)   the federation's
  *       Pushes (fed: segue.federation_core's object) are stored by the
  *       postbox in C (runtime/harmony/postbox_push.h: the key remembered,
@@ -31,7 +34,7 @@
  *   pb:deliver_in_lua(on)   false: nobody listens, a received event is
  *       delivered (it leaves the inbox) without calling the deliver function
  *   pb:close()
- *   peers_of(db) -> pb:peers()'s rows from the store alone (segue status)
+ *   peers_of(db [, cb]) -> pb:peers()'s rows from the store alone (segue status)
  *
  * The userdata holds a pointer to C memory (luv's model); the postbox keeps
  * its store's Lua value referenced and held, so the store outlives it. */
