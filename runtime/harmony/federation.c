@@ -55,7 +55,6 @@ typedef struct waiter {
 
 /* A key fetch under way: the requests waiting for it. */
 struct sg__fed_fetch {
-  sg__fed_fetch *next;
   sg__federation *f;
   char *id;
   waiter *waiters;
@@ -84,10 +83,9 @@ int sg__federation_key_put(sg__federation *f, const char *server_id,
 
 void sg__federation_stats_get(const sg__federation *f, sg__fed_stats *out) { *out = f->stats; }
 
+/* Its peers entry's URL, by hash: every outbound call asks. */
 static const char *peer_url(const sg__federation *f, const char *server_id) {
-  for (size_t i = 0; i < f->n_peers; i++)
-    if (strcmp(f->peer_ids[i], server_id) == 0) return f->peer_urls[i];
-  return NULL;
+  return sg__idmap_get(&f->peer_index, server_id);
 }
 
 const char *sg__federation_base_url(const sg__federation *f, const char *server_id, char *buf,
@@ -521,9 +519,7 @@ static void new_id_key(waiter *w, const char *id, const unsigned char pk[SG_KEYS
 
 static void fetch_free(sg__fed_fetch *k) {
   sg__federation *f = k->f;
-  sg__fed_fetch **pp = &f->fetches;
-  while (*pp != k) pp = &(*pp)->next;
-  *pp = k->next;
+  sg__idmap_remove(&f->fetching, k->id, k);
   f->n_fetches--;
   free(k->id);
   free(k);
@@ -616,8 +612,7 @@ static int fetch_allowed(sg__federation *f) {
 
 /* Queues `w` on the fetch of id's key, starting one if none is under way. */
 static void fetch_key(sg__federation *f, const char *id, waiter *w) {
-  sg__fed_fetch *k = f->fetches;
-  while (k && strcmp(k->id, id) != 0) k = k->next;
+  sg__fed_fetch *k = sg__idmap_get(&f->fetching, id);
   if (k) {
     w->next = k->waiters;
     k->waiters = w;
@@ -631,7 +626,8 @@ static void fetch_key(sg__federation *f, const char *id, waiter *w) {
   char buf[SG_TOKEN_MAX_SERVER_ID + 16];
   if (!url) snprintf(buf, sizeof buf, "https://%s", id);
   k = calloc(1, sizeof *k);
-  if (!k || !(k->id = strdup(id))) {
+  if (!k || !(k->id = strdup(id)) || sg__idmap_put(&f->fetching, k->id, k)) {
+    if (k) free(k->id);
     free(k);
     refuse(w, 500, SG__HRPC_INTERNAL, "NO_MEMORY", "out of memory");
     return;
@@ -640,8 +636,6 @@ static void fetch_key(sg__federation *f, const char *id, waiter *w) {
   k->waiters = w;
   w->next = NULL;
   k->started = uv_now(f->loop);
-  k->next = f->fetches;
-  f->fetches = k;
   f->n_fetches++;
   f->stats.key_fetches++;
   /* A peers entry is the operator's word; any other id goes only where a
@@ -800,6 +794,11 @@ static int copy_options(sg__federation *f, const sg__fed_options *o) {
   f->peer_ids = copy_strings(o->peer_ids, o->n_peers, &failed);
   f->peer_urls = copy_strings(o->peer_urls, o->n_peers, &failed);
   f->n_peers = o->n_peers;
+  if (sg__idmap_init(&f->peer_index) || sg__idmap_init(&f->fetching)) failed = 1;
+  for (size_t i = 0; !failed && i < f->n_peers; i++)
+    if (!sg__idmap_get(&f->peer_index, f->peer_ids[i])  /* the first entry wins */
+        && sg__idmap_put(&f->peer_index, f->peer_ids[i], f->peer_urls[i]))
+      failed = 1;
   f->request_timeout_ms = o->request_timeout_ms;
   f->key_refetch_ms = o->key_refetch_ms ? o->key_refetch_ms : SG_FED_DEFAULT_KEY_REFETCH_MS;
   f->fetch_rate = o->key_fetch_rate ? o->key_fetch_rate : SG_FED_DEFAULT_KEY_FETCH_RATE;
@@ -863,6 +862,13 @@ void sg__federation_set_push_handler(sg__federation *f, sg__fed_handler handler,
   f->push_ud = ud;
 }
 
+int sg__federation_clear_push_handler(sg__federation *f, sg__fed_handler handler, void *ud) {
+  if (f->push_handler != handler || f->push_ud != ud) return 0;
+  f->push_handler = NULL;
+  f->push_ud = NULL;
+  return 1;
+}
+
 void sg__federation_set_key_cb(sg__federation *f, sg__fed_key_cb cb, void *ud) {
   f->key_cb = cb;
   f->key_ud = ud;
@@ -905,6 +911,8 @@ int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *s
 
 static void free_all(sg__federation *f) {
   sg__keycache_free(&f->cache);
+  sg__idmap_free(&f->peer_index);
+  sg__idmap_free(&f->fetching);
   vtoks_free(f);
   free_strings((char **)f->policy.allow, f->policy.n_allow);
   free_strings((char **)f->policy.block, f->policy.n_block);

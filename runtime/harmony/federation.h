@@ -58,6 +58,7 @@
 #include "hrpc_server.h"
 #include "log.h"
 
+#include "idmap.h"
 #include "keycache.h"
 
 #define SG_FED_DEFAULT_KEY_REFETCH_MS 60000
@@ -147,9 +148,10 @@ struct sg__federation {
   sg__token_policy policy;          /* owns its lists */
   char **peer_ids, **peer_urls;
   size_t n_peers;
+  sg__idmap peer_index;            /* peer id -> its URL (the first entry of an id) */
   uint64_t request_timeout_ms, key_refetch_ms;
   sg__keycache cache;              /* the peer key cache */
-  sg__fed_fetch *fetches;          /* key fetches under way */
+  sg__idmap fetching;              /* server id -> its key fetch under way */
   unsigned n_fetches, fetch_rate;
   int fetch_private, verify_pool;
   unsigned jobs;                   /* jobs of signature checks on the thread pool */
@@ -191,6 +193,9 @@ void sg__federation_set_handler(sg__federation *f, sg__fed_handler handler, void
 /* Sets a handler of accepted Pushes only (NULL: Pushes go to the handler
  * above), so a Push can be stored without the embedder's general path. */
 void sg__federation_set_push_handler(sg__federation *f, sg__fed_handler handler, void *ud);
+/* Unsets the Push handler if it is `handler` with `ud` (1), else leaves
+ * whatever another part set (0): a part that stops removes only its own. */
+int sg__federation_clear_push_handler(sg__federation *f, sg__fed_handler handler, void *ud);
 void sg__federation_set_key_cb(sg__federation *f, sg__fed_key_cb cb, void *ud);
 
 /* The bound port, or a negative error when not listening. */

@@ -4,6 +4,8 @@
  * why each rule is there. */
 #include "postbox.h"
 
+#include "idmap.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,11 +64,14 @@ typedef struct peer {
   unsigned appending;   /* inbox appends not answered yet */
   int64_t done_upto;    /* delivered from in_mem up to this seq, not deleted yet
                          * (one statement at the end of the turn), or 0 */
+  struct peer *done_next;  /* in pb->dones while done_listed */
+  int done_listed;
   int key_known;
   uint8_t key[32];      /* the key last persisted or read */
   uint64_t pushed_at;   /* uv_now of its last Push to us */
   uint64_t stamped_at;  /* uv_now of the last last_push_in written, or 0 */
-  int gone;             /* renamed away: kept until the postbox goes */
+  int gone;             /* renamed away: kept until the postbox goes, out of
+                         * pb->index */
 } peer;
 
 struct sg__postbox {
@@ -76,9 +81,10 @@ struct sg__postbox {
   sg__postbox_options opt;
   char *instance;
   int multi;            /* the store is shared (PostgreSQL): claims matter */
-  peer *peers;
+  peer *peers;          /* every peer, gone ones too (closing walks them) */
+  sg__idmap index;      /* id -> its peer that is not gone: no walk per call */
   uv_idle_t commit_idle;  /* SQLite: commits the turn's batch */
-  int dones;            /* a peer has done_upto set */
+  peer *dones;          /* the peers whose done_upto was set this turn */
   uv_timer_t scan_timer;  /* shared store: inboxes whose instance died */
   unsigned handles;     /* handles still to close */
   unsigned calls;       /* store calls not answered yet */
@@ -172,10 +178,29 @@ static void done_write(peer *p) {
   CALL(p->pb, sg__store_inbox_done_upto_async(p->pb->store, p->id, seq, ignored, p->pb));
 }
 
+/* Only the peers listed when their done_upto was set: the turn's cost does
+ * not grow with the peers known. The list is taken first, so a peer listed
+ * again while this runs goes on the next one. */
 static void dones_write(sg__postbox *pb) {
-  if (!pb->dones) return;
-  pb->dones = 0;
-  for (peer *p = pb->peers; p; p = p->next) done_write(p);
+  peer *p = pb->dones;
+  pb->dones = NULL;
+  while (p) {
+    peer *next = p->done_next;
+    p->done_next = NULL;
+    p->done_listed = 0;
+    done_write(p);
+    p = next;
+  }
+}
+
+static void done_mark(peer *p, int64_t seq) {
+  sg__postbox *pb = p->pb;
+  p->done_upto = seq;
+  if (!p->done_listed) {
+    p->done_listed = 1;
+    p->done_next = pb->dones;
+    pb->dones = p;
+  }
 }
 
 static void stamp(sg__postbox *pb, const char *id, sg__store_stamp which) {
@@ -246,6 +271,7 @@ static void maybe_free(sg__postbox *pb) {
     pb->peers = p->next;
     peer_free(p);
   }
+  sg__idmap_free(&pb->index);
   void (*cb)(void *) = pb->close_cb;
   void *data = pb->close_data;
   free(pb->instance);
@@ -265,11 +291,8 @@ static void peer_timer_closed(uv_handle_t *h) {
   maybe_free(pb);
 }
 
-static peer *find_peer(sg__postbox *pb, const char *id) {
-  for (peer *p = pb->peers; p; p = p->next)
-    if (!p->gone && strcmp(p->id, id) == 0) return p;
-  return NULL;
-}
+/* The peer of `id` that is not gone, by hash (pb->index). */
+static peer *find_peer(sg__postbox *pb, const char *id) { return sg__idmap_get(&pb->index, id); }
 
 static char *claim_name(const char *kind, const char *id) {
   size_t n = strlen(kind) + strlen(id) + 1;
@@ -291,7 +314,13 @@ static peer *get_peer(sg__postbox *pb, const char *id) {
     fail(pb, SG_ENOMEM, NULL);
     return NULL;
   }
+  if (sg__idmap_put(&pb->index, p->id, p)) {
+    peer_free(p);
+    fail(pb, SG_ENOMEM, NULL);
+    return NULL;
+  }
   if (CALL(pb, sg__store_peer_add_async(pb->store, id, ignored, pb))) {
+    sg__idmap_remove(&pb->index, p->id, p);
     peer_free(p);
     return NULL;
   }
@@ -736,8 +765,7 @@ static void deliver_one(peer *p, int64_t seq, const uint8_t *event, size_t len,
   int err = pb->tp.deliver(pb->tp.ud, p->id, event, len, why, sizeof why);
   if (err == 0) {
     if (from_memory) {  /* deleted with the others of the turn */
-      p->done_upto = seq;
-      pb->dones = 1;
+      done_mark(p, seq);
       if (!pb->closed) uv_idle_start(&pb->commit_idle, commit_turn);
     } else {
       CALL(pb, sg__store_inbox_done_async(pb->store, seq, ignored, pb));
@@ -1086,6 +1114,7 @@ static void renamed(void *ud, const sg__store_reply *r) {
     peer *p = find_peer(pb, c->old_id);
     if (p && !(p->out.count || p->held_in.count || p->serving || p->delivering || p->busy)) {
       p->gone = 1;  /* kept (answers may still name it) until the postbox goes */
+      sg__idmap_remove(&pb->index, p->id, p);  /* the id may come back: a new peer */
       uv_timer_stop(&p->push_timer);
       uv_timer_stop(&p->deliver_timer);
     }
@@ -1169,7 +1198,9 @@ int sg__postbox_new(uv_loop_t *loop, sg__store *store, const sg__postbox_transpo
   if (pb->opt.deliver_tries == 0) pb->opt.deliver_tries = 1;
   if (pb->opt.claim_ms < 30) pb->opt.claim_ms = 30;
   pb->instance = strdup(pb->opt.instance ? pb->opt.instance : "segue");
-  if (!pb->instance) {
+  if (!pb->instance || sg__idmap_init(&pb->index)) {
+    sg__idmap_free(&pb->index);
+    free(pb->instance);
     free(pb);
     return SG_ENOMEM;
   }

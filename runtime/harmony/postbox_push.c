@@ -99,8 +99,7 @@ void sg__postbox_serve_pushes(sg__postbox_pushes *s, sg__postbox *pb, sg__federa
 }
 
 void sg__postbox_serve_pushes_stop(sg__postbox_pushes *s) {
-  if (s->fed && s->fed->push_handler == push_in && s->fed->push_ud == s)
-    sg__federation_set_push_handler(s->fed, NULL, NULL);
+  if (s->fed) sg__federation_clear_push_handler(s->fed, push_in, s);
   s->pb = NULL;
   s->fed = NULL;
   s->pushed = NULL;

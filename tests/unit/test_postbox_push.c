@@ -287,6 +287,15 @@ static void test_served(void) {
   sqlite3_close(db);
   CHECK(key_ok);
 
+  /* Stopping removes only its own handler: one another part set since
+   * stays (sg__federation_clear_push_handler), and goes with its own stop. */
+  sg__postbox_pushes other = {0};
+  sg__postbox_serve_pushes(&other, pb, &server, on_pushed, (void *)"o:");
+  sg__postbox_serve_pushes_stop(&serving);
+  CHECK(server.push_handler != NULL && server.push_ud == &other);
+  CHECK(sg__federation_clear_push_handler(&server, server.push_handler, &serving) == 0);
+  CHECK(server.push_ud == &other);
+  sg__postbox_serve_pushes_stop(&other);
   /* Stopped: the federation's own handler answers (none set: 501). */
   sg__postbox_serve_pushes_stop(&serving);
   CHECK(server.push_handler == NULL);
