@@ -1,4 +1,4 @@
--- segue exec bench/reload_bench.lua BRIDGES [REPS]
+-- segue exec bench/reload_bench.lua BRIDGES [REPS [MODE]]
 -- Reloads of a rules file of BRIDGES bridges between two in-process
 -- backends ("memory"), each timed REPS times (default 21): the file
 -- unchanged; one bridge changed (its name, back and forth); every bridge
@@ -7,11 +7,22 @@
 -- "unchanged one full", wall-clock, then the same in CPU time of the
 -- process (less sensitive to the other processes of a shared machine).
 -- Exits 1 (saying why on stderr) when the rooms are
--- not resolved within 60 s.
+-- not resolved within 60 s. MODE (unchanged, one or full) times only that
+-- kind of reload and prints its two medians.
+--
+-- For callgrind: segue.core's memory() is called right before and right
+-- after each timed reload, so `valgrind --tool=callgrind
+-- --dump-before=l_memory` writes each reload in a file of its own (the
+-- even-numbered dumps: 2, 4, ...).
 local segue = require "segue"
 local loop = require "segue.loop"
 local router = require "segue.router"
-local nrules, reps = tonumber(arg[1]), tonumber(arg[2] or "21")
+local mark = require("segue.core").memory
+local nrules, reps, only = tonumber(arg[1]), tonumber(arg[2] or "21"), arg[3]
+if only ~= nil and only ~= "unchanged" and only ~= "one" and only ~= "full" then
+  io.stderr:write("reload_bench: MODE is unchanged, one or full\n")
+  os.exit(2)
+end
 local dir = os.tmpname()
 os.remove(dir)
 assert(os.execute("mkdir -m 700 " .. dir))
@@ -66,14 +77,22 @@ local function median(mode)
   for i = 1, reps do
     if mode == "one" then write(text(i % 2 == 1 and ', name = "changed"' or nil))
     elseif mode == "full" then write(text(nil, i % 2 == 1 and "x" or nil)) end
+    mark()
     local t0, c0 = loop.hrtime(), os.clock()
     assert(router.load(path, backends))
     times[i], cpu[i] = (loop.hrtime() - t0) / 1e6, (os.clock() - c0) * 1e3
+    mark()
     if mode == "full" then ready() end
   end
   table.sort(times)
   table.sort(cpu)
   return times[(reps + 1) // 2], cpu[(reps + 1) // 2]
+end
+if only then
+  local ms, cpu = median(only)
+  cleanup()
+  io.write(("%.2f %.2f\n"):format(ms, cpu))
+  return
 end
 local unchanged, unchanged_cpu = median("unchanged")
 local one, one_cpu = median("one")

@@ -266,13 +266,29 @@ function M.load(path, ctx)
     f:close()
   end
   local dir = path:match("^(.*)/[^/]*$") or "."
-  local files, texts = { path }, { [path] = src }
-  local token = {}
-  local env = environment(dir, ctx.state or {}, files, texts, ctx.previous and ctx.previous.by_hash, token)
-  local chunk, cerr = load(src, "@" .. path, "t", env)
-  if not chunk then return nil, { cerr } end
-  local ok, set = M.run(chunk)
-  if not ok then return nil, { (tostring(set):match("^[^\n]*")) } end
+  -- compiles and runs the file in a fresh environment: files, texts, env,
+  -- token, set | nil, errors
+  local function run()
+    local files, texts = { path }, { [path] = src }
+    local token = {}
+    local env = environment(dir, ctx.state or {}, files, texts, ctx.previous and ctx.previous.by_hash, token)
+    local chunk, cerr = load(src, "@" .. path, "t", env)
+    if not chunk then return nil, nil, nil, nil, nil, { cerr } end
+    local ok, set = M.run(chunk)
+    if not ok then return nil, nil, nil, nil, nil, { (tostring(set):match("^[^\n]*")) } end
+    return files, texts, env, token, set
+  end
+  local files, texts, env, token, set, failed = run()
+  -- The router reloads with the collector stopped: a file that makes more
+  -- garbage than its memory budget runs once more with it running.
+  if failed and not collectgarbage("isrunning")
+    and (failed[1]:find("used more than its memory budget", 1, true) or failed[1]:find("not enough memory", 1, true)) then
+    collectgarbage("restart")
+    collectgarbage()
+    files, texts, env, token, set, failed = run()
+    collectgarbage("stop")
+  end
+  if failed then return nil, failed end
   local errors, by_hash, reused = validate(set, ctx, path, token)
   if #errors > 0 then return nil, errors end
   set.files, set.texts, set.state, set.path = files, texts, env.state, path

@@ -143,6 +143,41 @@ describe("reloading the rules", function()
     rules.load = orig
     wait_until("the new rooms resolve", function() return router.ready() end)
   end)
+
+  -- A reload runs with the collector stopped: garbage the rules make is
+  -- collected when their memory budget is reached instead of counting
+  -- against it, and the collector runs again after any outcome.
+  it("lets the rules make more garbage than their memory budget, and restarts the collector", function()
+    local rules = require "segue.rules"
+    local backends = { src = true, dst = true }
+    local path = file("garbage.lua", ([[
+      for i = 1, %d do local s = ("x"):rep(4 * 1024 * 1024) .. i end
+      return { bridge { "src:#g1", "dst:#g1" } }
+    ]]):format(2 * rules.MAX_MEMORY // (8 * 1024 * 1024)))
+    assert(router.load(path, backends))
+    assert.is_true(collectgarbage("isrunning"))
+    assert.are.equal("src:#g1", router.bridges()[1].endpoints[1].key)
+    -- live memory past the budget still fails, and the collector runs again
+    file("garbage.lua", [[
+      local t = {}
+      for i = 1, 24 do t[i] = ("x"):rep(4 * 1024 * 1024) .. i end
+      return { bridge { "src:#g2", "dst:#g2" } }
+    ]])
+    local ok, err = router.load(path, backends)
+    assert.is_nil(ok)
+    assert.matches("used more than its memory budget", err)
+    assert.is_true(collectgarbage("isrunning"))
+    assert.are.equal("src:#g1", router.bridges()[1].endpoints[1].key)
+    -- a collector stopped by the caller stays stopped
+    collectgarbage("stop")
+    file("garbage.lua", 'return { bridge { "src:#g1", "dst:#g1", name = "g" } }')
+    local loaded = router.load(path, backends)
+    local running = collectgarbage("isrunning")
+    collectgarbage("restart")
+    assert.is_true(loaded)
+    assert.is_false(running)
+    wait_until("the rooms resolve", function() return router.ready() end)
+  end)
 end)
 
 describe("reloading one bridge of many", function()
