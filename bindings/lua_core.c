@@ -514,6 +514,230 @@ static int l_rule_bridge_maker(lua_State *L) {
   return 1;
 }
 
+/* rule_validate(set, file, token, backends, errors [, prev]) -> reused: the
+ * checks rules.lua's validate makes of the bridges set[1..] (until the
+ * first nil, as ipairs), in C because a rules file of a thousand bridges
+ * runs them a thousand times per reload. Each entry is a bridge{...}
+ * record; an unnamed one is named "bridge<i>" by its position (default_name
+ * set), and one of the running rules handed out again (its `taken` is
+ * token) that was named so at another position is replaced by a copy
+ * named for this one; names are unique; with backends, every endpoint's
+ * backend is one of them. Messages are appended to errors, in order.
+ * reused: how many entries are bridges of the previous load.
+ *
+ * prev: the running rules, checked against the same backends. When set has
+ * as many entries and each holds prev's object at its place or a bridge,
+ * only those others are checked (prev's objects passed already), and the
+ * names of at most 4 of them that are not prev's name there are compared
+ * with all others (prev's names are unique). Else (or on any error) all
+ * entries are checked, as without prev.
+ * Fields are read as Lua reads them (metamethods included). */
+enum { V_SET = 1, V_FILE, V_TOKEN, V_BACKENDS, V_ERRORS, V_PREV, V_NAMES, V_KEYS };
+static const char *const validate_keys[] = {"kind", "name", "taken", "default_name",
+                                            "where", "endpoints", "backend", "key"};
+enum { K_KIND, K_NAME, K_TAKEN, K_DEFAULT_NAME, K_WHERE, K_ENDPOINTS, K_BACKEND, K_KEY };
+
+/* pushes t[key] (t at index t, key one of validate_keys) */
+static int vget(lua_State *L, int t, int key) {
+  lua_pushvalue(L, V_KEYS + key);
+  return lua_gettable(L, t < 0 ? t - 1 : t);
+}
+
+static void verror(lua_State *L, int parts) {
+  lua_concat(L, parts);
+  lua_rawseti(L, V_ERRORS, (lua_Integer)lua_rawlen(L, V_ERRORS) + 1);
+}
+
+/* "bridge<i>" into buf (32 bytes) -> its length */
+static int default_name(char *buf, lua_Integer i) {
+  char digits[24];
+  int d = 0, n = 0;
+  unsigned long long v = (unsigned long long)i;
+  do digits[d++] = (char)('0' + v % 10); while ((v /= 10) && d < (int)sizeof digits);
+  memcpy(buf, "bridge", 6);
+  n = 6;
+  while (d) buf[n++] = digits[--d];
+  buf[n] = '\0';
+  return n;
+}
+
+/* Checks set[i] (at index b): 0 when it is not a bridge, else 1 and the
+ * final entry at b and its name pushed (2 when that name is not prev[i]'s,
+ * with prev given). names: check unique names against V_NAMES. */
+static int check_entry(lua_State *L, lua_Integer i, int b, int names, int check_backends) {
+  int is_bridge = 0;
+  if (lua_type(L, b) == LUA_TTABLE) {
+    vget(L, b, K_KIND);
+    size_t len;
+    const char *kind = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+    is_bridge = kind && len == 6 && memcmp(kind, "bridge", 6) == 0;
+    lua_pop(L, 1);
+  }
+  if (!is_bridge) {
+    lua_pushfstring(L, "%s:1: entry %I is not a bridge{...}", lua_tostring(L, V_FILE), i);
+    verror(L, 1);
+    return 0;
+  }
+  char dflt[32];
+  vget(L, b, K_TAKEN);
+  int taken = lua_rawequal(L, -1, V_TOKEN);
+  lua_pop(L, 1);
+  vget(L, b, K_NAME);  /* b + 1: the name */
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushlstring(L, dflt, (size_t)default_name(dflt, i));
+    lua_pushvalue(L, V_KEYS + K_NAME);
+    lua_pushvalue(L, -2);
+    lua_settable(L, b);
+    lua_pushvalue(L, V_KEYS + K_DEFAULT_NAME);
+    lua_pushboolean(L, 1);
+    lua_settable(L, b);
+  } else if (taken) {
+    vget(L, b, K_DEFAULT_NAME);
+    int dflt_named = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    size_t len;
+    const char *name = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+    int dlen = dflt_named ? default_name(dflt, i) : 0;
+    if (dflt_named && !(name && len == (size_t)dlen && memcmp(name, dflt, len) == 0)) {
+      /* a copy named for this position */
+      lua_pop(L, 1);
+      lua_newtable(L);
+      lua_pushnil(L);
+      while (lua_next(L, b)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -4);
+      }
+      lua_replace(L, b);
+      lua_pushlstring(L, dflt, (size_t)dlen);
+      lua_pushvalue(L, V_KEYS + K_NAME);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, b);
+      lua_pushvalue(L, b);
+      lua_seti(L, V_SET, i);
+    }
+  }
+  int name = b + 1, other = 0;
+  if (names) {
+    lua_pushvalue(L, name);
+    if (lua_rawget(L, V_NAMES) != LUA_TNIL) {
+      lua_pop(L, 1);
+      vget(L, b, K_WHERE);
+      lua_pushliteral(L, ": duplicate bridge name ");
+      lua_pushvalue(L, name);
+      verror(L, 3);
+    } else {
+      lua_pop(L, 1);
+    }
+    lua_pushvalue(L, name);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, V_NAMES);
+  } else {
+    lua_geti(L, V_PREV, i);
+    other = lua_type(L, -1) != LUA_TTABLE || vget(L, -1, K_NAME) == LUA_TNIL ||
+            !lua_rawequal(L, -1, name);
+    lua_settop(L, name);
+  }
+  if (check_backends) {
+    vget(L, b, K_ENDPOINTS);
+    int eps = lua_gettop(L);
+    lua_Integer m = luaL_len(L, eps);
+    for (lua_Integer j = 1; j <= m; j++) {
+      lua_geti(L, eps, j);
+      vget(L, -1, K_BACKEND);
+      lua_pushvalue(L, -1);
+      if (lua_gettable(L, V_BACKENDS) == LUA_TNIL || !lua_toboolean(L, -1)) {
+        lua_pop(L, 1);
+        int backend = lua_gettop(L);
+        vget(L, b, K_WHERE);
+        lua_pushliteral(L, ": endpoint ");
+        vget(L, backend - 1, K_KEY);
+        lua_pushliteral(L, ": no backend named ");
+        lua_pushvalue(L, backend);
+        verror(L, 5);
+      }
+      lua_settop(L, eps);
+    }
+    lua_settop(L, name);
+  }
+  return other ? 2 : 1;
+}
+
+static int l_rule_validate(lua_State *L) {
+  luaL_checktype(L, V_SET, LUA_TTABLE);
+  luaL_checkstring(L, V_FILE);
+  luaL_checkany(L, V_TOKEN);
+  luaL_checktype(L, V_ERRORS, LUA_TTABLE);
+  int check_backends = lua_istable(L, V_BACKENDS);
+  lua_settop(L, V_PREV);
+  lua_Integer n = luaL_len(L, V_SET);
+  lua_createtable(L, 0, n > 0 && n < (1 << 20) ? (int)n : 0);  /* V_NAMES */
+  for (size_t k = 0; k < sizeof validate_keys / sizeof *validate_keys; k++)
+    lua_pushstring(L, validate_keys[k]);
+  lua_Integer reused = 0, nerr = (lua_Integer)lua_rawlen(L, V_ERRORS);
+  int base = lua_gettop(L);
+  /* in place of prev: only what is not prev's object there; a few new
+   * names are looked for among all the others */
+  if (lua_istable(L, V_PREV) && luaL_len(L, V_PREV) == n) {
+    lua_Integer renamed[4];
+    int nrenamed = 0, full = 0;
+    for (lua_Integer i = 1; i <= n && !full; i++) {
+      if (lua_geti(L, V_SET, i) == LUA_TNIL) {
+        full = 1;
+        break;
+      }
+      lua_geti(L, V_PREV, i);
+      if (lua_rawequal(L, -1, -2)) {
+        reused++;
+      } else {
+        lua_pop(L, 1);
+        int r = check_entry(L, i, base + 1, 0, check_backends);
+        if (r == 0 || (r == 2 && nrenamed == (int)(sizeof renamed / sizeof *renamed))) {
+          full = 1;
+        } else {
+          if (r == 2) renamed[nrenamed++] = i;
+          vget(L, base + 1, K_TAKEN);
+          if (lua_rawequal(L, -1, V_TOKEN)) reused++;
+        }
+      }
+      lua_settop(L, base);
+    }
+    for (lua_Integer j = 1; j <= n && nrenamed && !full; j++) {
+      lua_geti(L, V_SET, j);
+      vget(L, -1, K_NAME);
+      for (int k = 0; k < nrenamed && !full; k++) {
+        if (renamed[k] == j) continue;
+        lua_geti(L, V_SET, renamed[k]);
+        vget(L, -1, K_NAME);
+        full = lua_rawequal(L, -1, base + 2);
+        lua_pop(L, 2);
+      }
+      lua_settop(L, base);
+    }
+    if (!full) {
+      lua_pushinteger(L, reused);
+      return 1;
+    }
+    /* all of them, from the start (what was done stays done: names given) */
+    for (lua_Integer k = (lua_Integer)lua_rawlen(L, V_ERRORS); k > nerr; k--) {
+      lua_pushnil(L);
+      lua_rawseti(L, V_ERRORS, k);
+    }
+    reused = 0;
+  }
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (lua_geti(L, V_SET, i) == LUA_TNIL) break;
+    if (check_entry(L, i, base + 1, 1, check_backends)) {
+      vget(L, base + 1, K_TAKEN);
+      if (lua_rawequal(L, -1, V_TOKEN)) reused++;
+    }
+    lua_settop(L, base);
+  }
+  lua_pushinteger(L, reused);
+  return 1;
+}
+
 /* memory() -> bytes of Lua heap in use (as the host's allocator counts) */
 static int l_memory(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)sandbox_env(L)->mem_used);
@@ -535,6 +759,7 @@ int luaopen_segue_core(lua_State *L) {
       {"sandbox_state", l_sandbox_state},
       {"memory", l_memory},
       {"rule_bridge_maker", l_rule_bridge_maker},
+      {"rule_validate", l_rule_validate},
       {NULL, NULL}};
   luaL_newlib(L, fns);
   sg__core_open_backends(L);

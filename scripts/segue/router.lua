@@ -1067,7 +1067,43 @@ local function changed_rooms(old, new)
     touch(old[j])
     return changes <= most
   end
-  for i = 1, #new do
+  -- The common case first: the same number of bridges, each position
+  -- holding the object it held or a new one, of the same name or of a name
+  -- no other bridge had (changed in place, or defined the same: then the
+  -- old object goes back in).
+  local settled = false
+  if in_place then
+    local diff, n = {}, 0
+    settled = true
+    for i = 1, #new do
+      local b, o = new[i], old[i]
+      if b ~= o then
+        n = n + 1
+        if n > most then settled = false break end
+        if b.name ~= o.name then
+          if not at_name then
+            at_name = {}
+            for j = 1, #old do at_name[old[j].name] = j end
+          end
+          if at_name[b.name] then settled = false break end
+        end
+        diff[n] = i
+      end
+    end
+    for k = 1, settled and n or 0 do
+      local i = diff[k]
+      local b, o = new[i], old[i]
+      if b.sig and o.sig == b.sig then
+        o.where = b.where
+        new[i] = o
+      else
+        touch(b, true)
+        touch(o)
+        changed[#changed + 1] = i
+      end
+    end
+  end
+  for i = 1, settled and 0 or #new do
     local b = new[i]
     local at, o = i, old[i]
     if not o or o.name ~= b.name then
@@ -1096,7 +1132,7 @@ local function changed_rooms(old, new)
       changed[#changed + 1] = i
     end
   end
-  for j = last + 1, #old do
+  for j = settled and #old + 1 or last + 1, #old do
     if not gone(j) then return nil end
   end
   -- from here on the positions are those of `new`
@@ -1118,7 +1154,24 @@ local function changed_rooms(old, new)
     at_name, at_bridge = nil, {}
     for i = 1, #new do at_bridge[new[i]] = i end
   end
-  return touched, at_bridge
+  return touched, at_bridge, in_place and changed or nil
+end
+
+-- set.by_hash (rules.hashes: where the next load finds the bridges that
+-- did not change): the running set's, patched at the positions that
+-- changed in place; made when first needed otherwise.
+local function index_hashes(set, old, changed)
+  local by_hash = changed and old.by_hash
+  if not by_hash then return end
+  for _, i in ipairs(changed) do
+    local o = old[i]
+    if o.hash and by_hash[o.hash] == o then by_hash[o.hash] = nil end
+  end
+  for _, i in ipairs(changed) do
+    local b = set[i]
+    if b.hash then by_hash[b.hash] = b end
+  end
+  old.by_hash, set.by_hash = nil, by_hash
 end
 
 -- update_index(idx, touched, pos): makes idx, the index of the running
@@ -1191,7 +1244,7 @@ local function load_rules(path, backends)
   end
   -- What is kept to compare is the very text that ran (set.texts).
   local set, errors = rules.load(path, { backends = backends, state = state, previous = current,
-    text = text or read_all(path) })
+    checked = loaded.backends == key and current or nil, text = text or read_all(path) })
   if set and set.test then
     local ok, err = rules.run(set.test, simulator(set, build_index(set)))
     if not ok then errors, set = { path .. ": self-test failed: " .. tostring(err):match("^[^\n]*") }, nil end
@@ -1204,7 +1257,8 @@ local function load_rules(path, backends)
     return nil, status.last_error
   end
   local first = current == nil
-  local touched, pos = changed_rooms(current, set)
+  local touched, pos, changed = changed_rooms(current, set)
+  index_hashes(set, current, changed)
   if not touched then at_name, at_bridge = nil, nil end
   if touched then
     update_index(index, touched, pos)

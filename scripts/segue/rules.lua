@@ -195,16 +195,12 @@ local function environment(dir, state, files, texts, kept, token)
   return env
 end
 
-local default_names = setmetatable({}, { __index = function(t, i)
-  local name = "bridge" .. i
-  t[i] = name
-  return name
-end })
-
--- -> errors, by_hash (hash -> bridge, for the next load's `kept`), how
--- many bridges of the previous load were handed out again
+-- -> errors, how many bridges of the previous load it holds. The bridges
+-- are checked by segue.core's rule_validate (default names by position,
+-- unique names, known backends; with ctx.checked, the running rules
+-- checked against the same backends, only where they differ).
 local function validate(set, ctx, file, token)
-  local errors, names, by_hash, reused = {}, {}, {}, 0
+  local errors = {}
   if type(set) ~= "table" then return { file .. ":1: the rules file must return a table, not a " .. type(set) } end
   -- the keys after the list part (next from #set skips the bridges)
   local n = #set
@@ -214,48 +210,32 @@ local function validate(set, ctx, file, token)
       elseif type(v) ~= "function" then errors[#errors + 1] = file .. ":1: " .. k .. " must be a function" end
     end
   end
-  local backends = ctx.backends
-  for i = 1, n do
-    local b = set[i]
-    if b == nil then break end  -- as ipairs
-    if type(b) ~= "table" or b.kind ~= "bridge" then
-      errors[#errors + 1] = ("%s:1: entry %d is not a bridge{...}"):format(file, i)
-    else
-      -- the default name follows the position: a bridge of the running
-      -- rules handed out again at another place gets a copy named for it
-      local name, taken = b.name, b.taken == token
-      if name == nil then
-        name = default_names[i]
-        b.name, b.default_name = name, true
-      elseif taken and b.default_name and name ~= default_names[i] then
-        b = copy(b)
-        name = default_names[i]
-        b.name = name
-        set[i] = b
-      end
-      if names[name] then errors[#errors + 1] = b.where .. ": duplicate bridge name " .. name end
-      names[name] = true
-      local hash = b.hash
-      if hash then by_hash[hash] = b end
-      if taken then reused = reused + 1 end
-      if backends then
-        local eps = b.endpoints
-        for j = 1, #eps do
-          local e = eps[j]
-          if not backends[e.backend] then
-            errors[#errors + 1] = b.where .. ": endpoint " .. e.key .. ": no backend named " .. e.backend
-          end
-        end
-      end
+  local reused = core.rule_validate(set, file, token, ctx.backends, errors, ctx.checked)
+  return errors, reused
+end
+
+--- hashes(set) -> set.by_hash: hash -> bridge for the bridges of set that
+--- have one (a definition without functions), made if set has none yet;
+--- a load given set as `previous` finds its bridges there.
+function M.hashes(set)
+  local by_hash = set.by_hash
+  if not by_hash then
+    by_hash = {}
+    for i = 1, #set do
+      local b = set[i]
+      if b.hash then by_hash[b.hash] = b end
     end
+    set.by_hash = by_hash
   end
-  return errors, by_hash, reused
+  return by_hash
 end
 
 --- load(path, ctx) -> set | nil, errors
 --- ctx: { backends = { name = true }, state = table carried over,
 --- previous = the running set (its bridges that did not change are reused:
---- set.reused counts them), text = the text of path if the caller read it }
+--- set.reused counts them; M.hashes(previous) finds them),
+--- checked = the running set if it was checked against these backends,
+--- text = the text of path if the caller read it }
 --- set.files lists the files it ran (path first), set.texts their texts.
 function M.load(path, ctx)
   local src = ctx.text
@@ -271,7 +251,7 @@ function M.load(path, ctx)
   local function run()
     local files, texts = { path }, { [path] = src }
     local token = {}
-    local env = environment(dir, ctx.state or {}, files, texts, ctx.previous and ctx.previous.by_hash, token)
+    local env = environment(dir, ctx.state or {}, files, texts, ctx.previous and M.hashes(ctx.previous), token)
     local chunk, cerr = load(src, "@" .. path, "t", env)
     if not chunk then return nil, nil, nil, nil, nil, { cerr } end
     local ok, set = M.run(chunk)
@@ -289,10 +269,9 @@ function M.load(path, ctx)
     collectgarbage("stop")
   end
   if failed then return nil, failed end
-  local errors, by_hash, reused = validate(set, ctx, path, token)
+  local errors, reused = validate(set, ctx, path, token)
   if #errors > 0 then return nil, errors end
-  set.files, set.texts, set.state, set.path = files, texts, env.state, path
-  set.by_hash, set.reused = by_hash, reused
+  set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
   return set
 end
 

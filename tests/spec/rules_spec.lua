@@ -45,6 +45,35 @@ describe("the rule DSL", function()
     assert.matches("unknown key on_mesage", errs[1], 1, true)
   end)
 
+  it("checks every entry in order: not a bridge, names by position, duplicates, backends", function()
+    local path = file([[return {
+      bridge { "irc:#a", "memory:#a" },
+      { kind = "other" },
+      bridge { name = "bridge1", "irc:#b", "ghost:#b", "nobody:#b" },
+      "text",
+      bridge { "irc:#c", "memory:#c" },
+      on_message = 1,
+    }]])
+    local set, errs = rules.load(path, { backends = backends })
+    assert.is_nil(set)
+    assert.are.same({
+      path .. ":1: on_message must be a function",
+      path .. ":1: entry 2 is not a bridge{...}",
+      path .. ":4: duplicate bridge name bridge1",
+      path .. ":4: endpoint ghost:#b: no backend named ghost",
+      path .. ":4: endpoint nobody:#b: no backend named nobody",
+      path .. ":1: entry 4 is not a bridge{...}",
+    }, errs)
+    -- without backends to check against, only the names
+    set = assert(rules.load(file([[return {
+      bridge { "irc:#a", "memory:#a" }, bridge { name = "x", "irc:#b", "ghost:#b" }, bridge { "irc:#c", "memory:#c" },
+    }]]), {}))
+    assert.are.same({ "bridge1", "x", "bridge3" }, { set[1].name, set[2].name, set[3].name })
+    assert.is_true(set[1].default_name)
+    assert.is_nil(set[2].default_name)
+    assert.are.equal(0, set.reused)
+  end)
+
   it("stops a rules file that runs too long", function()
     local set, errs = rules.load(file 'while true do end', { backends = backends })
     assert.is_nil(set)
