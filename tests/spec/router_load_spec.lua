@@ -353,6 +353,43 @@ describe("reloading one bridge of many", function()
     end
   end)
 
+  it("refuses a bridge renamed in place to the name of another, and keeps the others when renamed anew", function()
+    local path = file("incr5.lua", [[return {
+      bridge { name = "a", "src:#n1", "dst:#n1" },
+      bridge { "src:#n2", "dst:#n2" },
+      bridge { name = "c", "src:#n3", "dst:#n3" },
+    }]])
+    assert(router.load(path, backends))
+    local before = by_name()
+    file("incr5.lua", [[return {
+      bridge { name = "a", "src:#n1", "dst:#n1" },
+      bridge { name = "c", "src:#n2", "dst:#n2" },
+      bridge { name = "c", "src:#n3", "dst:#n3" },
+    }]])
+    local ok, err = router.load(path, backends)
+    assert.is_nil(ok)
+    assert.matches("incr5.lua:4: duplicate bridge name c", err, 1, true)
+    file("incr5.lua", [[return {
+      bridge { name = "a", "src:#n1", "dst:#n1" },
+      bridge { "src:#n2", "dst:#n2" },
+      bridge { name = "bridge2", "src:#n3", "dst:#n3" },
+    }]])
+    ok, err = router.load(path, backends)
+    assert.is_nil(ok)
+    assert.matches("incr5.lua:4: duplicate bridge name bridge2", err, 1, true)
+    file("incr5.lua", [[return {
+      bridge { name = "a", "src:#n1", "dst:#n1" },
+      bridge { name = "b", "src:#n2", "dst:#n2" },
+      bridge { name = "c", "src:#n3", "dst:#n3" },
+    }]])
+    assert(router.load(path, backends))
+    local after = by_name()
+    assert.are.equal(before.a, after.a)
+    assert.are.equal(before.c, after.c)
+    assert.are_not.equal(before.bridge2, after.b)
+    assert.is_nil(after.bridge2)
+  end)
+
   it("keeps the running rules, objects and routes when a reload fails", function()
     local path = file("incr4.lua", [[return {
       bridge { name = "a", "src:#l1", "dst:#l1" },
