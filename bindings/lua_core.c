@@ -189,7 +189,7 @@ static int l_sandbox_state(lua_State *L) {
  * The record: { kind = "bridge", where = "src:line", endpoints = {
  * {backend=, room=, mode=, format=, key=}... }, options..., sig =, hash = }.
  * sig identifies the definition (every option and endpoint, in order) and
- * hash is its 64-bit FNV-1a; neither when the bridge has a filter or
+ * hash is a 64-bit hash of it; neither when the bridge has a filter or
  * rewrite (functions cannot be compared) or a definition over 2 KiB.
  * `kept` (a table or nil) maps hash -> a record of the running rules: a
  * bridge whose sig equals one there is that record (its `where` updated to
@@ -222,6 +222,21 @@ static const struct bridge_key {
 };
 #define N_BRIDGE_KEYS ((int)(sizeof bridge_keys / sizeof *bridge_keys))
 #define FORMAT_KEY 1
+
+/* The strings bridge{...} reads and writes, upvalues of the bridge function
+ * from BRIDGE_UP on (pushing one is no lookup in Lua's string table; a
+ * thousand bridges set 20 thousand fields). BS_OPTION + i: bridge_keys[i]'s
+ * name; BS_DFLT + i: its default (nil if none). */
+enum {
+  BS_KIND, BS_WHERE, BS_ENDPOINTS, BS_SIG, BS_HASH, BS_TAKEN, BS_KEY, BS_BACKEND, BS_ROOM,
+  BS_MODE, BS_FORMAT, BS_BRIDGE, BS_BOTH, BS_OPTION, BS_DFLT = BS_OPTION + N_BRIDGE_KEYS,
+  BS_COUNT = BS_DFLT + N_BRIDGE_KEYS
+};
+static const char *const bridge_strings[BS_OPTION] = {
+    "kind", "where", "endpoints", "sig", "hash", "taken", "key", "backend", "room", "mode", "format",
+    "bridge", "both"};
+#define BRIDGE_UP 5 /* after default_format, kept, token, fallback */
+#define BSTR(L, k) lua_pushvalue((L), lua_upvalueindex(BRIDGE_UP + (k)))
 
 /* Whether the Lua string at idx is one of choices (its whole length: an
  * embedded NUL makes it none). */
@@ -288,13 +303,15 @@ static int endpoint_sig(lua_State *L, sigbuf *g) {
     }
     lua_pop(L, 1);
     if (ok) {
-      int mt = lua_getfield(L, -1, "mode");  /* no metatable: raw */
+      BSTR(L, BS_MODE);
+      int mt = lua_rawget(L, -2);  /* no metatable: raw */
       ok = mt == LUA_TNIL || (mt == LUA_TSTRING && one_of(L, -1, modes));
       if (ok && mt == LUA_TSTRING) sig_str(g, 'm', lua_tostring(L, -1), lua_rawlen(L, -1));
       lua_pop(L, 1);
     }
     if (ok) {
-      int ft = lua_getfield(L, -1, "format");
+      BSTR(L, BS_FORMAT);
+      int ft = lua_rawget(L, -2);
       ok = ft == LUA_TNIL || ft == LUA_TSTRING;
       if (ft == LUA_TSTRING) sig_str(g, 'f', lua_tostring(L, -1), lua_rawlen(L, -1));
       lua_pop(L, 1);
@@ -318,31 +335,53 @@ static void endpoint_record(lua_State *L) {
   const char *s = lua_tolstring(L, key, &len);
   size_t blen = endpoint_split(s, len);
   lua_createtable(L, 0, 5);
+  int rec = lua_gettop(L);
+  BSTR(L, BS_KEY);
   lua_pushvalue(L, key);
-  lua_setfield(L, -2, "key");
+  lua_rawset(L, rec);
+  BSTR(L, BS_BACKEND);
   lua_pushlstring(L, s, blen);
-  lua_setfield(L, -2, "backend");
+  lua_rawset(L, rec);
+  BSTR(L, BS_ROOM);
   lua_pushlstring(L, s + blen + 1, len - blen - 1);
-  lua_setfield(L, -2, "room");
-  if (!tbl || lua_getfield(L, spec, "mode") != LUA_TSTRING) {
-    if (tbl) lua_pop(L, 1);
-    lua_pushliteral(L, "both");
+  lua_rawset(L, rec);
+  BSTR(L, BS_MODE);
+  if (tbl) {
+    BSTR(L, BS_MODE);
+    if (lua_rawget(L, spec) != LUA_TSTRING) {
+      lua_pop(L, 1);
+      BSTR(L, BS_BOTH);
+    }
+  } else {
+    BSTR(L, BS_BOTH);
   }
-  lua_setfield(L, -2, "mode");
-  if (tbl && lua_getfield(L, spec, "format") == LUA_TSTRING) lua_setfield(L, -2, "format");
-  else if (tbl) lua_pop(L, 1);
+  lua_rawset(L, rec);
+  if (tbl) {
+    BSTR(L, BS_FORMAT);
+    BSTR(L, BS_FORMAT);
+    if (lua_rawget(L, spec) == LUA_TSTRING) lua_rawset(L, rec);
+    else lua_pop(L, 2);
+  }
   lua_replace(L, spec);
   lua_settop(L, spec);
 }
 
-static uint64_t fnv1a(const char *p, size_t n) {
-  uint64_t h = 14695981039346656037ULL;
-  for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
-  return h;
+/* FNV-1a's constants, 8 bytes a step (a collision costs only a compare) */
+static uint64_t sig_hash(const char *p, size_t n) {
+  uint64_t h = 14695981039346656037ULL ^ n, w;
+  for (; n >= 8; p += 8, n -= 8) {
+    memcpy(&w, p, 8);
+    h = (h ^ w) * 1099511628211ULL;
+    h ^= h >> 29;
+  }
+  w = 0;
+  memcpy(&w, p, n);
+  h = (h ^ w) * 1099511628211ULL;
+  return h ^ (h >> 32);
 }
 
 /* "short_src:line" into buf (size LUA_IDSIZE + 24) */
-static void format_where(char *buf, const lua_Debug *ar) {
+static size_t format_where(char *buf, const lua_Debug *ar) {
   size_t n = strlen(ar->short_src);
   memcpy(buf, ar->short_src, n);
   buf[n++] = ':';
@@ -353,6 +392,7 @@ static void format_where(char *buf, const lua_Debug *ar) {
   if (ar->currentline < 0) buf[n++] = '-', digits[0] = '1', d = 1;
   while (d) buf[n++] = digits[--d];
   buf[n] = '\0';
+  return n;
 }
 
 /* The stack: t, default_format, level, kept, token (checked by the maker). */
@@ -376,7 +416,7 @@ static int rule_bridge(lua_State *L) {
   if (n < 2) return 0;
   /* the options: known, of their type, a known choice */
   int has_fn = 0, set = 0;
-  lua_pushnil(L);
+  lua_pushinteger(L, n);  /* after the endpoints (t[n] is one) */
   while (lua_next(L, 1)) {
     if (lua_isinteger(L, -2)) {
       lua_pop(L, 1);
@@ -406,8 +446,8 @@ static int rule_bridge(lua_State *L) {
       sig_bytes(&g, "-", 1);
       continue;
     }
-    lua_getfield(L, 1, bridge_keys[i].name);
-    if (lua_type(L, -1) == LUA_TSTRING) {
+    BSTR(L, BS_OPTION + i);
+    if (lua_rawget(L, 1) == LUA_TSTRING) {
       size_t len;
       const char *s = lua_tolstring(L, -1, &len);
       sig_str(&g, 's', s, len);
@@ -428,29 +468,37 @@ static int rule_bridge(lua_State *L) {
     sig_str(&g, 'd', s, len);
   }
   int has_sig = !has_fn && !g.over;
-  lua_Integer hash = has_sig ? (lua_Integer)fnv1a(g.b, g.n) : 0;
-  char where[LUA_IDSIZE + 24] = "rules";
+  lua_Integer hash = has_sig ? (lua_Integer)sig_hash(g.b, g.n) : 0;
+  char where[LUA_IDSIZE + 24];
+  size_t wlen = 5;
+  memcpy(where, "rules", 6);
   lua_Debug ar;
-  if (lua_getstack(L, level, &ar) && lua_getinfo(L, "Sl", &ar)) format_where(where, &ar);
+  if (lua_getstack(L, level, &ar) && lua_getinfo(L, "Sl", &ar)) wlen = format_where(where, &ar);
   /* a bridge of the running rules with this very definition, not taken yet */
   if (has_sig && lua_istable(L, 4) && !lua_isnil(L, 5) && lua_rawgeti(L, 4, hash) == LUA_TTABLE) {
     size_t olen;
-    lua_getfield(L, 6, "sig");
-    const char *osig = lua_tolstring(L, -1, &olen);
+    BSTR(L, BS_SIG);
+    lua_rawget(L, 6);
+    const char *osig = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &olen) : NULL;
     int same = osig && olen == g.n && memcmp(osig, g.b, g.n) == 0;
     lua_pop(L, 1);
-    lua_getfield(L, 6, "taken");
+    BSTR(L, BS_TAKEN);
+    lua_rawget(L, 6);
     if (same && !lua_rawequal(L, -1, 5)) {
       lua_pop(L, 1);
+      BSTR(L, BS_TAKEN);
       lua_pushvalue(L, 5);
-      lua_setfield(L, 6, "taken");
-      lua_getfield(L, 6, "where");
-      const char *ow = lua_tostring(L, -1);
-      int moved = !ow || strcmp(ow, where) != 0;
+      lua_rawset(L, 6);
+      BSTR(L, BS_WHERE);
+      lua_rawget(L, 6);
+      size_t owlen;
+      const char *ow = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &owlen) : NULL;
+      int moved = !ow || owlen != wlen || memcmp(ow, where, wlen) != 0;
       lua_pop(L, 1);
       if (moved) {
-        lua_pushstring(L, where);
-        lua_setfield(L, 6, "where");
+        BSTR(L, BS_WHERE);
+        lua_pushlstring(L, where, wlen);
+        lua_rawset(L, 6);
       }
       return 1;
     }
@@ -458,30 +506,43 @@ static int rule_bridge(lua_State *L) {
   lua_settop(L, 5);
   /* a new record */
   lua_createtable(L, 0, 13);  /* 6: the bridge */
-  lua_pushliteral(L, "bridge");
-  lua_setfield(L, 6, "kind");
-  lua_pushstring(L, where);
-  lua_setfield(L, 6, "where");
+  BSTR(L, BS_KIND);
+  BSTR(L, BS_BRIDGE);
+  lua_rawset(L, 6);
+  BSTR(L, BS_WHERE);
+  lua_pushlstring(L, where, wlen);
+  lua_rawset(L, 6);
+  BSTR(L, BS_ENDPOINTS);
   lua_createtable(L, (int)n, 0);
   for (lua_Integer i = 1; i <= n; i++) {
     lua_rawgeti(L, 1, i);
     endpoint_record(L);
     lua_rawseti(L, -2, i);
   }
-  lua_setfield(L, 6, "endpoints");
+  lua_rawset(L, 6);
   for (int i = 0; i < N_BRIDGE_KEYS; i++) {
     const struct bridge_key *k = &bridge_keys[i];
-    if (set & (1 << i)) lua_getfield(L, 1, k->name);
-    else if (k->dflt) lua_pushstring(L, k->dflt);
-    else if (i == FORMAT_KEY) lua_pushvalue(L, 2);
-    else continue;
-    lua_setfield(L, 6, k->name);
+    BSTR(L, BS_OPTION + i);
+    if (set & (1 << i)) {
+      BSTR(L, BS_OPTION + i);
+      lua_rawget(L, 1);
+    } else if (k->dflt) {
+      BSTR(L, BS_DFLT + i);
+    } else if (i == FORMAT_KEY) {
+      lua_pushvalue(L, 2);
+    } else {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_rawset(L, 6);
   }
   if (has_sig) {
+    BSTR(L, BS_SIG);
     lua_pushlstring(L, g.b, g.n);
-    lua_setfield(L, 6, "sig");
+    lua_rawset(L, 6);
+    BSTR(L, BS_HASH);
     lua_pushinteger(L, hash);
-    lua_setfield(L, 6, "hash");
+    lua_rawset(L, 6);
   }
   return 1;
 }
@@ -510,7 +571,13 @@ static int l_rule_bridge_maker(lua_State *L) {
   luaL_checkany(L, 3);
   luaL_checktype(L, 4, LUA_TFUNCTION);
   lua_settop(L, 4);
-  lua_pushcclosure(L, l_bridge, 4);
+  for (int i = 0; i < BS_OPTION; i++) lua_pushstring(L, bridge_strings[i]);
+  for (int i = 0; i < N_BRIDGE_KEYS; i++) lua_pushstring(L, bridge_keys[i].name);
+  for (int i = 0; i < N_BRIDGE_KEYS; i++) {
+    if (bridge_keys[i].dflt) lua_pushstring(L, bridge_keys[i].dflt);
+    else lua_pushnil(L);
+  }
+  lua_pushcclosure(L, l_bridge, 4 + BS_COUNT);
   return 1;
 }
 

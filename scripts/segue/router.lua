@@ -126,17 +126,39 @@ end
 
 -- Index -------------------------------------------------------------------
 
-local function build_index(set)
-  local idx = {}
-  for _, b in ipairs(set) do
-    for _, e in ipairs(b.endpoints) do
-      idx[e.backend] = idx[e.backend] or {}
-      local list = idx[e.backend][e.room] or {}
-      idx[e.backend][e.room] = list
-      list[#list + 1] = { bridge = b, endpoint = e }
+-- build_index(set [, known]) -> index [, pending]: with known (backend ->
+-- room name -> id), also the rooms of the index not in it (backend -> room
+-- name -> true). Numeric loops (as ipairs) and one pass: a full rebuild of
+-- 1000 bridges indexes 2000 rooms.
+local NO_ROOMS = {}
+local function build_index(set, known)
+  local idx, pend = {}, known and {}
+  local i, b = 1, set[1]
+  while b do
+    local eps = b.endpoints
+    local j, e = 1, eps[1]
+    while e do
+      local backend, room = e.backend, e.room
+      local per = idx[backend]
+      if not per then per = {} idx[backend] = per end
+      local list = per[room]
+      if list then
+        list[#list + 1] = { bridge = b, endpoint = e }
+      else
+        per[room] = { { bridge = b, endpoint = e } }
+        if pend and not (known[backend] or NO_ROOMS)[room] then
+          local p = pend[backend]
+          if not p then p = {} pend[backend] = p end
+          p[room] = true
+        end
+      end
+      j = j + 1
+      e = eps[j]
     end
+    i = i + 1
+    b = set[i]
   end
-  return idx
+  return idx, pend
 end
 
 -- Where a message from (backend, room name) goes: { {bridge, endpoint}, ... }
@@ -1264,17 +1286,7 @@ local function load_rules(path, backends)
     update_index(index, touched, pos)
     for _, t in pairs(touched) do mark_pending(t.backend, t.room) end
   else
-    index = build_index(set)
-    pending = {}
-    for backend, rooms in pairs(index) do
-      local known, p = room_ids[backend] or {}, nil
-      for room in pairs(rooms) do
-        if not known[room] then
-          if not p then p = {} pending[backend] = p end
-          p[room] = true
-        end
-      end
-    end
+    index, pending = build_index(set, room_ids)
   end
   current, state = set, set.state
   compile_set(set, touched)
