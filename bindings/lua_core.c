@@ -581,7 +581,8 @@ static int l_rule_bridge_maker(lua_State *L) {
   return 1;
 }
 
-/* rule_validate(set, file, token, backends, errors [, prev]) -> reused: the
+/* rule_validate(set, file, token, backends, errors [, prev]) -> reused
+ * [, by_hash]: the
  * checks rules.lua's validate makes of the bridges set[1..] (until the
  * first nil, as ipairs), in C because a rules file of a thousand bridges
  * runs them a thousand times per reload. Each entry is a bridge{...}
@@ -596,13 +597,15 @@ static int l_rule_bridge_maker(lua_State *L) {
  * as many entries and each holds prev's object at its place or a bridge,
  * only those others are checked (prev's objects passed already), and the
  * names of at most 4 of them that are not prev's name there are compared
- * with all others (prev's names are unique). Else (or on any error) all
- * entries are checked, as without prev.
+ * with all others (prev's names are unique). Else (more than 16 + n/16
+ * others, or any error) all
+ * entries are checked, as without prev, and by_hash (hash -> bridge of the
+ * bridges that have one) is made on the way.
  * Fields are read as Lua reads them (metamethods included). */
 enum { V_SET = 1, V_FILE, V_TOKEN, V_BACKENDS, V_ERRORS, V_PREV, V_NAMES, V_KEYS };
 static const char *const validate_keys[] = {"kind", "name", "taken", "default_name",
-                                            "where", "endpoints", "backend", "key"};
-enum { K_KIND, K_NAME, K_TAKEN, K_DEFAULT_NAME, K_WHERE, K_ENDPOINTS, K_BACKEND, K_KEY };
+                                            "where", "endpoints", "backend", "key", "hash"};
+enum { K_KIND, K_NAME, K_TAKEN, K_DEFAULT_NAME, K_WHERE, K_ENDPOINTS, K_BACKEND, K_KEY, K_HASH };
 
 /* pushes t[key] (t at index t, key one of validate_keys) */
 static int vget(lua_State *L, int t, int key) {
@@ -747,7 +750,7 @@ static int l_rule_validate(lua_State *L) {
   /* in place of prev: only what is not prev's object there; a few new
    * names are looked for among all the others */
   if (lua_istable(L, V_PREV) && luaL_len(L, V_PREV) == n) {
-    lua_Integer renamed[4];
+    lua_Integer renamed[4], others = 0;
     int nrenamed = 0, full = 0;
     for (lua_Integer i = 1; i <= n && !full; i++) {
       if (lua_geti(L, V_SET, i) == LUA_TNIL) {
@@ -757,6 +760,8 @@ static int l_rule_validate(lua_State *L) {
       lua_geti(L, V_PREV, i);
       if (lua_rawequal(L, -1, -2)) {
         reused++;
+      } else if (++others > 16 + n / 16) {
+        full = 1;  /* mostly new: all of them, making by_hash */
       } else {
         lua_pop(L, 1);
         int r = check_entry(L, i, base + 1, 0, check_backends);
@@ -793,16 +798,23 @@ static int l_rule_validate(lua_State *L) {
     }
     reused = 0;
   }
+  lua_createtable(L, 0, n > 0 && n < (1 << 20) ? (int)n : 0);  /* by_hash */
+  int by_hash = ++base;
   for (lua_Integer i = 1; i <= n; i++) {
     if (lua_geti(L, V_SET, i) == LUA_TNIL) break;
     if (check_entry(L, i, base + 1, 1, check_backends)) {
       vget(L, base + 1, K_TAKEN);
       if (lua_rawequal(L, -1, V_TOKEN)) reused++;
+      if (vget(L, base + 1, K_HASH) != LUA_TNIL) {
+        lua_pushvalue(L, base + 1);
+        lua_rawset(L, by_hash);
+      }
     }
     lua_settop(L, base);
   }
   lua_pushinteger(L, reused);
-  return 1;
+  lua_pushvalue(L, by_hash);
+  return 2;
 }
 
 /* memory() -> bytes of Lua heap in use (as the host's allocator counts) */

@@ -1183,7 +1183,7 @@ end
 -- did not change): the running set's, patched at the positions that
 -- changed in place; made when first needed otherwise.
 local function index_hashes(set, old, changed)
-  local by_hash = changed and old.by_hash
+  local by_hash = not set.by_hash and changed and old.by_hash
   if not by_hash then return end
   for _, i in ipairs(changed) do
     local o = old[i]

@@ -195,7 +195,9 @@ local function environment(dir, state, files, texts, kept, token)
   return env
 end
 
--- -> errors, how many bridges of the previous load it holds. The bridges
+-- -> errors, how many bridges of the previous load it holds, hash ->
+-- bridge when all were checked (else the router patches the running set's,
+-- or M.hashes makes it when needed). The bridges
 -- are checked by segue.core's rule_validate (default names by position,
 -- unique names, known backends; with ctx.checked, the running rules
 -- checked against the same backends, only where they differ).
@@ -210,8 +212,8 @@ local function validate(set, ctx, file, token)
       elseif type(v) ~= "function" then errors[#errors + 1] = file .. ":1: " .. k .. " must be a function" end
     end
   end
-  local reused = core.rule_validate(set, file, token, ctx.backends, errors, ctx.checked)
-  return errors, reused
+  local reused, by_hash = core.rule_validate(set, file, token, ctx.backends, errors, ctx.checked)
+  return errors, reused, by_hash
 end
 
 --- hashes(set) -> set.by_hash: hash -> bridge for the bridges of set that
@@ -269,9 +271,10 @@ function M.load(path, ctx)
     collectgarbage("stop")
   end
   if failed then return nil, failed end
-  local errors, reused = validate(set, ctx, path, token)
+  local errors, reused, by_hash = validate(set, ctx, path, token)
   if #errors > 0 then return nil, errors end
   set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
+  set.by_hash = by_hash
   return set
 end
 
