@@ -550,6 +550,7 @@ static int rule_bridge(lua_State *L) {
 /* bridge(t): rule_bridge's record, or what the fallback returns for t. */
 static int l_bridge(lua_State *L) {
   lua_settop(L, 1);
+  luaL_checkstack(L, 24, "bridge");  /* rule_bridge's slots */
   lua_pushvalue(L, lua_upvalueindex(1));  /* default_format */
   lua_pushinteger(L, 1);                  /* `where`: bridge's caller */
   lua_pushvalue(L, lua_upvalueindex(2));  /* kept */
@@ -571,6 +572,7 @@ static int l_rule_bridge_maker(lua_State *L) {
   luaL_checkany(L, 3);
   luaL_checktype(L, 4, LUA_TFUNCTION);
   lua_settop(L, 4);
+  luaL_checkstack(L, BS_COUNT, "bridge strings");
   for (int i = 0; i < BS_OPTION; i++) lua_pushstring(L, bridge_strings[i]);
   for (int i = 0; i < N_BRIDGE_KEYS; i++) lua_pushstring(L, bridge_keys[i].name);
   for (int i = 0; i < N_BRIDGE_KEYS; i++) {
@@ -741,6 +743,7 @@ static int l_rule_validate(lua_State *L) {
   luaL_checktype(L, V_ERRORS, LUA_TTABLE);
   int check_backends = lua_istable(L, V_BACKENDS);
   lua_settop(L, V_PREV);
+  luaL_checkstack(L, 48, "rule_validate");
   lua_Integer n = luaL_len(L, V_SET);
   lua_createtable(L, 0, n > 0 && n < (1 << 20) ? (int)n : 0);  /* V_NAMES */
   for (size_t k = 0; k < sizeof validate_keys / sizeof *validate_keys; k++)
