@@ -1260,8 +1260,6 @@ local function load_rules(path, backends)
   if same then
     status.loads, status.last_error, status.loaded_at = status.loads + 1, nil, os.time()
     segue.log.info(("rules reloaded (unchanged, nothing ran): %d bridge(s)"):format(#current))
-    segue.emit("rules", true)
-    resolve_running()
     return true
   end
   -- What is kept to compare is the very text that ran (set.texts).
@@ -1275,7 +1273,6 @@ local function load_rules(path, backends)
     status.failures = status.failures + 1
     status.last_error = table.concat(errors, "\n")
     for _, e in ipairs(errors) do segue.log.error(e) end
-    segue.emit("rules", false, status.last_error)
     return nil, status.last_error
   end
   local first = current == nil
@@ -1295,8 +1292,6 @@ local function load_rules(path, backends)
   status.files = set.files
   loaded.texts, loaded.backends = set.texts, key
   segue.log.info(("rules %s: %d bridge(s)"):format(first and "loaded" or "reloaded", #set))
-  segue.emit("rules", true)
-  resolve_running()
   return true
 end
 
@@ -1306,13 +1301,21 @@ end
 -- callgrind); the garbage is collected by the cycles after it. A rules
 -- file that runs out of its memory budget meanwhile is run once more with
 -- the collector running (rules.load), so garbage does not count against it.
+-- The "rules" listeners and the rooms' resolvers run after, with the
+-- collector running.
 function M.load(path, backends)
   local running = collectgarbage("isrunning")
   if running then collectgarbage("stop") end
-  local ok, a, b = pcall(load_rules, path, backends)
+  local ok, done, err = pcall(load_rules, path, backends)
   if running then collectgarbage("restart") end
-  if not ok then error(a, 0) end
-  return a, b
+  if not ok then error(done, 0) end
+  if not done then
+    segue.emit("rules", false, err)
+    return nil, err
+  end
+  segue.emit("rules", true)
+  resolve_running()
+  return true
 end
 
 function M.files() return current and current.files or {} end
