@@ -494,8 +494,9 @@ static void check_new_id(waiter *w) {
     hand_over(w);  /* no move: nothing to prove */
     return;
   }
-  if (f->policy.disabled || sg__token_on_list(id, f->policy.block, f->policy.n_block) ||
-      (f->policy.n_allow && !sg__token_on_list(id, f->policy.allow, f->policy.n_allow))) {
+  const sg__token_policy *pol = &f->policy;
+  if (pol->disabled || sg__token_listed(id, pol->block, pol->n_block, pol->block_map) ||
+      (pol->n_allow && !sg__token_listed(id, pol->allow, pol->n_allow, pol->allow_map))) {
     refuse_new_id(w, 403, "NEW_ID_NOT_ALLOWED", "new_server_id %.64s is not allowed (lists)", id);
     return;
   }
@@ -780,6 +781,14 @@ static void free_strings(char **v, size_t n) {
   free(v);
 }
 
+/* `map` holds every id of list[n] (each mapping to itself). */
+static int index_list(sg__idmap *map, const char *const *list, size_t n) {
+  if (sg__idmap_init(map)) return SG_ENOMEM;
+  for (size_t i = 0; list && i < n; i++)
+    if (list[i] && sg__idmap_put(map, list[i], (void *)list[i])) return SG_ENOMEM;
+  return 0;
+}
+
 static int copy_options(sg__federation *f, const sg__fed_options *o) {
   int failed = 0;
   f->server_id = strdup(o->server_id ? o->server_id : "");
@@ -789,6 +798,17 @@ static int copy_options(sg__federation *f, const sg__fed_options *o) {
   f->policy.block = (const char *const *)copy_strings(o->policy.block, o->policy.n_block, &failed);
   f->policy.bound = (const char *const *)copy_strings(o->policy.bound, o->policy.n_bound, &failed);
   if (!f->policy.unbound_window) f->policy.unbound_window = SG_TOKEN_DEFAULT_UNBOUND_WINDOW;
+  /* every request is checked against the lists: looked up, not walked */
+  f->policy.allow_map = f->policy.block_map = f->policy.bound_map = NULL;
+  if (!failed) {
+    if (index_list(&f->allow_map, f->policy.allow, f->policy.n_allow)
+        || index_list(&f->block_map, f->policy.block, f->policy.n_block)
+        || index_list(&f->bound_map, f->policy.bound, f->policy.n_bound))
+      failed = 1;
+    f->policy.allow_map = &f->allow_map;
+    f->policy.block_map = &f->block_map;
+    f->policy.bound_map = &f->bound_map;
+  }
   /* segue's audience extension: tokens must name us, when we have a name */
   f->policy.audience = f->server_id && f->server_id[0] ? f->server_id : NULL;
   f->peer_ids = copy_strings(o->peer_ids, o->n_peers, &failed);
@@ -912,6 +932,9 @@ int sg__federation_call_as(sg__federation *f, const char *sign_as, const char *s
 static void free_all(sg__federation *f) {
   sg__keycache_free(&f->cache);
   sg__idmap_free(&f->peer_index);
+  sg__idmap_free(&f->allow_map);
+  sg__idmap_free(&f->block_map);
+  sg__idmap_free(&f->bound_map);
   sg__idmap_free(&f->fetching);
   vtoks_free(f);
   free_strings((char **)f->policy.allow, f->policy.n_allow);

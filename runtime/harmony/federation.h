@@ -145,7 +145,8 @@ struct sg__federation {
   sg__hrpc_client client;
   uv_timer_t closer;               /* only closed: makes close_cb asynchronous */
   int serving, closing, parts_open;
-  sg__token_policy policy;          /* owns its lists */
+  sg__token_policy policy;          /* owns its lists; its maps are these: */
+  sg__idmap allow_map, block_map, bound_map;
   char **peer_ids, **peer_urls;
   size_t n_peers;
   sg__idmap peer_index;            /* peer id -> its URL (the first entry of an id) */

@@ -10,6 +10,7 @@
 
 #include "protocol/harmonytypes/v1/types.pb-c.h"
 #include "protocol/sync/v1/sync.pb-c.h"
+#include "idmap.h"
 #include "segue.h"
 
 static const struct {
@@ -350,7 +351,10 @@ int sg__token_on_list(const char *id, const char *const *list, size_t n) {
     if (list[i] && strcmp(list[i], id) == 0) return 1;
   return 0;
 }
-#define on_list sg__token_on_list
+
+int sg__token_listed(const char *id, const char *const *list, size_t n, const sg__idmap *map) {
+  return map ? sg__idmap_get(map, id) != NULL : sg__token_on_list(id, list, n);
+}
 
 /* segue's audience extension: the window that applies, or a refusal. */
 static sg__token_reason admit_audience(const sg__token *tok, const sg__token_policy *pol,
@@ -362,7 +366,7 @@ static sg__token_reason admit_audience(const sg__token *tok, const sg__token_pol
                   "token from %s is for %.64s, not for us (%s)", tok->server_id, tok->audience,
                   pol->audience ? pol->audience : "no server_id set");
   }
-  if (on_list(tok->server_id, pol->bound, pol->n_bound))
+  if (sg__token_listed(tok->server_id, pol->bound, pol->n_bound, pol->bound_map))
     return refuse(SG_TOKEN_AUDIENCE_REQUIRED, why, whylen,
                   "token from %s names no audience; its peers entry requires one",
                   tok->server_id);
@@ -399,10 +403,10 @@ sg__token_reason sg__token_admit(const sg__token *tok, const sg__token_policy *p
   if (pol->disabled)
     return refuse(SG_TOKEN_FEDERATION_DISABLED, why, whylen,
                   "federation is disabled; refused %s", tok->server_id);
-  if (on_list(tok->server_id, pol->block, pol->n_block))
+  if (sg__token_listed(tok->server_id, pol->block, pol->n_block, pol->block_map))
     return refuse(SG_TOKEN_HOST_BLOCKED, why, whylen,
                   "server %s is on the block list", tok->server_id);
-  if (pol->n_allow && !on_list(tok->server_id, pol->allow, pol->n_allow))
+  if (pol->n_allow && !sg__token_listed(tok->server_id, pol->allow, pol->n_allow, pol->allow_map))
     return refuse(SG_TOKEN_HOST_NOT_ALLOWED, why, whylen,
                   "server %s is not on the allow list", tok->server_id);
   uint64_t window;

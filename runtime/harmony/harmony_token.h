@@ -50,6 +50,8 @@
 
 #include "harmony_keys.h"
 
+struct sg__idmap;
+
 #define SG_TOKEN_DEFAULT_WINDOW 60     /* seconds, either side of now */
 #define SG_TOKEN_DEFAULT_UNBOUND_WINDOW 30  /* the same for tokens naming no audience */
 #define SG_TOKEN_MAX_SERVER_ID 255     /* longer ids are BAD_SERVER_ID */
@@ -120,6 +122,10 @@ typedef struct sg__token_policy {
   const char *audience;
   const char *const *bound;              /* servers whose tokens must name us */
   size_t n_bound;
+  /* Optional: the lists above as hash tables (idmap.h: id -> non-NULL),
+   * built and kept by the policy's owner; a list that has one is looked up,
+   * not walked (a federation may list thousands of peers). */
+  const struct sg__idmap *allow_map, *block_map, *bound_map;
 } sg__token_policy;
 
 /* 1 when `id` (`len` bytes) is a server id segue talks to: a DNS name
@@ -130,6 +136,9 @@ int sg__token_server_id_ok(const char *id, size_t len);
 
 /* 1 when `id` is on list[n] (exact comparison). */
 int sg__token_on_list(const char *id, const char *const *list, size_t n);
+/* The same through `map` (the list as a hash table) when it is not NULL. */
+int sg__token_listed(const char *id, const char *const *list, size_t n,
+                    const struct sg__idmap *map);
 
 /* A policy with no lists and the default windows. */
 void sg__token_policy_init(sg__token_policy *pol);

@@ -83,6 +83,7 @@ struct sg__postbox {
   int multi;            /* the store is shared (PostgreSQL): claims matter */
   peer *peers;          /* every peer, gone ones too (closing walks them) */
   sg__idmap index;      /* id -> its peer that is not gone: no walk per call */
+  peer *last;           /* the peer found last (a Push asks for it ~4 times), not gone */
   uv_idle_t commit_idle;  /* SQLite: commits the turn's batch */
   peer *dones;          /* the peers whose done_upto was set this turn */
   uv_timer_t scan_timer;  /* shared store: inboxes whose instance died */
@@ -292,7 +293,12 @@ static void peer_timer_closed(uv_handle_t *h) {
 }
 
 /* The peer of `id` that is not gone, by hash (pb->index). */
-static peer *find_peer(sg__postbox *pb, const char *id) { return sg__idmap_get(&pb->index, id); }
+static peer *find_peer(sg__postbox *pb, const char *id) {
+  peer *p = pb->last;
+  if (p && strcmp(p->id, id) == 0) return p;
+  if ((p = sg__idmap_get(&pb->index, id))) pb->last = p;
+  return p;
+}
 
 static char *claim_name(const char *kind, const char *id) {
   size_t n = strlen(kind) + strlen(id) + 1;
@@ -1115,6 +1121,7 @@ static void renamed(void *ud, const sg__store_reply *r) {
     if (p && !(p->out.count || p->held_in.count || p->serving || p->delivering || p->busy)) {
       p->gone = 1;  /* kept (answers may still name it) until the postbox goes */
       sg__idmap_remove(&pb->index, p->id, p);  /* the id may come back: a new peer */
+      if (pb->last == p) pb->last = NULL;
       uv_timer_stop(&p->push_timer);
       uv_timer_stop(&p->deliver_timer);
     }

@@ -6,6 +6,7 @@
  * Costs are measured with callgrind outside the tests (docs/postbox.md). */
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "federation.h"
@@ -274,6 +275,22 @@ static void test_federation_peers(void) {
   fo.peer_urls = purl;
   fo.n_peers = PEERS + 1;
   sg__token_policy_init(&fo.policy);
+  /* lists of thousands: all but the last 10 peers allowed, every third of
+   * those blocked, the even ones bound (their tokens must name us) */
+  const char **allow = calloc(PEERS, sizeof *allow), **block = calloc(PEERS, sizeof *block),
+             **bound = calloc(PEERS, sizeof *bound);
+  size_t na = 0, nb = 0, nd = 0;
+  for (int i = 0; i < PEERS - 10; i++) {
+    allow[na++] = ids[i];
+    if (i % 3 == 0) block[nb++] = ids[i];
+    if (i % 2 == 0) bound[nd++] = ids[i];
+  }
+  fo.policy.allow = allow;
+  fo.policy.n_allow = na;
+  fo.policy.block = block;
+  fo.policy.n_block = nb;
+  fo.policy.bound = bound;
+  fo.policy.n_bound = nd;
   sg__federation f;
   CHECK(sg__federation_init(&loop, &f, &fo, &quiet, err, sizeof err) == 0);
   int wrong = 0;
@@ -284,6 +301,26 @@ static void test_federation_peers(void) {
   CHECK(wrong == 0);
   CHECK_STR(sg__federation_base_url(&f, "other.example:9", buf, sizeof buf),
             "https://other.example:9");
+  /* Every request is admitted against the lists (by hash): each peer gets
+   * what its place on them says. */
+  CHECK(f.policy.allow_map && f.policy.block_map && f.policy.bound_map);
+  char why[SG_TOKEN_WHY_SIZE];
+  uint64_t now = (uint64_t)time(NULL);
+  wrong = 0;
+  for (int i = 0; i < PEERS; i++) {
+    sg__token tok = {0};
+    tok.server_id = ids[i];
+    tok.time = now;
+    sg__token_reason want = i >= PEERS - 10 ? SG_TOKEN_HOST_NOT_ALLOWED
+                            : i % 3 == 0    ? SG_TOKEN_HOST_BLOCKED
+                            : i % 2 == 0    ? SG_TOKEN_AUDIENCE_REQUIRED
+                                            : SG_TOKEN_OK;
+    wrong += sg__token_admit(&tok, &f.policy, now, why, sizeof why) != want;
+  }
+  CHECK(wrong == 0);
+  free(allow);
+  free(block);
+  free(bound);
   sg__federation_close(&f, closed);
   uv_run(&loop, UV_RUN_DEFAULT);
   free(pid);
