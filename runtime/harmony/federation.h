@@ -41,6 +41,9 @@
  * one that verified it (else the full path runs). Only verified tokens go
  * in, so nothing in it is an attacker's say-so; a new token replaces the one
  * in its slot, so it stays bounded.
+ * Nothing per request walks the peers: the peers entries, the allow, block
+ * and bound lists and the key fetches under way are hash tables (idmap.h,
+ * SipHash under a random key), as are the key cache and the token cache.
  * A refusal is answered with the reason's hRPC identifier and status
  * (runtime/harmony_token.h) and a generic human_message; the reason's text
  * goes to the log only (warn, peer=<server id or address>). A key that cannot
