@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <ctype.h>
 #include <string.h>
 
 #include "core.h"
@@ -583,6 +584,92 @@ static int l_rule_bridge_maker(lua_State *L) {
   return 1;
 }
 
+/* rule_data_only(text) -> true when text is a rules file that is data
+ * only: `return {`, then lines `bridge { item, ... }` (a trailing comma
+ * allowed) where an item is a "string" or `key = "string" | digits | true
+ * | false`, then `}`; blank lines and `--` comments anywhere; no backslash,
+ * quote, bracket or parenthesis anywhere (no escapes, long strings,
+ * calls). Each such line makes the same bridge whatever the rest of the
+ * file does: a reload may run only the lines that changed (rules.lua). */
+static const char *ws(const char *p, const char *e) {
+  while (p < e && (*p == ' ' || *p == '\t' || *p == '\r')) p++;
+  return p;
+}
+
+static int word(const char *p, const char *e, const char *w) {
+  size_t n = strlen(w);
+  return (size_t)(e - p) >= n && memcmp(p, w, n) == 0
+         && (p + n == e || !(isalnum((unsigned char)p[n]) || p[n] == '_'));
+}
+
+/* One `bridge { ... }` line from p (after its indent) to e: 1 if well made. */
+static int data_line(const char *p, const char *e) {
+  if (!word(p, e, "bridge")) return 0;
+  p = ws(p + 6, e);
+  if (p == e || *p++ != '{') return 0;
+  for (int items = 0;; items++) {
+    p = ws(p, e);
+    if (p < e && *p == '}') break;
+    if (items && (p == e || *p++ != ',' || (p = ws(p, e)) == e)) return 0;
+    if (*p == '}') break;  /* a trailing comma */
+    if (isalpha((unsigned char)*p) || *p == '_') {  /* key = value */
+      while (p < e && (isalnum((unsigned char)*p) || *p == '_')) p++;
+      p = ws(p, e);
+      if (p == e || *p++ != '=') return 0;
+      p = ws(p, e);
+      if (p == e) return 0;
+      if (isdigit((unsigned char)*p)) {
+        while (p < e && isdigit((unsigned char)*p)) p++;
+        continue;
+      }
+      if (word(p, e, "true") || word(p, e, "false")) {
+        p += *p == 't' ? 4 : 5;
+        continue;
+      }
+    }
+    if (p == e || *p++ != '"') return 0;
+    while (p < e && *p != '"') p++;
+    if (p++ == e) return 0;
+  }
+  p = ws(p + 1, e);
+  if (p < e && *p == ',') p = ws(p + 1, e);
+  return p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-');
+}
+
+static int l_rule_data_only(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len), *end = s + len;
+  enum { BEFORE, IN, AFTER } state = BEFORE;
+  int bridges = 0, ok = 1;
+  for (const char *p = s; p < end && ok; p++)
+    if (*p == '\\' || *p == '\'' || *p == '[' || *p == '(') ok = 0;
+  for (const char *line = s; line < end && ok;) {
+    const char *e = memchr(line, '\n', (size_t)(end - line));
+    if (!e) e = end;
+    const char *p = ws(line, e);
+    int blank = p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-');
+    if (blank) {
+    } else if (state == BEFORE && word(p, e, "return")) {
+      p = ws(p + 6, e);
+      if (p == e || *p != '{') ok = 0;
+      p = ws(p + 1, e);
+      if (!(p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-'))) ok = 0;
+      state = IN;
+    } else if (state == IN && *p == '}') {
+      p = ws(p + 1, e);
+      if (!(p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-'))) ok = 0;
+      state = AFTER;
+    } else if (state == IN && data_line(p, e)) {
+      bridges++;
+    } else {
+      ok = 0;
+    }
+    line = e + 1;
+  }
+  lua_pushboolean(L, ok && state == AFTER && bridges > 0);
+  return 1;
+}
+
 /* rule_validate(set, file, token, backends, errors [, prev]) -> reused
  * [, by_hash]: the
  * checks rules.lua's validate makes of the bridges set[1..] (until the
@@ -842,6 +929,7 @@ int luaopen_segue_core(lua_State *L) {
       {"memory", l_memory},
       {"rule_bridge_maker", l_rule_bridge_maker},
       {"rule_validate", l_rule_validate},
+      {"rule_data_only", l_rule_data_only},
       {NULL, NULL}};
   luaL_newlib(L, fns);
   sg__core_open_backends(L);

@@ -232,6 +232,131 @@ function M.hashes(set)
   return by_hash
 end
 
+-- Reloading a data-only file ---------------------------------------------
+--
+-- Most rules files are data: `return {`, one `bridge { ... }` a line made
+-- of literal strings, numbers, booleans and keys, `}`, and comments. Such a
+-- line makes the same bridge whatever runs before or after it, so when a
+-- reload finds such a file changed in a few lines, and the running set came
+-- from its previous text, only those lines run (each compiled alone, at its
+-- own line number); every other position keeps the running set's object, as
+-- the full run would have handed it out again. Anything else, and anything
+-- that fails on this path, runs the whole file as before (the same errors).
+
+-- data_only(src) -> true when src is such a file (segue.core says which).
+local data_only = core.rule_data_only
+M.data_only = data_only
+
+-- The line number of bridge b ("file:line").
+local function line_of(b)
+  return tonumber(type(b.where) == "string" and b.where:match(":(%d+)$")) or -1
+end
+
+-- changed_data_lines(prev, old, new) -> { { pos =, line =, text = } ... }
+-- for the bridge lines of new that differ from old (a data-only text whose
+-- set is prev) when new is old with at most MAX_FAST lines changed in place
+-- and each changed line is a bridge line in both, or blank or a comment in
+-- both; nil otherwise.
+local MAX_FAST = 16
+-- a blank line or a comment that does not open a long one
+local function blank(l)
+  return not l:find("[\\'%[%(]") and (l:find("^[ \t\r]*$") or l:find("^[ \t\r]*%-%-"))
+end
+local function changed_data_lines(prev, old, new)
+  -- the common head and tail, by bisection on the bytes
+  local lo, hi = 0, math.min(#old, #new)
+  while lo < hi do
+    local mid = (lo + hi + 1) // 2
+    if old:sub(1, mid) == new:sub(1, mid) then lo = mid else hi = mid - 1 end
+  end
+  local head = lo
+  lo, hi = 0, math.min(#old, #new) - head
+  while lo < hi do
+    local mid = (lo + hi + 1) // 2
+    if old:sub(-mid) == new:sub(-mid) then lo = mid else hi = mid - 1 end
+  end
+  local tail = lo
+  -- widened to whole lines: from the start of head's last line to the
+  -- first newline inside the common tail (the same one in both texts, so
+  -- that what follows is the same), or the end
+  local from = head
+  while from > 0 and old:byte(from) ~= 10 do from = from - 1 end
+  local old_to = old:find("\n", #old - tail + 1, true) or #old + 1
+  local new_to = new:find("\n", #new - tail + 1, true) or #new + 1
+  -- as many lines in both, and few (a newline is looked for MAX_FAST times)
+  local function lines(text, a, b)
+    local n = 0
+    for _ = 1, MAX_FAST do
+      a = text:find("\n", a, true)
+      if not a or a >= b then return n end
+      n, a = n + 1, a + 1
+    end
+  end
+  local n_old, n_new = lines(old, from + 1, old_to), lines(new, from + 1, new_to)
+  if not n_new or n_old ~= n_new then return nil end
+  local olds, news = old:sub(from + 1, old_to - 1), new:sub(from + 1, new_to - 1)
+  local first = select(2, old:sub(1, from):gsub("\n", "")) + 1
+  local old_lines, out, i = {}, {}, 0
+  for l in (olds .. "\n"):gmatch("([^\n]*)\n") do old_lines[#old_lines + 1] = l end
+  for l in (news .. "\n"):gmatch("([^\n]*)\n") do
+    i = i + 1
+    local o = old_lines[i]
+    if l ~= o then
+      local line = first + i - 1
+      -- the position of line's bridge in prev (bisection on `where`)
+      local a, b = 1, #prev
+      while a < b do
+        local m = (a + b) // 2
+        if line_of(prev[m]) < line then a = m + 1 else b = m end
+      end
+      local pos = prev[a] and line_of(prev[a]) == line and a or nil
+      if pos then
+        if not data_only("return {\n" .. l .. "\n}") then return nil end
+        out[#out + 1] = { pos = pos, line = line, text = l }
+      elseif not (blank(l) and blank(o)) then
+        return nil
+      end
+    end
+  end
+  return out
+end
+
+-- fast_load(path, ctx, src) -> set (nil: run the whole file). The changed
+-- lines run in the environment a full run would have; the running set's
+-- objects at the other positions count as handed out again (`taken`).
+local function fast_load(path, ctx, src)
+  local prev = ctx.previous
+  if not (prev and prev.data_text and prev.path == path and #prev.files == 1) then return nil end
+  local changes = changed_data_lines(prev, prev.data_text, src)
+  if not changes then return nil end
+  local token = {}
+  local files, texts = { path }, { [path] = src }
+  local env = environment(path:match("^(.*)/[^/]*$") or ".", ctx.state or {}, files, texts, M.hashes(prev), token)
+  local set = table.move(prev, 1, #prev, 1, {})
+  for i = 1, #set do set[i].taken = token end
+  for _, c in ipairs(changes) do set[c.pos].taken = nil end
+  for _, c in ipairs(changes) do
+    -- the line without what follows its closing brace (a comma, a comment)
+    local masked = c.text:gsub('"[^"\n]*"', function(q) return ("x"):rep(#q) end)
+    local close = masked:sub(1, (masked:find("--", 1, true) or #masked + 1) - 1):match(".*()}")
+    local chunk = load(("\n"):rep(c.line - 1) .. "return " .. c.text:sub(1, close), "@" .. path, "t", env)
+    local ok, b = false, nil
+    if chunk then ok, b = M.run(chunk) end
+    if not ok or type(b) ~= "table" then
+      for i = 1, #prev do if prev[i].taken == token then prev[i].taken = nil end end
+      return nil
+    end
+    set[c.pos] = b
+  end
+  local errors, reused, by_hash = validate(set, ctx, path, token)
+  if #errors > 0 then return nil end
+  set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
+  set.by_hash, set.data_text = by_hash, src
+  M.fast_loads = M.fast_loads + 1
+  return set
+end
+M.fast_loads = 0  -- reloads that ran only the changed lines (for specs)
+
 --- load(path, ctx) -> set | nil, errors
 --- ctx: { backends = { name = true }, state = table carried over,
 --- previous = the running set (its bridges that did not change are reused:
@@ -247,6 +372,8 @@ function M.load(path, ctx)
     src = f:read("a")
     f:close()
   end
+  local fast = fast_load(path, ctx, src)
+  if fast then return fast end
   local dir = path:match("^(.*)/[^/]*$") or "."
   -- compiles and runs the file in a fresh environment: files, texts, env,
   -- token, set | nil, errors
@@ -275,6 +402,7 @@ function M.load(path, ctx)
   if #errors > 0 then return nil, errors end
   set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
   set.by_hash = by_hash
+  if #files == 1 and data_only(src) then set.data_text = src end
   return set
 end
 
