@@ -34,12 +34,12 @@ def build_queue():
         return
     with open(os.path.join(TMP, "segue_version.h"), "w") as f:
         f.write('#define SEGUE_VERSION "bench"\n#define SEGUE_INSTALL_PREFIX ""\n')
-    pq = subprocess.run(["pkg-config", "--cflags", "--libs", "libpq"], stdout=subprocess.PIPE,
+    pq = subprocess.run(["pkg-config", "--cflags", "--libs", "libpq", "libsodium"], stdout=subprocess.PIPE,
                         check=True).stdout.decode().split()
     src = [os.path.join(ROOT, x) for x in ("bench/postbox_queue.c", "runtime/base/store.c",
                                            "runtime/base/store_wal.c", "runtime/base/log.c",
                                            "runtime/base/store_pg.c", "runtime/base/pq_lazy.c", "runtime/harmony/postbox.c",
-                                           "runtime/base/error.c")]
+                                           "runtime/harmony/idmap.c", "runtime/base/error.c")]
     inc = ["-I" + os.path.join(ROOT, x) for x in ("runtime/base", "runtime/harmony", "runtime/include")]
     subprocess.run(["cc", "-O2"] + inc + ["-I" + TMP, "-o", QUEUE] + src + ["-lsqlite3", "-luv"] + pq,
                    check=True)
