@@ -33,13 +33,15 @@ void sg__idmap_free(sg__idmap *m) {
   m->mask = m->count = 0;
 }
 
-static uint64_t hash_of(const sg__idmap *m, const char *id) {
+uint64_t sg__id_hash(const unsigned char key[16], const char *id) {
   unsigned char h[crypto_shorthash_BYTES];
   uint64_t v;
-  crypto_shorthash(h, (const unsigned char *)id, strlen(id), m->key);
+  crypto_shorthash(h, (const unsigned char *)id, strlen(id), key);
   memcpy(&v, h, sizeof v);
   return v;
 }
+
+static uint64_t hash_of(const sg__idmap *m, const char *id) { return sg__id_hash(m->key, id); }
 
 static sg__idmap_entry **slot_of(const sg__idmap *m, const char *id, uint64_t h) {
   sg__idmap_entry **pp = &m->buckets[h & m->mask];

@@ -40,5 +40,8 @@ int sg__idmap_put(sg__idmap *m, const char *id, void *value);
 /* Removes `id` if it maps to `value` (any value when `value` is NULL). */
 void sg__idmap_remove(sg__idmap *m, const char *id, const void *value);
 size_t sg__idmap_count(const sg__idmap *m);
+/* SipHash of `id` under a 16-byte key: the hash of the map, and of the
+ * peer key cache (keycache.c), which keeps its own chains for its LRU. */
+uint64_t sg__id_hash(const unsigned char key[16], const char *id);
 
 #endif

@@ -6,6 +6,7 @@
 
 #include <sodium.h>
 
+#include "idmap.h"
 #include "segue.h"
 
 typedef sg__keycache_entry entry;
@@ -23,13 +24,7 @@ int sg__keycache_init(sg__keycache *c, size_t max_positive, size_t max_negative)
   return 0;
 }
 
-static uint64_t hash_of(const sg__keycache *c, const char *id) {
-  unsigned char h[crypto_shorthash_BYTES];
-  uint64_t v;
-  crypto_shorthash(h, (const unsigned char *)id, strlen(id), c->hkey);
-  memcpy(&v, h, sizeof v);
-  return v;
-}
+static uint64_t hash_of(const sg__keycache *c, const char *id) { return sg__id_hash(c->hkey, id); }
 
 static void lru_unlink(sg__keycache *c, entry *e) {
   int k = e->negative;

@@ -8,6 +8,7 @@
 
 #include "postbox.h"
 #include "segue.h"
+#include "sql_peek.h"
 #include "tap.h"
 
 static uv_loop_t loop;
@@ -71,35 +72,9 @@ static void on_ack(void *ud, int err, int how, const char *message) {
 
 /* The tables are read through a connection of the test's own: the store
  * keeps SQLite to itself. */
-static long long q(const char *sql) {
-  sqlite3 *db;
-  sqlite3_stmt *st;
-  long long v = -1;
-  if (sqlite3_open(path, &db) == SQLITE_OK
-      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
-    if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-  }
-  sqlite3_close(db);
-  return v;
-}
+static long long q(const char *sql) { return sql_int(path, sql); }
 
-static const char *q_text(const char *sql) {
-  static char out[1024];
-  sqlite3 *db;
-  sqlite3_stmt *st;
-  out[0] = '\0';
-  if (sqlite3_open(path, &db) == SQLITE_OK
-      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      size_t n = strlen(out);
-      snprintf(out + n, sizeof out - n, "%s;", (const char *)sqlite3_column_text(st, 0));
-    }
-    sqlite3_finalize(st);
-  }
-  sqlite3_close(db);
-  return out;
-}
+static const char *q_text(const char *sql) { return sql_rows(path, sql); }
 
 static void run_for(uint64_t ms) {
   uint64_t end = uv_now(&loop) + ms;

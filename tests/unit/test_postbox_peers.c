@@ -13,6 +13,7 @@
 #include "idmap.h"
 #include "postbox.h"
 #include "segue.h"
+#include "sql_peek.h"
 #include "tap.h"
 
 #define PEERS 3000
@@ -103,18 +104,7 @@ static void on_renamed(void *ud, int err) {
   if (!err) renamed_n++;
 }
 
-static long long q(const char *sql) {
-  sqlite3 *db;
-  sqlite3_stmt *st;
-  long long v = -1;
-  if (sqlite3_open(path, &db) == SQLITE_OK
-      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
-    if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-  }
-  sqlite3_close(db);
-  return v;
-}
+static long long q(const char *sql) { return sql_int(path, sql); }
 
 /* Runs the loop (answering Pushes) until *n reaches `want`, at most 20 s. */
 static void run_until(const int *n, int want) {

@@ -12,6 +12,7 @@
 #include "postbox_push.h"
 #include "protocol/sync/v1/sync.pb-c.h"
 #include "segue.h"
+#include "sql_peek.h"
 #include "tap.h"
 
 #define PUSH_PATH "/protocol.sync.v1.PostboxService/Push"
@@ -164,21 +165,7 @@ static answer push_body(const uint8_t *body, size_t len) {
 
 /* The inbox's events of the client, oldest first, as hex, ';'-separated. */
 static const char *inbox_hex(void) {
-  static char out[2048];
-  sqlite3 *db;
-  sqlite3_stmt *st;
-  out[0] = '\0';
-  if (sqlite3_open(db_path, &db) == SQLITE_OK
-      && sqlite3_prepare_v2(db, "SELECT hex(event) FROM inbox WHERE peer = 'b.example:1' ORDER BY seq",
-                            -1, &st, NULL) == SQLITE_OK) {
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      size_t n = strlen(out);
-      snprintf(out + n, sizeof out - n, "%s;", (const char *)sqlite3_column_text(st, 0));
-    }
-    sqlite3_finalize(st);
-  }
-  sqlite3_close(db);
-  return out;
+  return sql_rows(db_path, "SELECT hex(event) FROM inbox WHERE peer = 'b.example:1' ORDER BY seq");
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {

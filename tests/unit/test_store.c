@@ -8,6 +8,7 @@
 
 #include "segue.h"
 #include "store.h"
+#include "sql_peek.h"
 #include "tap.h"
 
 static char dir[] = "/tmp/segue-test-store-XXXXXX";
@@ -23,18 +24,7 @@ static sg__store *open_ok(void) {
 }
 
 /* One integer from a query, through a connection of its own. */
-static long long query_int(const char *sql) {
-  sqlite3 *db;
-  sqlite3_stmt *st;
-  long long v = -1;
-  if (sqlite3_open(path, &db) == SQLITE_OK
-      && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
-    if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-  }
-  sqlite3_close(db);
-  return v;
-}
+static long long query_int(const char *sql) { return sql_int(path, sql); }
 
 static void test_schema(void) {
   sg__store *s = open_ok();
