@@ -29,20 +29,9 @@ ROOT = os.path.join(HERE, "..")
 
 
 def build_queue():
-    """bench/postbox_queue.c, built from the runtime's sources (as postbox.row)."""
-    if os.path.exists(QUEUE):
-        return
-    with open(os.path.join(TMP, "segue_version.h"), "w") as f:
-        f.write('#define SEGUE_VERSION "bench"\n#define SEGUE_INSTALL_PREFIX ""\n')
-    pq = subprocess.run(["pkg-config", "--cflags", "--libs", "libpq", "libsodium"], stdout=subprocess.PIPE,
-                        check=True).stdout.decode().split()
-    src = [os.path.join(ROOT, x) for x in ("bench/postbox_queue.c", "runtime/base/store.c",
-                                           "runtime/base/store_wal.c", "runtime/base/log.c",
-                                           "runtime/base/store_pg.c", "runtime/base/pq_lazy.c", "runtime/harmony/postbox.c",
-                                           "runtime/harmony/idmap.c", "runtime/base/error.c")]
-    inc = ["-I" + os.path.join(ROOT, x) for x in ("runtime/base", "runtime/harmony", "runtime/include")]
-    subprocess.run(["cc", "-O2"] + inc + ["-I" + TMP, "-o", QUEUE] + src + ["-lsqlite3", "-luv"] + pq,
-                   check=True)
+    """bench/postbox_queue.c, built from the runtime's sources (bench/build_postbox_queue.sh)."""
+    if not os.path.exists(QUEUE):
+        subprocess.run(["sh", os.path.join(ROOT, "bench/build_postbox_queue.sh"), TMP], check=True)
 
 
 def queue_many(where, dsn, k):
