@@ -596,6 +596,11 @@ static const char *ws(const char *p, const char *e) {
   return p;
 }
 
+/* Nothing left from p to e but a `--` comment, or nothing. */
+static int rest_blank(const char *p, const char *e) {
+  return p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-');
+}
+
 static int word(const char *p, const char *e, const char *w) {
   size_t n = strlen(w);
   return (size_t)(e - p) >= n && memcmp(p, w, n) == 0
@@ -633,7 +638,7 @@ static int data_line(const char *p, const char *e) {
   }
   p = ws(p + 1, e);
   if (p < e && *p == ',') p = ws(p + 1, e);
-  return p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-');
+  return rest_blank(p, e);
 }
 
 static int l_rule_data_only(lua_State *L) {
@@ -647,17 +652,16 @@ static int l_rule_data_only(lua_State *L) {
     const char *e = memchr(line, '\n', (size_t)(end - line));
     if (!e) e = end;
     const char *p = ws(line, e);
-    int blank = p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-');
-    if (blank) {
+    if (rest_blank(p, e)) {
     } else if (state == BEFORE && word(p, e, "return")) {
       p = ws(p + 6, e);
       if (p == e || *p != '{') ok = 0;
       p = ws(p + 1, e);
-      if (!(p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-'))) ok = 0;
+      if (!rest_blank(p, e)) ok = 0;
       state = IN;
     } else if (state == IN && *p == '}') {
       p = ws(p + 1, e);
-      if (!(p == e || (e - p >= 2 && p[0] == '-' && p[1] == '-'))) ok = 0;
+      if (!rest_blank(p, e)) ok = 0;
       state = AFTER;
     } else if (state == IN && data_line(p, e)) {
       bridges++;

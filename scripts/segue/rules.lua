@@ -321,6 +321,21 @@ local function changed_data_lines(prev, old, new)
   return out
 end
 
+-- finish(set, ctx, path, token, files, texts, env [, data]) -> set | nil,
+-- errors: the checks, then what a loaded set carries (data_text: the text
+-- when it is data only; `data` when the caller knows it is).
+local function finish(set, ctx, path, token, files, texts, env, data)
+  local errors, reused, by_hash = validate(set, ctx, path, token)
+  if #errors > 0 then return nil, errors end
+  set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
+  set.by_hash = by_hash
+  local src = texts[path]
+  if data or (#files == 1 and data_only(src)) then set.data_text = src end
+  return set
+end
+
+local function dir_of(path) return path:match("^(.*)/[^/]*$") or "." end
+
 -- fast_load(path, ctx, src) -> set (nil: run the whole file). The changed
 -- lines run in the environment a full run would have; the running set's
 -- objects at the other positions count as handed out again (`taken`).
@@ -331,7 +346,7 @@ local function fast_load(path, ctx, src)
   if not changes then return nil end
   local token = {}
   local files, texts = { path }, { [path] = src }
-  local env = environment(path:match("^(.*)/[^/]*$") or ".", ctx.state or {}, files, texts, M.hashes(prev), token)
+  local env = environment(dir_of(path), ctx.state or {}, files, texts, M.hashes(prev), token)
   local set = table.move(prev, 1, #prev, 1, {})
   for i = 1, #set do set[i].taken = token end
   for _, c in ipairs(changes) do set[c.pos].taken = nil end
@@ -348,11 +363,9 @@ local function fast_load(path, ctx, src)
     end
     set[c.pos] = b
   end
-  local errors, reused, by_hash = validate(set, ctx, path, token)
-  if #errors > 0 then return nil end
-  set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
-  set.by_hash, set.data_text = by_hash, src
-  M.fast_loads = M.fast_loads + 1
+  -- (errors: the whole file runs, and reports them as it always has)
+  set = finish(set, ctx, path, token, files, texts, env, true)
+  if set then M.fast_loads = M.fast_loads + 1 end
   return set
 end
 M.fast_loads = 0  -- reloads that ran only the changed lines (for specs)
@@ -374,7 +387,7 @@ function M.load(path, ctx)
   end
   local fast = fast_load(path, ctx, src)
   if fast then return fast end
-  local dir = path:match("^(.*)/[^/]*$") or "."
+  local dir = dir_of(path)
   -- compiles and runs the file in a fresh environment: files, texts, env,
   -- token, set | nil, errors
   local function run()
@@ -398,12 +411,7 @@ function M.load(path, ctx)
     collectgarbage("stop")
   end
   if failed then return nil, failed end
-  local errors, reused, by_hash = validate(set, ctx, path, token)
-  if #errors > 0 then return nil, errors end
-  set.files, set.texts, set.state, set.path, set.reused = files, texts, env.state, path, reused
-  set.by_hash = by_hash
-  if #files == 1 and data_only(src) then set.data_text = src end
-  return set
+  return finish(set, ctx, path, token, files, texts, env)
 end
 
 return M
