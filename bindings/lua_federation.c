@@ -71,6 +71,11 @@ sg__federation *sg__lua_check_federation(lua_State *L, int idx) {
   return &lf->f;
 }
 
+sg__federation *sg__lua_to_federation(lua_State *L, int idx) {
+  lfed **ud = luaL_testudata(L, idx, FED_MT);
+  return ud && *ud && !(*ud)->own.closed ? &(*ud)->f : NULL;
+}
+
 /* ---- inbound requests ------------------------------------------------------ */
 
 static sg__hrpc_request **check_req(lua_State *L) {

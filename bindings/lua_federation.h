@@ -10,4 +10,9 @@
  * as long as it is used (its memory lives as long as the userdata). */
 sg__federation *sg__lua_check_federation(lua_State *L, int idx);
 
+/* The same without raising: NULL when the value at `idx` is not a
+ * segue.federation, or it was collected (its memory may be gone: safe from
+ * a __gc at lua_close) or closed. */
+sg__federation *sg__lua_to_federation(lua_State *L, int idx);
+
 #endif

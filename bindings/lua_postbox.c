@@ -626,8 +626,25 @@ static int l_close(lua_State *L) {
   return 0;
 }
 
+/* A postbox collected while it stores a federation's Pushes: the federation
+ * stops handing them over, when it is still open (its userdata, kept in
+ * SINK, tells: at lua_close it may have been collected first, and a closing
+ * federation has dropped the handler itself). Else the next Push would
+ * reach this memory after it is freed. */
+static void gc_stop_pushes(lua_State *L, lpostbox *lp) {
+  if (!lp->pushes.fed || lp->own.closed) return;
+  sg__lown_push(L, &lp->own, SINK);
+  if (lua_istable(L, -1)) {
+    lua_rawgeti(L, -1, 1);
+    if (sg__lua_to_federation(L, -1) == lp->pushes.fed) sg__postbox_serve_pushes_stop(&lp->pushes);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 static int l_gc(lua_State *L) {
   lpostbox *lp = sg__lown_take(L, 1, PB_MT);
+  if (lp) gc_stop_pushes(L, lp);
   if (lp && sg__lown_gc(&lp->own)) pb_close(lp);
   return 0;
 }

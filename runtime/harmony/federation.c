@@ -966,6 +966,10 @@ void sg__federation_close(sg__federation *f, void (*close_cb)(sg__federation *f)
   if (f->closing) return;
   f->closing = 1;
   f->close_cb = close_cb;
+  /* A closing federation hands no more Pushes to their handler, whose owner
+   * may go before this memory does (bindings/lua_postbox.c's __gc). */
+  f->push_handler = NULL;
+  f->push_ud = NULL;
   int parts = f->parts_open | (f->serving ? 2 : 0);
   /* The closer is always there, so close_cb always runs from the loop, even
    * for a federation whose init failed before it made anything else. */
