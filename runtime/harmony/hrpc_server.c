@@ -75,6 +75,7 @@ struct sg__hrpc_conn {
   uv_shutdown_t sreq;
   http_parser parser;
   int state, reading, continue_pending;
+  int written_now;       /* the response went out in one uv_try_write */
   req *req;              /* the request being read or answered */
   req *spare;            /* the last request, recycled for the next one */
   char *wbuf;            /* the response being written (kept for the next) */
@@ -361,8 +362,15 @@ static void conn_close(conn *c, int status) {
   uv_close((uv_handle_t *)&c->timer, on_conn_closed);
 }
 
+static void written(conn *c, int status);
+
 static void on_timer(uv_timer_t *t) {
   conn *c = t->data;
+  if (c->written_now) {  /* not a timeout: the write's completion (conn_respond) */
+    c->written_now = 0;
+    written(c, 0);
+    return;
+  }
   static const char *const what[] = {
       [ST_HEAD] = "request headers not complete in time",
       [ST_BODY] = "request body not complete in time",
@@ -585,8 +593,9 @@ static const http_parser_settings parser_settings = {
 
 static void conn_linger(conn *c);
 
-static void on_written(uv_write_t *w, int status) {
-  conn *c = container_of(w, conn, wreq);
+/* The response is out (or failed): the request is done, and the next one
+ * is read (keep-alive) or the connection ends. */
+static void written(conn *c, int status) {
   if (c->wcap > KEEP_BYTES) {  /* a large response: not kept */
     free(c->wbuf);
     c->wbuf = NULL;
@@ -611,6 +620,8 @@ static void on_written(uv_write_t *w, int status) {
     conn_parse(c);
   }
 }
+
+static void on_written(uv_write_t *w, int status) { written(container_of(w, conn, wreq), status); }
 
 static const char *reason_phrase(int status) {
   const char *s = http_status_str((enum http_status)status);
@@ -666,7 +677,25 @@ static int conn_respond(conn *c, int status, const char *ctype, const void *body
   p = put(p, "\r\n");
   if (len) memcpy(p, body, len);
   uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)((size_t)(p - c->wbuf) + len));
-  int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+  /* Most responses fit the socket's buffer: written at once, their
+   * completion runs from the connection's timer at 0 ms (the next loop
+   * turn, as a uv_write's would), which spares libuv's write request and
+   * the epoll_ctl it costs per response. The rest (or all of it, when a
+   * 100 Continue is still queued: EAGAIN) goes through uv_write. */
+  int rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+  if (rc == (int)b.len) {
+    c->srv->stats.requests++;
+    c->state = ST_WRITING;
+    c->written_now = 1;
+    conn_timer(c, 0);
+    return 0;
+  }
+  if (rc < 0 && rc != UV_EAGAIN) {
+    conn_close(c, rc);
+    return rc;
+  }
+  if (rc > 0) b = uv_buf_init(b.base + rc, b.len - (unsigned)rc);
+  rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
   if (rc) {
     conn_close(c, rc);
     return rc;

@@ -19,6 +19,7 @@
 #define P_LIMITED "/test.Echo/Limited"
 #define P_HOLD "/test.Echo/Hold"
 #define P_PROBE "/test.Echo/Probe"
+#define P_BIG "/test.Echo/Big"
 #define ID_BAD "hrpc.http.bad-unary-request"
 #define HEADER_TIMEOUT_MS 400
 #define BODY_TIMEOUT_MS 600
@@ -153,6 +154,26 @@ static void hold(sg__hrpc_request *req, void *ud) {
   CHECK(sg__hrpc_request_on_done(req, on_held_done, NULL) == 0);
 }
 
+/* Answers BIG_BYTES of (i % 251), more than a socket takes at once, and
+ * records how the write ended. */
+#define BIG_BYTES (24u << 20)
+static int big_done_count, big_done_status = 1;
+
+static void on_big_done(sg__hrpc_request *req, void *ud, int status) {
+  big_done_count++;
+  big_done_status = status;
+}
+
+static void big(sg__hrpc_request *req, void *ud) {
+  uint8_t *out = malloc(BIG_BYTES);
+  CHECK(out != NULL);
+  if (!out) return;
+  for (size_t i = 0; i < BIG_BYTES; i++) out[i] = (uint8_t)(i % 251);
+  CHECK(sg__hrpc_request_on_done(req, on_big_done, NULL) == 0);
+  CHECK(sg__hrpc_respond(req, out, BIG_BYTES) == 0);
+  free(out);  /* the server has its own copy */
+}
+
 /* ---- client calls ---------------------------------------------------------- */
 
 typedef struct result {
@@ -262,6 +283,8 @@ typedef struct raw {
   int in_value;
   resp r[MAX_RESP];
   int n, eof, bad, closing, done;
+  size_t first_body;     /* the first response's body bytes, all of them */
+  int first_pattern_ok;  /* ... each i-th one (i % 251) */
   uint64_t t0, t_end;
 } raw;
 
@@ -309,6 +332,9 @@ static int r_body(http_parser *p, const char *at, size_t n) {
   raw *w = p->data;
   if (w->n >= MAX_RESP) return 0;
   resp *r = &w->r[w->n];
+  if (w->n == 0)
+    for (size_t i = 0; i < n; i++, w->first_body++)
+      if ((uint8_t)at[i] != (uint8_t)(w->first_body % 251)) w->first_pattern_ok = 0;
   size_t room = sizeof r->body - r->body_len;
   memcpy(r->body + r->body_len, at, n < room ? n : room);
   r->body_len += n < room ? n : room;
@@ -382,6 +408,7 @@ static void raw_connected(uv_connect_t *req, int status) {
 static void raw_start(raw *w, int to_port, const char *out, size_t len, int want) {
   struct sockaddr_in sa;
   memset(w, 0, sizeof *w);
+  w->first_pattern_ok = 1;
   w->out = out;
   w->out_len = len;
   w->want = want;
@@ -507,6 +534,23 @@ static void test_pipelined(void) {
 
 /* A connection reuses its request's memory for the next one: nothing of a
  * request (its Authorization, Content-Type, body) shows in the next. */
+/* Most responses are written at once and completed on the next loop turn;
+ * one larger than the socket takes goes out in parts: whole, in order,
+ * reported written, and the connection's next request is answered after. */
+static void test_large_response(void) {
+  static const char two[] = "POST " P_BIG " HTTP/1.1\r\nHost: t\r\n" CT "Content-Length: 0\r\n\r\n"
+                      POST_ECHO CT "Content-Length: 3\r\n\r\ntwo";
+  raw w;
+  big_done_count = 0;
+  raw_start(&w, port, two, sizeof two - 1, 2);
+  CHECK(run_until(&w.done, 20000) == 0);
+  CHECK(w.n == 2 && w.r[0].status == 200 && w.r[1].status == 200);
+  CHECK(w.first_body == BIG_BYTES);
+  CHECK(w.first_pattern_ok);
+  CHECK(w.r[1].body_len == 3 && memcmp(w.r[1].body, "two", 3) == 0);
+  CHECK(big_done_count == 1 && big_done_status == 0);  /* written out completely */
+}
+
 static void test_consecutive_requests_start_clean(void) {
   static const char three[] =
       "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\n" CT "Authorization: secret-token\r\n"
@@ -726,6 +770,7 @@ int main(void) {
   CHECK(sg__hrpc_server_route(&server, P_LIMITED, limited, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_HOLD, hold, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_PROBE, probe, NULL) == 0);
+  CHECK(sg__hrpc_server_route(&server, P_BIG, big, NULL) == 0);
   CHECK(sg__hrpc_server_route(&server, P_ECHO, echo, NULL) == SG_EEXIST);
   CHECK(sg__hrpc_server_listen(&server, "127.0.0.1:0") == 0);
   port = sg__hrpc_server_port(&server);
@@ -737,6 +782,7 @@ int main(void) {
   test_client_timeout_cancels_request();
   for (size_t i = 0; i < sizeof raw_cases / sizeof *raw_cases; i++) check_raw_case(&raw_cases[i]);
   test_pipelined();
+  test_large_response();
   test_consecutive_requests_start_clean();
   test_expect_continue();
   test_timeouts();
