@@ -532,8 +532,6 @@ static void test_pipelined(void) {
   CHECK(delay_done_count == 1 && delay_done_status == 0);  /* written out completely */
 }
 
-/* A connection reuses its request's memory for the next one: nothing of a
- * request (its Authorization, Content-Type, body) shows in the next. */
 /* Most responses are written at once and completed on the next loop turn;
  * one larger than the socket takes goes out in parts: whole, in order,
  * reported written, and the connection's next request is answered after. */
@@ -551,6 +549,8 @@ static void test_large_response(void) {
   CHECK(big_done_count == 1 && big_done_status == 0);  /* written out completely */
 }
 
+/* A connection reuses its request's memory for the next one: nothing of a
+ * request (its Authorization, Content-Type, body) shows in the next. */
 static void test_consecutive_requests_start_clean(void) {
   static const char three[] =
       "POST " P_PROBE " HTTP/1.1\r\nHost: t\r\n" CT "Authorization: secret-token\r\n"
