@@ -112,7 +112,7 @@ verify_all=$("$tmp/push_verify" "$secs" "$cores")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 if [ "${BENCH_ROWS:-}" = 1 ]; then
   echo "Push requests, token reused, $conns keep-alive connections|$push|$base|trivial libuv HTTP responder|/s"
-  echo "Push requests, a fresh token each|$fresh|$verify|libsodium Ed25519 verify, 1 core|/s"
+  echo "Push requests, a fresh token each, $conns connections|$fresh|$verify|libsodium Ed25519 verify, 1 core|/s"
   echo "Push requests, a fresh token each, $many connections|$fresh_many|$verify|libsodium Ed25519 verify, 1 core|/s"
   echo "Push requests, a fresh token each, $many connections (all cores)|$fresh_many|$verify_all|libsodium Ed25519 verify, $cores threads at once|/s"
   exit 0
