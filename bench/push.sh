@@ -40,10 +40,7 @@ pids=""
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT INT TERM
 
-cc -O2 -o "$tmp/push_load" bench/push_load.c
-cc -O2 -o "$tmp/uv_http_baseline" bench/uv_http_baseline.c $(pkg-config --cflags --libs libuv)
-cc -O2 -pthread -o "$tmp/push_verify" bench/push_verify.c $(pkg-config --cflags --libs libsodium)
-cc -O2 -o "$tmp/push_tokens" bench/push_tokens.c $(pkg-config --cflags --libs libsodium)
+sh bench/build_tools.sh "$tmp"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_up() { # port

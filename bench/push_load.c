@@ -7,7 +7,7 @@
  * AUTH_HEADER "-" sends none; "@FILE" sends the tokens in FILE (one a
  * line) in turn, a different one for each request. Any non-200 answer is counted and reported on
  * stderr, and makes the exit status 1, so a benchmark cannot pass off
- * refusals as throughput. Built by bench/push.sh with cc only. */
+ * refusals as throughput. Built by bench/build_tools.sh. */
 #define _GNU_SOURCE  /* memmem */
 #include <arpa/inet.h>
 #include <errno.h>

@@ -6,7 +6,7 @@
  *
  *   push_tokens KEY_FILE SERVER_ID AUDIENCE TIME N > tokens
  *
- * Built by bench/push.sh with cc and libsodium. */
+ * Built by bench/build_tools.sh. */
 #include <sodium.h>
 #include <stdint.h>
 #include <stdio.h>

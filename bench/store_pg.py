@@ -64,7 +64,7 @@ def run_many(mode, engine, where, n, k):
 
 def main():
     if not os.path.exists(BACKEND):
-        subprocess.run(["cc", "-O2", "-o", BACKEND, os.path.join(HERE, "bench_backend.c")], check=True)
+        subprocess.run(["sh", os.path.join(ROOT, "bench/build_tools.sh"), TMP], check=True)
     if not pg_server.available():
         sys.stderr.write("store_pg: %s; no rows\n" % pg_server.MISSING)
         return
