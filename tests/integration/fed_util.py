@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from harness import SEGUE, run, tmpdir, write, wait_for, free_port  # noqa: F401 (re-exported)
+from harness import SEGUE, run, tmpdir, whole_lines, write, wait_for, free_port  # noqa: F401 (re-exported)
 
 SRC = os.environ.get("SEGUE_SOURCE_DIR") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -126,10 +126,7 @@ class Node:
             return f.read()
 
     def read_events(self):
-        if not os.path.exists(self.events):
-            return []
-        with open(self.events) as f:
-            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+        return [json.loads(line) for line in whole_lines(self.events) if line.strip()]
 
 
 def curl(url, body=b"", headers=(), method="POST", content_type="application/hrpc"):

@@ -96,6 +96,20 @@ def write(path, text):
     return path
 
 
+def whole_lines(path):
+    """The complete lines of a file another process appends to, [] when it
+    does not exist. One read to the end, then the last piece dropped unless
+    it ends in a newline: iterating the file instead can meet its end in the
+    middle of a line being written, and the next iteration then hands back
+    the rest of that line as a line of its own."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [l + "\n" for l in text.split("\n")[:-1]]
+
+
 def wait_for(pred, timeout=10.0):
     """Polls pred until it is true (returns True) or the time is up (False)."""
     end = time.time() + timeout

@@ -5,7 +5,7 @@ import os
 import sqlite3
 
 from fed_util import Node, HANDLER, LUA_U64
-from harness import write, wait_for
+from harness import whole_lines, write, wait_for
 
 # A's script: every line appended to $POSTBOX_CMDS ({"to": id, "id": n}) is
 # pushed as UserAddedToGuild{user_id = n}; each outcome is appended to
@@ -65,21 +65,15 @@ class PostboxNode(Node):
             for i in ids:
                 f.write(json.dumps({"to": to, "id": i}) + "\n")
 
-    def read_acks(self):
-        if not os.path.exists(self.acks):
-            return []
-        with open(self.acks) as f:  # whole lines only: the node may be writing one
-            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+    def read_acks(self):  # whole lines only: the node may be writing one
+        return [json.loads(line) for line in whole_lines(self.acks) if line.strip()]
 
     def received_ids(self):
         return [int(e["event"]["user_added_to_guild"]["user_id"]) for e in self.read_events()
                 if "user_added_to_guild" in e["event"]]
 
     def read_events(self):
-        if not os.path.exists(self.events):
-            return []
-        with open(self.events) as f:
-            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+        return [json.loads(line) for line in whole_lines(self.events) if line.strip()]
 
     def db(self, sql, args=()):
         path = os.path.join(self.dir, "data", "segue.db")

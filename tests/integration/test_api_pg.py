@@ -21,7 +21,7 @@ import unittest
 import pg_server
 from api_util import Api, q
 from test_api import OLD_BACKEND, texts
-from harness import SEGUE, PYTHON, LogTail, inject_lua, run, say, wait_for, write
+from harness import SEGUE, PYTHON, LogTail, inject_lua, run, say, wait_for, whole_lines, write
 
 LEASE_MS = 4000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -260,16 +260,12 @@ backends = {
 
     def copies(self):
         """What b received: {origin id: [texts]}, and the texts in order."""
-        if not os.path.exists(self.b_out):
-            return []
-        with open(self.b_out) as f:
-            out = []
-            for l in f:
-                if l.endswith("\n"):
-                    c = json.loads(l)
-                    v = c["content"]["value"]  # the prefix and the text: a list of Text
-                    out.append((c["origin"]["id"], v if isinstance(v, str) else "".join(x["value"] for x in v)))
-            return out
+        out = []
+        for l in whole_lines(self.b_out):
+            c = json.loads(l)
+            v = c["content"]["value"]  # the prefix and the text: a list of Text
+            out.append((c["origin"]["id"], v if isinstance(v, str) else "".join(x["value"] for x in v)))
+        return out
 
     def bridged(self, mid):
         """The texts of the copies of `mid`, without the bridge's prefix."""
