@@ -96,15 +96,28 @@ def inject(line):
         upsert(m)
 
 
+class Follow:
+    """The whole lines appended to a file since the last call: a line still
+    being written (no newline yet) waits for its end."""
+
+    def __init__(self, path):
+        self.f, self.rest = open(path), ""
+
+    def lines(self):
+        self.rest += self.f.read()
+        *done, self.rest = self.rest.split("\n")
+        return done
+
+
 def main():
     path = sys.argv[1]
     open(path, "a").close()
     load(path)
-    f = open(path)
+    f = Follow(path)
     shared = None
     if SHARED:
         open(SHARED, "a").close()
-        shared = open(SHARED)
+        shared = Follow(SHARED)
     init = {"backend_name": "chat", "backend_version": [0, 1, 0], "protocol_version": [0, 1, 0]}
     if os.environ.get("CHAT_CAPABILITIES"):  # segue's InitInfo extension
         init["capabilities"] = json.loads(os.environ["CHAT_CAPABILITIES"])
@@ -124,10 +137,12 @@ def main():
                     break
                 buf = buf.lstrip()[end:]
                 handle(v)
-        for line in f.readlines():
+        for line in f.lines():
             if line.strip():
                 inject(line)
-        for line in (shared.readlines() if shared else []):
+        for line in (shared.lines() if shared else []):
+            if not line.strip():
+                continue
             other = json.loads(line)
             if other["pid"] != os.getpid():  # said through another process
                 msgs[other["m"]["id"]] = other["m"]

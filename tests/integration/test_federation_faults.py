@@ -9,7 +9,7 @@ import threading
 import unittest
 
 from fed_util import free_port
-from harness import SEGUE, wait_for, write
+from harness import SEGUE, wait_for, whole_lines, write
 from postbox_util import PostboxNode
 
 A, B = "a.example:2289", "b.example:2289"
@@ -116,8 +116,7 @@ class DiskFull(unittest.TestCase):
                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
 
         def acks():
-            with open(a.acks) as f:
-                return [line.split(" ", 1) for line in f.read().split("\n") if line]
+            return [line.rstrip("\n").split(" ", 1) for line in whole_lines(a.acks) if line.strip()]
         try:
             self.assertTrue(wait_for(lambda: os.path.exists(a.acks) and len(acks()) >= 3000, 120),
                             a.stderr()[-2000:])
