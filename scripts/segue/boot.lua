@@ -62,6 +62,9 @@ end
 -- dropped ones removed. Started ones are started when the host runs.
 local function apply(cfg, old)
   core.log_level(overrides.log_level or cfg.log_level or "info")
+  -- the replay window after an unclean stop (docs/routing.md): for the
+  -- windows opened from now on
+  router.REPLAY_MS = cfg.replay_window_ms or router.DEFAULT_REPLAY_MS
   cfg.data_dir = overrides.data_dir or cfg.data_dir
   local old_by_name = {}
   for _, b in ipairs(old and old.backends or {}) do old_by_name[b.name] = b end

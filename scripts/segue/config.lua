@@ -37,8 +37,10 @@ local top_keys = {
   scripts = "table", limits = "table", rules = "string",
   server_id = "string", listen = "string", federation = "table",
   store = "table", instance = "string", lease_ms = "number", rules_check = "string",
-  http = "table",
+  http = "table", replay_window_ms = "number",
 }
+-- replay_window_ms: at most an hour (a window holds copies in memory)
+M.MAX_REPLAY_WINDOW_MS = 3600000
 local process_keys = { cmd = true, args = true, env = true, env_file = true, cwd = true }
 local lua_keys = { script = true, options = true }
 local log_levels = { error = true, warn = true, info = true, debug = true }
@@ -285,7 +287,7 @@ function Checker:check(raw)
   local cfg = { file = self.file, backends = {}, scripts = {}, limits = {} }
   for k, v in pairs(raw) do
     if not top_keys[k] then
-      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms, rules_check, http)")
+      self:error({ tostring(k) }, "unknown key (expected one of data_dir, log_level, backends, scripts, limits, rules, server_id, listen, federation, store, instance, lease_ms, rules_check, replay_window_ms, http)")
     else
       self:type({ k }, v, top_keys[k])
     end
@@ -303,6 +305,15 @@ function Checker:check(raw)
       self:error({ "rules_check" }, "expected \"dry-run\" or \"self-test\", found %s", describe(raw.rules_check))
     end
     cfg.rules_check = raw.rules_check
+  end
+  if raw.replay_window_ms ~= nil then
+    local w = raw.replay_window_ms
+    if math.type(w) ~= "integer" or w < 0 or w > M.MAX_REPLAY_WINDOW_MS then
+      self:error({ "replay_window_ms" }, "expected an integer from 0 to %d (milliseconds), found %s",
+        M.MAX_REPLAY_WINDOW_MS, describe(w))
+    else
+      cfg.replay_window_ms = w
+    end
   end
   if type(raw.limits) == "table" then self.config_limits = self:limits({ "limits" }, raw.limits, cfg.limits) end
   if type(raw.backends) == "table" then

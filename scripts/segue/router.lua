@@ -392,7 +392,8 @@ end
 -- Rooms of a backend in its window are not compiled (C carries no copy and
 -- no echo of theirs). Nothing is held after a clean stop, nor for a backend
 -- that restarts within a run: the run's own records are complete.
-M.REPLAY_MS = 5000          -- a backend's replay window after an unclean stop
+M.DEFAULT_REPLAY_MS = 5000  -- a backend's replay window after an unclean stop
+M.REPLAY_MS = M.DEFAULT_REPLAY_MS  -- (the config's replay_window_ms, boot.lua)
 M.MAX_REPLAY_HELD = 10000   -- copies held for one destination; beyond, its window closes
 local REPLAY_KEY = "router.open"
 local replay = {
@@ -536,6 +537,11 @@ local function decide()
   local names = {}
   for name in pairs(replay.open) do names[#names + 1] = name end
   table.sort(names)
+  if M.REPLAY_MS <= 0 then  -- replay_window_ms = 0: no windows
+    segue.log.info("the previous run did not stop cleanly: no replay windows (replay_window_ms = 0), "
+      .. "copies its services replay may be bridged again")
+    return
+  end
   segue.log.info(("the previous run did not stop cleanly: copies to %s wait for their replay (up to %d ms each)")
     :format(table.concat(names, ", "), M.REPLAY_MS))
 end

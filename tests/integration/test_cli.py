@@ -71,6 +71,7 @@ class Check(unittest.TestCase):
             '  both = { cmd = "sh", script = "memory" },',
             '}',
             'scripts = { "nope.lua" }',
+            'replay_window_ms = -1',
         ]) + "\n")
         r = run(["check", path], cwd=d)
         self.assertEqual(r.code, 1)
@@ -85,6 +86,7 @@ class Check(unittest.TestCase):
             'bad.lua:10: backends.notes.script: cannot read',
             'bad.lua:11: backends.both: has both cmd and script',
             'bad.lua:13: scripts.[1]:',
+            'bad.lua:14: replay_window_ms: expected an integer from 0 to 3600000 (milliseconds), found number -1',
         ]
         for e in expect:
             self.assertIn(e, err)

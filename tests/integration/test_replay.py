@@ -29,6 +29,7 @@ class Replay(unittest.TestCase):
         self.cfg = write(os.path.join(self.dir, "segue.lua"), """
 data_dir = %s
 rules = %s
+replay_window_ms = 3000
 backends = {
   a = { cmd = %s, args = { %s, "--in=%s" } },
   b = { cmd = %s, args = { %s, "--out=%s", "--reply-ms=40" } },
@@ -85,6 +86,7 @@ backends = {
         time.sleep(1)  # a copy sent twice would show by now
         got = bridged(self.b_out)
         self.assertIn("the previous run did not stop cleanly", self.log())
+        self.assertIn("wait for their replay (up to 3000 ms each)", self.log())  # replay_window_ms
         self.assertEqual(got[:len(before)], before)
         twice = sorted({x for x in got if got.count(x) > 1})
         self.assertEqual(twice, [], "bridged twice (%r were in flight at the kill)\n%s" % (inflight, self.log()))
@@ -98,6 +100,23 @@ backends = {
         self.assertTrue(wait_for(lambda: "n1" in bridged(self.b_out), 30), self.log())
         self.assertNotIn("did not stop cleanly", self.log())
         self.assertEqual(bridged(self.b_out), ids + ["n1"])
+
+    def test_replay_window_ms_0_opens_no_windows(self):
+        with open(self.cfg) as f:
+            text = f.read()
+        write(self.cfg, text.replace("replay_window_ms = 3000", "replay_window_ms = 0"))
+        self.start()
+        self.assertTrue(wait_for(lambda: "running with" in self.log(), 30), self.log())
+        user_says(self.a_in, "k1")
+        self.assertTrue(wait_for(lambda: "k1" in bridged(self.b_out), 30), self.log())
+        self.stop(signal.SIGKILL)
+        time.sleep(0.5)  # b, the killed run's child, sees its stdin close and exits
+        self.start()
+        self.assertTrue(wait_for(lambda: "no replay windows (replay_window_ms = 0)" in self.log(), 30), self.log())
+        user_says(self.a_in, "k2")
+        self.assertTrue(wait_for(lambda: "k2" in bridged(self.b_out), 30), self.log())
+        self.assertNotIn("wait for their replay", self.log())
+        self.assertNotIn("replay window of", self.log())
 
 
 if __name__ == "__main__":
