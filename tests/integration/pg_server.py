@@ -2,11 +2,17 @@
 temporary directory, the server on a Unix socket in that directory only (no
 TCP), run as an unprivileged user. As root (CI), the directory is given to
 `nobody` and every PostgreSQL program runs through setpriv as that user
-(PostgreSQL refuses to run as root). Everything is removed by cleanup()."""
+(PostgreSQL refuses to run as root). Everything is removed by cleanup(),
+which also runs at exit and on SIGTERM (a test or bench killed at its
+deadline): the server runs in a session of its own (pg_ctl), so nothing
+else would stop it, and it would keep its directory in /tmp."""
+import atexit
 import glob
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -23,12 +29,33 @@ def available():
 MISSING = "PostgreSQL server binaries not found in %s (./build.sh deps installs the postgresql package)" % BIN
 
 
+_live = []
+
+
+def _cleanup_all():
+    while _live:
+        _live[-1].cleanup()
+
+
+def _on_sigterm(signum, frame):
+    sys.exit(128 + signum)  # atexit (and finally blocks) run: the servers stop
+
+
+atexit.register(_cleanup_all)
+
+
 class PgServer:
     def __init__(self):
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            try:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+            except ValueError:
+                pass  # not the main thread: at exit only
         self.dir = tempfile.mkdtemp(prefix="segue-pg-")
-        os.chmod(self.dir, 0o755)
         self.data = os.path.join(self.dir, "data")
         self.log = os.path.join(self.dir, "log")
+        _live.append(self)
+        os.chmod(self.dir, 0o755)
         self.as_user = []
         if os.geteuid() == 0:
             import pwd
@@ -77,8 +104,13 @@ class PgServer:
         return r.stdout.decode().strip()
 
     def cleanup(self):
+        if self in _live:
+            _live.remove(self)
+        elif not os.path.exists(self.dir):
+            return  # cleaned up already
         try:
-            self.stop()
+            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+                self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
