@@ -110,6 +110,26 @@ def whole_lines(path):
     return [l + "\n" for l in text.split("\n")[:-1]]
 
 
+def live_processes(*markers):
+    """How many live (not zombie) processes have every one of `markers` in
+    their command line."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open("/proc/%s/stat" % pid) as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    continue
+        except OSError:
+            continue
+        if all(m in cmd for m in markers):
+            n += 1
+    return n
+
+
 def wait_for(pred, timeout=10.0):
     """Polls pred until it is true (returns True) or the time is up (False)."""
     end = time.time() + timeout

@@ -10,7 +10,7 @@ import sys
 import unittest
 
 import pg_server
-from harness import wait_for
+from harness import live_processes, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,17 +27,7 @@ time.sleep(300)
 
 def postgres_running(directory):
     """A postgres process whose command line names `directory`."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if "postgres" in cmd and directory in cmd:
-            return True
-    return False
+    return live_processes("postgres", directory) > 0
 
 
 @unittest.skipUnless(pg_server.available(), pg_server.MISSING)

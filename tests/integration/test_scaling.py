@@ -21,7 +21,7 @@ import unittest
 
 import pg_server
 import socket
-from harness import SEGUE, FAKE, PYTHON, run, write, wait_for, free_port
+from harness import SEGUE, FAKE, PYTHON, live_processes, run, write, wait_for, free_port
 from postbox_util import PostboxNode
 from stream_backend import bridged, out_lines, users_say_until
 
@@ -33,23 +33,8 @@ LEASE_MS = 4000
 
 
 def running_backends(marker):
-    """Live processes whose command line holds `marker` (a backend's state
-    file): how many copies of that backend run right now."""
-    n = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open("/proc/%s/stat" % pid) as f:
-                if f.read().split(") ")[-1].startswith("Z"):
-                    continue
-        except OSError:
-            continue
-        if marker in cmd:
-            n += 1
-    return n
+    """How many copies of the backend whose state file is `marker` run now."""
+    return live_processes(marker)
 
 
 class Proxy:
