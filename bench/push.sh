@@ -104,8 +104,6 @@ verify=$(awk -v a="$verify_before" -v b="$verify_after" 'BEGIN { printf "%.0f", 
 cores=$(nproc)
 verify_all=$("$tmp/push_verify" "$secs" "$cores")
 
-
-
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 if [ "${BENCH_ROWS:-}" = 1 ]; then
   echo "Push requests, token reused, $conns keep-alive connections|$push|$base|trivial libuv HTTP responder|/s"
@@ -120,8 +118,7 @@ echo "| measurement | per second | segue Push is |"
 echo "|---|---|---|"
 echo "| segue Push, token reused (verified-token cache) | $push | $(ratio "$push" "$base") of the responder |"
 echo "| segue Push, a fresh token each (Ed25519 verify each) | $fresh | $(ratio "$fresh" "$verify") of the verify rate |"
-echo "| segue Push, a fresh token each, $many connections | $fresh_many | $(ratio "$fresh_many" "$verify") of the verify rate |"
+echo "| segue Push, a fresh token each, $many connections | $fresh_many | $(ratio "$fresh_many" "$verify") of the verify rate, $(ratio "$fresh_many" "$verify_all") of every core verifying |"
 echo "| trivial libuv HTTP responder (mean of before and after) | $base | |"
-echo "| segue Push, a fresh token each, $many connections | $fresh_many | $(ratio "$fresh_many" "$verify_all") of every core verifying |"
 echo "| libsodium Ed25519 verify, 1 core (mean of before and after) | $verify | |"
 echo "| libsodium Ed25519 verify, $cores threads at once | $verify_all | |"
