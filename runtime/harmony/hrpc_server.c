@@ -683,26 +683,19 @@ static int conn_respond(conn *c, int status, const char *ctype, const void *body
    * the epoll_ctl it costs per response. The rest (or all of it, when a
    * 100 Continue is still queued: EAGAIN) goes through uv_write. */
   int rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-  if (rc == (int)b.len) {
-    c->srv->stats.requests++;
-    c->state = ST_WRITING;
-    c->written_now = 1;
-    conn_timer(c, 0);
-    return 0;
+  int all = rc == (int)b.len;
+  if (!all && (rc >= 0 || rc == UV_EAGAIN)) {  /* the rest, or all of it */
+    if (rc > 0) b = uv_buf_init(b.base + rc, b.len - (unsigned)rc);
+    rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
   }
-  if (rc < 0 && rc != UV_EAGAIN) {
-    conn_close(c, rc);
-    return rc;
-  }
-  if (rc > 0) b = uv_buf_init(b.base + rc, b.len - (unsigned)rc);
-  rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
-  if (rc) {
+  if (rc < 0) {
     conn_close(c, rc);
     return rc;
   }
   c->srv->stats.requests++;
   c->state = ST_WRITING;
-  conn_timer(c, c->srv->limits.write_timeout_ms);
+  c->written_now = all;
+  conn_timer(c, all ? 0 : c->srv->limits.write_timeout_ms);
   return 0;
 }
 
