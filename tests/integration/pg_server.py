@@ -104,10 +104,9 @@ class PgServer:
         return r.stdout.decode().strip()
 
     def cleanup(self):
-        if self in _live:
-            _live.remove(self)
-        elif not os.path.exists(self.dir):
+        if self not in _live:
             return  # cleaned up already
+        _live.remove(self)
         try:
             if os.path.exists(os.path.join(self.data, "postmaster.pid")):
                 self.stop()
