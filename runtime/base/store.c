@@ -810,8 +810,10 @@ static const char SQL_INBOX_ADD[] =
 static const char SQL_INBOX_HEAD[] =
     "SELECT seq, event, attempts FROM inbox WHERE peer = ?1 ORDER BY seq LIMIT 1";
 static const char SQL_INBOX_DONE[] = "DELETE FROM inbox WHERE seq = ?1";
+/* The attempt count is set from the one the delivery read (?3), not
+ * incremented: the same failure recorded twice counts once. */
 static const char SQL_INBOX_FAILED[] =
-    "UPDATE inbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1";
+    "UPDATE inbox SET attempts = ?3 + 1, last_error = ?2 WHERE seq = ?1 AND attempts = ?3";
 static const char SQL_INBOX_DEAD[] =
     "INSERT INTO dead_letters(peer, direction, event, error, attempts, created, died)"
     " SELECT peer, 'in', event, last_error, attempts, received, ?2 FROM inbox WHERE seq = ?1";
@@ -934,11 +936,10 @@ static int run_seq(sg__store *s, const char *sql, int64_t seq) {
   return run(s, st);
 }
 
-int sg__store_inbox_done(sg__store *s, int64_t seq) { return run_seq(s, SQL_INBOX_DONE, seq); }
-
 typedef struct {
   int64_t seq;
   const char *why;
+  int64_t attempts;
   int dead;
 } failed_args;
 
@@ -948,6 +949,7 @@ static int failed_tx(sg__store *s, void *ud) {
   if (!st) return SG_ESTORE;
   sqlite3_bind_int64(st, 1, a->seq);
   sqlite3_bind_text(st, 2, a->why, -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 3, a->attempts);
   int err = run(s, st);
   if (err || !a->dead) return err;
   if (!(st = sg__store_stmt(s, SQL_INBOX_DEAD))) return SG_ESTORE;
@@ -955,11 +957,6 @@ static int failed_tx(sg__store *s, void *ud) {
   sqlite3_bind_int64(st, 2, sg__store_now_ms());
   if ((err = run(s, st))) return err;
   return run_seq(s, SQL_INBOX_DONE, a->seq);
-}
-
-int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead) {
-  failed_args a = {seq, why, dead};
-  return sg__store_atomic(s, failed_tx, &a);
 }
 
 /* ---- instances and leases ---------------------------------------------------- */
@@ -1604,10 +1601,10 @@ int sg__store_inbox_done_upto_async(sg__store *s, const char *peer, int64_t seq,
   return deferred_answer(s, err, n, cb, ud);
 }
 
-int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
-                                sg__store_reply_cb cb, void *ud) {
-  if (s->pg) return sg__pg_inbox_failed(s->pg, seq, why, dead, cb, ud);
-  failed_args a = {seq, why, dead};
+int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int64_t attempts,
+                                int dead, sg__store_reply_cb cb, void *ud) {
+  if (s->pg) return sg__pg_inbox_failed(s->pg, seq, why, attempts, dead, cb, ud);
+  failed_args a = {seq, why, attempts, dead};
   int err = JOIN(s, atomic_impl(s, failed_tx, &a, 1));
   return deferred_answer(s, err, 0, cb, ud);
 }

@@ -191,11 +191,6 @@ int sg__store_inbox_add(sg__store *s, const char *peer, const uint8_t *const *ev
 /* Calls cb once with the oldest event of the peer's inbox; SG_STORE_NOTFOUND
  * if it is empty. */
 int sg__store_inbox_head(sg__store *s, const char *peer, sg__store_event_cb cb, void *ud);
-/* The event was handled: it leaves the inbox. */
-int sg__store_inbox_done(sg__store *s, int64_t seq);
-/* A delivery failed: its attempts grow by one and `why` is kept; with `dead`,
- * it moves to dead_letters. One transaction: it is in one table only. */
-int sg__store_inbox_failed(sg__store *s, int64_t seq, const char *why, int dead);
 
 /* ---- instances and leases (several segue instances on one database) ---------- */
 
@@ -399,8 +394,12 @@ int sg__store_inbox_done_async(sg__store *s, int64_t seq, sg__store_reply_cb cb,
  * later: there use inbox_done). count: how many left. */
 int sg__store_inbox_done_upto_async(sg__store *s, const char *peer, int64_t seq,
                                    sg__store_reply_cb cb, void *ud);
-int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int dead,
-                                sg__store_reply_cb cb, void *ud);
+/* A delivery failed: the event's attempts become `attempts` (the count its
+ * head read) + 1 and `why` is kept; with `dead`, it moves to dead_letters, in
+ * one transaction. The count is set, not added to: the same failure sent
+ * twice (PostgreSQL's retry after a lost answer) counts once. */
+int sg__store_inbox_failed_async(sg__store *s, int64_t seq, const char *why, int64_t attempts,
+                                int dead, sg__store_reply_cb cb, void *ud);
 /* Claims (or renews) `name` for `instance` for ttl_ms: err 0 when it is
  * ours afterwards, SG_STORE_NOTFOUND when another instance holds it (or is
  * claiming it right now: PostgreSQL's FOR UPDATE SKIP LOCKED, no wait).

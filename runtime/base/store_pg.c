@@ -1395,21 +1395,24 @@ int sg__pg_inbox_done_upto(sg__pg *pg, const char *peer, int64_t seq, sg__store_
                 parse_count, cb, ud, peer, s);
 }
 
-int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int dead,
+int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int64_t attempts, int dead,
                         sg__store_reply_cb cb, void *ud) {
-  char s[24];
+  char s[24], n[24];
   snprintf(s, sizeof s, "%lld", (long long)seq);
+  snprintf(n, sizeof n, "%lld", (long long)attempts);
+  /* The count is set from the one the delivery read: sent again after a
+   * lost answer, the update finds it set and changes nothing. */
   if (!dead)
     return SUBMIT(pg,
-                  "UPDATE inbox SET attempts = attempts + 1, last_error = $2"
-                  " WHERE seq = $1::bigint",
-                  parse_none, cb, ud, s, why);
+                  "UPDATE inbox SET attempts = $3::bigint + 1, last_error = $2"
+                  " WHERE seq = $1::bigint AND attempts = $3::bigint",
+                  parse_none, cb, ud, s, why, n);
   /* One statement, so the event is in one table only. */
   return SUBMIT(pg,
                 "WITH d AS (DELETE FROM inbox WHERE seq = $1::bigint RETURNING *)"
                 " INSERT INTO dead_letters(peer, direction, event, error, attempts, created, died)"
-                " SELECT peer, 'in', event, $2, attempts + 1, received, " NOW_MS " FROM d",
-                parse_none, cb, ud, s, why);
+                " SELECT peer, 'in', event, $2, $3::bigint + 1, received, " NOW_MS " FROM d",
+                parse_none, cb, ud, s, why, n);
 }
 
 int sg__pg_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,

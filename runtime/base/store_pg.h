@@ -89,7 +89,7 @@ int sg__pg_inbox_head(sg__pg *pg, const char *peer, sg__store_reply_cb cb, void 
 int sg__pg_inbox_done(sg__pg *pg, int64_t seq, sg__store_reply_cb cb, void *ud);
 int sg__pg_inbox_done_upto(sg__pg *pg, const char *peer, int64_t seq, sg__store_reply_cb cb,
                            void *ud);
-int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int dead,
+int sg__pg_inbox_failed(sg__pg *pg, int64_t seq, const char *why, int64_t attempts, int dead,
                         sg__store_reply_cb cb, void *ud);
 int sg__pg_claim(sg__pg *pg, const char *name, const char *instance, int64_t ttl_ms,
                  sg__store_reply_cb cb, void *ud);

@@ -783,7 +783,7 @@ static void deliver_one(peer *p, int64_t seq, const uint8_t *event, size_t len,
   done_write(p);
   record_error(pb, p->id, why);
   int dead = attempts + 1 >= pb->opt.deliver_tries;
-  CALL(pb, sg__store_inbox_failed_async(pb->store, seq, why, dead, ignored, pb));
+  CALL(pb, sg__store_inbox_failed_async(pb->store, seq, why, attempts, dead, ignored, pb));
   if (dead) {
     fetch_head(p);  /* dead: the next one */
   } else {

@@ -15,7 +15,9 @@ again (it cannot know it committed) and where a plain INSERT applied twice:
   an event append: every message is in the log exactly once (before: the
   cut events twice);
 - the postbox's appends (outbox, inbox, a Push's inbox row), each cut once
-  in a stream of 20: every event queued exactly once."""
+  in a stream of 20: every event queued exactly once;
+- a failed delivery's attempt count, cut once: counted once (before: twice,
+  so the event went to dead_letters one attempt early)."""
 import hashlib
 import json
 import os
@@ -36,18 +38,22 @@ READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the protocol's ReadyForQuery: 'Z', len
 # The postbox on the store, its peers down: `mode` out appends to the
 # outbox (pb:push), in to the inbox (pb:receive), push one event at a time
 # (pb:receive_push, a Push's path); one event a loop turn or so, so they are
-# several statements. Prints how many were acknowledged.
+# several statements. Prints how many were acknowledged. Every delivery
+# fails (once: the next attempt is 10 minutes away); mode fail receives its
+# events and waits for the first failure to be written: a store call made
+# after it is answered after it (the engine answers in call order, a
+# statement sent again included).
 POSTBOX_SCRIPT = """
 local segue = require "segue"
 local core = require "segue.postbox_core"
 local dsn, mode, n = ...
 n = tonumber(n)
 local db = assert(require("segue.store").open { engine = "postgresql", dsn = dsn })
+local acked, failed = 0, 0
 local pb = assert(core.new(db, { push_tries = 1, push_backoff_ms = 600000, deliver_tries = 1000,
   deliver_backoff_ms = 600000 }, {
   push = function(_, _, done) done("down") end,
-  deliver = function() return nil, "not now" end }))
-local acked = 0
+  deliver = function() failed = failed + 1; return nil, "not now" end }))
 local function ack(ok) if ok then acked = acked + 1 end end
 segue.await(function()
   for i = 1, n do
@@ -55,7 +61,7 @@ segue.await(function()
     if mode == "out" then
       local r = assert(pb:push("out.example", ev, ack))
       if r == "queued" then acked = acked + 1 end
-    elseif mode == "in" then
+    elseif mode == "in" or mode == "fail" then
       assert(pb:receive("in.example", { ev }, ack))
     else
       local r = assert(pb:receive_push("in.example", ev, function(ok) ack(ok) end))
@@ -66,6 +72,14 @@ segue.await(function()
   for _ = 1, 3000 do
     if acked == n then break end
     segue.sleep(10)
+  end
+  if mode == "fail" then
+    for _ = 1, 3000 do
+      if failed > 0 then break end
+      segue.sleep(10)
+    end
+    assert(failed > 0, "no delivery was attempted")
+    db:kv_get("after the failure")
   end
 end, 60000)
 print("acknowledged " .. acked)
@@ -235,6 +249,17 @@ store = { engine = "postgresql", dsn = %s }
             # Each event once: none lost, none twice.
             self.assertEqual(sorted(rows), sorted("%s %d" % (mode, i) for i in range(1, 21)),
                              (mode, r.stdout, r.stderr))
+
+    def test_failed_delivery_counted_once_through_a_lost_answer(self):
+        write(os.path.join(self.dir, "postbox.lua"), POSTBOX_SCRIPT)
+        dsn = "host=%s user=segue dbname=segue" % self.proxy.dir
+        self.proxy.arm(b"UPDATE inbox SET attempts")
+        r = run(["exec", "postbox.lua", dsn, "fail", "1"], cwd=self.dir, timeout=120)
+        self.assertEqual(self.proxy.fired(), 1, (r.stdout, r.stderr))
+        self.assertEqual(r.code, 0, r.stderr)
+        self.assertIn("acknowledged 1", r.stdout)
+        self.assertEqual(self.sql("SELECT attempts || ' ' || last_error FROM inbox"
+                                  " WHERE convert_from(event, 'UTF8') = 'fail 1'"), "1 not now")
 
     def test_event_log_through_lost_answers(self):
         write(os.path.join(self.dir, "inject.lua"), inject_lua(only_running=True))

@@ -242,11 +242,16 @@ static void check_postbox_ops(sg__store *s) {
   CHECK(b.err == 0 && b.n == 1 && b.attempts[0] == 0);
   CHECK_STR(b.rows, "x/-;");
   int64_t x = b.seqs[0];
-  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 0, record, &a));
+  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 0, 0, record, &a));
   CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
   settle(20000);
   CHECK(a.err == 0 && b.attempts[0] == 1);
-  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 1, record, &a));
+  /* the same failure again (a retry after a lost answer) counts once */
+  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 0, 0, record, &a));
+  CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
+  settle(20000);
+  CHECK(a.err == 0 && b.attempts[0] == 1);
+  CALL(a, sg__store_inbox_failed_async(s, x, "boom", 1, 1, record, &a));
   CALL(b, sg__store_inbox_head_async(s, "p2.example:1", record, &b));
   settle(20000);
   CHECK(a.err == 0);
