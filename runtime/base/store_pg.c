@@ -875,8 +875,10 @@ int sg__pg_message_edit_time(sg__pg *pg, const char *backend, const char *id,
 /* (tokens made, this call's token there): the name is taken by someone
  * else only when neither (a call run again after a lost connection finds
  * its own user and token). */
+/* user_add's insert (one row: how many tokens it made), then its second
+ * look (one row: whether the name has this call's token). */
 static void parse_user_add(req *q, PGresult *res, sg__store_reply *r) {
-  if (PQntuples(res) == 1 && (ival(res, 0, 0) > 0 || strcmp(PQgetvalue(res, 0, 1), "t") == 0))
+  if (PQntuples(res) == 1 && (ival(res, 0, 0) > 0 || strcmp(PQgetvalue(res, 0, 0), "t") == 0))
     return;
   snprintf(q->msg, sizeof q->msg, "a user of that name exists");
   r->err = SG_EEXIST;
@@ -920,19 +922,58 @@ static void parse_rooms(req *q, PGresult *res, sg__store_reply *r) {
   r->rooms = rows;
 }
 
+typedef struct user_add_call {
+  sg__pg *pg;
+  sg__store_reply_cb cb;
+  void *ud;
+  char *name, *hash;
+} user_add_call;
+
+static void user_add_free(user_add_call *u) {
+  free(u->name);
+  free(u->hash);
+  free(u);
+}
+
+static void user_add_answer(void *ud, const sg__store_reply *r) {
+  user_add_call *u = ud;
+  u->cb(u->ud, r);
+  user_add_free(u);
+}
+
+/* The insert made no user: the name is taken, maybe by this very call (its
+ * first run committed, its answer lost). The insert's own snapshot cannot
+ * tell when that run was still executing as this one began (the insert
+ * waited for it): a statement of its own, begun after, can. */
+static void user_add_inserted(void *ud, const sg__store_reply *r) {
+  user_add_call *u = ud;
+  if (r->err != SG_EEXIST ||
+      SUBMIT(u->pg, "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE hash = $1 AND user_name = $2)",
+             parse_user_add, user_add_answer, u, u->hash, u->name) != 0)
+    user_add_answer(u, r);
+}
+
 int sg__pg_user_add(sg__pg *pg, const char *name, int admin, const char *token_hash,
                     sg__store_reply_cb cb, void *ud) {
+  user_add_call *u = malloc(sizeof *u);
+  if (!u) return SG_ENOMEM;
+  *u = (user_add_call){pg, cb, ud, strdup(name), strdup(token_hash)};
+  if (!u->name || !u->hash) {
+    user_add_free(u);
+    return SG_ENOMEM;
+  }
   /* The token's foreign key is checked at the end of the statement, when the
-   * user's row is there. No user row made: the name is taken. */
-  return SUBMIT(pg,
-                "WITH u AS (INSERT INTO api_users(name, admin, created)"
-                "  VALUES ($1, $2::integer, " NOW_MS ") ON CONFLICT (name) DO NOTHING"
-                "  RETURNING name),"
-                " t AS (INSERT INTO api_tokens(hash, user_name, created)"
-                "  SELECT $3, name, " NOW_MS " FROM u RETURNING 1)"
-                " SELECT count(*), EXISTS (SELECT 1 FROM api_tokens WHERE hash = $3"
-                "  AND user_name = $1) FROM t",
-                parse_user_add, cb, ud, name, admin ? "1" : "0", token_hash);
+   * user's row is there. */
+  int rc = SUBMIT(pg,
+                  "WITH u AS (INSERT INTO api_users(name, admin, created)"
+                  "  VALUES ($1, $2::integer, " NOW_MS ") ON CONFLICT (name) DO NOTHING"
+                  "  RETURNING name),"
+                  " t AS (INSERT INTO api_tokens(hash, user_name, created)"
+                  "  SELECT $3, name, " NOW_MS " FROM u RETURNING 1)"
+                  " SELECT count(*) FROM t",
+                  parse_user_add, user_add_inserted, u, name, admin ? "1" : "0", token_hash);
+  if (rc) user_add_free(u);
+  return rc;
 }
 
 int sg__pg_user_remove(sg__pg *pg, const char *name, sg__store_reply_cb cb, void *ud) {

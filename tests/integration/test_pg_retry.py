@@ -10,7 +10,9 @@ never heard. That is the window where the engine must run the statement
 again (it cannot know it committed) and where a plain INSERT applied twice:
 - `segue user add` whose insert is cut: the command succeeds with its
   token, and the user has exactly that one token (before: "a user of that
-  name exists", though the user was made);
+  name exists", though the user was made); also when the connection breaks
+  while the insert is still running on the server, so that the second run
+  waits for the first (before: "exists" again);
 - the client API's event log while messages stream in, cut three times on
   an event append: every message is in the log exactly once (before: the
   cut events twice);
@@ -97,6 +99,7 @@ class CutProxy:
         self.target = target
         self.lock = threading.Lock()
         self.armed = None
+        self.at_once = False
         self.cuts = 0
         self.socks = set()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -105,10 +108,13 @@ class CutProxy:
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
-    def arm(self, sql):
-        """The next statement containing `sql` (bytes) commits unheard."""
+    def arm(self, sql, at_once=False):
+        """The next statement containing `sql` (bytes) commits unheard; with
+        at_once, its connection is closed as soon as it has passed, while
+        the server may still be running it."""
         with self.lock:
             self.armed = sql
+            self.at_once = at_once
 
     def fired(self):
         with self.lock:
@@ -153,13 +159,19 @@ class CutProxy:
                 return self._close(c, s)
             with self.lock:
                 seen = state["tail"] + data
+                at_once = False
                 if self.armed and self.armed in seen:
                     state["doomed"] = True
+                    at_once = self.at_once
                     self.armed = None
                 state["tail"] = seen[-256:]
             try:
                 s.sendall(data)
             except OSError:
+                return self._close(c, s)
+            if at_once:
+                with self.lock:
+                    self.cuts += 1
                 return self._close(c, s)
 
     def _down(self, s, c, state):
@@ -230,6 +242,40 @@ store = { engine = "postgresql", dsn = %s }
         self.assertEqual(r.code, 1, r.stdout)
         self.assertIn("a user of that name exists", r.stderr)
         self.assertEqual(self.sql("SELECT count(*) FROM api_tokens WHERE user_name = 'alice'"), "1")
+
+    def test_user_add_sent_again_while_its_first_run_waits(self):
+        """The connection breaks while the first run is still executing (it
+        waits for a lock the test holds); the second run waits for the
+        first, whose user it then cannot see in the snapshot it began with."""
+        self.config()
+        r = run(["user", "add", "alice", "segue.lua"], cwd=self.dir, timeout=90)  # the schema
+        self.assertEqual(r.code, 0, r.stderr)
+        holder = subprocess.Popen(["psql", "-X", "-q", "-A", "-t", "-d", self.dsn],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+
+        def release():
+            if holder.poll() is None:
+                holder.communicate("COMMIT;\n", timeout=30)
+        self.addCleanup(release)
+        holder.stdin.write("BEGIN;\nLOCK TABLE api_tokens IN SHARE MODE;\nSELECT 'locked';\n")
+        holder.stdin.flush()
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        self.proxy.arm(b"INSERT INTO api_users", at_once=True)
+        add = subprocess.Popen([SEGUE, "user", "add", "bob", "segue.lua"], cwd=self.dir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: add.poll() is None and (add.kill(), add.wait()))
+        # Both runs wait: the first for the lock, the second for the first.
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'" \
+                  " AND query LIKE '%INSERT INTO api_users%'"
+        self.assertTrue(wait_for(lambda: self.sql(waiting) == "2", 60), self.sql(waiting))
+        self.assertEqual(self.proxy.fired(), 1)
+        release()
+        out, err = add.communicate(timeout=90)
+        self.assertEqual(add.returncode, 0, err)
+        token = re.search(r"^token (\S+)$", out, re.M).group(1)
+        self.assertEqual(self.sql("SELECT hash FROM api_tokens WHERE user_name = 'bob'"),
+                         hashlib.blake2b(token.encode(), digest_size=32).hexdigest())
 
     def test_postbox_appends_through_lost_answers(self):
         write(os.path.join(self.dir, "postbox.lua"), POSTBOX_SCRIPT)
