@@ -111,6 +111,10 @@ static void conn_close(conn *c, int status) {
 
 static void on_timer(uv_timer_t *t) {
   conn *c = t->data;
+  if (c->state == ST_FLUSH && c->nwrites == 0) {  /* written at once: go on (conn_finish) */
+    conn_done(c);
+    return;
+  }
   if (c->state == ST_HEAD && c->served && c->head_bytes == 0 && c->rest.len == 0)
     sg__log(c->srv->log, SG_LOG_DEBUG, "peer", c->peer, "http: idle connection closed");
   else if (c->state <= ST_BODY)
@@ -150,17 +154,32 @@ static void on_written(uv_write_t *w, int status) {
   else if (c->state == ST_FLUSH && c->nwrites == 0) conn_done(c);
 }
 
-/* Queues head + body as one write. On failure the connection is closed. */
+/* Writes head + body: what the socket takes at once, with no copy (an
+ * answer or a stream's event usually fits), and the rest copied and queued
+ * behind it. On failure the connection is closed. */
 static int conn_write(conn *c, const char *head, size_t hn, const void *body, size_t len) {
-  wreq *wr = malloc(sizeof *wr + hn + len);
+  size_t off = 0;
+  if (c->nwrites == 0) {  /* else it would overtake what is queued */
+    uv_buf_t bufs[2] = {uv_buf_init((char *)head, (unsigned)hn),
+                        uv_buf_init((char *)body, (unsigned)len)};
+    int n = uv_try_write((uv_stream_t *)&c->tcp, hn ? bufs : bufs + 1, hn ? 2 : 1);
+    if (n < 0 && n != UV_EAGAIN) {
+      conn_close(c, n);
+      return n;
+    }
+    if (n > 0) off = (size_t)n;
+    if (off == hn + len) return 0;
+  }
+  size_t hoff = off < hn ? off : hn, boff = off - hoff;
+  wreq *wr = malloc(sizeof *wr + hn + len - off);
   if (!wr) {
     conn_close(c, SG_ENOMEM);
     return SG_ENOMEM;
   }
   wr->c = c;
-  wr->len = hn + len;
-  if (hn) memcpy(wr->data, head, hn);
-  if (len) memcpy(wr->data + hn, body, len);
+  wr->len = hn + len - off;
+  if (hn > hoff) memcpy(wr->data, head + hoff, hn - hoff);
+  if (len > boff) memcpy(wr->data + (hn - hoff), (const char *)body + boff, len - boff);
   uv_buf_t b = uv_buf_init(wr->data, (unsigned)wr->len);
   int rc = uv_write(&wr->w, (uv_stream_t *)&c->tcp, &b, 1, on_written);
   if (rc) {
@@ -181,11 +200,14 @@ static void conn_done(conn *c) {
   else conn_linger(c);
 }
 
-/* After the last write: go on once everything is out. */
+/* After the last write: go on once everything is out; when it is already
+ * (written at once), on the next turn, from the timer: never inside the
+ * handler's call, which a pipelined request's handler would otherwise
+ * nest in. */
 static void conn_finish(conn *c) {
   if (c->state == ST_CLOSED || c->state >= ST_FLUSH) return;
   c->state = ST_FLUSH;
-  uv_timer_start(&c->timer, on_timer, c->srv->limits.write_timeout_ms, 0);
+  uv_timer_start(&c->timer, on_timer, c->nwrites ? c->srv->limits.write_timeout_ms : 0, 0);
 }
 
 static int write_response(conn *c, int status, const char *headers, const void *body,
@@ -297,7 +319,7 @@ void sg__http_request_release(sg__http_request *pub) {
   c->held = 0;
   c->gone_cb = NULL;
   if (!c->srv) conn_free(c);
-  else if (c->state == ST_FLUSH && c->nwrites == 0) conn_done(c);
+  else if (c->state == ST_FLUSH && c->nwrites == 0) uv_timer_start(&c->timer, on_timer, 0, 0);
 }
 
 int sg__http_request_on_gone(sg__http_request *pub, sg__http_gone_cb cb, void *ud) {

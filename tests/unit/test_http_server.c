@@ -2,7 +2,10 @@
  * the main thread's loop; a client thread speaks HTTP over blocking sockets
  * and checks what comes back: several requests on one connection, pipelined
  * requests answered in order while the first is held, "Connection: close",
- * HTTP/1.0, and an idle connection closed after the header time-out. */
+ * HTTP/1.0, an idle connection closed after the header time-out, a response
+ * larger than the socket takes at once (whole, in order, then the request
+ * pipelined behind it), and 200 pipelined requests answered at once, none
+ * inside another's handler. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -20,6 +23,8 @@
 #include "tap.h"
 
 #define IDLE_MS 300
+#define LARGE (24u << 20)
+#define PIPELINED 200
 
 static uv_loop_t loop;
 static sg__http_server server;
@@ -31,6 +36,8 @@ static atomic_int client_done;
 
 static uv_timer_t hold_timer;
 static sg__http_request *held;
+static unsigned char *large;  /* /large's body: byte i is i % 251 + 1 */
+static int depth, max_depth;  /* handlers running (nested: > 1) */
 
 static void answer(sg__http_request *req) {
   sg__http_respond(req, 200, "Content-Type: text/plain\r\n", req->path, strlen(req->path));
@@ -43,12 +50,16 @@ static void on_hold(uv_timer_t *t) {
 }
 
 static void handler(sg__http_request *req, void *ud) {
+  if (++depth > max_depth) max_depth = depth;
   if (strcmp(req->path, "/hold") == 0 && !held) {
     held = req;
     uv_timer_start(&hold_timer, on_hold, 100, 0);
-    return;
+  } else if (strcmp(req->path, "/large") == 0) {
+    sg__http_respond(req, 200, NULL, large, LARGE);
+  } else {
+    answer(req);
   }
-  answer(req);
+  depth--;
 }
 
 static void log_line(void *data, sg_log_level lvl, const char *line) {
@@ -118,6 +129,29 @@ static int client_read(client *c, response *r) {
   c->len -= head + blen;
   c->buf[c->len] = '\0';
   return 0;
+}
+
+/* /large's response: its body checked byte by byte as it arrives. */
+static int client_read_large(client *c) {
+  char *end;
+  while (!(end = strstr(c->buf, "\r\n\r\n")))
+    if (client_fill(c, 5000) <= 0) return -1;
+  size_t head = (size_t)(end - c->buf) + 4, got = 0;
+  const char *cl = strcasestr(c->buf, "\r\nContent-Length: ");
+  if (!cl || cl > end || strtoul(cl + 18, NULL, 10) != LARGE) return -1;
+  memmove(c->buf, c->buf + head, c->len - head);
+  c->len -= head;
+  for (;;) {
+    size_t n = c->len < LARGE - got ? c->len : LARGE - got;
+    for (size_t i = 0; i < n; i++)
+      if ((unsigned char)c->buf[i] != (got + i) % 251 + 1) return -1;
+    got += n;
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+    c->buf[c->len] = '\0';
+    if (got == LARGE) return 0;
+    if (client_fill(c, 5000) <= 0) return -1;
+  }
 }
 
 /* The server closed the connection within ms (EOF, nothing more sent). */
@@ -205,6 +239,34 @@ static void client_thread(void *arg) {
   CHECK(client_sees_eof(&c, 5000));
   close(c.fd);
 
+  /* A response more than the socket takes at once: the rest is queued
+   * behind what was written, and the next request waits for all of it. */
+  CHECK(client_open(&c) == 0);
+  client_send(&c, "GET /large HTTP/1.1\r\nHost: t\r\n\r\nGET /after-large HTTP/1.1\r\nHost: t\r\n\r\n");
+  CHECK(client_read_large(&c) == 0);
+  CHECK(client_read(&c, &r) == 0);
+  CHECK_STR(r.body, "/after-large");
+  close(c.fd);
+
+  /* Pipelined requests answered at once: each in order, and the next one's
+   * handler runs after the last returned, not inside its call. */
+  {
+    static char reqs[PIPELINED * 48];
+    size_t n = 0;
+    for (int i = 0; i < PIPELINED; i++)
+      n += (size_t)snprintf(reqs + n, sizeof reqs - n, "GET /p%d HTTP/1.1\r\nHost: t\r\n\r\n", i);
+    CHECK(client_open(&c) == 0);
+    client_send(&c, reqs);
+    int in_order = 1;
+    for (int i = 0; i < PIPELINED; i++) {
+      char path[16];
+      snprintf(path, sizeof path, "/p%d", i);
+      if (client_read(&c, &r) != 0 || strcmp(r.body, path) != 0) in_order = 0;
+    }
+    CHECK(in_order);
+    close(c.fd);
+  }
+
   atomic_store(&client_done, 1);
   uv_async_send(&finished);
 }
@@ -226,6 +288,8 @@ int main(void) {
   uv_timer_t wd;
   uv_timer_init(&loop, &wd);
   uv_timer_start(&wd, on_watchdog, 30000, 0);
+  large = malloc(LARGE);
+  for (size_t i = 0; i < LARGE; i++) large[i] = (unsigned char)(i % 251 + 1);
   sg__http_limits lim = {0};
   lim.header_timeout_ms = IDLE_MS;
   CHECK(sg__http_server_init(&loop, &server, &lim, &test_log, handler, NULL) == 0);
@@ -241,8 +305,9 @@ int main(void) {
 
   sg__http_stats st;
   sg__http_server_stats_get(&server, &st);
-  CHECK(st.accepted == 4);   /* one connection per block above */
-  CHECK(st.requests == 13);  /* every response written, the 400 included */
+  CHECK(st.accepted == 6);   /* one connection per block above */
+  CHECK(st.requests == 15 + PIPELINED);  /* every response written, the 400 included */
+  CHECK(max_depth == 1);
 
   sg__http_server_close(&server, on_server_closed);
   uv_close((uv_handle_t *)&hold_timer, NULL);
@@ -251,5 +316,6 @@ int main(void) {
   while (!closed) uv_run(&loop, UV_RUN_ONCE);
   uv_run(&loop, UV_RUN_DEFAULT);
   CHECK(uv_loop_close(&loop) == 0);
+  free(large);
   return tap_done();
 }
