@@ -74,27 +74,33 @@ end
 -- the next (a handler per update would otherwise cost a new coroutine each).
 -- One that is waiting (yielded in a request, a sleep) is not idle, so only
 -- its own callback resumes it.
+--
+-- A signal interrupts whatever Lua runs (bindings.h, sg__lenv_interrupt),
+-- the pool's own steps too, outside body's xpcall: the slot is filled before
+-- it is counted, and spawn takes only a coroutine that is waiting in the
+-- pool's yield (one the interrupt ended is dead), so a spawn while segue
+-- stops (its stopping handlers) still runs its function.
 local idle, nidle = {}, 0
 local MAX_IDLE = 64
 
 local function worker(fn, ...)
   body(fn, ...)
   if nidle >= MAX_IDLE then return end
+  idle[nidle + 1] = coroutine.running()
   nidle = nidle + 1
-  idle[nidle] = coroutine.running()
   -- Back in the pool: the next spawn resumes us with its fn and arguments.
   return worker(coroutine.yield())
 end
 
 function segue.spawn(fn, ...)
   local co
-  if nidle > 0 then
+  while nidle > 0 and not co do
     co = idle[nidle]
     idle[nidle] = nil
     nidle = nidle - 1
-  else
-    co = coroutine.create(worker)
+    if coroutine.status(co) ~= "suspended" then co = nil end
   end
+  co = co or coroutine.create(worker)
   resume(co, fn, ...)
   return co
 end

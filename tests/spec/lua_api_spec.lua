@@ -255,3 +255,43 @@ describe("segue.call", function()
       "op without a callback must run inside a coroutine (see segue.spawn)")
   end)
 end)
+
+describe("segue.spawn", function()
+  -- A signal interrupts whatever Lua runs, the coroutine pool's own steps
+  -- too (outside the handler's xpcall). Interrupted at each line of the
+  -- worker after the handler returned, the pool still hands every later
+  -- spawn a coroutine that runs its function (before: an empty slot, or a
+  -- dead coroutine, and the stopping handlers of segue did not run).
+  it("runs every function after an interrupt at each step of the pool", function()
+    local lines = {}
+    for l in io.lines(src .. "/scripts/segue/init.lua") do lines[#lines + 1] = l end
+    local first, last, after_body
+    for i, l in ipairs(lines) do
+      if l:match("^local function worker%(") then first = i end
+      if first and i > first and not last and l:match("^end") then last = i end
+      if first and not last and l:match("body%(fn") then after_body = i + 1 end
+    end
+    assert.is_truthy(first and last and after_body)
+    local targets = 0
+    for target = after_body, last - 1 do
+      if not lines[target]:match("^%s*%-%-") and lines[target]:match("%S") then
+        targets = targets + 1
+        local hit = false
+        segue.spawn(function()
+          debug.sethook(function(_, line)
+            if line == target and debug.getinfo(2, "S").source:find("segue/init.lua", 1, true) then
+              debug.sethook()
+              hit = true
+              error("interrupted by the test")
+            end
+          end, "l")
+        end)
+        assert.is_true(hit, lines[target])
+        local ran = 0
+        for _ = 1, 3 do segue.spawn(function() ran = ran + 1 end) end
+        assert.are.equal(3, ran, "interrupted at: " .. lines[target])
+      end
+    end
+    assert.is_true(targets >= 3)
+  end)
+end)
