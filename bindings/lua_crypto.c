@@ -15,7 +15,9 @@
  *   base64_decode(text) -> data | nil, "EINVAL: ...", "EINVAL"
  *
  * A wrong argument (an unknown algorithm, iterations < 1, unequal xor
- * lengths) raises; base64_decode's input comes from peers, so it fails. */
+ * lengths) raises; base64_decode's input comes from peers, so it fails.
+ * OpenSSL is loaded by the first digest, HMAC or PBKDF2 (ssl_lazy.h): a
+ * backend that only needs base64 and random bytes never maps it. */
 #include <lauxlib.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -25,6 +27,7 @@
 #include <string.h>
 
 #include "bindings.h"
+#include "ssl_lazy.h"
 
 #define MAX_RANDOM 4096
 #define MAX_PBKDF2_OUT 1024
@@ -32,9 +35,15 @@
  * loop for minutes (RFC 7677 recommends 4096; servers use up to ~100000). */
 #define MAX_PBKDF2_ITERATIONS 10000000
 
+static void need_openssl(lua_State *L) {
+  char err[256];
+  if (sg__ssl_load(err, sizeof err) != 0) luaL_error(L, "segue.crypto: %s", err);
+}
+
 static const EVP_MD *check_md(lua_State *L, int idx) {
   static const char *const names[] = {"sha1", "sha256", NULL};
   int which = luaL_checkoption(L, idx, NULL, names);
+  need_openssl(L);
   return which == 0 ? EVP_sha1() : EVP_sha256();
 }
 
@@ -48,8 +57,15 @@ static int digest(lua_State *L, const EVP_MD *md) {
   return 1;
 }
 
-static int l_sha1(lua_State *L) { return digest(L, EVP_sha1()); }
-static int l_sha256(lua_State *L) { return digest(L, EVP_sha256()); }
+static int l_sha1(lua_State *L) {
+  need_openssl(L);
+  return digest(L, EVP_sha1());
+}
+
+static int l_sha256(lua_State *L) {
+  need_openssl(L);
+  return digest(L, EVP_sha256());
+}
 
 static int l_hmac(lua_State *L) {
   const EVP_MD *md = check_md(L, 1);

@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "segue.h"
+#include "ssl_lazy.h"  /* OpenSSL is loaded by the first session */
 
 struct sg__tls {
   int pinned;
@@ -59,6 +60,7 @@ int sg__tls_new(const sg__tls_options *o, sg__tls **out, char *err, size_t errle
     snprintf(err, errlen, "TLS verification needs a server name");
     return SG_EINVAL;
   }
+  if (sg__ssl_load(err, errlen) != 0) return SG_ECONFIG;
   sg__tls *t = calloc(1, sizeof *t);
   if (!t) return SG_ENOMEM;
   if (o->pin) {
