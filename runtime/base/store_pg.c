@@ -872,11 +872,10 @@ int sg__pg_message_edit_time(sg__pg *pg, const char *backend, const char *id,
                 parse_num_found, cb, ud, backend, id);
 }
 
-/* (tokens made, this call's token there): the name is taken by someone
- * else only when neither (a call run again after a lost connection finds
- * its own user and token). */
 /* user_add's insert (one row: how many tokens it made), then its second
- * look (one row: whether the name has this call's token). */
+ * look (one row: whether the name has this call's token): the name is taken
+ * by someone else only when neither (a call run again after a lost
+ * connection finds its own user and token). */
 static void parse_user_add(req *q, PGresult *res, sg__store_reply *r) {
   if (PQntuples(res) == 1 && (ival(res, 0, 0) > 0 || strcmp(PQgetvalue(res, 0, 0), "t") == 0))
     return;

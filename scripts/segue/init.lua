@@ -98,7 +98,8 @@ function segue.spawn(fn, ...)
     co = idle[nidle]
     idle[nidle] = nil
     nidle = nidle - 1
-    if coroutine.status(co) ~= "suspended" then co = nil end
+    -- (an interrupt between these steps leaves an empty slot)
+    if co and coroutine.status(co) ~= "suspended" then co = nil end
   end
   co = co or coroutine.create(worker)
   resume(co, fn, ...)
