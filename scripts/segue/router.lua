@@ -762,14 +762,33 @@ local function on_upsert(set, backend, msg)
   if room then deliver(set, backend, room, msg) end
 end
 
+local function delete_notice() return { type = "Text", value = "(a bridged message was deleted)" } end
+
 local function on_delete(set, backend, id)
   if db then batched() db:log_delete(backend, id) end
+  local noticed = {}
   for _, c in ipairs(db and db:map_copies(backend, id) or {}) do
     for _, t in ipairs((index[c.backend] or {})[c.room] or {}) do
       if t.bridge.deletes == "notice" then
-        send_copy(backend, { id = id .. "#deleted" }, t,
-          { type = "Text", value = "(a bridged message was deleted)" }, {})
+        noticed[c.backend .. "\0" .. c.room] = true
+        send_copy(backend, { id = id .. "#deleted" }, t, delete_notice(), {})
         break
+      end
+    end
+  end
+  -- A copy still held while its destination replays (so not in the map
+  -- yet): the notice queues behind it, and goes out after it, or after
+  -- the copy the replay showed was already there.
+  for dest, q in pairs(replay.held) do
+    for i = q.head, q.tail do
+      local c = q[i]
+      local key = dest .. "\0" .. c.target.endpoint.room
+      if c.origin == backend and c.msg.id == id and c.target.bridge.deletes == "notice"
+          and not noticed[key] then
+        noticed[key] = true
+        q.tail = q.tail + 1
+        q[q.tail] = { origin = backend, msg = { id = id .. "#deleted" }, target = c.target,
+          content = delete_notice(), attachments = {}, check = false }
       end
     end
   end

@@ -26,6 +26,7 @@ function backend.edit(room, sender, text, id, t)
   backend:emit { type = "MessageUpsert", value = { id = id, sender = sender, recipient = room,
     content = { type = "Text", value = text }, attachments = {}, create_time = 1, edit_time = t } }
 end
+function backend.delete(id) backend:emit { type = "MessageDelete", value = id } end
 function backend.replay(room, id, origin_backend, origin_id, text)
   backend:emit { type = "MessageUpsert", value = { id = id, sender = "bridge", recipient = room,
     content = { type = "Text", value = text }, attachments = {}, create_time = 1, edit_time = 1,
@@ -164,5 +165,28 @@ describe("an edited message replayed after a restart", function()
     wait_until("the new edit", function() return #b.got >= 3 end)
     assert.are.same({ "<alice@a> first", "(edited) <alice@a> second", "(edited) <alice@a> third" }, texts(b.got))
     stop()
+  end)
+end)
+
+describe("a delete while its copy is held", function()
+  it("sends the notice after the held copy, in order", function()
+    assert(db:kv_set("router.open", "1"))
+    router.REPLAY_MS = 1500
+    assert(router.load(file("rules_notice.lua", 'return { bridge { "a:#x", "b:#x", deletes = "notice" } }'),
+      { a = true, b = true }))
+    local a, b = start()
+    assert.is_true(router.replaying("b"))
+    a.say("#x", "alice", "gone soon", "d1")
+    a.say("#x", "alice", "stays", "d2")
+    a.delete("d1")                          -- its copy is held: no id in the map yet
+    turn()
+    assert.are.equal(0, #b.got)
+    wait_until("the window closes", function() return not router.replaying("b") end)
+    wait_until("the copies and the notice", function() return #b.got >= 3 end)
+    turn(50)
+    assert.are.same({ "<alice@a> gone soon", "<alice@a> stays", "(a bridged message was deleted)" },
+      texts(b.got))
+    stop()
+    assert(router.load(dir .. "/rules.lua", { a = true, b = true }))
   end)
 end)
