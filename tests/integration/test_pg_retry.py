@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -260,6 +261,7 @@ store = { engine = "postgresql", dsn = %s }
         self.addCleanup(release)
         holder.stdin.write("BEGIN;\nLOCK TABLE api_tokens IN SHARE MODE;\nSELECT 'locked';\n")
         holder.stdin.flush()
+        self.assertTrue(select.select([holder.stdout], [], [], 30)[0], "psql took no lock in 30 s")
         self.assertEqual(holder.stdout.readline().strip(), "locked")
         self.proxy.arm(b"INSERT INTO api_users", at_once=True)
         add = subprocess.Popen([SEGUE, "user", "add", "bob", "segue.lua"], cwd=self.dir,
