@@ -23,8 +23,18 @@ static const char lenv_key = 'e';
  * The hook, every SG_LENV_HOOK_PERIOD instructions: an interrupt, then the
  * sandbox's instruction limit. Raises only in Lua functions. Once tripped,
  * it raises again on every tick, so a pcall that catches the error gains
- * nothing. */
+ * nothing. An interrupt is raised only once SG_LENV_INTERRUPT_GRACE_MS
+ * passed since the hook first saw it: a callback that ends by itself
+ * meanwhile (a message being routed) is not cut in the middle, and the
+ * loop then stops segue; Lua that loops on is stopped after the grace. */
 static void count_hook(lua_State *L, lua_Debug *ar);
+
+/* The interrupt has waited its grace (the first call starts it). */
+static int interrupt_due(sg__lenv *e) {
+  uint64_t now = uv_hrtime();
+  if (!e->interrupt_seen) e->interrupt_seen = now;
+  return now - e->interrupt_seen >= (uint64_t)SG_LENV_INTERRUPT_GRACE_MS * 1000000u;
+}
 
 static void set_count_hook(lua_State *L, int count) {
   if (lua_gethook(L) != count_hook || lua_gethookcount(L) != count)
@@ -36,7 +46,7 @@ static void set_count_hook(lua_State *L, int count) {
  * not be lost. */
 static void sync_hook(sg__lenv *e, lua_State *L) {
   if (e->interrupted) {
-    set_count_hook(L, 1);
+    set_count_hook(L, interrupt_due(e) ? 1 : SG_LENV_HOOK_PERIOD);
   } else if (e->instr_limit) {
     if (lua_gethook(L) != count_hook) lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
   } else if (lua_gethook(L) == count_hook) {
@@ -53,11 +63,15 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
     lua_sethook(L, NULL, 0, 0);
     return;
   }
-  if (e->interrupted) {
+  if (e->interrupted && interrupt_due(e)) {
     /* Every instruction from now on: the code around a pcall that caught
      * it is interrupted too, not only the loop inside. */
     set_count_hook(L, 1);
     luaL_error(L, "interrupted by signal %d", (int)e->interrupted);
+  }
+  if (e->interrupted && lua_gethookcount(L) != SG_LENV_HOOK_PERIOD) {  /* in its grace */
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, SG_LENV_HOOK_PERIOD);
+    return;
   }
   if (e->instr_limit == 0) {  /* nothing asks for it any more */
     sync_hook(e, L);
@@ -287,6 +301,7 @@ static void outermost_returned(sg__lenv *e) {
     e->mem_exceeded = 0;
   }
   e->interrupted = 0;
+  e->interrupt_seen = 0;
   e->running = NULL;
 }
 

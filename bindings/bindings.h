@@ -74,18 +74,23 @@ struct sg__lenv {
    * to interrupt them (sg__lenv_interrupt; the count hook raises it;
    * cleared when the outermost call returns). */
   volatile sig_atomic_t busy, interrupted;
+  uint64_t interrupt_seen;      /* uv_hrtime when the hook first saw it, or 0 */
   lua_State *volatile running;  /* the thread running Lua (NULL: none, or C waits) */
 };
 
 #define SG_LENV_HOOK_PERIOD 1000
+/* How long Lua that a signal interrupts may still run: a callback that
+ * ends within it is not cut short (see bindings.c, the count hook). */
+#define SG_LENV_INTERRUPT_GRACE_MS 1000
 
 /* Stores e for L and every thread made from it (Lua's extra space), and
  * replaces coroutine.resume and coroutine.wrap by versions that keep
  * e->running (call it after luaL_openlibs). */
 void sg__lenv_set(lua_State *L, sg__lenv *e);
 /* Asks the Lua running now (e->busy > 0) to stop: sets e->interrupted and
- * the count hook on e->running, which raises "interrupted by signal N" at
- * its next instruction, and again on every later tick until the outermost
+ * the count hook on e->running, which raises "interrupted by signal N"
+ * once SG_LENV_INTERRUPT_GRACE_MS passed (a call that returns to C before
+ * is not cut short), and again on every later tick until the outermost
  * call returns to C. Safe in a signal handler. */
 void sg__lenv_interrupt(sg__lenv *e, int signum);
 /* Around C that waits while Lua called it (segue.loop.run): Lua does not

@@ -82,13 +82,15 @@ static void *host_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 /* ---- interrupting Lua from a signal --------------------------------------
- * As the standalone lua interpreter does: SIGINT/SIGTERM arriving while Lua
- * runs set the count hook on the running thread (sg__lenv_interrupt), which
- * raises at its next instruction, and again at every later tick until the
- * outermost call returns to C,
- * so a pcall that catches it is interrupted again; the loop then sees the
- * signal (libuv's handler, chained) and stops segue. A second signal while
- * the first is still pending (Lua that escaped the hook) exits at once. */
+ * As the standalone lua interpreter does, with a grace: SIGINT/SIGTERM
+ * arriving while Lua runs set the count hook on the running thread
+ * (sg__lenv_interrupt). A call that returns to C within
+ * SG_LENV_INTERRUPT_GRACE_MS (a message being routed) is not cut short;
+ * Lua still running then is interrupted, and again at every later tick
+ * until the outermost call returns to C, so a pcall that catches it is
+ * interrupted again. The loop then sees the signal (libuv's handler,
+ * chained) and stops segue. A second signal while the first is still
+ * pending (Lua in its grace, or that escaped the hook) exits at once. */
 static sg_host *interrupt_host;
 static pthread_t interrupt_thread;  /* the loop's, where Lua runs */
 static struct sigaction prev_action[65];

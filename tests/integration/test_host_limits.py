@@ -334,6 +334,25 @@ class Sandbox(unittest.TestCase):
             self.assertEqual(s.proc.returncode, 0, s.log.text())
             self.assertTrue(s.log.wait_for("interrupted by signal %d" % sig), s.log.text())
 
+    def test_sigterm_lets_a_callback_that_ends_by_itself_finish(self):
+        # Lua busy for 300 ms when the signal comes (a burst of messages
+        # being routed): it ends within the grace, is not cut in the
+        # middle, and segue stops cleanly after it.
+        s = self.spinning_segue("""
+            local segue = require "segue"
+            segue.timer(50, function()
+              io.stderr:write("spinning\\n")
+              local t = os.clock()
+              while os.clock() - t < 0.3 do end
+              io.stderr:write("finished\\n")
+            end)
+        """)
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(timeout=30)
+        self.assertEqual(s.proc.returncode, 0, s.log.text())
+        self.assertTrue(s.log.wait_for("finished"), s.log.text())
+        self.assertNotIn("interrupted by signal", s.log.text())
+
     def test_sigterm_stops_lua_spinning_in_a_coroutine_resumed_from_c(self):
         # segue.net resumes the waiting coroutine from C (not from a pcall):
         # the signal must reach that Lua too.
