@@ -1,9 +1,7 @@
 /* libpq through dlopen: see pq_lazy.h. */
 #include "pq_lazy.h"
 
-#include <dlfcn.h>
-#include <stdio.h>
-#include <string.h>
+#include "dl_lazy.h"
 
 sg__pq_api sg__pq;
 
@@ -12,15 +10,7 @@ sg__pq_api sg__pq;
 
 int sg__pq_load(char *err, size_t errlen) {
   if (sg__pq.connectStart) return 0;
-  void *lib = dlopen(SG_LIBPQ, RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    snprintf(err, errlen, "cannot load %s: %s", SG_LIBPQ, dlerror());
-    return -1;
-  }
-  static const struct {
-    const char *name;
-    size_t offset;
-  } fns[] = {
+  static const sg__dl_fn fns[] = {
 #define FN(f) {"PQ" #f, offsetof(sg__pq_api, f)}
       FN(ntuples),
       FN(errorMessage),
@@ -51,15 +41,7 @@ int sg__pq_load(char *err, size_t errlen) {
 #undef FN
   };
   sg__pq_api api;
-  for (size_t i = 0; i < sizeof fns / sizeof *fns; i++) {
-    void *p = dlsym(lib, fns[i].name);
-    if (!p) {
-      snprintf(err, errlen, "%s has no %s", SG_LIBPQ, fns[i].name);
-      dlclose(lib);
-      return -1;
-    }
-    memcpy((char *)&api + fns[i].offset, &p, sizeof p);
-  }
+  if (sg__dl_load(SG_LIBPQ, fns, sizeof fns / sizeof *fns, &api, err, errlen) != 0) return -1;
   sg__pq = api;  /* connectStart set: the sign it is loaded */
   return 0;
 }

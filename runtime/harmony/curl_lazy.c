@@ -1,10 +1,9 @@
 /* libcurl through dlopen: see curl_lazy.h. */
 #include "curl_lazy.h"
 
-#include <dlfcn.h>
 #include <stddef.h>
-#include <stdio.h>
-#include <string.h>
+
+#include "dl_lazy.h"
 
 sg__curl_api sg__curl;
 
@@ -14,15 +13,7 @@ sg__curl_api sg__curl;
 
 int sg__curl_load(char *err, size_t errlen) {
   if (sg__curl.global_init) return 0;
-  void *lib = dlopen(SG_LIBCURL, RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    snprintf(err, errlen, "cannot load %s: %s", SG_LIBCURL, dlerror());
-    return -1;
-  }
-  static const struct {
-    const char *name;
-    size_t offset;
-  } fns[] = {
+  static const sg__dl_fn fns[] = {
 #define FN(f, name) {name, offsetof(sg__curl_api, f)}
       FN(global_init, "curl_global_init"),
       FN(easy_init, "curl_easy_init"),
@@ -44,15 +35,7 @@ int sg__curl_load(char *err, size_t errlen) {
 #undef FN
   };
   sg__curl_api api;
-  for (size_t i = 0; i < sizeof fns / sizeof *fns; i++) {
-    void *p = dlsym(lib, fns[i].name);
-    if (!p) {
-      snprintf(err, errlen, "%s has no %s", SG_LIBCURL, fns[i].name);
-      dlclose(lib);
-      return -1;
-    }
-    memcpy((char *)&api + fns[i].offset, &p, sizeof p);
-  }
+  if (sg__dl_load(SG_LIBCURL, fns, sizeof fns / sizeof *fns, &api, err, errlen) != 0) return -1;
   sg__curl = api;  /* global_init set last: the sign it is loaded */
   return 0;
 }
