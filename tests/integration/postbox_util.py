@@ -72,9 +72,6 @@ class PostboxNode(Node):
         return [int(e["event"]["user_added_to_guild"]["user_id"]) for e in self.read_events()
                 if "user_added_to_guild" in e["event"]]
 
-    def read_events(self):
-        return [json.loads(line) for line in whole_lines(self.events) if line.strip()]
-
     def db(self, sql, args=()):
         path = os.path.join(self.dir, "data", "segue.db")
         con = sqlite3.connect(path, timeout=10)
