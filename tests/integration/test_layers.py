@@ -40,33 +40,30 @@ def probe(entry, header):
     args = shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
     src = os.path.join(SOURCE, entry["file"]) if not os.path.isabs(entry["file"]) else entry["file"]
     inc = header if header.startswith("<") else f'"{header}"'
-    with tempfile.TemporaryDirectory() as tmp:
-        # The probe sits beside the real file's folder only through -I, so a
-        # quoted include finds the file's own folder the way the file does.
-        probe_c = os.path.join(os.path.dirname(src), f".layer_probe_{os.getpid()}.c")
+    with tempfile.TemporaryDirectory(prefix="segue-layers-") as tmp:
+        # The probe lives in a temporary folder (the source tree is not
+        # written to); -iquote the real file's folder lets a quoted include
+        # find that folder's headers the way the file itself does.
+        probe_c = os.path.join(tmp, "probe.c")
         out = os.path.join(tmp, "probe.o")
-        try:
-            with open(probe_c, "w") as f:
-                f.write(f"#include {inc}\nint sg__layer_probe(void);\nint sg__layer_probe(void) {{ return 0; }}\n")
-            new = []
-            skip = False
-            for a in args:
-                if skip:
-                    skip = False
-                    new.append(out)
-                    continue
-                if a == "-o":
-                    skip = True
-                    new.append(a)
-                elif os.path.abspath(os.path.join(entry["directory"], a)) == os.path.abspath(src):
-                    new.append(probe_c)
-                else:
-                    new.append(a)
-            r = subprocess.run(new, cwd=entry["directory"], capture_output=True, text=True)
-            return r.returncode == 0
-        finally:
-            if os.path.exists(probe_c):
-                os.remove(probe_c)
+        with open(probe_c, "w") as f:
+            f.write(f"#include {inc}\nint sg__layer_probe(void);\nint sg__layer_probe(void) {{ return 0; }}\n")
+        new = []
+        skip = False
+        for a in args:
+            if skip:
+                skip = False
+                new.append(out)
+                continue
+            if a == "-o":
+                skip = True
+                new.append(a)
+            elif os.path.abspath(os.path.join(entry["directory"], a)) == os.path.abspath(src):
+                new += ["-iquote", os.path.dirname(src), probe_c]
+            else:
+                new.append(a)
+        r = subprocess.run(new, cwd=entry["directory"], capture_output=True, text=True)
+        return r.returncode == 0
 
 
 class Layers(unittest.TestCase):

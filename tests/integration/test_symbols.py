@@ -46,8 +46,7 @@ class Symbols(unittest.TestCase):
         for root in ("runtime", "bindings"):
             for dirpath, _, files in os.walk(os.path.join(SOURCE, root)):
                 for name in files:
-                    # (test_layers, run at the same time, writes and removes
-                    # hidden .layer_probe_*.c files beside the sources)
+                    # (hidden files: an editor's, not the build's)
                     if not name.endswith((".c", ".h")) or name == "segue.h" or name.startswith("."):
                         continue
                     with open(os.path.join(dirpath, name)) as f:
