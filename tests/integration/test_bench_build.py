@@ -42,6 +42,9 @@ class BenchBuild(unittest.TestCase):
             for argv in ([tool("push_verify"), "0.05"], [tool("push_verify"), "0.05", "2"]):
                 (rate,) = numbers(self.run_ok(argv))
                 self.assertGreater(rate, 0, argv)
+            # the machine's speed in slices: slowest tenth <= median <= fastest tenth
+            p10, p50, p90 = numbers(self.run_ok([tool("cpu_slices"), "0.2", "10"]))
+            self.assertTrue(0 < p10 <= p50 <= p90, (p10, p50, p90))
             # the line relay through the bench backend's relay mode
             (rate,) = numbers(self.run_ok([tool("relay_baseline"), tool("bench_backend"), "0.1"]))
             self.assertGreater(rate, 0)
