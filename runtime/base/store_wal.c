@@ -106,8 +106,8 @@ static int start_thread(sg__wal *w) {
 /* Past the bound: wait for the thread's checkpoint, then RESTART here (it
  * waits, up to the busy timeout, for readers, so the next commit writes the
  * WAL from its start). A reader that stays longer keeps the WAL growing
- * whoever checkpoints; then try again `pages` frames later, not at every
- * commit. */
+ * whoever checkpoints; then try again a quarter of `limit` frames later,
+ * not at every commit (each try may wait the busy timeout). */
 static void checkpoint_here(sg__wal *w, sqlite3 *db, unsigned frames) {
   uv_mutex_lock(&w->mu);
   w->here = 1;
@@ -122,7 +122,7 @@ static void checkpoint_here(sg__wal *w, sqlite3 *db, unsigned frames) {
     w->retry_at = 0;
     return;
   }
-  w->retry_at = frames + w->pages;
+  w->retry_at = frames + w->limit / 4;
   sg__log(w->log, SG_LOG_WARN, "store", w->path,
           "the WAL passed %u pages (%u copied back of %d): %s; trying again at %u",
           w->limit, ncopied > 0 ? (unsigned)ncopied : 0, nlog, sqlite3_errmsg(db), w->retry_at);

@@ -21,9 +21,16 @@
 
 #include "log.h"
 
-/* SQLite's own automatic checkpoint size, and the bound past which the
- * committing thread checkpoints itself (about 4 MB and 16 MB of 4 KiB pages). */
-#define SG_WAL_CHECKPOINT_PAGES 1000
+/* How many new pages start the thread's checkpoint (about 1 MB of 4 KiB
+ * pages), and the bound past which the committing thread checkpoints itself
+ * (about 16 MB). Under steady writes the WAL never catches up by itself
+ * (commits add pages while the thread copies), so the bound's RESTART on the
+ * committing thread comes every `limit` pages; it has to fsync what the WAL
+ * got since the thread's last checkpoint began. At 1000 pages (SQLite's own
+ * automatic size) that was up to 4 MB, 12-18 ms on this project's VM and
+ * the p99 latency of routing at 1k msg/s (9 ms); at 250 it is a few ms
+ * (docs/performance.md). */
+#define SG_WAL_CHECKPOINT_PAGES 250
 #define SG_WAL_LIMIT_PAGES 4000
 
 typedef struct sg__wal sg__wal;

@@ -225,6 +225,54 @@ static void test_thread_error_is_logged(void) {
   remove_db();
 }
 
+static void capture_warnings(void *data, sg_log_level level, const char *line) {
+  captured *c = data;
+  if (level <= SG_LOG_WARN) {
+    c->lines++;
+    snprintf(c->line, sizeof c->line, "%s", line);
+  }
+}
+
+/* A reader that keeps its snapshot keeps the bound's RESTART from finishing
+ * (it waits the busy timeout, 5 s, for readers): that is logged, and the
+ * committing thread tries again only a quarter of the limit later, not at
+ * each of the commits after it; once the reader is gone the next try copies
+ * every row back. */
+static void test_reader_holding_its_snapshot(void) {
+  captured got = {0};
+  sg__logger log = {SG_LOG_INFO, capture_warnings, &got};
+  const unsigned limit = 120;  /* and a small `pages`: retries do not follow it */
+  sg__store *s = open_with(4, limit, &log);
+  sg__wal_hold(sg__store_wal(s), 1);
+  write_rows(s, "r", 0, 10);
+  sqlite3 *reader = NULL;
+  CHECK(sqlite3_open_v2(path, &reader, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK);
+  CHECK(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM kv", NULL, NULL, NULL) == SQLITE_OK);
+  int n = 10;
+  while (got.lines == 0 && wal_frames() < 2 * limit) write_rows(s, "r", n++, 1);
+  CHECK(got.lines == 1);
+  CHECK(strstr(got.line, "level=warn") != NULL && strstr(got.line, path) != NULL);
+  CHECK(strstr(got.line, "trying again at") != NULL);
+  /* The next commits, fewer frames than a quarter of the limit, do not try
+   * again: none of them waits for the reader. */
+  uint64_t t0 = uv_hrtime();
+  write_rows(s, "r", n, 5);
+  n += 5;
+  CHECK((uv_hrtime() - t0) / 1000000 < 2500);
+  CHECK(got.lines == 1);
+  CHECK(sqlite3_exec(reader, "COMMIT", NULL, NULL, NULL) == SQLITE_OK);
+  sqlite3_close(reader);
+  int before = n;
+  while (rows_in_file_alone("r") < before && n < before + 200) write_rows(s, "r", n++, 1);
+  CHECK(rows_in_file_alone("r") >= before);  /* the retry copied every row back */
+  CHECK(got.lines == 1);
+  sg__store_close(s);
+  s = open_with(4, limit, NULL);
+  CHECK(rows_in(path, "r") == n);
+  sg__store_close(s);
+  remove_db();
+}
+
 int main(void) {
   if (!mkdtemp(dir)) return 1;
   snprintf(path, sizeof path, "%s/segue.db", dir);
@@ -233,6 +281,7 @@ int main(void) {
   test_bound_when_the_thread_cannot_checkpoint();
   test_close_during_checkpoint();
   test_thread_error_is_logged();
+  test_reader_holding_its_snapshot();
   rmdir(dir);
   return tap_done();
 }
