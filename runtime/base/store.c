@@ -558,6 +558,12 @@ static const char SQL_LOG_UPSERT[] =
     " WHERE true"  /* disambiguates ON CONFLICT after a SELECT (SQLite's grammar) */
     " ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
     "  edit_time = excluded.edit_time";
+/* The same for a message known to be no copy: no origin to look up. */
+static const char SQL_LOG_UPSERT_NO_COPY[] =
+    "INSERT INTO messages(backend, id, room, sender, content_json, create_time, edit_time)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    " ON CONFLICT (backend, id) DO UPDATE SET content_json = excluded.content_json,"
+    "  edit_time = excluded.edit_time";
 static const char SQL_LOG_DELETE[] =
     "UPDATE messages SET deleted = 1, content_json = NULL WHERE backend = ?1 AND id = ?2";
 static const char SQL_LOG_ROOM[] =
@@ -566,16 +572,31 @@ static const char SQL_LOG_ROOM[] =
     "  ORDER BY create_time DESC, rowid DESC LIMIT ?3)"
     " ORDER BY create_time, r";
 
-int sg__store_log_message(sg__store *s, const char *backend, const char *id,
-                         const char *room, const char *sender, const char *content_json,
-                         int64_t create_time, int64_t edit_time) {
-  sqlite3_stmt *st = stmt_get(s, SQL_LOG_UPSERT);  /* joins an open batch */
+static int log_upsert(sg__store *s, const char *sql, const char *backend, const char *id,
+                      const char *room, const char *sender, const char *content_json,
+                      int64_t create_time, int64_t edit_time) {
+  sqlite3_stmt *st = stmt_get(s, sql);  /* joins an open batch */
   if (!st) return SG_ESTORE;
   bind_texts(st, (const char *[]){backend, id, room, sender, content_json}, 5);
   sqlite3_bind_int64(st, 6, create_time);
   if (edit_time) sqlite3_bind_int64(st, 7, edit_time);
   else sqlite3_bind_null(st, 7);
   return run(s, st);
+}
+
+int sg__store_log_message(sg__store *s, const char *backend, const char *id,
+                         const char *room, const char *sender, const char *content_json,
+                         int64_t create_time, int64_t edit_time) {
+  return log_upsert(s, SQL_LOG_UPSERT, backend, id, room, sender, content_json, create_time,
+                    edit_time);
+}
+
+int sg__store_log_message_no_copy(sg__store *s, const char *backend, const char *id,
+                                  const char *room, const char *sender,
+                                  const char *content_json, int64_t create_time,
+                                  int64_t edit_time) {
+  return log_upsert(s, SQL_LOG_UPSERT_NO_COPY, backend, id, room, sender, content_json,
+                    create_time, edit_time);
 }
 
 static const char SQL_LOG_EDIT_TIME[] =

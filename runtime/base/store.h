@@ -101,6 +101,13 @@ int sg__store_map_known(sg__store *s, const char *backend, const char *id, int *
 int sg__store_log_message(sg__store *s, const char *backend, const char *id,
                          const char *room, const char *sender, const char *content_json,
                          int64_t create_time, int64_t edit_time);
+/* The same for a (backend, id) that sg__store_map_known, in the same batch,
+ * found to be no copy: it skips looking up the origin the row would record
+ * (the router's hot path; one index search fewer per message). */
+int sg__store_log_message_no_copy(sg__store *s, const char *backend, const char *id,
+                                  const char *room, const char *sender,
+                                  const char *content_json, int64_t create_time,
+                                  int64_t edit_time);
 /* Marks a message deleted (kept, content cleared). SG_STORE_NOTFOUND
  * if unknown. */
 int sg__store_log_delete(sg__store *s, const char *backend, const char *id);

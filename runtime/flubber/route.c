@@ -856,15 +856,21 @@ static int any_copy(void *ud, const char *backend, const char *id, const char *c
   return 1;
 }
 
+/* mapped_copy: what sg__store_map_known said of (backend, id) in this batch
+ * (0: no copy, so there is no origin for the log to look up). */
 static void log_message(sg__route *r, const char *backend, const char *id, const char *room,
-                        const char *sender, const cJSON *content, const cJSON *m) {
+                        const char *sender, const cJSON *content, const cJSON *m,
+                        int mapped_copy) {
   char *cj = cJSON_PrintUnformatted(content);
   sg__store_batch(r->store);
   r->store_dirty = 1;
   arm_flush(r);
-  sg__store_log_message(r->store, backend, id, room, sender, cj,
-                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "create_time")),
-                        (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "edit_time")));
+  int64_t created = (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "create_time"));
+  int64_t edited = (int64_t)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(m, "edit_time"));
+  if (mapped_copy)
+    sg__store_log_message(r->store, backend, id, room, sender, cj, created, edited);
+  else
+    sg__store_log_message_no_copy(r->store, backend, id, room, sender, cj, created, edited);
   cJSON_free(cj);
 }
 
@@ -916,7 +922,7 @@ static int fast(sg__route *r, bstate *s, sg__backend *b, const cJSON *u, sg__rou
   if (!st) {  /* no store: nothing is logged */
     if (is_copy) return 1;
   } else {
-    log_message(r, b->name, id, recipient, sender, content, m);
+    log_message(r, b->name, id, recipient, sender, content, m, mapped_copy);
     if (is_copy) return 1;
   }
   sg__route_edit_note(r, b->name, id,

@@ -144,6 +144,16 @@ static void test_log(void) {
   CHECK(sg__store_map_put(s, "irc", "m3", "harmony", "h8", "#a") == 0);
   CHECK(query_int("SELECT count(*) FROM messages WHERE backend = 'harmony'"
                   " AND origin_backend = 'irc' AND origin_id IN ('m1', 'm3')") == 2);
+
+  /* The hot path's variant for a message known to be no copy: the same
+   * insert and edit, no origin looked up. */
+  CHECK(sg__store_log_message_no_copy(s, "irc", "m4", "#a", "cy", "\"new\"", 4000, 0) == 0);
+  CHECK(sg__store_log_message_no_copy(s, "irc", "m4", "#a", "cy", "\"new!\"", 9999, 4500) == 0);
+  CHECK(query_int("SELECT count(*) FROM messages WHERE id = 'm4'") == 1);
+  CHECK(query_int("SELECT create_time FROM messages WHERE id = 'm4'") == 4000);
+  CHECK(query_int("SELECT edit_time FROM messages WHERE id = 'm4'") == 4500);
+  CHECK(query_int("SELECT content_json = '\"new!\"' AND origin_id IS NULL"
+                  " FROM messages WHERE id = 'm4'") == 1);
   sg__store_close(s);
 }
 
