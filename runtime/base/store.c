@@ -13,7 +13,6 @@
 #include "store_wal.h"
 
 #define STMT_CACHE 96
-#define BUSY_TIMEOUT_MS 5000
 
 struct sg__store {
   sg__pg *pg;  /* the postgresql engine, or NULL: SQLite */
@@ -368,7 +367,7 @@ static int migrate(sg__store *s) {
 
 static int configure(sg__store *s) {
   int err, fk;
-  sqlite3_busy_timeout(s->db, BUSY_TIMEOUT_MS);
+  sqlite3_busy_timeout(s->db, SG_STORE_BUSY_TIMEOUT_MS);
   /* WAL: readers never block the writer; synchronous=NORMAL keeps every
    * committed transaction across a crash or kill -9 of the process (only a
    * power loss may lose the last ones). */

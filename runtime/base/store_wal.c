@@ -9,8 +9,6 @@
 
 #include "segue.h"
 
-#define BUSY_TIMEOUT_MS 5000
-
 struct sg__wal {
   /* The committing thread's own: */
   sqlite3 *db;
@@ -41,7 +39,7 @@ static void checkpoint_passive(const char *path, sqlite3 **db, int *copied, char
     /* A connection learns the file is in WAL mode at its first read; until
      * then a checkpoint does nothing. */
     if (rc == SQLITE_OK) {
-      sqlite3_busy_timeout(*db, BUSY_TIMEOUT_MS);
+      sqlite3_busy_timeout(*db, SG_STORE_BUSY_TIMEOUT_MS);
       rc = sqlite3_exec(*db, "PRAGMA user_version", NULL, NULL, NULL);
     }
     if (rc != SQLITE_OK) {
@@ -104,17 +102,19 @@ static int start_thread(sg__wal *w) {
 }
 
 /* Past the bound: wait for the thread's checkpoint, then RESTART here (it
- * waits, up to the busy timeout, for readers, so the next commit writes the
- * WAL from its start). A reader that stays longer keeps the WAL growing
- * whoever checkpoints; then try again a quarter of `limit` frames later,
- * not at every commit (each try may wait the busy timeout). */
+ * waits, up to SG_WAL_RESTART_WAIT_MS, for readers, so the next commit
+ * writes the WAL from its start). A reader that stays longer keeps the WAL
+ * growing whoever checkpoints; then try again a quarter of `limit` frames
+ * later, not at every commit (each try waits). */
 static void checkpoint_here(sg__wal *w, sqlite3 *db, unsigned frames) {
   uv_mutex_lock(&w->mu);
   w->here = 1;
   while (w->running) uv_cond_wait(&w->idle, &w->mu);
   uv_mutex_unlock(&w->mu);
   int nlog = 0, ncopied = 0;
+  sqlite3_busy_timeout(db, SG_WAL_RESTART_WAIT_MS);
   int rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, &nlog, &ncopied);
+  sqlite3_busy_timeout(db, SG_STORE_BUSY_TIMEOUT_MS);
   uv_mutex_lock(&w->mu);
   w->here = 0;
   uv_mutex_unlock(&w->mu);

@@ -33,6 +33,13 @@
 #define SG_WAL_CHECKPOINT_PAGES 250
 #define SG_WAL_LIMIT_PAGES 4000
 
+/* The store's connections wait this long for a lock another connection
+ * holds; the bound's RESTART, on the committing (loop) thread, waits only
+ * SG_WAL_RESTART_WAIT_MS for readers and writers, so a reader that keeps
+ * its snapshot (a CLI, a backup) stalls the loop that long, not seconds. */
+#define SG_STORE_BUSY_TIMEOUT_MS 5000
+#define SG_WAL_RESTART_WAIT_MS 100
+
 typedef struct sg__wal sg__wal;
 
 /* Takes over the checkpoints of `db` (a WAL-mode connection used by one

@@ -233,11 +233,11 @@ static void capture_warnings(void *data, sg_log_level level, const char *line) {
   }
 }
 
-/* A reader that keeps its snapshot keeps the bound's RESTART from finishing
- * (it waits the busy timeout, 5 s, for readers): that is logged, and the
- * committing thread tries again only a quarter of the limit later, not at
- * each of the commits after it; once the reader is gone the next try copies
- * every row back. */
+/* A reader that keeps its snapshot keeps the bound's RESTART from finishing:
+ * the committing thread waits for it SG_WAL_RESTART_WAIT_MS, not the 5 s
+ * busy timeout; that is logged, and it tries again only a quarter of the
+ * limit later, not at each of the commits after it; once the reader is gone
+ * the next try copies every row back. */
 static void test_reader_holding_its_snapshot(void) {
   captured got = {0};
   sg__logger log = {SG_LOG_INFO, capture_warnings, &got};
@@ -249,8 +249,16 @@ static void test_reader_holding_its_snapshot(void) {
   CHECK(sqlite3_open_v2(path, &reader, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK);
   CHECK(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM kv", NULL, NULL, NULL) == SQLITE_OK);
   int n = 10;
-  while (got.lines == 0 && wal_frames() < 2 * limit) write_rows(s, "r", n++, 1);
+  uint64_t slowest = 0;
+  while (got.lines == 0 && wal_frames() < 2 * limit) {
+    uint64_t t = uv_hrtime();
+    write_rows(s, "r", n++, 1);
+    t = uv_hrtime() - t;
+    if (t > slowest) slowest = t;
+  }
   CHECK(got.lines == 1);
+  CHECK(slowest / 1000000 >= SG_WAL_RESTART_WAIT_MS / 2);  /* it did wait for the reader, */
+  CHECK(slowest / 1000000 < 2500);                         /* not the busy timeout */
   CHECK(strstr(got.line, "level=warn") != NULL && strstr(got.line, path) != NULL);
   CHECK(strstr(got.line, "trying again at") != NULL);
   /* The next commits, fewer frames than a quarter of the limit, do not try
