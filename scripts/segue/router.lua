@@ -777,18 +777,18 @@ local function on_delete(set, backend, id)
     end
   end
   -- A copy still held while its destination replays (so not in the map
-  -- yet): the notice queues behind it, and goes out after it, or after
-  -- the copy the replay showed was already there.
+  -- yet): the notice queues behind it (copy_out, which holds it as it
+  -- would any copy for that destination, under the same bound), and goes
+  -- out after it, or after the copy the replay showed was already there.
   for dest, q in pairs(replay.held) do
     for i = q.head, q.tail do
       local c = q[i]
+      if not c then break end  -- copy_out passed the bound: the window closed, q was sent
       local key = dest .. "\0" .. c.target.endpoint.room
       if c.origin == backend and c.msg.id == id and c.target.bridge.deletes == "notice"
           and not noticed[key] then
         noticed[key] = true
-        q.tail = q.tail + 1
-        q[q.tail] = { origin = backend, msg = { id = id .. "#deleted" }, target = c.target,
-          content = delete_notice(), attachments = {}, check = false }
+        copy_out(backend, { id = id .. "#deleted" }, c.target, delete_notice(), {})
       end
     end
   end

@@ -187,6 +187,27 @@ describe("a delete while its copy is held", function()
     assert.are.same({ "<alice@a> gone soon", "<alice@a> stays", "(a bridged message was deleted)" },
       texts(b.got))
     stop()
+  end)
+
+  it("holds the notice under the same bound as the copies", function()
+    local max = router.MAX_REPLAY_HELD
+    router.MAX_REPLAY_HELD = 3
+    local a, b = start()
+    assert.is_true(router.replaying("b"))
+    a.say("#x", "alice", "gone soon", "f1")
+    a.say("#x", "alice", "stays", "f2")
+    local function held() local q = router.replay.held.b return q and q.tail - q.head + 1 or 0 end
+    wait_until("both copies held", function() return held() == 2 end)
+    assert.is_truthy(router.replay.open.b)
+    a.delete("f1")                          -- the notice is the third held: the bound
+    turn()
+    assert.is_nil(router.replay.open.b)     -- closed early, not after REPLAY_MS
+    wait_until("the copies and the notice", function() return #b.got >= 3 end)
+    turn(50)
+    assert.are.same({ "<alice@a> gone soon", "<alice@a> stays", "(a bridged message was deleted)" },
+      texts(b.got))
+    router.MAX_REPLAY_HELD = max
+    stop()
     assert(router.load(dir .. "/rules.lua", { a = true, b = true }))
   end)
 end)
